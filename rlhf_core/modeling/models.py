@@ -1,0 +1,124 @@
+"""Building, loading and saving causal language models.
+
+Three sources, one code path after loading: a tiny random-init Llama built from a config (offline
+quickstart and tests), a local directory written by ``save_pretrained``, or a Hugging Face hub name.
+Saved models are safetensors + tokenizer + chat template, loadable with plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf_core.data.synthetic import arithmetic_corpus
+from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokenizer
+from rlhf_core.spec import ModelSource, TinyModelSource
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+# Words of the chat template and of generic replies, so role markers are not split byte by byte.
+_TEMPLATE_WORDS = ["user\n", "assistant\n", "system\n", "You are a helpful assistant."]
+
+
+def build_tiny_model(cfg: TinyModelSource, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-init Llama-style decoder and a BPE tokenizer trained on the synthetic corpus."""
+    corpus = arithmetic_corpus(n=4000, seed=seed) + _TEMPLATE_WORDS * 50
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    _sync_generation_config(model, tokenizer)
+    return model, tokenizer
+
+
+def load_model(source: str, *, revision: str | None = None, chat_template: str = "keep",
+               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub name.
+
+    Offline (``HF_HUB_OFFLINE=1``) a hub name that is not in the local cache fails fast with the
+    library's own error, which names the model.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    tokenizer = ensure_chat_template(tokenizer, chat_template)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    _sync_generation_config(model, tokenizer)
+    return model, tokenizer
+
+
+def materialize_base_model(source: ModelSource, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build or load the model a ``models:`` entry describes."""
+    if source.tiny is not None:
+        return build_tiny_model(source.tiny, seed)
+    return load_model(source.path or source.hub or "", revision=source.revision,
+                      chat_template=source.chat_template)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:
+    """Save weights (safetensors), config, generation config and tokenizer atomically into ``directory``."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory
+
+
+def tokenizer_digest(directory: Path) -> str:
+    """sha256 over the tokenizer files (vocabulary, special tokens, chat template)."""
+    return _files_digest(Path(directory), [f for f in TOKENIZER_FILES if (Path(directory) / f).exists()])
+
+
+def model_digest(directory: Path) -> str:
+    """sha256 over every file of a saved model directory."""
+    directory = Path(directory)
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    return _files_digest(directory, files)
+
+
+def _files_digest(directory: Path, names: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode())
+        with open(directory / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Generation stops at the tokenizer's EOS (the chat template's end-of-turn) and pads with its pad."""
+    gen = model.generation_config
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,59 @@
+"""Typed references exchanged between stages: small frozen records, never live objects.
+
+A stage returns a ref; the next stage resolves it to files. Refs are what Prefect passes between
+tasks and what the cache stores, so they must stay small and JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DatasetKind = Literal["sft", "preference", "prompts"]
+ModelRole = Literal["policy", "reward", "value"]
+
+
+class _Ref(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetRef(_Ref):
+    """A dataset with named splits (``train``, ``eval``, ...) stored as JSONL files under ``uri``."""
+
+    uri: str = Field(description="Where the split files live: a local directory or an MLflow artifact URI.")
+    digest: str = Field(description="sha256 over the split files; changes whenever any row changes.")
+    kind: DatasetKind = Field(description="Record schema of every row.")
+    splits: dict[str, int] = Field(description="Split name -> number of rows.")
+    columns: tuple[str, ...] = Field(description="Columns present in every row.")
+    stage: str = Field(description="Stage that produced the dataset.")
+    run_id: str | None = Field(default=None, description="MLflow run that logged the dataset.")
+
+    @property
+    def rows(self) -> int:
+        return sum(self.splits.values())
+
+
+class ModelRef(_Ref):
+    """A saved causal LM (safetensors + tokenizer + chat template) loadable with ``from_pretrained``."""
+
+    uri: str = Field(description="Local directory, MLflow artifact URI or hub name of the weights.")
+    digest: str = Field(description="sha256 over weights and tokenizer files (hub models: name@revision).")
+    role: ModelRole = Field(default="policy", description="What the model is for.")
+    tokenizer_digest: str = Field(description="sha256 over the tokenizer files incl. the chat template.")
+    stage: str = Field(description="Stage (or models: entry) that produced the model.")
+    base_model: str = Field(description="Root base model this one descends from.")
+    run_id: str | None = Field(default=None, description="MLflow run that trained/logged the model.")
+    registered_name: str | None = Field(default=None, description="MLflow Model Registry name.")
+    registered_version: str | None = Field(default=None, description="MLflow Model Registry version.")
+
+
+class EvalReportRef(_Ref):
+    """Metrics of an evaluate stage, per evaluated model."""
+
+    stage: str
+    metrics: dict[str, dict[str, float]] = Field(description="Model stage name -> metric name -> value.")
+    run_id: str | None = None
+
+
+StageOutput = DatasetRef | ModelRef | EvalReportRef

@@ -1,0 +1,125 @@
+"""Turning conversations into training rows: chat template, loss masking and packing.
+
+Masking (book ch.4 §4.3): only assistant tokens are trained; prompt tokens get the label -100.
+Two multi-turn options: ``all_assistant`` trains every assistant turn, ``final_turn`` only the last.
+Each trained span covers the assistant's content and its end-of-turn token (so the model learns to
+stop), not the role header the template writes before it.
+
+Packing concatenates examples into rows of at most ``max_length`` tokens. ``position_ids`` restart at 0
+for every example; with ``attention_mask=None`` and no KV cache, transformers then keeps packed examples
+from attending to each other (checked by ``tests/test_sft_data.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class Row:
+    """One training row: a single example, or several packed ones with restarting positions."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+
+
+class TemplateError(ValueError):
+    """The chat template renders a conversation in a way masking cannot follow."""
+
+
+def assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase, mask: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return its text and the character spans of the trained assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if mask == "final_turn":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        end = len(upto.rstrip())
+        if not text.startswith(upto[:end]) or start >= end:
+            raise TemplateError(
+                "the chat template does not render conversations prefix by prefix; "
+                "loss masking needs a template where each turn only appends text"
+            )
+        spans.append((start, end))
+    return text, spans
+
+
+def tokenize_conversation(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                          mask: str = "all_assistant") -> TokenizedExample:
+    """Token ids and labels of one conversation; labels are -100 outside trained assistant spans."""
+    text, spans = assistant_spans(messages, tokenizer, mask)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+        for tok, (begin, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+    ids = enc["input_ids"]
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row]:
+    """Greedy in-order packing into rows of at most ``max_length`` tokens.
+
+    The first label of every example is -100: in a packed row it would otherwise be "predicted" from
+    the previous example's last token.
+    """
+    rows: list[Row] = []
+    current = Row()
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
+            rows.append(current)
+            current = Row()
+        current.input_ids += ex.input_ids
+        current.labels += [IGNORE_INDEX, *ex.labels[1:]]
+        current.position_ids += list(range(len(ex.input_ids)))
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def unpacked_rows(examples: list[TokenizedExample]) -> list[Row]:
+    return [Row(ex.input_ids, [IGNORE_INDEX, *ex.labels[1:]], list(range(len(ex.input_ids)))) for ex in examples]
+
+
+def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into tensors.
+
+    ``attention_mask`` marks real tokens. Packed batches must not pass it to the model (position_ids
+    separate the examples; see ``token_loss_sum``); padding at the end of a packed row gets label -100
+    and its own position run, so it never influences real tokens (the model is causal).
+    """
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        input_ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        position_ids[i, :n] = torch.tensor(r.position_ids)
+        position_ids[i, n:] = torch.arange(width - n)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": attention_mask}

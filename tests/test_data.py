@@ -1,0 +1,270 @@
+"""Tests for rlhf_core.data: synthetic task, validation, loading, splitting, digests."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlhf_core.data import (
+    REQUIRED_COLUMNS,
+    ArithmeticProblem,
+    DataValidationError,
+    arithmetic_corpus,
+    directory_digest,
+    extract_answer,
+    file_digest,
+    format_solution,
+    generate_arithmetic,
+    is_correct,
+    load_records,
+    read_jsonl,
+    split_records,
+    synthetic_records,
+    to_preference_record,
+    to_prompt_record,
+    to_sft_record,
+    validate_records,
+    write_jsonl,
+)
+
+# --- synthetic arithmetic -------------------------------------------------------------------
+
+
+def test_generator_is_deterministic_per_seed() -> None:
+    assert generate_arithmetic(50, seed=3) == generate_arithmetic(50, seed=3)
+    assert generate_arithmetic(50, seed=3) != generate_arithmetic(50, seed=4)
+
+
+def test_golden_first_problem_for_seed_0() -> None:
+    # Derivation: random.Random(0) draws a = randint(0, 20) = 12, b = randint(0, 20) = 13,
+    # then choice(("+", "-")) = "+", so the first problem is 12 + 13 = 25.
+    rng = random.Random(0)
+    assert (rng.randint(0, 20), rng.randint(0, 20), rng.choice(("+", "-"))) == (12, 13, "+")
+    first = generate_arithmetic(1, seed=0)[0]
+    assert first == ArithmeticProblem(question="What is 12 + 13?", answer=25)
+    assert format_solution(first) == "12 + 13 = 25. The answer is 25."
+
+
+def test_problems_respect_operands_and_operations() -> None:
+    for p in generate_arithmetic(200, seed=1, max_operand=5, operations=("*",)):
+        a, op, b = p.question.removeprefix("What is ").removesuffix("?").split(" ")
+        assert op == "*" and 0 <= int(a) <= 5 and 0 <= int(b) <= 5
+        assert p.answer == int(a) * int(b)
+
+
+def test_unknown_operation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="operations"):
+        generate_arithmetic(1, seed=0, operations=("/",))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7 + 12 = 19. The answer is 19.", 19),
+        ("8 - 16 = -8. The answer is -8.", -8),
+        ("The answer is 4. Wait, 5? The answer is 6.", 6),  # the last marked answer wins
+        ("I think 3, no, 11", 11),  # no marker: the last integer
+        ("no number here", None),
+    ],
+)
+def test_extract_answer(text: str, expected: int | None) -> None:
+    assert extract_answer(text) == expected
+
+
+def test_is_correct() -> None:
+    assert is_correct("7 + 12 = 19. The answer is 19.", 19)
+    assert is_correct("The answer is -8.", "-8")
+    assert not is_correct("7 + 12 = 20. The answer is 20.", 19)
+    assert not is_correct("I don't know", 0)
+
+
+def test_preference_record_chosen_correct_rejected_wrong() -> None:
+    rng = random.Random(0)
+    for p in generate_arithmetic(100, seed=2):
+        row = to_preference_record(p, rng)
+        assert row["prompt"] == p.question
+        assert is_correct(row["chosen"], p.answer)
+        assert not is_correct(row["rejected"], p.answer)
+        assert 1 <= abs(extract_answer(row["rejected"]) - p.answer) <= 3
+
+
+def test_record_builders_and_dispatch_pass_validation() -> None:
+    p = ArithmeticProblem("What is 7 + 12?", 19)
+    assert to_sft_record(p)["messages"][-1] == {
+        "role": "assistant",
+        "content": "7 + 12 = 19. The answer is 19.",
+    }
+    assert to_prompt_record(p) == {"prompt": "What is 7 + 12?", "answer": "19"}
+    for fmt in REQUIRED_COLUMNS:
+        rows = synthetic_records("arithmetic", fmt, 20, seed=0)
+        assert rows == synthetic_records("arithmetic", fmt, 20, seed=0)
+        assert validate_records(rows, fmt, source="synthetic") == (rows, [])
+
+
+def test_unknown_synthetic_task_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match="arithmetic"):
+        synthetic_records("chess", "sft", 1, seed=0)
+
+
+def test_corpus_contains_questions_and_solutions() -> None:
+    lines = arithmetic_corpus(10, seed=0)
+    assert len(lines) == 20 and lines == arithmetic_corpus(10, seed=0)
+    assert lines[0].startswith("What is ") and "The answer is" in lines[1]
+
+
+# --- validation -----------------------------------------------------------------------------
+
+GOOD = {
+    "sft": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    "preference": {"prompt": "x", "chosen": "a", "rejected": "b"},
+    "prompts": {"prompt": "x"},
+}
+
+
+def _sft(*turns: tuple[str, str]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "bad", "field"),
+    [
+        ("sft", {"id": 1}, "'messages'"),
+        ("sft", {"messages": []}, "'messages'"),
+        ("sft", _sft(("user", "hi"), ("bot", "x")), "'messages[1].role'"),
+        ("sft", _sft(("user", "hi"), ("assistant", "")), "'messages[1].content'"),
+        ("sft", _sft(("user", "hi"), ("assistant", "a"), ("user", "more")), "'messages[2].role'"),
+        ("sft", _sft(("user", "hi"), ("system", "s"), ("assistant", "a")), "'messages[1].role'"),
+        ("preference", {"prompt": "x", "chosen": "a"}, "'rejected'"),
+        ("preference", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "'prompt'"),
+        ("preference", {"prompt": "x", "chosen": "a", "rejected": "a"}, "'rejected'"),
+        ("prompts", {"question": "x"}, "'prompt'"),
+        ("prompts", {"prompt": ""}, "'prompt'"),
+        ("prompts", {"prompt": "x", "answer": 3}, "'answer'"),
+    ],
+)
+def test_validation_error_names_source_row_and_field(fmt: str, bad: dict, field: str) -> None:
+    with pytest.raises(DataValidationError, match="expected") as info:
+        validate_records([GOOD[fmt], bad], fmt, source="my.jsonl")
+    message = str(info.value)
+    assert "my.jsonl" in message and "row 1" in message and f"field {field}" in message
+    assert info.value.row == 1
+
+
+def test_system_first_is_valid_and_extra_columns_kept() -> None:
+    row = {**_sft(("system", "be brief"), ("user", "hi"), ("assistant", "ok")), "id": 7}
+    assert validate_records([row], "sft", source="s") == ([row], [])
+
+
+def test_skip_mode_drops_bad_rows_and_reports_each() -> None:
+    rows = [
+        GOOD["preference"],
+        {"prompt": "x"},
+        GOOD["preference"],
+        {"prompt": "x", "chosen": "", "rejected": "b"},
+    ]
+    valid, problems = validate_records(rows, "preference", source="prefs", on_error="skip")
+    assert valid == [rows[0], rows[2]]
+    assert len(problems) == 2
+    assert "row 1" in problems[0] and "'chosen'" in problems[0]
+    assert "row 3" in problems[1] and "'chosen'" in problems[1]
+
+
+# --- loading --------------------------------------------------------------------------------
+
+THEIRS = [{"question": f"q{i}", "extra": i} for i in range(5)]
+
+
+def _write(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"data.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in THEIRS), encoding="utf-8")
+    elif kind == "json":
+        path.write_text(json.dumps(THEIRS), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(THEIRS), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_load_local_file_with_column_map(tmp_path: Path, kind: str) -> None:
+    path = _write(tmp_path, kind)
+    rows = load_records(str(path), fmt="prompts", column_map={"prompt": "question"})
+    assert rows == [{"prompt": f"q{i}", "extra": i} for i in range(5)]
+    assert load_records(str(path), fmt="prompts", column_map={"prompt": "question"}, limit=2) == rows[:2]
+
+
+def test_load_without_required_column_lists_missing_and_available(tmp_path: Path) -> None:
+    path = _write(tmp_path, "jsonl")
+    with pytest.raises(DataValidationError, match=r"missing \['prompt'\].*'question'"):
+        load_records(str(path), fmt="prompts")
+
+
+def test_missing_mapped_column_lists_available(tmp_path: Path) -> None:
+    path = _write(tmp_path, "parquet")
+    with pytest.raises(DataValidationError, match=r"'query'.*available columns: \['question', 'extra'\]"):
+        load_records(str(path), fmt="prompts", column_map={"prompt": "query"})
+
+
+def test_bad_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n', encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"bad\.jsonl, line 3"):
+        load_records(str(path), fmt="prompts")
+
+
+def test_load_saved_dataset_directory(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(THEIRS)}).save_to_disk(str(tmp_path / "saved"))
+    rows = load_records(str(tmp_path / "saved"), fmt="prompts", column_map={"prompt": "question"}, limit=3)
+    assert rows == [{"prompt": f"q{i}", "extra": i} for i in range(3)]
+
+
+def test_write_then_read_jsonl_roundtrip(tmp_path: Path) -> None:
+    rows = [{"prompt": "¿qué es 2 + 2?", "b": 1, "a": [1, 2]}]
+    path = tmp_path / "sub" / "out.jsonl"
+    write_jsonl(rows, path)
+    assert read_jsonl(path) == rows
+    assert path.read_text(encoding="utf-8") == '{"a": [1, 2], "b": 1, "prompt": "¿qué es 2 + 2?"}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["out.jsonl"]  # no temp file left
+
+
+# --- splits and digests ---------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_preserves_rows() -> None:
+    rows = [{"i": i} for i in range(101)]
+    splits = split_records(rows, {"train": 0.8, "eval": 0.2}, seed=0)
+    assert splits == split_records(rows, {"train": 0.8, "eval": 0.2}, seed=0)
+    assert splits != split_records(rows, {"train": 0.8, "eval": 0.2}, seed=1)
+    assert (len(splits["train"]), len(splits["eval"])) == (81, 20)  # 80.8 -> 80 + largest remainder
+    assert sorted(r["i"] for s in splits.values() for r in s) == list(range(101))
+
+
+def test_every_split_gets_a_row_when_possible() -> None:
+    splits = split_records([{"i": i} for i in range(5)], {"train": 0.98, "eval": 0.01, "test": 0.01}, seed=0)
+    assert [len(s) for s in splits.values()] == [3, 1, 1]
+
+
+def test_split_fractions_must_sum_to_one() -> None:
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_records([{"i": 0}], {"train": 0.8, "eval": 0.1}, seed=0)
+
+
+def test_digests_change_with_content(tmp_path: Path) -> None:
+    f = tmp_path / "d" / "a.txt"
+    f.parent.mkdir()
+    f.write_text("one")
+    # sha256("one"), computed independently with hashlib
+    assert file_digest(f) == "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed"
+    one = directory_digest(f.parent)
+    assert directory_digest(f.parent) == one
+    f.write_text("two")
+    two = directory_digest(f.parent)
+    assert two != one
+    f.rename(f.parent / "b.txt")  # same contents, different name
+    assert directory_digest(f.parent) not in (one, two)
