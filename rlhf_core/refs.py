@@ -6,7 +6,7 @@ tasks and what the cache stores, so they must stay small and JSON-serialisable.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,8 @@ class _Ref(BaseModel):
 
 class DatasetRef(_Ref):
     """A dataset with named splits (``train``, ``eval``, ...) stored as JSONL files under ``uri``."""
+
+    type: Literal["dataset"] = "dataset"
 
     uri: str = Field(description="Where the split files live: a local directory or an MLflow artifact URI.")
     digest: str = Field(description="sha256 over the split files; changes whenever any row changes.")
@@ -37,7 +39,10 @@ class DatasetRef(_Ref):
 class ModelRef(_Ref):
     """A saved causal LM (safetensors + tokenizer + chat template) loadable with ``from_pretrained``."""
 
-    uri: str = Field(description="Local directory, MLflow artifact URI or hub name of the weights.")
+    type: Literal["model"] = "model"
+
+    uri: str = Field(description="Local directory, MLflow model URI or hub name of the weights.")
+    revision: str | None = Field(default=None, description="Hub revision when ``uri`` is a hub name.")
     digest: str = Field(description="sha256 over weights and tokenizer files (hub models: name@revision).")
     role: ModelRole = Field(default="policy", description="What the model is for.")
     tokenizer_digest: str = Field(description="sha256 over the tokenizer files incl. the chat template.")
@@ -51,9 +56,11 @@ class ModelRef(_Ref):
 class EvalReportRef(_Ref):
     """Metrics of an evaluate stage, per evaluated model."""
 
+    type: Literal["eval_report"] = "eval_report"
+
     stage: str
     metrics: dict[str, dict[str, float]] = Field(description="Model stage name -> metric name -> value.")
     run_id: str | None = None
 
 
-StageOutput = DatasetRef | ModelRef | EvalReportRef
+StageOutput = Annotated[DatasetRef | ModelRef | EvalReportRef, Field(discriminator="type")]

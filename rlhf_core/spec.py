@@ -57,16 +57,15 @@ class TinyModelSource(Strict):
 
 
 class ModelSource(Strict):
-    """Where a base model comes from: exactly one of ``tiny``, ``path`` or ``hub``."""
+    """Where a base model comes from: exactly one of ``tiny``, ``path`` or ``hub``.
+
+    The tokenizer's own chat template is used; a tokenizer without one gets ChatML.
+    """
 
     tiny: TinyModelSource | None = Field(default=None, description="Build a tiny random-init model.")
     path: str | None = Field(default=None, description="Local directory saved with save_pretrained.")
     hub: str | None = Field(default=None, description="Hugging Face hub name, e.g. Qwen/Qwen2.5-0.5B.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
-    chat_template: Literal["chatml", "keep"] = Field(
-        default="keep",
-        description="'keep' uses the tokenizer's own template (ChatML when it has none); 'chatml' overrides it.",
-    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
@@ -252,6 +251,7 @@ class EvaluateStage(_Stage):
     verifier: Literal["arithmetic"] = Field(default="arithmetic", description="Checks a completion's answer.")
     max_prompts: int = Field(default=200, ge=1, description="Evaluate on at most this many prompts.")
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
+    max_length: int = Field(default=512, ge=8, description="Longest eval conversation (tokens) for the loss.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
 
     @model_validator(mode="after")
@@ -340,6 +340,13 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     """Split 'stage.output' into ('stage', 'output'); a bare name gives ('name', None)."""
     name, _, output = ref.partition(".")
     return name, (output or None)
+
+
+def resolve_ref(ref: str, outputs: dict[str, dict[str, Any]]) -> Any:
+    """The output a reference points at ('data.sft' -> outputs['data']['sft']); KeyError if not produced."""
+    name, output = parse_ref(ref)
+    produced = outputs[name]
+    return produced[output] if output else next(iter(produced.values()))
 
 
 def ref_type(spec: PipelineSpec, ref: str) -> tuple[str | None, str | None]:

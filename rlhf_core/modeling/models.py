@@ -56,7 +56,7 @@ def build_tiny_model(cfg: TinyModelSource, seed: int) -> tuple[PreTrainedModel, 
     return model, tokenizer
 
 
-def load_model(source: str, *, revision: str | None = None, chat_template: str = "keep",
+def load_model(source: str, *, revision: str | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub name.
 
@@ -64,7 +64,7 @@ def load_model(source: str, *, revision: str | None = None, chat_template: str =
     library's own error, which names the model.
     """
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    tokenizer = ensure_chat_template(tokenizer, chat_template)
+    tokenizer = ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
@@ -76,8 +76,7 @@ def materialize_base_model(source: ModelSource, seed: int) -> tuple[PreTrainedMo
     """Build or load the model a ``models:`` entry describes."""
     if source.tiny is not None:
         return build_tiny_model(source.tiny, seed)
-    return load_model(source.path or source.hub or "", revision=source.revision,
-                      chat_template=source.chat_template)
+    return load_model(source.path or source.hub or "", revision=source.revision)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:

@@ -116,8 +116,10 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packe
         attention_mask=None if packed else batch["attention_mask"],
         use_cache=False,
     ).logits  # (B, T, V)
+    # Upcast half-precision logits for the log-softmax, but never downcast float64 ones.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
+        logits[:, :-1].flatten(0, 1),
         batch["labels"][:, 1:].flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",

@@ -1,0 +1,43 @@
+"""Datasets in MLflow: split files stored as run artifacts, logged as run inputs, downloaded on demand."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import InputTag
+
+from registry.tracking import client
+from rlhf_core.refs import DatasetRef
+
+
+def log_dataset_input(run_id: str, ref: DatasetRef, context: str) -> None:
+    """Record ``ref`` as an input of ``run_id`` (shown under the run's Datasets, with our digest)."""
+    source = resolve_dataset_source(ref.uri) if "://" in ref.uri else resolve_dataset_source(
+        Path(ref.uri).resolve().as_uri())
+    dataset = MetaDataset(source=source, name=f"{ref.stage}.{ref.kind}", digest=ref.digest[:16])
+    entity = dataset._to_mlflow_entity()
+    client().log_inputs(run_id, datasets=[
+        mlflow.entities.DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])
+    ])
+
+
+def materialize_dataset(ref: DatasetRef, cache_dir: Path) -> Path:
+    """Local directory holding ``<split>.jsonl`` files of ``ref`` (downloaded once per digest)."""
+    if "://" not in ref.uri:
+        return Path(ref.uri)
+    target = cache_dir / ref.digest[:32]
+    if all((target / f"{split}.jsonl").exists() for split in ref.splits):
+        return target
+    tmp = cache_dir / (ref.digest[:32] + ".download")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp)))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(local, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target

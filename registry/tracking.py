@@ -1,0 +1,149 @@
+"""MLflow runs: one parent run per pipeline run, one nested run per stage.
+
+Everything goes through explicit run ids (``MlflowClient``) so nothing depends on the fluent
+active-run stack, except where an MLflow API insists on an active run (``log_model``): there the
+stage run is activated for the duration of the stage (``activate_stage_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.utils.time import get_current_time_millis
+
+from rlhf_core.settings import RLHFSettings
+
+MAX_PARAM_LENGTH = 6000
+
+
+def configure(settings: RLHFSettings) -> None:
+    """Point MLflow at the tracking store of these settings (SQLite under the home dir by default)."""
+    settings.resolved_home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri())
+    mlflow.set_registry_uri(settings.resolved_tracking_uri())
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def ensure_experiment(name: str, settings: RLHFSettings) -> str:
+    """Experiment id for a pipeline name, created with the configured artifact location if missing."""
+    c = client()
+    experiment = c.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return c.create_experiment(name, artifact_location=f"{settings.resolved_artifact_location()}/{name}")
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """Commit of the working tree the pipeline runs from ('unknown' outside git); '+dirty' if modified."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_pipeline_run(experiment_id: str, spec_name: str, tags: dict[str, str]) -> str:
+    run = client().create_run(experiment_id, run_name=f"{spec_name}-pipeline",
+                              tags={"rlhf.run_type": "pipeline", **tags})
+    return run.info.run_id
+
+
+def start_stage_run(experiment_id: str, parent_run_id: str, stage: str, tags: dict[str, str]) -> str:
+    run = client().create_run(
+        experiment_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent_run_id, "rlhf.run_type": "stage", "rlhf.stage": stage, **tags},
+    )
+    return run.info.run_id
+
+
+def reopen_run(run_id: str, tags: dict[str, str]) -> None:
+    """Mark an interrupted stage run as running again (it is being resumed)."""
+    c = client()
+    c.update_run(run_id, status="RUNNING")
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value)
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log a nested config as flat dotted params (values JSON-encoded when not scalar)."""
+    flat = flatten(params)
+    existing = client().get_run(run_id).data.params
+    batch = [Param(k, v[:MAX_PARAM_LENGTH]) for k, v in flat.items() if k not in existing]
+    for i in range(0, len(batch), 100):
+        client().log_batch(run_id, params=batch[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = get_current_time_millis()
+    client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
+    client().log_dict(run_id, data, artifact_file)
+
+
+def log_artifacts(run_id: str, local_dir: Path, artifact_path: str) -> str:
+    """Upload a directory; returns the artifact URI it now lives at."""
+    c = client()
+    c.log_artifacts(run_id, str(local_dir), artifact_path)
+    return f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+
+
+def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    if rows:
+        client().log_table(run_id, data={k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file=artifact_file)
+
+
+@contextmanager
+def activate_stage_run(run_id: str) -> Iterator[None]:
+    """Make ``run_id`` the active fluent run of this thread (for APIs such as ``log_model``)."""
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=False):
+        yield
+
+
+def run_metrics(run_id: str) -> dict[str, float]:
+    return dict(client().get_run(run_id).data.metrics)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def run_status_terminated(status: str) -> bool:
+    return RunStatus.is_terminated(RunStatus.from_string(status))

@@ -1,0 +1,70 @@
+"""Settings (environment variables with the ``RLHF_`` prefix, or a ``.env`` file).
+
+Everything the pipeline writes lives under ``home`` by default: the MLflow SQLite store and artifacts,
+Prefect's home (its SQLite DB), stage work dirs (checkpoints) and cache locks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Offline and telemetry defaults, applied unless the user already set them (see stack notes).
+OFFLINE_DEFAULTS = {
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+}
+
+
+class RLHFSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RLHF_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path(".rlhf"), description="State directory of the project.")
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db.",
+    )
+    artifact_location: str | None = Field(
+        default=None, description="Artifact root of new MLflow experiments; default <home>/mlartifacts."
+    )
+    prefect_home: Path | None = Field(default=None, description="PREFECT_HOME; default <home>/prefect.")
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def resolved_tracking_uri(self) -> str:
+        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.resolved_home() / 'mlflow.db'}")
+
+    def resolved_artifact_location(self) -> str:
+        return self.artifact_location or (self.resolved_home() / "mlartifacts").as_uri()
+
+    def resolved_prefect_home(self) -> Path:
+        return (self.prefect_home or self.resolved_home() / "prefect").expanduser().resolve()
+
+    def work_dir(self, stage: str, fingerprint: str) -> Path:
+        """Scratch dir of one stage execution (checkpoints live here; keyed by fingerprint for resume)."""
+        return self.resolved_home() / "work" / f"{stage}-{fingerprint[:16]}"
+
+    def lock_dir(self) -> Path:
+        return self.resolved_home() / "locks"
+
+
+def apply_environment_defaults(settings: RLHFSettings) -> None:
+    """Set offline/telemetry defaults and PREFECT_HOME; never overrides what the user set.
+
+    Must run before prefect is imported: Prefect reads its settings at import time.
+    """
+    for key, value in OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(settings.resolved_prefect_home()))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,46 @@
+"""Task: materialize a ``models:`` entry (build a tiny model, or point at a local dir / hub name)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from registry.models import log_and_register_model
+from rlhf_core.fingerprint import base_model_fingerprint
+from rlhf_core.modeling.models import build_tiny_model, model_digest, save_model, tokenizer_digest
+from rlhf_core.refs import ModelRef
+from rlhf_core.spec import ModelSource
+from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
+
+
+@task(name="prepare_base_model", **STAGE_TASK_OPTIONS)
+def prepare_base_model(ctx: RunContext, name: str, source: ModelSource, seed: int) -> StageOutcome:
+    """A tiny model is built, logged and registered (``<pipeline>-<name>``); local and hub models are
+    referenced in place (their weights are not copied into MLflow)."""
+    fingerprint = base_model_fingerprint(name, source, seed)
+
+    def body(run: StageRun) -> dict[str, ModelRef]:
+        if source.tiny is None:
+            return {"model": _external_model_ref(name, source, run)}
+        model, tokenizer = build_tiny_model(source.tiny, seed)
+        directory = save_model(model, tokenizer, run.work_dir / "model")
+        registered = f"{ctx.pipeline}-{name}"
+        uri, version = log_and_register_model(run.run_id, model, tokenizer, registered, {
+            "rlhf.stage": name, "rlhf.role": "policy", "rlhf.fingerprint": fingerprint,
+            "rlhf.source": "tiny", "rlhf.git_commit": ctx.git_commit,
+        })
+        run.registered = f"{registered} v{version}"
+        run.key_metrics = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        return {"model": ModelRef(uri=uri, digest=model_digest(directory), tokenizer_digest=tokenizer_digest(directory),
+                                  stage=name, base_model=name, run_id=run.run_id, registered_name=registered,
+                                  registered_version=version)}
+
+    return execute_stage(ctx, name, "base_model", fingerprint, source, {}, body)
+
+
+def _external_model_ref(name: str, source: ModelSource, run: StageRun) -> ModelRef:
+    if source.path:
+        return ModelRef(uri=source.path, digest=model_digest(source.path), tokenizer_digest=tokenizer_digest(source.path),
+                        stage=name, base_model=source.path, run_id=run.run_id)
+    pinned = f"{source.hub}@{source.revision or 'main'}"
+    return ModelRef(uri=source.hub or "", revision=source.revision, digest=pinned, tokenizer_digest=pinned, stage=name, base_model=pinned,
+                    run_id=run.run_id)

@@ -1,0 +1,210 @@
+"""The life cycle every stage shares: fingerprint -> cache -> lock -> MLflow stage run -> outputs.
+
+1. Cache: a finished MLflow run tagged with the stage's fingerprint -> reuse its outputs, run nothing.
+2. Lock: a file lock per fingerprint, so two identical runs on one host never both train; the second
+   waits, then finds the first one's result in the cache.
+3. Resume: an unfinished run with the same fingerprint is reopened, and training continues from the
+   checkpoints in the fingerprint-keyed work dir.
+4. Outputs are recorded (the cache record) only after the stage's work succeeded; a failure marks
+   the run FAILED and registers nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry import stage_cache, tracking
+from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
+from rlhf_core.settings import RLHFSettings
+
+
+SUMMARY_PREFIX = "summary/"
+
+
+class RunContext(BaseModel):
+    """What every stage task needs to know about the pipeline run it belongs to."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pipeline: str
+    experiment_id: str
+    parent_run_id: str
+    home: str = Field(description="RLHF home directory (work dirs, locks, caches).")
+    git_commit: str = "unknown"
+    forced: tuple[str, ...] = Field(default=(), description="Stages that must run even when cached.")
+
+    def settings(self) -> RLHFSettings:
+        return RLHFSettings(home=Path(self.home))
+
+
+class StageOutcome(BaseModel):
+    """What happened to one stage in one pipeline run (drives the summary table)."""
+
+    stage: str
+    kind: str
+    status: str = Field(description="'ran', 'resumed' or 'cached'.")
+    fingerprint: str
+    run_id: str
+    outputs: dict[str, StageOutput]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    registered: str | None = Field(default=None, description="'<name> v<version>' when a model was registered.")
+    seconds: float = 0.0
+
+
+@dataclass
+class StageRun:
+    """Handle given to a stage's body: where to write, how to log."""
+
+    stage: str
+    run_id: str
+    fingerprint: str
+    work_dir: Path
+    resumed: bool
+    settings: RLHFSettings
+    key_metrics: dict[str, float] = field(default_factory=dict)  # shown in the summary; logged as summary/*
+    registered: str | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Per-step metrics to MLflow, plus one progress line in the Prefect log."""
+        tracking.log_metrics(self.run_id, metrics, step)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        _logger().info("%s step %d: %s", self.stage, step, shown)
+
+
+StageBody = Callable[[StageRun], dict[str, StageOutput]]
+
+
+def execute_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config: BaseModel | dict[str, Any],
+                  inputs: dict[str, StageOutput], body: StageBody) -> StageOutcome:
+    """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring."""
+    forced = stage in ctx.forced
+    if not forced and (hit := _cache_hit(ctx, stage, kind, fingerprint)):
+        return hit
+    with fingerprint_lock(ctx.settings().lock_dir(), fingerprint):
+        if not forced and (hit := _cache_hit(ctx, stage, kind, fingerprint)):
+            return hit
+        return _run_stage(ctx, stage, kind, fingerprint, config, inputs, body, forced)
+
+
+def _run_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config: BaseModel | dict[str, Any],
+               inputs: dict[str, StageOutput], body: StageBody, forced: bool) -> StageOutcome:
+    settings = ctx.settings()
+    work_dir = settings.work_dir(stage, fingerprint)
+    if forced:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    tags = {stage_cache.FINGERPRINT_TAG: fingerprint, "rlhf.kind": kind, "rlhf.git_commit": ctx.git_commit,
+            "rlhf.pipeline_run_id": ctx.parent_run_id}
+    interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
+    resumable = interrupted is not None and work_dir.exists()
+    if resumable:
+        run_id = interrupted
+        tracking.reopen_run(run_id, {**tags, "rlhf.resumed": "true"})
+        _logger().info("stage %s: resuming interrupted run %s from %s", stage, run_id, work_dir)
+    else:
+        run_id = tracking.start_stage_run(ctx.experiment_id, ctx.parent_run_id, stage, tags)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings)
+    started = time.perf_counter()
+    try:
+        tracking.log_params(run_id, {"config": _dump(config)})
+        _log_inputs(run_id, stage, inputs)
+        outputs = body(run)
+        tracking.log_metrics(run_id, {SUMMARY_PREFIX + k: v for k, v in run.key_metrics.items()}, step=0)
+        stage_cache.record_stage_outputs(run_id, outputs)
+        tracking.end_run(run_id, "FINISHED")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    return StageOutcome(stage=stage, kind=kind, status="resumed" if resumable else "ran", fingerprint=fingerprint,
+                        run_id=run_id, outputs=outputs, metrics=run.key_metrics, registered=run.registered,
+                        seconds=time.perf_counter() - started)
+
+
+def _cache_hit(ctx: RunContext, stage: str, kind: str, fingerprint: str) -> StageOutcome | None:
+    cached = stage_cache.find_cached_stage(ctx.experiment_id, fingerprint)
+    if cached is None:
+        return None
+    _logger().info("stage %s: cache hit (fingerprint %s, run %s)", stage, fingerprint[:12], cached.run_id)
+    registered = next((f"{o.registered_name} v{o.registered_version}" for o in cached.outputs.values()
+                       if isinstance(o, ModelRef) and o.registered_name), None)
+    key = {k.removeprefix(SUMMARY_PREFIX): v for k, v in cached.metrics.items() if k.startswith(SUMMARY_PREFIX)}
+    return StageOutcome(stage=stage, kind=kind, status="cached", fingerprint=fingerprint, run_id=cached.run_id,
+                        outputs=cached.outputs, metrics=key, registered=registered)
+
+
+def _log_inputs(run_id: str, stage: str, inputs: dict[str, StageOutput]) -> None:
+    from registry.datasets import log_dataset_input
+
+    for name, ref in inputs.items():
+        if isinstance(ref, DatasetRef):
+            log_dataset_input(run_id, ref, context=f"{stage}.{name}")
+    models = {f"input.{name}": f"{ref.registered_name or ref.uri}"
+              + (f" v{ref.registered_version}" if ref.registered_version else "")
+              for name, ref in inputs.items() if isinstance(ref, ModelRef)}
+    if models:
+        tracking.set_tags(run_id, models)
+
+
+@contextmanager
+def fingerprint_lock(lock_dir: Path, fingerprint: str) -> Iterator[None]:
+    """Exclusive inter-process lock on one fingerprint (held by the OS: released if the process dies)."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{fingerprint}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _logger().info("fingerprint %s is being computed by another run; waiting", fingerprint[:12])
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dump(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    return config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("rlhf")
+
+
+TRANSIENT_MARKERS = ("database is locked", "temporarily unavailable", "connection reset", "timed out", "503", "429")
+
+
+def is_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry network/tracking-store hiccups, never a bug or bad input."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # noqa: BLE001 - the state could not be read; judge that error instead
+        exc = err
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, Exception) and any(m in str(exc).lower() for m in TRANSIENT_MARKERS)
+
+
+STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": 5,
+    "retry_condition_fn": is_transient_failure,
+    # The stage cache lives in MLflow (fingerprints); Prefect's own caching stays out of the way.
+    "cache_policy": NO_CACHE,
+}
