@@ -19,7 +19,8 @@ from rlhf_core.spec import PipelineSpec, SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Declarative RLHF pipelines: one YAML spec, Prefect flows, MLflow lineage.")
-console = Console()
+# Wide enough for run ids and metrics when output is not a terminal (CI logs, files).
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML).", exists=False)]
@@ -113,7 +114,7 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
     for column in ("stage", "kind", "status", "key metrics", "MLflow run", "registered model"):
         table.add_column(column, overflow="fold")
     for o in outcomes:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in o.metrics.items())
+        metrics = "\n".join(f"{k}={v:.4g}" for k, v in o.metrics.items())
         status = {"ran": "[green]ran[/green]", "resumed": "[yellow]resumed[/yellow]",
                   "cached": "[cyan]cached[/cyan]"}.get(o.status, o.status)
         table.add_row(o.stage, o.kind, status, metrics, o.run_id, o.registered or "")

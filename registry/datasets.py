@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -17,8 +18,10 @@ from rlhf_core.refs import DatasetRef
 
 def log_dataset_input(run_id: str, ref: DatasetRef, context: str) -> None:
     """Record ``ref`` as an input of ``run_id`` (shown under the run's Datasets, with our digest)."""
-    source = resolve_dataset_source(ref.uri) if "://" in ref.uri else resolve_dataset_source(
-        Path(ref.uri).resolve().as_uri())
+    uri = ref.uri if "://" in ref.uri else Path(ref.uri).resolve().as_uri()
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local file URIs
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
     dataset = MetaDataset(source=source, name=f"{ref.stage}.{ref.kind}", digest=ref.digest[:16])
     entity = dataset._to_mlflow_entity()
     client().log_inputs(run_id, datasets=[

@@ -8,8 +8,10 @@ Inside the artifacts, ``model/`` and ``components/tokenizer/`` are plain ``save_
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -35,7 +37,10 @@ def log_and_register_model(run_id: str, model, tokenizer, registered_name: str,
     Returns (logged model URI ``models:/m-...``, registered version).
     """
     pipeline = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
-    with activate_stage_run(run_id):
+    # MLflow looks up a hub model card and license by the model's local path: noise offline.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    with activate_stage_run(run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         info = mlflow.transformers.log_model(
             pipeline, name="model", pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_name, await_registration_for=60,

@@ -201,7 +201,8 @@ def train_sft(
 
     trained = accelerator.unwrap_model(model)
     if lora is not None:
-        trained = trained.merge_and_unload()
+        # peft froze every base weight; once merged, the model is a plain model again and trains like one.
+        trained = trained.merge_and_unload().requires_grad_(True)
     trained.eval()
     result = SFTResult(steps=total_steps, resumed_from_step=start_step, final_loss=loss_value,
                        trained_tokens=trained_tokens, input_tokens=input_tokens,

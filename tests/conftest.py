@@ -1,0 +1,53 @@
+"""Shared fixtures. The offline/telemetry environment is set before anything imports Prefect."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from rlhf_core.settings import OFFLINE_DEFAULTS
+
+for _key, _value in OFFLINE_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+# Prefect's own state for the test session lives in a throwaway dir, never in ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rlhf-test-prefect-"))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SPEC: dict = {
+    "name": "e2e",
+    "seed": 0,
+    "models": {"base": {"tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 320}}},
+    "stages": {
+        "data": {"kind": "dataset", "source": {"synthetic": {"n": 200, "max_operand": 9}}},
+        "sft": {
+            "kind": "sft", "model": "base", "data": "data.sft",
+            "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "max_length": 64, "checkpoint_every": 4,
+                      "log_every": 4},
+        },
+        "eval": {
+            "kind": "evaluate", "models": ["base", "sft"], "data": "data.sft", "prompts": "data.prompts",
+            "max_prompts": 12, "samples_in_table": 4, "generation": {"max_new_tokens": 8},
+        },
+    },
+}
+
+
+@pytest.fixture
+def tiny_spec_dict() -> dict:
+    """A whole pipeline small enough to run in seconds (fresh deep copy per test)."""
+    return copy.deepcopy(TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """One temporary Prefect server (SQLite) for the whole session; its API URL for subprocesses."""
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield prefect.settings.PREFECT_API_URL.value()

@@ -1,0 +1,121 @@
+"""End to end: the Prefect flow on a real temporary Prefect server and a real MLflow SQLite store.
+
+What a user would check: one parent run with a nested run per stage, params and per-step metrics,
+dataset inputs, registered versions with lineage tags and the ``candidate`` alias, a registered model
+that loads back through ``models:/`` and generates text, a fully cached re-run, a one-parameter change
+that re-runs only that stage and what is downstream, and a cache that needs no Prefect database.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_core.spec import parse_spec
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pipeline_home(tmp_path_factory, prefect_api_url):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline_home):
+    from conftest import TINY_SPEC
+    from flows.pipeline import run_pipeline
+
+    spec = parse_spec(TINY_SPEC)
+    return spec, run_pipeline(spec, home=str(pipeline_home))
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def test_first_run_runs_every_stage_in_order(first_run):
+    _, outcomes = first_run
+    assert [(o.stage, o.status) for o in outcomes] == [
+        ("base", "ran"), ("data", "ran"), ("sft", "ran"), ("eval", "ran")]
+    sft = outcomes[2]
+    assert sft.registered == "e2e-sft v1"
+    assert 0 < sft.metrics["final_train_loss"] < 10
+
+
+def test_runs_are_nested_under_one_parent_with_params_metrics_and_inputs(first_run):
+    _, outcomes = first_run
+    client = _client()
+    runs = {o.stage: client.get_run(o.run_id) for o in outcomes}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["rlhf.run_type"] == "pipeline"
+    assert "rlhf.spec_digest" in parent.data.tags and "prefect.flow_run_id" in parent.data.tags
+    sft = runs["sft"]
+    assert sft.data.params["config.train.lr"] == "0.003"
+    history = client.get_metric_history(sft.info.run_id, "train/loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    contexts = {tag.value for d in sft.inputs.dataset_inputs for tag in d.tags}
+    assert "sft.data" in contexts
+    evaluation = runs["eval"].data.metrics
+    assert {"sft/eval/loss", "sft/eval/accuracy", "base/eval/perplexity"} <= set(evaluation)
+    # the SFT model must fit the held-out assistant tokens better than the random base model
+    assert evaluation["sft/eval/loss"] < evaluation["base/eval/loss"]
+
+
+def test_registered_model_has_lineage_and_loads_by_alias(first_run):
+    import mlflow
+
+    _, outcomes = first_run
+    data_ref = outcomes[1].outputs["sft"]
+    version = _client().get_model_version_by_alias("e2e-sft", "candidate")
+    assert str(version.version) == "1"
+    tags = version.tags
+    assert tags["rlhf.upstream_models"] == "e2e-base:1"
+    assert tags["rlhf.dataset_digests"] == f"data.sft={data_ref.digest}"
+    assert tags["rlhf.fingerprint"] == outcomes[2].fingerprint
+    assert "rlhf.git_commit" in tags
+    pipe = mlflow.transformers.load_model("models:/e2e-sft@candidate")
+    text = pipe("What is 2 + 3?", max_new_tokens=5)[0]["generated_text"]
+    assert isinstance(text, str) and len(text) > len("What is 2 + 3?")
+
+
+def test_rerun_with_nothing_changed_is_fully_cached(first_run, pipeline_home):
+    from flows.pipeline import run_pipeline
+
+    spec, outcomes = first_run
+    again = run_pipeline(spec, home=str(pipeline_home))
+    assert [o.status for o in again] == ["cached"] * 4
+    assert [o.run_id for o in again] == [o.run_id for o in outcomes]
+    assert len(_client().search_model_versions("name='e2e-sft'")) == 1
+
+
+def test_cache_record_lives_in_mlflow_not_prefect(first_run, pipeline_home):
+    """``plan`` reads only MLflow: with no Prefect involved every stage is reported cached."""
+    from flows.plan import plan_pipeline
+
+    spec, _ = first_run
+    assert [p.action for p in plan_pipeline(spec, set(), str(pipeline_home))] == ["cached"] * 4
+
+
+def test_changing_one_parameter_reruns_that_stage_and_downstream_only(first_run, pipeline_home):
+    from conftest import TINY_SPEC
+    from flows.pipeline import run_pipeline
+
+    raw = {**TINY_SPEC, "stages": {**TINY_SPEC["stages"]}}
+    raw["stages"]["sft"] = {**raw["stages"]["sft"], "train": {**raw["stages"]["sft"]["train"], "lr": 1e-3}}
+    outcomes = run_pipeline(parse_spec(raw), home=str(pipeline_home))
+    assert [(o.stage, o.status) for o in outcomes] == [
+        ("base", "cached"), ("data", "cached"), ("sft", "ran"), ("eval", "ran")]
+    assert outcomes[2].registered == "e2e-sft v2"
+
+
+def test_force_reruns_stage_and_downstream(first_run, pipeline_home):
+    from flows.pipeline import run_pipeline
+
+    spec, _ = first_run
+    outcomes = run_pipeline(spec, force=["data"], home=str(pipeline_home))
+    assert [(o.stage, o.status) for o in outcomes] == [
+        ("base", "cached"), ("data", "ran"), ("sft", "ran"), ("eval", "ran")]
