@@ -21,7 +21,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Declarative RLHF pipelines: one YAML spec, Prefect flows, MLflow lineage.")
 # Wide enough for run ids and metrics when output is not a terminal (CI logs, files).
 console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+
+
+def _error(message: str) -> None:
+    """Errors go to stderr unwrapped, so every line keeps its stage and field path intact."""
+    typer.secho(message, err=True, fg="red")
 
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML).", exists=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: a.b.c=value (repeatable).")]
@@ -33,7 +37,7 @@ def _load(spec_path: Path, overrides: list[str] | None) -> PipelineSpec:
     try:
         return load_spec(spec_path, overrides or [])
     except SpecError as exc:
-        err_console.print(f"{spec_path}: {exc}", style="red", markup=False)
+        _error(f"{spec_path}: {exc}")
         raise typer.Exit(2) from None
 
 
@@ -57,7 +61,7 @@ def _check_sources(spec: PipelineSpec) -> None:
             except (DataValidationError, OSError, ValueError) as exc:
                 problems.append(f"stage '{name}', field source.file: {exc}")
     if problems:
-        err_console.print(str(SpecError(problems)), markup=False)
+        _error(str(SpecError(problems)))
         raise typer.Exit(2)
 
 
@@ -82,7 +86,7 @@ def plan(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: 
     try:
         forced = forced_stages(spec, force or [])
     except ValueError as exc:
-        err_console.print(str(exc), markup=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "kind", "action", "why", "fingerprint", "cached run"):
@@ -103,7 +107,7 @@ def run(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: H
     try:
         forced_stages(spec, force or [])
     except ValueError as exc:
-        err_console.print(str(exc), markup=False)
+        _error(str(exc))
         raise typer.Exit(2) from None
     outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
     print_summary(spec.name, outcomes, settings)

@@ -18,6 +18,7 @@ from rlhf_core.refs import StageOutput
 FINGERPRINT_TAG = "rlhf.fingerprint"
 OUTPUT_TAG = "rlhf.output_ref"
 COMPLETE_TAG = "rlhf.complete"
+ABANDONED_TAG = "rlhf.abandoned"  # an unfinished run that a later run chose not to resume
 
 _OUTPUTS = TypeAdapter(dict[str, StageOutput])
 
@@ -51,9 +52,10 @@ def find_interrupted_run(experiment_id: str, fingerprint: str) -> str | None:
         [experiment_id],
         filter_string=f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status != 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=20,
     )
-    return runs[0].info.run_id if runs else None
+    live = [r for r in runs if r.data.tags.get(ABANDONED_TAG) != "true"]
+    return live[0].info.run_id if live else None
 
 
 def record_stage_outputs(run_id: str, outputs: dict[str, StageOutput]) -> None:
@@ -62,3 +64,11 @@ def record_stage_outputs(run_id: str, outputs: dict[str, StageOutput]) -> None:
     c = client()
     c.set_tag(run_id, OUTPUT_TAG, payload)
     c.set_tag(run_id, COMPLETE_TAG, "true")
+
+
+def mark_abandoned(run_id: str) -> None:
+    """An unfinished run that will not be resumed (no checkpoint): KILLED if it still says RUNNING."""
+    c = client()
+    if c.get_run(run_id).info.status == "RUNNING":
+        c.set_terminated(run_id, status="KILLED")
+    c.set_tag(run_id, ABANDONED_TAG, "true")

@@ -22,10 +22,12 @@ FINGERPRINT_SCHEMA = 1
 KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "peft", "datasets")
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
 @cache
-def code_digest() -> str:
+def code_digest(root: Path = PACKAGE_ROOT) -> str:
     """sha256 over every ``.py`` file of the rlhf_core package (path + contents, sorted)."""
-    root = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry import stage_cache, tracking
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
+from rlhf_core.training.checkpoint import latest_checkpoint
 
 
 SUMMARY_PREFIX = "summary/"
@@ -107,7 +108,9 @@ def _run_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config:
     tags = {stage_cache.FINGERPRINT_TAG: fingerprint, "rlhf.kind": kind, "rlhf.git_commit": ctx.git_commit,
             "rlhf.pipeline_run_id": ctx.parent_run_id}
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
-    resumable = interrupted is not None and work_dir.exists()
+    resumable = interrupted is not None and latest_checkpoint(work_dir / "checkpoints") is not None
+    if interrupted is not None and not resumable:
+        stage_cache.mark_abandoned(interrupted)
     if resumable:
         run_id = interrupted
         tracking.reopen_run(run_id, {**tags, "rlhf.resumed": "true"})

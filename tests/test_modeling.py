@@ -128,11 +128,13 @@ def test_saved_model_loads_with_plain_from_pretrained(tiny, saved) -> None:
 
 def test_load_model_from_local_directory(tiny, saved) -> None:
     model, tokenizer = tiny
-    for loaded, loaded_tok in (load_model(str(saved)), materialize_base_model(ModelSource(path=str(saved)), 0)):
+    from_path = materialize_base_model(ModelSource(path=str(saved)), seed=0)
+    for loaded, loaded_tok in (load_model(str(saved)), from_path):
         with torch.no_grad():
             assert torch.equal(loaded(TOKEN_IDS).logits, model(TOKEN_IDS).logits)
         assert loaded_tok.chat_template == tokenizer.chat_template
-        assert (loaded_tok.eos_token_id, loaded_tok.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert loaded_tok.eos_token_id == tokenizer.eos_token_id
+        assert loaded_tok.pad_token_id == tokenizer.pad_token_id
         # Masking must give the same labels with the reloaded tokenizer.
         assert tokenize_conversation(CONVERSATION, loaded_tok, 256) == tokenize_conversation(
             CONVERSATION, tokenizer, 256)

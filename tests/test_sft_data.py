@@ -53,7 +53,7 @@ def model64(tiny):
 
 @pytest.fixture(scope="module")
 def examples(tokenizer) -> list[TokenizedExample]:
-    """Four conversations of different lengths: three arithmetic ones and a two-turn one with a system turn."""
+    """Four conversations of different lengths: three arithmetic ones, a two-turn one with a system turn."""
     records = synthetic_records("arithmetic", "sft", n=3, seed=0, max_operand=1000)
     conversations = [r["messages"] for r in records] + [[SYSTEM, *MULTI_TURN]]
     return [tokenize_conversation(c, tokenizer, max_length=256) for c in conversations]
@@ -158,6 +158,17 @@ def test_pack_examples_respects_max_length_and_keeps_every_token(examples) -> No
     for row in rows:
         assert all(lab == IGNORE_INDEX for lab, pos in zip(row.labels, row.position_ids, strict=True)
                    if pos == 0)
+
+
+def test_first_label_of_every_example_is_masked() -> None:
+    # Hand-made examples trained on every token (real ones start with bos, which is never trained).
+    # In a packed row, token 8 would otherwise be "predicted" from token 7 of the previous example.
+    examples = [TokenizedExample([5, 6, 7], [5, 6, 7]), TokenizedExample([8, 9], [8, 9])]
+    (row,) = pack_examples(examples, max_length=5)
+    assert row.labels == [IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+    assert row.position_ids == [0, 1, 2, 0, 1]
+    assert [r.labels for r in unpacked_rows(examples)] == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9]]
+    assert len(pack_examples(examples, max_length=4)) == 2  # 3 + 2 tokens do not fit in 4
 
 
 def test_pack_examples_greedy_row_count(examples) -> None:

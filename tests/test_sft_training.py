@@ -21,8 +21,8 @@ from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.spec import LoraSpec, SFTTrainSpec, TinyModelSource
 from rlhf_core.training.checkpoint import STATE_FILE
-from rlhf_core.training.sft import apply_lora, train_sft
-from rlhf_core.training.sft_data import IGNORE_INDEX, tokenize_conversation
+from rlhf_core.training.sft import apply_lora, micro_batches_of_step, plan_steps, train_sft
+from rlhf_core.training.sft_data import IGNORE_INDEX, Row, tokenize_conversation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
@@ -44,7 +44,7 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def train(tiny, tmp_path: Path, cfg: SFTTrainSpec, records: list[dict] = RECORDS, **kwargs):
@@ -82,6 +82,21 @@ def test_one_epoch_trains_every_example_once(tiny, tmp_path) -> None:
     assert result.trained_tokens == expected
 
 
+def test_every_epoch_visits_every_row_once_in_a_new_order() -> None:
+    # 10 rows, 2 per micro-batch, 2 micro-batches per step -> ceil(5 / 2) = 3 steps per epoch, the last
+    # one holding the remaining 2 rows.
+    cfg = SFTTrainSpec(epochs=2, batch_size=2, grad_accum=2)
+    rows = [Row([i], [IGNORE_INDEX], [0]) for i in range(10)]
+    per_epoch, total = plan_steps(len(rows), cfg)
+    assert (per_epoch, total) == (3, 6)
+    plan = sft._Plan(rows, per_epoch, total)
+    epochs = [[row.input_ids[0] for step in range(e * 3, e * 3 + 3)
+               for micro in micro_batches_of_step(plan, cfg, 0, step) for row in micro] for e in (0, 1)]
+    assert all(sorted(order) == list(range(10)) for order in epochs)
+    assert epochs[0] != epochs[1]
+    assert [len(m) for m in micro_batches_of_step(plan, cfg, 0, 2)] == [2]
+
+
 # --- gradient accumulation ------------------------------------------------------------------
 
 
@@ -97,8 +112,10 @@ def test_gradient_accumulation_matches_one_big_batch(tiny, tmp_path) -> None:
     base = dict(max_steps=3, lr=3e-3, packing=False, max_length=128)
     big, _ = train(tiny, tmp_path / "big", SFTTrainSpec(batch_size=8, grad_accum=1, **base), records)
     accumulated, _ = train(tiny, tmp_path / "acc", SFTTrainSpec(batch_size=4, grad_accum=2, **base), records)
-    assert max_abs_diff(weights(accumulated), weights(big)) < 1e-5
-    assert max_abs_diff(weights(big), weights(tiny[0])) > 1e-3  # and the weights did move
+    difference = max_abs_diff(weights(accumulated), weights(big))
+    assert difference < 1e-5
+    moved = max_abs_diff(weights(big), weights(tiny[0]))
+    assert moved > 1e-3  # and the weights did move
 
 
 def test_gradient_accumulation_check_detects_per_micro_batch_means(tiny, tmp_path, monkeypatch) -> None:
@@ -126,7 +143,8 @@ def test_gradient_accumulation_check_detects_per_micro_batch_means(tiny, tmp_pat
     monkeypatch.setattr(sft, "token_loss_sum", per_micro_mean)
     buggy, _ = train(tiny, tmp_path / "buggy", SFTTrainSpec(batch_size=4, grad_accum=2, **base), records)
     assert len(set(label_counts)) > 1  # micro-batches really differ in trained tokens
-    assert max_abs_diff(weights(buggy), weights(big)) > 1e-4
+    difference = max_abs_diff(weights(buggy), weights(big))
+    assert difference > 1e-4
 
 
 # --- LoRA -----------------------------------------------------------------------------------
@@ -187,14 +205,15 @@ def test_resume_after_an_exception_is_exact(tiny, uninterrupted, tmp_path) -> No
 
     fresh_model, tokenizer = build_tiny_model(TINY, seed=0)
     logged: list[tuple[int, dict[str, float]]] = []
-    resumed, result = train_sft(fresh_model, tokenizer, RECORDS, RESUME_CFG, seed=0, checkpoint_dir=checkpoint_dir,
-                                log=lambda m, step: logged.append((step, m)))
+    resumed, result = train_sft(fresh_model, tokenizer, RECORDS, RESUME_CFG, seed=0,
+                                checkpoint_dir=checkpoint_dir, log=lambda m, step: logged.append((step, m)))
     assert result.resumed_from_step == K
     assert logged[0] == (K, {"resumed_from_step": float(K)})
     # Steps K+1..8 see the same data, optimizer, and schedule state as the reference: same losses.
     losses = {step: m["train/loss"] for step, m in logged[1:]}
     assert losses == pytest.approx({s: reference_losses[s] for s in range(K + 1, 9)}, abs=1e-6)
-    assert max_abs_diff(weights(resumed), reference) < 1e-5
+    difference = max_abs_diff(weights(resumed), reference)
+    assert difference < 1e-5
 
 
 RESUME_SCRIPT = """
@@ -226,7 +245,8 @@ else:
     print("ready", flush=True)
     sys.stdin.readline()  # start training only once the interrupted run is dead
     log = None
-trained, result = train_sft(model, tokenizer, records, cfg, seed=0, checkpoint_dir=Path(checkpoint_dir), log=log)
+trained, result = train_sft(model, tokenizer, records, cfg, seed=0, checkpoint_dir=Path(checkpoint_dir),
+                            log=log)
 save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, out)
 print("resumed_from_step", result.resumed_from_step, flush=True)
 """
@@ -279,4 +299,5 @@ def test_resume_after_sigkill_is_exact(tiny, uninterrupted, tmp_path) -> None:
                     process.kill()
     assert resumer.returncode == 0, logs[1].read_text()[-3000:]
     assert out.splitlines()[-1] == f"resumed_from_step {K}"
-    assert max_abs_diff(load_file(final), reference) < 1e-5
+    difference = max_abs_diff(load_file(final), reference)
+    assert difference < 1e-5

@@ -26,7 +26,9 @@ from rlhf_core.data.synthetic import arithmetic_corpus
 from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokenizer
 from rlhf_core.spec import ModelSource, TinyModelSource
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+)
 
 # Words of the chat template and of generic replies, so role markers are not split byte by byte.
 _TEMPLATE_WORDS = ["user\n", "assistant\n", "system\n", "You are a helpful assistant."]

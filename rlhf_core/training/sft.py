@@ -161,7 +161,8 @@ def train_sft(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+    scheduler = get_scheduler(cfg.schedule, optimizer,
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -173,7 +174,8 @@ def train_sft(
     loss_value, input_tokens, trained_tokens = float("nan"), 0, 0
     started = time.perf_counter()
     for step in range(start_step, total_steps):
-        micro = [collate(rows_, tokenizer.pad_token_id) for rows_ in micro_batches_of_step(plan, cfg, seed, step)]
+        micro = [collate(rows_, tokenizer.pad_token_id)
+                 for rows_ in micro_batches_of_step(plan, cfg, seed, step)]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         loss_sum = 0.0
         for batch in micro:

@@ -44,7 +44,8 @@ class TemplateError(ValueError):
     """The chat template renders a conversation in a way masking cannot follow."""
 
 
-def assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase, mask: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase,
+                    mask: str) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return its text and the character spans of the trained assistant turns."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -99,7 +100,8 @@ def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row
 
 
 def unpacked_rows(examples: list[TokenizedExample]) -> list[Row]:
-    return [Row(ex.input_ids, [IGNORE_INDEX, *ex.labels[1:]], list(range(len(ex.input_ids)))) for ex in examples]
+    return [Row(ex.input_ids, [IGNORE_INDEX, *ex.labels[1:]], list(range(len(ex.input_ids))))
+            for ex in examples]
 
 
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,84 @@
+"""Exact resume through the real command: SIGKILL ``rlhf run`` mid-SFT, run it again, compare weights.
+
+Home A runs the pipeline uninterrupted. Home B runs the same spec, is killed with SIGKILL once an SFT
+checkpoint exists, and is run again with the same command: it must say the stage resumed, and its
+final weights must match home A's to within 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.e2e
+
+
+def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
+    tiny_spec_dict["name"] = "resume"
+    tiny_spec_dict["stages"]["sft"]["train"].update(max_steps=100, checkpoint_every=10, log_every=10,
+                                                    batch_size=16)
+    del tiny_spec_dict["stages"]["eval"]
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict))
+    return path
+
+
+def _rlhf(spec: Path, home: Path, api_url: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+
+
+def _env(api_url: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
+
+
+def _final_weights(home: Path) -> dict:
+    (model_dir,) = (home / "work").glob("sft-*/model")
+    return load_file(model_dir / "model.safetensors")
+
+
+def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list((home / "work").glob("sft-*/checkpoints/step-*/trainer_state.json"))
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            pytest.fail(f"rlhf run exited ({proc.returncode}) before writing an SFT checkpoint")
+        time.sleep(0.02)
+    pytest.fail("no SFT checkpoint appeared in time")
+
+
+def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(tmp_path, tiny_spec_dict, prefect_api_url):
+    spec = _spec(tmp_path, tiny_spec_dict)
+    env = _env(prefect_api_url)
+    cwd = Path(__file__).resolve().parents[1]
+
+    home_a = tmp_path / "uninterrupted"
+    subprocess.run(_rlhf(spec, home_a, prefect_api_url), env=env, cwd=cwd, check=True, capture_output=True)
+
+    home_b = tmp_path / "killed"
+    proc = subprocess.Popen(_rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = _wait_for_checkpoint(home_b, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((home_b / "work").glob("sft-*/model")), "killed before the end, no final model"
+
+    rerun = subprocess.run(_rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming interrupted run" in rerun.stdout + rerun.stderr
+    assert "resumed" in rerun.stdout
+    assert "resumed_from_step" in rerun.stdout, f"checkpoint seen: {checkpoint}"
+
+    a, b = _final_weights(home_a), _final_weights(home_b)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-5, f"max abs weight difference {worst}"

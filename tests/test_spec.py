@@ -1,0 +1,142 @@
+"""Spec validation: every error names the stage and field path and says what was expected."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_core.spec import SpecError, apply_override, load_spec, parse_spec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _problems(raw: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    return info.value.problems
+
+
+def test_quickstart_recipe_is_valid():
+    spec = load_spec(REPO_ROOT / "recipes" / "quickstart.yaml")
+    assert spec.topological_order() == ["data", "sft", "eval"]
+    assert spec.dependencies("eval") == ["base", "sft", "data"]
+
+
+def test_unknown_field_and_wrong_type_name_stage_and_path(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["train"].update(lr="fast", bogus=1)
+    problems = _problems(tiny_spec_dict)
+    assert any(p.startswith("stage 'sft', field train.lr:") and "number" in p for p in problems)
+    assert any(p.startswith("stage 'sft', field train.bogus:") and "not permitted" in p for p in problems)
+
+
+def test_unknown_stage_kind(tiny_spec_dict):
+    tiny_spec_dict["stages"]["data"]["kind"] = "collect"
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("stage 'data'") and "'collect'" in problem and "'sft'" in problem
+
+
+def test_unknown_reference_lists_known_names(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["model"] = "bsae"
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("stage 'sft', field model: unknown reference 'bsae'")
+    assert "base" in problem and "data" in problem
+
+
+def test_reference_of_the_wrong_type(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["model"] = "data.sft"
+    tiny_spec_dict["stages"]["eval"]["prompts"] = "data.sft"
+    problems = _problems(tiny_spec_dict)
+    assert "stage 'sft', field model: 'data.sft' is an sft dataset, expected a model" in problems
+    assert "stage 'eval', field prompts: 'data.sft' is an sft dataset, expected a prompts dataset" in problems
+
+
+def test_unknown_output_and_ambiguous_reference(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["data"] = "data.chat"
+    tiny_spec_dict["stages"]["eval"]["data"] = "data"
+    problems = _problems(tiny_spec_dict)
+    assert any("field data: stage 'data' has no output 'chat'" in p for p in problems)
+    assert any("'data' has several outputs" in p and "data.sft" in p for p in problems)
+
+
+def test_cycle_is_reported_with_its_path(tiny_spec_dict):
+    stages = tiny_spec_dict["stages"]
+    stages["sft2"] = {"kind": "sft", "model": "sft3", "data": "data.sft"}
+    stages["sft3"] = {"kind": "sft", "model": "sft2", "data": "data.sft"}
+    (problem,) = _problems(tiny_spec_dict)
+    assert "dependency cycle" in problem and "sft2 -> sft3 -> sft2" in problem
+
+
+def test_self_reference(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["model"] = "sft"
+    (problem,) = _problems(tiny_spec_dict)
+    assert "cannot refer to itself" in problem
+
+
+def test_model_source_needs_exactly_one_kind(tiny_spec_dict):
+    tiny_spec_dict["models"]["base"] = {"path": "/x", "hub": "org/name"}
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("model 'base'") and "exactly one of tiny, path or hub" in problem
+
+
+def test_splits_must_sum_to_one(tiny_spec_dict):
+    tiny_spec_dict["stages"]["data"]["splits"] = {"train": 0.8, "eval": 0.1}
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("stage 'data'") and "sum to 1" in problem
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tiny_spec_dict):
+    raw = copy.deepcopy(tiny_spec_dict)
+    apply_override(raw, "stages.sft.train.lr=1e-4")
+    apply_override(raw, "stages.eval.models=[sft]")
+    spec = parse_spec(raw)
+    assert spec.stages["sft"].train.lr == 1e-4
+    assert spec.stages["eval"].models == ("sft",)
+    apply_override(raw, "stages.sft.train.epochs=zero")
+    assert any("train.epochs" in p for p in _problems(raw))
+    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
+        apply_override(raw, "no-equals-sign")
+
+
+def test_relative_paths_resolve_against_the_spec_file(tmp_path, tiny_spec_dict):
+    tiny_spec_dict["stages"]["data"]["source"] = {"file": {"path": "rows.jsonl", "format": "sft"}}
+    tiny_spec_dict["stages"]["eval"].pop("prompts")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
+    spec = load_spec(tmp_path / "p.yaml")
+    assert spec.stages["data"].source.file.path == str(tmp_path / "rows.jsonl")
+
+
+def test_downstream_and_topological_order(tiny_spec_dict):
+    spec = parse_spec(tiny_spec_dict)
+    assert spec.downstream_of("data") == {"data", "sft", "eval"}
+    assert spec.downstream_of("sft") == {"sft", "eval"}
+    assert spec.downstream_of("base") == {"base", "sft", "eval"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120)
+
+
+def test_cli_validate_ok_and_errors_exit_nonzero(tmp_path, tiny_spec_dict):
+    ok = _cli("validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"))
+    assert ok.returncode == 0 and "data -> sft -> eval" in ok.stdout
+    bad = _cli("validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"), "--set", "stages.sft.model=data.prompts")
+    assert bad.returncode == 2
+    assert "stage 'sft', field model: 'data.prompts' is a prompts dataset, expected a model" in bad.stderr
+
+
+def test_cli_validate_checks_data_file_columns(tmp_path, tiny_spec_dict):
+    (tmp_path / "rows.jsonl").write_text('{"question": "q", "good": "a", "bad": "b"}\n')
+    tiny_spec_dict["stages"]["data"]["source"] = {"file": {"path": "rows.jsonl", "format": "preference",
+                                                           "columns": {"chosen": "good", "rejected": "bad"}}}
+    del tiny_spec_dict["stages"]["sft"], tiny_spec_dict["stages"]["eval"]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
+    result = _cli("validate", str(tmp_path / "p.yaml"))
+    assert result.returncode == 2
+    assert "stage 'data', field source.file" in result.stderr and "prompt" in result.stderr
+    assert not (tmp_path / ".rlhf").exists()

@@ -1,0 +1,96 @@
+"""Fingerprints and the stage life cycle (cache record in MLflow, lock against concurrent training)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from rlhf_core.fingerprint import PACKAGE_ROOT, code_digest, stage_fingerprint
+from rlhf_core.refs import DatasetRef
+from rlhf_core.spec import SFTTrainSpec
+
+
+def test_code_digest_changes_when_any_rlhf_core_file_changes(tmp_path):
+    copy = tmp_path / "rlhf_core"
+    shutil.copytree(PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(copy)
+    assert before == code_digest.__wrapped__(PACKAGE_ROOT)  # same files, same digest
+    loss_file = copy / "training" / "sft.py"
+    loss_file.write_text(loss_file.read_text() + "\n# a changed loss\n")
+    assert code_digest.__wrapped__(copy) != before
+
+
+def test_fingerprint_depends_on_config_inputs_and_seed():
+    cfg = SFTTrainSpec()
+    base = stage_fingerprint("sft", cfg, {"data": "d1"}, seed=0)
+    assert base == stage_fingerprint("sft", SFTTrainSpec(), {"data": "d1"}, seed=0)
+    assert base != stage_fingerprint("sft", SFTTrainSpec(lr=1e-4), {"data": "d1"}, seed=0)
+    assert base != stage_fingerprint("sft", cfg, {"data": "d2"}, seed=0)
+    assert base != stage_fingerprint("sft", cfg, {"data": "d1"}, seed=1)
+    assert base != stage_fingerprint("dataset", cfg, {"data": "d1"}, seed=0)
+
+
+@pytest.fixture
+def run_context(tmp_path):
+    from registry import tracking
+    from rlhf_core.settings import RLHFSettings
+    from tasks.stage_execution import RunContext
+
+    settings = RLHFSettings(home=tmp_path / "home")
+    tracking.configure(settings)
+    experiment = tracking.ensure_experiment("locks", settings)
+    parent = tracking.start_pipeline_run(experiment, "locks", {})
+    return RunContext(pipeline="locks", experiment_id=experiment, parent_run_id=parent,
+                      home=str(settings.resolved_home()))
+
+
+def _ref(stage: str) -> DatasetRef:
+    return DatasetRef(uri="/nowhere", digest="abc", kind="sft", splits={"train": 1}, columns=("messages",),
+                      stage=stage)
+
+
+def test_concurrent_identical_stages_train_once(run_context):
+    """Two runs of one fingerprint at once: one computes, the other waits on the lock and gets a cache hit."""
+    from tasks.stage_execution import execute_stage
+
+    calls = []
+
+    def body(run):
+        calls.append(run.run_id)
+        time.sleep(1.0)
+        return {"out": _ref("s")}
+
+    results = []
+
+    def worker():
+        results.append(execute_stage(run_context, "s", "dataset", "f" * 64, {"x": 1}, {}, body))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(r.status for r in results) == ["cached", "ran"]
+    assert results[0].run_id == results[1].run_id == calls[0]
+
+
+def test_failed_stage_records_no_output_and_is_not_cached(run_context):
+    from registry import stage_cache, tracking
+    from tasks.stage_execution import execute_stage
+
+    def failing(run):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        execute_stage(run_context, "s", "dataset", "e" * 64, {}, {}, failing)
+    assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64) is None
+    failed = stage_cache.find_interrupted_run(run_context.experiment_id, "e" * 64)
+    assert tracking.client().get_run(failed).info.status == "FAILED"
+
+    outcome = execute_stage(run_context, "s", "dataset", "e" * 64, {}, {}, lambda run: {"out": _ref("s")})
+    assert outcome.status == "ran"
+    assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64).run_id == outcome.run_id
