@@ -27,12 +27,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from machine_load import run_timed, wait_for_quiet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,6 +69,7 @@ class RunResult:
     rss_before_train_mib: float
     final_loss: float
     torch_threads: int
+    background_cores: float = 0.0  # set by the driver: CPU used by other processes during the run
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -99,18 +101,35 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
 
     model, tokenizer = load_model(str(model_dir))
     cfg = SFTTrainSpec(
-        max_steps=s.steps, lr=s.lr, weight_decay=0.0, batch_size=s.batch_size, grad_accum=s.grad_accum,
-        warmup_ratio=s.warmup_ratio, schedule="linear", max_grad_norm=1.0, max_length=s.max_length,
-        packing=packed, mask="all_assistant",
-        checkpoint_every=s.steps, log_every=s.steps,  # no checkpoint inside the timed loop
+        max_steps=s.steps,
+        lr=s.lr,
+        weight_decay=0.0,
+        batch_size=s.batch_size,
+        grad_accum=s.grad_accum,
+        warmup_ratio=s.warmup_ratio,
+        schedule="linear",
+        max_grad_norm=1.0,
+        max_length=s.max_length,
+        packing=packed,
+        mask="all_assistant",
+        checkpoint_every=s.steps,
+        log_every=s.steps,  # no checkpoint inside the timed loop
     )
     records = load_records(s)
     rss_before = current_rss_mib()
     with tempfile.TemporaryDirectory() as ckpt:
         _, result = train_sft(model, tokenizer, records, cfg, seed=s.seed, checkpoint_dir=Path(ckpt))
-    return RunResult("ours", "packed" if packed else "unpacked", result.input_tokens, result.seconds,
-                     result.tokens_per_second, peak_rss_mib(), rss_before, result.final_loss,
-                     torch.get_num_threads())
+    return RunResult(
+        "ours",
+        "packed" if packed else "unpacked",
+        result.input_tokens,
+        result.seconds,
+        result.tokens_per_second,
+        peak_rss_mib(),
+        rss_before,
+        result.final_loss,
+        torch.get_num_threads(),
+    )
 
 
 def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
@@ -149,25 +168,58 @@ def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
     rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in load_records(s)]
     out_dir = tempfile.mkdtemp(prefix="trl-bench-")
     args = SFTConfig(
-        output_dir=out_dir, seed=s.seed, use_cpu=True,
-        max_steps=s.steps, per_device_train_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
-        learning_rate=s.lr, weight_decay=0.0, optim="adamw_torch", lr_scheduler_type="linear",
-        warmup_steps=math.ceil(s.warmup_ratio * s.steps), max_grad_norm=1.0,
-        bf16=False, fp16=False, activation_checkpointing=False, gradient_checkpointing=False,
-        max_length=s.max_length, packing=packed, packing_strategy="bfd",  # bfd => padding-free batches
-        completion_only_loss=True, assistant_only_loss=False,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0, dataloader_pin_memory=False, torch_compile=False,
+        output_dir=out_dir,
+        seed=s.seed,
+        use_cpu=True,
+        max_steps=s.steps,
+        per_device_train_batch_size=s.batch_size,
+        gradient_accumulation_steps=s.grad_accum,
+        learning_rate=s.lr,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        warmup_steps=math.ceil(s.warmup_ratio * s.steps),
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=False,
+        gradient_checkpointing=False,
+        max_length=s.max_length,
+        packing=packed,
+        packing_strategy="bfd",  # bfd => padding-free batches
+        completion_only_loss=True,
+        assistant_only_loss=False,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        torch_compile=False,
     )
     timer = LoopTimer()
-    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                 processing_class=tokenizer, callbacks=[timer])
+    trainer = CountingSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
     rss_before = current_rss_mib()
     output = trainer.train()
     seconds = timer.end - timer.start
-    return RunResult("trl", "packed" if packed else "unpacked", trainer.input_tokens, seconds,
-                     trainer.input_tokens / seconds, peak_rss_mib(), rss_before, float(output.training_loss),
-                     torch.get_num_threads())
+    return RunResult(
+        "trl",
+        "packed" if packed else "unpacked",
+        trainer.input_tokens,
+        seconds,
+        trainer.input_tokens / seconds,
+        peak_rss_mib(),
+        rss_before,
+        float(output.training_loss),
+        torch.get_num_threads(),
+    )
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -185,19 +237,47 @@ def save_shared_model(directory: Path) -> Path:
     from rlhf_core.modeling.models import build_tiny_model, save_model
     from rlhf_core.spec import TinyModelSource
 
-    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=128, layers=2, heads=4, vocab_size=512), seed=0)
+    model, tokenizer = build_tiny_model(
+        TinyModelSource(hidden_size=128, layers=2, heads=4, vocab_size=512), seed=0
+    )
     return save_model(model, tokenizer, directory / "tiny")
 
 
 def run_worker(contender: str, mode: str, model_dir: Path, settings: BenchSettings) -> RunResult:
-    """One contender in a fresh subprocess; returns what it measured."""
-    cmd = [sys.executable, __file__, "--worker", contender, "--mode", mode, "--model-dir", str(model_dir),
-           "--settings", json.dumps(asdict(settings))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender}/{mode} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX):]))
+    """One contender in a fresh subprocess; returns what it measured and how busy the rest of the box was."""
+    flags = {"--worker": contender, "--mode": mode, "--model-dir": str(model_dir)}
+    flags["--settings"] = json.dumps(asdict(settings))
+    cmd = [sys.executable, __file__, *(part for flag in flags.items() for part in flag)]
+    timed = run_timed(cmd)
+    lines = [ln for ln in timed.proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if timed.proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"{contender}/{mode} worker failed (rc={timed.proc.returncode}):\n{timed.proc.stderr[-4000:]}"
+        )
+    measured = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    return RunResult(**{**measured, "background_cores": timed.background_cores})
+
+
+def run_quiet(
+    contender: str,
+    mode: str,
+    model_dir: Path,
+    settings: BenchSettings,
+    args: argparse.Namespace,
+    discarded: list[RunResult],
+) -> RunResult:
+    """Run once the box is quiet; redo a run that other processes disturbed (kept aside as discarded)."""
+    for _ in range(args.retries + 1):
+        wait_for_quiet(args.quiet_percent, args.quiet_timeout)
+        result = run_worker(contender, mode, model_dir, settings)
+        if result.background_cores <= args.max_background:
+            return result
+        print(
+            f"    discarded {contender}/{mode}: other processes used {result.background_cores:.2f} cores",
+            flush=True,
+        )
+        discarded.append(result)
+    return result  # still disturbed after all retries: keep it, it is flagged by background_cores
 
 
 def summarize(runs: list[RunResult]) -> dict[str, dict]:
@@ -216,6 +296,7 @@ def summarize(runs: list[RunResult]) -> dict[str, dict]:
                 "median_seconds": statistics.median(r.seconds for r in rs),
                 "median_tokens": statistics.median(r.tokens for r in rs),
                 "repeats": len(rs),
+                "max_background_cores": max(r.background_cores for r in rs),
             }
         speedup = per["ours"]["median_tokens_per_second"] / per["trl"]["median_tokens_per_second"]
         rss_ratio = per["ours"]["median_peak_rss_mib"] / per["trl"]["median_peak_rss_mib"]
@@ -227,7 +308,10 @@ def summarize(runs: list[RunResult]) -> dict[str, dict]:
 
 
 def print_table(summary: dict[str, dict]) -> None:
-    header = f"{'mode':9} {'contender':9} {'tok/s median':>12} {'(min-max)':>17} {'peak RSS MiB':>12} {'loop s':>7}"
+    header = (
+        f"{'mode':9} {'contender':9} {'tok/s median':>12} {'(min-max)':>17} "
+        f"{'peak RSS MiB':>12} {'loop s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for mode in MODES:
@@ -236,11 +320,16 @@ def print_table(summary: dict[str, dict]) -> None:
         for c in CONTENDERS:
             m = summary[mode][c]
             spread = f"{m['min_tokens_per_second']:.0f}-{m['max_tokens_per_second']:.0f}"
-            print(f"{mode:9} {c:9} {m['median_tokens_per_second']:12.0f} {spread:>17} "
-                  f"{m['median_peak_rss_mib']:12.0f} {m['median_seconds']:7.2f}")
+            print(
+                f"{mode:9} {c:9} {m['median_tokens_per_second']:12.0f} {spread:>17} "
+                f"{m['median_peak_rss_mib']:12.0f} {m['median_seconds']:7.2f}"
+            )
         s = summary[mode]
-        print(f"{mode:9} ours/TRL  speed x{s['speedup_ours_over_trl']:.2f}, peak RSS x{s['peak_rss_ratio_ours_over_trl']:.2f}"
-              f" -> target (>=1.3x speed, <=1.0x RSS) {'MET' if s['target_met'] else 'NOT MET'}")
+        print(
+            f"{mode:9} ours/TRL  speed x{s['speedup_ours_over_trl']:.2f}, "
+            f"peak RSS x{s['peak_rss_ratio_ours_over_trl']:.2f}"
+            f" -> target (>=1.3x speed, <=1.0x RSS) {'MET' if s['target_met'] else 'NOT MET'}"
+        )
 
 
 def versions() -> dict[str, str]:
@@ -250,27 +339,44 @@ def versions() -> dict[str, str]:
 
 
 def driver_main(args: argparse.Namespace) -> None:
-    settings = BenchSettings(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             max_length=args.max_length, lr=args.lr, warmup_ratio=args.warmup_ratio,
-                             n_records=args.n_records, seed=0)
+    settings = BenchSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
+        n_records=args.n_records,
+        seed=0,
+    )
     runs: list[RunResult] = []
+    discarded: list[RunResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_shared_model(Path(tmp))
         for i in range(args.repeats):
             order = CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]  # flip the order every repeat
             for mode in args.modes:
                 for contender in order:
-                    r = run_worker(contender, mode, model_dir, settings)
+                    r = run_quiet(contender, mode, model_dir, settings, args, discarded)
                     runs.append(r)
-                    print(f"[{i + 1}/{args.repeats}] {mode:8} {contender:4} {r.tokens_per_second:8.0f} tok/s "
-                          f"{r.tokens:7d} tok {r.seconds:6.2f} s  peak {r.peak_rss_mib:5.0f} MiB  "
-                          f"loss {r.final_loss:.3f}", flush=True)
+                    print(
+                        f"[{i + 1}/{args.repeats}] {mode:8} {contender:4} {r.tokens_per_second:8.0f} tok/s "
+                        f"{r.tokens:7d} tok {r.seconds:6.2f} s  peak {r.peak_rss_mib:5.0f} MiB  "
+                        f"loss {r.final_loss:.3f}  background {r.background_cores:.2f} cores",
+                        flush=True,
+                    )
     summary = summarize(runs)
     print()
     print_table(summary)
-    report = {"settings": asdict(settings), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "versions": versions(), "summary": summary, "runs": [asdict(r) for r in runs],
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    report = {
+        "settings": asdict(settings),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions(),
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+        "discarded_runs": [asdict(r) for r in discarded],
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
@@ -281,12 +387,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="Runs per contender and mode.")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--steps", type=int, default=100, help="Optimizer steps (timed).")
-    p.add_argument("--batch-size", type=int, default=8, help="Rows per micro-batch (packed rows when packing).")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="Rows per micro-batch (packed rows when packing)."
+    )
     p.add_argument("--grad-accum", type=int, default=2, help="Micro-batches per optimizer step.")
     p.add_argument("--max-length", type=int, default=128, help="Max tokens per example / packed row.")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--n-records", type=int, default=6000, help="Conversations (enough for one packed epoch).")
+    p.add_argument(
+        "--quiet-percent",
+        type=float,
+        default=15.0,
+        help="Start a run only once total CPU use stays below this percent for 3 s.",
+    )
+    p.add_argument("--quiet-timeout", type=float, default=900.0, help="Give up waiting for quiet after this.")
+    p.add_argument(
+        "--max-background",
+        type=float,
+        default=0.15,
+        help="Redo a run when other processes used more than this many cores during it.",
+    )
+    p.add_argument("--retries", type=int, default=3, help="Redos of a disturbed run before keeping it.")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sft_throughput.json")
     # internal: run one contender in this process
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)

@@ -33,6 +33,16 @@ RESUME_CFG = SFTTrainSpec(max_steps=8, checkpoint_every=3, log_every=1, batch_si
 K = RESUME_CFG.checkpoint_every
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads waiting
+    on each other make these tests ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny_model(TINY, seed=0)
@@ -183,11 +193,12 @@ class Interrupted(Exception):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
     """Reference run: RESUME_CFG trained start to finish; (final weights, {step: logged loss})."""
-    losses: dict[int, float] = {}
+    logged: dict[int, dict[str, float]] = {}
     trained, result = train(tiny, tmp_path_factory.mktemp("uninterrupted"), RESUME_CFG,
-                            log=lambda m, step: losses.__setitem__(step, m["train/loss"]))
-    assert result.resumed_from_step == 0 and sorted(losses) == list(range(1, 9))
-    return weights(trained), losses
+                            log=lambda m, step: logged.__setitem__(step, m))
+    assert result.resumed_from_step == 0 and sorted(logged) == list(range(1, 9))
+    assert logged[4]["train/epoch"] == 1.0  # the 4-steps-per-epoch derivation above RESUME_CFG
+    return weights(trained), {step: m["train/loss"] for step, m in logged.items()}
 
 
 def test_resume_after_an_exception_is_exact(tiny, uninterrupted, tmp_path) -> None:
@@ -269,7 +280,7 @@ def test_resume_after_sigkill_is_exact(tiny, uninterrupted, tmp_path) -> None:
     script = tmp_path / "run_sft.py"
     script.write_text(RESUME_SCRIPT)
     checkpoint_dir, marker, final = tmp_path / "ckpt", tmp_path / "blocked", tmp_path / "final.safetensors"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     args = [str(model_dir), str(checkpoint_dir)]
     logs = [tmp_path / "interrupted.log", tmp_path / "resumed.log"]
     with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
