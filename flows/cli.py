@@ -17,8 +17,11 @@ from rich.table import Table
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 from rlhf_core.spec import PipelineSpec, SpecError, load_spec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Declarative RLHF pipelines: one YAML spec, Prefect flows, MLflow lineage.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Declarative RLHF pipelines: one YAML spec, Prefect flows, MLflow lineage.",
+)
 # Wide enough for run ids and metrics when output is not a terminal (CI logs, files).
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -27,9 +30,14 @@ def _error(message: str) -> None:
     """Errors go to stderr unwrapped, so every line keeps its stage and field path intact."""
     typer.secho(message, err=True, fg="red")
 
+
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML).", exists=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec field: a.b.c=value (repeatable).")]
-ForceOpt = Annotated[list[str] | None, typer.Option("--force", help="Re-run this stage and all downstream (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a spec field: a.b.c=value (repeatable).")
+]
+ForceOpt = Annotated[
+    list[str] | None, typer.Option("--force", help="Re-run this stage and all downstream (repeatable).")
+]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")]
 
 
@@ -57,7 +65,9 @@ def _check_sources(spec: PipelineSpec) -> None:
         source = getattr(stage, "source", None)
         if source is not None and source.file is not None:
             try:
-                load_records(source.file.path, fmt=source.file.format, column_map=source.file.columns, limit=1)
+                load_records(
+                    source.file.path, fmt=source.file.format, column_map=source.file.columns, limit=1
+                )
             except (DataValidationError, OSError, ValueError) as exc:
                 problems.append(f"stage '{name}', field source.file: {exc}")
     if problems:
@@ -70,8 +80,10 @@ def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
     """Check a spec (fields, types, references, cycles, data columns) without running anything."""
     spec = _load(spec_path, set_)
     _check_sources(spec)
-    console.print(f"[green]ok[/green]: pipeline '{spec.name}', {len(spec.models)} model(s), "
-                  f"{len(spec.stages)} stage(s): {' -> '.join(spec.topological_order())}")
+    console.print(
+        f"[green]ok[/green]: pipeline '{spec.name}', {len(spec.models)} model(s), "
+        f"{len(spec.stages)} stage(s): {' -> '.join(spec.topological_order())}"
+    )
 
 
 @app.command()
@@ -119,12 +131,17 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
         table.add_column(column, overflow="fold")
     for o in outcomes:
         metrics = "\n".join(f"{k}={v:.4g}" for k, v in o.metrics.items())
-        status = {"ran": "[green]ran[/green]", "resumed": "[yellow]resumed[/yellow]",
-                  "cached": "[cyan]cached[/cyan]"}.get(o.status, o.status)
+        status = {
+            "ran": "[green]ran[/green]",
+            "resumed": "[yellow]resumed[/yellow]",
+            "cached": "[cyan]cached[/cyan]",
+        }.get(o.status, o.status)
         table.add_row(o.stage, o.kind, status, metrics, o.run_id, o.registered or "")
     console.print(table)
-    console.print(f"MLflow store: {settings.resolved_tracking_uri()}  (UI: mlflow ui --backend-store-uri "
-                  f"{settings.resolved_tracking_uri()})")
+    console.print(
+        f"MLflow store: {settings.resolved_tracking_uri()}  (UI: mlflow ui --backend-store-uri "
+        f"{settings.resolved_tracking_uri()})"
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -29,7 +29,9 @@ from tasks.train_sft import train_sft
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def run_pipeline(spec: PipelineSpec, force: list[str] | None = None, home: str = ".rlhf") -> list[StageOutcome]:
+def run_pipeline(
+    spec: PipelineSpec, force: list[str] | None = None, home: str = ".rlhf"
+) -> list[StageOutcome]:
     """Run every stage of ``spec``; stages whose fingerprint is already in MLflow are taken from cache.
 
     ``force`` names stages (or models) to re-run together with everything downstream of them.
@@ -38,14 +40,26 @@ def run_pipeline(spec: PipelineSpec, force: list[str] | None = None, home: str =
     tracking.configure(settings)
     experiment_id = tracking.ensure_experiment(spec.name, settings)
     commit = tracking.git_commit()
-    parent = tracking.start_pipeline_run(experiment_id, spec.name, {
-        "prefect.flow_run_id": str(flow_run.get_id() or ""), "rlhf.spec_digest": spec.digest(),
-        "rlhf.git_commit": commit,
-    })
-    tracking.log_text(parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "resolved_spec.yaml")
-    ctx = RunContext(pipeline=spec.name, experiment_id=experiment_id, parent_run_id=parent,
-                     home=str(settings.resolved_home()), git_commit=commit,
-                     forced=tuple(sorted(forced_stages(spec, force or []))))
+    parent = tracking.start_pipeline_run(
+        experiment_id,
+        spec.name,
+        {
+            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "rlhf.spec_digest": spec.digest(),
+            "rlhf.git_commit": commit,
+        },
+    )
+    tracking.log_text(
+        parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "resolved_spec.yaml"
+    )
+    ctx = RunContext(
+        pipeline=spec.name,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        home=str(settings.resolved_home()),
+        git_commit=commit,
+        forced=tuple(sorted(forced_stages(spec, force or []))),
+    )
     outcomes: list[StageOutcome] = []
     try:
         outputs: dict[str, dict[str, StageOutput]] = {}
@@ -65,20 +79,33 @@ def run_pipeline(spec: PipelineSpec, force: list[str] | None = None, home: str =
     return outcomes
 
 
-def run_stage(ctx: RunContext, spec: PipelineSpec, name: str,
-              outputs: dict[str, dict[str, StageOutput]]) -> StageOutcome:
+def run_stage(
+    ctx: RunContext, spec: PipelineSpec, name: str, outputs: dict[str, dict[str, StageOutput]]
+) -> StageOutcome:
     """Call the task of a stage's kind with its inputs resolved to refs."""
     stage = spec.stages[name]
     seed = spec.stage_seed(name)
     if isinstance(stage, DatasetStage):
         return build_dataset(ctx, name, stage, seed)
     if isinstance(stage, SFTStage):
-        return train_sft(ctx, name, stage, seed, model=resolve_ref(stage.model, outputs),
-                         data=resolve_ref(stage.data, outputs))
+        return train_sft(
+            ctx,
+            name,
+            stage,
+            seed,
+            model=resolve_ref(stage.model, outputs),
+            data=resolve_ref(stage.data, outputs),
+        )
     if isinstance(stage, EvaluateStage):
-        return evaluate_models(ctx, name, stage, seed, models={m: resolve_ref(m, outputs) for m in stage.models},
-                               data=resolve_ref(stage.data, outputs) if stage.data else None,
-                               prompts=resolve_ref(stage.prompts, outputs) if stage.prompts else None)
+        return evaluate_models(
+            ctx,
+            name,
+            stage,
+            seed,
+            models={m: resolve_ref(m, outputs) for m in stage.models},
+            data=resolve_ref(stage.data, outputs) if stage.data else None,
+            prompts=resolve_ref(stage.prompts, outputs) if stage.prompts else None,
+        )
     raise TypeError(f"stage '{name}': no task for kind {stage.kind!r}")
 
 

@@ -69,8 +69,9 @@ def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, Sta
         if isinstance(stage, SFTStage):
             return sft_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
         if isinstance(stage, EvaluateStage):
-            return evaluate_fingerprint(stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data),
-                                        ref(stage.prompts))
+            return evaluate_fingerprint(
+                stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data), ref(stage.prompts)
+            )
     except LookupError:
         return None
     raise TypeError(f"stage '{name}': no fingerprint for kind {stage.kind!r}")

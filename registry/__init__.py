@@ -1,4 +1,4 @@
-"""Everything MLflow: runs, params, metrics, artifacts, dataset inputs, the Model Registry and the stage cache.
+"""Everything MLflow: runs, metrics, artifacts, dataset inputs, the Model Registry and the stage cache.
 
 This is the only package that imports mlflow.
 """

@@ -24,9 +24,12 @@ def log_dataset_input(run_id: str, ref: DatasetRef, context: str) -> None:
         source = resolve_dataset_source(uri)
     dataset = MetaDataset(source=source, name=f"{ref.stage}.{ref.kind}", digest=ref.digest[:16])
     entity = dataset._to_mlflow_entity()
-    client().log_inputs(run_id, datasets=[
-        mlflow.entities.DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])
-    ])
+    client().log_inputs(
+        run_id,
+        datasets=[
+            mlflow.entities.DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])
+        ],
+    )
 
 
 def materialize_dataset(ref: DatasetRef, cache_dir: Path) -> Path:

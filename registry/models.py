@@ -30,8 +30,9 @@ PIP_REQUIREMENTS = [
 ]
 
 
-def log_and_register_model(run_id: str, model, tokenizer, registered_name: str,
-                           lineage: dict[str, str]) -> tuple[str, str]:
+def log_and_register_model(
+    run_id: str, model, tokenizer, registered_name: str, lineage: dict[str, str]
+) -> tuple[str, str]:
     """Log ``model`` in the stage run, register a new version tagged with ``lineage``, alias it ``candidate``.
 
     Returns (logged model URI ``models:/m-...``, registered version).
@@ -42,8 +43,11 @@ def log_and_register_model(run_id: str, model, tokenizer, registered_name: str,
     with activate_stage_run(run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = mlflow.transformers.log_model(
-            pipeline, name="model", pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=registered_name, await_registration_for=60,
+            pipeline,
+            name="model",
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_name,
+            await_registration_for=60,
         )
     version = str(info.registered_model_version)
     c = client()

@@ -47,18 +47,25 @@ def ensure_experiment(name: str, settings: RLHFSettings) -> str:
 def git_commit(cwd: Path | None = None) -> str:
     """Commit of the working tree the pipeline runs from ('unknown' outside git); '+dirty' if modified."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def start_pipeline_run(experiment_id: str, spec_name: str, tags: dict[str, str]) -> str:
-    run = client().create_run(experiment_id, run_name=f"{spec_name}-pipeline",
-                              tags={"rlhf.run_type": "pipeline", **tags})
+    run = client().create_run(
+        experiment_id, run_name=f"{spec_name}-pipeline", tags={"rlhf.run_type": "pipeline", **tags}
+    )
     return run.info.run_id
 
 
@@ -120,7 +127,9 @@ def log_artifacts(run_id: str, local_dir: Path, artifact_path: str) -> str:
 
 def log_table(run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
     if rows:
-        client().log_table(run_id, data={k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file=artifact_file)
+        client().log_table(
+            run_id, data={k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file=artifact_file
+        )
 
 
 @contextmanager

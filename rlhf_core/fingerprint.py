@@ -47,8 +47,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def stage_fingerprint(kind: str, config: BaseModel | dict[str, Any], input_digests: dict[str, str],
-                      seed: int) -> str:
+def stage_fingerprint(
+    kind: str, config: BaseModel | dict[str, Any], input_digests: dict[str, str], seed: int
+) -> str:
     """Fingerprint of one stage. ``input_digests`` maps input field -> content digest of the ref."""
     payload = {
         "schema": FINGERPRINT_SCHEMA,
@@ -90,7 +91,9 @@ def sft_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
     return stage_fingerprint("sft", stage, input_digests({"model": model, "data": data}), seed)
 
 
-def evaluate_fingerprint(stage: Any, seed: int, models: dict[str, Any], data: Any | None, prompts: Any | None) -> str:
+def evaluate_fingerprint(
+    stage: Any, seed: int, models: dict[str, Any], data: Any | None, prompts: Any | None
+) -> str:
     inputs = {f"model:{name}": ref for name, ref in models.items()}
     inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
     return stage_fingerprint("evaluate", stage, input_digests(inputs), seed)

@@ -45,8 +45,11 @@ class RLHFSettings(BaseSettings):
         return self.home.expanduser().resolve()
 
     def resolved_tracking_uri(self) -> str:
-        return (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{self.resolved_home() / 'mlflow.db'}")
+        return (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{self.resolved_home() / 'mlflow.db'}"
+        )
 
     def resolved_artifact_location(self) -> str:
         return self.artifact_location or (self.resolved_home() / "mlartifacts").as_uri()

@@ -44,7 +44,9 @@ class TinyModelSource(Strict):
     heads: int = Field(default=4, ge=1, description="Attention heads (hidden_size must divide by it).")
     intermediate_size: int | None = Field(default=None, description="MLP width; default 4 * hidden_size.")
     vocab_size: int = Field(default=512, ge=300, description="Size of the locally trained BPE vocabulary.")
-    max_position_embeddings: int = Field(default=512, ge=16, description="Longest sequence the model accepts.")
+    max_position_embeddings: int = Field(
+        default=512, ge=16, description="Longest sequence the model accepts."
+    )
     tokenizer_corpus: Literal["arithmetic"] = Field(
         default="arithmetic", description="Synthetic corpus the local tokenizer is trained on."
     )
@@ -97,7 +99,8 @@ class FileSource(Strict):
     path: str = Field(description="Path of the file, relative to the spec file's directory or absolute.")
     format: Literal["sft", "preference", "prompts"] = Field(description="Record schema of the rows.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Our column name -> the file's column name, e.g. {prompt: question}."
+        default_factory=dict,
+        description="Our column name -> the file's column name, e.g. {prompt: question}.",
     )
 
 
@@ -245,7 +248,9 @@ class EvaluateStage(_Stage):
     """Held-out loss/perplexity, verifiable accuracy and a table of sample generations."""
 
     kind: Literal["evaluate"]
-    models: tuple[str, ...] = Field(min_length=1, description="Models to evaluate (stages or `models:` entries).")
+    models: tuple[str, ...] = Field(
+        min_length=1, description="Models to evaluate (stages or `models:` entries)."
+    )
     data: str | None = Field(default=None, description="SFT dataset whose eval split gives loss/perplexity.")
     prompts: str | None = Field(default=None, description="Prompts dataset with answers for accuracy.")
     verifier: Literal["arithmetic"] = Field(default="arithmetic", description="Checks a completion's answer.")
@@ -358,7 +363,10 @@ def ref_type(spec: PipelineSpec, ref: str) -> tuple[str | None, str | None]:
         return "model", None
     if name not in spec.stages:
         known = sorted([*spec.models, *spec.stages])
-        return None, f"unknown reference '{ref}': no model or stage named '{name}' (known: {', '.join(known)})"
+        return (
+            None,
+            f"unknown reference '{ref}': no model or stage named '{name}' (known: {', '.join(known)})",
+        )
     outputs = spec.stages[name].output_types()
     if output is None:
         if len(outputs) == 1:

@@ -24,12 +24,20 @@ def build_dataset(ctx: RunContext, stage_name: str, stage: DatasetStage, seed: i
         outputs = {}
         for name, out in prepared.outputs.items():
             uri = tracking.log_artifacts(run.run_id, out.directory, f"dataset/{name}")
-            outputs[name] = DatasetRef(uri=uri, digest=out.digest, kind=out.kind, splits=out.splits,
-                                       columns=out.columns, stage=stage_name, run_id=run.run_id)
-            tracking.log_metrics(run.run_id, {f"{name}/{split}_rows": n for split, n in out.splits.items()}, step=0)
+            outputs[name] = DatasetRef(
+                uri=uri,
+                digest=out.digest,
+                kind=out.kind,
+                splits=out.splits,
+                columns=out.columns,
+                stage=stage_name,
+                run_id=run.run_id,
+            )
+            tracking.log_metrics(
+                run.run_id, {f"{name}/{split}_rows": n for split, n in out.splits.items()}, step=0
+            )
             run.key_metrics[f"{name}_rows"] = float(sum(out.splits.values()))
         run.key_metrics["rejected_rows"] = float(len(prepared.problems))
         return outputs
 
     return execute_stage(ctx, stage_name, "dataset", fingerprint, stage, {}, body)
-

@@ -20,8 +20,15 @@ VERIFIERS = {"arithmetic": lambda completion, answer: is_correct(completion, ans
 
 
 @task(name="evaluate_models", **STAGE_TASK_OPTIONS)
-def evaluate_models(ctx: RunContext, stage_name: str, stage: EvaluateStage, seed: int, models: dict[str, ModelRef],
-                    data: DatasetRef | None = None, prompts: DatasetRef | None = None) -> StageOutcome:
+def evaluate_models(
+    ctx: RunContext,
+    stage_name: str,
+    stage: EvaluateStage,
+    seed: int,
+    models: dict[str, ModelRef],
+    data: DatasetRef | None = None,
+    prompts: DatasetRef | None = None,
+) -> StageOutcome:
     """Evaluate every model on the eval splits; metrics are logged per model as ``<model>/<metric>``."""
     inputs: dict = {f"model:{name}": ref for name, ref in models.items()}
     inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
@@ -30,8 +37,11 @@ def evaluate_models(ctx: RunContext, stage_name: str, stage: EvaluateStage, seed
     def body(run: StageRun) -> dict[str, EvalReportRef]:
         cache = run.settings.resolved_home() / "cache"
         eval_rows = read_jsonl(materialize_dataset(data, cache / "datasets") / "eval.jsonl") if data else []
-        prompt_rows = (read_jsonl(materialize_dataset(prompts, cache / "datasets") / "eval.jsonl")
-                       [: stage.max_prompts] if prompts else [])
+        prompt_rows = (
+            read_jsonl(materialize_dataset(prompts, cache / "datasets") / "eval.jsonl")[: stage.max_prompts]
+            if prompts
+            else []
+        )
         report: dict[str, dict[str, float]] = {}
         samples = []
         for name, ref in models.items():
@@ -41,15 +51,27 @@ def evaluate_models(ctx: RunContext, stage_name: str, stage: EvaluateStage, seed
                 metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length))
             if prompt_rows:
                 gen = stage.generation
-                acc = verifiable_accuracy(model, tokenizer, prompt_rows, VERIFIERS[stage.verifier],
-                                          max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                                          batch_size=gen.batch_size, seed=seed)
+                acc = verifiable_accuracy(
+                    model,
+                    tokenizer,
+                    prompt_rows,
+                    VERIFIERS[stage.verifier],
+                    max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature,
+                    batch_size=gen.batch_size,
+                    seed=seed,
+                )
                 metrics["eval/accuracy"] = acc.accuracy
                 samples += [{"model": name, **row} for row in acc.rows[: stage.samples_in_table]]
             report[name] = metrics
             tracking.log_metrics(run.run_id, {f"{name}/{k}": v for k, v in metrics.items()}, step=0)
-            run.key_metrics.update({f"{name}.{k.removeprefix('eval/')}": v for k, v in metrics.items()
-                                    if k in ("eval/loss", "eval/perplexity", "eval/accuracy")})
+            run.key_metrics.update(
+                {
+                    f"{name}.{k.removeprefix('eval/')}": v
+                    for k, v in metrics.items()
+                    if k in ("eval/loss", "eval/perplexity", "eval/accuracy")
+                }
+            )
         tracking.log_table(run.run_id, samples, "samples.json")
         tracking.log_dict(run.run_id, report, "report.json")
         return {"report": EvalReportRef(stage=stage_name, metrics=report, run_id=run.run_id)}

@@ -24,23 +24,54 @@ def prepare_base_model(ctx: RunContext, name: str, source: ModelSource, seed: in
         model, tokenizer = build_tiny_model(source.tiny, seed)
         directory = save_model(model, tokenizer, run.work_dir / "model")
         registered = f"{ctx.pipeline}-{name}"
-        uri, version = log_and_register_model(run.run_id, model, tokenizer, registered, {
-            "rlhf.stage": name, "rlhf.role": "policy", "rlhf.fingerprint": fingerprint,
-            "rlhf.source": "tiny", "rlhf.git_commit": ctx.git_commit,
-        })
+        uri, version = log_and_register_model(
+            run.run_id,
+            model,
+            tokenizer,
+            registered,
+            {
+                "rlhf.stage": name,
+                "rlhf.role": "policy",
+                "rlhf.fingerprint": fingerprint,
+                "rlhf.source": "tiny",
+                "rlhf.git_commit": ctx.git_commit,
+            },
+        )
         run.registered = f"{registered} v{version}"
         run.key_metrics = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
-        return {"model": ModelRef(uri=uri, digest=model_digest(directory), tokenizer_digest=tokenizer_digest(directory),
-                                  stage=name, base_model=name, run_id=run.run_id, registered_name=registered,
-                                  registered_version=version)}
+        return {
+            "model": ModelRef(
+                uri=uri,
+                digest=model_digest(directory),
+                tokenizer_digest=tokenizer_digest(directory),
+                stage=name,
+                base_model=name,
+                run_id=run.run_id,
+                registered_name=registered,
+                registered_version=version,
+            )
+        }
 
     return execute_stage(ctx, name, "base_model", fingerprint, source, {}, body)
 
 
 def _external_model_ref(name: str, source: ModelSource, run: StageRun) -> ModelRef:
     if source.path:
-        return ModelRef(uri=source.path, digest=model_digest(source.path), tokenizer_digest=tokenizer_digest(source.path),
-                        stage=name, base_model=source.path, run_id=run.run_id)
+        return ModelRef(
+            uri=source.path,
+            digest=model_digest(source.path),
+            tokenizer_digest=tokenizer_digest(source.path),
+            stage=name,
+            base_model=source.path,
+            run_id=run.run_id,
+        )
     pinned = f"{source.hub}@{source.revision or 'main'}"
-    return ModelRef(uri=source.hub or "", revision=source.revision, digest=pinned, tokenizer_digest=pinned, stage=name, base_model=pinned,
-                    run_id=run.run_id)
+    return ModelRef(
+        uri=source.hub or "",
+        revision=source.revision,
+        digest=pinned,
+        tokenizer_digest=pinned,
+        stage=name,
+        base_model=pinned,
+        run_id=run.run_id,
+    )

@@ -30,7 +30,6 @@ from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.training.checkpoint import latest_checkpoint
 
-
 SUMMARY_PREFIX = "summary/"
 
 
@@ -60,7 +59,9 @@ class StageOutcome(BaseModel):
     run_id: str
     outputs: dict[str, StageOutput]
     metrics: dict[str, float] = Field(default_factory=dict)
-    registered: str | None = Field(default=None, description="'<name> v<version>' when a model was registered.")
+    registered: str | None = Field(
+        default=None, description="'<name> v<version>' when a model was registered."
+    )
     seconds: float = 0.0
 
 
@@ -87,8 +88,15 @@ class StageRun:
 StageBody = Callable[[StageRun], dict[str, StageOutput]]
 
 
-def execute_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config: BaseModel | dict[str, Any],
-                  inputs: dict[str, StageOutput], body: StageBody) -> StageOutcome:
+def execute_stage(
+    ctx: RunContext,
+    stage: str,
+    kind: str,
+    fingerprint: str,
+    config: BaseModel | dict[str, Any],
+    inputs: dict[str, StageOutput],
+    body: StageBody,
+) -> StageOutcome:
     """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring."""
     forced = stage in ctx.forced
     if not forced and (hit := _cache_hit(ctx, stage, kind, fingerprint)):
@@ -99,14 +107,26 @@ def execute_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, conf
         return _run_stage(ctx, stage, kind, fingerprint, config, inputs, body, forced)
 
 
-def _run_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config: BaseModel | dict[str, Any],
-               inputs: dict[str, StageOutput], body: StageBody, forced: bool) -> StageOutcome:
+def _run_stage(
+    ctx: RunContext,
+    stage: str,
+    kind: str,
+    fingerprint: str,
+    config: BaseModel | dict[str, Any],
+    inputs: dict[str, StageOutput],
+    body: StageBody,
+    forced: bool,
+) -> StageOutcome:
     settings = ctx.settings()
     work_dir = settings.work_dir(stage, fingerprint)
     if forced:
         shutil.rmtree(work_dir, ignore_errors=True)
-    tags = {stage_cache.FINGERPRINT_TAG: fingerprint, "rlhf.kind": kind, "rlhf.git_commit": ctx.git_commit,
-            "rlhf.pipeline_run_id": ctx.parent_run_id}
+    tags = {
+        stage_cache.FINGERPRINT_TAG: fingerprint,
+        "rlhf.kind": kind,
+        "rlhf.git_commit": ctx.git_commit,
+        "rlhf.pipeline_run_id": ctx.parent_run_id,
+    }
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
     resumable = interrupted is not None and latest_checkpoint(work_dir / "checkpoints") is not None
     if interrupted is not None and not resumable:
@@ -131,9 +151,17 @@ def _run_stage(ctx: RunContext, stage: str, kind: str, fingerprint: str, config:
         tracking.end_run(run_id, "FAILED")
         raise
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
-    return StageOutcome(stage=stage, kind=kind, status="resumed" if resumable else "ran", fingerprint=fingerprint,
-                        run_id=run_id, outputs=outputs, metrics=run.key_metrics, registered=run.registered,
-                        seconds=time.perf_counter() - started)
+    return StageOutcome(
+        stage=stage,
+        kind=kind,
+        status="resumed" if resumable else "ran",
+        fingerprint=fingerprint,
+        run_id=run_id,
+        outputs=outputs,
+        metrics=run.key_metrics,
+        registered=run.registered,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _cache_hit(ctx: RunContext, stage: str, kind: str, fingerprint: str) -> StageOutcome | None:
@@ -141,11 +169,27 @@ def _cache_hit(ctx: RunContext, stage: str, kind: str, fingerprint: str) -> Stag
     if cached is None:
         return None
     _logger().info("stage %s: cache hit (fingerprint %s, run %s)", stage, fingerprint[:12], cached.run_id)
-    registered = next((f"{o.registered_name} v{o.registered_version}" for o in cached.outputs.values()
-                       if isinstance(o, ModelRef) and o.registered_name), None)
-    key = {k.removeprefix(SUMMARY_PREFIX): v for k, v in cached.metrics.items() if k.startswith(SUMMARY_PREFIX)}
-    return StageOutcome(stage=stage, kind=kind, status="cached", fingerprint=fingerprint, run_id=cached.run_id,
-                        outputs=cached.outputs, metrics=key, registered=registered)
+    registered = next(
+        (
+            f"{o.registered_name} v{o.registered_version}"
+            for o in cached.outputs.values()
+            if isinstance(o, ModelRef) and o.registered_name
+        ),
+        None,
+    )
+    key = {
+        k.removeprefix(SUMMARY_PREFIX): v for k, v in cached.metrics.items() if k.startswith(SUMMARY_PREFIX)
+    }
+    return StageOutcome(
+        stage=stage,
+        kind=kind,
+        status="cached",
+        fingerprint=fingerprint,
+        run_id=cached.run_id,
+        outputs=cached.outputs,
+        metrics=key,
+        registered=registered,
+    )
 
 
 def _log_inputs(run_id: str, stage: str, inputs: dict[str, StageOutput]) -> None:
@@ -154,9 +198,12 @@ def _log_inputs(run_id: str, stage: str, inputs: dict[str, StageOutput]) -> None
     for name, ref in inputs.items():
         if isinstance(ref, DatasetRef):
             log_dataset_input(run_id, ref, context=f"{stage}.{name}")
-    models = {f"input.{name}": f"{ref.registered_name or ref.uri}"
-              + (f" v{ref.registered_version}" if ref.registered_version else "")
-              for name, ref in inputs.items() if isinstance(ref, ModelRef)}
+    models = {
+        f"input.{name}": f"{ref.registered_name or ref.uri}"
+        + (f" v{ref.registered_version}" if ref.registered_version else "")
+        for name, ref in inputs.items()
+        if isinstance(ref, ModelRef)
+    }
     if models:
         tracking.set_tags(run_id, models)
 
@@ -190,7 +237,14 @@ def _logger():
         return logging.getLogger("rlhf")
 
 
-TRANSIENT_MARKERS = ("database is locked", "temporarily unavailable", "connection reset", "timed out", "503", "429")
+TRANSIENT_MARKERS = (
+    "database is locked",
+    "temporarily unavailable",
+    "connection reset",
+    "timed out",
+    "503",
+    "429",
+)
 
 
 def is_transient_failure(task: Any, task_run: Any, state: Any) -> bool:

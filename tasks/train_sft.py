@@ -16,8 +16,9 @@ from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, 
 
 
 @task(name="train_sft", **STAGE_TASK_OPTIONS)
-def train_sft(ctx: RunContext, stage_name: str, stage: SFTStage, seed: int, model: ModelRef,
-              data: DatasetRef) -> StageOutcome:
+def train_sft(
+    ctx: RunContext, stage_name: str, stage: SFTStage, seed: int, model: ModelRef, data: DatasetRef
+) -> StageOutcome:
     """Fine-tune ``model`` on the train split of ``data``; register the result as ``candidate``."""
     inputs = {"model": model, "data": data}
     fingerprint = sft_fingerprint(stage, seed, model, data)
@@ -26,26 +27,53 @@ def train_sft(ctx: RunContext, stage_name: str, stage: SFTStage, seed: int, mode
         cache = run.settings.resolved_home() / "cache"
         base, tokenizer = load_model(materialize_model(model, cache / "models"), revision=model.revision)
         records = read_jsonl(materialize_dataset(data, cache / "datasets") / "train.jsonl")
-        trained, result = run_sft_training(base, tokenizer, records, stage.train, seed=seed,
-                                           checkpoint_dir=run.work_dir / "checkpoints", lora=stage.lora,
-                                           log=run.log)
+        trained, result = run_sft_training(
+            base,
+            tokenizer,
+            records,
+            stage.train,
+            seed=seed,
+            checkpoint_dir=run.work_dir / "checkpoints",
+            lora=stage.lora,
+            log=run.log,
+        )
         directory = save_model(trained, tokenizer, run.work_dir / "model")
         registered = stage.register_as or f"{ctx.pipeline}-{stage_name}"
-        uri, version = log_and_register_model(run.run_id, trained, tokenizer, registered, {
-            "rlhf.stage": stage_name, "rlhf.role": "policy", "rlhf.fingerprint": fingerprint,
-            "rlhf.git_commit": ctx.git_commit,
-            "rlhf.upstream_models": _describe_model(model),
-            "rlhf.dataset_digests": f"{data.stage}.{data.kind}={data.digest}",
-            "rlhf.base_model": model.base_model,
-        })
+        uri, version = log_and_register_model(
+            run.run_id,
+            trained,
+            tokenizer,
+            registered,
+            {
+                "rlhf.stage": stage_name,
+                "rlhf.role": "policy",
+                "rlhf.fingerprint": fingerprint,
+                "rlhf.git_commit": ctx.git_commit,
+                "rlhf.upstream_models": _describe_model(model),
+                "rlhf.dataset_digests": f"{data.stage}.{data.kind}={data.digest}",
+                "rlhf.base_model": model.base_model,
+            },
+        )
         run.registered = f"{registered} v{version}"
-        run.key_metrics = {"final_train_loss": result.final_loss, "steps": float(result.steps),
-                           "tokens_per_second": result.tokens_per_second}
+        run.key_metrics = {
+            "final_train_loss": result.final_loss,
+            "steps": float(result.steps),
+            "tokens_per_second": result.tokens_per_second,
+        }
         if result.resumed_from_step:
             run.key_metrics["resumed_from_step"] = float(result.resumed_from_step)
-        return {"model": ModelRef(uri=uri, digest=model_digest(directory), tokenizer_digest=tokenizer_digest(directory),
-                                  stage=stage_name, base_model=model.base_model, run_id=run.run_id,
-                                  registered_name=registered, registered_version=version)}
+        return {
+            "model": ModelRef(
+                uri=uri,
+                digest=model_digest(directory),
+                tokenizer_digest=tokenizer_digest(directory),
+                stage=stage_name,
+                base_model=model.base_model,
+                run_id=run.run_id,
+                registered_name=registered,
+                registered_version=version,
+            )
+        }
 
     return execute_stage(ctx, stage_name, "sft", fingerprint, stage, inputs, body)
 

@@ -25,13 +25,26 @@ TINY_SPEC: dict = {
     "stages": {
         "data": {"kind": "dataset", "source": {"synthetic": {"n": 200, "max_operand": 9}}},
         "sft": {
-            "kind": "sft", "model": "base", "data": "data.sft",
-            "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "max_length": 64, "checkpoint_every": 4,
-                      "log_every": 4},
+            "kind": "sft",
+            "model": "base",
+            "data": "data.sft",
+            "train": {
+                "max_steps": 12,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "max_length": 64,
+                "checkpoint_every": 4,
+                "log_every": 4,
+            },
         },
         "eval": {
-            "kind": "evaluate", "models": ["base", "sft"], "data": "data.sft", "prompts": "data.prompts",
-            "max_prompts": 12, "samples_in_table": 4, "generation": {"max_new_tokens": 8},
+            "kind": "evaluate",
+            "models": ["base", "sft"],
+            "data": "data.sft",
+            "prompts": "data.prompts",
+            "max_prompts": 12,
+            "samples_in_table": 4,
+            "generation": {"max_new_tokens": 8},
         },
     },
 }

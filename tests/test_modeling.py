@@ -56,8 +56,9 @@ def _bare_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(["hello world", "what is the answer"] * 10, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
@@ -137,7 +138,8 @@ def test_load_model_from_local_directory(tiny, saved) -> None:
         assert loaded_tok.pad_token_id == tokenizer.pad_token_id
         # Masking must give the same labels with the reloaded tokenizer.
         assert tokenize_conversation(CONVERSATION, loaded_tok, 256) == tokenize_conversation(
-            CONVERSATION, tokenizer, 256)
+            CONVERSATION, tokenizer, 256
+        )
 
 
 def test_load_model_keeps_the_tokenizers_own_template(tiny, tmp_path) -> None:
@@ -192,8 +194,11 @@ def test_ensure_chat_template_installs_chatml_on_a_bare_tokenizer() -> None:
     ids = tok("<|im_start|>user\nhello<|im_end|>", add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids(IM_START) and ids[-1] == tok.convert_tokens_to_ids(IM_END)
     text = tok.apply_chat_template(CONVERSATION[1:], tokenize=False)
-    assert text.endswith(CONVERSATION_CHATML.removeprefix("<|endoftext|><|im_start|>system\n"
-                                                          "You are a helpful assistant.<|im_end|>\n"))
+    assert text.endswith(
+        CONVERSATION_CHATML.removeprefix(
+            "<|endoftext|><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        )
+    )
     # Masking works with it: the trained tokens are the answer and its <|im_end|>.
     example = tokenize_conversation(CONVERSATION[1:], tok, 256)
     trained = [t for t in example.labels if t != IGNORE_INDEX]

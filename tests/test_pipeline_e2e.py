@@ -23,6 +23,7 @@ def pipeline_home(tmp_path_factory, prefect_api_url):
 @pytest.fixture(scope="module")
 def first_run(pipeline_home):
     from conftest import TINY_SPEC
+
     from flows.pipeline import run_pipeline
 
     spec = parse_spec(TINY_SPEC)
@@ -38,7 +39,11 @@ def _client():
 def test_first_run_runs_every_stage_in_order(first_run):
     _, outcomes = first_run
     assert [(o.stage, o.status) for o in outcomes] == [
-        ("base", "ran"), ("data", "ran"), ("sft", "ran"), ("eval", "ran")]
+        ("base", "ran"),
+        ("data", "ran"),
+        ("sft", "ran"),
+        ("eval", "ran"),
+    ]
     sft = outcomes[2]
     assert sft.registered == "e2e-sft v1"
     assert 0 < sft.metrics["final_train_loss"] < 10
@@ -102,13 +107,18 @@ def test_cache_record_lives_in_mlflow_not_prefect(first_run, pipeline_home):
 
 def test_changing_one_parameter_reruns_that_stage_and_downstream_only(first_run, pipeline_home):
     from conftest import TINY_SPEC
+
     from flows.pipeline import run_pipeline
 
     raw = {**TINY_SPEC, "stages": {**TINY_SPEC["stages"]}}
     raw["stages"]["sft"] = {**raw["stages"]["sft"], "train": {**raw["stages"]["sft"]["train"], "lr": 1e-3}}
     outcomes = run_pipeline(parse_spec(raw), home=str(pipeline_home))
     assert [(o.stage, o.status) for o in outcomes] == [
-        ("base", "cached"), ("data", "cached"), ("sft", "ran"), ("eval", "ran")]
+        ("base", "cached"),
+        ("data", "cached"),
+        ("sft", "ran"),
+        ("eval", "ran"),
+    ]
     assert outcomes[2].registered == "e2e-sft v2"
 
 
@@ -118,4 +128,8 @@ def test_force_reruns_stage_and_downstream(first_run, pipeline_home):
     spec, _ = first_run
     outcomes = run_pipeline(spec, force=["data"], home=str(pipeline_home))
     assert [(o.stage, o.status) for o in outcomes] == [
-        ("base", "cached"), ("data", "ran"), ("sft", "ran"), ("eval", "ran")]
+        ("base", "cached"),
+        ("data", "ran"),
+        ("sft", "ran"),
+        ("eval", "ran"),
+    ]

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.e2e
 
 def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
     tiny_spec_dict["name"] = "resume"
-    tiny_spec_dict["stages"]["sft"]["train"].update(max_steps=100, checkpoint_every=10, log_every=10,
-                                                    batch_size=16)
+    tiny_spec_dict["stages"]["sft"]["train"].update(
+        max_steps=100, checkpoint_every=10, log_every=10, batch_size=16
+    )
     del tiny_spec_dict["stages"]["eval"]
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
@@ -56,7 +57,9 @@ def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, timeout: float = 24
     pytest.fail("no SFT checkpoint appeared in time")
 
 
-def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(tmp_path, tiny_spec_dict, prefect_api_url):
+def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(
+    tmp_path, tiny_spec_dict, prefect_api_url
+):
     spec = _spec(tmp_path, tiny_spec_dict)
     env = _env(prefect_api_url)
     cwd = Path(__file__).resolve().parents[1]
@@ -65,14 +68,22 @@ def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(tmp_path, 
     subprocess.run(_rlhf(spec, home_a, prefect_api_url), env=env, cwd=cwd, check=True, capture_output=True)
 
     home_b = tmp_path / "killed"
-    proc = subprocess.Popen(_rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _rlhf(spec, home_b, prefect_api_url),
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoint = _wait_for_checkpoint(home_b, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((home_b / "work").glob("sft-*/model")), "killed before the end, no final model"
 
-    rerun = subprocess.run(_rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd, capture_output=True, text=True)
+    rerun = subprocess.run(
+        _rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd, capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resuming interrupted run" in rerun.stdout + rerun.stderr
     assert "resumed" in rerun.stdout

@@ -87,15 +87,18 @@ def trained_spans(example: TokenizedExample, tokenizer) -> list[str]:
 
 
 def test_single_turn_trains_only_the_answer_and_its_end_of_turn(tokenizer) -> None:
-    messages = [{"role": "user", "content": "What is 7 + 12?"},
-                {"role": "assistant", "content": "7 + 12 = 19. The answer is 19."}]
+    messages = [
+        {"role": "user", "content": "What is 7 + 12?"},
+        {"role": "assistant", "content": "7 + 12 = 19. The answer is 19."},
+    ]
     example = tokenize_conversation(messages, tokenizer, max_length=256)
     assert trained_spans(example, tokenizer) == ["7 + 12 = 19. The answer is 19." + IM_END]
     # Everything before the answer (bos, user turn, the "<|im_start|>assistant\n" header) is masked,
     # and so is the newline the template writes after <|im_end|>.
     first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
     assert tokenizer.decode(example.input_ids[:first]) == (
-        "<|endoftext|><|im_start|>user\nWhat is 7 + 12?<|im_end|>\n<|im_start|>assistant\n")
+        "<|endoftext|><|im_start|>user\nWhat is 7 + 12?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert example.labels[-1] == IGNORE_INDEX and tokenizer.decode(example.input_ids[-1:]) == "\n"
     assert example.input_ids[-2] == tokenizer.convert_tokens_to_ids(IM_END) == example.labels[-2]
     assert not example.truncated
@@ -104,7 +107,9 @@ def test_single_turn_trains_only_the_answer_and_its_end_of_turn(tokenizer) -> No
 def test_all_assistant_trains_every_assistant_turn(tokenizer) -> None:
     example = tokenize_conversation(MULTI_TURN, tokenizer, max_length=256, mask="all_assistant")
     assert trained_spans(example, tokenizer) == [
-        "2 + 3 = 5. The answer is 5." + IM_END, "4 - 1 = 3. The answer is 3." + IM_END]
+        "2 + 3 = 5. The answer is 5." + IM_END,
+        "4 - 1 = 3. The answer is 3." + IM_END,
+    ]
 
 
 def test_final_turn_trains_only_the_last_assistant_turn(tokenizer) -> None:
@@ -119,7 +124,8 @@ def test_system_turn_is_rendered_but_never_trained(tokenizer) -> None:
     without = tokenize_conversation(MULTI_TURN, tokenizer, max_length=256)
     assert trained_spans(with_system, tokenizer) == trained_spans(without, tokenizer)
     assert tokenizer.decode(with_system.input_ids).startswith(
-        "<|endoftext|><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+        "<|endoftext|><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    )
     # The system turn adds exactly its own (masked) tokens in front.
     extra = len(with_system.input_ids) - len(without.input_ids)
     assert with_system.labels[extra + 1 :] == without.labels[1:] and extra > 0
@@ -140,8 +146,12 @@ def test_build_rows_drops_examples_whose_answer_was_cut_off(tokenizer) -> None:
     # "<|endoftext|><|im_start|>user\nWhat is ..." is well over 8 tokens before the answer starts.
     with pytest.raises(ValueError, match="no training example"):
         build_rows(records, tokenizer, SFTTrainSpec(max_length=8), seed=0)
-    long_record = {"messages": [{"role": "user", "content": "What is 1 + 1? " * 20},
-                                {"role": "assistant", "content": "2"}]}
+    long_record = {
+        "messages": [
+            {"role": "user", "content": "What is 1 + 1? " * 20},
+            {"role": "assistant", "content": "2"},
+        ]
+    }
     rows, stats = build_rows([*records, long_record], tokenizer, SFTTrainSpec(max_length=80), seed=0)
     # The long question is cut at 80 tokens before its answer: counted, then dropped.
     assert stats == {"examples": 4, "truncated_examples": 1, "examples_without_labels": 1}
@@ -164,10 +174,12 @@ def test_pack_examples_respects_max_length_and_keeps_every_token(examples) -> No
     assert [p for r in rows for p in r.position_ids] == [p for n in lengths for p in range(n)]
     # Labels are each example's own, except the first label of every example, which is -100.
     assert [t for r in rows for t in r.labels] == [
-        t for ex in examples for t in [IGNORE_INDEX, *ex.labels[1:]]]
+        t for ex in examples for t in [IGNORE_INDEX, *ex.labels[1:]]
+    ]
     for row in rows:
-        assert all(lab == IGNORE_INDEX for lab, pos in zip(row.labels, row.position_ids, strict=True)
-                   if pos == 0)
+        assert all(
+            lab == IGNORE_INDEX for lab, pos in zip(row.labels, row.position_ids, strict=True) if pos == 0
+        )
 
 
 def test_first_label_of_every_example_is_masked() -> None:
@@ -209,8 +221,9 @@ def example_spans(row: Row) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], len(row.position_ids)], strict=True))
 
 
-def loss_of_span(model, batch: dict[str, torch.Tensor], row: int, start: int, end: int,
-                 packed: bool) -> float:
+def loss_of_span(
+    model, batch: dict[str, torch.Tensor], row: int, start: int, end: int, packed: bool
+) -> float:
     """token_loss_sum restricted to the labels of one example; the forward pass sees the whole batch."""
     labels = torch.full_like(batch["labels"], IGNORE_INDEX)
     labels[row, start:end] = batch["labels"][row, start:end]
@@ -251,8 +264,11 @@ def test_packed_batch_with_padding_matches_examples_alone(model64, tokenizer, ex
     assert [len(example_spans(r)) for r in rows] == [2, 2]
     batch = collate(rows, tokenizer.pad_token_id)
     assert not batch["attention_mask"].all()  # one of the two rows is right-padded
-    packed = [loss_of_span(model64, batch, i, s, e, packed=True)
-              for i, row in enumerate(rows) for s, e in example_spans(row)]
+    packed = [
+        loss_of_span(model64, batch, i, s, e, packed=True)
+        for i, row in enumerate(rows)
+        for s, e in example_spans(row)
+    ]
     alone = [loss_alone(model64, ex, tokenizer.pad_token_id) for ex in examples]
     assert packed == pytest.approx(alone, rel=0, abs=1e-5)
 

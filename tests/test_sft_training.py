@@ -59,8 +59,9 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train(tiny, tmp_path: Path, cfg: SFTTrainSpec, records: list[dict] = RECORDS, **kwargs):
     model, tokenizer = tiny
-    return train_sft(copy.deepcopy(model), tokenizer, records, cfg, seed=0,
-                     checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    return train_sft(
+        copy.deepcopy(model), tokenizer, records, cfg, seed=0, checkpoint_dir=tmp_path / "ckpt", **kwargs
+    )
 
 
 # --- learning -------------------------------------------------------------------------------
@@ -100,8 +101,15 @@ def test_every_epoch_visits_every_row_once_in_a_new_order() -> None:
     per_epoch, total = plan_steps(len(rows), cfg)
     assert (per_epoch, total) == (3, 6)
     plan = sft._Plan(rows, per_epoch, total)
-    epochs = [[row.input_ids[0] for step in range(e * 3, e * 3 + 3)
-               for micro in micro_batches_of_step(plan, cfg, 0, step) for row in micro] for e in (0, 1)]
+    epochs = [
+        [
+            row.input_ids[0]
+            for step in range(e * 3, e * 3 + 3)
+            for micro in micro_batches_of_step(plan, cfg, 0, step)
+            for row in micro
+        ]
+        for e in (0, 1)
+    ]
     assert all(sorted(order) == list(range(10)) for order in epochs)
     assert epochs[0] != epochs[1]
     assert [len(m) for m in micro_batches_of_step(plan, cfg, 0, 2)] == [2]
@@ -194,8 +202,12 @@ class Interrupted(Exception):
 def uninterrupted(tiny, tmp_path_factory):
     """Reference run: RESUME_CFG trained start to finish; (final weights, {step: logged loss})."""
     logged: dict[int, dict[str, float]] = {}
-    trained, result = train(tiny, tmp_path_factory.mktemp("uninterrupted"), RESUME_CFG,
-                            log=lambda m, step: logged.__setitem__(step, m))
+    trained, result = train(
+        tiny,
+        tmp_path_factory.mktemp("uninterrupted"),
+        RESUME_CFG,
+        log=lambda m, step: logged.__setitem__(step, m),
+    )
     assert result.resumed_from_step == 0 and sorted(logged) == list(range(1, 9))
     assert logged[4]["train/epoch"] == 1.0  # the 4-steps-per-epoch derivation above RESUME_CFG
     return weights(trained), {step: m["train/loss"] for step, m in logged.items()}
@@ -216,8 +228,15 @@ def test_resume_after_an_exception_is_exact(tiny, uninterrupted, tmp_path) -> No
 
     fresh_model, tokenizer = build_tiny_model(TINY, seed=0)
     logged: list[tuple[int, dict[str, float]]] = []
-    resumed, result = train_sft(fresh_model, tokenizer, RECORDS, RESUME_CFG, seed=0,
-                                checkpoint_dir=checkpoint_dir, log=lambda m, step: logged.append((step, m)))
+    resumed, result = train_sft(
+        fresh_model,
+        tokenizer,
+        RECORDS,
+        RESUME_CFG,
+        seed=0,
+        checkpoint_dir=checkpoint_dir,
+        log=lambda m, step: logged.append((step, m)),
+    )
     assert result.resumed_from_step == K
     assert logged[0] == (K, {"resumed_from_step": float(K)})
     # Steps K+1..8 see the same data, optimizer, and schedule state as the reference: same losses.
@@ -284,16 +303,29 @@ def test_resume_after_sigkill_is_exact(tiny, uninterrupted, tmp_path) -> None:
     args = [str(model_dir), str(checkpoint_dir)]
     logs = [tmp_path / "interrupted.log", tmp_path / "resumed.log"]
     with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
-        victim = subprocess.Popen([sys.executable, str(script), "interrupt", *args, str(marker),
-                                   RESUME_CFG.model_dump_json()], cwd=REPO_ROOT, env=env,
-                                  stdout=err0, stderr=subprocess.STDOUT)
+        victim = subprocess.Popen(
+            [sys.executable, str(script), "interrupt", *args, str(marker), RESUME_CFG.model_dump_json()],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=err0,
+            stderr=subprocess.STDOUT,
+        )
         # The second process imports torch/transformers while the first one trains (saves wall time).
-        resumer = subprocess.Popen([sys.executable, str(script), "resume", *args, str(final),
-                                    RESUME_CFG.model_dump_json()], cwd=REPO_ROOT, env=env, text=True,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err1)
+        resumer = subprocess.Popen(
+            [sys.executable, str(script), "resume", *args, str(final), RESUME_CFG.model_dump_json()],
+            cwd=REPO_ROOT,
+            env=env,
+            text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err1,
+        )
         try:
-            _wait_for(lambda: marker.exists() and (checkpoint_dir / f"step-{K}" / STATE_FILE).exists(),
-                      victim, logs[0])
+            _wait_for(
+                lambda: marker.exists() and (checkpoint_dir / f"step-{K}" / STATE_FILE).exists(),
+                victim,
+                logs[0],
+            )
             victim.send_signal(signal.SIGKILL)
             assert victim.wait(timeout=30) == -signal.SIGKILL
             assert sorted(p.name for p in checkpoint_dir.iterdir()) == [f"step-{K}"]

@@ -118,22 +118,30 @@ def test_downstream_and_topological_order(tiny_spec_dict):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+    )
 
 
 def test_cli_validate_ok_and_errors_exit_nonzero(tmp_path, tiny_spec_dict):
     ok = _cli("validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"))
     assert ok.returncode == 0 and "data -> sft -> eval" in ok.stdout
-    bad = _cli("validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"), "--set", "stages.sft.model=data.prompts")
+    bad = _cli(
+        "validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"), "--set", "stages.sft.model=data.prompts"
+    )
     assert bad.returncode == 2
     assert "stage 'sft', field model: 'data.prompts' is a prompts dataset, expected a model" in bad.stderr
 
 
 def test_cli_validate_checks_data_file_columns(tmp_path, tiny_spec_dict):
     (tmp_path / "rows.jsonl").write_text('{"question": "q", "good": "a", "bad": "b"}\n')
-    tiny_spec_dict["stages"]["data"]["source"] = {"file": {"path": "rows.jsonl", "format": "preference",
-                                                           "columns": {"chosen": "good", "rejected": "bad"}}}
+    tiny_spec_dict["stages"]["data"]["source"] = {
+        "file": {
+            "path": "rows.jsonl",
+            "format": "preference",
+            "columns": {"chosen": "good", "rejected": "bad"},
+        }
+    }
     del tiny_spec_dict["stages"]["sft"], tiny_spec_dict["stages"]["eval"]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
     result = _cli("validate", str(tmp_path / "p.yaml"))

@@ -43,13 +43,15 @@ def run_context(tmp_path):
     tracking.configure(settings)
     experiment = tracking.ensure_experiment("locks", settings)
     parent = tracking.start_pipeline_run(experiment, "locks", {})
-    return RunContext(pipeline="locks", experiment_id=experiment, parent_run_id=parent,
-                      home=str(settings.resolved_home()))
+    return RunContext(
+        pipeline="locks", experiment_id=experiment, parent_run_id=parent, home=str(settings.resolved_home())
+    )
 
 
 def _ref(stage: str) -> DatasetRef:
-    return DatasetRef(uri="/nowhere", digest="abc", kind="sft", splits={"train": 1}, columns=("messages",),
-                      stage=stage)
+    return DatasetRef(
+        uri="/nowhere", digest="abc", kind="sft", splits={"train": 1}, columns=("messages",), stage=stage
+    )
 
 
 def test_concurrent_identical_stages_train_once(run_context):

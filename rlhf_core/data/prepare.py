@@ -47,8 +47,15 @@ def read_source_rows(stage: DatasetStage, seed: int) -> dict[str, tuple[str, lis
         return {name: (kind, rows) for name, kind in source.outputs().items()}
     hub = source.hub
     assert hub is not None
-    rows = load_records(hub.hub, fmt=hub.format, column_map=hub.columns, split=hub.split,
-                        hub_config=hub.config, revision=hub.revision, limit=hub.limit)
+    rows = load_records(
+        hub.hub,
+        fmt=hub.format,
+        column_map=hub.columns,
+        split=hub.split,
+        hub_config=hub.config,
+        revision=hub.revision,
+        limit=hub.limit,
+    )
     return {name: (kind, rows) for name, kind in source.outputs().items()}
 
 
@@ -56,8 +63,9 @@ def prepare_dataset(stage_name: str, stage: DatasetStage, seed: int, out_dir: Pa
     """Validate and split every output of the stage's source into ``out_dir``; returns digests and counts."""
     result = PreparedData(outputs={})
     for name, (kind, rows) in read_source_rows(stage, seed).items():
-        valid, problems = validate_records(rows, kind, source=f"stage '{stage_name}' ({name})",
-                                           on_error=stage.on_error)
+        valid, problems = validate_records(
+            rows, kind, source=f"stage '{stage_name}' ({name})", on_error=stage.on_error
+        )
         result.problems += problems
         if not valid:
             raise ValueError(f"stage '{stage_name}': no valid {kind} rows left ({len(problems)} rejected)")
@@ -66,6 +74,7 @@ def prepare_dataset(stage_name: str, stage: DatasetStage, seed: int, out_dir: Pa
         for split, split_rows in splits.items():
             write_jsonl(split_rows, directory / f"{split}.jsonl")
         columns = tuple(sorted(set.intersection(*(set(r) for r in valid))))
-        result.outputs[name] = PreparedOutput(kind, directory, directory_digest(directory),
-                                              {s: len(r) for s, r in splits.items()}, columns)
+        result.outputs[name] = PreparedOutput(
+            kind, directory, directory_digest(directory), {s: len(r) for s, r in splits.items()}, columns
+        )
     return result

@@ -16,8 +16,14 @@ Verifier = Callable[[str, str], bool]
 
 
 @torch.no_grad()
-def heldout_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict], *,
-                 max_length: int, batch_size: int = 16) -> dict[str, float]:
+def heldout_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    *,
+    max_length: int,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Mean next-token loss over assistant tokens of ``records`` (SFT rows) and its perplexity exp(loss)."""
     from rlhf_core.training.sft import token_loss_sum
 
@@ -27,7 +33,10 @@ def heldout_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rec
     total, tokens = 0.0, 0
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in collate(rows[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
         total += float(token_loss_sum(model, batch, packed=False))
         tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     loss = total / max(tokens, 1)
@@ -40,16 +49,37 @@ class AccuracyReport:
     rows: list[dict[str, str | bool]]
 
 
-def verifiable_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[dict],
-                        verifier: Verifier, *, max_new_tokens: int, temperature: float = 0.0,
-                        batch_size: int = 32, seed: int = 0) -> AccuracyReport:
+def verifiable_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    verifier: Verifier,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> AccuracyReport:
     """Fraction of prompts whose completion the verifier accepts; rows keep prompt/completion/verdict."""
     prompts = [r["prompt"] for r in records]
-    completions = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, batch_size=batch_size, seed=seed)
+    completions = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+    )
     rows = []
     for record, completion in zip(records, completions, strict=True):
-        rows.append({"prompt": record["prompt"], "answer": str(record.get("answer", "")),
-                     "completion": completion, "correct": verifier(completion, str(record.get("answer", "")))})
+        rows.append(
+            {
+                "prompt": record["prompt"],
+                "answer": str(record.get("answer", "")),
+                "completion": completion,
+                "correct": verifier(completion, str(record.get("answer", ""))),
+            }
+        )
     accuracy = sum(bool(r["correct"]) for r in rows) / max(len(rows), 1)
     return AccuracyReport(accuracy, rows)

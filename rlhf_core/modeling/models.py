@@ -27,7 +27,10 @@ from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokeniz
 from rlhf_core.spec import ModelSource, TinyModelSource
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
 )
 
 # Words of the chat template and of generic replies, so role markers are not split byte by byte.
@@ -58,8 +61,9 @@ def build_tiny_model(cfg: TinyModelSource, seed: int) -> tuple[PreTrainedModel, 
     return model, tokenizer
 
 
-def load_model(source: str, *, revision: str | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    source: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub name.
 
     Offline (``HF_HUB_OFFLINE=1``) a hub name that is not in the local cache fails fast with the

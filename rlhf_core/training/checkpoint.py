@@ -21,8 +21,9 @@ STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, state: dict[str, Any],
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, directory: Path, step: int, state: dict[str, Any], keep: int = 2
+) -> Path:
     """Write ``directory/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}"

@@ -63,8 +63,9 @@ class _Plan:
     total_steps: int
 
 
-def build_rows(records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: SFTTrainSpec,
-               seed: int) -> tuple[list[Row], dict[str, int]]:
+def build_rows(
+    records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: SFTTrainSpec, seed: int
+) -> tuple[list[Row], dict[str, int]]:
     """Tokenize, mask and (optionally) pack the training conversations."""
     examples = [tokenize_conversation(r["messages"], tokenizer, cfg.max_length, cfg.mask) for r in records]
     usable = [ex for ex in examples if ex.n_label_tokens > 0]
@@ -99,8 +100,7 @@ def micro_batches_of_step(plan: _Plan, cfg: SFTTrainSpec, seed: int, step: int) 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     chosen = order[index * rows_per_step : (index + 1) * rows_per_step]
     return [
-        [plan.rows[i] for i in chosen[j : j + cfg.batch_size]]
-        for j in range(0, len(chosen), cfg.batch_size)
+        [plan.rows[i] for i in chosen[j : j + cfg.batch_size]] for j in range(0, len(chosen), cfg.batch_size)
     ]
 
 
@@ -129,8 +129,13 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packe
 def apply_lora(model: PreTrainedModel, lora: LoraSpec) -> PreTrainedModel:
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -161,21 +166,32 @@ def train_sft(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.schedule, optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start_step = 0
     if (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
-        start_step = load_checkpoint(accelerator, ckpt)["step"]
+        state = load_checkpoint(accelerator, ckpt)
+        if (state.get("total_steps"), state.get("seed")) != (total_steps, seed):
+            raise ValueError(
+                f"checkpoint {ckpt} was written for total_steps={state.get('total_steps')}, "
+                f"seed={state.get('seed')}; this run has {total_steps}, {seed}. "
+                "Delete the checkpoint directory to start over."
+            )
+        start_step = state["step"]
         log({"resumed_from_step": float(start_step)}, start_step)
 
     loss_value, input_tokens, trained_tokens = float("nan"), 0, 0
     started = time.perf_counter()
     for step in range(start_step, total_steps):
-        micro = [collate(rows_, tokenizer.pad_token_id)
-                 for rows_ in micro_batches_of_step(plan, cfg, seed, step)]
+        micro = [
+            collate(rows_, tokenizer.pad_token_id) for rows_ in micro_batches_of_step(plan, cfg, seed, step)
+        ]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         loss_sum = 0.0
         for batch in micro:
@@ -192,9 +208,12 @@ def train_sft(
 
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
-            metrics = {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                       "train/epoch": done / steps_per_epoch,
-                       "train/tokens_per_second": input_tokens / max(time.perf_counter() - started, 1e-9)}
+            metrics = {
+                "train/loss": loss_value,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": done / steps_per_epoch,
+                "train/tokens_per_second": input_tokens / max(time.perf_counter() - started, 1e-9),
+            }
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             log(metrics, done)
@@ -206,8 +225,13 @@ def train_sft(
         # peft froze every base weight; once merged, the model is a plain model again and trains like one.
         trained = trained.merge_and_unload().requires_grad_(True)
     trained.eval()
-    result = SFTResult(steps=total_steps, resumed_from_step=start_step, final_loss=loss_value,
-                       trained_tokens=trained_tokens, input_tokens=input_tokens,
-                       seconds=time.perf_counter() - started, **stats)
+    result = SFTResult(
+        steps=total_steps,
+        resumed_from_step=start_step,
+        final_loss=loss_value,
+        trained_tokens=trained_tokens,
+        input_tokens=input_tokens,
+        seconds=time.perf_counter() - started,
+        **stats,
+    )
     return trained, result
-

@@ -44,8 +44,9 @@ class TemplateError(ValueError):
     """The chat template renders a conversation in a way masking cannot follow."""
 
 
-def assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase,
-                    mask: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, mask: str
+) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return its text and the character spans of the trained assistant turns."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -65,8 +66,9 @@ def assistant_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase,
     return text, spans
 
 
-def tokenize_conversation(messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int,
-                          mask: str = "all_assistant") -> TokenizedExample:
+def tokenize_conversation(
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, mask: str = "all_assistant"
+) -> TokenizedExample:
     """Token ids and labels of one conversation; labels are -100 outside trained assistant spans."""
     text, spans = assistant_spans(messages, tokenizer, mask)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -88,6 +90,11 @@ def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row
     rows: list[Row] = []
     current = Row()
     for ex in examples:
+        if len(ex.input_ids) > max_length:
+            raise ValueError(
+                f"example of {len(ex.input_ids)} tokens is longer than max_length {max_length}; "
+                "truncate before packing"
+            )
         if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
             rows.append(current)
             current = Row()
@@ -100,8 +107,9 @@ def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row
 
 
 def unpacked_rows(examples: list[TokenizedExample]) -> list[Row]:
-    return [Row(ex.input_ids, [IGNORE_INDEX, *ex.labels[1:]], list(range(len(ex.input_ids))))
-            for ex in examples]
+    return [
+        Row(ex.input_ids, [IGNORE_INDEX, *ex.labels[1:]], list(range(len(ex.input_ids)))) for ex in examples
+    ]
 
 
 def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -123,5 +131,9 @@ def collate(rows: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         position_ids[i, :n] = torch.tensor(r.position_ids)
         position_ids[i, n:] = torch.arange(width - n)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": attention_mask}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": attention_mask,
+    }
