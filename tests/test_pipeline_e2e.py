@@ -133,3 +133,53 @@ def test_force_reruns_stage_and_downstream(first_run, pipeline_home):
         ("sft", "ran"),
         ("eval", "ran"),
     ]
+
+
+def test_local_model_directory_and_local_data_file(tmp_path, prefect_api_url):
+    """The real-use path: a base model from a save_pretrained directory and rows from a JSONL file."""
+    from flows.pipeline import run_pipeline
+    from rlhf_core.data.loading import write_jsonl
+    from rlhf_core.data.synthetic import synthetic_records
+    from rlhf_core.modeling.models import build_tiny_model, save_model
+    from rlhf_core.spec import TinyModelSource
+
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320), 0)
+    save_model(model, tokenizer, tmp_path / "my-model")
+    rows = [{"conversation": r["messages"]} for r in synthetic_records("arithmetic", "sft", n=40, seed=1)]
+    write_jsonl(rows, tmp_path / "rows.jsonl")
+    spec = parse_spec(
+        {
+            "name": "local",
+            "models": {"base": {"path": str(tmp_path / "my-model")}},
+            "stages": {
+                "data": {
+                    "kind": "dataset",
+                    "source": {
+                        "file": {
+                            "path": str(tmp_path / "rows.jsonl"),
+                            "format": "sft",
+                            "columns": {"messages": "conversation"},
+                        }
+                    },
+                },
+                "sft": {
+                    "kind": "sft",
+                    "model": "base",
+                    "data": "data.sft",
+                    "train": {"max_steps": 3, "batch_size": 4},
+                },
+            },
+        }
+    )
+    outcomes = run_pipeline(spec, home=str(tmp_path / "home"))
+    base, data, sft = (o.outputs for o in outcomes)
+    assert base["model"].uri == str(tmp_path / "my-model") and base["model"].registered_name is None
+    assert data["sft"].splits == {"train": 36, "eval": 4}
+    assert sft["model"].registered_name == "local-sft"
+    version = _client().get_model_version("local-sft", sft["model"].registered_version)
+    assert version.tags["rlhf.upstream_models"] == str(tmp_path / "my-model")
+
+    # editing the source file changes its digest: the data stage and everything after it re-run
+    write_jsonl(rows[:-1], tmp_path / "rows.jsonl")
+    again = run_pipeline(spec, home=str(tmp_path / "home"))
+    assert [o.status for o in again] == ["cached", "ran", "ran"]
