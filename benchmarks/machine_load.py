@@ -38,6 +38,26 @@ def children_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class BackgroundMeter:
+    """Cores' worth of CPU that other processes used between ``start()`` and ``stop()``.
+
+    Own CPU time (all threads of this process) is subtracted from the machine's busy time.
+    """
+
+    def start(self) -> BackgroundMeter:
+        self._busy, self._own, self._t0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        others = (busy_cpu_seconds() - self._busy) - (own_cpu_seconds() - self._own)
+        return max(0.0, others) / (time.perf_counter() - self._t0)
+
+
+def own_cpu_seconds() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 @dataclass
 class TimedProcess:
     """A finished subprocess, its wall time and the CPU other processes used meanwhile."""

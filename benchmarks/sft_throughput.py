@@ -10,6 +10,8 @@ Measured per run:
   timed from just before the first step to just after the last (ours: ``SFTResult.seconds``; TRL: the
   ``on_train_begin``/``on_train_end`` callbacks), so model loading and tokenization are excluded.
 - peak RSS = ``ru_maxrss`` of the subprocess (whole process: imports, model, data, training).
+- background cores = CPU other processes used during the timed loop. The box is shared, so each run
+  starts only once the CPUs are idle, and a run that others disturbed is redone (kept as discarded).
 
 Loss masking: TRL's ``assistant_only_loss`` needs ``{% generation %}`` markers that our ChatML template
 lacks (TRL raises), so TRL gets the same conversations as prompt/completion pairs with
@@ -27,13 +29,14 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine_load import run_timed, wait_for_quiet
+from machine_load import BackgroundMeter, wait_for_quiet
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,7 +72,7 @@ class RunResult:
     rss_before_train_mib: float
     final_loss: float
     torch_threads: int
-    background_cores: float = 0.0  # set by the driver: CPU used by other processes during the run
+    background_cores: float  # CPU used by other processes during the timed loop
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -117,8 +120,10 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
     )
     records = load_records(s)
     rss_before = current_rss_mib()
+    meter = BackgroundMeter().start()  # also spans tokenization (~1 s), which train_sft does first
     with tempfile.TemporaryDirectory() as ckpt:
         _, result = train_sft(model, tokenizer, records, cfg, seed=s.seed, checkpoint_dir=Path(ckpt))
+    background = meter.stop()
     return RunResult(
         "ours",
         "packed" if packed else "unpacked",
@@ -129,6 +134,7 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
         rss_before,
         result.final_loss,
         torch.get_num_threads(),
+        background,
     )
 
 
@@ -144,13 +150,15 @@ def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
     from rlhf_core.modeling.models import load_model
 
     class LoopTimer(TrainerCallback):
-        start = end = 0.0
+        start = end = background_cores = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.meter = BackgroundMeter().start()
             self.start = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.end = time.perf_counter()
+            self.background_cores = self.meter.stop()
 
     class CountingSFTTrainer(SFTTrainer):
         """Counts the non-padding input tokens of every micro-batch, as ours does."""
@@ -219,6 +227,7 @@ def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
         rss_before,
         float(output.training_loss),
         torch.get_num_threads(),
+        timer.background_cores,
     )
 
 
@@ -244,18 +253,15 @@ def save_shared_model(directory: Path) -> Path:
 
 
 def run_worker(contender: str, mode: str, model_dir: Path, settings: BenchSettings) -> RunResult:
-    """One contender in a fresh subprocess; returns what it measured and how busy the rest of the box was."""
+    """One contender in a fresh subprocess; returns what it measured."""
     flags = {"--worker": contender, "--mode": mode, "--model-dir": str(model_dir)}
     flags["--settings"] = json.dumps(asdict(settings))
     cmd = [sys.executable, __file__, *(part for flag in flags.items() for part in flag)]
-    timed = run_timed(cmd)
-    lines = [ln for ln in timed.proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if timed.proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"{contender}/{mode} worker failed (rc={timed.proc.returncode}):\n{timed.proc.stderr[-4000:]}"
-        )
-    measured = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    return RunResult(**{**measured, "background_cores": timed.background_cores})
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{contender}/{mode} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
 
 
 def run_quiet(
@@ -406,7 +412,7 @@ def parse_args() -> argparse.Namespace:
         "--max-background",
         type=float,
         default=0.15,
-        help="Redo a run when other processes used more than this many cores during it.",
+        help="Redo a run when other processes used more than this many cores during its loop.",
     )
     p.add_argument("--retries", type=int, default=3, help="Redos of a disturbed run before keeping it.")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sft_throughput.json")

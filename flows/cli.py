@@ -87,6 +87,14 @@ def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def schema() -> None:
+    """Print the JSON Schema of a pipeline spec (every field with its description and default)."""
+    import json
+
+    typer.echo(json.dumps(PipelineSpec.model_json_schema(), indent=2))
+
+
+@app.command()
 def plan(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: HomeOpt = None) -> None:
     """Say which stages would run and which would be taken from cache."""
     spec = _load(spec_path, set_)

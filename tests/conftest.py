@@ -56,6 +56,18 @@ def tiny_spec_dict() -> dict:
     return copy.deepcopy(TINY_SPEC)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads waiting
+    on each other make these tests ~30x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url() -> str:
     """One temporary Prefect server (SQLite) for the whole session; its API URL for subprocesses."""

@@ -33,14 +33,7 @@ RESUME_CFG = SFTTrainSpec(max_steps=8, checkpoint_every=3, log_every=1, batch_si
 K = RESUME_CFG.checkpoint_every
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads waiting
-    on each other make these tests ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
