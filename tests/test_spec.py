@@ -148,3 +148,16 @@ def test_cli_validate_checks_data_file_columns(tmp_path, tiny_spec_dict):
     assert result.returncode == 2
     assert "stage 'data', field source.file" in result.stderr and "prompt" in result.stderr
     assert not (tmp_path / ".rlhf").exists()
+
+
+def test_every_spec_field_has_a_description():
+    """Descriptions double as docs and as the Prefect UI form: none may be missing."""
+    from rlhf_core.spec import PipelineSpec
+
+    schema = PipelineSpec.model_json_schema()
+    missing = []
+    for model_name, model in [("PipelineSpec", schema), *schema["$defs"].items()]:
+        for field, prop in model.get("properties", {}).items():
+            if field != "kind" and "description" not in prop:
+                missing.append(f"{model_name}.{field}")
+    assert not missing, missing
