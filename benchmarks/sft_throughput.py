@@ -70,7 +70,7 @@ class RunResult:
     tokens_per_second: float
     peak_rss_mib: float
     rss_before_train_mib: float
-    final_loss: float
+    mean_loss: float  # mean training loss over the optimizer steps (a sanity check that both learn)
     torch_threads: int
     background_cores: float  # CPU used by other processes during the timed loop
 
@@ -94,7 +94,29 @@ def load_records(s: BenchSettings) -> list[dict]:
     return synthetic_records("arithmetic", "sft", n=s.n_records, seed=s.seed)
 
 
-def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
+class LoopProbe:
+    """Wraps the timed training loop: CPU used by other processes, and optionally a torch profile."""
+
+    def __init__(self, profile_out: Path | None):
+        self.profile_out, self.background_cores, self._profiler = profile_out, 0.0, None
+
+    def start(self) -> None:
+        import torch
+
+        if self.profile_out is not None:
+            self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._profiler.start()
+        self._meter = BackgroundMeter().start()
+
+    def stop(self) -> None:
+        self.background_cores = self._meter.stop()
+        if self._profiler is not None:
+            self._profiler.stop()
+            table = self._profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+            self.profile_out.write_text(table)
+
+
+def run_ours(model_dir: Path, s: BenchSettings, packed: bool, probe: LoopProbe) -> RunResult:
     """Our trainer; ``SFTResult`` already counts non-pad input tokens and times the loop only."""
     import torch
 
@@ -115,15 +137,24 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
         max_length=s.max_length,
         packing=packed,
         mask="all_assistant",
-        checkpoint_every=s.steps,
-        log_every=s.steps,  # no checkpoint inside the timed loop
+        checkpoint_every=s.steps,  # no checkpoint inside the timed loop
+        log_every=1,  # per-step loss for the mean; the log function only appends to a list
     )
     records = load_records(s)
+    losses: list[float] = []
     rss_before = current_rss_mib()
-    meter = BackgroundMeter().start()  # also spans tokenization (~1 s), which train_sft does first
+    probe.start()  # also spans tokenization (~1 s), which train_sft does before its timed loop
     with tempfile.TemporaryDirectory() as ckpt:
-        _, result = train_sft(model, tokenizer, records, cfg, seed=s.seed, checkpoint_dir=Path(ckpt))
-    background = meter.stop()
+        _, result = train_sft(
+            model,
+            tokenizer,
+            records,
+            cfg,
+            seed=s.seed,
+            checkpoint_dir=Path(ckpt),
+            log=lambda metrics, step: losses.append(metrics["train/loss"]),
+        )
+    probe.stop()
     return RunResult(
         "ours",
         "packed" if packed else "unpacked",
@@ -132,13 +163,13 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
         result.tokens_per_second,
         peak_rss_mib(),
         rss_before,
-        result.final_loss,
+        statistics.fmean(losses),
         torch.get_num_threads(),
-        background,
+        probe.background_cores,
     )
 
 
-def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
+def run_trl(model_dir: Path, s: BenchSettings, packed: bool, probe: LoopProbe) -> RunResult:
     """TRL's SFTTrainer with every default that differs from ours set explicitly."""
     import math
 
@@ -150,15 +181,15 @@ def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
     from rlhf_core.modeling.models import load_model
 
     class LoopTimer(TrainerCallback):
-        start = end = background_cores = 0.0
+        start = end = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.meter = BackgroundMeter().start()
+            probe.start()
             self.start = time.perf_counter()
 
         def on_train_end(self, args, state, control, **kwargs):
             self.end = time.perf_counter()
-            self.background_cores = self.meter.stop()
+            probe.stop()
 
     class CountingSFTTrainer(SFTTrainer):
         """Counts the non-padding input tokens of every micro-batch, as ours does."""
@@ -225,16 +256,17 @@ def run_trl(model_dir: Path, s: BenchSettings, packed: bool) -> RunResult:
         trainer.input_tokens / seconds,
         peak_rss_mib(),
         rss_before,
-        float(output.training_loss),
+        float(output.training_loss),  # mean over steps when logging is off
         torch.get_num_threads(),
-        timer.background_cores,
+        probe.background_cores,
     )
 
 
 def worker_main(args: argparse.Namespace) -> None:
     settings = BenchSettings(**json.loads(args.settings))
     runner = run_ours if args.worker == "ours" else run_trl
-    result = runner(Path(args.model_dir), settings, packed=args.mode == "packed")
+    probe = LoopProbe(Path(args.profile_out) if args.profile_out else None)
+    result = runner(Path(args.model_dir), settings, packed=args.mode == "packed", probe=probe)
     print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
 
 
@@ -421,6 +453,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--settings", help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
