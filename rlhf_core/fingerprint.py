@@ -70,7 +70,7 @@ def input_digests(inputs: dict[str, Any]) -> dict[str, str]:
 
 def base_model_fingerprint(name: str, source: Any, seed: int) -> str:
     """Fingerprint of a ``models:`` entry. A local path is hashed by content, so edited weights invalidate."""
-    from rlhf_core.modeling.models import model_digest
+    from rlhf_core.modeling.digests import model_digest
 
     inputs = {"path": model_digest(Path(source.path))} if source.path else {}
     return stage_fingerprint("base_model", source, inputs, seed)

@@ -6,12 +6,9 @@ from prefect import task
 
 from registry import tracking
 from registry.datasets import materialize_dataset
-from registry.models import materialize_model
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.data.synthetic import is_correct
-from rlhf_core.evaluation.metrics import heldout_loss, verifiable_accuracy
 from rlhf_core.fingerprint import evaluate_fingerprint
-from rlhf_core.modeling.models import load_model
 from rlhf_core.refs import DatasetRef, EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
@@ -35,6 +32,11 @@ def evaluate_models(
     fingerprint = evaluate_fingerprint(stage, seed, models, data, prompts)
 
     def body(run: StageRun) -> dict[str, EvalReportRef]:
+        # torch and transformers load only when the stage really runs: cached re-runs skip them.
+        from registry.models import materialize_model
+        from rlhf_core.evaluation.metrics import heldout_loss, verifiable_accuracy
+        from rlhf_core.modeling.models import load_model
+
         cache = run.settings.resolved_home() / "cache"
         eval_rows = read_jsonl(materialize_dataset(data, cache / "datasets") / "eval.jsonl") if data else []
         prompt_rows = (

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from prefect import task
 
-from registry.models import log_and_register_model
 from rlhf_core.fingerprint import base_model_fingerprint
-from rlhf_core.modeling.models import build_tiny_model, model_digest, save_model, tokenizer_digest
+from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import ModelSource
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
@@ -19,6 +18,10 @@ def prepare_base_model(ctx: RunContext, name: str, source: ModelSource, seed: in
     fingerprint = base_model_fingerprint(name, source, seed)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
+        # torch and transformers load only when the stage really runs: cached re-runs skip them.
+        from registry.models import log_and_register_model
+        from rlhf_core.modeling.models import build_tiny_model, save_model
+
         if source.tiny is None:
             return {"model": _external_model_ref(name, source, run)}
         model, tokenizer = build_tiny_model(source.tiny, seed)

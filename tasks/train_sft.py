@@ -5,13 +5,10 @@ from __future__ import annotations
 from prefect import task
 
 from registry.datasets import materialize_dataset
-from registry.models import log_and_register_model, materialize_model
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import sft_fingerprint
-from rlhf_core.modeling.models import load_model, model_digest, save_model, tokenizer_digest
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import SFTStage
-from rlhf_core.training.sft import train_sft as run_sft_training
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -24,6 +21,11 @@ def train_sft(
     fingerprint = sft_fingerprint(stage, seed, model, data)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
+        # torch and transformers load only when the stage really runs: cached re-runs skip them.
+        from registry.models import log_and_register_model, materialize_model
+        from rlhf_core.modeling.models import load_model, model_digest, save_model, tokenizer_digest
+        from rlhf_core.training.sft import train_sft as run_sft_training
+
         cache = run.settings.resolved_home() / "cache"
         base, tokenizer = load_model(materialize_model(model, cache / "models"), revision=model.revision)
         records = read_jsonl(materialize_dataset(data, cache / "datasets") / "train.jsonl")

@@ -7,7 +7,6 @@ Saved models are safetensors + tokenizer + chat template, loadable with plain ``
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ from transformers import (
 )
 
 from rlhf_core.data.synthetic import arithmetic_corpus
+from rlhf_core.modeling.digests import model_digest, tokenizer_digest  # noqa: F401 (re-export)
 from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokenizer
 from rlhf_core.spec import ModelSource, TinyModelSource
 
@@ -95,28 +95,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direc
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
-
-
-def tokenizer_digest(directory: Path) -> str:
-    """sha256 over the tokenizer files (vocabulary, special tokens, chat template)."""
-    return _files_digest(Path(directory), [f for f in TOKENIZER_FILES if (Path(directory) / f).exists()])
-
-
-def model_digest(directory: Path) -> str:
-    """sha256 over every file of a saved model directory."""
-    directory = Path(directory)
-    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    return _files_digest(directory, files)
-
-
-def _files_digest(directory: Path, names: list[str]) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode())
-        with open(directory / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
