@@ -129,7 +129,11 @@ def run(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: H
     except ValueError as exc:
         _error(str(exc))
         raise typer.Exit(2) from None
-    outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
+    try:
+        outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
+    except Exception as exc:  # the flow's log above has the traceback; end with the one line that matters
+        _error(f"pipeline '{spec.name}' failed: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
     print_summary(spec.name, outcomes, settings)
 
 

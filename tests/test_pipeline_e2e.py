@@ -8,6 +8,8 @@ that re-runs only that stage and what is downstream, and a cache that needs no P
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rlhf_core.spec import parse_spec
@@ -183,3 +185,48 @@ def test_local_model_directory_and_local_data_file(tmp_path, prefect_api_url):
     write_jsonl(rows[:-1], tmp_path / "rows.jsonl")
     again = run_pipeline(spec, home=str(tmp_path / "home"))
     assert [o.status for o in again] == ["cached", "ran", "ran"]
+
+
+def test_bad_row_fails_the_stage_with_its_row_and_registers_nothing(tmp_path, prefect_api_url):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from rlhf_core.data.loading import write_jsonl
+
+    rows = [{"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"}] * 3
+    rows.append({"prompt": "What is 2 + 2?", "chosen": "  ", "rejected": "5"})
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    spec = {
+        "name": "badrows",
+        "models": {"base": {"tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 320}}},
+        "stages": {
+            "data": {"kind": "dataset", "source": {"file": {"path": "pairs.jsonl", "format": "preference"}}}
+        },
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "bad.yaml"), "--home", str(home)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "pipeline 'badrows' failed" in result.stderr
+    assert "row 3" in result.stderr and "chosen" in result.stderr
+
+    from registry import tracking
+    from rlhf_core.settings import RLHFSettings
+
+    tracking.configure(RLHFSettings(home=home))
+    client = _client()
+    experiment = client.get_experiment_by_name("badrows")
+    runs = {r.data.tags.get("mlflow.runName"): r for r in client.search_runs([experiment.experiment_id])}
+    assert runs["data"].info.status == "FAILED"
+    assert "rlhf.output_ref" not in runs["data"].data.tags
+    assert runs["badrows-pipeline"].info.status == "FAILED"

@@ -96,3 +96,30 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     outcome = execute_stage(run_context, "s", "dataset", "e" * 64, {}, {}, lambda run: {"out": _ref("s")})
     assert outcome.status == "ran"
     assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64).run_id == outcome.run_id
+
+
+class _FailedState:
+    """Stands in for a Prefect state: ``result(raise_on_failure=False)`` returns the task's exception."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def result(self, raise_on_failure: bool = True):
+        return self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "retried"),
+    [
+        (ConnectionError("reset by peer"), True),
+        (TimeoutError(), True),
+        (RuntimeError("(sqlite3.OperationalError) database is locked"), True),
+        (ValueError("stage 'data', row 3, field 'prompt': expected a non-empty string"), False),
+        (RuntimeError("CUDA out of memory"), False),
+        (ZeroDivisionError(), False),
+    ],
+)
+def test_only_transient_failures_are_retried(exc, retried):
+    from tasks.stage_execution import is_transient_failure
+
+    assert is_transient_failure(None, None, _FailedState(exc)) is retried

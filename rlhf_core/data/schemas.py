@@ -37,7 +37,7 @@ class DataValidationError(ValueError):
     ) -> None:
         where = [f"in {source}"]
         where += [f"line {line}"] if line is not None else []
-        where += [f"row {row}"] if row is not None else []
+        where += [f"row {row} (0-based)"] if row is not None else []
         where += [f"field {field!r}"] if field is not None else []
         super().__init__(f"{', '.join(where)}: expected {expected}")
         self.source, self.expected = source, expected
