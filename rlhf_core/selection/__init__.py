@@ -1,0 +1,1 @@
+"""Selecting completions from scored samples (rejection sampling, best-of-N)."""

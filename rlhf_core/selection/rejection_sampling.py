@@ -1,0 +1,37 @@
+"""Rejection-sampling selection (book ch.9).
+
+Prompts x_1..x_M, N completions each, rewards R in R^{M x N} with r_ij = reward(y_ij | x_i).
+
+- Top per prompt: S(R) = [argmax_j r_1j, ..., argmax_j r_Mj]; keep y_{i, S(R)_i}.
+- Top-K overall: flatten R row-major to R_flat (length M*N) and keep the K largest; flat index k maps
+  back to prompt i = k // N and completion j = k % N (0-based here).
+
+Ties: a stable descending sort, so among equal rewards the earlier (lower flat index) wins. This is the
+convention that reproduces the book's worked example order [8, 5, 14, 0, 11].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def top_per_prompt(rewards: Sequence[Sequence[float]]) -> list[int]:
+    """Index of the best completion of each prompt (first one on ties)."""
+    return [max(range(len(row)), key=lambda j, row=row: (row[j], -j)) for row in rewards]
+
+
+def top_k_overall_flat(rewards: Sequence[Sequence[float]], k: int) -> list[int]:
+    """Flat row-major indices of the K highest rewards, best first (stable on ties)."""
+    flat = [r for row in rewards for r in row]
+    if not 0 < k <= len(flat):
+        raise ValueError(f"k must be in 1..{len(flat)} (M*N), got {k}")
+    order = sorted(range(len(flat)), key=lambda i: -flat[i])  # sorted() is stable
+    return order[:k]
+
+
+def top_k_overall(rewards: Sequence[Sequence[float]], k: int) -> list[tuple[int, int]]:
+    """(prompt index, completion index) pairs of the K highest rewards, best first."""
+    n = len(rewards[0])
+    if any(len(row) != n for row in rewards):
+        raise ValueError("every prompt needs the same number of completions N for top-K overall")
+    return [divmod(i, n) for i in top_k_overall_flat(rewards, k)]

@@ -1,0 +1,72 @@
+"""Golden values for the reward-model loss and rejection-sampling selection (book ch.5 and ch.9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.losses.reward_model import bradley_terry_loss, pairwise_accuracy
+from rlhf_core.selection.rejection_sampling import top_k_overall, top_k_overall_flat, top_per_prompt
+
+# The book's worked example (ch.9): M = 5 prompts, N = 4 completions.
+R = [
+    [0.7, 0.3, 0.5, 0.2],
+    [0.4, 0.8, 0.6, 0.5],
+    [0.9, 0.3, 0.4, 0.7],
+    [0.2, 0.5, 0.8, 0.6],
+    [0.5, 0.4, 0.3, 0.6],
+]
+
+
+def test_bt_loss_is_ln2_when_scores_are_equal():
+    r = torch.randn(7)
+    assert bradley_terry_loss(r, r.clone()).item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_bt_loss_golden_value_and_margin():
+    # -log sigmoid(1) = log(1 + e^-1) = 0.31326...; with margin 1 the logit is 0 -> ln 2
+    chosen, rejected = torch.tensor([2.0]), torch.tensor([1.0])
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
+    assert bradley_terry_loss(chosen, rejected, margin=torch.tensor([1.0])).item() == pytest.approx(
+        math.log(2)
+    )
+
+
+def test_k_completions_weight_each_prompt_equally():
+    # prompt 0 has 3 pairs with logit 0 (loss ln2 each); prompt 1 has 1 pair with logit 1.
+    chosen = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    rejected = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    prompts = torch.tensor([0, 0, 0, 1])
+    expected = (math.log(2) + math.log1p(math.exp(-1))) / 2  # mean of the per-prompt means
+    assert bradley_terry_loss(chosen, rejected, prompt_ids=prompts).item() == pytest.approx(
+        expected, abs=1e-6
+    )
+    unweighted = (3 * math.log(2) + math.log1p(math.exp(-1))) / 4
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(unweighted, abs=1e-6)
+
+
+def test_pairwise_accuracy_counts_ties_as_wrong():
+    assert pairwise_accuracy(
+        torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, 3.0])
+    ).item() == pytest.approx(1 / 3)
+
+
+def test_top_per_prompt_matches_the_book():
+    assert [j + 1 for j in top_per_prompt(R)] == [1, 2, 1, 3, 4]  # the book is 1-indexed
+
+
+def test_top_k_overall_matches_the_book_order():
+    assert top_k_overall_flat(R, 5) == [8, 5, 14, 0, 11]
+    assert top_k_overall(R, 5) == [(2, 0), (1, 1), (3, 2), (0, 0), (2, 3)]
+    # the book's argsort(R_flat)[-K:] selects the same set
+    flat = [r for row in R for r in row]
+    assert set(sorted(range(len(flat)), key=flat.__getitem__)[-5:]) == {8, 5, 14, 0, 11}
+
+
+def test_top_k_overall_rejects_bad_k_and_ragged_rows():
+    with pytest.raises(ValueError, match="1..20"):
+        top_k_overall(R, 21)
+    with pytest.raises(ValueError, match="same number"):
+        top_k_overall([[1.0, 2.0], [1.0]], 1)
