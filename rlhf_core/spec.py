@@ -191,8 +191,8 @@ class LoraSpec(Strict):
     )
 
 
-class SFTTrainSpec(Strict):
-    """Supervised fine-tuning hyperparameters (book ch.4)."""
+class OptimSpec(Strict):
+    """Optimisation settings shared by the offline trainers (AdamW, warmup + decay, clipping, checkpoints)."""
 
     epochs: int = Field(default=1, ge=1, description="Passes over the training split.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
@@ -205,6 +205,13 @@ class SFTTrainSpec(Strict):
         default="linear", description="Decay after warmup."
     )
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip gradients to this L2 norm.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Save a resumable checkpoint every N steps.")
+    log_every: int = Field(default=10, ge=1, description="Report metrics every N steps.")
+
+
+class SFTTrainSpec(OptimSpec):
+    """Supervised fine-tuning hyperparameters (book ch.4)."""
+
     max_length: int = Field(default=256, ge=8, description="Longest tokenized example; longer rows are cut.")
     packing: bool = Field(
         default=True, description="Pack examples into rows; examples never attend across boundaries."
@@ -213,8 +220,6 @@ class SFTTrainSpec(Strict):
         default="all_assistant",
         description="Which assistant turns are trained: all of them, or only the last one (book 4.3).",
     )
-    checkpoint_every: int = Field(default=50, ge=1, description="Save a resumable checkpoint every N steps.")
-    log_every: int = Field(default=10, ge=1, description="Report metrics every N steps.")
 
 
 class SFTStage(_Stage):

@@ -13,20 +13,16 @@ fully determines the data position; model, optimizer, scheduler and RNG states c
 
 from __future__ import annotations
 
-import math
 import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
-from rlhf_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
     Row,
@@ -35,8 +31,6 @@ from rlhf_core.training.sft_data import (
     tokenize_conversation,
     unpacked_rows,
 )
-
-LogFn = Callable[[dict[str, float], int], None]
 
 
 @dataclass
@@ -81,27 +75,10 @@ def build_rows(
     return rows, stats
 
 
-def plan_steps(n_rows: int, cfg: SFTTrainSpec) -> tuple[int, int]:
-    """(optimizer steps per epoch, total steps). ``max_steps`` wins over ``epochs`` when given."""
-    micro_batches = math.ceil(n_rows / cfg.batch_size)
-    per_epoch = max(1, math.ceil(micro_batches / cfg.grad_accum))
-    return per_epoch, (cfg.max_steps or cfg.epochs * per_epoch)
-
-
-def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_rows, generator=generator).tolist()
-
-
 def micro_batches_of_step(plan: _Plan, cfg: SFTTrainSpec, seed: int, step: int) -> list[list[Row]]:
     """The micro-batches of global optimizer step ``step`` (0-based)."""
-    epoch, index = divmod(step, plan.steps_per_epoch)
-    order = epoch_order(len(plan.rows), seed, epoch)
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    chosen = order[index * rows_per_step : (index + 1) * rows_per_step]
-    return [
-        [plan.rows[i] for i in chosen[j : j + cfg.batch_size]] for j in range(0, len(chosen), cfg.batch_size)
-    ]
+    groups = rows_of_step(len(plan.rows), cfg, seed, step, plan.steps_per_epoch)
+    return [[plan.rows[i] for i in group] for group in groups]
 
 
 def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packed: bool) -> torch.Tensor:
@@ -154,7 +131,6 @@ def train_sft(
 
     Returns the trained model (LoRA adapters merged in) and a summary.
     """
-    log = log or (lambda metrics, step: None)
     torch.manual_seed(seed)
     rows, stats = build_rows(records, tokenizer, cfg, seed)
     steps_per_epoch, total_steps = plan_steps(len(rows), cfg)
@@ -162,76 +138,46 @@ def train_sft(
 
     if lora is not None:
         model = apply_lora(model, lora)
-    model.train()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.schedule,
-        optimizer,
-        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start_step = 0
-    if (ckpt := latest_checkpoint(checkpoint_dir)) is not None:
-        state = load_checkpoint(accelerator, ckpt)
-        if (state.get("total_steps"), state.get("seed")) != (total_steps, seed):
-            raise ValueError(
-                f"checkpoint {ckpt} was written for total_steps={state.get('total_steps')}, "
-                f"seed={state.get('seed')}; this run has {total_steps}, {seed}. "
-                "Delete the checkpoint directory to start over."
-            )
-        start_step = state["step"]
-        log({"resumed_from_step": float(start_step)}, start_step)
+    trained_tokens = 0  # label tokens trained by this process (after a resume: since the resume)
 
-    loss_value, input_tokens, trained_tokens = float("nan"), 0, 0
-    started = time.perf_counter()
-    for step in range(start_step, total_steps):
+    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+        nonlocal trained_tokens
         micro = [
             collate(rows_, tokenizer.pad_token_id) for rows_ in micro_batches_of_step(plan, cfg, seed, step)
         ]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        loss_sum = 0.0
+        loss_sum, real_tokens = 0.0, 0
         for batch in micro:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items()}
             loss = token_loss_sum(model, batch, cfg.packing) / max(step_tokens, 1)
-            accelerator.backward(loss)
+            backward(loss)
             loss_sum += loss.item()
-            input_tokens += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, trained_tokens = loss_sum, trained_tokens + step_tokens
+            real_tokens += int(batch["attention_mask"].sum())
+        trained_tokens += step_tokens
+        return {"loss": loss_sum, TOKENS: float(real_tokens)}
 
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            metrics = {
-                "train/loss": loss_value,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/epoch": done / steps_per_epoch,
-                "train/tokens_per_second": input_tokens / max(time.perf_counter() - started, 1e-9),
-            }
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            log(metrics, done)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(accelerator, checkpoint_dir, done, {"total_steps": total_steps, "seed": seed})
-
-    trained = accelerator.unwrap_model(model)
+    trained, loop = run_optimizer_steps(
+        model,
+        cfg,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        step_fn=step_fn,
+        log=log,
+    )
     if lora is not None:
         # peft froze every base weight; once merged, the model is a plain model again and trains like one.
         trained = trained.merge_and_unload().requires_grad_(True)
     trained.eval()
     result = SFTResult(
         steps=total_steps,
-        resumed_from_step=start_step,
-        final_loss=loss_value,
+        resumed_from_step=loop.resumed_from_step,
+        final_loss=loop.last_metrics.get("loss", float("nan")),
         trained_tokens=trained_tokens,
-        input_tokens=input_tokens,
-        seconds=time.perf_counter() - started,
+        input_tokens=loop.tokens,
+        seconds=loop.seconds,
         **stats,
     )
     return trained, result

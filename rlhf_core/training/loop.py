@@ -1,0 +1,133 @@
+"""The optimizer-step loop shared by every offline trainer (SFT, reward model, ...).
+
+A trainer supplies ``step_fn(step, backward, device)``: it runs the forward/backward passes of the
+micro-batches of global step ``step`` (calling ``backward(loss)``) and returns that step's metrics.
+This loop owns everything around it: accelerate, AdamW, warmup + decay schedule, gradient clipping,
+metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps.
+
+Exact resume relies on the trainer's batches being a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel, get_scheduler
+
+from rlhf_core.spec import OptimSpec
+from rlhf_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+LogFn = Callable[[dict[str, float], int], None]
+BackwardFn = Callable[[torch.Tensor], None]
+StepFn = Callable[[int, BackwardFn, torch.device], dict[str, float]]
+
+TOKENS = "tokens"  # step_fn metric: real (non-padding) input tokens processed in the step
+
+
+@dataclass
+class LoopResult:
+    total_steps: int
+    resumed_from_step: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_optimizer_steps(
+    model: PreTrainedModel,
+    cfg: OptimSpec,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    seed: int,
+    checkpoint_dir: Path,
+    step_fn: StepFn,
+    log: LogFn | None = None,
+) -> tuple[PreTrainedModel, LoopResult]:
+    """Train ``model`` for ``total_steps`` optimizer steps (resuming from ``checkpoint_dir``)."""
+    log = log or (lambda metrics, step: None)
+    model.train()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step = _resume(accelerator, checkpoint_dir, total_steps, seed, log)
+
+    result = LoopResult(total_steps=total_steps, resumed_from_step=start_step)
+    started = time.perf_counter()
+    for step in range(start_step, total_steps):
+        metrics = step_fn(step, accelerator.backward, accelerator.device)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.tokens += int(metrics.pop(TOKENS, 0))
+        result.last_metrics = metrics
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            shown = {f"train/{k}": v for k, v in metrics.items()}
+            shown["train/lr"] = scheduler.get_last_lr()[0]
+            shown["train/epoch"] = done / steps_per_epoch
+            shown["train/tokens_per_second"] = result.tokens / max(time.perf_counter() - started, 1e-9)
+            if grad_norm is not None:
+                shown["train/grad_norm"] = float(grad_norm)
+            log(shown, done)
+        if done % cfg.checkpoint_every == 0 and done < total_steps:
+            save_checkpoint(accelerator, checkpoint_dir, done, {"total_steps": total_steps, "seed": seed})
+    result.seconds = time.perf_counter() - started
+    return accelerator.unwrap_model(model), result
+
+
+def _resume(accelerator: Accelerator, checkpoint_dir: Path, total_steps: int, seed: int, log: LogFn) -> int:
+    """Restore the newest checkpoint, if any; returns the step to continue from."""
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is None:
+        return 0
+    state = load_checkpoint(accelerator, ckpt)
+    if (state.get("total_steps"), state.get("seed")) != (total_steps, seed):
+        raise ValueError(
+            f"checkpoint {ckpt} was written for total_steps={state.get('total_steps')}, "
+            f"seed={state.get('seed')}; this run has {total_steps}, {seed}. "
+            "Delete the checkpoint directory to start over."
+        )
+    log({"resumed_from_step": float(state["step"])}, state["step"])
+    return state["step"]
+
+
+def plan_steps(n_rows: int, cfg: OptimSpec) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps). ``max_steps`` wins over ``epochs`` when given."""
+    micro_batches = math.ceil(n_rows / cfg.batch_size)
+    per_epoch = max(1, math.ceil(micro_batches / cfg.grad_accum))
+    return per_epoch, (cfg.max_steps or cfg.epochs * per_epoch)
+
+
+def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled row order of one epoch: a pure function of (seed, epoch), which makes resume exact."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_rows, generator=generator).tolist()
+
+
+def rows_of_step(n_rows: int, cfg: OptimSpec, seed: int, step: int, steps_per_epoch: int) -> list[list[int]]:
+    """Row indices of each micro-batch of global optimizer step ``step`` (0-based)."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = epoch_order(n_rows, seed, epoch)
+    per_step = cfg.batch_size * cfg.grad_accum
+    chosen = order[index * per_step : (index + 1) * per_step]
+    return [chosen[j : j + cfg.batch_size] for j in range(0, len(chosen), cfg.batch_size)]
