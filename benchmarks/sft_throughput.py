@@ -319,11 +319,12 @@ def run_quiet(
     settings: BenchSettings,
     args: argparse.Namespace,
     discarded: list[RunResult],
+    profile_out: Path | None = None,
 ) -> RunResult:
     """Run once the box is quiet; redo a run that other processes disturbed (kept aside as discarded)."""
     for _ in range(args.retries + 1):
         wait_for_quiet(args.quiet_percent, args.quiet_timeout)
-        result = run_worker(contender, mode, model_dir, settings)
+        result = run_worker(contender, mode, model_dir, settings, profile_out)
         if result.background_cores <= args.max_background:
             return result
         print(
@@ -456,9 +457,11 @@ def profile(args: argparse.Namespace, model_dir: Path) -> None:
     for mode in args.modes:
         for contender in CONTENDERS:
             table = args.out.parent / f"sft_profile_{contender}_{mode}.txt"
-            wait_for_quiet(args.quiet_percent, args.quiet_timeout)
-            r = run_worker(contender, mode, model_dir, settings, profile_out=table)
-            print(f"== {contender} {mode}: {r.tokens_per_second:.0f} tok/s under the profiler -> {table}")
+            r = run_quiet(contender, mode, model_dir, settings, args, [], profile_out=table)
+            print(
+                f"== {contender} {mode}: {r.tokens_per_second:.0f} tok/s under the profiler "
+                f"(background {r.background_cores:.2f} cores) -> {table}"
+            )
             print("\n".join(table.read_text().splitlines()[:16]))
 
 

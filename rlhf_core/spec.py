@@ -235,10 +235,46 @@ class SFTStage(_Stage):
     )
 
     def input_refs(self) -> dict[str, tuple[str, str]]:
-        return {"model": (self.model, "model"), "data": (self.data, "dataset:sft")}
+        return {"model": (self.model, "model:policy"), "data": (self.data, "dataset:sft")}
 
     def output_types(self) -> dict[str, str]:
-        return {"model": "model"}
+        return {"model": "model:policy"}
+
+
+class RewardTrainSpec(OptimSpec):
+    """Reward-model hyperparameters (book ch.5; one epoch is the common practice)."""
+
+    lr: float = Field(default=5e-5, gt=0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(
+        default=8, ge=1, description="Prompts per micro-batch (all pairs of a prompt together)."
+    )
+    max_length: int = Field(default=256, ge=8, description="Longest prompt + completion, in tokens.")
+    on_overlong: Literal["fail", "skip"] = Field(
+        default="fail", description="A pair longer than max_length: stop with its row, or skip and count it."
+    )
+    margin_column: str | None = Field(
+        default=None, description="Column with the Llama 2 margin m(y_c, y_r) subtracted inside the loss."
+    )
+
+
+class RewardModelStage(_Stage):
+    """A Bradley-Terry reward model: scalar head on the backbone of a policy model (book ch.5)."""
+
+    kind: Literal["reward_model"]
+    model: str = Field(
+        description="Policy whose backbone initialises the reward model (usually the SFT model)."
+    )
+    data: str = Field(description="Preference dataset reference, e.g. data.preferences.")
+    train: RewardTrainSpec = Field(default_factory=RewardTrainSpec, description="Training hyperparameters.")
+    register_as: str | None = Field(
+        default=None, description="Registered model name; default '<pipeline>-<stage>'."
+    )
+
+    def input_refs(self) -> dict[str, tuple[str, str]]:
+        return {"model": (self.model, "model:policy"), "data": (self.data, "dataset:preference")}
+
+    def output_types(self) -> dict[str, str]:
+        return {"model": "model:reward"}
 
 
 class GenerationSpec(Strict):
@@ -271,7 +307,7 @@ class EvaluateStage(_Stage):
         return self
 
     def input_refs(self) -> dict[str, tuple[str, str]]:
-        refs = {f"models[{i}]": (m, "model") for i, m in enumerate(self.models)}
+        refs = {f"models[{i}]": (m, "model:policy") for i, m in enumerate(self.models)}
         if self.data:
             refs["data"] = (self.data, "dataset:sft")
         if self.prompts:
@@ -282,8 +318,7 @@ class EvaluateStage(_Stage):
         return {"report": "report"}
 
 
-Stage = Annotated[DatasetStage | SFTStage | EvaluateStage, Field(discriminator="kind")]
-MODEL_STAGE_KINDS = ("sft",)
+Stage = Annotated[DatasetStage | SFTStage | RewardModelStage | EvaluateStage, Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -365,7 +400,7 @@ def ref_type(spec: PipelineSpec, ref: str) -> tuple[str | None, str | None]:
     if name in spec.models:
         if output is not None:
             return None, f"model '{name}' has no outputs; refer to it as '{name}'"
-        return "model", None
+        return "model:policy", None
     if name not in spec.stages:
         known = sorted([*spec.models, *spec.stages])
         return (
@@ -401,7 +436,12 @@ def _describe(type_name: str | None) -> str:
     if type_name and type_name.startswith("dataset:"):
         kind = type_name.split(":")[1]
         return f"{'an' if kind == 'sft' else 'a'} {kind} dataset"
-    return {"model": "a model", "report": "an evaluation report"}.get(type_name or "", str(type_name))
+    names = {
+        "model:policy": "a policy model",
+        "model:reward": "a reward model",
+        "report": "an evaluation report",
+    }
+    return names.get(type_name or "", str(type_name))
 
 
 def _cycle_problems(spec: PipelineSpec) -> list[str]:
@@ -499,7 +539,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         message = err["msg"].removeprefix("Value error, ")
         if loc[:1] == ["stages"] and len(loc) >= 2:
             stage, rest = loc[1], loc[2:]
-            if rest and rest[0] in ("dataset", "sft", "evaluate"):
+            if rest and rest[0] in ("dataset", "sft", "reward_model", "evaluate"):
                 rest = rest[1:]  # drop the discriminated-union tag pydantic adds
             where = f"stage '{stage}'" + (f", field {'.'.join(rest)}" if rest else "")
         elif loc[:1] == ["models"] and len(loc) >= 2:

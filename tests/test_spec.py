@@ -51,7 +51,7 @@ def test_reference_of_the_wrong_type(tiny_spec_dict):
     tiny_spec_dict["stages"]["sft"]["model"] = "data.sft"
     tiny_spec_dict["stages"]["eval"]["prompts"] = "data.sft"
     problems = _problems(tiny_spec_dict)
-    assert "stage 'sft', field model: 'data.sft' is an sft dataset, expected a model" in problems
+    assert "stage 'sft', field model: 'data.sft' is an sft dataset, expected a policy model" in problems
     assert "stage 'eval', field prompts: 'data.sft' is an sft dataset, expected a prompts dataset" in problems
 
 
@@ -130,7 +130,8 @@ def test_cli_validate_ok_and_errors_exit_nonzero(tmp_path, tiny_spec_dict):
         "validate", str(REPO_ROOT / "recipes" / "quickstart.yaml"), "--set", "stages.sft.model=data.prompts"
     )
     assert bad.returncode == 2
-    assert "stage 'sft', field model: 'data.prompts' is a prompts dataset, expected a model" in bad.stderr
+    expected = "stage 'sft', field model: 'data.prompts' is a prompts dataset, expected a policy model"
+    assert expected in bad.stderr
 
 
 def test_cli_validate_checks_data_file_columns(tmp_path, tiny_spec_dict):

@@ -1,0 +1,227 @@
+"""Reward-model training (book ch.5): a scalar head on the policy's backbone, Bradley-Terry loss.
+
+Architecture: ``AutoModelForSequenceClassification`` with one label on the policy checkpoint; the
+score is read at the last non-padding token, which is the end-of-turn token ``<|im_end|>`` because
+every (prompt, completion) is rendered with the chat template and trailing whitespace is stripped.
+The score head starts at zero, so every reward is 0 and the loss is exactly ln 2 at initialisation.
+
+Batching follows InstructGPT: a training row is one prompt with all of its preference pairs, so the
+pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.losses.reward_model import bradley_terry_loss
+from rlhf_core.spec import RewardTrainSpec
+from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
+
+
+class OverlongPairError(ValueError):
+    """A preference pair does not fit in ``max_length`` tokens."""
+
+
+@dataclass
+class PromptPairs:
+    """All preference pairs of one prompt, tokenized."""
+
+    chosen: list[list[int]] = field(default_factory=list)
+    rejected: list[list[int]] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RewardModelResult:
+    steps: int
+    resumed_from_step: int
+    final_loss: float
+    prompts: int
+    pairs: int
+    skipped_pairs: int
+    seconds: float
+    input_tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def build_reward_model(source: str) -> PreTrainedModel:
+    """A one-label sequence classifier on the backbone saved at ``source``, with a zero score head."""
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+    head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+    torch.nn.init.zeros_(head.weight)
+    if getattr(head, "bias", None) is not None:
+        torch.nn.init.zeros_(head.bias)
+    return model
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> list[int]:
+    """Token ids of prompt + completion as one chat, ending at the end-of-turn token."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
+    ).rstrip()
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def group_pairs(
+    records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: RewardTrainSpec, source: str
+) -> tuple[list[PromptPairs], int]:
+    """Tokenize preference rows and group them by prompt; returns (groups, skipped overlong pairs)."""
+    groups: dict[str, PromptPairs] = {}
+    skipped = 0
+    for i, row in enumerate(records):
+        chosen = encode_completion(tokenizer, row["prompt"], row["chosen"])
+        rejected = encode_completion(tokenizer, row["prompt"], row["rejected"])
+        if max(len(chosen), len(rejected)) > cfg.max_length:
+            if cfg.on_overlong == "fail":
+                longest = max(len(chosen), len(rejected))
+                raise OverlongPairError(
+                    f"in {source}, row {i} (0-based): prompt + completion is {longest} tokens, longer than "
+                    f"max_length {cfg.max_length}; raise max_length or set on_overlong: skip"
+                )
+            skipped += 1
+            continue
+        group = groups.setdefault(row["prompt"], PromptPairs())
+        group.chosen.append(chosen)
+        group.rejected.append(rejected)
+        group.margins.append(float(row.get(cfg.margin_column, 0.0)) if cfg.margin_column else 0.0)
+    return list(groups.values()), skipped
+
+
+def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token lists into (B, T) input ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def score_sequences(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) scalar rewards r(x, y), read at each row's last non-padding token."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+
+
+def pairs_loss(
+    model: PreTrainedModel, groups: list[PromptPairs], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BT loss over the prompts in ``groups`` (chosen and rejected scored in one forward pass)."""
+    chosen = [s for g in groups for s in g.chosen]
+    rejected = [s for g in groups for s in g.rejected]
+    batch = {k: v.to(device) for k, v in pad_batch(chosen + rejected, pad_token_id).items()}
+    rewards = score_sequences(model, batch)  # (2P,)
+    r_c, r_r = rewards[: len(chosen)], rewards[len(chosen) :]
+    prompt_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.chosen], device=device)
+    margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=rewards.dtype)
+    loss = bradley_terry_loss(r_c, r_r, margin=margin, prompt_ids=prompt_ids)
+    tokens = float(batch["attention_mask"].sum())
+    return loss, {
+        "accuracy": float((r_c > r_r).float().mean()),
+        "margin": float((r_c - r_r).detach().mean()),
+        TOKENS: tokens,
+    }
+
+
+def train_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    cfg: RewardTrainSpec,
+    *,
+    seed: int,
+    checkpoint_dir: Path,
+    source: str = "preferences",
+    log: LogFn | None = None,
+) -> tuple[PreTrainedModel, RewardModelResult]:
+    """Train ``model`` (from ``build_reward_model``) on preference rows (prompt, chosen, rejected)."""
+    torch.manual_seed(seed)
+    groups, skipped = group_pairs(records, tokenizer, cfg, source)
+    if not groups:
+        raise ValueError(f"{source}: no preference pair fits in max_length {cfg.max_length}")
+    random.Random(seed).shuffle(groups)
+    steps_per_epoch, total_steps = plan_steps(len(groups), cfg)
+
+    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+        micro = [
+            [groups[i] for i in ids] for ids in rows_of_step(len(groups), cfg, seed, step, steps_per_epoch)
+        ]
+        n_step = sum(len(m) for m in micro)
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0}
+        for part in micro:
+            loss, stats = pairs_loss(model, part, tokenizer.pad_token_id, device)
+            weight = len(part) / n_step  # each prompt weighs the same across micro-batches
+            backward(loss * weight)
+            totals["loss"] += loss.item() * weight
+            totals["accuracy"] += stats["accuracy"] * weight
+            totals["margin"] += stats["margin"] * weight
+            totals[TOKENS] += stats[TOKENS]
+        return totals
+
+    trained, loop = run_optimizer_steps(
+        model,
+        cfg,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        step_fn=step_fn,
+        log=log,
+    )
+    trained.eval()
+    result = RewardModelResult(
+        steps=total_steps,
+        resumed_from_step=loop.resumed_from_step,
+        final_loss=loop.last_metrics.get("loss", float("nan")),
+        prompts=len(groups),
+        pairs=sum(len(g.chosen) for g in groups),
+        skipped_pairs=skipped,
+        seconds=loop.seconds,
+        input_tokens=loop.tokens,
+    )
+    return trained, result
+
+
+@torch.no_grad()
+def evaluate_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    cfg: RewardTrainSpec,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Held-out BT loss, pairwise accuracy, mean margin and reward mean/std on preference rows."""
+    model.eval()
+    device = next(model.parameters()).device
+    groups, skipped = group_pairs(records, tokenizer, cfg.model_copy(update={"on_overlong": "skip"}), "eval")
+    chosen_scores: list[float] = []
+    rejected_scores: list[float] = []
+    for start in range(0, len(groups), batch_size):
+        part = groups[start : start + batch_size]
+        chosen = [s for g in part for s in g.chosen]
+        rejected = [s for g in part for s in g.rejected]
+        batch = {k: v.to(device) for k, v in pad_batch(chosen + rejected, tokenizer.pad_token_id).items()}
+        rewards = score_sequences(model, batch).float().cpu().tolist()
+        chosen_scores += rewards[: len(chosen)]
+        rejected_scores += rewards[len(chosen) :]
+    margins = [c - r for c, r in zip(chosen_scores, rejected_scores, strict=True)]
+    every = chosen_scores + rejected_scores
+    return {
+        "eval/loss": statistics.fmean(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins),
+        "eval/accuracy": statistics.fmean(1.0 if m > 0 else 0.0 for m in margins),
+        "eval/margin_mean": statistics.fmean(margins),
+        "eval/reward_mean": statistics.fmean(every),
+        "eval/reward_std": statistics.pstdev(every),
+        "eval/pairs": float(len(margins)),
+        "eval/skipped_pairs": float(skipped),
+    }

@@ -1,0 +1,104 @@
+"""Reward-model trainer on a tiny model: ln 2 at initialisation, learning, bad input, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.modeling.models import build_tiny_model, save_model
+from rlhf_core.spec import RewardTrainSpec, TinyModelSource
+from rlhf_core.training.reward_model import (
+    OverlongPairError,
+    build_reward_model,
+    evaluate_reward_model,
+    train_reward_model,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PAIRS = synthetic_records("arithmetic", "preference", n=160, seed=0, max_operand=9)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320), 0)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("policy") / "model"), tokenizer
+
+
+def test_loss_is_ln2_at_initialisation(policy_dir):
+    directory, tokenizer = policy_dir
+    metrics = evaluate_reward_model(
+        build_reward_model(str(directory)), tokenizer, PAIRS[:20], RewardTrainSpec()
+    )
+    # the zero score head gives r_c = r_r = 0 for every pair, so -log sigma(0) = ln 2 exactly
+    assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["eval/reward_std"] == 0.0
+
+
+def test_training_learns_a_preference(policy_dir, tmp_path):
+    """An easy, learnable preference (a worked answer over a refusal) on a random-init backbone."""
+    directory, tokenizer = policy_dir
+    rows = [{**r, "rejected": "I do not know."} for r in PAIRS]
+    cfg = RewardTrainSpec(epochs=2, lr=3e-3, batch_size=16, warmup_ratio=0.0, log_every=2)
+    logged = []
+    model, result = train_reward_model(
+        build_reward_model(str(directory)),
+        tokenizer,
+        rows[:140],
+        cfg,
+        seed=0,
+        checkpoint_dir=tmp_path / "ckpt",
+        log=lambda m, s: logged.append(m),
+    )
+    assert result.pairs == 140 and result.skipped_pairs == 0
+    assert logged[0]["train/loss"] < math.log(2)
+    assert logged[-1]["train/loss"] < 0.4
+    metrics = evaluate_reward_model(model, tokenizer, rows[140:], cfg)
+    assert metrics["eval/accuracy"] == 1.0, metrics
+    assert metrics["eval/margin_mean"] > 0.5
+
+
+def test_overlong_pair_fails_with_its_row_or_is_skipped(policy_dir, tmp_path):
+    directory, tokenizer = policy_dir
+    rows = PAIRS[:3] + [{**PAIRS[3], "chosen": "1 " * 300}]
+    with pytest.raises(OverlongPairError, match=r"in prefs, row 3 \(0-based\).*max_length 64"):
+        train_reward_model(
+            build_reward_model(str(directory)),
+            tokenizer,
+            rows,
+            RewardTrainSpec(max_length=64),
+            seed=0,
+            checkpoint_dir=tmp_path / "a",
+            source="prefs",
+        )
+    _, result = train_reward_model(
+        build_reward_model(str(directory)),
+        tokenizer,
+        rows,
+        RewardTrainSpec(max_length=64, on_overlong="skip", max_steps=1),
+        seed=0,
+        checkpoint_dir=tmp_path / "b",
+    )
+    assert result.skipped_pairs == 1 and result.pairs == 3
+
+
+def test_reward_model_saves_and_loads_with_plain_from_pretrained(policy_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_core.training.reward_model import encode_completion, pad_batch, score_sequences
+
+    directory, tokenizer = policy_dir
+    cfg = RewardTrainSpec(max_steps=2, lr=1e-2)
+    model, _ = train_reward_model(
+        build_reward_model(str(directory)), tokenizer, PAIRS[:16], cfg, seed=0, checkpoint_dir=tmp_path / "c"
+    )
+    saved = save_model(model, tokenizer, tmp_path / "rm")
+    loaded = AutoModelForSequenceClassification.from_pretrained(saved)
+    batch = pad_batch(
+        [encode_completion(tokenizer, PAIRS[0]["prompt"], PAIRS[0]["chosen"])], tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        assert torch.allclose(score_sequences(model, batch), score_sequences(loaded, batch), atol=1e-6)
