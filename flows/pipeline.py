@@ -20,11 +20,12 @@ from prefect.runtime import flow_run
 from registry import tracking
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, SFTStage, resolve_ref
+from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, RewardModelStage, SFTStage, resolve_ref
 from tasks.build_dataset import build_dataset
 from tasks.evaluate_models import evaluate_models
 from tasks.prepare_base_model import prepare_base_model
 from tasks.stage_execution import RunContext, StageOutcome
+from tasks.train_reward_model import train_reward_model
 from tasks.train_sft import train_sft
 
 
@@ -89,6 +90,15 @@ def run_stage(
         return build_dataset(ctx, name, stage, seed)
     if isinstance(stage, SFTStage):
         return train_sft(
+            ctx,
+            name,
+            stage,
+            seed,
+            model=resolve_ref(stage.model, outputs),
+            data=resolve_ref(stage.data, outputs),
+        )
+    if isinstance(stage, RewardModelStage):
+        return train_reward_model(
             ctx,
             name,
             stage,

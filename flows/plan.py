@@ -14,11 +14,12 @@ from rlhf_core.fingerprint import (
     base_model_fingerprint,
     dataset_fingerprint,
     evaluate_fingerprint,
+    reward_model_fingerprint,
     sft_fingerprint,
 )
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, SFTStage, resolve_ref
+from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, RewardModelStage, SFTStage, resolve_ref
 
 
 @dataclass
@@ -68,6 +69,8 @@ def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, Sta
     try:
         if isinstance(stage, SFTStage):
             return sft_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
+        if isinstance(stage, RewardModelStage):
+            return reward_model_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
         if isinstance(stage, EvaluateStage):
             return evaluate_fingerprint(
                 stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data), ref(stage.prompts)

@@ -30,14 +30,18 @@ PIP_REQUIREMENTS = [
 ]
 
 
+PIPELINE_TASK_OF_ROLE = {"policy": "text-generation", "reward": "text-classification"}
+
+
 def log_and_register_model(
-    run_id: str, model, tokenizer, registered_name: str, lineage: dict[str, str]
+    run_id: str, model, tokenizer, registered_name: str, lineage: dict[str, str], role: str = "policy"
 ) -> tuple[str, str]:
     """Log ``model`` in the stage run, register a new version tagged with ``lineage``, alias it ``candidate``.
 
-    Returns (logged model URI ``models:/m-...``, registered version).
+    Policies are logged as text-generation pipelines, reward models as text-classification ones (the
+    scalar head's raw score). Returns (logged model URI ``models:/m-...``, registered version).
     """
-    pipeline = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    pipeline = transformers.pipeline(PIPELINE_TASK_OF_ROLE[role], model=model, tokenizer=tokenizer)
     # MLflow looks up a hub model card and license by the model's local path: noise offline.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     with activate_stage_run(run_id), warnings.catch_warnings():

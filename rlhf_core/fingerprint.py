@@ -97,3 +97,7 @@ def evaluate_fingerprint(
     inputs = {f"model:{name}": ref for name, ref in models.items()}
     inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
     return stage_fingerprint("evaluate", stage, input_digests(inputs), seed)
+
+
+def reward_model_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
+    return stage_fingerprint("reward_model", stage, input_digests({"model": model, "data": data}), seed)
