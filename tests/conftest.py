@@ -37,6 +37,10 @@ TINY_SPEC: dict = {
                 "log_every": 4,
             },
         },
+        "rm": {
+            "kind": "reward_model", "model": "sft", "data": "data.preferences",
+            "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "max_length": 64},
+        },
         "eval": {
             "kind": "evaluate",
             "models": ["base", "sft"],

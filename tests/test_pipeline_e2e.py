@@ -44,6 +44,7 @@ def test_first_run_runs_every_stage_in_order(first_run):
         ("base", "ran"),
         ("data", "ran"),
         ("sft", "ran"),
+        ("rm", "ran"),
         ("eval", "ran"),
     ]
     sft = outcomes[2]
@@ -84,6 +85,8 @@ def test_registered_model_has_lineage_and_loads_by_alias(first_run):
     assert tags["rlhf.dataset_digests"] == f"data.sft={data_ref.digest}"
     assert tags["rlhf.fingerprint"] == outcomes[2].fingerprint
     assert "rlhf.git_commit" in tags
+    reward = _client().get_model_version_by_alias("e2e-rm", "candidate")
+    assert reward.tags["rlhf.role"] == "reward" and reward.tags["rlhf.upstream_models"] == "e2e-sft:1"
     pipe = mlflow.transformers.load_model("models:/e2e-sft@candidate")
     text = pipe("What is 2 + 3?", max_new_tokens=5)[0]["generated_text"]
     assert isinstance(text, str) and len(text) > len("What is 2 + 3?")
@@ -94,7 +97,7 @@ def test_rerun_with_nothing_changed_is_fully_cached(first_run, pipeline_home):
 
     spec, outcomes = first_run
     again = run_pipeline(spec, home=str(pipeline_home))
-    assert [o.status for o in again] == ["cached"] * 4
+    assert [o.status for o in again] == ["cached"] * 5
     assert [o.run_id for o in again] == [o.run_id for o in outcomes]
     assert len(_client().search_model_versions("name='e2e-sft'")) == 1
 
@@ -104,35 +107,38 @@ def test_cache_record_lives_in_mlflow_not_prefect(first_run, pipeline_home):
     from flows.plan import plan_pipeline
 
     spec, _ = first_run
-    assert [p.action for p in plan_pipeline(spec, set(), str(pipeline_home))] == ["cached"] * 4
+    assert [p.action for p in plan_pipeline(spec, set(), str(pipeline_home))] == ["cached"] * 5
 
 
 def test_changing_one_parameter_reruns_that_stage_and_downstream_only(first_run, pipeline_home):
+    """rm's learning rate changes: rm re-runs; its upstream and its sibling eval stay cached."""
     from conftest import TINY_SPEC
 
     from flows.pipeline import run_pipeline
 
     raw = {**TINY_SPEC, "stages": {**TINY_SPEC["stages"]}}
-    raw["stages"]["sft"] = {**raw["stages"]["sft"], "train": {**raw["stages"]["sft"]["train"], "lr": 1e-3}}
+    raw["stages"]["rm"] = {**raw["stages"]["rm"], "train": {**raw["stages"]["rm"]["train"], "lr": 5e-4}}
     outcomes = run_pipeline(parse_spec(raw), home=str(pipeline_home))
     assert [(o.stage, o.status) for o in outcomes] == [
         ("base", "cached"),
         ("data", "cached"),
-        ("sft", "ran"),
-        ("eval", "ran"),
+        ("sft", "cached"),
+        ("rm", "ran"),
+        ("eval", "cached"),
     ]
-    assert outcomes[2].registered == "e2e-sft v2"
+    assert outcomes[3].registered == "e2e-rm v2"
 
 
 def test_force_reruns_stage_and_downstream(first_run, pipeline_home):
     from flows.pipeline import run_pipeline
 
     spec, _ = first_run
-    outcomes = run_pipeline(spec, force=["data"], home=str(pipeline_home))
+    outcomes = run_pipeline(spec, force=["sft"], home=str(pipeline_home))
     assert [(o.stage, o.status) for o in outcomes] == [
         ("base", "cached"),
-        ("data", "ran"),
+        ("data", "cached"),
         ("sft", "ran"),
+        ("rm", "ran"),
         ("eval", "ran"),
     ]
 

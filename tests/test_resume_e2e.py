@@ -26,7 +26,7 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
     tiny_spec_dict["stages"]["sft"]["train"].update(
         max_steps=100, checkpoint_every=10, log_every=10, batch_size=16
     )
-    del tiny_spec_dict["stages"]["eval"]
+    del tiny_spec_dict["stages"]["eval"], tiny_spec_dict["stages"]["rm"]
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
     return path

@@ -105,6 +105,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tiny_spec_dict):
 def test_relative_paths_resolve_against_the_spec_file(tmp_path, tiny_spec_dict):
     tiny_spec_dict["stages"]["data"]["source"] = {"file": {"path": "rows.jsonl", "format": "sft"}}
     tiny_spec_dict["stages"]["eval"].pop("prompts")
+    del tiny_spec_dict["stages"]["rm"]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
     spec = load_spec(tmp_path / "p.yaml")
     assert spec.stages["data"].source.file.path == str(tmp_path / "rows.jsonl")
@@ -112,9 +113,10 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path, tiny_spec_dict):
 
 def test_downstream_and_topological_order(tiny_spec_dict):
     spec = parse_spec(tiny_spec_dict)
-    assert spec.downstream_of("data") == {"data", "sft", "eval"}
-    assert spec.downstream_of("sft") == {"sft", "eval"}
-    assert spec.downstream_of("base") == {"base", "sft", "eval"}
+    assert spec.downstream_of("data") == {"data", "sft", "rm", "eval"}
+    assert spec.downstream_of("sft") == {"sft", "rm", "eval"}
+    assert spec.downstream_of("rm") == {"rm"}
+    assert spec.downstream_of("base") == {"base", "sft", "rm", "eval"}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -143,7 +145,8 @@ def test_cli_validate_checks_data_file_columns(tmp_path, tiny_spec_dict):
             "columns": {"chosen": "good", "rejected": "bad"},
         }
     }
-    del tiny_spec_dict["stages"]["sft"], tiny_spec_dict["stages"]["eval"]
+    for stage in ("sft", "rm", "eval"):
+        del tiny_spec_dict["stages"][stage]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
     result = _cli("validate", str(tmp_path / "p.yaml"))
     assert result.returncode == 2
@@ -162,3 +165,12 @@ def test_every_spec_field_has_a_description():
             if field != "kind" and "description" not in prop:
                 missing.append(f"{model_name}.{field}")
     assert not missing, missing
+
+
+def test_reward_model_stage_types(tiny_spec_dict):
+    """A reward model is not a policy: it cannot be fine-tuned by sft or evaluated as a generator."""
+    tiny_spec_dict["stages"]["sft2"] = {"kind": "sft", "model": "rm", "data": "data.sft"}
+    tiny_spec_dict["stages"]["rm"]["data"] = "data.sft"
+    problems = _problems(tiny_spec_dict)
+    assert "stage 'sft2', field model: 'rm' is a reward model, expected a policy model" in problems
+    assert "stage 'rm', field data: 'data.sft' is an sft dataset, expected a preference dataset" in problems
