@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DatasetKind = Literal["sft", "preference", "prompts"]
+DatasetKind = Literal["sft", "preference", "prompts", "completions"]
 ModelRole = Literal["policy", "reward", "value"]
 
 

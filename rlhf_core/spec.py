@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf_core.rewards import REWARD_FUNCTIONS
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
@@ -277,6 +279,94 @@ class RewardModelStage(_Stage):
         return {"model": "model:reward"}
 
 
+class RewardSourceSpec(Strict):
+    """One scorer of completions: a registered reward function or a reward-model stage, with a weight."""
+
+    function: str | None = Field(
+        default=None, description="Registered reward function, e.g. arithmetic_exact."
+    )
+    model: str | None = Field(default=None, description="Reward-model reference (a reward_model stage).")
+    weight: float = Field(default=1.0, description="Weight w_s in the composite sum_s w_s * r_s(x, y).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RewardSourceSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("give exactly one of function or model")
+        if self.function is not None and self.function not in REWARD_FUNCTIONS:
+            raise ValueError(
+                f"unknown reward function '{self.function}' (known: {', '.join(REWARD_FUNCTIONS)})"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.function or f"rm:{self.model}"
+
+
+class SamplingSpec(Strict):
+    """Decoding settings for sampling N completions per prompt."""
+
+    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature (book: 0.7-1.0).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per completion at most.")
+    batch_size: int = Field(default=64, ge=1, description="Sequences per generate call.")
+
+
+class SampleStage(_Stage):
+    """N completions per prompt from a policy, each scored by the reward sources (book ch.9)."""
+
+    kind: Literal["sample"]
+    policy: str = Field(description="Policy model that generates.")
+    prompts: str = Field(description="Prompts dataset reference, e.g. data.prompts.")
+    split: str = Field(default="train", description="Split of the prompts dataset to sample from.")
+    n: int = Field(default=8, ge=1, description="Completions per prompt (book: 10-30+; fewer is noisier).")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
+    generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding settings.")
+    rewards: tuple[RewardSourceSpec, ...] = Field(
+        min_length=1, description="Reward sources; scores are summed."
+    )
+    on_invalid_reward: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="A NaN/inf reward: stop naming the row, or drop the completion and count it.",
+    )
+
+    def input_refs(self) -> dict[str, tuple[str, str]]:
+        refs = {"policy": (self.policy, "model:policy"), "prompts": (self.prompts, "dataset:prompts")}
+        for i, source in enumerate(self.rewards):
+            if source.model is not None:
+                refs[f"rewards[{i}].model"] = (source.model, "model:reward")
+        return refs
+
+    def output_types(self) -> dict[str, str]:
+        return {"completions": "dataset:completions"}
+
+
+class RejectionSamplingStage(_Stage):
+    """Keep the best completions (top per prompt or top-K overall) as an SFT dataset (book ch.9)."""
+
+    kind: Literal["rejection_sampling"]
+    completions: str = Field(description="Completions dataset of a sample stage.")
+    strategy: Literal["top_per_prompt", "top_k_overall"] = Field(
+        default="top_per_prompt", description="Selection rule S(R) of the book."
+    )
+    k: int | None = Field(default=None, ge=1, description="How many completions top_k_overall keeps.")
+    min_reward: float | None = Field(
+        default=None, description="Also drop selected completions below this reward."
+    )
+
+    @model_validator(mode="after")
+    def _k_for_top_k(self) -> RejectionSamplingStage:
+        if self.strategy == "top_k_overall" and self.k is None:
+            raise ValueError("strategy top_k_overall needs k")
+        return self
+
+    def input_refs(self) -> dict[str, tuple[str, str]]:
+        return {"completions": (self.completions, "dataset:completions")}
+
+    def output_types(self) -> dict[str, str]:
+        return {"sft": "dataset:sft"}
+
+
 class GenerationSpec(Strict):
     """Decoding settings used by evaluation."""
 
@@ -318,7 +408,11 @@ class EvaluateStage(_Stage):
         return {"report": "report"}
 
 
-Stage = Annotated[DatasetStage | SFTStage | RewardModelStage | EvaluateStage, Field(discriminator="kind")]
+Stage = Annotated[
+    DatasetStage | SFTStage | RewardModelStage | SampleStage | RejectionSamplingStage | EvaluateStage,
+    Field(discriminator="kind"),
+]
+STAGE_KINDS = ("dataset", "sft", "reward_model", "sample", "rejection_sampling", "evaluate")
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -539,7 +633,7 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
         message = err["msg"].removeprefix("Value error, ")
         if loc[:1] == ["stages"] and len(loc) >= 2:
             stage, rest = loc[1], loc[2:]
-            if rest and rest[0] in ("dataset", "sft", "reward_model", "evaluate"):
+            if rest and rest[0] in STAGE_KINDS:
                 rest = rest[1:]  # drop the discriminated-union tag pydantic adds
             where = f"stage '{stage}'" + (f", field {'.'.join(rest)}" if rest else "")
         elif loc[:1] == ["models"] and len(loc) >= 2:

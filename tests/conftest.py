@@ -38,7 +38,9 @@ TINY_SPEC: dict = {
             },
         },
         "rm": {
-            "kind": "reward_model", "model": "sft", "data": "data.preferences",
+            "kind": "reward_model",
+            "model": "sft",
+            "data": "data.preferences",
             "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "max_length": 64},
         },
         "eval": {

@@ -70,3 +70,65 @@ def test_top_k_overall_rejects_bad_k_and_ragged_rows():
         top_k_overall(R, 21)
     with pytest.raises(ValueError, match="same number"):
         top_k_overall([[1.0, 2.0], [1.0]], 1)
+
+
+def _rows(matrix):
+    return [
+        {"prompt_index": i, "completion_index": j, "prompt": f"p{i}", "completion": f"c{i}{j}", "reward": r}
+        for i, row in enumerate(matrix)
+        for j, r in enumerate(row)
+    ]
+
+
+def test_select_completions_reproduces_the_worked_example():
+    from rlhf_core.selection.rejection_sampling import select_completions, to_sft_records
+
+    per_prompt = select_completions(_rows(R), "top_per_prompt")
+    assert [r["completion"] for r in per_prompt] == ["c00", "c11", "c20", "c32", "c43"]
+    overall = select_completions(_rows(R), "top_k_overall", k=5)
+    assert [r["completion"] for r in overall] == ["c20", "c11", "c32", "c00", "c23"]
+    assert [r["completion"] for r in select_completions(_rows(R), "top_k_overall", k=5, min_reward=0.75)] == [
+        "c20",
+        "c11",
+        "c32",
+    ]
+    sft = to_sft_records(per_prompt[:1])
+    assert sft == [
+        {
+            "messages": [{"role": "user", "content": "p0"}, {"role": "assistant", "content": "c00"}],
+            "reward": 0.7,
+        }
+    ]
+
+
+def test_scoring_nan_fails_with_the_row_or_skips_and_reports():
+    from rlhf_core.rewards import REWARD_FUNCTIONS, RewardValueError
+    from rlhf_core.sampling import score_completions
+    from rlhf_core.spec import RewardSourceSpec
+
+    rows = [
+        {"prompt": "What is 1 + 1?", "answer": "2", "completion": c} for c in ("The answer is 2.", "3", "x")
+    ]
+    sources = (RewardSourceSpec(function="arithmetic_exact"), RewardSourceSpec(model="rm", weight=0.5))
+    scorer = {"rm:rm": lambda pairs: [1.0, float("nan"), -1.0]}
+    with pytest.raises(RewardValueError, match=r"stage 's': reward source 'rm:rm' returned nan for row 1"):
+        score_completions(rows, sources, scorer, on_invalid="fail", stage="s")
+    kept, problems = score_completions(rows, sources, scorer, on_invalid="skip", stage="s")
+    assert [r["reward"] for r in kept] == [1.0 + 0.5, 0.0 - 0.5]
+    assert len(problems) == 1 and "row 1" in problems[0]
+    assert set(REWARD_FUNCTIONS) >= {"arithmetic_exact", "answer_format", "length_penalty"}
+
+
+def test_unknown_reward_function_fails_validation(tiny_spec_dict):
+    from rlhf_core.spec import SpecError, parse_spec
+
+    tiny_spec_dict["stages"]["sample"] = {
+        "kind": "sample",
+        "policy": "sft",
+        "prompts": "data.prompts",
+        "rewards": [{"function": "exact_math"}, {"model": "sft"}],
+    }
+    with pytest.raises(SpecError) as info:
+        parse_spec(tiny_spec_dict)
+    text = str(info.value)
+    assert "stage 'sample', field rewards.0" in text and "unknown reward function 'exact_math'" in text

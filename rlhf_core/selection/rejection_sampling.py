@@ -35,3 +35,47 @@ def top_k_overall(rewards: Sequence[Sequence[float]], k: int) -> list[tuple[int,
     if any(len(row) != n for row in rewards):
         raise ValueError("every prompt needs the same number of completions N for top-K overall")
     return [divmod(i, n) for i in top_k_overall_flat(rewards, k)]
+
+
+def select_completions(
+    rows: list[dict], strategy: str, k: int | None = None, min_reward: float | None = None
+) -> list[dict]:
+    """Apply the selection rule to scored rows (``prompt_index``, ``completion_index``, ``reward``).
+
+    Rows may be ragged (a prompt with fewer completions after invalid rewards were skipped).
+    """
+    ordered = sorted(rows, key=lambda r: (r["prompt_index"], r["completion_index"]))
+    if strategy == "top_per_prompt":
+        groups: dict[int, list[dict]] = {}
+        for row in ordered:
+            groups.setdefault(row["prompt_index"], []).append(row)
+        picked = [
+            group[j]
+            for group, j in zip(
+                groups.values(),
+                top_per_prompt([[r["reward"] for r in g] for g in groups.values()]),
+                strict=True,
+            )
+        ]
+    elif strategy == "top_k_overall":
+        if k is None:
+            raise ValueError("top_k_overall needs k")
+        flat = [[r["reward"] for r in ordered]]  # one row: the same stable order as the book's R_flat
+        picked = [ordered[i] for i in top_k_overall_flat(flat, min(k, len(ordered)))]
+    else:
+        raise ValueError(f"unknown selection strategy {strategy!r}")
+    return [r for r in picked if min_reward is None or r["reward"] >= min_reward]
+
+
+def to_sft_records(selected: list[dict]) -> list[dict]:
+    """Selected completions as SFT conversations (the prompt as user turn, the completion as reply)."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ],
+            "reward": r["reward"],
+        }
+        for r in selected
+    ]

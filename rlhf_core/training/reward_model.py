@@ -225,3 +225,26 @@ def evaluate_reward_model(
         "eval/pairs": float(len(margins)),
         "eval/skipped_pairs": float(skipped),
     }
+
+
+@torch.no_grad()
+def score_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 64,
+) -> list[float]:
+    """r(x, y) per (prompt, completion); batched in length order (less padding), returned in input order."""
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [encode_completion(tokenizer, prompt, completion) for prompt, completion in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    scores = [0.0] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {
+            k: v.to(device) for k, v in pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id).items()
+        }
+        for i, value in zip(idx, score_sequences(model, batch).float().cpu().tolist(), strict=True):
+            scores[i] = value
+    return scores
