@@ -20,10 +20,21 @@ from prefect.runtime import flow_run
 from registry import tracking
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, RewardModelStage, SFTStage, resolve_ref
+from rlhf_core.spec import (
+    DatasetStage,
+    EvaluateStage,
+    PipelineSpec,
+    RejectionSamplingStage,
+    RewardModelStage,
+    SampleStage,
+    SFTStage,
+    resolve_ref,
+)
 from tasks.build_dataset import build_dataset
 from tasks.evaluate_models import evaluate_models
 from tasks.prepare_base_model import prepare_base_model
+from tasks.sample_completions import sample_completions
+from tasks.select_completions import select_completions
 from tasks.stage_execution import RunContext, StageOutcome
 from tasks.train_reward_model import train_reward_model
 from tasks.train_sft import train_sft
@@ -106,6 +117,20 @@ def run_stage(
             model=resolve_ref(stage.model, outputs),
             data=resolve_ref(stage.data, outputs),
         )
+    if isinstance(stage, SampleStage):
+        return sample_completions(
+            ctx,
+            name,
+            stage,
+            seed,
+            policy=resolve_ref(stage.policy, outputs),
+            prompts=resolve_ref(stage.prompts, outputs),
+            reward_models={
+                s.name: resolve_ref(s.model, outputs) for s in stage.rewards if s.model is not None
+            },
+        )
+    if isinstance(stage, RejectionSamplingStage):
+        return select_completions(ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs))
     if isinstance(stage, EvaluateStage):
         return evaluate_models(
             ctx,

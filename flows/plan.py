@@ -14,12 +14,23 @@ from rlhf_core.fingerprint import (
     base_model_fingerprint,
     dataset_fingerprint,
     evaluate_fingerprint,
+    rejection_sampling_fingerprint,
     reward_model_fingerprint,
+    sample_fingerprint,
     sft_fingerprint,
 )
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import DatasetStage, EvaluateStage, PipelineSpec, RewardModelStage, SFTStage, resolve_ref
+from rlhf_core.spec import (
+    DatasetStage,
+    EvaluateStage,
+    PipelineSpec,
+    RejectionSamplingStage,
+    RewardModelStage,
+    SampleStage,
+    SFTStage,
+    resolve_ref,
+)
 
 
 @dataclass
@@ -71,6 +82,11 @@ def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, Sta
             return sft_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
         if isinstance(stage, RewardModelStage):
             return reward_model_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
+        if isinstance(stage, SampleStage):
+            models = {s.name: ref(s.model) for s in stage.rewards if s.model is not None}
+            return sample_fingerprint(stage, seed, ref(stage.policy), ref(stage.prompts), models)
+        if isinstance(stage, RejectionSamplingStage):
+            return rejection_sampling_fingerprint(stage, seed, ref(stage.completions))
         if isinstance(stage, EvaluateStage):
             return evaluate_fingerprint(
                 stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data), ref(stage.prompts)

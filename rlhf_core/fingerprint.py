@@ -101,3 +101,14 @@ def evaluate_fingerprint(
 
 def reward_model_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
     return stage_fingerprint("reward_model", stage, input_digests({"model": model, "data": data}), seed)
+
+
+def sample_fingerprint(
+    stage: Any, seed: int, policy: Any, prompts: Any, reward_models: dict[str, Any]
+) -> str:
+    inputs = {"policy": policy, "prompts": prompts, **{f"reward:{k}": v for k, v in reward_models.items()}}
+    return stage_fingerprint("sample", stage, input_digests(inputs), seed)
+
+
+def rejection_sampling_fingerprint(stage: Any, seed: int, completions: Any) -> str:
+    return stage_fingerprint("rejection_sampling", stage, input_digests({"completions": completions}), seed)
