@@ -1,0 +1,54 @@
+"""End to end: sample N completions scored by a verifier and a reward model, select, fine-tune."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_core.data.loading import read_jsonl
+from rlhf_core.spec import parse_spec
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, prefect_api_url):
+    from flows.pipeline import run_pipeline
+    from registry.datasets import materialize_dataset
+
+    stages = tiny_spec_dict["stages"]
+    tiny_spec_dict["name"] = "rs"
+    del stages["eval"]
+    stages["sample"] = {
+        "kind": "sample",
+        "policy": "sft",
+        "prompts": "data.prompts",
+        "split": "eval",
+        "n": 3,
+        "generation": {"temperature": 1.0, "max_new_tokens": 6, "batch_size": 16},
+        "rewards": [{"function": "arithmetic_exact"}, {"model": "rm", "weight": 0.5}],
+    }
+    stages["select"] = {"kind": "rejection_sampling", "completions": "sample", "strategy": "top_per_prompt"}
+    stages["sft_rs"] = {
+        "kind": "sft",
+        "model": "sft",
+        "data": "select.sft",
+        "train": {"max_steps": 2, "batch_size": 4, "max_length": 64},
+    }
+    home = tmp_path / "home"
+    outcomes = {o.stage: o for o in run_pipeline(parse_spec(tiny_spec_dict), home=str(home))}
+
+    completions_ref = outcomes["sample"].outputs["completions"]
+    assert completions_ref.kind == "completions" and completions_ref.splits == {"eval": 20 * 3}
+    rows = read_jsonl(materialize_dataset(completions_ref, tmp_path / "dl") / "eval.jsonl")
+    assert {tuple(sorted(r["scores"])) for r in rows} == {("arithmetic_exact", "rm:rm")}
+    for r in rows:  # the composite is the weighted sum of the named scores
+        assert r["reward"] == pytest.approx(r["scores"]["arithmetic_exact"] + 0.5 * r["scores"]["rm:rm"])
+
+    selected = read_jsonl(
+        materialize_dataset(outcomes["select"].outputs["sft"], tmp_path / "dl2") / "train.jsonl"
+    )
+    assert len(selected) == 20  # one per prompt
+    best = {}
+    for r in rows:
+        best[r["prompt"]] = max(best.get(r["prompt"], float("-inf")), r["reward"])
+    assert sorted(s["reward"] for s in selected) == pytest.approx(sorted(best.values()))
+    assert outcomes["sft_rs"].registered == "rs-sft_rs v1"
