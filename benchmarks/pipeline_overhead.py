@@ -9,7 +9,8 @@ Per trial (a fresh ``--home``): run the quickstart, then the same command again 
 - overhead = wall time - inside stages: process start and imports, the Prefect ephemeral server, the
   flow run, MLflow set-up, fingerprinting and cache look-ups, and shutdown. It is split into before the
   pipeline's MLflow run opened (start-up), between its open and close outside stage runs (orchestration),
-  and after it closed (teardown).
+  and after it closed (teardown). The script also times a bare ``import flows.cli, flows.pipeline``,
+  the part of start-up that is Python imports.
 
 A cached run creates no stage runs, so its overhead is its whole wall time.
 
@@ -147,6 +148,21 @@ def versions() -> dict[str, str]:
     return {p: md.version(p) for p in ("torch", "transformers", "prefect", "mlflow")}
 
 
+def import_seconds(repeats: int = 3) -> float:
+    """Median wall time of a Python process that only imports the CLI and the pipeline flow.
+
+    This is the part of start-up that is pure imports (torch, transformers, prefect, mlflow, ...).
+    """
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import flows.cli, flows.pipeline"]
+    times = []
+    for _ in range(repeats):
+        timed = run_timed(cmd, cwd=REPO, env=clean_env())
+        if timed.proc.returncode != 0:
+            raise RuntimeError(f"importing the pipeline failed:\n{timed.proc.stderr[-4000:]}")
+        times.append(timed.wall_s)
+    return statistics.median(times)
+
+
 def run_trial(trial: int, recipe: Path) -> list[PipelineRun]:
     """A first run and, at once, a cached re-run in a fresh home (a user re-running the same recipe)."""
     home = Path(tempfile.mkdtemp(prefix="rlhf-bench-home-"))
@@ -158,6 +174,9 @@ def run_trial(trial: int, recipe: Path) -> list[PipelineRun]:
 
 def main() -> None:
     args = parse_args()
+    wait_for_quiet(args.quiet_percent, args.quiet_timeout)
+    imports = import_seconds()
+    print(f"python imports of the CLI and flow: {imports:.1f} s (median of 3)", flush=True)
     runs: list[PipelineRun] = []
     discarded: list[PipelineRun] = []
     for trial in range(1, args.trials + 1):
@@ -177,6 +196,7 @@ def main() -> None:
             discarded += pair
         runs += pair  # after all retries a disturbed trial is kept, flagged by background_cores
     summary = summarize(runs)
+    summary["import_s"] = imports
     print()
     print_table(runs, summary)
     report = {
