@@ -34,7 +34,7 @@ class RLHFSettings(BaseSettings):
     home: Path = Field(default=Path(".rlhf"), description="State directory of the project.")
     tracking_uri: str | None = Field(
         default=None,
-        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db.",
+        description="MLflow tracking URI (e.g. http://mlflow:5000); default sqlite:///<home>/mlflow.db.",
     )
     artifact_location: str | None = Field(
         default=None, description="Artifact root of new MLflow experiments; default <home>/mlartifacts."
@@ -45,11 +45,9 @@ class RLHFSettings(BaseSettings):
         return self.home.expanduser().resolve()
 
     def resolved_tracking_uri(self) -> str:
-        return (
-            self.tracking_uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{self.resolved_home() / 'mlflow.db'}"
-        )
+        # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so one
+        # pipeline run would silently redirect the next run (another --home) to its own store.
+        return self.tracking_uri or f"sqlite:///{self.resolved_home() / 'mlflow.db'}"
 
     def resolved_artifact_location(self) -> str:
         return self.artifact_location or (self.resolved_home() / "mlartifacts").as_uri()

@@ -180,6 +180,8 @@ def test_local_model_directory_and_local_data_file(tmp_path, prefect_api_url):
         }
     )
     outcomes = run_pipeline(spec, home=str(tmp_path / "home"))
+    # a second home in the same process gets its own store (mlflow.set_tracking_uri leaks an env var)
+    assert (tmp_path / "home" / "mlflow.db").exists()
     base, data, sft = (o.outputs for o in outcomes)
     assert base["model"].uri == str(tmp_path / "my-model") and base["model"].registered_name is None
     assert data["sft"].splits == {"train": 36, "eval": 4}
