@@ -8,6 +8,7 @@ from rlhf_core.fingerprint import base_model_fingerprint
 from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import ModelSource
+from tasks.model_outputs import register_stage_model
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -19,41 +20,23 @@ def prepare_base_model(ctx: RunContext, name: str, source: ModelSource, seed: in
 
     def body(run: StageRun) -> dict[str, ModelRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
-        from registry.models import log_and_register_model
-        from rlhf_core.modeling.models import build_tiny_model, save_model
+        from rlhf_core.modeling.models import build_tiny_model
 
         if source.tiny is None:
             return {"model": _external_model_ref(name, source, run)}
         model, tokenizer = build_tiny_model(source.tiny, seed)
-        directory = save_model(model, tokenizer, run.work_dir / "model")
-        registered = f"{ctx.pipeline}-{name}"
-        uri, version = log_and_register_model(
-            run.run_id,
+        ref = register_stage_model(
+            ctx,
+            run,
             model,
             tokenizer,
-            registered,
-            {
-                "rlhf.stage": name,
-                "rlhf.role": "policy",
-                "rlhf.fingerprint": fingerprint,
-                "rlhf.source": "tiny",
-                "rlhf.git_commit": ctx.git_commit,
-            },
+            registered_name=f"{ctx.pipeline}-{name}",
+            role="policy",
+            base_model=name,
+            extra_tags={"rlhf.source": "tiny"},
         )
-        run.registered = f"{registered} v{version}"
         run.key_metrics = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
-        return {
-            "model": ModelRef(
-                uri=uri,
-                digest=model_digest(directory),
-                tokenizer_digest=tokenizer_digest(directory),
-                stage=name,
-                base_model=name,
-                run_id=run.run_id,
-                registered_name=registered,
-                registered_version=version,
-            )
-        }
+        return {"model": ref}
 
     return execute_stage(ctx, name, "base_model", fingerprint, source, {}, body)
 

@@ -7,9 +7,9 @@ from prefect import task
 from registry.datasets import materialize_dataset
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import reward_model_fingerprint
-from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import RewardModelStage
+from tasks.model_outputs import register_stage_model
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -24,8 +24,8 @@ def train_reward_model(
     def body(run: StageRun) -> dict[str, ModelRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry import tracking
-        from registry.models import log_and_register_model, materialize_model
-        from rlhf_core.modeling.models import load_model, save_model
+        from registry.models import materialize_model
+        from rlhf_core.modeling.models import load_model
         from rlhf_core.training import reward_model as rm
 
         cache = run.settings.resolved_home() / "cache"
@@ -49,25 +49,17 @@ def train_reward_model(
                 trained, tokenizer, read_jsonl(data_dir / "eval.jsonl"), stage.train
             )
             tracking.log_metrics(run.run_id, metrics, step=result.steps)
-        directory = save_model(trained, tokenizer, run.work_dir / "model")
-        registered = stage.register_as or f"{ctx.pipeline}-{stage_name}"
-        uri, version = log_and_register_model(
-            run.run_id,
+        ref = register_stage_model(
+            ctx,
+            run,
             trained,
             tokenizer,
-            registered,
-            {
-                "rlhf.stage": stage_name,
-                "rlhf.role": "reward",
-                "rlhf.fingerprint": fingerprint,
-                "rlhf.git_commit": ctx.git_commit,
-                "rlhf.upstream_models": _describe(model),
-                "rlhf.dataset_digests": f"{data.stage}.{data.kind}={data.digest}",
-                "rlhf.base_model": model.base_model,
-            },
+            registered_name=stage.register_as or f"{ctx.pipeline}-{stage_name}",
             role="reward",
+            base_model=model.base_model,
+            upstream=model,
+            data=data,
         )
-        run.registered = f"{registered} v{version}"
         run.key_metrics = {
             "final_train_loss": result.final_loss,
             "steps": float(result.steps),
@@ -80,22 +72,6 @@ def train_reward_model(
                 if k in ("eval/accuracy", "eval/margin_mean", "eval/loss")
             }
         )
-        return {
-            "model": ModelRef(
-                uri=uri,
-                digest=model_digest(directory),
-                tokenizer_digest=tokenizer_digest(directory),
-                role="reward",
-                stage=stage_name,
-                base_model=model.base_model,
-                run_id=run.run_id,
-                registered_name=registered,
-                registered_version=version,
-            )
-        }
+        return {"model": ref}
 
     return execute_stage(ctx, stage_name, "reward_model", fingerprint, stage, inputs, body)
-
-
-def _describe(ref: ModelRef) -> str:
-    return f"{ref.registered_name}:{ref.registered_version}" if ref.registered_name else ref.uri

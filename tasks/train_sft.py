@@ -9,6 +9,7 @@ from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import sft_fingerprint
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import SFTStage
+from tasks.model_outputs import register_stage_model
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -22,8 +23,8 @@ def train_sft(
 
     def body(run: StageRun) -> dict[str, ModelRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
-        from registry.models import log_and_register_model, materialize_model
-        from rlhf_core.modeling.models import load_model, model_digest, save_model, tokenizer_digest
+        from registry.models import materialize_model
+        from rlhf_core.modeling.models import load_model
         from rlhf_core.training.sft import train_sft as run_sft_training
 
         cache = run.settings.resolved_home() / "cache"
@@ -39,24 +40,17 @@ def train_sft(
             lora=stage.lora,
             log=run.log,
         )
-        directory = save_model(trained, tokenizer, run.work_dir / "model")
-        registered = stage.register_as or f"{ctx.pipeline}-{stage_name}"
-        uri, version = log_and_register_model(
-            run.run_id,
+        ref = register_stage_model(
+            ctx,
+            run,
             trained,
             tokenizer,
-            registered,
-            {
-                "rlhf.stage": stage_name,
-                "rlhf.role": "policy",
-                "rlhf.fingerprint": fingerprint,
-                "rlhf.git_commit": ctx.git_commit,
-                "rlhf.upstream_models": _describe_model(model),
-                "rlhf.dataset_digests": f"{data.stage}.{data.kind}={data.digest}",
-                "rlhf.base_model": model.base_model,
-            },
+            registered_name=stage.register_as or f"{ctx.pipeline}-{stage_name}",
+            role="policy",
+            base_model=model.base_model,
+            upstream=model,
+            data=data,
         )
-        run.registered = f"{registered} v{version}"
         run.key_metrics = {
             "final_train_loss": result.final_loss,
             "steps": float(result.steps),
@@ -64,23 +58,6 @@ def train_sft(
         }
         if result.resumed_from_step:
             run.key_metrics["resumed_from_step"] = float(result.resumed_from_step)
-        return {
-            "model": ModelRef(
-                uri=uri,
-                digest=model_digest(directory),
-                tokenizer_digest=tokenizer_digest(directory),
-                stage=stage_name,
-                base_model=model.base_model,
-                run_id=run.run_id,
-                registered_name=registered,
-                registered_version=version,
-            )
-        }
+        return {"model": ref}
 
     return execute_stage(ctx, stage_name, "sft", fingerprint, stage, inputs, body)
-
-
-def _describe_model(ref: ModelRef) -> str:
-    if ref.registered_name:
-        return f"{ref.registered_name}:{ref.registered_version}"
-    return ref.uri

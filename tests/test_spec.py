@@ -174,3 +174,9 @@ def test_reward_model_stage_types(tiny_spec_dict):
     problems = _problems(tiny_spec_dict)
     assert "stage 'sft2', field model: 'rm' is a reward model, expected a policy model" in problems
     assert "stage 'rm', field data: 'data.sft' is an sft dataset, expected a preference dataset" in problems
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO_ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_validates(recipe):
+    spec = load_spec(REPO_ROOT / "recipes" / recipe)
+    assert spec.topological_order()
