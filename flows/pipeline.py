@@ -23,6 +23,7 @@ from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import (
     DatasetStage,
     EvaluateStage,
+    LabelPreferencesStage,
     PipelineSpec,
     RejectionSamplingStage,
     RewardModelStage,
@@ -32,6 +33,7 @@ from rlhf_core.spec import (
 )
 from tasks.build_dataset import build_dataset
 from tasks.evaluate_models import evaluate_models
+from tasks.label_preferences import label_preferences
 from tasks.prepare_base_model import prepare_base_model
 from tasks.sample_completions import sample_completions
 from tasks.select_completions import select_completions
@@ -131,6 +133,11 @@ def run_stage(
         )
     if isinstance(stage, RejectionSamplingStage):
         return select_completions(ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs))
+    if isinstance(stage, LabelPreferencesStage):
+        judges = {s.name: resolve_ref(s.model, outputs) for s in stage.judge if s.model is not None}
+        return label_preferences(
+            ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs), judge_models=judges
+        )
     if isinstance(stage, EvaluateStage):
         return evaluate_models(
             ctx,

@@ -14,6 +14,7 @@ from rlhf_core.fingerprint import (
     base_model_fingerprint,
     dataset_fingerprint,
     evaluate_fingerprint,
+    label_preferences_fingerprint,
     rejection_sampling_fingerprint,
     reward_model_fingerprint,
     sample_fingerprint,
@@ -24,6 +25,7 @@ from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import (
     DatasetStage,
     EvaluateStage,
+    LabelPreferencesStage,
     PipelineSpec,
     RejectionSamplingStage,
     RewardModelStage,
@@ -87,6 +89,9 @@ def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, Sta
             return sample_fingerprint(stage, seed, ref(stage.policy), ref(stage.prompts), models)
         if isinstance(stage, RejectionSamplingStage):
             return rejection_sampling_fingerprint(stage, seed, ref(stage.completions))
+        if isinstance(stage, LabelPreferencesStage):
+            judges = {s.name: ref(s.model) for s in stage.judge if s.model is not None}
+            return label_preferences_fingerprint(stage, seed, ref(stage.completions), judges)
         if isinstance(stage, EvaluateStage):
             return evaluate_fingerprint(
                 stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data), ref(stage.prompts)

@@ -112,3 +112,10 @@ def sample_fingerprint(
 
 def rejection_sampling_fingerprint(stage: Any, seed: int, completions: Any) -> str:
     return stage_fingerprint("rejection_sampling", stage, input_digests({"completions": completions}), seed)
+
+
+def label_preferences_fingerprint(
+    stage: Any, seed: int, completions: Any, judge_models: dict[str, Any]
+) -> str:
+    inputs = {"completions": completions, **{f"judge:{k}": v for k, v in judge_models.items()}}
+    return stage_fingerprint("label_preferences", stage, input_digests(inputs), seed)

@@ -158,6 +158,12 @@ class _Stage(Strict):
         return {}
 
 
+def check_split_fractions(splits: dict[str, float]) -> None:
+    total = sum(splits.values())
+    if abs(total - 1.0) > 1e-6 or any(v <= 0 for v in splits.values()):
+        raise ValueError(f"splits must be positive and sum to 1, got {splits} (sum {total:g})")
+
+
 class DatasetStage(_Stage):
     """Prepare data: load or generate rows, validate them, split them, store them as JSONL."""
 
@@ -173,9 +179,7 @@ class DatasetStage(_Stage):
 
     @model_validator(mode="after")
     def _splits_sum_to_one(self) -> DatasetStage:
-        total = sum(self.splits.values())
-        if abs(total - 1.0) > 1e-6 or any(v <= 0 for v in self.splits.values()):
-            raise ValueError(f"splits must be positive and sum to 1, got {self.splits} (sum {total:g})")
+        check_split_fractions(self.splits)
         return self
 
     def output_types(self) -> dict[str, str]:
@@ -367,6 +371,44 @@ class RejectionSamplingStage(_Stage):
         return {"sft": "dataset:sft"}
 
 
+class LabelPreferencesStage(_Stage):
+    """Turn sampled completions into preference pairs labelled by a judge (AI feedback, book ch.12)."""
+
+    kind: Literal["label_preferences"]
+    completions: str = Field(description="Completions dataset of a sample stage.")
+    judge: tuple[RewardSourceSpec, ...] = Field(
+        min_length=1, description="Reward sources that judge each completion (verifier, reward model, mix)."
+    )
+    pairing: Literal["best_vs_worst", "all_pairs"] = Field(
+        default="best_vs_worst",
+        description="One pair per prompt, or every ordered pair of distinct completions.",
+    )
+    min_margin: float = Field(
+        default=0.0, ge=0, description="Drop pairs whose judge-score margin is smaller."
+    )
+    on_tie: Literal["skip", "fail"] = Field(
+        default="skip", description="Equal judge scores: drop and count, or stop."
+    )
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.9, "eval": 0.1}, description="Split name -> fraction of pairs."
+    )
+
+    @model_validator(mode="after")
+    def _splits_sum_to_one(self) -> LabelPreferencesStage:
+        check_split_fractions(self.splits)
+        return self
+
+    def input_refs(self) -> dict[str, tuple[str, str]]:
+        refs = {"completions": (self.completions, "dataset:completions")}
+        for i, source in enumerate(self.judge):
+            if source.model is not None:
+                refs[f"judge[{i}].model"] = (source.model, "model:reward")
+        return refs
+
+    def output_types(self) -> dict[str, str]:
+        return {"preferences": "dataset:preference"}
+
+
 class GenerationSpec(Strict):
     """Decoding settings used by evaluation."""
 
@@ -409,10 +451,24 @@ class EvaluateStage(_Stage):
 
 
 Stage = Annotated[
-    DatasetStage | SFTStage | RewardModelStage | SampleStage | RejectionSamplingStage | EvaluateStage,
+    DatasetStage
+    | SFTStage
+    | RewardModelStage
+    | SampleStage
+    | RejectionSamplingStage
+    | LabelPreferencesStage
+    | EvaluateStage,
     Field(discriminator="kind"),
 ]
-STAGE_KINDS = ("dataset", "sft", "reward_model", "sample", "rejection_sampling", "evaluate")
+STAGE_KINDS = (
+    "dataset",
+    "sft",
+    "reward_model",
+    "sample",
+    "rejection_sampling",
+    "label_preferences",
+    "evaluate",
+)
 
 
 # --------------------------------------------------------------------------- the pipeline

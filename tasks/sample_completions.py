@@ -48,7 +48,7 @@ def sample_completions(
         rows = rows[: stage.max_prompts] if stage.max_prompts else rows
         model, tokenizer = load_model(materialize_model(policy, cache / "models"), revision=policy.revision)
         sampled, tokens, seconds = sample(model, tokenizer, rows, stage.n, stage.generation, seed)
-        scorers = {name: _reward_model_scorer(ref, cache) for name, ref in reward_models.items()}
+        scorers = {name: reward_model_scorer(ref, cache) for name, ref in reward_models.items()}
         kept, problems = score_completions(
             sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=stage_name
         )
@@ -87,7 +87,7 @@ def sample_completions(
     return execute_stage(ctx, stage_name, "sample", fingerprint, stage, inputs, body)
 
 
-def _reward_model_scorer(ref: ModelRef, cache):
+def reward_model_scorer(ref: ModelRef, cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from registry.models import materialize_model

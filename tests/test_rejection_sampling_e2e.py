@@ -33,6 +33,12 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
         "data": "select.sft",
         "train": {"max_steps": 2, "batch_size": 4, "max_length": 64},
     }
+    stages["prefs"] = {
+        "kind": "label_preferences",
+        "completions": "sample",
+        "pairing": "all_pairs",
+        "judge": [{"function": "arithmetic_exact"}, {"model": "rm", "weight": 0.5}],
+    }
     home = tmp_path / "home"
     outcomes = {o.stage: o for o in run_pipeline(parse_spec(tiny_spec_dict), home=str(home))}
 
@@ -52,3 +58,15 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
         best[r["prompt"]] = max(best.get(r["prompt"], float("-inf")), r["reward"])
     assert sorted(s["reward"] for s in selected) == pytest.approx(sorted(best.values()))
     assert outcomes["sft_rs"].registered == "rs-sft_rs v1"
+
+    prefs_ref = outcomes["prefs"].outputs["preferences"]
+    assert prefs_ref.kind == "preference" and set(prefs_ref.splits) == {"train", "eval"}
+    pairs = [
+        p
+        for split in prefs_ref.splits
+        for p in read_jsonl(materialize_dataset(prefs_ref, tmp_path / "dl3") / f"{split}.jsonl")
+    ]
+    score = {(r["prompt"], r["completion"]): r["reward"] for r in rows}  # same judge as the sample rewards
+    assert pairs and all(
+        score[(p["prompt"], p["chosen"])] > score[(p["prompt"], p["rejected"])] for p in pairs
+    )

@@ -132,3 +132,42 @@ def test_unknown_reward_function_fails_validation(tiny_spec_dict):
         parse_spec(tiny_spec_dict)
     text = str(info.value)
     assert "stage 'sample', field rewards.0" in text and "unknown reward function 'exact_math'" in text
+
+
+def _judged(prompt, scored):
+    return [{"prompt": prompt, "completion": text, "judge_score": s} for text, s in scored]
+
+
+def test_label_pairs_best_vs_worst_and_all_pairs():
+    from rlhf_core.preferences import label_pairs
+
+    rows = _judged("p", [("a", 0.9), ("b", 0.1), ("c", 0.5)]) + _judged("q", [("x", 1.0), ("y", 0.0)])
+    best = label_pairs(rows, pairing="best_vs_worst", min_margin=0.0, on_tie="skip", stage="s")
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in best.pairs] == [
+        ("p", "a", "b"),
+        ("q", "x", "y"),
+    ]
+    assert best.pairs[0]["margin"] == pytest.approx(0.8)
+    every = label_pairs(rows, pairing="all_pairs", min_margin=0.0, on_tie="skip", stage="s")
+    # K = 3 distinct completions give C(3, 2) = 3 pairs, K = 2 gives 1
+    assert sorted((p["chosen"], p["rejected"]) for p in every.pairs) == [
+        ("a", "b"),
+        ("a", "c"),
+        ("c", "b"),
+        ("x", "y"),
+    ]
+
+
+def test_label_pairs_ties_low_margins_and_duplicates():
+    from rlhf_core.preferences import TiedPreferenceError, label_pairs
+
+    rows = (
+        _judged("tie", [("a", 1.0), ("b", 1.0)])
+        + _judged("close", [("c", 0.55), ("d", 0.5)])
+        + _judged("dup", [("e", 1.0), ("e", 0.0)])
+    )
+    report = label_pairs(rows, pairing="best_vs_worst", min_margin=0.1, on_tie="skip", stage="s")
+    assert report.pairs == []
+    assert dict(report.dropped) == {"tie": 1, "low_margin": 1, "single_completion": 1}
+    with pytest.raises(TiedPreferenceError, match="stage 's'.*'tie'.*on_tie: skip"):
+        label_pairs(rows, pairing="best_vs_worst", min_margin=0.0, on_tie="fail", stage="s")

@@ -1,0 +1,75 @@
+"""Task: the ``label_preferences`` stage (judge scored completions into preference pairs)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from registry import tracking
+from registry.datasets import materialize_dataset
+from rlhf_core.data.loading import directory_digest, read_jsonl, split_records, write_jsonl
+from rlhf_core.fingerprint import label_preferences_fingerprint
+from rlhf_core.preferences import label_pairs
+from rlhf_core.refs import DatasetRef, ModelRef
+from rlhf_core.spec import LabelPreferencesStage
+from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
+
+
+@task(name="label_preferences", **STAGE_TASK_OPTIONS)
+def label_preferences(
+    ctx: RunContext,
+    stage_name: str,
+    stage: LabelPreferencesStage,
+    seed: int,
+    completions: DatasetRef,
+    judge_models: dict[str, ModelRef],
+) -> StageOutcome:
+    """Score every completion with the judge, pair them per prompt, split the pairs."""
+    inputs = {"completions": completions, **{f"judge:{k}": v for k, v in judge_models.items()}}
+    fingerprint = label_preferences_fingerprint(stage, seed, completions, judge_models)
+
+    def body(run: StageRun) -> dict[str, DatasetRef]:
+        from rlhf_core.sampling import score_completions
+        from tasks.sample_completions import reward_model_scorer
+
+        cache = run.settings.resolved_home() / "cache"
+        directory = materialize_dataset(completions, cache / "datasets")
+        rows = [row for split in completions.splits for row in read_jsonl(directory / f"{split}.jsonl")]
+        scorers = {name: reward_model_scorer(ref, cache) for name, ref in judge_models.items()}
+        judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
+        report = label_pairs(
+            [{**r, "judge_score": r["reward"]} for r in judged],
+            pairing=stage.pairing,
+            min_margin=stage.min_margin,
+            on_tie=stage.on_tie,
+            stage=stage_name,
+        )
+        if not report.pairs:
+            raise ValueError(
+                f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})"
+            )
+        out_dir = run.work_dir / "preferences"
+        splits = split_records(report.pairs, dict(stage.splits), seed)
+        for split, split_rows in splits.items():
+            write_jsonl(split_rows, out_dir / f"{split}.jsonl")
+        if problems:
+            tracking.log_text(run.run_id, "\n".join(problems), "invalid_judge_scores.txt")
+        uri = tracking.log_artifacts(run.run_id, out_dir, "dataset/preferences")
+        run.key_metrics = {
+            "pairs": float(len(report.pairs)),
+            "invalid_scores": float(len(problems)),
+            **{f"dropped_{k}": float(v) for k, v in report.dropped.items()},
+        }
+        tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
+        return {
+            "preferences": DatasetRef(
+                uri=uri,
+                digest=directory_digest(out_dir),
+                kind="preference",
+                splits={split: len(split_rows) for split, split_rows in splits.items()},
+                columns=("chosen", "margin", "prompt", "rejected"),
+                stage=stage_name,
+                run_id=run.run_id,
+            )
+        }
+
+    return execute_stage(ctx, stage_name, "label_preferences", fingerprint, stage, inputs, body)
