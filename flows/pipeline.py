@@ -135,6 +135,8 @@ def run_stage(
         return select_completions(ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs))
     if isinstance(stage, LabelPreferencesStage):
         judges = {s.name: resolve_ref(s.model, outputs) for s in stage.judge if s.model is not None}
+        if stage.judge_policy is not None:
+            judges["policy"] = resolve_ref(stage.judge_policy.model, outputs)
         return label_preferences(
             ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs), judge_models=judges
         )

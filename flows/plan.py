@@ -91,6 +91,8 @@ def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, Sta
             return rejection_sampling_fingerprint(stage, seed, ref(stage.completions))
         if isinstance(stage, LabelPreferencesStage):
             judges = {s.name: ref(s.model) for s in stage.judge if s.model is not None}
+            if stage.judge_policy is not None:
+                judges["policy"] = ref(stage.judge_policy.model)
             return label_preferences_fingerprint(stage, seed, ref(stage.completions), judges)
         if isinstance(stage, EvaluateStage):
             return evaluate_fingerprint(

@@ -61,3 +61,43 @@ def label_pairs(
                     {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": margin}
                 )
     return report
+
+
+def candidate_pairs(rows: list[dict], pairing: str) -> list[tuple[str, str, str]]:
+    """(prompt, first, second) pairs of distinct completions for a pairwise judge.
+
+    ``best_vs_worst`` has no scores to rank by here, so it pairs each prompt's first two distinct
+    completions; ``all_pairs`` pairs every two distinct completions.
+    """
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        texts = groups.setdefault(row["prompt"], [])
+        if row["completion"] not in texts:
+            texts.append(row["completion"])
+    pairs = []
+    for prompt, texts in groups.items():
+        chosen = (
+            list(combinations(texts, 2)) if pairing == "all_pairs" else [tuple(texts[:2])] * (len(texts) > 1)
+        )
+        pairs += [(prompt, a, b) for a, b in chosen]
+    return pairs
+
+
+def pairs_from_verdicts(
+    pairs: list[tuple[str, str, str]], verdicts: list, *, on_tie: str, on_judge_error: str, stage: str
+) -> PairingReport:
+    """Preference rows from pairwise verdicts ('first', 'second', 'tie' or an exception)."""
+    report = PairingReport()
+    for (prompt, first, second), verdict in zip(pairs, verdicts, strict=True):
+        if isinstance(verdict, Exception):
+            if on_judge_error == "fail":
+                raise ValueError(f"stage '{stage}': prompt {prompt!r}: {verdict}") from verdict
+            report.dropped["judge_unparseable"] += 1
+        elif verdict == "tie":
+            if on_tie == "fail":
+                raise TiedPreferenceError(f"stage '{stage}': the judge found no winner for prompt {prompt!r}")
+            report.dropped["tie"] += 1
+        else:
+            chosen, rejected = (first, second) if verdict == "first" else (second, first)
+            report.pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 1.0})
+    return report

@@ -371,13 +371,29 @@ class RejectionSamplingStage(_Stage):
         return {"sft": "dataset:sft"}
 
 
+class PolicyJudgeSpec(Strict):
+    """A policy model as pairwise judge, prompted with a rubric or constitution (LLM-as-a-judge)."""
+
+    model: str = Field(description="Policy model that judges (a stage or a `models:` entry).")
+    principles: tuple[str, ...] = Field(
+        min_length=1, description="The rubric or constitution, one principle each."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Length of the judge's answer.")
+    on_unparseable: Literal["skip", "fail"] = Field(
+        default="skip", description="A verdict without [[A]]/[[B]]/[[C]]: drop and count, or stop."
+    )
+
+
 class LabelPreferencesStage(_Stage):
     """Turn sampled completions into preference pairs labelled by a judge (AI feedback, book ch.12)."""
 
     kind: Literal["label_preferences"]
     completions: str = Field(description="Completions dataset of a sample stage.")
     judge: tuple[RewardSourceSpec, ...] = Field(
-        min_length=1, description="Reward sources that judge each completion (verifier, reward model, mix)."
+        default=(), description="Reward sources that score each completion (verifier, reward model, mix)."
+    )
+    judge_policy: PolicyJudgeSpec | None = Field(
+        default=None, description="Or: a policy model judging pairs against written principles."
     )
     pairing: Literal["best_vs_worst", "all_pairs"] = Field(
         default="best_vs_worst",
@@ -394,7 +410,9 @@ class LabelPreferencesStage(_Stage):
     )
 
     @model_validator(mode="after")
-    def _splits_sum_to_one(self) -> LabelPreferencesStage:
+    def _one_judge_and_valid_splits(self) -> LabelPreferencesStage:
+        if bool(self.judge) == (self.judge_policy is not None):
+            raise ValueError("give exactly one of judge (reward sources) or judge_policy")
         check_split_fractions(self.splits)
         return self
 
@@ -403,6 +421,8 @@ class LabelPreferencesStage(_Stage):
         for i, source in enumerate(self.judge):
             if source.model is not None:
                 refs[f"judge[{i}].model"] = (source.model, "model:reward")
+        if self.judge_policy is not None:
+            refs["judge_policy.model"] = (self.judge_policy.model, "model:policy")
         return refs
 
     def output_types(self) -> dict[str, str]:

@@ -8,7 +8,7 @@ from registry import tracking
 from registry.datasets import materialize_dataset
 from rlhf_core.data.loading import directory_digest, read_jsonl, split_records, write_jsonl
 from rlhf_core.fingerprint import label_preferences_fingerprint
-from rlhf_core.preferences import label_pairs
+from rlhf_core.preferences import candidate_pairs, label_pairs, pairs_from_verdicts
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import LabelPreferencesStage
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
@@ -28,21 +28,13 @@ def label_preferences(
     fingerprint = label_preferences_fingerprint(stage, seed, completions, judge_models)
 
     def body(run: StageRun) -> dict[str, DatasetRef]:
-        from rlhf_core.sampling import score_completions
-        from tasks.sample_completions import reward_model_scorer
-
         cache = run.settings.resolved_home() / "cache"
         directory = materialize_dataset(completions, cache / "datasets")
         rows = [row for split in completions.splits for row in read_jsonl(directory / f"{split}.jsonl")]
-        scorers = {name: reward_model_scorer(ref, cache) for name, ref in judge_models.items()}
-        judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
-        report = label_pairs(
-            [{**r, "judge_score": r["reward"]} for r in judged],
-            pairing=stage.pairing,
-            min_margin=stage.min_margin,
-            on_tie=stage.on_tie,
-            stage=stage_name,
-        )
+        if stage.judge_policy is not None:
+            report, problems = _judge_with_policy(rows, judge_models["policy"], cache), []
+        else:
+            report, problems = _judge_with_rewards(rows, cache)
         if not report.pairs:
             raise ValueError(
                 f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})"
@@ -71,5 +63,36 @@ def label_preferences(
                 run_id=run.run_id,
             )
         }
+
+    def _judge_with_rewards(rows: list[dict], cache):
+        from rlhf_core.sampling import score_completions
+        from tasks.sample_completions import reward_model_scorer
+
+        scorers = {name: reward_model_scorer(ref, cache) for name, ref in judge_models.items()}
+        judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
+        scored = [{**r, "judge_score": r["reward"]} for r in judged]
+        return label_pairs(
+            scored, pairing=stage.pairing, min_margin=stage.min_margin, on_tie=stage.on_tie, stage=stage_name
+        ), problems
+
+    def _judge_with_policy(rows: list[dict], ref: ModelRef, cache):
+        from registry.models import materialize_model
+        from rlhf_core.evaluation.generation import generate_completions
+        from rlhf_core.judging import judge_pairs
+        from rlhf_core.modeling.models import load_model
+
+        spec = stage.judge_policy
+        model, tokenizer = load_model(materialize_model(ref, cache / "models"), revision=ref.revision)
+        pairs = candidate_pairs(rows, stage.pairing)
+        verdicts = judge_pairs(
+            lambda prompts: generate_completions(
+                model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens
+            ),
+            spec.principles,
+            pairs,
+        )
+        return pairs_from_verdicts(
+            pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name
+        )
 
     return execute_stage(ctx, stage_name, "label_preferences", fingerprint, stage, inputs, body)

@@ -70,3 +70,37 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
     assert pairs and all(
         score[(p["prompt"], p["chosen"])] > score[(p["prompt"], p["rejected"])] for p in pairs
     )
+
+
+def test_policy_judge_that_cannot_parse_is_counted_then_fails_the_stage(
+    tmp_path, tiny_spec_dict, prefect_api_url
+):
+    """A tiny random judge never writes [[A]]/[[B]]/[[C]]: every pair is counted as unparseable, none is kept,
+    and the stage fails saying so (nothing is registered or recorded as its output)."""
+    from flows.pipeline import run_pipeline
+    from registry import stage_cache, tracking
+
+    stages = tiny_spec_dict["stages"]
+    tiny_spec_dict["name"] = "judge"
+    del stages["eval"], stages["rm"]
+    stages["sample"] = {
+        "kind": "sample",
+        "policy": "sft",
+        "prompts": "data.prompts",
+        "split": "eval",
+        "max_prompts": 4,
+        "n": 2,
+        "generation": {"temperature": 1.0, "max_new_tokens": 6},
+        "rewards": [{"function": "arithmetic_exact"}],
+    }
+    stages["prefs"] = {
+        "kind": "label_preferences",
+        "completions": "sample",
+        "judge_policy": {"model": "base", "principles": ["Prefer the correct answer."], "max_new_tokens": 4},
+    }
+    with pytest.raises(ValueError, match=r"stage 'prefs': no preference pair left.*judge_unparseable"):
+        run_pipeline(parse_spec(tiny_spec_dict), home=str(tmp_path / "home"))
+    experiment = tracking.client().get_experiment_by_name("judge").experiment_id
+    runs = tracking.client().search_runs([experiment], "tags.`rlhf.stage` = 'prefs'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert stage_cache.OUTPUT_TAG not in runs[0].data.tags

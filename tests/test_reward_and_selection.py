@@ -171,3 +171,24 @@ def test_label_pairs_ties_low_margins_and_duplicates():
     assert dict(report.dropped) == {"tie": 1, "low_margin": 1, "single_completion": 1}
     with pytest.raises(TiedPreferenceError, match="stage 's'.*'tie'.*on_tie: skip"):
         label_pairs(rows, pairing="best_vs_worst", min_margin=0.0, on_tie="fail", stage="s")
+
+
+def test_policy_judge_needs_both_orders_to_agree_and_reports_parse_failures():
+    from rlhf_core.judging import JudgeParseError, judge_pairs, judge_prompt
+
+    def judge(prompts):  # prefers whichever response contains "42", wherever it is shown
+        outputs = []
+        for p in prompts:
+            a = p.split("[Response A]\n")[1].split("\n\n")[0]
+            b = p.split("[Response B]\n")[1].split("\n\n")[0]
+            if "garbled" in a + b:
+                outputs.append("I cannot decide")
+            else:
+                outputs.append("[[A]]" if "42" in a else "[[B]]" if "42" in b else "Always A. [[A]]")
+        return outputs
+
+    pairs = [("q", "42", "41"), ("q", "40", "42"), ("q", "1", "2"), ("q", "garbled", "x")]
+    verdicts = judge_pairs(judge, ["Be correct."], pairs)
+    assert verdicts[:3] == ["first", "second", "tie"]  # the always-A judge is caught by the swap
+    assert isinstance(verdicts[3], JudgeParseError)
+    assert "- Be correct." in judge_prompt(["Be correct."], "q", "a", "b")

@@ -1,0 +1,68 @@
+"""A policy model as pairwise judge (LLM-as-a-judge with a written rubric or constitution; book ch.5, ch.12).
+
+The judge reads the principles, the user's question and two responses, and must end its verdict with
+``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie), as in the MT-Bench judge prompt. Position bias is controlled by
+asking twice with the responses swapped: the pair is labelled only when both verdicts agree; otherwise
+it is a tie. A verdict without a parseable label is a parse failure, which the caller fails on or skips.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+VERDICT = re.compile(r"\[\[([ABC])\]\]")
+
+GenerateFn = Callable[[list[str]], list[str]]  # judge prompts -> judge outputs (greedy)
+
+
+class JudgeParseError(ValueError):
+    """The judge's output contains no [[A]], [[B]] or [[C]] verdict."""
+
+
+def judge_prompt(principles: Sequence[str], question: str, response_a: str, response_b: str) -> str:
+    rules = "\n".join(f"- {p}" for p in principles)
+    return (
+        "You are an impartial judge. Compare the two responses to the user's question using these "
+        f"principles:\n{rules}\nIgnore the order of the responses and their length.\n\n"
+        f"[Question]\n{question}\n\n[Response A]\n{response_a}\n\n[Response B]\n{response_b}\n\n"
+        "Explain briefly, then end with [[A]] if A is better, [[B]] if B is better, or [[C]] for a tie."
+    )
+
+
+def parse_verdict(output: str) -> str:
+    """The last [[A]]/[[B]]/[[C]] in the output; raises JudgeParseError when there is none."""
+    found = VERDICT.findall(output)
+    if not found:
+        raise JudgeParseError(f"no [[A]], [[B]] or [[C]] verdict in judge output {output[:120]!r}")
+    return found[-1]
+
+
+def judge_pairs(
+    generate: GenerateFn, principles: Sequence[str], pairs: list[tuple[str, str, str]]
+) -> list[str | Exception]:
+    """Verdict per (question, first, second): 'first', 'second', 'tie', or the parse error.
+
+    Each pair is judged in both orders; disagreement between the two orders counts as a tie.
+    """
+    prompts = []
+    for question, first, second in pairs:
+        prompts += [
+            judge_prompt(principles, question, first, second),
+            judge_prompt(principles, question, second, first),
+        ]
+    outputs = generate(prompts)
+    verdicts: list[str | Exception] = []
+    for i in range(len(pairs)):
+        try:
+            forward, backward = parse_verdict(outputs[2 * i]), parse_verdict(outputs[2 * i + 1])
+        except JudgeParseError as exc:
+            verdicts.append(exc)
+            continue
+        if forward == "A" and backward == "B":
+            verdicts.append("first")
+        elif forward == "B" and backward == "A":
+            verdicts.append("second")
+        else:
+            verdicts.append("tie")
+    return verdicts
