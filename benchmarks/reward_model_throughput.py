@@ -237,7 +237,9 @@ def run_quiet(contender: str, model_dir: Path, settings: BenchSettings, args, di
         result = run_worker(contender, model_dir, settings)
         if result.background_cores <= args.max_background:
             return result
-        print(f"    discarded {contender}: other processes used {result.background_cores:.2f} cores", flush=True)
+        print(
+            f"    discarded {contender}: other processes used {result.background_cores:.2f} cores", flush=True
+        )
         discarded.append(result)
     return result
 
@@ -259,10 +261,14 @@ def summarize(runs: list[RunResult]) -> dict:
     ours = [r for r in runs if r.contender == "ours"]
     trl = [r for r in runs if r.contender == "trl"]
     paired = [o.tokens_per_second / t.tokens_per_second for o, t in zip(ours, trl, strict=True)]
-    per["speedup_ours_over_trl"] = per["ours"]["median_tokens_per_second"] / per["trl"]["median_tokens_per_second"]
+    per["speedup_ours_over_trl"] = (
+        per["ours"]["median_tokens_per_second"] / per["trl"]["median_tokens_per_second"]
+    )
     per["speedup_per_repeat"] = paired
     per["speedup_median_of_per_repeat"] = statistics.median(paired)
-    per["peak_rss_ratio_ours_over_trl"] = per["ours"]["median_peak_rss_mib"] / per["trl"]["median_peak_rss_mib"]
+    per["peak_rss_ratio_ours_over_trl"] = (
+        per["ours"]["median_peak_rss_mib"] / per["trl"]["median_peak_rss_mib"]
+    )
     per["speed_and_memory_target_met"] = (
         per["speedup_ours_over_trl"] >= TARGET_SPEEDUP and per["peak_rss_ratio_ours_over_trl"] <= 1.0
     )
