@@ -20,17 +20,15 @@ A cached run creates no stage runs, so its overhead is its whole wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from machine_load import run_timed, wait_for_quiet
+from report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RLHF = REPO / ".venv" / "bin" / "rlhf"
@@ -142,12 +140,6 @@ def print_table(runs: list[PipelineRun], summary: dict) -> None:
     print(f"\ncached/first wall time: median {ratio:.1%} (target < 25%: {verdict})")
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("torch", "transformers", "prefect", "mlflow")}
-
-
 def import_seconds(repeats: int = 3) -> float:
     """Median wall time of a Python process that only imports the CLI and the pipeline flow.
 
@@ -199,18 +191,14 @@ def main() -> None:
     summary["import_s"] = imports
     print()
     print_table(runs, summary)
-    report = {
-        "command": f"rlhf run {args.recipe.relative_to(REPO)} --home <fresh tmp dir>",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-        "discarded_runs": [asdict(r) for r in discarded],
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(
+        args.out,
+        {"command": f"rlhf run {args.recipe.relative_to(REPO)} --home <fresh tmp dir>"},
+        ("torch", "transformers", "prefect", "mlflow"),
+        summary,
+        runs,
+        discarded,
+    )
 
 
 def parse_args() -> argparse.Namespace:

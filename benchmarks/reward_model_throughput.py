@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,8 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from machine_load import BackgroundMeter, wait_for_quiet
-from sft_policy import save_sft_policy
-from sft_throughput import current_rss_mib, peak_rss_mib, versions
+from report import write_report
+from sft_policy import run_with_policy
+from sft_throughput import VERSION_PACKAGES, current_rss_mib, peak_rss_mib
 
 RESULT_PREFIX = "RESULT "
 CONTENDERS = ("ours", "trl")
@@ -313,26 +312,7 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> None:
     summary = summarize(runs)
     print()
     print_table(summary)
-    report = {
-        "settings": asdict(settings),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-        "discarded_runs": [asdict(r) for r in discarded],
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
-
-
-def driver_main(args: argparse.Namespace) -> None:
-    if args.policy_dir:
-        benchmark(args, args.policy_dir)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        benchmark(args, save_sft_policy(Path(tmp)))
+    write_report(args.out, {"settings": asdict(settings)}, VERSION_PACKAGES, summary, runs, discarded)
 
 
 def parse_args() -> argparse.Namespace:
@@ -363,4 +343,4 @@ if __name__ == "__main__":
     if cli.worker:
         worker_main(cli)
     else:
-        driver_main(cli)
+        run_with_policy(cli, benchmark)

@@ -25,3 +25,12 @@ def save_sft_policy(directory: Path, steps: int = 150, lr: float = 1e-3, batch_s
     with tempfile.TemporaryDirectory() as ckpt:
         model, _ = train_sft(model, tokenizer, records, cfg, seed=0, checkpoint_dir=Path(ckpt))
     return save_model(model, tokenizer, directory / "sft-policy")
+
+
+def run_with_policy(args, benchmark) -> None:
+    """Call ``benchmark(args, policy_dir)`` with ``--policy-dir`` or a freshly built policy in a temp dir."""
+    if args.policy_dir:
+        benchmark(args, args.policy_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        benchmark(args, save_sft_policy(Path(tmp)))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from machine_load import BackgroundMeter, wait_for_quiet
+from report import write_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,6 +56,9 @@ MEDIAN_FIELDS = (
     "tokens",
     "mean_loss",
 )
+
+
+VERSION_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets")
 
 
 @dataclass
@@ -397,12 +400,6 @@ def print_table(summary: dict[str, dict]) -> None:
         )
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    return {p: md.version(p) for p in ("torch", "transformers", "trl", "accelerate", "datasets")}
-
-
 def settings_from(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(
         steps=args.steps,
@@ -436,18 +433,7 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> None:
     summary = summarize(runs)
     print()
     print_table(summary)
-    report = {
-        "settings": asdict(settings),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "versions": versions(),
-        "summary": summary,
-        "runs": [asdict(r) for r in runs],
-        "discarded_runs": [asdict(r) for r in discarded],
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, {"settings": asdict(settings)}, VERSION_PACKAGES, summary, runs, discarded)
 
 
 def profile(args: argparse.Namespace, model_dir: Path) -> None:
