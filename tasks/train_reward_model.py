@@ -25,12 +25,12 @@ def train_reward_model(
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry import tracking
         from registry.models import materialize_model
-        from rlhf_core.modeling.models import load_model
+        from rlhf_core.modeling.models import load_tokenizer
         from rlhf_core.training import reward_model as rm
 
         cache = run.settings.resolved_home() / "cache"
         policy_dir = materialize_model(model, cache / "models")
-        _, tokenizer = load_model(policy_dir, revision=model.revision)
+        tokenizer = load_tokenizer(policy_dir, revision=model.revision)  # weights load once, below
         data_dir = materialize_dataset(data, cache / "datasets")
         source = f"stage '{stage_name}' ({data.stage}.{data.kind} train split)"
         trained, result = rm.train_reward_model(

@@ -61,6 +61,11 @@ def build_tiny_model(cfg: TinyModelSource, seed: int) -> tuple[PreTrainedModel, 
     return model, tokenizer
 
 
+def load_tokenizer(source: str, *, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local directory or hub model, with a chat template, EOS and pad token."""
+    return ensure_chat_template(AutoTokenizer.from_pretrained(source, revision=revision))
+
+
 def load_model(
     source: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -69,8 +74,7 @@ def load_model(
     Offline (``HF_HUB_OFFLINE=1``) a hub name that is not in the local cache fails fast with the
     library's own error, which names the model.
     """
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    tokenizer = ensure_chat_template(tokenizer)
+    tokenizer = load_tokenizer(source, revision=revision)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
