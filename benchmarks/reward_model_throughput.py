@@ -8,7 +8,10 @@ last token (``<|im_end|>``). TRL gets the pre-tokenized pairs (``chosen_ids``/``
 prompt), so "prompts per micro-batch" (ours) equals "pairs per micro-batch" (TRL).
 
 Measured per run, each in a fresh subprocess (contenders alternate, the order flips every repeat):
-- tokens/s = non-padding tokens (chosen + rejected) fed to the model / seconds of the training loop.
+- tokens/s = tokens of the chosen and rejected sequences of the pairs trained on (each counted in full,
+  padding excluded) / seconds of the training loop: pairs per second times the mean pair length, in
+  the same unit for every contender. TRL and ``ours_padded`` feed exactly these tokens; ``ours`` holds
+  each prompt once per row (shared prefix), so it feeds fewer for the same pairs, loss and gradients.
 - peak RSS = ``ru_maxrss`` of the subprocess, read right after training (before evaluation).
 - held-out accuracy = ``evaluate_reward_model`` on the same held-out prompts, for both trained models.
 
@@ -31,11 +34,13 @@ from pathlib import Path
 
 from machine_load import BackgroundMeter, wait_for_quiet
 from report import write_report
-from sft_policy import run_with_policy
+from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, current_rss_mib, peak_rss_mib
 
 RESULT_PREFIX = "RESULT "
-CONTENDERS = ("ours", "trl")
+# "ours" is the default (shared-prefix rows); "ours_padded" (shared_prefix: false, one right-padded row
+# per sequence, the same layout as TRL) shows how much of the difference the shared prefix makes.
+CONTENDERS = ("ours", "ours_padded", "trl")
 TARGET_SPEEDUP = 1.3  # ours >= 1.3x TRL tokens/s at no more peak memory, same held-out accuracy
 
 
@@ -48,7 +53,8 @@ class BenchSettings:
     warmup_ratio: float
     n_records: int
     held_out_prompts: int
-    seed: int
+    seed: int  # the data (problems, pairs, held-out split)
+    train_seed: int = 0  # shuffling of the training pairs (both contenders)
 
 
 @dataclass
@@ -74,13 +80,13 @@ def split_records(s: BenchSettings) -> tuple[list[dict], list[dict]]:
     from rlhf_core.data.synthetic import synthetic_records
 
     unique: dict[str, dict] = {}
-    for row in synthetic_records("arithmetic", "preference", n=s.n_records, seed=s.seed):
+    for row in synthetic_records("arithmetic", "preference", n=s.n_records, seed=s.seed, **POLICY_TASK):
         unique.setdefault(row["prompt"], row)
     rows = list(unique.values())
     return rows[: -s.held_out_prompts], rows[-s.held_out_prompts :]
 
 
-def train_spec(s: BenchSettings):
+def train_spec(s: BenchSettings, shared_prefix: bool = True):
     from rlhf_core.spec import RewardTrainSpec
 
     return RewardTrainSpec(
@@ -95,6 +101,7 @@ def train_spec(s: BenchSettings):
         max_length=128,
         checkpoint_every=s.steps,  # no checkpoint inside the timed loop
         log_every=s.steps,
+        shared_prefix=shared_prefix,
     )
 
 
@@ -104,7 +111,7 @@ def held_out(model, tokenizer, rows: list[dict], s: BenchSettings) -> dict[str, 
     return evaluate_reward_model(model, tokenizer, rows, train_spec(s))
 
 
-def run_ours(model_dir: Path, s: BenchSettings) -> RunResult:
+def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool = True) -> RunResult:
     from transformers import AutoTokenizer
 
     from rlhf_core.training.reward_model import build_reward_model, train_reward_model
@@ -116,12 +123,12 @@ def run_ours(model_dir: Path, s: BenchSettings) -> RunResult:
     meter = BackgroundMeter().start()  # also spans tokenization, done before the timed loop
     with tempfile.TemporaryDirectory() as ckpt:
         model, result = train_reward_model(
-            model, tokenizer, train, train_spec(s), seed=s.seed, checkpoint_dir=Path(ckpt)
+            model, tokenizer, train, train_spec(s, shared_prefix), seed=s.train_seed, checkpoint_dir=Path(ckpt)
         )
     background, peak = meter.stop(), peak_rss_mib()
     ev = held_out(model, tokenizer, test, s)
     return RunResult(
-        "ours", result.input_tokens, result.seconds, result.tokens_per_second, peak, rss_before,
+        "ours" if shared_prefix else "ours_padded", result.input_tokens, result.seconds, result.tokens_per_second, peak, rss_before,
         ev["eval/accuracy"], ev["eval/loss"], int(ev["eval/pairs"]), result.pairs, background,
     )  # fmt: skip
 
@@ -166,7 +173,8 @@ def run_trl(model_dir: Path, s: BenchSettings) -> RunResult:
     out_dir = tempfile.mkdtemp(prefix="trl-rm-bench-")
     args = RewardConfig(
         output_dir=out_dir,
-        seed=s.seed,
+        seed=s.train_seed,
+        data_seed=s.train_seed,
         use_cpu=True,
         max_steps=s.steps,
         per_device_train_batch_size=s.pairs_per_batch,
@@ -212,8 +220,12 @@ def run_trl(model_dir: Path, s: BenchSettings) -> RunResult:
 
 def worker_main(args: argparse.Namespace) -> None:
     settings = BenchSettings(**json.loads(args.settings))
-    runner = run_ours if args.worker == "ours" else run_trl
-    print(RESULT_PREFIX + json.dumps(asdict(runner(Path(args.model_dir), settings))), flush=True)
+    model_dir = Path(args.model_dir)
+    if args.worker == "trl":
+        result = run_trl(model_dir, settings)
+    else:
+        result = run_ours(model_dir, settings, shared_prefix=args.worker == "ours")
+    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -268,6 +280,9 @@ def summarize(runs: list[RunResult]) -> dict:
     per["peak_rss_ratio_ours_over_trl"] = (
         per["ours"]["median_peak_rss_mib"] / per["trl"]["median_peak_rss_mib"]
     )
+    per["speedup_ours_padded_over_trl"] = (
+        per["ours_padded"]["median_tokens_per_second"] / per["trl"]["median_tokens_per_second"]
+    )
     per["speed_and_memory_target_met"] = (
         per["speedup_ours_over_trl"] >= TARGET_SPEEDUP and per["peak_rss_ratio_ours_over_trl"] <= 1.0
     )
@@ -275,20 +290,21 @@ def summarize(runs: list[RunResult]) -> dict:
 
 
 def print_table(s: dict) -> None:
-    print(f"{'contender':9} {'tok/s median':>12} {'(min-max)':>13} {'peak RSS':>9} {'RSS before':>10} "
+    print(f"{'contender':11} {'tok/s median':>12} {'(min-max)':>13} {'peak RSS':>9} {'RSS before':>10} "
           f"{'loop s':>7} {'tokens':>7} {'held-out acc':>12}")  # fmt: skip
     for c in CONTENDERS:
         m = s[c]
         spread = f"{m['min_tokens_per_second']:.0f}-{m['max_tokens_per_second']:.0f}"
         print(
-            f"{c:9} {m['median_tokens_per_second']:12.0f} {spread:>13} {m['median_peak_rss_mib']:9.0f} "
+            f"{c:11} {m['median_tokens_per_second']:12.0f} {spread:>13} {m['median_peak_rss_mib']:9.0f} "
             f"{m['median_rss_before_train_mib']:10.0f} {m['median_seconds']:7.2f} {m['median_tokens']:7.0f} "
             f"{m['median_held_out_accuracy']:12.3f}"
         )
     print(
         f"ours/TRL speed x{s['speedup_ours_over_trl']:.2f} (per-repeat median "
         f"x{s['speedup_median_of_per_repeat']:.2f}), peak RSS x{s['peak_rss_ratio_ours_over_trl']:.2f} -> "
-        f"speed/memory target {'MET' if s['speed_and_memory_target_met'] else 'NOT MET'}"
+        f"speed/memory target {'MET' if s['speed_and_memory_target_met'] else 'NOT MET'}; "
+        f"ours_padded/TRL x{s['speedup_ours_padded_over_trl']:.2f}"
     )
 
 
@@ -304,15 +320,28 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> None:
             r = run_quiet(contender, model_dir, settings, args, discarded)
             runs.append(r)
             print(
-                f"[{i + 1}/{args.repeats}] {contender:4} {r.tokens_per_second:8.0f} tok/s {r.tokens:7d} tok "
+                f"[{i + 1}/{args.repeats}] {contender:11} {r.tokens_per_second:8.0f} tok/s {r.tokens:7d} tok "
                 f"{r.seconds:6.2f} s  peak {r.peak_rss_mib:5.0f} MiB  held-out acc {r.held_out_accuracy:.3f} "
                 f"({r.held_out_pairs} pairs)  background {r.background_cores:.2f} cores",
                 flush=True,
             )
     summary = summarize(runs)
+    if args.accuracy_seeds:
+        summary["held_out_accuracy_by_train_seed"] = accuracy_spread(args, model_dir, settings)
     print()
     print_table(summary)
     write_report(args.out, {"settings": asdict(settings)}, VERSION_PACKAGES, summary, runs, discarded)
+
+
+def accuracy_spread(args: argparse.Namespace, model_dir: Path, settings: BenchSettings) -> dict:
+    """Held-out accuracy of ours and TRL over training seeds 1..K (same data): the noise to compare to."""
+    spread: dict[str, dict[int, float]] = {"ours": {}, "trl": {}}
+    for seed in range(1, args.accuracy_seeds + 1):
+        for contender in spread:
+            result = run_worker(contender, model_dir, BenchSettings(**{**asdict(settings), "train_seed": seed}))
+            spread[contender][seed] = result.held_out_accuracy
+            print(f"train seed {seed}: {contender:4} held-out acc {result.held_out_accuracy:.3f}", flush=True)
+    return spread
 
 
 def parse_args() -> argparse.Namespace:
@@ -321,9 +350,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=80, help="Optimizer steps (timed).")
     p.add_argument("--pairs-per-batch", type=int, default=8, help="Preference pairs per micro-batch.")
     p.add_argument("--grad-accum", type=int, default=2, help="Micro-batches per optimizer step.")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--n-records", type=int, default=3000, help="Preference rows drawn (then one per prompt).")
     p.add_argument("--held-out-prompts", type=int, default=200, help="Prompts kept out of training.")
+    p.add_argument(
+        "--accuracy-seeds", type=int, default=4, help="Extra untimed runs per contender with training seeds 1..K."
+    )
     p.add_argument("--policy-dir", type=Path, help="Reuse a policy saved by sft_policy.save_sft_policy.")
     p.add_argument("--quiet-percent", type=float, default=15.0)
     p.add_argument("--quiet-timeout", type=float, default=900.0)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from machine_load import BackgroundMeter, wait_for_quiet
 from report import write_report
-from sft_policy import run_with_policy
+from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, peak_rss_mib
 
 RESULT_PREFIX = "RESULT "
@@ -63,7 +63,7 @@ class RunResult:
 def prompt_rows(s: BenchSettings) -> list[dict]:
     from rlhf_core.data.synthetic import synthetic_records
 
-    return synthetic_records("arithmetic", "prompts", n=s.prompts, seed=s.seed + 1)
+    return synthetic_records("arithmetic", "prompts", n=s.prompts, seed=s.seed + 1, **POLICY_TASK)
 
 
 def run_ours(model, tokenizer, s: BenchSettings) -> tuple[list[int], float]:

@@ -42,17 +42,18 @@ def sample_completions(
     seed: int,
 ) -> tuple[list[dict], int, float]:
     """N completions per prompt row; returns (rows without scores, generated tokens, seconds)."""
-    prompts = [row["prompt"] for row in prompt_rows for _ in range(n)]  # prompt-major: (M*N,)
     started = time.perf_counter()
-    out = generate(
+    out = generate(  # prompt-major: the N samples of prompt i at i*N .. i*N+N-1
         model,
         tokenizer,
-        prompts,
+        [row["prompt"] for row in prompt_rows],
+        samples_per_prompt=n,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         batch_size=cfg.batch_size,
         seed=seed,
+        engine=cfg.engine,
     )
     seconds = time.perf_counter() - started
     rows = []

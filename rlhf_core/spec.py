@@ -213,6 +213,13 @@ class OptimSpec(Strict):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip gradients to this L2 norm.")
     checkpoint_every: int = Field(default=50, ge=1, description="Save a resumable checkpoint every N steps.")
     log_every: int = Field(default=10, ge=1, description="Report metrics every N steps.")
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description=(
+            "fp32, or bf16 mixed precision (bf16 autocast for the forward pass; weights, gradients and "
+            "optimizer state stay fp32). bf16 pays off on GPUs; on CPU it is usually slower."
+        ),
+    )
 
 
 class SFTTrainSpec(OptimSpec):
@@ -260,6 +267,13 @@ class RewardTrainSpec(OptimSpec):
     )
     margin_column: str | None = Field(
         default=None, description="Column with the Llama 2 margin m(y_c, y_r) subtracted inside the loss."
+    )
+    shared_prefix: bool = Field(
+        default=True,
+        description=(
+            "Score the distinct completions of a prompt in one row that holds the prompt once (same "
+            "rewards, fewer tokens). Needs sdpa or eager attention; other kernels use padded rows."
+        ),
     )
 
 
@@ -313,7 +327,14 @@ class SamplingSpec(Strict):
     temperature: float = Field(default=1.0, gt=0, description="Softmax temperature (book: 0.7-1.0).")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per completion at most.")
-    batch_size: int = Field(default=64, ge=1, description="Sequences per generate call.")
+    batch_size: int = Field(default=64, ge=1, description="Sequences decoded together (prompts x samples).")
+    engine: Literal["native", "transformers"] = Field(
+        default="native",
+        description=(
+            "Decoding loop: 'native' pre-fills each prompt once for all its samples and drops finished "
+            "rows; 'transformers' calls model.generate per batch (same sampling rule, other random draws)."
+        ),
+    )
 
 
 class SampleStage(_Stage):
@@ -434,7 +455,14 @@ class GenerationSpec(Strict):
 
     max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per prompt at most.")
     temperature: float = Field(default=0.0, ge=0, description="0 means greedy decoding.")
-    batch_size: int = Field(default=32, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(default=32, ge=1, description="Prompts decoded together.")
+    engine: Literal["native", "transformers"] = Field(
+        default="native",
+        description=(
+            "Decoding loop: 'native' pre-fills each prompt once for all its samples and drops finished "
+            "rows; 'transformers' calls model.generate per batch (same sampling rule, other random draws)."
+        ),
+    )
 
 
 class EvaluateStage(_Stage):

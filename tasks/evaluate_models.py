@@ -62,6 +62,7 @@ def evaluate_models(
                     temperature=gen.temperature,
                     batch_size=gen.batch_size,
                     seed=seed,
+                    engine=gen.engine,
                 )
                 metrics["eval/accuracy"] = acc.accuracy
                 samples += [{"model": name, **row} for row in acc.rows[: stage.samples_in_table]]

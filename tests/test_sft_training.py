@@ -75,6 +75,21 @@ def test_parameters_change_and_loss_decreases(tiny, tmp_path) -> None:
     assert unchanged == []
 
 
+def test_bf16_mixed_precision_tracks_fp32_and_keeps_fp32_weights(tiny, tmp_path) -> None:
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        losses: list[float] = []
+        cfg = SFTTrainSpec(max_steps=6, lr=3e-3, batch_size=8, max_length=96, log_every=1, precision=precision)
+        trained, _ = train(tiny, tmp_path / precision, cfg, log=lambda m, step, out=losses: out.append(m["train/loss"]))
+        runs[precision] = (losses, trained)
+    fp32, bf16 = runs["fp32"][0], runs["bf16"][0]
+    assert all(math.isfinite(x) for x in bf16)
+    assert bf16[-1] < bf16[0] - 0.1  # it learns
+    assert bf16 == pytest.approx(fp32, abs=0.05)  # bf16 has ~3 significant digits
+    assert bf16 != fp32  # autocast really ran in bf16
+    assert {p.dtype for p in runs["bf16"][1].parameters()} == {torch.float32}
+
+
 def test_one_epoch_trains_every_example_once(tiny, tmp_path) -> None:
     _, tokenizer = tiny
     records = RECORDS[:20]

@@ -1,11 +1,36 @@
-"""Batched, KV-cached generation from chat prompts."""
+"""Batched, KV-cached generation from chat prompts.
+
+Two engines produce the same kind of output (``Generations``, prompt-major: the samples of prompt i
+sit at ``i * n .. i * n + n - 1``):
+
+- ``native`` (default): our decoding loop over the model's forward pass.
+    * each prompt is pre-filled once and its KV cache copied to its ``n`` samples (``generate`` with
+      ``num_return_sequences`` pre-fills every copy);
+    * prompts are batched in token-length order, so left padding stays short;
+    * finished rows leave the batch (the cache is compacted once a quarter of the rows are done)
+      instead of decoding until the batch's longest completion ends;
+    * the pre-fill computes logits for the last position only.
+  It needs a decoder-only model whose forward takes ``position_ids`` and a ``DynamicCache``, which is
+  every causal LM in transformers 5.
+- ``transformers``: ``model.generate`` on each batch (the reference, and the fallback for models the
+  native loop does not cover).
+
+Sampling: softmax(logits / T), optionally restricted to the smallest set of tokens whose mass reaches
+``top_p`` (nucleus sampling); ``T == 0`` is greedy. Each batch draws from its own generator, seeded
+from ``seed``, so the same call returns the same completions.
+"""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+Engine = Literal["native", "transformers"]
+COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is done
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -28,18 +53,132 @@ def generate(
     prompts: list[str],
     *,
     max_new_tokens: int,
+    samples_per_prompt: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
+    engine: Engine = "native",
 ) -> Generations:
-    """Complete each prompt (rendered with the chat template); stops at the tokenizer's EOS.
+    """``samples_per_prompt`` completions of each prompt (rendered with the chat template), prompt-major.
 
-    Left padding keeps the last prompt token of every row at the same position, as batched decoding
-    needs. ``temperature == 0`` is greedy. Sampling is seeded per batch from ``seed``, so the same call
-    gives the same completions.
+    ``batch_size`` counts sequences being decoded together (prompts x samples). Generation stops at
+    the tokenizer's EOS or after ``max_new_tokens``.
     """
     model.eval()
+    n = samples_per_prompt
+    if engine == "transformers":
+        return _generate_with_transformers(
+            model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p,
+            batch_size, seed,
+        )  # fmt: skip
+    device = next(model.parameters()).device
+    encoded = [
+        tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_batch = max(1, batch_size // n)
+    seeds = torch.Generator().manual_seed(seed)
+    completions: list[list[int]] = [[] for _ in range(len(prompts) * n)]
+    for start in range(0, len(order), per_batch):
+        batch = order[start : start + per_batch]
+        generator = torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**31 - 1, (1,), generator=seeds))
+        )
+        rows = decode_batch(
+            model, [encoded[i] for i in batch], n, max_new_tokens, temperature, top_p,
+            tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+        )  # fmt: skip
+        for k, i in enumerate(batch):
+            completions[i * n : (i + 1) * n] = rows[k * n : (k + 1) * n]
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Generations([t.strip() for t in texts], [len(c) for c in completions])
+
+
+def decode_batch(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """New token ids (up to and including EOS) for ``n`` samples of each tokenized prompt, prompt-major."""
+    device = next(model.parameters()).device
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends at the last column
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+        **{cache_arg: cache},
+    ).logits[:, -1]  # (P, V)  # fmt: skip
+    if n > 1:  # the pre-filled prompt is shared by its samples
+        cache.batch_repeat_interleave(n)
+        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        positions = positions.repeat_interleave(n, 0)
+    next_position = positions[:, -1] + 1  # (A,)
+    row_of = list(range(len(prompts) * n))  # active batch index -> output row
+    finished = torch.zeros(len(row_of), dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in row_of]
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, temperature, top_p, generator)  # (A,)
+        for a, (token, done) in enumerate(zip(tokens.tolist(), finished.tolist(), strict=True)):
+            if not done:
+                out[row_of[a]].append(token)
+        finished |= tokens == eos_token_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if int(finished.sum()) >= max(1, COMPACT_FRACTION * len(row_of)):
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            tokens, mask, next_position = tokens[keep], mask[keep], next_position[keep]
+            row_of = [row_of[a] for a in keep.tolist()]
+            finished = finished[keep]
+        mask = torch.cat([mask, mask.new_ones((len(row_of), 1))], dim=1)
+        logits = model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
+            use_cache=True, **{cache_arg: cache},
+        ).logits[:, -1]  # fmt: skip
+        next_position = next_position + 1
+    return out
+
+
+def pick_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """(A,) next tokens from (A, V) logits: greedy at T = 0, else nucleus sampling at temperature T."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already >= p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _generate_with_transformers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+) -> Generations:
+    """``model.generate`` per batch of (already repeated) prompts, left-padded."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

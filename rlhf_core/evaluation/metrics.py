@@ -59,6 +59,7 @@ def verifiable_accuracy(
     temperature: float = 0.0,
     batch_size: int = 32,
     seed: int = 0,
+    engine: str = "native",
 ) -> AccuracyReport:
     """Fraction of prompts whose completion the verifier accepts; rows keep prompt/completion/verdict."""
     prompts = [r["prompt"] for r in records]
@@ -70,6 +71,7 @@ def verifiable_accuracy(
         temperature=temperature,
         batch_size=batch_size,
         seed=seed,
+        engine=engine,
     )
     rows = []
     for record, completion in zip(records, completions, strict=True):

@@ -3,7 +3,8 @@
 A trainer supplies ``step_fn(step, backward, device)``: it runs the forward/backward passes of the
 micro-batches of global step ``step`` (calling ``backward(loss)``) and returns that step's metrics.
 This loop owns everything around it: accelerate, AdamW, warmup + decay schedule, gradient clipping,
-metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps.
+metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps, and bf16
+autocast when ``precision: bf16``.
 
 Exact resume relies on the trainer's batches being a pure function of (seed, step).
 """
@@ -14,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,8 +73,19 @@ def run_optimizer_steps(
 
     result = LoopResult(total_steps=total_steps, resumed_from_step=start_step)
     started = time.perf_counter()
+    # bf16 mixed precision: autocast around the step's forward passes only (the backward runs outside
+    # it, as torch recommends). Not accelerate's mixed_precision: that is fixed once per process, and a
+    # pipeline runs stages of different precisions in one process.
+    device_type = accelerator.device.type
+    autocast = partial(torch.autocast, device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def backward(loss: torch.Tensor) -> None:
+        with torch.autocast(device_type, enabled=False):
+            accelerator.backward(loss)
+
     for step in range(start_step, total_steps):
-        metrics = step_fn(step, accelerator.backward, accelerator.device)
+        with autocast():
+            metrics = step_fn(step, backward, accelerator.device)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
         optimizer.step()
         scheduler.step()

@@ -6,7 +6,10 @@ every (prompt, completion) is rendered with the chat template and trailing white
 The score head starts at zero, so every reward is 0 and the loss is exactly ln 2 at initialisation.
 
 Batching follows InstructGPT: a training row is one prompt with all of its preference pairs, so the
-pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair).
+pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair). By default
+the distinct completions of a prompt are scored in one row that holds the prompt once
+(:mod:`rlhf_core.modeling.shared_prefix`): the same rewards and gradients as one row per sequence,
+with each prompt processed once instead of twice per pair.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.reward_model import bradley_terry_loss
+from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
 from rlhf_core.spec import RewardTrainSpec
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 
@@ -113,23 +117,60 @@ def score_sequences(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> t
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
 
 
+def score_groups(
+    model: PreTrainedModel,
+    groups: list[list[list[int]]],
+    pad_token_id: int,
+    device: torch.device,
+    shared_prefix: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """Rewards of every sequence, flattened group by group, and the tokens the model processed.
+
+    Each group holds the token sequences of one prompt. With ``shared_prefix`` (and a model that
+    supports it) a group is one row holding its common prefix once; otherwise every sequence is its
+    own right-padded row. Both give the same rewards up to float rounding.
+    """
+    if shared_prefix and supports_shared_prefix(model):
+        rows = pack_shared_prefix(groups, pad_token_id).to(device)
+        return score_shared_prefix(model, rows).float(), rows.tokens  # fp32 even under bf16 autocast
+    batch = {k: v.to(device) for k, v in pad_batch([s for g in groups for s in g], pad_token_id).items()}
+    return score_sequences(model, batch).float(), int(batch["attention_mask"].sum())
+
+
+def pair_rewards(
+    model: PreTrainedModel, groups: list[PromptPairs], pad_token_id: int, device: torch.device, shared_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(r_chosen, r_rejected, processed tokens) for every pair of ``groups``, in group order."""
+    rewards, processed = score_groups(
+        model, [g.chosen + g.rejected for g in groups], pad_token_id, device, shared_prefix
+    )
+    chosen_idx, rejected_idx, start = [], [], 0
+    for g in groups:
+        k = len(g.chosen)
+        chosen_idx += range(start, start + k)
+        rejected_idx += range(start + k, start + 2 * k)
+        start += 2 * k
+    return rewards[chosen_idx], rewards[rejected_idx], processed
+
+
 def pairs_loss(
-    model: PreTrainedModel, groups: list[PromptPairs], pad_token_id: int, device: torch.device
+    model: PreTrainedModel,
+    groups: list[PromptPairs],
+    pad_token_id: int,
+    device: torch.device,
+    shared_prefix: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """BT loss over the prompts in ``groups`` (chosen and rejected scored in one forward pass)."""
-    chosen = [s for g in groups for s in g.chosen]
-    rejected = [s for g in groups for s in g.rejected]
-    batch = {k: v.to(device) for k, v in pad_batch(chosen + rejected, pad_token_id).items()}
-    rewards = score_sequences(model, batch)  # (2P,)
-    r_c, r_r = rewards[: len(chosen)], rewards[len(chosen) :]
+    """BT loss over the prompts in ``groups`` (all their completions scored in one forward pass)."""
+    r_c, r_r, processed = pair_rewards(model, groups, pad_token_id, device, shared_prefix)
     prompt_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.chosen], device=device)
-    margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=rewards.dtype)
+    margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=r_c.dtype)
     loss = bradley_terry_loss(r_c, r_r, margin=margin, prompt_ids=prompt_ids)
-    tokens = float(batch["attention_mask"].sum())
     return loss, {
         "accuracy": float((r_c > r_r).float().mean()),
         "margin": float((r_c - r_r).detach().mean()),
-        TOKENS: tokens,
+        # tokens of the pairs as sequences (what one-row-per-sequence batching would feed the model)
+        TOKENS: float(sum(len(s) for g in groups for s in g.chosen + g.rejected)),
+        "processed_tokens": float(processed),
     }
 
 
@@ -157,15 +198,16 @@ def train_reward_model(
             [groups[i] for i in ids] for ids in rows_of_step(len(groups), cfg, seed, step, steps_per_epoch)
         ]
         n_step = sum(len(m) for m in micro)
-        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0}
+        totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0, "processed_tokens": 0.0}
         for part in micro:
-            loss, stats = pairs_loss(model, part, tokenizer.pad_token_id, device)
+            loss, stats = pairs_loss(model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
             weight = len(part) / n_step  # each prompt weighs the same across micro-batches
             backward(loss * weight)
             totals["loss"] += loss.item() * weight
             totals["accuracy"] += stats["accuracy"] * weight
             totals["margin"] += stats["margin"] * weight
             totals[TOKENS] += stats[TOKENS]
+            totals["processed_tokens"] += stats["processed_tokens"]
         return totals
 
     trained, loop = run_optimizer_steps(
@@ -208,12 +250,9 @@ def evaluate_reward_model(
     rejected_scores: list[float] = []
     for start in range(0, len(groups), batch_size):
         part = groups[start : start + batch_size]
-        chosen = [s for g in part for s in g.chosen]
-        rejected = [s for g in part for s in g.rejected]
-        batch = {k: v.to(device) for k, v in pad_batch(chosen + rejected, tokenizer.pad_token_id).items()}
-        rewards = score_sequences(model, batch).float().cpu().tolist()
-        chosen_scores += rewards[: len(chosen)]
-        rejected_scores += rewards[len(chosen) :]
+        r_c, r_r, _ = pair_rewards(model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
+        chosen_scores += r_c.float().cpu().tolist()
+        rejected_scores += r_r.float().cpu().tolist()
     margins = [c - r for c, r in zip(chosen_scores, rejected_scores, strict=True)]
     every = chosen_scores + rejected_scores
     return {
@@ -233,18 +272,33 @@ def score_pairs(
     tokenizer: PreTrainedTokenizerBase,
     pairs: list[tuple[str, str]],
     batch_size: int = 64,
+    shared_prefix: bool = True,
 ) -> list[float]:
-    """r(x, y) per (prompt, completion); batched in length order (less padding), returned in input order."""
+    """r(x, y) per (prompt, completion), returned in input order.
+
+    Completions of the same prompt are scored together (one shared-prefix row per prompt when the
+    model supports it); prompt groups are batched in length order, about ``batch_size`` sequences per
+    forward pass.
+    """
     model.eval()
     device = next(model.parameters()).device
+    by_prompt: dict[str, list[int]] = {}
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(prompt, []).append(i)
     encoded = [encode_completion(tokenizer, prompt, completion) for prompt, completion in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    groups = sorted(by_prompt.values(), key=lambda idx: sum(len(encoded[i]) for i in idx))
     scores = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {
-            k: v.to(device) for k, v in pad_batch([encoded[i] for i in idx], tokenizer.pad_token_id).items()
-        }
-        for i, value in zip(idx, score_sequences(model, batch).float().cpu().tolist(), strict=True):
+    start = 0
+    while start < len(groups):
+        stop, size = start, 0
+        while stop < len(groups) and (size == 0 or size + len(groups[stop]) <= batch_size):
+            size += len(groups[stop])
+            stop += 1
+        part = groups[start:stop]
+        rewards, _ = score_groups(
+            model, [[encoded[i] for i in idx] for idx in part], tokenizer.pad_token_id, device, shared_prefix
+        )
+        for i, value in zip([i for idx in part for i in idx], rewards.float().cpu().tolist(), strict=True):
             scores[i] = value
+        start = stop
     return scores
