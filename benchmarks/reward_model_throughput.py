@@ -123,12 +123,18 @@ def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool = True) -> R
     meter = BackgroundMeter().start()  # also spans tokenization, done before the timed loop
     with tempfile.TemporaryDirectory() as ckpt:
         model, result = train_reward_model(
-            model, tokenizer, train, train_spec(s, shared_prefix), seed=s.train_seed, checkpoint_dir=Path(ckpt)
+            model,
+            tokenizer,
+            train,
+            train_spec(s, shared_prefix),
+            seed=s.train_seed,
+            checkpoint_dir=Path(ckpt),
         )
     background, peak = meter.stop(), peak_rss_mib()
     ev = held_out(model, tokenizer, test, s)
     return RunResult(
-        "ours" if shared_prefix else "ours_padded", result.input_tokens, result.seconds, result.tokens_per_second, peak, rss_before,
+        "ours" if shared_prefix else "ours_padded", result.input_tokens, result.seconds,
+        result.tokens_per_second, peak, rss_before,
         ev["eval/accuracy"], ev["eval/loss"], int(ev["eval/pairs"]), result.pairs, background,
     )  # fmt: skip
 
@@ -338,7 +344,9 @@ def accuracy_spread(args: argparse.Namespace, model_dir: Path, settings: BenchSe
     spread: dict[str, dict[int, float]] = {"ours": {}, "trl": {}}
     for seed in range(1, args.accuracy_seeds + 1):
         for contender in spread:
-            result = run_worker(contender, model_dir, BenchSettings(**{**asdict(settings), "train_seed": seed}))
+            result = run_worker(
+                contender, model_dir, BenchSettings(**{**asdict(settings), "train_seed": seed})
+            )
             spread[contender][seed] = result.held_out_accuracy
             print(f"train seed {seed}: {contender:4} held-out acc {result.held_out_accuracy:.3f}", flush=True)
     return spread
@@ -354,7 +362,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-records", type=int, default=3000, help="Preference rows drawn (then one per prompt).")
     p.add_argument("--held-out-prompts", type=int, default=200, help="Prompts kept out of training.")
     p.add_argument(
-        "--accuracy-seeds", type=int, default=4, help="Extra untimed runs per contender with training seeds 1..K."
+        "--accuracy-seeds",
+        type=int,
+        default=4,
+        help="Extra untimed runs per contender with training seeds 1..K.",
     )
     p.add_argument("--policy-dir", type=Path, help="Reuse a policy saved by sft_policy.save_sft_policy.")
     p.add_argument("--quiet-percent", type=float, default=15.0)

@@ -7,9 +7,11 @@ assistant header), left-padded, ``do_sample=True`` with the same temperature / t
 ``use_cache=True`` (KV cache), stopping at EOS (``<|im_end|>``).
 
 Measured per run, each in a fresh subprocess (contenders alternate, the order flips every repeat):
-- Sampling is seeded per batch the way ours seeds it, so both draw the same completions and do the same
-  decoding work (a batch decodes until its longest completion ends, so different seeds alone change the
-  cost of the same number of counted tokens).
+- Random draws: ``model.generate`` (the plain loop and ``ours_transformers``) is seeded per batch the
+  way ours seeds it, so those two draw the same completions. The native loop draws from its own
+  generator, so its completions differ; since the cost of a batch depends on its draws (with
+  ``generate`` a batch decodes until its longest completion ends), every repeat uses a new seed for
+  all contenders (``sample_seed`` = repeat index), so draw luck averages out over the repeats.
 - new tokens/s = generated tokens, counted per completion up to and including the first EOS (the
   whole row when no EOS), / seconds of the whole sampling call. Both timed regions include chat
   rendering, tokenization, ``generate`` and decoding of every batch.
@@ -34,7 +36,9 @@ from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, peak_rss_mib
 
 RESULT_PREFIX = "RESULT "
-CONTENDERS = ("ours", "generate")
+# "ours" is the sample stage's default engine (native decoding loop); "ours_transformers" is the same
+# stage with generation.engine: transformers (model.generate inside), to show where a difference comes from.
+CONTENDERS = ("ours", "ours_transformers", "generate")
 
 
 @dataclass
@@ -45,7 +49,8 @@ class BenchSettings:
     max_new_tokens: int
     temperature: float
     top_p: float
-    seed: int
+    seed: int  # the prompts
+    sample_seed: int = 0  # the random draws; changes every repeat, the same for all contenders of a repeat
 
 
 @dataclass
@@ -66,14 +71,18 @@ def prompt_rows(s: BenchSettings) -> list[dict]:
     return synthetic_records("arithmetic", "prompts", n=s.prompts, seed=s.seed + 1, **POLICY_TASK)
 
 
-def run_ours(model, tokenizer, s: BenchSettings) -> tuple[list[int], float]:
+def run_ours(model, tokenizer, s: BenchSettings, engine: str = "native") -> tuple[list[int], float]:
     from rlhf_core.sampling import sample_completions
     from rlhf_core.spec import SamplingSpec
 
     cfg = SamplingSpec(
-        temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_new_tokens=s.max_new_tokens,
+        batch_size=s.batch_size,
+        engine=engine,
     )
-    rows, _, seconds = sample_completions(model, tokenizer, prompt_rows(s), s.n, cfg, seed=s.seed)
+    rows, _, seconds = sample_completions(model, tokenizer, prompt_rows(s), s.n, cfg, seed=s.sample_seed)
     return [r["new_tokens"] for r in rows], seconds
 
 
@@ -84,7 +93,7 @@ def run_generate(model, tokenizer, s: BenchSettings) -> tuple[list[int], float]:
     prompts = [r["prompt"] for r in prompt_rows(s) for _ in range(s.n)]
     tokenizer.padding_side = "left"
     # per-batch seeds drawn as ours draws them, so both sample the same completions (same work)
-    seeds = torch.Generator().manual_seed(s.seed)
+    seeds = torch.Generator().manual_seed(s.sample_seed)
     lengths: list[int] = []
     started = time.perf_counter()
     with torch.no_grad():
@@ -120,7 +129,11 @@ def worker_main(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model_dir)
     model.eval()
     meter = BackgroundMeter().start()
-    lengths, seconds = (run_ours if args.worker == "ours" else run_generate)(model, tokenizer, s)
+    if args.worker == "generate":
+        lengths, seconds = run_generate(model, tokenizer, s)
+    else:
+        engine = "native" if args.worker == "ours" else "transformers"
+        lengths, seconds = run_ours(model, tokenizer, s, engine)
     background = meter.stop()
     result = RunResult(
         args.worker, sum(lengths), len(lengths), seconds, sum(lengths) / seconds,
@@ -163,13 +176,14 @@ def summarize(runs: list[RunResult]) -> dict:
         per[c]["min_new_tokens_per_second"] = min(r.new_tokens_per_second for r in rs)
         per[c]["max_new_tokens_per_second"] = max(r.new_tokens_per_second for r in rs)
         per[c]["max_background_cores"] = max(r.background_cores for r in rs)
-    ours = [r for r in runs if r.contender == "ours"]
     gen = [r for r in runs if r.contender == "generate"]
-    paired = [o.new_tokens_per_second / g.new_tokens_per_second for o, g in zip(ours, gen, strict=True)]
     key = "median_new_tokens_per_second"
-    per["speed_ratio_ours_over_generate"] = per["ours"][key] / per["generate"][key]
-    per["speed_ratio_per_repeat"] = paired
-    per["speed_ratio_median_of_per_repeat"] = statistics.median(paired)
+    for name in ("ours", "ours_transformers"):
+        mine = [r for r in runs if r.contender == name]
+        paired = [o.new_tokens_per_second / g.new_tokens_per_second for o, g in zip(mine, gen, strict=True)]
+        per[f"speed_ratio_{name}_over_generate"] = per[name][key] / per["generate"][key]
+        per[f"speed_ratio_{name}_per_repeat"] = paired
+        per[f"speed_ratio_{name}_median_of_per_repeat"] = statistics.median(paired)
     return per
 
 
@@ -181,11 +195,12 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> None:
     runs: list[RunResult] = []
     discarded: list[RunResult] = []
     for i in range(args.repeats):
+        s = BenchSettings(**{**asdict(s), "sample_seed": i})
         for contender in CONTENDERS if i % 2 == 0 else CONTENDERS[::-1]:
             r = run_quiet(contender, model_dir, s, args, discarded)
             runs.append(r)
             print(
-                f"[{i + 1}/{args.repeats}] {contender:8} {r.new_tokens_per_second:8.0f} new tok/s "
+                f"[{i + 1}/{args.repeats}] {contender:17} {r.new_tokens_per_second:8.0f} new tok/s "
                 f"{r.new_tokens:6d} tok {r.seconds:6.2f} s  EOS {r.eos_fraction:.2f}  "
                 f"peak {r.peak_rss_mib:4.0f} MiB  background {r.background_cores:.2f} cores",
                 flush=True,
@@ -195,16 +210,18 @@ def benchmark(args: argparse.Namespace, model_dir: Path) -> None:
     for c in CONTENDERS:
         m = summary[c]
         print(
-            f"{c:8} {m['median_new_tokens_per_second']:8.0f} new tok/s (min-max "
+            f"{c:17} {m['median_new_tokens_per_second']:8.0f} new tok/s (min-max "
             f"{m['min_new_tokens_per_second']:.0f}-{m['max_new_tokens_per_second']:.0f}), "
             f"{m['median_new_tokens']:.0f} tokens, {m['median_seconds']:.2f} s, "
             f"EOS {m['median_eos_fraction']:.2f}"
         )
-    print(
-        f"ours/generate x{summary['speed_ratio_ours_over_generate']:.2f} "
-        f"(per-repeat median x{summary['speed_ratio_median_of_per_repeat']:.2f})"
-    )
-    write_report(args.out, {"settings": asdict(s)}, VERSION_PACKAGES, summary, runs, discarded)
+    for name in ("ours", "ours_transformers"):
+        print(
+            f"{name}/generate x{summary[f'speed_ratio_{name}_over_generate']:.2f} "
+            f"(per-repeat median x{summary[f'speed_ratio_{name}_median_of_per_repeat']:.2f})"
+        )
+    settings = {**asdict(s), "sample_seed": "repeat index (0, 1, ...)"}
+    write_report(args.out, {"settings": settings}, VERSION_PACKAGES, summary, runs, discarded)
 
 
 def parse_args() -> argparse.Namespace:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-
 POLICY_TASK = {"max_operand": 20, "operations": ("+", "-")}  # synthetic_records kwargs of every benchmark
 
 

@@ -149,6 +149,11 @@ def run_stage(
             models={m: resolve_ref(m, outputs) for m in stage.models},
             data=resolve_ref(stage.data, outputs) if stage.data else None,
             prompts=resolve_ref(stage.prompts, outputs) if stage.prompts else None,
+            reward_models={
+                s.name: resolve_ref(s.model, outputs)
+                for s in (stage.best_of_n.rewards if stage.best_of_n else ())
+                if s.model is not None
+            },
         )
     raise TypeError(f"stage '{name}': no task for kind {stage.kind!r}")
 

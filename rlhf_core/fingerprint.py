@@ -92,10 +92,16 @@ def sft_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
 
 
 def evaluate_fingerprint(
-    stage: Any, seed: int, models: dict[str, Any], data: Any | None, prompts: Any | None
+    stage: Any,
+    seed: int,
+    models: dict[str, Any],
+    data: Any | None,
+    prompts: Any | None,
+    reward_models: dict[str, Any] | None = None,
 ) -> str:
     inputs = {f"model:{name}": ref for name, ref in models.items()}
     inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
+    inputs.update({f"reward:{k}": v for k, v in (reward_models or {}).items()})
     return stage_fingerprint("evaluate", stage, input_digests(inputs), seed)
 
 

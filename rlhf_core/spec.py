@@ -465,6 +465,16 @@ class GenerationSpec(Strict):
     )
 
 
+class BestOfNSpec(Strict):
+    """Best-of-N evaluation: N samples per prompt, answer with the one the reward sources rank first."""
+
+    n: int = Field(default=8, ge=2, description="Completions sampled per prompt.")
+    rewards: tuple[RewardSourceSpec, ...] = Field(
+        min_length=1, description="Reward sources that rank the N samples (weighted sum)."
+    )
+    generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings.")
+
+
 class EvaluateStage(_Stage):
     """Held-out loss/perplexity, verifiable accuracy and a table of sample generations."""
 
@@ -479,11 +489,17 @@ class EvaluateStage(_Stage):
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
     max_length: int = Field(default=512, ge=8, description="Longest eval conversation (tokens) for the loss.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
+    best_of_n: BestOfNSpec | None = Field(
+        default=None,
+        description="Also report best-of-N accuracy (needs prompts): pass@1, best-of-N and pass@N.",
+    )
 
     @model_validator(mode="after")
     def _needs_something_to_measure(self) -> EvaluateStage:
         if self.data is None and self.prompts is None:
             raise ValueError("give `data` (for loss/perplexity), `prompts` (for accuracy), or both")
+        if self.best_of_n is not None and self.prompts is None:
+            raise ValueError("best_of_n needs `prompts` (a prompts dataset with answers to verify)")
         return self
 
     def input_refs(self) -> dict[str, tuple[str, str]]:
@@ -492,6 +508,9 @@ class EvaluateStage(_Stage):
             refs["data"] = (self.data, "dataset:sft")
         if self.prompts:
             refs["prompts"] = (self.prompts, "dataset:prompts")
+        for i, source in enumerate(self.best_of_n.rewards if self.best_of_n else ()):
+            if source.model is not None:
+                refs[f"best_of_n.rewards[{i}].model"] = (source.model, "model:reward")
         return refs
 
     def output_types(self) -> dict[str, str]:

@@ -25,11 +25,18 @@ def evaluate_models(
     models: dict[str, ModelRef],
     data: DatasetRef | None = None,
     prompts: DatasetRef | None = None,
+    reward_models: dict[str, ModelRef] | None = None,
 ) -> StageOutcome:
-    """Evaluate every model on the eval splits; metrics are logged per model as ``<model>/<metric>``."""
+    """Evaluate every model on the eval splits; metrics are logged per model as ``<model>/<metric>``.
+
+    With ``best_of_n``, each model also samples N completions per prompt, the reward sources (reward
+    functions and/or the ``reward_models``) pick one, and the verifier checks it.
+    """
+    reward_models = reward_models or {}
     inputs: dict = {f"model:{name}": ref for name, ref in models.items()}
     inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
-    fingerprint = evaluate_fingerprint(stage, seed, models, data, prompts)
+    inputs.update({f"reward:{k}": v for k, v in reward_models.items()})
+    fingerprint = evaluate_fingerprint(stage, seed, models, data, prompts, reward_models)
 
     def body(run: StageRun) -> dict[str, EvalReportRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
@@ -44,6 +51,11 @@ def evaluate_models(
             if prompts
             else []
         )
+        scorers = {}
+        if stage.best_of_n is not None:
+            from tasks.reward_scorers import reward_model_scorers
+
+            scorers = reward_model_scorers(reward_models, cache)
         report: dict[str, dict[str, float]] = {}
         samples = []
         for name, ref in models.items():
@@ -66,13 +78,17 @@ def evaluate_models(
                 )
                 metrics["eval/accuracy"] = acc.accuracy
                 samples += [{"model": name, **row} for row in acc.rows[: stage.samples_in_table]]
+            if stage.best_of_n is not None:
+                metrics.update(
+                    best_of_n_metrics(model, tokenizer, prompt_rows, stage, stage_name, seed, scorers)
+                )
             report[name] = metrics
             tracking.log_metrics(run.run_id, {f"{name}/{k}": v for k, v in metrics.items()}, step=0)
             run.key_metrics.update(
                 {
                     f"{name}.{k.removeprefix('eval/')}": v
                     for k, v in metrics.items()
-                    if k in ("eval/loss", "eval/perplexity", "eval/accuracy")
+                    if k in ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/best_of_n/accuracy")
                 }
             )
         tracking.log_table(run.run_id, samples, "samples.json")
@@ -80,3 +96,18 @@ def evaluate_models(
         return {"report": EvalReportRef(stage=stage_name, metrics=report, run_id=run.run_id)}
 
     return execute_stage(ctx, stage_name, "evaluate", fingerprint, stage, inputs, body)
+
+
+def best_of_n_metrics(
+    model, tokenizer, prompt_rows, stage: EvaluateStage, stage_name: str, seed: int, scorers
+):
+    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it."""
+    from rlhf_core.sampling import sample_completions, score_completions
+    from rlhf_core.selection.best_of_n import best_of_n
+
+    spec = stage.best_of_n
+    rows, _, _ = sample_completions(model, tokenizer, prompt_rows, spec.n, spec.generation, seed)
+    scored, _ = score_completions(rows, spec.rewards, scorers, on_invalid="fail", stage=stage_name)
+    verifier = VERIFIERS[stage.verifier]
+    result = best_of_n(scored, lambda row: verifier(row["completion"], str(row.get("answer", ""))))
+    return result.metrics()

@@ -66,9 +66,9 @@ def label_preferences(
 
     def _judge_with_rewards(rows: list[dict], cache):
         from rlhf_core.sampling import score_completions
-        from tasks.sample_completions import reward_model_scorer
+        from tasks.reward_scorers import reward_model_scorers
 
-        scorers = {name: reward_model_scorer(ref, cache) for name, ref in judge_models.items()}
+        scorers = reward_model_scorers(judge_models, cache)
         judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
         scored = [{**r, "judge_score": r["reward"]} for r in judged]
         return label_pairs(

@@ -37,6 +37,7 @@ def sample_completions(
         from rlhf_core.modeling.models import load_model
         from rlhf_core.sampling import sample_completions as sample
         from rlhf_core.sampling import score_completions
+        from tasks.reward_scorers import reward_model_scorers
 
         cache = run.settings.resolved_home() / "cache"
         if stage.split not in prompts.splits:
@@ -48,7 +49,7 @@ def sample_completions(
         rows = rows[: stage.max_prompts] if stage.max_prompts else rows
         model, tokenizer = load_model(materialize_model(policy, cache / "models"), revision=policy.revision)
         sampled, tokens, seconds = sample(model, tokenizer, rows, stage.n, stage.generation, seed)
-        scorers = {name: reward_model_scorer(ref, cache) for name, ref in reward_models.items()}
+        scorers = reward_model_scorers(reward_models, cache)
         kept, problems = score_completions(
             sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=stage_name
         )
@@ -85,15 +86,3 @@ def sample_completions(
         }
 
     return execute_stage(ctx, stage_name, "sample", fingerprint, stage, inputs, body)
-
-
-def reward_model_scorer(ref: ModelRef, cache):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from registry.models import materialize_model
-    from rlhf_core.training.reward_model import score_pairs
-
-    directory = materialize_model(ref, cache / "models")
-    model = AutoModelForSequenceClassification.from_pretrained(directory)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return lambda pairs: score_pairs(model, tokenizer, pairs)

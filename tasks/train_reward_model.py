@@ -34,7 +34,7 @@ def train_reward_model(
         data_dir = materialize_dataset(data, cache / "datasets")
         source = f"stage '{stage_name}' ({data.stage}.{data.kind} train split)"
         trained, result = rm.train_reward_model(
-            rm.build_reward_model(policy_dir),
+            rm.build_reward_model(policy_dir, tokenizer, revision=model.revision),
             tokenizer,
             read_jsonl(data_dir / "train.jsonl"),
             stage.train,

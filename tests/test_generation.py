@@ -51,7 +51,9 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(model_
     lengths = sorted({len(row) for row in together})
     assert len(lengths) > 2 and lengths[0] < 16  # rows really did stop at different steps
     for prompt, row in zip(encoded, together, strict=True):
-        alone = decode_batch(model, [prompt], 1, 16, 0.0, 1.0, stop, tokenizer.pad_token_id, torch.Generator())
+        alone = decode_batch(
+            model, [prompt], 1, 16, 0.0, 1.0, stop, tokenizer.pad_token_id, torch.Generator()
+        )
         assert row == alone[0]
         assert stop not in row[:-1]  # nothing is kept after the stop token
         assert len(row) == 16 or row[-1] == stop

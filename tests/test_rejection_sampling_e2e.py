@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from rlhf_core.data.loading import read_jsonl
@@ -39,6 +41,14 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
         "pairing": "all_pairs",
         "judge": [{"function": "arithmetic_exact"}, {"model": "rm", "weight": 0.5}],
     }
+    stages["eval_bon"] = {  # best-of-N with the trained reward model as the selector
+        "kind": "evaluate",
+        "models": ["sft", "sft_rs"],
+        "prompts": "data.prompts",
+        "max_prompts": 10,
+        "generation": {"max_new_tokens": 6},
+        "best_of_n": {"n": 3, "rewards": [{"model": "rm"}], "generation": {"max_new_tokens": 6}},
+    }
     home = tmp_path / "home"
     outcomes = {o.stage: o for o in run_pipeline(parse_spec(tiny_spec_dict), home=str(home))}
 
@@ -70,6 +80,14 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
     assert pairs and all(
         score[(p["prompt"], p["chosen"])] > score[(p["prompt"], p["rejected"])] for p in pairs
     )
+
+    report = outcomes["eval_bon"].outputs["report"].metrics
+    for model in ("sft", "sft_rs"):
+        m = report[model]
+        assert m["eval/best_of_n/prompts"] == 10
+        assert 0 <= m["eval/best_of_n/pass_at_1"] <= m["eval/best_of_n/pass_at_n"] <= 1
+        assert m["eval/best_of_n/accuracy"] <= m["eval/best_of_n/pass_at_n"]
+        assert math.isfinite(m["eval/best_of_n/selected_reward_mean"])
 
 
 def test_policy_judge_that_cannot_parse_is_counted_then_fails_the_stage(

@@ -101,6 +101,24 @@ def test_select_completions_reproduces_the_worked_example():
     ]
 
 
+def test_best_of_n_on_the_worked_example():
+    """R of the book's example; say completions c01, c11, c21, c22, c32 and c33 are correct."""
+    from rlhf_core.selection.best_of_n import best_of_n
+
+    correct = {"c01", "c11", "c21", "c22", "c32", "c33"}
+    report = best_of_n(_rows(R), lambda row: row["completion"] in correct)
+    # the top-reward picks are c00, c11, c20, c32, c43: two of them (c11, c32) are correct
+    assert [r["completion"] for r in report.selected] == ["c00", "c11", "c20", "c32", "c43"]
+    assert report.best_of_n == pytest.approx(2 / 5)
+    assert report.pass_at_1 == pytest.approx((1 / 4 + 1 / 4 + 2 / 4 + 2 / 4 + 0) / 5)  # 0.3
+    assert report.pass_at_n == pytest.approx(4 / 5)  # every prompt but the last has a correct answer
+    assert report.selected_reward_mean == pytest.approx((0.7 + 0.8 + 0.9 + 0.8 + 0.6) / 5)
+    assert report.metrics()["eval/best_of_n/accuracy"] == report.best_of_n
+    # a verifier used as the reward makes best-of-N reach pass@N exactly
+    verified = [{**row, "reward": float(row["completion"] in correct)} for row in _rows(R)]
+    assert best_of_n(verified, lambda row: row["completion"] in correct).best_of_n == pytest.approx(4 / 5)
+
+
 def test_scoring_nan_fails_with_the_row_or_skips_and_reports():
     from rlhf_core.rewards import REWARD_FUNCTIONS, RewardValueError
     from rlhf_core.sampling import score_completions

@@ -102,3 +102,19 @@ def test_reward_model_saves_and_loads_with_plain_from_pretrained(policy_dir, tmp
     )
     with torch.no_grad():
         assert torch.allclose(score_sequences(model, batch), score_sequences(loaded, batch), atol=1e-6)
+
+
+def test_build_reward_model_grows_embeddings_to_the_tokenizer_and_sets_pad(policy_dir):
+    import copy
+
+    from rlhf_core.training.reward_model import encode_completion, pad_batch, score_sequences
+
+    directory, tokenizer = policy_dir
+    bigger = copy.deepcopy(tokenizer)
+    bigger.add_tokens(["<extra_a>", "<extra_b>"])  # like a hub tokenizer that gained chat tokens
+    model = build_reward_model(str(directory), bigger)
+    assert model.get_input_embeddings().num_embeddings == len(bigger) == len(tokenizer) + 2
+    assert model.config.pad_token_id == bigger.pad_token_id
+    rows = [encode_completion(bigger, "1 + 1?", "<extra_b>"), encode_completion(bigger, "hi", "2")]
+    with torch.no_grad():
+        assert score_sequences(model, pad_batch(rows, bigger.pad_token_id)).shape == (2,)

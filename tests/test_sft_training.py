@@ -79,8 +79,12 @@ def test_bf16_mixed_precision_tracks_fp32_and_keeps_fp32_weights(tiny, tmp_path)
     runs = {}
     for precision in ("fp32", "bf16"):
         losses: list[float] = []
-        cfg = SFTTrainSpec(max_steps=6, lr=3e-3, batch_size=8, max_length=96, log_every=1, precision=precision)
-        trained, _ = train(tiny, tmp_path / precision, cfg, log=lambda m, step, out=losses: out.append(m["train/loss"]))
+        cfg = SFTTrainSpec(
+            max_steps=6, lr=3e-3, batch_size=8, max_length=96, log_every=1, precision=precision
+        )
+        trained, _ = train(
+            tiny, tmp_path / precision, cfg, log=lambda m, step, out=losses: out.append(m["train/loss"])
+        )
         runs[precision] = (losses, trained)
     fp32, bf16 = runs["fp32"][0], runs["bf16"][0]
     assert all(math.isfinite(x) for x in bf16)

@@ -26,7 +26,8 @@ def test_layout_of_one_row():
     assert rows.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 0, 0, 0]]
     # the duplicate [1, 2, 3] points at the same end token; a lone sequence keeps one own token
-    assert list(zip(rows.score_rows.tolist(), rows.score_cols.tolist())) == [(0, 2), (0, 4), (0, 2), (1, 1)]
+    ends = list(zip(rows.score_rows.tolist(), rows.score_cols.tolist(), strict=True))
+    assert ends == [(0, 2), (0, 4), (0, 2), (1, 1)]
     mask = rows.attention_mask[0, 0].int().tolist()
     assert mask == [
         [1, 0, 0, 0, 0],
@@ -48,7 +49,10 @@ def reward_model_dir(tmp_path_factory):
 def _groups(tokenizer):
     records = synthetic_records("arithmetic", "preference", n=12, seed=1)
     groups = [
-        [encode_completion(tokenizer, r["prompt"], text) for text in (r["chosen"], r["rejected"], r["chosen"])]
+        [
+            encode_completion(tokenizer, r["prompt"], text)
+            for text in (r["chosen"], r["rejected"], r["chosen"])
+        ]
         for r in records[:6]
     ]
     return groups + [[encode_completion(tokenizer, "hi", "x")]]
@@ -99,7 +103,9 @@ def test_training_with_and_without_shared_prefix_agrees(reward_model_dir, tmp_pa
         losses[shared] = [m["train/loss"] for m in logged]
         processed = sum(m["train/processed_tokens"] for m in logged)
         assert (processed < 0.8 * result.input_tokens) if shared else (processed == result.input_tokens)
-        scores = score_pairs(model, tokenizer, [(r["prompt"], r["chosen"]) for r in records[:10]], shared_prefix=shared)
+        scores = score_pairs(
+            model, tokenizer, [(r["prompt"], r["chosen"]) for r in records[:10]], shared_prefix=shared
+        )
         losses[(shared, "scores")] = scores
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
     assert losses[(True, "scores")] == pytest.approx(losses[(False, "scores")], abs=1e-4)

@@ -176,6 +176,21 @@ def test_reward_model_stage_types(tiny_spec_dict):
     assert "stage 'rm', field data: 'data.sft' is an sft dataset, expected a preference dataset" in problems
 
 
+def test_best_of_n_needs_prompts_and_a_reward_model_reference(tiny_spec_dict):
+    eval_stage = tiny_spec_dict["stages"]["eval"]
+    eval_stage["best_of_n"] = {"n": 4, "rewards": [{"model": "sft"}, {"function": "arithmetic_exact"}]}
+    problems = _problems(tiny_spec_dict)
+    assert "stage 'eval', field best_of_n.rewards[0].model: 'sft' is a policy model, expected a reward model" in (
+        problems
+    )
+    eval_stage["best_of_n"]["rewards"] = [{"model": "rm"}]
+    spec = parse_spec(tiny_spec_dict)
+    assert "rm" in spec.dependencies("eval")  # the reward model runs before the evaluation
+    del eval_stage["prompts"]
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("stage 'eval'") and "best_of_n needs `prompts`" in problem
+
+
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO_ROOT / "recipes").glob("*.yaml")))
 def test_every_recipe_validates(recipe):
     spec = load_spec(REPO_ROOT / "recipes" / recipe)

@@ -73,9 +73,7 @@ def generate(
             batch_size, seed,
         )  # fmt: skip
     device = next(model.parameters()).device
-    encoded = [
-        tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
-    ]
+    encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // n)
     seeds = torch.Generator().manual_seed(seed)

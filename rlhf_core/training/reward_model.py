@@ -58,9 +58,22 @@ class RewardModelResult:
         return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def build_reward_model(source: str) -> PreTrainedModel:
-    """A one-label sequence classifier on the backbone saved at ``source``, with a zero score head."""
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.float32)
+def build_reward_model(
+    source: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None
+) -> PreTrainedModel:
+    """A one-label sequence classifier on the backbone at ``source``, with a zero score head.
+
+    With the policy's ``tokenizer``, the embeddings grow to its vocabulary (a hub model whose tokenizer
+    gained chat tokens) and ``config.pad_token_id`` is set, which padded scoring needs to find each
+    row's last token (many hub configs leave it unset).
+    """
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=torch.float32, revision=revision
+    )
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
     head = model.score if hasattr(model, "score") else model.get_output_embeddings()
     torch.nn.init.zeros_(head.weight)
     if getattr(head, "bias", None) is not None:
@@ -138,7 +151,11 @@ def score_groups(
 
 
 def pair_rewards(
-    model: PreTrainedModel, groups: list[PromptPairs], pad_token_id: int, device: torch.device, shared_prefix: bool
+    model: PreTrainedModel,
+    groups: list[PromptPairs],
+    pad_token_id: int,
+    device: torch.device,
+    shared_prefix: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(r_chosen, r_rejected, processed tokens) for every pair of ``groups``, in group order."""
     rewards, processed = score_groups(
