@@ -180,9 +180,10 @@ def test_best_of_n_needs_prompts_and_a_reward_model_reference(tiny_spec_dict):
     eval_stage = tiny_spec_dict["stages"]["eval"]
     eval_stage["best_of_n"] = {"n": 4, "rewards": [{"model": "sft"}, {"function": "arithmetic_exact"}]}
     problems = _problems(tiny_spec_dict)
-    assert "stage 'eval', field best_of_n.rewards[0].model: 'sft' is a policy model, expected a reward model" in (
-        problems
+    expected = (
+        "stage 'eval', field best_of_n.rewards[0].model: 'sft' is a policy model, expected a reward model"
     )
+    assert expected in problems
     eval_stage["best_of_n"]["rewards"] = [{"model": "rm"}]
     spec = parse_spec(tiny_spec_dict)
     assert "rm" in spec.dependencies("eval")  # the reward model runs before the evaluation
