@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.losses.language_model import next_token_nll_sum
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.sft_data import (
@@ -85,21 +85,15 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packe
     """Sum over trained tokens of -log pi(y_t | x, y_<t); labels are aligned with input positions.
 
     Packed rows go in without an attention mask and with the KV cache off: that is the only way
-    transformers separates packed examples by their restarting ``position_ids``.
+    transformers separates packed examples by their restarting ``position_ids``. The loss never builds
+    the full (B, T, V) logits (``rlhf_core.losses.language_model``).
     """
-    logits = model(
-        input_ids=batch["input_ids"],
+    return next_token_nll_sum(
+        model,
+        batch["input_ids"],
+        batch["labels"],
         position_ids=batch["position_ids"],
         attention_mask=None if packed else batch["attention_mask"],
-        use_cache=False,
-    ).logits  # (B, T, V)
-    # Upcast half-precision logits for the log-softmax, but never downcast float64 ones.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
     )
 
 

@@ -1,0 +1,82 @@
+"""Next-token negative log-likelihood without materialising the full (batch, sequence, vocabulary) logits.
+
+SFT trains on assistant tokens only: L = -sum_t m_t log pi(y_t | x, y_<t) (book ch.4), with m_t = 1 on
+trained tokens. A causal LM's head maps every position's hidden state to vocabulary logits, so the
+plain way builds a (B, T, V) tensor (plus its fp32 copy and gradient): with a 150k vocabulary and
+8 x 2048 tokens that is ~10 GB per copy. Here:
+
+1. the backbone runs alone (``model.get_decoder()``) and returns hidden states (B, T, H);
+2. only the positions whose next token is trained are kept (prompt and padding positions never reach
+   the head);
+3. those positions go through the head in chunks of ``CHUNK_LOGITS / V`` tokens; each chunk's logits
+   live only inside a checkpointed function, so the backward pass recomputes them chunk by chunk
+   instead of keeping them all.
+
+Peak extra memory is about one chunk's logits (and their softmax) instead of all positions'. The result is
+the same sum as the plain cross-entropy up to float rounding (tested, with gradients). Models whose
+head does more than a linear map (logit soft-capping, logit scaling, ...) use the plain path; the
+chunked path is used for the architectures listed in ``PLAIN_LM_HEAD_MODEL_TYPES``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+IGNORE_INDEX = -100
+CHUNK_LOGITS = 2**25  # logits per chunk (~128 MiB in fp32): 256 tokens at a 128k vocabulary
+# causal LMs whose logits are exactly lm_head(final hidden state)
+PLAIN_LM_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3"})
+
+
+def supports_chunked_loss(model: PreTrainedModel) -> bool:
+    head = model.get_output_embeddings()
+    return (
+        getattr(model.config, "model_type", None) in PLAIN_LM_HEAD_MODEL_TYPES
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and model.get_decoder() is not model
+    )
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def next_token_nll_sum(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """sum_t -log pi(labels[t] | tokens < t) over positions with ``labels != IGNORE_INDEX``.
+
+    ``labels`` are aligned with ``input_ids`` (the hidden state at t - 1 predicts ``labels[t]``).
+    """
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+    if not supports_chunked_loss(model):
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    selected = hidden[:, :-1][keep]  # (N, H)
+    targets = targets[keep]  # (N,)
+    weight = model.get_output_embeddings().weight  # (V, H)
+    chunk_tokens = chunk_tokens or max(1, CHUNK_LOGITS // weight.shape[0])
+    # starts as a zero that is part of the graph, so a batch without trained tokens still backpropagates
+    total = hidden[:, :0].sum().to(torch.promote_types(hidden.dtype, torch.float32))
+    for start in range(0, selected.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_nll_sum, selected[part], weight, targets[part], use_reentrant=False)
+    return total

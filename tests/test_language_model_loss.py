@@ -1,0 +1,65 @@
+"""The chunked next-token loss equals the plain full-logits cross-entropy, values and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_core.losses.language_model import IGNORE_INDEX, next_token_nll_sum, supports_chunked_loss
+from rlhf_core.modeling.models import build_tiny_model
+from rlhf_core.spec import TinyModelSource
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    model, _ = build_tiny_model(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320), seed=0)
+    return model.double()  # float64: differences are then rounding of the chunked sum order only
+
+
+def _batch(vocab: int):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 20), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :6] = IGNORE_INDEX  # a prompt
+    labels[2, 15:] = IGNORE_INDEX  # padding
+    mask = torch.ones_like(input_ids)
+    mask[2, 15:] = 0
+    return input_ids, labels, mask
+
+
+def _plain(model, input_ids, labels, mask):
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 2048])
+def test_chunked_loss_and_gradients_equal_the_full_logits_loss(model, chunk_tokens):
+    assert supports_chunked_loss(model)
+    input_ids, labels, mask = _batch(model.config.vocab_size)
+    chunked = next_token_nll_sum(model, input_ids, labels, attention_mask=mask, chunk_tokens=chunk_tokens)
+    plain = _plain(model, input_ids, labels, mask)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(plain, params), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_other_heads_use_the_plain_path_and_no_trained_token_still_backpropagates(model):
+    other = copy.deepcopy(model)
+    other.config.model_type = "gemma2"  # its head soft-caps logits: not a plain linear map
+    assert not supports_chunked_loss(other)
+    input_ids, labels, mask = _batch(model.config.vocab_size)
+    assert next_token_nll_sum(other, input_ids, labels, attention_mask=mask).item() == pytest.approx(
+        _plain(model, input_ids, labels, mask).item(), rel=1e-12
+    )
+    nothing = torch.full_like(labels, IGNORE_INDEX)
+    loss = next_token_nll_sum(model, input_ids, nothing, attention_mask=mask)
+    loss.backward()  # a zero that is part of the graph
+    assert loss.item() == 0.0
