@@ -321,6 +321,19 @@ class RewardSourceSpec(Strict):
         return self.function or f"rm:{self.model}"
 
 
+DecodingEngine = Literal["native", "transformers"]
+
+
+def engine_field() -> Any:
+    return Field(
+        default="native",
+        description=(
+            "Decoding loop: 'native' pre-fills each prompt once for all its samples and drops finished "
+            "rows; 'transformers' calls model.generate per batch (same sampling rule, other random draws)."
+        ),
+    )
+
+
 class SamplingSpec(Strict):
     """Decoding settings for sampling N completions per prompt."""
 
@@ -328,13 +341,7 @@ class SamplingSpec(Strict):
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per completion at most.")
     batch_size: int = Field(default=64, ge=1, description="Sequences decoded together (prompts x samples).")
-    engine: Literal["native", "transformers"] = Field(
-        default="native",
-        description=(
-            "Decoding loop: 'native' pre-fills each prompt once for all its samples and drops finished "
-            "rows; 'transformers' calls model.generate per batch (same sampling rule, other random draws)."
-        ),
-    )
+    engine: DecodingEngine = engine_field()
 
 
 class SampleStage(_Stage):
@@ -456,13 +463,7 @@ class GenerationSpec(Strict):
     max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per prompt at most.")
     temperature: float = Field(default=0.0, ge=0, description="0 means greedy decoding.")
     batch_size: int = Field(default=32, ge=1, description="Prompts decoded together.")
-    engine: Literal["native", "transformers"] = Field(
-        default="native",
-        description=(
-            "Decoding loop: 'native' pre-fills each prompt once for all its samples and drops finished "
-            "rows; 'transformers' calls model.generate per batch (same sampling rule, other random draws)."
-        ),
-    )
+    engine: DecodingEngine = engine_field()
 
 
 class BestOfNSpec(Strict):
