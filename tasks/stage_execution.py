@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import fcntl
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from registry import stage_cache, tracking
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
+from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
 
 SUMMARY_PREFIX = "summary/"
@@ -77,12 +79,31 @@ class StageRun:
     settings: RLHFSettings
     key_metrics: dict[str, float] = field(default_factory=dict)  # shown in the summary; logged as summary/*
     registered: str | None = None
+    pipeline: str = ""
+    _progress_artifact: Any = field(default=None, repr=False)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Per-step metrics to MLflow, plus one progress line in the Prefect log."""
+        """Per-step metrics to MLflow, one line in the Prefect log, and the stage's progress artifact."""
         tracking.log_metrics(self.run_id, metrics, step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         _logger().info("%s step %d: %s", self.stage, step, shown)
+        if PROGRESS_METRIC in metrics:
+            self._report_progress(100.0 * metrics[PROGRESS_METRIC], step)
+
+    def _report_progress(self, percent: float, step: int) -> None:
+        """A Prefect progress artifact per stage run (key ``<pipeline>-<stage>-progress``), updated in
+        place; shown on the task run and the Artifacts page. Outside a Prefect run it does nothing."""
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return
+        description = f"{self.stage}: step {step} (MLflow run {self.run_id})"
+        if self._progress_artifact is None:
+            key = re.sub(r"[^a-z0-9-]+", "-", f"{self.pipeline}-{self.stage}-progress".lower()).strip("-")
+            self._progress_artifact = create_progress_artifact(percent, key=key, description=description)
+        else:
+            update_progress_artifact(self._progress_artifact, percent, description=description)
 
 
 StageBody = Callable[[StageRun], dict[str, StageOutput]]
@@ -138,7 +159,7 @@ def _run_stage(
     else:
         run_id = tracking.start_stage_run(ctx.experiment_id, ctx.parent_run_id, stage, tags)
     work_dir.mkdir(parents=True, exist_ok=True)
-    run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings)
+    run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings, pipeline=ctx.pipeline)
     started = time.perf_counter()
     try:
         tracking.log_params(run_id, {"config": _dump(config)})

@@ -73,6 +73,28 @@ def test_runs_are_nested_under_one_parent_with_params_metrics_and_inputs(first_r
     assert evaluation["sft/eval/loss"] < evaluation["base/eval/loss"]
 
 
+def test_training_stages_report_progress_as_prefect_artifacts(first_run):
+    """Each training stage keeps one progress artifact up to date; it ends at 100%."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def latest(key: str):
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+        return found
+
+    for stage in ("sft", "rm"):
+        artifacts = asyncio.run(latest(f"e2e-{stage}-progress"))
+        assert artifacts, f"no progress artifact for {stage}"
+        assert {a.type for a in artifacts} == {"progress"}
+        assert max(float(a.data) for a in artifacts) == 100.0
+        assert any(a.task_run_id is not None for a in artifacts)
+
+
 def test_registered_model_has_lineage_and_loads_by_alias(first_run):
     import mlflow
 

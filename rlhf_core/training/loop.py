@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, get_scheduler
 
 from rlhf_core.spec import OptimSpec
+from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -98,6 +99,7 @@ def run_optimizer_steps(
             shown = {f"train/{k}": v for k, v in metrics.items()}
             shown["train/lr"] = scheduler.get_last_lr()[0]
             shown["train/epoch"] = done / steps_per_epoch
+            shown[PROGRESS_METRIC] = done / total_steps
             shown["train/tokens_per_second"] = result.tokens / max(time.perf_counter() - started, 1e-9)
             if grad_norm is not None:
                 shown["train/grad_norm"] = float(grad_norm)
