@@ -51,6 +51,13 @@ def evaluate_models(
             if prompts
             else []
         )
+        unanswered = [i for i, row in enumerate(prompt_rows) if not str(row.get("answer", "")).strip()]
+        if unanswered:
+            raise ValueError(
+                f"stage '{stage_name}', field prompts: {len(unanswered)} row(s) of "
+                f"{prompts.stage}.{prompts.kind} (eval split), e.g. row {unanswered[0]} (0-based), have no "
+                "'answer'; the verifier needs one"
+            )
         scorers = {}
         if stage.best_of_n is not None:
             from tasks.reward_scorers import reward_model_scorers

@@ -99,11 +99,14 @@ class StageRun:
         if TaskRunContext.get() is None:
             return
         description = f"{self.stage}: step {step} (MLflow run {self.run_id})"
-        if self._progress_artifact is None:
-            key = re.sub(r"[^a-z0-9-]+", "-", f"{self.pipeline}-{self.stage}-progress".lower()).strip("-")
-            self._progress_artifact = create_progress_artifact(percent, key=key, description=description)
-        else:
-            update_progress_artifact(self._progress_artifact, percent, description=description)
+        try:
+            if self._progress_artifact is None:
+                key = re.sub(r"[^a-z0-9-]+", "-", f"{self.pipeline}-{self.stage}-progress".lower()).strip("-")
+                self._progress_artifact = create_progress_artifact(percent, key=key, description=description)
+            else:
+                update_progress_artifact(self._progress_artifact, percent, description=description)
+        except Exception as exc:  # progress display must never stop a training run
+            _logger().warning("stage %s: could not update the progress artifact: %s", self.stage, exc)
 
 
 StageBody = Callable[[StageRun], dict[str, StageOutput]]

@@ -87,3 +87,19 @@ def test_nucleus_sampling_keeps_the_smallest_set_reaching_top_p():
     full = torch.bincount(pick_tokens(logits, 1.0, 1.0, generator), minlength=4).float() / len(drawn)
     assert full.tolist() == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.015)
     assert pick_tokens(logits[:2], 0.0, 1.0, generator).tolist() == [0, 0]
+
+
+def test_native_engine_names_the_generation_config_settings_it_does_not_apply(model_and_tokenizer, caplog):
+    import copy
+    import logging
+
+    model, tokenizer = model_and_tokenizer
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.2
+    with caplog.at_level(logging.WARNING, logger="rlhf_core.evaluation.generation"):
+        generate(penalised, tokenizer, ["What is 1 + 1?"], max_new_tokens=2)
+    assert "repetition_penalty=1.2" in caplog.text and "engine: transformers" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf_core.evaluation.generation"):
+        generate(model, tokenizer, ["What is 1 + 1?"], max_new_tokens=2)
+    assert caplog.text == ""

@@ -118,3 +118,33 @@ def test_build_reward_model_grows_embeddings_to_the_tokenizer_and_sets_pad(polic
     rows = [encode_completion(bigger, "1 + 1?", "<extra_b>"), encode_completion(bigger, "hi", "2")]
     with torch.no_grad():
         assert score_sequences(model, pad_batch(rows, bigger.pad_token_id)).shape == (2,)
+
+
+def test_a_tokenizer_that_pads_with_eos_gets_its_own_pad_and_every_scoring_path_agrees(policy_dir):
+    """With pad == EOS, transformers' classifier would read the reward before the final <|im_end|>."""
+    import copy
+
+    from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix
+    from rlhf_core.training.reward_model import (
+        REWARD_PAD_TOKEN,
+        encode_completion,
+        pad_batch,
+        score_sequences,
+    )
+
+    directory, tokenizer = policy_dir
+    eos_padded = copy.deepcopy(tokenizer)
+    eos_padded.pad_token = eos_padded.eos_token
+    model = build_reward_model(str(directory), eos_padded)
+    assert eos_padded.pad_token == REWARD_PAD_TOKEN and eos_padded.pad_token_id != eos_padded.eos_token_id
+    assert model.config.pad_token_id == eos_padded.pad_token_id
+    torch.nn.init.normal_(model.score.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    rows = [encode_completion(eos_padded, PAIRS[0]["prompt"], PAIRS[0][k]) for k in ("chosen", "rejected")]
+    rows.append(encode_completion(eos_padded, "hi", "2"))  # shorter: padded
+    batch = pad_batch(rows, eos_padded.pad_token_id)
+    with torch.no_grad():
+        ours = score_sequences(model, batch)
+        plain = model(**batch).logits.squeeze(-1)  # what a plain from_pretrained user gets
+        shared = score_shared_prefix(model, pack_shared_prefix([rows[:2], rows[2:]], eos_padded.pad_token_id))
+    assert torch.allclose(ours, plain, atol=1e-5)
+    assert torch.allclose(ours, shared, atol=1e-5)

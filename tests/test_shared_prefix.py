@@ -109,3 +109,38 @@ def test_training_with_and_without_shared_prefix_agrees(reward_model_dir, tmp_pa
         losses[(shared, "scores")] = scores
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
     assert losses[(True, "scores")] == pytest.approx(losses[(False, "scores")], abs=1e-4)
+
+
+def test_a_long_group_is_split_over_rows_with_the_same_scores(reward_model_dir):
+    directory, tokenizer = reward_model_dir
+    model = build_reward_model(str(directory))
+    torch.nn.init.normal_(model.score.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    groups = _groups(tokenizer)
+    longest = max(len(s) for g in groups for s in g)
+    rows = pack_shared_prefix(groups, tokenizer.pad_token_id, max_row_tokens=longest + 2)
+    assert rows.input_ids.shape[0] > len(groups)  # groups of 2 distinct completions no longer fit one row
+    assert rows.input_ids.shape[1] <= longest + 2
+    separate = score_sequences(model, pad_batch([s for g in groups for s in g], tokenizer.pad_token_id))
+    assert torch.allclose(score_shared_prefix(model, rows), separate, atol=1e-5)
+
+
+def test_shared_prefix_is_refused_where_a_custom_mask_would_be_wrong(reward_model_dir):
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        MistralConfig,
+        MistralForSequenceClassification,
+    )
+
+    small = {"vocab_size": 64, "num_labels": 1}
+    mistral = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    windowed = MistralForSequenceClassification(MistralConfig(**small, **mistral, sliding_window=16))
+    full = MistralForSequenceClassification(MistralConfig(**small, **mistral, sliding_window=None))
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(**small, n_embd=32, n_layer=1, n_head=2))
+    assert supports_shared_prefix(full)
+    assert not supports_shared_prefix(windowed)  # the mask would silently widen the window
+    assert not supports_shared_prefix(gpt2)  # not a listed architecture
+    directory, _ = reward_model_dir
+    flash_like = build_reward_model(str(directory))
+    flash_like.config._attn_implementation = "flash_attention_2"
+    assert not supports_shared_prefix(flash_like)

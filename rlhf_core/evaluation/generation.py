@@ -11,7 +11,9 @@ sit at ``i * n .. i * n + n - 1``):
       instead of decoding until the batch's longest completion ends;
     * the pre-fill computes logits for the last position only.
   It needs a decoder-only model whose forward takes ``position_ids`` and a ``DynamicCache``, which is
-  every causal LM in transformers 5.
+  every causal LM in transformers 5. It samples the model's own distribution: processors that a
+  model's ``generation_config`` may ask for (repetition penalty, min-p, ...) are not applied, and a
+  warning names them.
 - ``transformers``: ``model.generate`` on each batch (the reference, and the fallback for models the
   native loop does not cover).
 
@@ -23,12 +25,14 @@ from ``seed``, so the same call returns the same completions.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
 Engine = Literal["native", "transformers"]
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is done
 
@@ -72,6 +76,7 @@ def generate(
             model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p,
             batch_size, seed,
         )  # fmt: skip
+    _warn_about_ignored_generation_config(model)
     device = next(model.parameters()).device
     encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -219,3 +224,35 @@ def _lengths_up_to_eos(new: torch.Tensor, eos_id: int) -> list[int]:
     for row in new.tolist():
         lengths.append(row.index(eos_id) + 1 if eos_id in row else len(row))
     return lengths
+
+
+# generation_config fields that change the next-token distribution and that the native loop does not apply
+_PROCESSOR_DEFAULTS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "bad_words_ids": None,
+    "encoder_repetition_penalty": 1.0,
+}
+
+
+def _warn_about_ignored_generation_config(model: PreTrainedModel) -> None:
+    """The native loop samples the model's own distribution (what RL log-probabilities assume); say so
+    when the model's generation_config asks for processors that ``model.generate`` would apply."""
+    config = getattr(model, "generation_config", None)
+    ignored = {
+        name: getattr(config, name, default)
+        for name, default in _PROCESSOR_DEFAULTS.items()
+        if getattr(config, name, default) not in (default, None, [], ())
+    }
+    if ignored:
+        logger.warning(
+            "engine native ignores these settings of the model's generation_config: %s "
+            "(it samples the model's own distribution; use engine: transformers to apply them)",
+            ", ".join(f"{k}={v}" for k, v in ignored.items()),
+        )

@@ -17,8 +17,9 @@ K-wise comparisons need only K forward passes per prompt). Here each prompt grou
 
 The result is the same function as scoring every sequence in its own row (tested to float rounding),
 with fewer tokens to process. It needs a custom 4D attention mask, which transformers' ``sdpa`` and
-``eager`` attention accept as-is; other attention kernels (e.g. flash-attention) fall back to padded
-rows (:func:`supports_shared_prefix`).
+``eager`` attention accept as-is; other attention kernels (e.g. flash-attention), sliding-window
+models and architectures not listed in ``SHARED_PREFIX_MODEL_TYPES`` fall back to padded rows
+(:func:`supports_shared_prefix`). A group longer than ``MAX_ROW_TOKENS`` is split over several rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import torch
 from transformers import PreTrainedModel
 
 MASKABLE_ATTENTION = ("sdpa", "eager")
+MAX_ROW_TOKENS = 4096  # a longer group is split over several rows (each repeating the prefix)
+# sequence classifiers that take a custom 4D mask as given, read position_ids for their positions
+# (rotary), and pool at one token: the architectures whose shared-prefix scores are tested equal
+SHARED_PREFIX_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "smollm3"})
 
 
 @dataclass
@@ -76,9 +81,20 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def _row_layout(group: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-    """(ids, positions, segment per token (-1 prefix, j suffix), end column per distinct sequence,
-    distinct index per input sequence)."""
+@dataclass
+class _Row:
+    ids: list[int]
+    positions: list[int]
+    segment: list[int]  # -1 prefix, j >= 0 the j-th suffix of the row
+
+
+def _group_rows(group: list[list[int]], max_row_tokens: int) -> tuple[list[_Row], list[tuple[int, int]]]:
+    """Rows for one group, and (row index, end column) of each input sequence.
+
+    Identical sequences are scored once. When prefix + suffixes would exceed ``max_row_tokens``, the
+    suffixes are spread over several rows, each repeating the prefix (a row always holds at least one
+    suffix), so one prompt with many long completions cannot build an unbounded attention matrix.
+    """
     distinct: list[list[int]] = []
     index_of: dict[tuple[int, ...], int] = {}
     which = []
@@ -89,33 +105,42 @@ def _row_layout(group: list[list[int]]) -> tuple[list[int], list[int], list[int]
             distinct.append(seq)
         which.append(index_of[key])
     p = common_prefix_length(distinct) if len(distinct) > 1 else len(distinct[0]) - 1
-    ids = list(distinct[0][:p])
-    positions = list(range(p))
-    segment = [-1] * p
-    ends = []
-    for j, seq in enumerate(distinct):
+    rows: list[_Row] = []
+    end_of: list[tuple[int, int]] = []  # per distinct sequence
+    for seq in distinct:
         suffix = seq[p:]
-        ids += suffix
-        positions += range(p, p + len(suffix))
-        segment += [j] * len(suffix)
-        ends.append(len(ids) - 1)
-    return ids, positions, segment, ends, which
+        if not rows or (len(rows[-1].ids) + len(suffix) > max_row_tokens and len(rows[-1].ids) > p):
+            rows.append(_Row(list(seq[:p]), list(range(p)), [-1] * p))
+        row = rows[-1]
+        j = max(row.segment, default=-1) + 1
+        row.ids += suffix
+        row.positions += range(p, p + len(suffix))
+        row.segment += [j] * len(suffix)
+        end_of.append((len(rows) - 1, len(row.ids) - 1))
+    return rows, [end_of[w] for w in which]
 
 
-def pack_shared_prefix(groups: list[list[list[int]]], pad_token_id: int) -> SharedPrefixRows:
-    """One row per group of token sequences (each group: the completions of one prompt)."""
+def pack_shared_prefix(
+    groups: list[list[list[int]]], pad_token_id: int, max_row_tokens: int = MAX_ROW_TOKENS
+) -> SharedPrefixRows:
+    """Rows for groups of token sequences (each group: the completions of one prompt); one row per
+    group unless a group needs more than ``max_row_tokens``."""
     if not groups or any(not g or any(not s for s in g) for g in groups):
         raise ValueError("pack_shared_prefix needs non-empty groups of non-empty sequences")
-    layouts = [_row_layout(g) for g in groups]
-    width = max(len(ids) for ids, *_ in layouts)
-    ids_rows, position_rows, segment_rows, rows, cols = [], [], [], [], []
-    for r, (ids, positions, seg, ends, which) in enumerate(layouts):
-        pad = width - len(ids)
-        ids_rows.append(ids + [pad_token_id] * pad)
-        position_rows.append(positions + [0] * pad)
-        segment_rows.append(seg + [-2] * pad)  # -2 marks padding
-        rows += [r] * len(which)
-        cols += [ends[w] for w in which]
+    all_rows: list[_Row] = []
+    rows, cols = [], []
+    for group in groups:
+        group_rows, ends = _group_rows(group, max_row_tokens)
+        rows += [len(all_rows) + r for r, _ in ends]
+        cols += [c for _, c in ends]
+        all_rows += group_rows
+    width = max(len(r.ids) for r in all_rows)
+    ids_rows, position_rows, segment_rows = [], [], []
+    for row in all_rows:
+        pad = width - len(row.ids)
+        ids_rows.append(row.ids + [pad_token_id] * pad)
+        position_rows.append(row.positions + [0] * pad)
+        segment_rows.append(row.segment + [-2] * pad)  # -2 marks padding
     input_ids = torch.tensor(ids_rows, dtype=torch.long)
     position_ids = torch.tensor(position_rows, dtype=torch.long)
     segment = torch.tensor(segment_rows, dtype=torch.long)
@@ -136,10 +161,18 @@ def pack_shared_prefix(groups: list[list[list[int]]], pad_token_id: int) -> Shar
 
 
 def supports_shared_prefix(model: PreTrainedModel) -> bool:
-    """True for a sequence classifier with a ``score`` head whose attention takes a custom 4D mask."""
-    implementation = getattr(model.config, "_attn_implementation", None)
+    """True for a listed architecture with a ``score`` head, full attention in every layer (a custom
+    mask replaces a sliding window, which would silently widen it) and a kernel that takes the mask."""
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    )
     return (
-        implementation in MASKABLE_ATTENTION
+        getattr(config, "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+        and getattr(config, "_attn_implementation", None) in MASKABLE_ATTENTION
+        and layer_types == {"full_attention"}
+        and not sliding
         and isinstance(getattr(model, "score", None), torch.nn.Linear)
         and model.base_model is not model
     )

@@ -28,6 +28,8 @@ from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_pr
 from rlhf_core.spec import RewardTrainSpec
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 
+REWARD_PAD_TOKEN = "<|reward_pad|>"  # added when a policy tokenizer pads with its EOS
+
 
 class OverlongPairError(ValueError):
     """A preference pair does not fit in ``max_length`` tokens."""
@@ -63,17 +65,23 @@ def build_reward_model(
 ) -> PreTrainedModel:
     """A one-label sequence classifier on the backbone at ``source``, with a zero score head.
 
-    With the policy's ``tokenizer``, the embeddings grow to its vocabulary (a hub model whose tokenizer
-    gained chat tokens) and ``config.pad_token_id`` is set, which padded scoring needs to find each
-    row's last token (many hub configs leave it unset).
+    With the policy's ``tokenizer``: a tokenizer whose pad token is its EOS (or missing) gets its own
+    pad token, added to ``tokenizer`` in place. Transformers' classifier reads the reward at the last
+    token that is not padding, so with pad == EOS it would skip the end-of-turn token the reward is
+    trained at, and anyone loading the saved model with plain ``from_pretrained`` would get other
+    rewards. Then the embeddings grow to the tokenizer's vocabulary (also for a hub model whose
+    tokenizer gained chat tokens) and ``pad_token_id`` is set in the config.
     """
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=1, dtype=torch.float32, revision=revision
     )
     if tokenizer is not None:
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            tokenizer.add_special_tokens({"pad_token": REWARD_PAD_TOKEN})
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     head = model.score if hasattr(model, "score") else model.get_output_embeddings()
     torch.nn.init.zeros_(head.weight)
     if getattr(head, "bias", None) is not None:
@@ -126,8 +134,19 @@ def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.
 
 
 def score_sequences(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) scalar rewards r(x, y), read at each row's last non-padding token."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    """(B,) scalar rewards r(x, y) of right-padded rows, read at each row's last real token.
+
+    The position comes from the attention mask, not from the pad id, so it is the end-of-turn token
+    even when a tokenizer pads with its EOS. Models without a ``score`` head use transformers' pooling.
+    """
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or model.base_model is model:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    last = batch["attention_mask"].sum(-1) - 1
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
 
 
 def score_groups(
