@@ -260,3 +260,28 @@ def test_bad_row_fails_the_stage_with_its_row_and_registers_nothing(tmp_path, pr
     assert runs["data"].info.status == "FAILED"
     assert "rlhf.output_ref" not in runs["data"].data.tags
     assert runs["badrows-pipeline"].info.status == "FAILED"
+
+
+def test_prompts_without_answers_fail_the_evaluation_naming_a_row(tmp_path, prefect_api_url):
+    """Accuracy needs an answer per prompt: a prompts file without them is an error, not a silent 0."""
+    from flows.pipeline import run_pipeline
+    from rlhf_core.data.loading import write_jsonl
+
+    write_jsonl([{"prompt": f"What is {i} + 1?"} for i in range(20)], tmp_path / "prompts.jsonl")
+    spec = parse_spec(
+        {
+            "name": "noanswers",
+            "models": {"base": {"tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 320}}},
+            "stages": {
+                "data": {
+                    "kind": "dataset",
+                    "source": {"file": {"path": str(tmp_path / "prompts.jsonl"), "format": "prompts"}},
+                },
+                "eval": {"kind": "evaluate", "models": ["base"], "prompts": "data.prompts", "max_prompts": 4},
+            },
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"stage 'eval', field prompts: 2 row\(s\) of data.prompts .* no 'answer'"
+    ):
+        run_pipeline(spec, home=str(tmp_path / "home"))
