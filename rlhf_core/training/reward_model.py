@@ -6,7 +6,9 @@ every (prompt, completion) is rendered with the chat template and trailing white
 The score head starts at zero, so every reward is 0 and the loss is exactly ln 2 at initialisation.
 
 Batching follows InstructGPT: a training row is one prompt with all of its preference pairs, so the
-pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair). By default
+pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair). Within an
+optimizer step, prompts are split into micro-batches by length (the step's loss does not depend on
+the split). By default
 the distinct completions of a prompt are scored in one row that holds the prompt once
 (:mod:`rlhf_core.modeling.shared_prefix`): the same rewards and gradients as one row per sequence,
 with each prompt processed once instead of twice per pair.
@@ -229,11 +231,16 @@ def train_reward_model(
     random.Random(seed).shuffle(groups)
     steps_per_epoch, total_steps = plan_steps(len(groups), cfg)
 
+    longest = [max(len(s) for s in g.chosen + g.rejected) for g in groups]
+
     def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
-        micro = [
-            [groups[i] for i in ids] for ids in rows_of_step(len(groups), cfg, seed, step, steps_per_epoch)
-        ]
-        n_step = sum(len(m) for m in micro)
+        # The step's loss is the mean over all its prompts, however they are split into micro-batches,
+        # so the step's prompts are regrouped by length: similar lengths share a micro-batch (less
+        # padding), and the gradient is the same.
+        step_rows = rows_of_step(len(groups), cfg, seed, step, steps_per_epoch)
+        ids = sorted((i for part in step_rows for i in part), key=lambda i: longest[i])
+        micro = [[groups[i] for i in ids[j : j + cfg.batch_size]] for j in range(0, len(ids), cfg.batch_size)]
+        n_step = len(ids)
         totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0, "processed_tokens": 0.0}
         for part in micro:
             loss, stats = pairs_loss(model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
