@@ -76,8 +76,17 @@ def build_rows(
 
 
 def micro_batches_of_step(plan: _Plan, cfg: SFTTrainSpec, seed: int, step: int) -> list[list[Row]]:
-    """The micro-batches of global optimizer step ``step`` (0-based)."""
+    """The micro-batches of global optimizer step ``step`` (0-based).
+
+    Without packing, the step's rows are split into micro-batches by length, so each micro-batch pads
+    to a similar length. The step's loss (summed over all its trained tokens, divided by their count)
+    and so its update do not depend on the split. Packed rows are all about ``max_length`` long and
+    keep their shuffled order.
+    """
     groups = rows_of_step(len(plan.rows), cfg, seed, step, plan.steps_per_epoch)
+    if not cfg.packing:
+        ids = sorted((i for group in groups for i in group), key=lambda i: len(plan.rows[i].input_ids))
+        groups = [ids[j : j + cfg.batch_size] for j in range(0, len(ids), cfg.batch_size)]
     return [[plan.rows[i] for i in group] for group in groups]
 
 
