@@ -25,19 +25,17 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine_load import BackgroundMeter, wait_for_quiet
+import workers
+from machine_load import BackgroundMeter
 from report import write_report
 from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, current_rss_mib, peak_rss_mib
 
-RESULT_PREFIX = "RESULT "
 # "ours" is the default (shared-prefix rows); "ours_padded" (shared_prefix: false, one right-padded row
 # per sequence, the same layout as TRL) shows how much of the difference the shared prefix makes.
 CONTENDERS = ("ours", "ours_padded", "trl")
@@ -231,34 +229,19 @@ def worker_main(args: argparse.Namespace) -> None:
         result = run_trl(model_dir, settings)
     else:
         result = run_ours(model_dir, settings, shared_prefix=args.worker == "ours")
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+    workers.emit_result(result)
 
 
 # ----------------------------------------------------------------------------------------------- driver
 
 
 def run_worker(contender: str, model_dir: Path, settings: BenchSettings) -> RunResult:
-    cmd = [sys.executable, __file__, "--worker", contender, "--model-dir", str(model_dir)]
-    cmd += ["--settings", json.dumps(asdict(settings))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
+    flags = {"--worker": contender, "--model-dir": str(model_dir), "--settings": json.dumps(asdict(settings))}
+    return RunResult(**workers.run_worker(__file__, contender, flags))
 
 
 def run_quiet(contender: str, model_dir: Path, settings: BenchSettings, args, discarded: list) -> RunResult:
-    """Run once the box is quiet; redo a run that other processes disturbed (kept aside as discarded)."""
-    for _ in range(args.retries + 1):
-        wait_for_quiet(args.quiet_percent, args.quiet_timeout)
-        result = run_worker(contender, model_dir, settings)
-        if result.background_cores <= args.max_background:
-            return result
-        print(
-            f"    discarded {contender}: other processes used {result.background_cores:.2f} cores", flush=True
-        )
-        discarded.append(result)
-    return result
+    return workers.run_quiet(lambda: run_worker(contender, model_dir, settings), contender, args, discarded)
 
 
 def summarize(runs: list[RunResult]) -> dict:

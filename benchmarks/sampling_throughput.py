@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine_load import BackgroundMeter, wait_for_quiet
+import workers
+from machine_load import BackgroundMeter
 from report import write_report
 from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, peak_rss_mib
 
-RESULT_PREFIX = "RESULT "
 # "ours" is the sample stage's default engine (native decoding loop); "ours_transformers" is the same
 # stage with generation.engine: transformers (model.generate inside), to show where a difference comes from.
 CONTENDERS = ("ours", "ours_transformers", "generate")
@@ -139,30 +137,16 @@ def worker_main(args: argparse.Namespace) -> None:
         args.worker, sum(lengths), len(lengths), seconds, sum(lengths) / seconds,
         sum(n < s.max_new_tokens for n in lengths) / len(lengths), peak_rss_mib(), background,
     )  # fmt: skip
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+    workers.emit_result(result)
 
 
 def run_worker(contender: str, model_dir: Path, s: BenchSettings) -> RunResult:
-    cmd = [sys.executable, __file__, "--worker", contender, "--model-dir", str(model_dir)]
-    proc = subprocess.run([*cmd, "--settings", json.dumps(asdict(s))], capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
+    flags = {"--worker": contender, "--model-dir": str(model_dir), "--settings": json.dumps(asdict(s))}
+    return RunResult(**workers.run_worker(__file__, contender, flags))
 
 
 def run_quiet(contender: str, model_dir: Path, s: BenchSettings, args, discarded: list) -> RunResult:
-    """Run once the box is quiet; redo a run that other processes disturbed (kept aside as discarded)."""
-    for _ in range(args.retries + 1):
-        wait_for_quiet(args.quiet_percent, args.quiet_timeout)
-        result = run_worker(contender, model_dir, s)
-        if result.background_cores <= args.max_background:
-            return result
-        print(
-            f"    discarded {contender}: other processes used {result.background_cores:.2f} cores", flush=True
-        )
-        discarded.append(result)
-    return result
+    return workers.run_quiet(lambda: run_worker(contender, model_dir, s), contender, args, discarded)
 
 
 def summarize(runs: list[RunResult]) -> dict:

@@ -16,17 +16,15 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import workers
 from machine_load import wait_for_quiet
 from report import write_report
 from sft_throughput import VERSION_PACKAGES
 
-RESULT_PREFIX = "RESULT "
 CONTENDERS = ("chunked", "full_logits")
 
 
@@ -74,13 +72,13 @@ def worker(contender: str, vocab: int, rows: int, length: int) -> dict:
 
 
 def run(contender: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", contender, "--vocab", str(args.vocab)]
-    cmd += ["--rows", str(args.rows), "--length", str(args.length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+    flags = {
+        "--worker": contender,
+        "--vocab": str(args.vocab),
+        "--rows": str(args.rows),
+        "--length": str(args.length),
+    }
+    return workers.run_worker(__file__, contender, flags)
 
 
 def main() -> None:
@@ -93,7 +91,7 @@ def main() -> None:
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(worker(args.worker, args.vocab, args.rows, args.length)), flush=True)
+        workers.emit_result(worker(args.worker, args.vocab, args.rows, args.length))
         return
     runs = []
     for i in range(args.repeats):

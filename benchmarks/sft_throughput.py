@@ -30,21 +30,19 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine_load import BackgroundMeter, wait_for_quiet
+import workers
+from machine_load import BackgroundMeter
 from report import write_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-RESULT_PREFIX = "RESULT "
 CONTENDERS = ("ours", "trl")
 MODES = ("packed", "unpacked")
 TARGET_SPEEDUP = 1.3  # the project's target: ours >= 1.3x TRL tokens/s at no more peak memory
@@ -282,7 +280,7 @@ def worker_main(args: argparse.Namespace) -> None:
     runner = run_ours if args.worker == "ours" else run_trl
     probe = LoopProbe(Path(args.profile_out) if args.profile_out else None)
     result = runner(Path(args.model_dir), settings, packed=args.mode == "packed", probe=probe)
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+    workers.emit_result(result)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -307,12 +305,7 @@ def run_worker(
     flags["--settings"] = json.dumps(asdict(settings))
     if profile_out is not None:
         flags["--profile-out"] = str(profile_out)
-    cmd = [sys.executable, __file__, *(part for flag in flags.items() for part in flag)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{contender}/{mode} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return RunResult(**json.loads(lines[-1][len(RESULT_PREFIX) :]))
+    return RunResult(**workers.run_worker(__file__, f"{contender}/{mode}", flags))
 
 
 def run_quiet(
@@ -325,17 +318,12 @@ def run_quiet(
     profile_out: Path | None = None,
 ) -> RunResult:
     """Run once the box is quiet; redo a run that other processes disturbed (kept aside as discarded)."""
-    for _ in range(args.retries + 1):
-        wait_for_quiet(args.quiet_percent, args.quiet_timeout)
-        result = run_worker(contender, mode, model_dir, settings, profile_out)
-        if result.background_cores <= args.max_background:
-            return result
-        print(
-            f"    discarded {contender}/{mode}: other processes used {result.background_cores:.2f} cores",
-            flush=True,
-        )
-        discarded.append(result)
-    return result  # still disturbed after all retries: keep it, it is flagged by background_cores
+    return workers.run_quiet(
+        lambda: run_worker(contender, mode, model_dir, settings, profile_out),
+        f"{contender}/{mode}",
+        args,
+        discarded,
+    )
 
 
 def median_of(runs: list[RunResult], field: str) -> float:
