@@ -17,6 +17,7 @@ import yaml
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.stage_inputs import stage_inputs
 from registry import tracking
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
@@ -29,7 +30,6 @@ from rlhf_core.spec import (
     RewardModelStage,
     SampleStage,
     SFTStage,
-    resolve_ref,
 )
 from tasks.build_dataset import build_dataset
 from tasks.evaluate_models import evaluate_models
@@ -93,69 +93,26 @@ def run_pipeline(
     return outcomes
 
 
+STAGE_TASKS = {
+    DatasetStage: build_dataset,
+    SFTStage: train_sft,
+    RewardModelStage: train_reward_model,
+    SampleStage: sample_completions,
+    RejectionSamplingStage: select_completions,
+    LabelPreferencesStage: label_preferences,
+    EvaluateStage: evaluate_models,
+}
+
+
 def run_stage(
     ctx: RunContext, spec: PipelineSpec, name: str, outputs: dict[str, dict[str, StageOutput]]
 ) -> StageOutcome:
     """Call the task of a stage's kind with its inputs resolved to refs."""
     stage = spec.stages[name]
-    seed = spec.stage_seed(name)
-    if isinstance(stage, DatasetStage):
-        return build_dataset(ctx, name, stage, seed)
-    if isinstance(stage, SFTStage):
-        return train_sft(
-            ctx,
-            name,
-            stage,
-            seed,
-            model=resolve_ref(stage.model, outputs),
-            data=resolve_ref(stage.data, outputs),
-        )
-    if isinstance(stage, RewardModelStage):
-        return train_reward_model(
-            ctx,
-            name,
-            stage,
-            seed,
-            model=resolve_ref(stage.model, outputs),
-            data=resolve_ref(stage.data, outputs),
-        )
-    if isinstance(stage, SampleStage):
-        return sample_completions(
-            ctx,
-            name,
-            stage,
-            seed,
-            policy=resolve_ref(stage.policy, outputs),
-            prompts=resolve_ref(stage.prompts, outputs),
-            reward_models={
-                s.name: resolve_ref(s.model, outputs) for s in stage.rewards if s.model is not None
-            },
-        )
-    if isinstance(stage, RejectionSamplingStage):
-        return select_completions(ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs))
-    if isinstance(stage, LabelPreferencesStage):
-        judges = {s.name: resolve_ref(s.model, outputs) for s in stage.judge if s.model is not None}
-        if stage.judge_policy is not None:
-            judges["policy"] = resolve_ref(stage.judge_policy.model, outputs)
-        return label_preferences(
-            ctx, name, stage, seed, completions=resolve_ref(stage.completions, outputs), judge_models=judges
-        )
-    if isinstance(stage, EvaluateStage):
-        return evaluate_models(
-            ctx,
-            name,
-            stage,
-            seed,
-            models={m: resolve_ref(m, outputs) for m in stage.models},
-            data=resolve_ref(stage.data, outputs) if stage.data else None,
-            prompts=resolve_ref(stage.prompts, outputs) if stage.prompts else None,
-            reward_models={
-                s.name: resolve_ref(s.model, outputs)
-                for s in (stage.best_of_n.rewards if stage.best_of_n else ())
-                if s.model is not None
-            },
-        )
-    raise TypeError(f"stage '{name}': no task for kind {stage.kind!r}")
+    task = STAGE_TASKS.get(type(stage))
+    if task is None:
+        raise TypeError(f"stage '{name}': no task for kind {stage.kind!r}")
+    return task(ctx, name, stage, spec.stage_seed(name), **stage_inputs(stage, outputs))
 
 
 def forced_stages(spec: PipelineSpec, force: list[str]) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.stage_inputs import stage_inputs
 from registry import stage_cache, tracking
 from rlhf_core.fingerprint import (
     base_model_fingerprint,
@@ -31,7 +32,6 @@ from rlhf_core.spec import (
     RewardModelStage,
     SampleStage,
     SFTStage,
-    resolve_ref,
 )
 
 
@@ -69,35 +69,27 @@ def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[Planne
     return plan
 
 
+STAGE_FINGERPRINTS = {
+    DatasetStage: dataset_fingerprint,
+    SFTStage: sft_fingerprint,
+    RewardModelStage: reward_model_fingerprint,
+    SampleStage: sample_fingerprint,
+    RejectionSamplingStage: rejection_sampling_fingerprint,
+    LabelPreferencesStage: label_preferences_fingerprint,
+    EvaluateStage: evaluate_fingerprint,
+}
+
+
 def _fingerprint(spec: PipelineSpec, name: str, outputs: dict[str, dict[str, StageOutput]]) -> str | None:
+    """The fingerprint the stage's task would compute, or None while an upstream output is unknown."""
     if name in spec.models:
         return base_model_fingerprint(name, spec.models[name], spec.seed)
-    stage, seed = spec.stages[name], spec.stage_seed(name)
-    if isinstance(stage, DatasetStage):
-        return dataset_fingerprint(stage, seed)
-
-    def ref(text: str | None) -> StageOutput | None:
-        return None if text is None else resolve_ref(text, outputs)
-
+    stage = spec.stages[name]
+    fingerprint = STAGE_FINGERPRINTS.get(type(stage))
+    if fingerprint is None:
+        raise TypeError(f"stage '{name}': no fingerprint for kind {stage.kind!r}")
     try:
-        if isinstance(stage, SFTStage):
-            return sft_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
-        if isinstance(stage, RewardModelStage):
-            return reward_model_fingerprint(stage, seed, ref(stage.model), ref(stage.data))
-        if isinstance(stage, SampleStage):
-            models = {s.name: ref(s.model) for s in stage.rewards if s.model is not None}
-            return sample_fingerprint(stage, seed, ref(stage.policy), ref(stage.prompts), models)
-        if isinstance(stage, RejectionSamplingStage):
-            return rejection_sampling_fingerprint(stage, seed, ref(stage.completions))
-        if isinstance(stage, LabelPreferencesStage):
-            judges = {s.name: ref(s.model) for s in stage.judge if s.model is not None}
-            if stage.judge_policy is not None:
-                judges["policy"] = ref(stage.judge_policy.model)
-            return label_preferences_fingerprint(stage, seed, ref(stage.completions), judges)
-        if isinstance(stage, EvaluateStage):
-            return evaluate_fingerprint(
-                stage, seed, {m: ref(m) for m in stage.models}, ref(stage.data), ref(stage.prompts)
-            )
+        inputs = stage_inputs(stage, outputs)
     except LookupError:
         return None
-    raise TypeError(f"stage '{name}': no fingerprint for kind {stage.kind!r}")
+    return fingerprint(stage, spec.stage_seed(name), **inputs)

@@ -81,6 +81,12 @@ def test_sample_select_and_finetune_on_the_selection(tmp_path, tiny_spec_dict, p
         score[(p["prompt"], p["chosen"])] > score[(p["prompt"], p["rejected"])] for p in pairs
     )
 
+    # `rlhf plan` computes the fingerprints the tasks computed, reward models of best_of_n included
+    from flows.plan import plan_pipeline
+
+    planned = plan_pipeline(parse_spec(tiny_spec_dict), set(), str(home))
+    assert {p.stage: p.action for p in planned if p.stage in stages} == {name: "cached" for name in stages}
+
     report = outcomes["eval_bon"].outputs["report"].metrics
     for model in ("sft", "sft_rs"):
         m = report[model]
