@@ -6,11 +6,12 @@ from prefect import task
 
 from registry import tracking
 from registry.datasets import materialize_dataset
-from rlhf_core.data.loading import directory_digest, read_jsonl, split_records, write_jsonl
+from rlhf_core.data.loading import read_jsonl, split_records
 from rlhf_core.fingerprint import label_preferences_fingerprint
 from rlhf_core.preferences import candidate_pairs, label_pairs, pairs_from_verdicts
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import LabelPreferencesStage
+from tasks.dataset_outputs import publish_dataset
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -39,30 +40,19 @@ def label_preferences(
             raise ValueError(
                 f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})"
             )
-        out_dir = run.work_dir / "preferences"
         splits = split_records(report.pairs, dict(stage.splits), seed)
-        for split, split_rows in splits.items():
-            write_jsonl(split_rows, out_dir / f"{split}.jsonl")
         if problems:
             tracking.log_text(run.run_id, "\n".join(problems), "invalid_judge_scores.txt")
-        uri = tracking.log_artifacts(run.run_id, out_dir, "dataset/preferences")
+        preferences = publish_dataset(
+            run, "preferences", "preference", splits, columns=("chosen", "margin", "prompt", "rejected")
+        )
         run.key_metrics = {
             "pairs": float(len(report.pairs)),
             "invalid_scores": float(len(problems)),
             **{f"dropped_{k}": float(v) for k, v in report.dropped.items()},
         }
         tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
-        return {
-            "preferences": DatasetRef(
-                uri=uri,
-                digest=directory_digest(out_dir),
-                kind="preference",
-                splits={split: len(split_rows) for split, split_rows in splits.items()},
-                columns=("chosen", "margin", "prompt", "rejected"),
-                stage=stage_name,
-                run_id=run.run_id,
-            )
-        }
+        return {"preferences": preferences}
 
     def _judge_with_rewards(rows: list[dict], cache):
         from rlhf_core.sampling import score_completions

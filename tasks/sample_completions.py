@@ -8,10 +8,11 @@ from prefect import task
 
 from registry import tracking
 from registry.datasets import materialize_dataset
-from rlhf_core.data.loading import directory_digest, read_jsonl, write_jsonl
+from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import sample_fingerprint
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import SampleStage
+from tasks.dataset_outputs import publish_dataset
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 PREVIEW_ROWS = 50
@@ -55,9 +56,8 @@ def sample_completions(
         )
         if problems:
             tracking.log_text(run.run_id, "\n".join(problems), "invalid_rewards.txt")
-        out_dir = run.work_dir / "completions"
-        write_jsonl(kept, out_dir / f"{stage.split}.jsonl")
-        uri = tracking.log_artifacts(run.run_id, out_dir, "dataset/completions")
+        columns = tuple(sorted(set.intersection(*(set(r) for r in kept)))) if kept else ()
+        completions = publish_dataset(run, "completions", "completions", {stage.split: kept}, columns=columns)
         tracking.log_table(
             run.run_id,
             [{k: r[k] for k in ("prompt", "completion", "reward")} for r in kept[:PREVIEW_ROWS]],
@@ -72,17 +72,6 @@ def sample_completions(
             "new_tokens_per_second": tokens / seconds if seconds else 0.0,
         }
         tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
-        columns = tuple(sorted(set.intersection(*(set(r) for r in kept)))) if kept else ()
-        return {
-            "completions": DatasetRef(
-                uri=uri,
-                digest=directory_digest(out_dir),
-                kind="completions",
-                splits={stage.split: len(kept)},
-                columns=columns,
-                stage=stage_name,
-                run_id=run.run_id,
-            )
-        }
+        return {"completions": completions}
 
     return execute_stage(ctx, stage_name, "sample", fingerprint, stage, inputs, body)

@@ -8,12 +8,13 @@ from prefect import task
 
 from registry import tracking
 from registry.datasets import materialize_dataset
-from rlhf_core.data.loading import directory_digest, read_jsonl, write_jsonl
+from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import rejection_sampling_fingerprint
 from rlhf_core.refs import DatasetRef
 from rlhf_core.selection.rejection_sampling import select_completions as select
 from rlhf_core.selection.rejection_sampling import to_sft_records
 from rlhf_core.spec import RejectionSamplingStage
+from tasks.dataset_outputs import publish_dataset
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
 
@@ -32,9 +33,9 @@ def select_completions(
             raise ValueError(
                 f"stage '{stage_name}': the selection kept no completion (min_reward {stage.min_reward})"
             )
-        out_dir = run.work_dir / "sft"
-        write_jsonl(to_sft_records(picked), out_dir / "train.jsonl")
-        uri = tracking.log_artifacts(run.run_id, out_dir, "dataset/sft")
+        sft = publish_dataset(
+            run, "sft", "sft", {"train": to_sft_records(picked)}, columns=("messages", "reward")
+        )
         run.key_metrics = {
             "selected": float(len(picked)),
             "candidates": float(len(rows)),
@@ -42,17 +43,7 @@ def select_completions(
             "all_reward_mean": statistics.fmean(r["reward"] for r in rows),
         }
         tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
-        return {
-            "sft": DatasetRef(
-                uri=uri,
-                digest=directory_digest(out_dir),
-                kind="sft",
-                splits={"train": len(picked)},
-                columns=("messages", "reward"),
-                stage=stage_name,
-                run_id=run.run_id,
-            )
-        }
+        return {"sft": sft}
 
     return execute_stage(
         ctx, stage_name, "rejection_sampling", fingerprint, stage, {"completions": completions}, body
