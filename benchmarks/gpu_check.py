@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_core.data.synthetic import synthetic_records  # noqa: E402
-from rlhf_core.evaluation.generation import generate  # noqa: E402
 from rlhf_core.modeling.models import build_tiny_model, save_model  # noqa: E402
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix  # noqa: E402
+from rlhf_core.rollout.generation import generate  # noqa: E402
 from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec, TinyModelSource  # noqa: E402
 from rlhf_core.training.reward_model import (  # noqa: E402
     build_reward_model,

@@ -70,7 +70,7 @@ def prompt_rows(s: BenchSettings) -> list[dict]:
 
 
 def run_ours(model, tokenizer, s: BenchSettings, engine: str = "native") -> tuple[list[int], float]:
-    from rlhf_core.sampling import sample_completions
+    from rlhf_core.rollout.sampling import sample_completions
     from rlhf_core.spec import SamplingSpec
 
     cfg = SamplingSpec(

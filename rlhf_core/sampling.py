@@ -7,15 +7,11 @@ Rows of the completions dataset: ``prompt_index``, ``prompt``, ``answer`` (when 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from rlhf_core.evaluation.generation import generate
 from rlhf_core.rewards import REWARD_FUNCTIONS, RewardValueError, check_finite
-from rlhf_core.spec import RewardSourceSpec, SamplingSpec
+from rlhf_core.spec import RewardSourceSpec
 
 # name of a reward-model source -> function scoring (prompt, completion) pairs in batches
 ModelScorer = Callable[[list[tuple[str, str]]], list[float]]
@@ -31,46 +27,6 @@ class SampleResult:
     @property
     def new_tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
-
-
-def sample_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_rows: list[dict],
-    n: int,
-    cfg: SamplingSpec,
-    seed: int,
-) -> tuple[list[dict], int, float]:
-    """N completions per prompt row; returns (rows without scores, generated tokens, seconds)."""
-    started = time.perf_counter()
-    out = generate(  # prompt-major: the N samples of prompt i at i*N .. i*N+N-1
-        model,
-        tokenizer,
-        [row["prompt"] for row in prompt_rows],
-        samples_per_prompt=n,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        batch_size=cfg.batch_size,
-        seed=seed,
-        engine=cfg.engine,
-    )
-    seconds = time.perf_counter() - started
-    rows = []
-    for flat, (text, length) in enumerate(zip(out.texts, out.new_tokens, strict=True)):
-        i, j = divmod(flat, n)
-        record = prompt_rows[i]
-        row = {
-            "prompt_index": i,
-            "prompt": record["prompt"],
-            "completion_index": j,
-            "completion": text,
-            "new_tokens": length,
-        }
-        if "answer" in record:
-            row["answer"] = record["answer"]
-        rows.append(row)
-    return rows, sum(out.new_tokens), seconds
 
 
 def score_completions(

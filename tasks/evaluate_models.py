@@ -109,7 +109,8 @@ def best_of_n_metrics(
     model, tokenizer, prompt_rows, stage: EvaluateStage, stage_name: str, seed: int, scorers
 ):
     """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it."""
-    from rlhf_core.sampling import sample_completions, score_completions
+    from rlhf_core.rollout.sampling import sample_completions
+    from rlhf_core.sampling import score_completions
     from rlhf_core.selection.best_of_n import best_of_n
 
     spec = stage.best_of_n

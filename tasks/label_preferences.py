@@ -67,9 +67,9 @@ def label_preferences(
 
     def _judge_with_policy(rows: list[dict], ref: ModelRef, cache):
         from registry.models import materialize_model
-        from rlhf_core.evaluation.generation import generate_completions
         from rlhf_core.judging import judge_pairs
         from rlhf_core.modeling.models import load_model
+        from rlhf_core.rollout.generation import generate_completions
 
         spec = stage.judge_policy
         model, tokenizer = load_model(materialize_model(ref, cache / "models"), revision=ref.revision)

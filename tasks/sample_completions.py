@@ -36,7 +36,7 @@ def sample_completions(
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry.models import materialize_model
         from rlhf_core.modeling.models import load_model
-        from rlhf_core.sampling import sample_completions as sample
+        from rlhf_core.rollout.sampling import sample_completions as sample
         from rlhf_core.sampling import score_completions
         from tasks.reward_scorers import reward_model_scorers
 

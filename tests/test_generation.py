@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf_core.data.synthetic import synthetic_records
-from rlhf_core.evaluation.generation import chat_prompt, decode_batch, generate, pick_tokens
 from rlhf_core.modeling.models import build_tiny_model
+from rlhf_core.rollout.generation import chat_prompt, decode_batch, generate, pick_tokens
 from rlhf_core.spec import TinyModelSource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,10 +96,24 @@ def test_native_engine_names_the_generation_config_settings_it_does_not_apply(mo
     model, tokenizer = model_and_tokenizer
     penalised = copy.deepcopy(model)
     penalised.generation_config.repetition_penalty = 1.2
-    with caplog.at_level(logging.WARNING, logger="rlhf_core.evaluation.generation"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_core.rollout.generation"):
         generate(penalised, tokenizer, ["What is 1 + 1?"], max_new_tokens=2)
     assert "repetition_penalty=1.2" in caplog.text and "engine: transformers" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rlhf_core.evaluation.generation"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_core.rollout.generation"):
         generate(model, tokenizer, ["What is 1 + 1?"], max_new_tokens=2)
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_hands_the_model_back_in_the_mode_it_found_it_in(model_and_tokenizer, training):
+    """An on-policy loop generates between optimizer steps: decoding must not switch dropout off for good."""
+    model, tokenizer = model_and_tokenizer
+    model.train(training)
+    try:
+        for engine in ("native", "transformers"):
+            generate(model, tokenizer, ["What is 1 + 1?"], max_new_tokens=2, engine=engine)
+            assert model.training is training
+            assert all(module.training is training for module in model.modules())
+    finally:
+        model.eval()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.evaluation.generation import generate_completions
+from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.training.sft_data import IGNORE_INDEX, collate, tokenize_conversation, unpacked_rows
 
 Verifier = Callable[[str, str], bool]

@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.modeling.modes import eval_mode
+
 logger = logging.getLogger(__name__)
 Engine = Literal["native", "transformers"]
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is done
@@ -67,10 +69,29 @@ def generate(
     """``samples_per_prompt`` completions of each prompt (rendered with the chat template), prompt-major.
 
     ``batch_size`` counts sequences being decoded together (prompts x samples). Generation stops at
-    the tokenizer's EOS or after ``max_new_tokens``.
+    the tokenizer's EOS or after ``max_new_tokens``. The model decodes in eval mode and is handed back
+    in the mode it came in.
     """
-    model.eval()
-    n = samples_per_prompt
+    with eval_mode(model):
+        return _generate(
+            model, tokenizer, prompts, max_new_tokens, samples_per_prompt, temperature, top_p, batch_size,
+            seed, engine,
+        )  # fmt: skip
+
+
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    n: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    seed: int,
+    engine: Engine,
+) -> Generations:
+    """``generate``'s work, with the model already in eval mode."""
     if engine == "transformers":
         return _generate_with_transformers(
             model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p,
