@@ -28,15 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_core.data.synthetic import synthetic_records  # noqa: E402
 from rlhf_core.modeling.models import build_tiny_model, save_model  # noqa: E402
+from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch  # noqa: E402
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix  # noqa: E402
+from rlhf_core.rewards.reward_model_scoring import score_sequences  # noqa: E402
 from rlhf_core.rollout.generation import generate  # noqa: E402
 from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec, TinyModelSource  # noqa: E402
 from rlhf_core.training.reward_model import (  # noqa: E402
     build_reward_model,
-    encode_completion,
     evaluate_reward_model,
-    pad_batch,
-    score_sequences,
     train_reward_model,
 )
 from rlhf_core.training.sft import train_sft  # noqa: E402

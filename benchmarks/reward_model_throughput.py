@@ -144,7 +144,7 @@ def run_trl(model_dir: Path, s: BenchSettings) -> RunResult:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_core.training.reward_model import encode_completion
+    from rlhf_core.modeling.preference_tokens import encode_completion
 
     timer: dict[str, float] = {}
 

@@ -60,9 +60,11 @@ def evaluate_models(
             )
         scorers = {}
         if stage.best_of_n is not None:
-            from tasks.reward_scorers import reward_model_scorers
+            from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 
-            scorers = reward_model_scorers(reward_models, cache)
+            scorers = load_reward_model_scorers(
+                {k: materialize_model(v, cache / "models") for k, v in reward_models.items()}
+            )
         report: dict[str, dict[str, float]] = {}
         samples = []
         for name, ref in models.items():
@@ -109,8 +111,8 @@ def best_of_n_metrics(
     model, tokenizer, prompt_rows, stage: EvaluateStage, stage_name: str, seed: int, scorers
 ):
     """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it."""
+    from rlhf_core.rewards.composite import score_completions
     from rlhf_core.rollout.sampling import sample_completions
-    from rlhf_core.sampling import score_completions
     from rlhf_core.selection.best_of_n import best_of_n
 
     spec = stage.best_of_n

@@ -55,10 +55,13 @@ def label_preferences(
         return {"preferences": preferences}
 
     def _judge_with_rewards(rows: list[dict], cache):
-        from rlhf_core.sampling import score_completions
-        from tasks.reward_scorers import reward_model_scorers
+        from registry.models import materialize_model
+        from rlhf_core.rewards.composite import score_completions
+        from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 
-        scorers = reward_model_scorers(judge_models, cache)
+        scorers = load_reward_model_scorers(
+            {k: materialize_model(v, cache / "models") for k, v in judge_models.items()}
+        )
         judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
         scored = [{**r, "judge_score": r["reward"]} for r in judged]
         return label_pairs(

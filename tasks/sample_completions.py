@@ -36,9 +36,9 @@ def sample_completions(
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry.models import materialize_model
         from rlhf_core.modeling.models import load_model
+        from rlhf_core.rewards.composite import score_completions
+        from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
         from rlhf_core.rollout.sampling import sample_completions as sample
-        from rlhf_core.sampling import score_completions
-        from tasks.reward_scorers import reward_model_scorers
 
         cache = run.settings.resolved_home() / "cache"
         if stage.split not in prompts.splits:
@@ -50,7 +50,9 @@ def sample_completions(
         rows = rows[: stage.max_prompts] if stage.max_prompts else rows
         model, tokenizer = load_model(materialize_model(policy, cache / "models"), revision=policy.revision)
         sampled, tokens, seconds = sample(model, tokenizer, rows, stage.n, stage.generation, seed)
-        scorers = reward_model_scorers(reward_models, cache)
+        scorers = load_reward_model_scorers(
+            {k: materialize_model(v, cache / "models") for k, v in reward_models.items()}
+        )
         kept, problems = score_completions(
             sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=stage_name
         )

@@ -120,8 +120,7 @@ def test_best_of_n_on_the_worked_example():
 
 
 def test_scoring_nan_fails_with_the_row_or_skips_and_reports():
-    from rlhf_core.rewards import REWARD_FUNCTIONS, RewardValueError
-    from rlhf_core.sampling import score_completions
+    from rlhf_core.rewards import REWARD_FUNCTIONS, RewardValueError, score_completions
     from rlhf_core.spec import RewardSourceSpec
 
     rows = [
@@ -135,6 +134,29 @@ def test_scoring_nan_fails_with_the_row_or_skips_and_reports():
     assert [r["reward"] for r in kept] == [1.0 + 0.5, 0.0 - 0.5]
     assert len(problems) == 1 and "row 1" in problems[0]
     assert set(REWARD_FUNCTIONS) >= {"arithmetic_exact", "answer_format", "length_penalty"}
+
+
+def test_one_registry_of_reward_functions_marks_the_verifiers():
+    from rlhf_core.errors import UserError
+    from rlhf_core.rewards import REGISTRY, REWARD_FUNCTIONS, VERIFIERS, verifier_function
+
+    assert set(REWARD_FUNCTIONS) == set(REGISTRY)
+    assert sorted(VERIFIERS) == ["arithmetic_exact"]
+    # the evaluate stage's `verifier: arithmetic` is the registered arithmetic_exact reward
+    assert (
+        verifier_function("arithmetic")
+        is verifier_function("arithmetic_exact")
+        is REWARD_FUNCTIONS["arithmetic_exact"]
+    )
+    record = {"prompt": "What is 2 + 3?", "answer": "5"}
+    assert [verifier_function("arithmetic")(c, record) for c in ("The answer is 5.", "The answer is 6.")] == [
+        1.0,
+        0.0,
+    ]
+    with pytest.raises(UserError, match="verifier 'answer_format' is a reward function but not a verifier"):
+        verifier_function("answer_format")
+    with pytest.raises(UserError, match="verifier 'exact' is not registered.*verifiers: arithmetic_exact"):
+        verifier_function("exact")
 
 
 def test_unknown_reward_function_fails_validation(tiny_spec_dict):

@@ -88,7 +88,8 @@ def test_overlong_pair_fails_with_its_row_or_is_skipped(policy_dir, tmp_path):
 def test_reward_model_saves_and_loads_with_plain_from_pretrained(policy_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_core.training.reward_model import encode_completion, pad_batch, score_sequences
+    from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch
+    from rlhf_core.rewards.reward_model_scoring import score_sequences
 
     directory, tokenizer = policy_dir
     cfg = RewardTrainSpec(max_steps=2, lr=1e-2)
@@ -107,7 +108,8 @@ def test_reward_model_saves_and_loads_with_plain_from_pretrained(policy_dir, tmp
 def test_build_reward_model_grows_embeddings_to_the_tokenizer_and_sets_pad(policy_dir):
     import copy
 
-    from rlhf_core.training.reward_model import encode_completion, pad_batch, score_sequences
+    from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch
+    from rlhf_core.rewards.reward_model_scoring import score_sequences
 
     directory, tokenizer = policy_dir
     bigger = copy.deepcopy(tokenizer)
@@ -124,13 +126,10 @@ def test_a_tokenizer_that_pads_with_eos_gets_its_own_pad_and_every_scoring_path_
     """With pad == EOS, transformers' classifier would read the reward before the final <|im_end|>."""
     import copy
 
+    from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch
     from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix
-    from rlhf_core.training.reward_model import (
-        REWARD_PAD_TOKEN,
-        encode_completion,
-        pad_batch,
-        score_sequences,
-    )
+    from rlhf_core.rewards.reward_model_scoring import score_sequences
+    from rlhf_core.training.reward_model import REWARD_PAD_TOKEN
 
     directory, tokenizer = policy_dir
     eos_padded = copy.deepcopy(tokenizer)

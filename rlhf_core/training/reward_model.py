@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.reward_model import bradley_terry_loss
-from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
+from rlhf_core.modeling.preference_tokens import PromptPairs, encode_completion
+from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 
@@ -35,15 +36,6 @@ REWARD_PAD_TOKEN = "<|reward_pad|>"  # added when a policy tokenizer pads with i
 
 class OverlongPairError(ValueError):
     """A preference pair does not fit in ``max_length`` tokens."""
-
-
-@dataclass
-class PromptPairs:
-    """All preference pairs of one prompt, tokenized."""
-
-    chosen: list[list[int]] = field(default_factory=list)
-    rejected: list[list[int]] = field(default_factory=list)
-    margins: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -91,14 +83,6 @@ def build_reward_model(
     return model
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> list[int]:
-    """Token ids of prompt + completion as one chat, ending at the end-of-turn token."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
-    ).rstrip()
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def group_pairs(
     records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: RewardTrainSpec, source: str
 ) -> tuple[list[PromptPairs], int]:
@@ -122,73 +106,6 @@ def group_pairs(
         group.rejected.append(rejected)
         group.margins.append(float(row.get(cfg.margin_column, 0.0)) if cfg.margin_column else 0.0)
     return list(groups.values()), skipped
-
-
-def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token lists into (B, T) input ids and attention mask."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def score_sequences(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,) scalar rewards r(x, y) of right-padded rows, read at each row's last real token.
-
-    The position comes from the attention mask, not from the pad id, so it is the end-of-turn token
-    even when a tokenizer pads with its EOS. Models without a ``score`` head use transformers' pooling.
-    """
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear) or model.base_model is model:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    hidden = model.base_model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    last = batch["attention_mask"].sum(-1) - 1
-    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
-
-
-def score_groups(
-    model: PreTrainedModel,
-    groups: list[list[list[int]]],
-    pad_token_id: int,
-    device: torch.device,
-    shared_prefix: bool = True,
-) -> tuple[torch.Tensor, int]:
-    """Rewards of every sequence, flattened group by group, and the tokens the model processed.
-
-    Each group holds the token sequences of one prompt. With ``shared_prefix`` (and a model that
-    supports it) a group is one row holding its common prefix once; otherwise every sequence is its
-    own right-padded row. Both give the same rewards up to float rounding.
-    """
-    if shared_prefix and supports_shared_prefix(model):
-        rows = pack_shared_prefix(groups, pad_token_id).to(device)
-        return score_shared_prefix(model, rows).float(), rows.tokens  # fp32 even under bf16 autocast
-    batch = {k: v.to(device) for k, v in pad_batch([s for g in groups for s in g], pad_token_id).items()}
-    return score_sequences(model, batch).float(), int(batch["attention_mask"].sum())
-
-
-def pair_rewards(
-    model: PreTrainedModel,
-    groups: list[PromptPairs],
-    pad_token_id: int,
-    device: torch.device,
-    shared_prefix: bool,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(r_chosen, r_rejected, processed tokens) for every pair of ``groups``, in group order."""
-    rewards, processed = score_groups(
-        model, [g.chosen + g.rejected for g in groups], pad_token_id, device, shared_prefix
-    )
-    chosen_idx, rejected_idx, start = [], [], 0
-    for g in groups:
-        k = len(g.chosen)
-        chosen_idx += range(start, start + k)
-        rejected_idx += range(start + k, start + 2 * k)
-        start += 2 * k
-    return rewards[chosen_idx], rewards[rejected_idx], processed
 
 
 def pairs_loss(
@@ -307,41 +224,3 @@ def evaluate_reward_model(
         "eval/pairs": float(len(margins)),
         "eval/skipped_pairs": float(skipped),
     }
-
-
-@torch.no_grad()
-def score_pairs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: list[tuple[str, str]],
-    batch_size: int = 64,
-    shared_prefix: bool = True,
-) -> list[float]:
-    """r(x, y) per (prompt, completion), returned in input order.
-
-    Completions of the same prompt are scored together (one shared-prefix row per prompt when the
-    model supports it); prompt groups are batched in length order, about ``batch_size`` sequences per
-    forward pass.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    by_prompt: dict[str, list[int]] = {}
-    for i, (prompt, _) in enumerate(pairs):
-        by_prompt.setdefault(prompt, []).append(i)
-    encoded = [encode_completion(tokenizer, prompt, completion) for prompt, completion in pairs]
-    groups = sorted(by_prompt.values(), key=lambda idx: sum(len(encoded[i]) for i in idx))
-    scores = [0.0] * len(encoded)
-    start = 0
-    while start < len(groups):
-        stop, size = start, 0
-        while stop < len(groups) and (size == 0 or size + len(groups[stop]) <= batch_size):
-            size += len(groups[stop])
-            stop += 1
-        part = groups[start:stop]
-        rewards, _ = score_groups(
-            model, [[encoded[i] for i in idx] for idx in part], tokenizer.pad_token_id, device, shared_prefix
-        )
-        for i, value in zip([i for idx in part for i in idx], rewards.float().cpu().tolist(), strict=True):
-            scores[i] = value
-        start = stop
-    return scores

@@ -1,0 +1,73 @@
+"""Scoring completions with several reward sources and combining them (book ch.7, ch.9).
+
+Each source is a registered reward function or a reward model; the composite reward is the weighted
+sum  R(x, y) = sum_s w_s * r_s(x, y).  A source that returns NaN or infinity is an error naming the row,
+or (``on_invalid='skip'``) drops the row and reports it; a row is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from rlhf_core.errors import UserError
+from rlhf_core.rewards.functions import REWARD_FUNCTIONS
+
+if TYPE_CHECKING:  # the spec imports this package for its reward-function names
+    from rlhf_core.spec import RewardSourceSpec
+
+# scores (prompt, completion) pairs in batches, e.g. a reward model (see reward_model_scoring)
+ModelScorer = Callable[[list[tuple[str, str]]], list[float]]
+
+
+class RewardValueError(UserError):
+    """A reward source returned a value that is not a finite number."""
+
+
+def check_finite(value: float, source: str, row: int) -> float:
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise RewardValueError(f"reward source '{source}' returned {value!r} for row {row} (0-based)")
+    return float(value)
+
+
+def composite_reward(scores: dict[str, float], weights: dict[str, float]) -> float:
+    """sum_s w_s * r_s over the named scores."""
+    return sum(weights[name] * value for name, value in scores.items())
+
+
+def score_completions(
+    rows: list[dict],
+    sources: tuple[RewardSourceSpec, ...],
+    model_scorers: dict[str, ModelScorer],
+    *,
+    on_invalid: str,
+    stage: str,
+) -> tuple[list[dict], list[str]]:
+    """Add ``scores`` (source name -> r_s) and the composite ``reward`` to each row.
+
+    Rows need ``prompt`` and ``completion`` (and what the reward functions read, e.g. ``answer``);
+    ``model_scorers`` maps the name of each reward-model source to its scorer. Returns (kept rows,
+    problems).
+    """
+    per_source: dict[str, list[float]] = {}
+    for source in sources:
+        if source.function is not None:
+            fn = REWARD_FUNCTIONS[source.function]
+            per_source[source.name] = [fn(row["completion"], row) for row in rows]
+        else:
+            per_source[source.name] = model_scorers[source.name](
+                [(r["prompt"], r["completion"]) for r in rows]
+            )
+    weights = {source.name: source.weight for source in sources}
+    kept, problems = [], []
+    for i, row in enumerate(rows):
+        try:
+            scores = {name: check_finite(values[i], name, i) for name, values in per_source.items()}
+        except RewardValueError as exc:
+            if on_invalid == "fail":
+                raise RewardValueError(f"stage '{stage}': {exc}") from None
+            problems.append(f"stage '{stage}': {exc}; completion dropped")
+            continue
+        kept.append({**row, "scores": scores, "reward": composite_reward(scores, weights)})
+    return kept, problems
