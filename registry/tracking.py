@@ -7,6 +7,7 @@ stage run is activated for the duration of the stage (``activate_stage_run``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 from collections.abc import Iterator
@@ -22,13 +23,39 @@ from mlflow.utils.time import get_current_time_millis
 from rlhf_core.settings import RLHFSettings
 
 MAX_PARAM_LENGTH = 6000
+SQLITE_PREFIX = "sqlite:///"
 
 
 def configure(settings: RLHFSettings) -> None:
     """Point MLflow at the tracking store of these settings (SQLite under the home dir by default)."""
     settings.resolved_home().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.resolved_tracking_uri())
-    mlflow.set_registry_uri(settings.resolved_tracking_uri())
+    uri = settings.resolved_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith(SQLITE_PREFIX):
+        initialize_sqlite_store(Path(uri.removeprefix(SQLITE_PREFIX)), uri)
+
+
+def initialize_sqlite_store(db_path: Path, uri: str) -> None:
+    """Create (migrate) a new SQLite store under an inter-process lock; a no-op once it is ready.
+
+    MLflow builds a missing schema the first time a store object is made, with no lock: several
+    pipelines started at once on a fresh home race through the migrations and all but one crash
+    ("duplicate column name", "table ... already exists"). Here one process migrates while the
+    others wait; ``<db>.ready`` records that it is done, so later runs skip the lock.
+    """
+    ready = db_path.with_name(db_path.name + ".ready")
+    if ready.exists() and db_path.exists():
+        return
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(db_path.with_name(db_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if ready.exists() and db_path.exists():
+            return
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)  # builds the tracking store: creates and migrates the schema
+        c.search_registered_models(max_results=1)  # the registry store checks its tables too
+        ready.write_text(f"mlflow {mlflow.__version__}\n")
 
 
 def client() -> MlflowClient:
