@@ -23,6 +23,7 @@ from rlhf_core.data import (
     is_correct,
     load_records,
     read_jsonl,
+    sft_messages,
     split_records,
     synthetic_records,
     to_preference_record,
@@ -31,6 +32,8 @@ from rlhf_core.data import (
     validate_records,
     write_jsonl,
 )
+from rlhf_core.data.prepare import prepare_dataset
+from rlhf_core.spec import DatasetStage
 
 # --- synthetic arithmetic -------------------------------------------------------------------
 
@@ -130,6 +133,13 @@ def _sft(*turns: tuple[str, str]) -> dict:
     return {"messages": [{"role": r, "content": c} for r, c in turns]}
 
 
+def _chat(*turns: tuple[str, str]) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+ANSWER = _chat(("assistant", "4"))
+
+
 @pytest.mark.parametrize(
     ("fmt", "bad", "field"),
     [
@@ -139,6 +149,25 @@ def _sft(*turns: tuple[str, str]) -> dict:
         ("sft", _sft(("user", "hi"), ("assistant", "")), "'messages[1].content'"),
         ("sft", _sft(("user", "hi"), ("assistant", "a"), ("user", "more")), "'messages[2].role'"),
         ("sft", _sft(("user", "hi"), ("system", "s"), ("assistant", "a")), "'messages[1].role'"),
+        # prompt/completion rows
+        ("sft", {"prompt": "2 + 2?"}, "'completion'"),
+        ("sft", {"completion": "4"}, "'prompt'"),
+        ("sft", {"prompt": "2 + 2?", "completion": ""}, "'completion'"),
+        ("sft", {"prompt": "2 + 2?", "completion": "   "}, "'completion'"),
+        ("sft", {"prompt": "", "completion": "4"}, "'prompt'"),
+        ("sft", {"prompt": [], "completion": "4"}, "'prompt'"),
+        ("sft", {"prompt": _chat(("user", "hi"), ("bot", "x")), "completion": "4"}, "'prompt[1].role'"),
+        ("sft", {"prompt": _chat(("user", "hi"), ("system", "s")), "completion": "4"}, "'prompt[1].role'"),
+        (
+            "sft",
+            {"prompt": _chat(("user", "2 + 2?"), ("assistant", "4")), "completion": "4"},
+            "'prompt[1].role'",
+        ),
+        ("sft", {"prompt": "2 + 2?", "completion": []}, "'completion'"),
+        ("sft", {"prompt": "2 + 2?", "completion": [*ANSWER, *ANSWER]}, "'completion'"),
+        ("sft", {"prompt": "2 + 2?", "completion": _chat(("user", "4"))}, "'completion[0].role'"),
+        ("sft", {"prompt": "2 + 2?", "completion": _chat(("assistant", ""))}, "'completion[0].content'"),
+        ("sft", {"prompt": "2 + 2?", "completion": {"role": "assistant", "content": "4"}}, "'completion'"),
         ("preference", {"prompt": "x", "chosen": "a"}, "'rejected'"),
         ("preference", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "'prompt'"),
         ("preference", {"prompt": "x", "chosen": "a", "rejected": "a"}, "'rejected'"),
@@ -153,6 +182,73 @@ def test_validation_error_names_source_row_and_field(fmt: str, bad: dict, field:
     message = str(info.value)
     assert "my.jsonl" in message and "row 1" in message and f"field {field}" in message
     assert info.value.row == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"id": 1}, "expected 'messages' (a chat) or 'prompt' + 'completion', got columns ['id']"),
+        (
+            {"prompt": "2 + 2?", "completion": ""},
+            "a non-empty string or a list with one 'assistant' message, got ''",
+        ),
+        (
+            {"prompt": "2 + 2?", "completion": [*ANSWER, *ANSWER]},
+            "a list with exactly one 'assistant' message, got 2 messages",
+        ),
+        ({"prompt": "2 + 2?", "completion": _chat(("user", "4"))}, "expected 'assistant', got 'user'"),
+        (
+            {"prompt": _chat(("user", "2 + 2?"), ("assistant", "4")), "completion": "4"},
+            "the last message to be from 'user', got 'assistant'",
+        ),
+    ],
+)
+def test_sft_row_errors_say_what_was_expected(bad: dict, expected: str) -> None:
+    with pytest.raises(DataValidationError) as info:
+        validate_records([bad], "sft", source="qa.jsonl")
+    assert str(info.value).startswith("in qa.jsonl, row 0 (0-based), field ")
+    assert expected in str(info.value)
+
+
+def test_sft_row_with_both_shapes_is_rejected() -> None:
+    row = {**GOOD["sft"], "prompt": "hi", "completion": "hello"}
+    with pytest.raises(DataValidationError) as info:
+        validate_records([row], "sft", source="mixed.jsonl")
+    assert str(info.value) == (
+        "in mixed.jsonl, row 0 (0-based): expected either 'messages' or 'prompt' + 'completion', "
+        "not both (drop or rename one)"
+    )
+
+
+PROMPT_COMPLETION_ROWS = [
+    {"prompt": "What is 2 + 2?", "completion": "2 + 2 = 4. The answer is 4."},
+    {"prompt": _chat(("user", "What is 2 + 2?")), "completion": _chat(("assistant", "4"))},
+    {  # TRL's conversational prompt-completion, multi-turn with a system message
+        "prompt": _chat(("system", "Be brief."), ("user", "1 + 1?"), ("assistant", "2"), ("user", "2 + 2?")),
+        "completion": _chat(("assistant", "4")),
+    },
+    {"prompt": "What is 2 + 2?", "completion": "4", "messages": None},  # a null column is absent
+]
+
+
+def test_prompt_completion_rows_are_valid_sft_rows() -> None:
+    assert validate_records(PROMPT_COMPLETION_ROWS, "sft", source="qa") == (PROMPT_COMPLETION_ROWS, [])
+    # A messages row may keep a 'prompt' column (e.g. HuggingFaceH4/ultrachat_200k): it is extra.
+    ultrachat = {**GOOD["sft"], "prompt": "hi", "prompt_id": "0"}
+    assert validate_records([ultrachat], "sft", source="uc") == ([ultrachat], [])
+
+
+def test_sft_messages_turns_prompt_completion_into_a_conversation() -> None:
+    plain, listed, multi, with_null = PROMPT_COMPLETION_ROWS
+    expected = _chat(("user", "What is 2 + 2?"), ("assistant", "2 + 2 = 4. The answer is 4."))
+    assert sft_messages(plain) == (expected, True)
+    assert sft_messages(listed) == (_chat(("user", "What is 2 + 2?"), ("assistant", "4")), True)
+    assert sft_messages(multi) == ([*multi["prompt"], *multi["completion"]], True)
+    assert sft_messages(with_null) == (_chat(("user", "What is 2 + 2?"), ("assistant", "4")), True)
+    assert multi["prompt"][-1] == {"role": "user", "content": "2 + 2?"}  # the row is not modified
+    # A messages row is its own conversation; its mask setting decides what is trained.
+    assert sft_messages(GOOD["sft"]) == (GOOD["sft"]["messages"], False)
+    assert sft_messages({**GOOD["sft"], "prompt": "hi"}) == (GOOD["sft"]["messages"], False)
 
 
 def test_system_first_is_valid_and_extra_columns_kept() -> None:
@@ -202,6 +298,56 @@ def test_load_without_required_column_lists_missing_and_available(tmp_path: Path
     path = _write(tmp_path, "jsonl")
     with pytest.raises(DataValidationError, match=r"missing \['prompt'\].*'question'"):
         load_records(str(path), fmt="prompts")
+
+
+def test_load_question_answer_file_as_sft_prompt_completion(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    theirs = [
+        {"question": "What is 2 + 2?", "answer": "4", "id": 0},
+        {"question": "1 + 1?", "answer": "2", "id": 1},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs), encoding="utf-8")
+    rows = load_records(str(path), fmt="sft", column_map={"prompt": "question", "completion": "answer"})
+    assert rows == [
+        {"prompt": "What is 2 + 2?", "completion": "4", "id": 0},
+        {"prompt": "1 + 1?", "completion": "2", "id": 1},
+    ]
+    assert validate_records(rows, "sft", source=str(path)) == (rows, [])
+    assert sft_messages(rows[0]) == (_chat(("user", "What is 2 + 2?"), ("assistant", "4")), True)
+
+
+def test_sft_file_with_neither_shape_names_both_options(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2?", "answer": "4"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataValidationError) as info:
+        load_records(str(path), fmt="sft")
+    assert str(info.value) == (
+        f"in {path}: expected columns ['messages'] or ['prompt', 'completion'] for format 'sft'; "
+        "missing ['messages'] or ['completion'], available ['prompt', 'answer'] (use column_map to rename)"
+    )
+
+
+def _qa_stage(path: Path) -> DatasetStage:
+    columns = {"prompt": "question", "completion": "answer"}
+    source = {"file": {"path": str(path), "format": "sft", "columns": columns}}
+    return DatasetStage.model_validate({"kind": "dataset", "source": source, "on_error": "skip"})
+
+
+def test_dataset_stage_prepares_a_question_answer_file(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    theirs = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)]
+    theirs[3]["answer"] = ""  # skipped and reported
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs), encoding="utf-8")
+    prepared = prepare_dataset("data", _qa_stage(path), seed=0, out_dir=tmp_path / "out")
+    out = prepared.outputs["sft"]
+    assert (
+        out.kind == "sft"
+        and out.columns == ("completion", "prompt")
+        and out.splits == {"train": 8, "eval": 1}
+    )
+    assert len(prepared.problems) == 1 and "row 3 (0-based), field 'completion'" in prepared.problems[0]
+    rows = read_jsonl(out.directory / "train.jsonl") + read_jsonl(out.directory / "eval.jsonl")
+    assert sorted(r["completion"] for r in rows) == sorted(str(i + 1) for i in range(10) if i != 3)
 
 
 def test_missing_mapped_column_lists_available(tmp_path: Path) -> None:

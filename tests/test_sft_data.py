@@ -19,6 +19,7 @@ from rlhf_core.training.sft_data import (
     collate,
     pack_examples,
     tokenize_conversation,
+    tokenize_sft_row,
     unpacked_rows,
 )
 
@@ -30,6 +31,9 @@ MULTI_TURN = [
     {"role": "user", "content": "What is 4 - 1?"},
     {"role": "assistant", "content": "4 - 1 = 3. The answer is 3."},
 ]
+
+
+ANSWER_19 = {"role": "assistant", "content": "7 + 12 = 19. The answer is 19."}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -123,6 +127,48 @@ def test_system_turn_is_rendered_but_never_trained(tokenizer) -> None:
     extra = len(with_system.input_ids) - len(without.input_ids)
     assert with_system.labels[extra + 1 :] == without.labels[1:] and extra > 0
     assert with_system.n_label_tokens == without.n_label_tokens
+
+
+# --- prompt/completion rows: only the completion is trained ---------------------------------
+
+
+@pytest.mark.parametrize("mask", ["all_assistant", "final_turn"])
+def test_messages_rows_are_tokenized_as_their_conversation(tokenizer, mask: str) -> None:
+    row = {"messages": [SYSTEM, *MULTI_TURN], "prompt": "an extra column"}
+    assert tokenize_sft_row(row, tokenizer, 256, mask) == tokenize_conversation(
+        row["messages"], tokenizer, 256, mask
+    )
+
+
+@pytest.mark.parametrize("completion", ["7 + 12 = 19. The answer is 19.", [ANSWER_19]])
+def test_plain_prompt_trains_only_the_completion_and_its_end_of_turn(tokenizer, completion) -> None:
+    example = tokenize_sft_row({"prompt": "What is 7 + 12?", "completion": completion}, tokenizer, 256)
+    assert trained_spans(example, tokenizer) == ["7 + 12 = 19. The answer is 19." + IM_END]
+    # The plain prompt is one user turn: the same tokens and labels as the equivalent messages row.
+    same = tokenize_conversation([{"role": "user", "content": "What is 7 + 12?"}, ANSWER_19], tokenizer, 256)
+    assert example == same
+
+
+@pytest.mark.parametrize("mask", ["all_assistant", "final_turn"])
+def test_assistant_turns_in_a_conversational_prompt_are_never_trained(tokenizer, mask: str) -> None:
+    *context, last = MULTI_TURN  # system, user, assistant (2 + 3), user; completion: the 4 - 1 answer
+    row = {"prompt": [SYSTEM, *context], "completion": [last]}
+    example = tokenize_sft_row(row, tokenizer, 256, mask)
+    assert trained_spans(example, tokenizer) == ["4 - 1 = 3. The answer is 3." + IM_END]
+    # Whatever the mask says: as a messages row, all_assistant would also train the "2 + 3" answer.
+    as_messages = tokenize_conversation([SYSTEM, *MULTI_TURN], tokenizer, 256, "all_assistant")
+    assert example.input_ids == as_messages.input_ids
+    assert len(trained_spans(as_messages, tokenizer)) == 2
+    # Every token before the completion's content, the earlier answer included, has no label.
+    first = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert set(example.labels[:first]) == {IGNORE_INDEX}
+    assert tokenizer.decode(example.input_ids[:first]) == (
+        "<|endoftext|><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n2 + 3 = 5. The answer is 5.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 4 - 1?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert example.labels[-1] == IGNORE_INDEX  # the newline after the completion's <|im_end|>
 
 
 def test_truncation_cuts_tokens_and_labels_and_sets_the_flag(tokenizer) -> None:

@@ -12,6 +12,7 @@ from rlhf_core.data.schemas import (
     REQUIRED_COLUMNS,
     DatasetFormat,
     DataValidationError,
+    sft_messages,
     validate_records,
 )
 from rlhf_core.data.synthetic import (
@@ -43,6 +44,7 @@ __all__ = [
     "is_correct",
     "load_records",
     "read_jsonl",
+    "sft_messages",
     "split_records",
     "synthetic_records",
     "to_preference_record",

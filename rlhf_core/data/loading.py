@@ -133,14 +133,16 @@ def _rename_columns(
 
 
 def _check_required(columns: list[str], fmt: DatasetFormat, source: str) -> None:
+    """All columns of one of the format's column sets must exist (sft: messages, or prompt + completion)."""
     if fmt not in REQUIRED_COLUMNS:
         raise ValueError(f"unknown dataset format {fmt!r}; expected one of {sorted(REQUIRED_COLUMNS)}")
-    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in columns]
-    if missing:
+    options = REQUIRED_COLUMNS[fmt]
+    missing = [[c for c in option if c not in columns] for option in options]
+    if all(missing):
         raise DataValidationError(
             source,
-            f"columns {list(REQUIRED_COLUMNS[fmt])} for format {fmt!r}; "
-            f"missing {missing}, available {columns} (use column_map to rename)",
+            f"columns {' or '.join(str(list(o)) for o in options)} for format {fmt!r}; "
+            f"missing {' or '.join(map(str, missing))}, available {columns} (use column_map to rename)",
         )
 
 

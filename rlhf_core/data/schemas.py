@@ -1,6 +1,13 @@
 """Row schemas for the three dataset formats and their validation.
 
-- ``sft``: ``messages``, a chat ending in an assistant turn.
+- ``sft``, one of two shapes (a file may mix them; a row may not carry both):
+
+  - ``messages``: a chat ending in an assistant turn;
+  - ``prompt`` x + ``completion`` y (Alpaca-style question/answer columns, or TRL's conversational
+    prompt-completion): x is a string or a list of messages ending in a user turn, y is a string or a
+    list with one assistant message. Only y is trained (see :func:`sft_messages`).
+
+  A column that is present but null counts as absent, so Parquet/Hub files mixing both shapes work.
 - ``preference``: ``prompt`` x, ``chosen`` y_c, ``rejected`` y_r.
 - ``prompts``: ``prompt`` x, optionally a reference ``answer`` for verifiable rewards.
 """
@@ -11,13 +18,16 @@ from typing import Any, Literal
 
 DatasetFormat = Literal["sft", "preference", "prompts"]
 
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "sft": ("messages",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "prompts": ("prompt",),
+# The column sets a file of each format may have: all columns of at least one set.
+REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "sft": (("messages",), ("prompt", "completion")),
+    "preference": (("prompt", "chosen", "rejected"),),
+    "prompts": (("prompt",),),
 }
 
 ROLES = ("system", "user", "assistant")
+
+Problem = tuple[str | None, str]  # (field, what was expected); field None for the row as a whole
 
 
 class DataValidationError(ValueError):
@@ -48,33 +58,82 @@ def _is_nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def _check_message(msg: Any, i: int, n: int) -> tuple[str, str] | None:
-    """Return (field, expected) for the first problem in message ``i`` of ``n``, or None."""
-    field = f"messages[{i}]"
+def _has(row: dict, column: str) -> bool:
+    return row.get(column) is not None
+
+
+def _check_message(msg: Any, field: str, first: bool) -> Problem | None:
+    """Return (field, expected) for the first problem of one message, or None."""
     if not isinstance(msg, dict):
         return field, f"a dict with 'role' and 'content', got {type(msg).__name__}"
     if msg.get("role") not in ROLES:
         return f"{field}.role", f"one of {list(ROLES)}, got {msg.get('role')!r}"
     if not _is_nonempty_str(msg.get("content")):
         return f"{field}.content", f"a non-empty string, got {msg.get('content')!r}"
-    if msg["role"] == "system" and i != 0:
+    if msg["role"] == "system" and not first:
         return f"{field}.role", "a 'system' message only as the first message"
-    if i == n - 1 and msg["role"] != "assistant":
-        return f"{field}.role", f"the last message to be from 'assistant', got {msg['role']!r}"
     return None
 
 
-def _check_sft(row: dict) -> tuple[str, str] | None:
-    messages = row.get("messages")
+def _check_chat(messages: Any, column: str, last_role: str) -> Problem | None:
+    """A non-empty list of messages whose last one is from ``last_role``."""
     if not isinstance(messages, list) or not messages:
-        return "messages", f"a non-empty list of messages, got {messages!r}"
+        return column, f"a non-empty list of messages, got {messages!r}"
     for i, msg in enumerate(messages):
-        if (problem := _check_message(msg, i, len(messages))) is not None:
+        if (problem := _check_message(msg, f"{column}[{i}]", first=i == 0)) is not None:
             return problem
-    return None  # the last message is an assistant turn, so there is at least one
+    if messages[-1]["role"] != last_role:
+        field = f"{column}[{len(messages) - 1}].role"
+        return field, f"the last message to be from {last_role!r}, got {messages[-1]['role']!r}"
+    return None
 
 
-def _check_preference(row: dict) -> tuple[str, str] | None:
+def _check_prompt_completion(row: dict) -> Problem | None:
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, list):
+        if (problem := _check_chat(prompt, "prompt", last_role="user")) is not None:
+            return problem
+    elif not _is_nonempty_str(prompt):
+        return "prompt", f"a non-empty string or a list of messages ending in a 'user' turn, got {prompt!r}"
+    if isinstance(completion, list):
+        if len(completion) != 1:
+            n = len(completion)
+            return "completion", f"a list with exactly one 'assistant' message, got {n} messages"
+        if (problem := _check_message(completion[0], "completion[0]", first=True)) is not None:
+            return problem
+        if completion[0]["role"] != "assistant":
+            return "completion[0].role", f"'assistant', got {completion[0]['role']!r}"
+    elif not _is_nonempty_str(completion):
+        return "completion", f"a non-empty string or a list with one 'assistant' message, got {completion!r}"
+    return None
+
+
+def _check_sft(row: dict) -> Problem | None:
+    if _has(row, "messages") and _has(row, "completion"):
+        return None, "either 'messages' or 'prompt' + 'completion', not both (drop or rename one)"
+    if _has(row, "completion") or (_has(row, "prompt") and not _has(row, "messages")):
+        return _check_prompt_completion(row)
+    if not _has(row, "messages"):
+        return "messages", f"'messages' (a chat) or 'prompt' + 'completion', got columns {sorted(row)}"
+    return _check_chat(row["messages"], "messages", last_role="assistant")
+
+
+def sft_messages(row: dict) -> tuple[list[dict], bool]:
+    """The conversation of a valid ``sft`` row, and whether to train its final turn only.
+
+    A ``messages`` row is its own conversation (False: the ``mask`` setting decides). A prompt/completion
+    row becomes prompt + [completion] (a plain prompt is one user turn, a plain completion one assistant
+    turn); True: only the completion is trained, never an assistant turn inside the prompt.
+    """
+    if not _has(row, "completion"):
+        return row["messages"], False
+    prompt, completion = row["prompt"], row["completion"]
+    context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    reply = {"role": "assistant", "content": completion} if isinstance(completion, str) else completion[0]
+    return [*context, reply], True
+
+
+def _check_preference(row: dict) -> Problem | None:
     for field in ("prompt", "chosen", "rejected"):
         if not _is_nonempty_str(row.get(field)):
             return field, f"a non-empty string, got {row.get(field)!r}"
@@ -83,7 +142,7 @@ def _check_preference(row: dict) -> tuple[str, str] | None:
     return None
 
 
-def _check_prompts(row: dict) -> tuple[str, str] | None:
+def _check_prompts(row: dict) -> Problem | None:
     if not _is_nonempty_str(row.get("prompt")):
         return "prompt", f"a non-empty string, got {row.get('prompt')!r}"
     if "answer" in row and not isinstance(row["answer"], str):

@@ -3,7 +3,8 @@
 Masking (book ch.4 §4.3): only assistant tokens are trained; prompt tokens get the label -100.
 Two multi-turn options: ``all_assistant`` trains every assistant turn, ``final_turn`` only the last.
 Each trained span covers the assistant's content and its end-of-turn token (so the model learns to
-stop), not the role header the template writes before it.
+stop), not the role header the template writes before it. A prompt/completion row trains its completion
+only, whatever the option: assistant turns inside its prompt are context (``tokenize_sft_row``).
 
 Packing concatenates examples into rows of at most ``max_length`` tokens. ``position_ids`` restart at 0
 for every example; with ``attention_mask=None`` and no KV cache, transformers then keeps packed examples
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.data.schemas import sft_messages
 
 IGNORE_INDEX = -100
 
@@ -79,6 +82,18 @@ def tokenize_conversation(
     ids = enc["input_ids"]
     truncated = len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_sft_row(
+    row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, mask: str = "all_assistant"
+) -> TokenizedExample:
+    """Token ids and labels of one ``sft`` row of either shape.
+
+    A ``messages`` row is masked as ``mask`` says; a ``prompt`` + ``completion`` row trains the completion
+    only (see :func:`rlhf_core.data.schemas.sft_messages`).
+    """
+    messages, completion_only = sft_messages(row)
+    return tokenize_conversation(messages, tokenizer, max_length, "final_turn" if completion_only else mask)
 
 
 def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row]:
