@@ -179,7 +179,7 @@ def _judged(prompt, scored):
 
 
 def test_label_pairs_best_vs_worst_and_all_pairs():
-    from rlhf_core.preferences import label_pairs
+    from rlhf_core.judging.preferences import label_pairs
 
     rows = _judged("p", [("a", 0.9), ("b", 0.1), ("c", 0.5)]) + _judged("q", [("x", 1.0), ("y", 0.0)])
     best = label_pairs(rows, pairing="best_vs_worst", min_margin=0.0, on_tie="skip", stage="s")
@@ -199,7 +199,7 @@ def test_label_pairs_best_vs_worst_and_all_pairs():
 
 
 def test_label_pairs_ties_low_margins_and_duplicates():
-    from rlhf_core.preferences import TiedPreferenceError, label_pairs
+    from rlhf_core.judging.preferences import TiedPreferenceError, label_pairs
 
     rows = (
         _judged("tie", [("a", 1.0), ("b", 1.0)])

@@ -17,8 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from rlhf_core.errors import UserError
+from rlhf_core.judging.policy_judge import JudgeParseError
 
-class TiedPreferenceError(ValueError):
+
+class TiedPreferenceError(UserError):
     """A pair could not be ordered by the judge and ties are configured to fail."""
 
 
@@ -91,7 +94,7 @@ def pairs_from_verdicts(
     for (prompt, first, second), verdict in zip(pairs, verdicts, strict=True):
         if isinstance(verdict, Exception):
             if on_judge_error == "fail":
-                raise ValueError(f"stage '{stage}': prompt {prompt!r}: {verdict}") from verdict
+                raise JudgeParseError(f"stage '{stage}': prompt {prompt!r}: {verdict}") from verdict
             report.dropped["judge_unparseable"] += 1
         elif verdict == "tie":
             if on_tie == "fail":

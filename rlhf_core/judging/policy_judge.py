@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from rlhf_core.errors import UserError
+
 VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
 GenerateFn = Callable[[list[str]], list[str]]  # judge prompts -> judge outputs (greedy)
 
 
-class JudgeParseError(ValueError):
+class JudgeParseError(UserError):
     """The judge's output contains no [[A]], [[B]] or [[C]] verdict."""
 
 

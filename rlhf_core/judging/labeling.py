@@ -1,0 +1,76 @@
+"""The ``label_preferences`` stage's work: judge sampled completions, pair them per prompt.
+
+Two kinds of judge (the stage has exactly one):
+
+- reward sources (verifiers, reward models, a weighted mix) score every completion; pairs are ranked
+  by score (:func:`~rlhf_core.judging.preferences.label_pairs`);
+- a policy model judges pairs of completions against written principles, in both orders
+  (:mod:`~rlhf_core.judging.policy_judge`).
+"""
+
+from __future__ import annotations
+
+from rlhf_core.errors import UserError
+from rlhf_core.judging.policy_judge import judge_pairs
+from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
+from rlhf_core.modeling.models import load_model
+from rlhf_core.rewards.composite import score_completions
+from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
+from rlhf_core.rollout.generation import generate_completions
+from rlhf_core.spec import LabelPreferencesStage
+
+POLICY_JUDGE = "policy"  # key of the judging policy among the judge models
+
+
+def label_preferences(
+    rows: list[dict],
+    stage: LabelPreferencesStage,
+    judge_dirs: dict[str, str],
+    *,
+    stage_name: str,
+    revisions: dict[str, str | None] | None = None,
+) -> tuple[PairingReport, list[str]]:
+    """Preference pairs from completion rows (``prompt``, ``completion``, what the reward functions read).
+
+    ``judge_dirs`` locates the judge models: reward-model sources by source name (``rm:<stage>``) and
+    the judging policy under ``"policy"`` (a local directory or a hub name, at ``revisions["policy"]``).
+    Returns the pairs with what was dropped, and the completions dropped for an invalid score.
+    """
+    if stage.judge_policy is not None:
+        revision = (revisions or {}).get(POLICY_JUDGE)
+        report, problems = judge_with_policy(rows, stage, judge_dirs[POLICY_JUDGE], revision, stage_name), []
+    else:
+        report, problems = judge_with_rewards(rows, stage, judge_dirs, stage_name)
+    if not report.pairs:
+        raise UserError(f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})")
+    return report, problems
+
+
+def judge_with_rewards(
+    rows: list[dict], stage: LabelPreferencesStage, judge_dirs: dict[str, str], stage_name: str
+) -> tuple[PairingReport, list[str]]:
+    """Score every completion with the stage's reward sources, then pair by score."""
+    scorers = load_reward_model_scorers(judge_dirs)
+    judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
+    scored = [{**r, "judge_score": r["reward"]} for r in judged]
+    report = label_pairs(
+        scored, pairing=stage.pairing, min_margin=stage.min_margin, on_tie=stage.on_tie, stage=stage_name
+    )
+    return report, problems
+
+
+def judge_with_policy(
+    rows: list[dict], stage: LabelPreferencesStage, model_dir: str, revision: str | None, stage_name: str
+) -> PairingReport:
+    """Ask the judging policy (greedy) about each candidate pair, in both orders."""
+    spec = stage.judge_policy
+    model, tokenizer = load_model(model_dir, revision=revision)
+    pairs = candidate_pairs(rows, stage.pairing)
+    verdicts = judge_pairs(
+        lambda prompts: generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens),
+        spec.principles,
+        pairs,
+    )
+    return pairs_from_verdicts(
+        pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name
+    )
