@@ -33,6 +33,7 @@ from rlhf_core.data import (
     write_jsonl,
 )
 from rlhf_core.data.prepare import prepare_dataset
+from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage
 
 # --- synthetic arithmetic -------------------------------------------------------------------
@@ -251,6 +252,12 @@ def test_sft_messages_turns_prompt_completion_into_a_conversation() -> None:
     assert sft_messages({**GOOD["sft"], "prompt": "hi"}) == (GOOD["sft"]["messages"], False)
 
 
+def test_data_errors_are_user_errors() -> None:
+    assert issubclass(DataValidationError, UserError)
+    error = DataValidationError("f.jsonl", "a JSON object", line=3)
+    assert str(error) == "in f.jsonl, line 3: expected a JSON object"
+
+
 def test_system_first_is_valid_and_extra_columns_kept() -> None:
     row = {**_sft(("system", "be brief"), ("user", "hi"), ("assistant", "ok")), "id": 7}
     assert validate_records([row], "sft", source="s") == ([row], [])
@@ -348,6 +355,13 @@ def test_dataset_stage_prepares_a_question_answer_file(tmp_path: Path) -> None:
     assert len(prepared.problems) == 1 and "row 3 (0-based), field 'completion'" in prepared.problems[0]
     rows = read_jsonl(out.directory / "train.jsonl") + read_jsonl(out.directory / "eval.jsonl")
     assert sorted(r["completion"] for r in rows) == sorted(str(i + 1) for i in range(10) if i != 3)
+
+
+def test_dataset_stage_without_a_valid_row_is_a_user_error(tmp_path: Path) -> None:
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "2 + 2?", "answer": ""}) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^stage 'data': no valid sft rows left \(1 rejected\)$"):
+        prepare_dataset("data", _qa_stage(path), seed=0, out_dir=tmp_path / "out")
 
 
 def test_missing_mapped_column_lists_available(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rlhf_core.data.loading import directory_digest, load_records, split_records, write_jsonl
 from rlhf_core.data.schemas import validate_records
 from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage
 
 
@@ -68,7 +69,7 @@ def prepare_dataset(stage_name: str, stage: DatasetStage, seed: int, out_dir: Pa
         )
         result.problems += problems
         if not valid:
-            raise ValueError(f"stage '{stage_name}': no valid {kind} rows left ({len(problems)} rejected)")
+            raise UserError(f"stage '{stage_name}': no valid {kind} rows left ({len(problems)} rejected)")
         splits = split_records(valid, dict(stage.splits), seed)
         directory = out_dir / name
         for split, split_rows in splits.items():

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from rlhf_core.errors import UserError
+
 DatasetFormat = Literal["sft", "preference", "prompts"]
 
 # The column sets a file of each format may have: all columns of at least one set.
@@ -30,7 +32,7 @@ ROLES = ("system", "user", "assistant")
 Problem = tuple[str | None, str]  # (field, what was expected); field None for the row as a whole
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError):
     """A dataset row (or a line of a file) does not match its declared format.
 
     The message names the source, the row (or line) and the field, and says what was expected.

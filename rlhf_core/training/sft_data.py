@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.data.schemas import sft_messages
+from rlhf_core.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -43,7 +44,7 @@ class Row:
     position_ids: list[int] = field(default_factory=list)
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError):
     """The chat template renders a conversation in a way masking cannot follow."""
 
 
