@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import transformers
 
-from registry.tracking import activate_stage_run, client
+from registry.tracking import PACKAGE_VERSION_TAG, activate_stage_run, client, package_version
 from rlhf_core.refs import ModelRef
 
 CANDIDATE_ALIAS = "candidate"
@@ -38,8 +38,9 @@ def log_and_register_model(
 ) -> tuple[str, str]:
     """Log ``model`` in the stage run, register a new version tagged with ``lineage``, alias it ``candidate``.
 
-    Policies are logged as text-generation pipelines, reward models as text-classification ones (the
-    scalar head's raw score). Returns (logged model URI ``models:/m-...``, registered version).
+    The version is also tagged with the package version (``rlhf.package_version``). Policies are logged
+    as text-generation pipelines, reward models as text-classification ones (the scalar head's raw
+    score). Returns (logged model URI ``models:/m-...``, registered version).
     """
     pipeline = transformers.pipeline(PIPELINE_TASK_OF_ROLE[role], model=model, tokenizer=tokenizer)
     # MLflow looks up a hub model card and license by the model's local path: noise offline.
@@ -55,7 +56,7 @@ def log_and_register_model(
         )
     version = str(info.registered_model_version)
     c = client()
-    for key, value in lineage.items():
+    for key, value in {PACKAGE_VERSION_TAG: package_version(), **lineage}.items():
         c.set_model_version_tag(registered_name, version, key, value)
     c.set_registered_model_alias(registered_name, CANDIDATE_ALIAS, version)
     return info.model_uri, version

@@ -8,6 +8,8 @@ stage run is activated for the duration of the stage (``activate_stage_run``).
 from __future__ import annotations
 
 import fcntl
+import functools
+import importlib.metadata
 import json
 import subprocess
 from collections.abc import Iterator
@@ -20,10 +22,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.utils.time import get_current_time_millis
 
+import rlhf_core
 from rlhf_core.settings import RLHFSettings
 
 MAX_PARAM_LENGTH = 6000
 SQLITE_PREFIX = "sqlite:///"
+PACKAGE_VERSION_TAG = "rlhf.package_version"
 
 
 def configure(settings: RLHFSettings) -> None:
@@ -89,9 +93,20 @@ def git_commit(cwd: Path | None = None) -> str:
         return "unknown"
 
 
+@functools.cache
+def package_version() -> str:
+    """Version of the installed ``rlhf-pipelines`` code: lineage that holds outside a git checkout too."""
+    try:
+        return importlib.metadata.version("rlhf-pipelines")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return rlhf_core.__version__
+
+
 def start_pipeline_run(experiment_id: str, spec_name: str, tags: dict[str, str]) -> str:
     run = client().create_run(
-        experiment_id, run_name=f"{spec_name}-pipeline", tags={"rlhf.run_type": "pipeline", **tags}
+        experiment_id,
+        run_name=f"{spec_name}-pipeline",
+        tags={"rlhf.run_type": "pipeline", PACKAGE_VERSION_TAG: package_version(), **tags},
     )
     return run.info.run_id
 
@@ -100,16 +115,22 @@ def start_stage_run(experiment_id: str, parent_run_id: str, stage: str, tags: di
     run = client().create_run(
         experiment_id,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent_run_id, "rlhf.run_type": "stage", "rlhf.stage": stage, **tags},
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "rlhf.run_type": "stage",
+            "rlhf.stage": stage,
+            PACKAGE_VERSION_TAG: package_version(),
+            **tags,
+        },
     )
     return run.info.run_id
 
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
-    """Mark an interrupted stage run as running again (it is being resumed)."""
+    """Mark an interrupted stage run as running again (it is being resumed) by this package version."""
     c = client()
     c.update_run(run_id, status="RUNNING")
-    for key, value in tags.items():
+    for key, value in {PACKAGE_VERSION_TAG: package_version(), **tags}.items():
         c.set_tag(run_id, key, value)
 
 
