@@ -27,17 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_core.data.synthetic import synthetic_records  # noqa: E402
+from rlhf_core.evaluation.reward_model import evaluate_reward_model  # noqa: E402
 from rlhf_core.modeling.models import build_tiny_model, save_model  # noqa: E402
 from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch  # noqa: E402
+from rlhf_core.modeling.reward_model import build_reward_model  # noqa: E402
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix  # noqa: E402
 from rlhf_core.rewards.reward_model_scoring import score_sequences  # noqa: E402
 from rlhf_core.rollout.generation import generate  # noqa: E402
 from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec, TinyModelSource  # noqa: E402
-from rlhf_core.training.reward_model import (  # noqa: E402
-    build_reward_model,
-    evaluate_reward_model,
-    train_reward_model,
-)
+from rlhf_core.training.reward_model import train_reward_model  # noqa: E402
 from rlhf_core.training.sft import train_sft  # noqa: E402
 
 TASK = {"max_operand": 20, "operations": ("+", "-")}

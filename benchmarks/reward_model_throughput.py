@@ -104,7 +104,7 @@ def train_spec(s: BenchSettings, shared_prefix: bool = True):
 
 
 def held_out(model, tokenizer, rows: list[dict], s: BenchSettings) -> dict[str, float]:
-    from rlhf_core.training.reward_model import evaluate_reward_model
+    from rlhf_core.evaluation.reward_model import evaluate_reward_model
 
     return evaluate_reward_model(model, tokenizer, rows, train_spec(s))
 
@@ -112,7 +112,8 @@ def held_out(model, tokenizer, rows: list[dict], s: BenchSettings) -> dict[str, 
 def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool = True) -> RunResult:
     from transformers import AutoTokenizer
 
-    from rlhf_core.training.reward_model import build_reward_model, train_reward_model
+    from rlhf_core.modeling.reward_model import build_reward_model
+    from rlhf_core.training.reward_model import train_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_reward_model(str(model_dir))

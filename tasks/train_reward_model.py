@@ -25,30 +25,24 @@ def train_reward_model(
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry import tracking
         from registry.models import materialize_model
-        from rlhf_core.modeling.models import load_tokenizer
-        from rlhf_core.training import reward_model as rm
+        from rlhf_core.training.reward_model import train_and_evaluate_reward_model
 
         cache = run.settings.resolved_home() / "cache"
-        policy_dir = materialize_model(model, cache / "models")
-        tokenizer = load_tokenizer(policy_dir, revision=model.revision)  # weights load once, below
         data_dir = materialize_dataset(data, cache / "datasets")
-        source = f"stage '{stage_name}' ({data.stage}.{data.kind} train split)"
-        trained, result = rm.train_reward_model(
-            rm.build_reward_model(policy_dir, tokenizer, revision=model.revision),
-            tokenizer,
+        eval_file = data_dir / "eval.jsonl"
+        trained, tokenizer, result = train_and_evaluate_reward_model(
+            materialize_model(model, cache / "models"),
+            model.revision,
             read_jsonl(data_dir / "train.jsonl"),
+            read_jsonl(eval_file) if eval_file.exists() else None,
             stage.train,
             seed=seed,
             checkpoint_dir=run.work_dir / "checkpoints",
-            source=source,
+            source=f"stage '{stage_name}' ({data.stage}.{data.kind} train split)",
             log=run.log,
         )
-        metrics = {}
-        if (data_dir / "eval.jsonl").exists():
-            metrics = rm.evaluate_reward_model(
-                trained, tokenizer, read_jsonl(data_dir / "eval.jsonl"), stage.train
-            )
-            tracking.log_metrics(run.run_id, metrics, step=result.steps)
+        if result.heldout:
+            tracking.log_metrics(run.run_id, result.heldout, step=result.steps)
         ref = register_stage_model(
             ctx,
             run,
@@ -60,18 +54,7 @@ def train_reward_model(
             upstream=model,
             data=data,
         )
-        run.key_metrics = {
-            "final_train_loss": result.final_loss,
-            "steps": float(result.steps),
-            "skipped_pairs": float(result.skipped_pairs),
-        }
-        run.key_metrics.update(
-            {
-                k.replace("eval/", "heldout_"): v
-                for k, v in metrics.items()
-                if k in ("eval/accuracy", "eval/margin_mean", "eval/loss")
-            }
-        )
+        run.key_metrics = result.summary()
         return {"model": ref}
 
     return execute_stage(ctx, stage_name, "reward_model", fingerprint, stage, inputs, body)

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROWS = [
     {"prompt": "What is 2 + 3?", "answer": 5, "completion": c}
     for c in ("The answer is 5.", "The answer is 6.", "five", "The answer is 5.")
-] + [{"prompt": "What is 1 + 1?", "answer": 2, "completion": c} for c in ("The answer is 2.", "The answer is 3.")]
+] + [
+    {"prompt": "What is 1 + 1?", "answer": 2, "completion": c}
+    for c in ("The answer is 2.", "The answer is 3.")
+]
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.evaluation.reward_model import evaluate_reward_model
 from rlhf_core.modeling.models import build_tiny_model, save_model
+from rlhf_core.modeling.preference_tokens import OverlongPairError
+from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.spec import RewardTrainSpec, TinyModelSource
-from rlhf_core.training.reward_model import (
-    OverlongPairError,
-    build_reward_model,
-    evaluate_reward_model,
-    train_reward_model,
-)
+from rlhf_core.training.reward_model import train_reward_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,6 +34,42 @@ def test_loss_is_ln2_at_initialisation(policy_dir):
     # the zero score head gives r_c = r_r = 0 for every pair, so -log sigma(0) = ln 2 exactly
     assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["eval/reward_std"] == 0.0
+
+
+def test_heldout_loss_is_the_training_estimator_with_margins_and_k_completions(policy_dir):
+    """The held-out loss is bradley_terry_loss as in training: the margin column inside the sigmoid and
+    each prompt's pairs averaged first (1/C(K,2) per pair), then the prompts."""
+    from itertools import combinations
+
+    from rlhf_core.modeling.preference_tokens import group_pairs
+    from rlhf_core.rewards.reward_model_scoring import score_pairs
+    from rlhf_core.training.reward_model import pairs_loss
+
+    directory, tokenizer = policy_dir
+    model = build_reward_model(str(directory))
+    torch.nn.init.normal_(model.score.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    first, second = PAIRS[0], PAIRS[1]
+    texts = [first["chosen"], first["rejected"], "I do not know."]  # K = 3: C(3, 2) = 3 pairs
+    rows = [
+        {"prompt": first["prompt"], "chosen": c, "rejected": r, "margin": m}
+        for (c, r), m in zip(combinations(texts, 2), (1.0, 0.5, 2.0), strict=True)
+    ] + [{**second, "margin": 0.25}]
+    cfg = RewardTrainSpec(margin_column="margin")
+    heldout = evaluate_reward_model(model, tokenizer, rows, cfg)["eval/loss"]
+
+    groups, _ = group_pairs(rows, tokenizer, max_length=cfg.max_length, margin_column="margin")
+    with torch.no_grad():
+        trained_on, _ = pairs_loss(model, groups, tokenizer.pad_token_id, torch.device("cpu"))
+    assert heldout == pytest.approx(trained_on.item(), abs=1e-6)
+
+    # by hand: -log sigma(r_c - r_r - m) = log(1 + exp(-(r_c - r_r - m))), per-prompt mean, then mean
+    sequences = [(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")]
+    reward = dict(zip(sequences, score_pairs(model, tokenizer, sequences), strict=True))
+    gaps = [reward[(r["prompt"], r["chosen"])] - reward[(r["prompt"], r["rejected"])] for r in rows]
+    losses = [math.log1p(math.exp(-(gap - r["margin"]))) for gap, r in zip(gaps, rows, strict=True)]
+    assert heldout == pytest.approx((sum(losses[:3]) / 3 + losses[3]) / 2, abs=1e-5)
+    # the former held-out loss (mean over pairs, margins ignored) is another number on these rows
+    assert abs(sum(math.log1p(math.exp(-gap)) for gap in gaps) / 4 - heldout) > 1e-2
 
 
 def test_training_learns_a_preference(policy_dir, tmp_path):
@@ -127,9 +161,9 @@ def test_a_tokenizer_that_pads_with_eos_gets_its_own_pad_and_every_scoring_path_
     import copy
 
     from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch
+    from rlhf_core.modeling.reward_model import REWARD_PAD_TOKEN
     from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix
     from rlhf_core.rewards.reward_model_scoring import score_sequences
-    from rlhf_core.training.reward_model import REWARD_PAD_TOKEN
 
     directory, tokenizer = policy_dir
     eos_padded = copy.deepcopy(tokenizer)

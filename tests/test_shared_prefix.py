@@ -8,10 +8,11 @@ import torch
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.modeling.preference_tokens import encode_completion, pad_batch
+from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
 from rlhf_core.rewards.reward_model_scoring import score_pairs, score_sequences
 from rlhf_core.spec import RewardTrainSpec, TinyModelSource
-from rlhf_core.training.reward_model import build_reward_model, train_reward_model
+from rlhf_core.training.reward_model import train_reward_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,9 +8,16 @@ log-probability ends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from rlhf_core.errors import UserError
+
+
+class OverlongPairError(UserError):
+    """A preference pair does not fit in ``max_length`` tokens."""
 
 
 @dataclass
@@ -28,6 +35,42 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completio
         [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
     ).rstrip()
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def group_pairs(
+    records: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    on_overlong: Literal["fail", "skip"] = "fail",
+    margin_column: str | None = None,
+    source: str = "preferences",
+) -> tuple[list[PromptPairs], int]:
+    """Tokenize preference rows (prompt, chosen, rejected) and group them by prompt.
+
+    A pair longer than ``max_length`` tokens fails naming its row in ``source``, or is skipped and
+    counted. ``margin_column`` holds a per-pair margin m(y_c, y_r) (0 without it). Returns (groups in
+    order of first appearance, skipped pairs).
+    """
+    groups: dict[str, PromptPairs] = {}
+    skipped = 0
+    for i, row in enumerate(records):
+        chosen = encode_completion(tokenizer, row["prompt"], row["chosen"])
+        rejected = encode_completion(tokenizer, row["prompt"], row["rejected"])
+        if max(len(chosen), len(rejected)) > max_length:
+            if on_overlong == "fail":
+                longest = max(len(chosen), len(rejected))
+                raise OverlongPairError(
+                    f"in {source}, row {i} (0-based): prompt + completion is {longest} tokens, longer than "
+                    f"max_length {max_length}; raise max_length or set on_overlong: skip"
+                )
+            skipped += 1
+            continue
+        group = groups.setdefault(row["prompt"], PromptPairs())
+        group.chosen.append(chosen)
+        group.rejected.append(rejected)
+        group.margins.append(float(row.get(margin_column, 0.0)) if margin_column else 0.0)
+    return list(groups.values()), skipped
 
 
 def pad_batch(sequences: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:

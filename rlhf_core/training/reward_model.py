@@ -1,41 +1,36 @@
-"""Reward-model training (book ch.5): a scalar head on the policy's backbone, Bradley-Terry loss.
+"""Reward-model training (book ch.5): Bradley-Terry loss on a scalar head over the policy's backbone.
 
-Architecture: ``AutoModelForSequenceClassification`` with one label on the policy checkpoint; the
-score is read at the last non-padding token, which is the end-of-turn token ``<|im_end|>`` because
-every (prompt, completion) is rendered with the chat template and trailing whitespace is stripped.
-The score head starts at zero, so every reward is 0 and the loss is exactly ln 2 at initialisation.
+The model comes from :func:`rlhf_core.modeling.reward_model.build_reward_model` (zero score head, so
+the loss is ln 2 at initialisation); held-out evaluation is
+:func:`rlhf_core.evaluation.reward_model.evaluate_reward_model`, with the same loss estimator.
 
 Batching follows InstructGPT: a training row is one prompt with all of its preference pairs, so the
 pairs of a prompt always share a batch and each prompt weighs the same (1/C(K,2) per pair). Within an
 optimizer step, prompts are split into micro-batches by length (the step's loss does not depend on
-the split). By default
-the distinct completions of a prompt are scored in one row that holds the prompt once
-(:mod:`rlhf_core.modeling.shared_prefix`): the same rewards and gradients as one row per sequence,
-with each prompt processed once instead of twice per pair.
+the split). By default the distinct completions of a prompt are scored in one row that holds the
+prompt once (:mod:`rlhf_core.modeling.shared_prefix`): the same rewards and gradients as one row per
+sequence, with each prompt processed once instead of twice per pair.
 """
 
 from __future__ import annotations
 
-import math
 import random
-import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.evaluation.reward_model import evaluate_reward_model
 from rlhf_core.losses.reward_model import bradley_terry_loss
-from rlhf_core.modeling.preference_tokens import PromptPairs, encode_completion
+from rlhf_core.modeling.models import load_tokenizer
+from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs, group_pairs
+from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 
-REWARD_PAD_TOKEN = "<|reward_pad|>"  # added when a policy tokenizer pads with its EOS
-
-
-class OverlongPairError(ValueError):
-    """A preference pair does not fit in ``max_length`` tokens."""
+HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
 
 
 @dataclass
@@ -48,64 +43,49 @@ class RewardModelResult:
     skipped_pairs: int
     seconds: float
     input_tokens: int
+    heldout: dict[str, float] = field(default_factory=dict)  # evaluate_reward_model on held-out rows
 
     @property
     def tokens_per_second(self) -> float:
         return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def summary(self) -> dict[str, float]:
+        """Headline numbers: final train loss, steps, skipped pairs, held-out loss/accuracy/margin."""
+        shown = {
+            "final_train_loss": self.final_loss,
+            "steps": float(self.steps),
+            "skipped_pairs": float(self.skipped_pairs),
+        }
+        held = {k.replace("eval/", "heldout_"): v for k, v in self.heldout.items() if k in HEADLINE_HELDOUT}
+        return shown | held
 
-def build_reward_model(
-    source: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, revision: str | None = None
-) -> PreTrainedModel:
-    """A one-label sequence classifier on the backbone at ``source``, with a zero score head.
 
-    With the policy's ``tokenizer``: a tokenizer whose pad token is its EOS (or missing) gets its own
-    pad token, added to ``tokenizer`` in place. Transformers' classifier reads the reward at the last
-    token that is not padding, so with pad == EOS it would skip the end-of-turn token the reward is
-    trained at, and anyone loading the saved model with plain ``from_pretrained`` would get other
-    rewards. Then the embeddings grow to the tokenizer's vocabulary (also for a hub model whose
-    tokenizer gained chat tokens) and ``pad_token_id`` is set in the config.
+def train_and_evaluate_reward_model(
+    policy_dir: str,
+    revision: str | None,
+    train_rows: list[dict],
+    eval_rows: list[dict] | None,
+    cfg: RewardTrainSpec,
+    *,
+    seed: int,
+    checkpoint_dir: Path,
+    source: str = "preferences",
+    log: LogFn | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RewardModelResult]:
+    """The ``reward_model`` stage's work: a reward model on the policy at ``policy_dir``, trained on
+    ``train_rows`` and, when given, evaluated on ``eval_rows`` (``result.heldout``).
+
+    The policy's weights load once (into the classifier); its tokenizer may gain a pad token
+    (``build_reward_model``) and is returned to be saved with the model.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=torch.float32, revision=revision
+    tokenizer = load_tokenizer(policy_dir, revision=revision)
+    model = build_reward_model(policy_dir, tokenizer, revision=revision)
+    trained, result = train_reward_model(
+        model, tokenizer, train_rows, cfg, seed=seed, checkpoint_dir=checkpoint_dir, source=source, log=log
     )
-    if tokenizer is not None:
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            tokenizer.add_special_tokens({"pad_token": REWARD_PAD_TOKEN})
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    head = model.score if hasattr(model, "score") else model.get_output_embeddings()
-    torch.nn.init.zeros_(head.weight)
-    if getattr(head, "bias", None) is not None:
-        torch.nn.init.zeros_(head.bias)
-    return model
-
-
-def group_pairs(
-    records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: RewardTrainSpec, source: str
-) -> tuple[list[PromptPairs], int]:
-    """Tokenize preference rows and group them by prompt; returns (groups, skipped overlong pairs)."""
-    groups: dict[str, PromptPairs] = {}
-    skipped = 0
-    for i, row in enumerate(records):
-        chosen = encode_completion(tokenizer, row["prompt"], row["chosen"])
-        rejected = encode_completion(tokenizer, row["prompt"], row["rejected"])
-        if max(len(chosen), len(rejected)) > cfg.max_length:
-            if cfg.on_overlong == "fail":
-                longest = max(len(chosen), len(rejected))
-                raise OverlongPairError(
-                    f"in {source}, row {i} (0-based): prompt + completion is {longest} tokens, longer than "
-                    f"max_length {cfg.max_length}; raise max_length or set on_overlong: skip"
-                )
-            skipped += 1
-            continue
-        group = groups.setdefault(row["prompt"], PromptPairs())
-        group.chosen.append(chosen)
-        group.rejected.append(rejected)
-        group.margins.append(float(row.get(cfg.margin_column, 0.0)) if cfg.margin_column else 0.0)
-    return list(groups.values()), skipped
+    if eval_rows is not None:
+        result.heldout = evaluate_reward_model(trained, tokenizer, eval_rows, cfg)
+    return trained, tokenizer, result
 
 
 def pairs_loss(
@@ -142,9 +122,12 @@ def train_reward_model(
 ) -> tuple[PreTrainedModel, RewardModelResult]:
     """Train ``model`` (from ``build_reward_model``) on preference rows (prompt, chosen, rejected)."""
     torch.manual_seed(seed)
-    groups, skipped = group_pairs(records, tokenizer, cfg, source)
+    groups, skipped = group_pairs(
+        records, tokenizer, max_length=cfg.max_length, on_overlong=cfg.on_overlong,
+        margin_column=cfg.margin_column, source=source,
+    )  # fmt: skip
     if not groups:
-        raise ValueError(f"{source}: no preference pair fits in max_length {cfg.max_length}")
+        raise OverlongPairError(f"{source}: no preference pair fits in max_length {cfg.max_length}")
     random.Random(seed).shuffle(groups)
     steps_per_epoch, total_steps = plan_steps(len(groups), cfg)
 
@@ -192,35 +175,3 @@ def train_reward_model(
         input_tokens=loop.tokens,
     )
     return trained, result
-
-
-@torch.no_grad()
-def evaluate_reward_model(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict],
-    cfg: RewardTrainSpec,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Held-out BT loss, pairwise accuracy, mean margin and reward mean/std on preference rows."""
-    model.eval()
-    device = next(model.parameters()).device
-    groups, skipped = group_pairs(records, tokenizer, cfg.model_copy(update={"on_overlong": "skip"}), "eval")
-    chosen_scores: list[float] = []
-    rejected_scores: list[float] = []
-    for start in range(0, len(groups), batch_size):
-        part = groups[start : start + batch_size]
-        r_c, r_r, _ = pair_rewards(model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
-        chosen_scores += r_c.float().cpu().tolist()
-        rejected_scores += r_r.float().cpu().tolist()
-    margins = [c - r for c, r in zip(chosen_scores, rejected_scores, strict=True)]
-    every = chosen_scores + rejected_scores
-    return {
-        "eval/loss": statistics.fmean(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins),
-        "eval/accuracy": statistics.fmean(1.0 if m > 0 else 0.0 for m in margins),
-        "eval/margin_mean": statistics.fmean(margins),
-        "eval/reward_mean": statistics.fmean(every),
-        "eval/reward_std": statistics.pstdev(every),
-        "eval/pairs": float(len(margins)),
-        "eval/skipped_pairs": float(skipped),
-    }
