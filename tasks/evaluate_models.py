@@ -1,19 +1,20 @@
-"""Task: the ``evaluate`` stage (held-out loss/perplexity, verifiable accuracy, sample table)."""
+"""Task: the ``evaluate`` stage (held-out loss/perplexity, verifiable accuracy, best-of-N, samples)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 
 from registry import tracking
 from registry.datasets import materialize_dataset
 from rlhf_core.data.loading import read_jsonl
-from rlhf_core.data.synthetic import is_correct
 from rlhf_core.fingerprint import evaluate_fingerprint
 from rlhf_core.refs import DatasetRef, EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
 
-VERIFIERS = {"arithmetic": lambda completion, answer: is_correct(completion, answer)}
+KEY_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/best_of_n/accuracy")
 
 
 @task(name="evaluate_models", **STAGE_TASK_OPTIONS)
@@ -41,65 +42,24 @@ def evaluate_models(
     def body(run: StageRun) -> dict[str, EvalReportRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
         from registry.models import materialize_model
-        from rlhf_core.evaluation.metrics import heldout_loss, verifiable_accuracy
-        from rlhf_core.modeling.models import load_model
+        from rlhf_core.evaluation.evaluate import evaluate_model
 
         cache = run.settings.resolved_home() / "cache"
-        eval_rows = read_jsonl(materialize_dataset(data, cache / "datasets") / "eval.jsonl") if data else []
-        prompt_rows = (
-            read_jsonl(materialize_dataset(prompts, cache / "datasets") / "eval.jsonl")[: stage.max_prompts]
-            if prompts
-            else []
-        )
-        unanswered = [i for i, row in enumerate(prompt_rows) if not str(row.get("answer", "")).strip()]
-        if unanswered:
-            raise ValueError(
-                f"stage '{stage_name}', field prompts: {len(unanswered)} row(s) of "
-                f"{prompts.stage}.{prompts.kind} (eval split), e.g. row {unanswered[0]} (0-based), have no "
-                "'answer'; the verifier needs one"
-            )
-        scorers = {}
-        if stage.best_of_n is not None:
-            from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-
-            scorers = load_reward_model_scorers(
-                {k: materialize_model(v, cache / "models") for k, v in reward_models.items()}
-            )
+        eval_rows, prompt_rows = _eval_split(data, cache), _eval_split(prompts, cache)
+        reward_dirs = {k: materialize_model(v, cache / "models") for k, v in reward_models.items()}
+        source = f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts"
         report: dict[str, dict[str, float]] = {}
-        samples = []
+        samples: list[dict] = []
         for name, ref in models.items():
-            model, tokenizer = load_model(materialize_model(ref, cache / "models"), revision=ref.revision)
-            metrics: dict[str, float] = {}
-            if eval_rows:
-                metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length))
-            if prompt_rows:
-                gen = stage.generation
-                acc = verifiable_accuracy(
-                    model,
-                    tokenizer,
-                    prompt_rows,
-                    VERIFIERS[stage.verifier],
-                    max_new_tokens=gen.max_new_tokens,
-                    temperature=gen.temperature,
-                    batch_size=gen.batch_size,
-                    seed=seed,
-                    engine=gen.engine,
-                )
-                metrics["eval/accuracy"] = acc.accuracy
-                samples += [{"model": name, **row} for row in acc.rows[: stage.samples_in_table]]
-            if stage.best_of_n is not None:
-                metrics.update(
-                    best_of_n_metrics(model, tokenizer, prompt_rows, stage, stage_name, seed, scorers)
-                )
+            metrics, table = evaluate_model(
+                materialize_model(ref, cache / "models"), ref.revision, eval_rows, prompt_rows, stage,
+                reward_dirs, seed, stage_name=stage_name, prompts_source=source,
+            )  # fmt: skip
             report[name] = metrics
+            samples += [{"model": name, **row} for row in table]
             tracking.log_metrics(run.run_id, {f"{name}/{k}": v for k, v in metrics.items()}, step=0)
-            run.key_metrics.update(
-                {
-                    f"{name}.{k.removeprefix('eval/')}": v
-                    for k, v in metrics.items()
-                    if k in ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/best_of_n/accuracy")
-                }
-            )
+            shown_keys = [k for k in metrics if k in KEY_METRICS]
+            run.key_metrics |= {f"{name}.{k.removeprefix('eval/')}": metrics[k] for k in shown_keys}
         tracking.log_table(run.run_id, samples, "samples.json")
         tracking.log_dict(run.run_id, report, "report.json")
         return {"report": EvalReportRef(stage=stage_name, metrics=report, run_id=run.run_id)}
@@ -107,17 +67,5 @@ def evaluate_models(
     return execute_stage(ctx, stage_name, "evaluate", fingerprint, stage, inputs, body)
 
 
-def best_of_n_metrics(
-    model, tokenizer, prompt_rows, stage: EvaluateStage, stage_name: str, seed: int, scorers
-):
-    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it."""
-    from rlhf_core.rewards.composite import score_completions
-    from rlhf_core.rollout.sampling import sample_completions
-    from rlhf_core.selection.best_of_n import best_of_n
-
-    spec = stage.best_of_n
-    rows, _, _ = sample_completions(model, tokenizer, prompt_rows, spec.n, spec.generation, seed)
-    scored, _ = score_completions(rows, spec.rewards, scorers, on_invalid="fail", stage=stage_name)
-    verifier = VERIFIERS[stage.verifier]
-    result = best_of_n(scored, lambda row: verifier(row["completion"], str(row.get("answer", ""))))
-    return result.metrics()
+def _eval_split(ref: DatasetRef | None, cache: Path) -> list[dict]:
+    return read_jsonl(materialize_dataset(ref, cache / "datasets") / "eval.jsonl") if ref else []

@@ -46,8 +46,8 @@ def test_a_verifier_judge_pairs_correct_over_wrong_and_counts_what_it_drops():
 def test_a_reward_model_judge_is_loaded_from_its_directory(policy_dir, tmp_path):
     from transformers import AutoTokenizer
 
+    from rlhf_core.modeling.reward_model import build_reward_model
     from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorer
-    from rlhf_core.training.reward_model import build_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     reward_model = build_reward_model(policy_dir, tokenizer)

@@ -1,0 +1,65 @@
+"""The evaluate stage's work for one model, in rlhf_core: loss, verified accuracy, best-of-N, samples."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.errors import UserError
+from rlhf_core.evaluation.evaluate import evaluate_model
+from rlhf_core.modeling.models import build_tiny_model, save_model
+from rlhf_core.spec import EvaluateStage, TinyModelSource
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = synthetic_records("arithmetic", "prompts", n=6, seed=1, max_operand=9)
+SFT = synthetic_records("arithmetic", "sft", n=4, seed=2, max_operand=9)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320), 0)
+    return str(save_model(model, tokenizer, tmp_path_factory.mktemp("policy") / "model"))
+
+
+def _stage(**fields) -> EvaluateStage:
+    base = {"kind": "evaluate", "models": ["base"], "data": "data.sft", "prompts": "data.prompts"}
+    return EvaluateStage(**{**base, "generation": {"max_new_tokens": 4}, **fields})
+
+
+def test_metrics_and_samples_of_one_model(model_dir):
+    stage = _stage(
+        max_prompts=5,
+        samples_in_table=3,
+        best_of_n={
+            "n": 3,
+            "rewards": [{"function": "arithmetic_exact"}],
+            "generation": {"max_new_tokens": 4},
+        },
+    )
+    metrics, samples = evaluate_model(model_dir, None, SFT, PROMPTS, stage, {}, seed=0, stage_name="eval")
+    assert metrics["eval/loss"] > 0 and metrics["eval/tokens"] > 0
+    assert 0 <= metrics["eval/accuracy"] <= 1
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in PROMPTS[:3]]
+    assert all(isinstance(s["correct"], bool) for s in samples)
+    assert metrics["eval/best_of_n/prompts"] == 5  # max_prompts applies to best-of-N too
+    # the verifier as the only reward: best-of-N finds a correct sample whenever there is one
+    assert metrics["eval/best_of_n/accuracy"] == metrics["eval/best_of_n/pass_at_n"]
+
+
+def test_a_prompt_without_answer_fails_naming_the_row_before_any_model_loads():
+    rows = [*PROMPTS[:2], {"prompt": "What is 1 + 1?"}, *PROMPTS[2:]]
+    with pytest.raises(
+        UserError, match=r"stage 'eval', field prompts: 1 row\(s\) of data.prompts, e.g. row 2"
+    ):
+        evaluate_model(
+            "/nonexistent",
+            None,
+            [],
+            rows,
+            _stage(),
+            {},
+            seed=0,
+            stage_name="eval",
+            prompts_source="data.prompts",
+        )
