@@ -6,17 +6,20 @@ This loop owns everything around it: accelerate, AdamW, warmup + decay schedule,
 metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps, and bf16
 autocast when ``precision: bf16``.
 
-Exact resume relies on the trainer's batches being a pure function of (seed, step).
+Exact resume relies on the trainer's batches being a pure function of (seed, step), or on the trainer
+passing what else its steps depend on (a KL controller, a rollout position, ...) as ``extra_state``:
+objects with ``state_dict()``/``load_state_dict()`` that every checkpoint saves and resume restores.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +34,14 @@ BackwardFn = Callable[[torch.Tensor], None]
 StepFn = Callable[[int, BackwardFn, torch.device], dict[str, float]]
 
 TOKENS = "tokens"  # step_fn metric: real (non-padding) input tokens processed in the step
+
+
+class Stateful(Protocol):
+    """Trainer state outside model, optimizer and scheduler that a checkpoint must carry."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -56,8 +67,12 @@ def run_optimizer_steps(
     checkpoint_dir: Path,
     step_fn: StepFn,
     log: LogFn | None = None,
+    extra_state: Sequence[Stateful] = (),
 ) -> tuple[PreTrainedModel, LoopResult]:
-    """Train ``model`` for ``total_steps`` optimizer steps (resuming from ``checkpoint_dir``)."""
+    """Train ``model`` for ``total_steps`` optimizer steps (resuming from ``checkpoint_dir``).
+
+    ``extra_state`` objects are saved in every checkpoint and restored, in place, on resume.
+    """
     log = log or (lambda metrics, step: None)
     model.train()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -70,6 +85,7 @@ def run_optimizer_steps(
         num_training_steps=total_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_for_checkpointing(*extra_state)  # save_state/load_state now carry them too
     start_step = _resume(accelerator, checkpoint_dir, total_steps, seed, log)
 
     result = LoopResult(total_steps=total_steps, resumed_from_step=start_step)
