@@ -11,16 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from rlhf_core.modeling.models import (
-    build_tiny_model,
-    load_model,
-    materialize_base_model,
-    model_digest,
-    save_model,
-    tokenizer_digest,
-)
+from rlhf_core.modeling.digests import model_digest, tokenizer_digest
+from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.modeling.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, ensure_chat_template
-from rlhf_core.spec import ModelSource, TinyModelSource
+from rlhf_core.spec import TinyModelSource
 from rlhf_core.training.sft_data import IGNORE_INDEX, tokenize_conversation
 
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
@@ -129,17 +123,16 @@ def test_saved_model_loads_with_plain_from_pretrained(tiny, saved) -> None:
 
 def test_load_model_from_local_directory(tiny, saved) -> None:
     model, tokenizer = tiny
-    from_path = materialize_base_model(ModelSource(path=str(saved)), seed=0)
-    for loaded, loaded_tok in (load_model(str(saved)), from_path):
-        with torch.no_grad():
-            assert torch.equal(loaded(TOKEN_IDS).logits, model(TOKEN_IDS).logits)
-        assert loaded_tok.chat_template == tokenizer.chat_template
-        assert loaded_tok.eos_token_id == tokenizer.eos_token_id
-        assert loaded_tok.pad_token_id == tokenizer.pad_token_id
-        # Masking must give the same labels with the reloaded tokenizer.
-        assert tokenize_conversation(CONVERSATION, loaded_tok, 256) == tokenize_conversation(
-            CONVERSATION, tokenizer, 256
-        )
+    loaded, loaded_tok = load_model(str(saved))
+    with torch.no_grad():
+        assert torch.equal(loaded(TOKEN_IDS).logits, model(TOKEN_IDS).logits)
+    assert loaded_tok.chat_template == tokenizer.chat_template
+    assert loaded_tok.eos_token_id == tokenizer.eos_token_id
+    assert loaded_tok.pad_token_id == tokenizer.pad_token_id
+    # Masking must give the same labels with the reloaded tokenizer.
+    assert tokenize_conversation(CONVERSATION, loaded_tok, 256) == tokenize_conversation(
+        CONVERSATION, tokenizer, 256
+    )
 
 
 def test_load_model_keeps_the_tokenizers_own_template(tiny, tmp_path) -> None:

@@ -22,9 +22,8 @@ from transformers import (
 )
 
 from rlhf_core.data.synthetic import arithmetic_corpus
-from rlhf_core.modeling.digests import model_digest, tokenizer_digest  # noqa: F401 (re-export)
 from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokenizer
-from rlhf_core.spec import ModelSource, TinyModelSource
+from rlhf_core.spec import TinyModelSource
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -80,13 +79,6 @@ def load_model(
         model.resize_token_embeddings(len(tokenizer))
     _sync_generation_config(model, tokenizer)
     return model, tokenizer
-
-
-def materialize_base_model(source: ModelSource, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build or load the model a ``models:`` entry describes."""
-    if source.tiny is not None:
-        return build_tiny_model(source.tiny, seed)
-    return load_model(source.path or source.hub or "", revision=source.revision)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> Path:

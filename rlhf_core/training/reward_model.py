@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.evaluation.reward_model import evaluate_reward_model
-from rlhf_core.losses.reward_model import bradley_terry_loss
+from rlhf_core.losses.reward_model import bradley_terry_loss, pairwise_accuracy
 from rlhf_core.modeling.models import load_tokenizer
 from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs, group_pairs
 from rlhf_core.modeling.reward_model import build_reward_model
@@ -101,7 +101,7 @@ def pairs_loss(
     margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=r_c.dtype)
     loss = bradley_terry_loss(r_c, r_r, margin=margin, prompt_ids=prompt_ids)
     return loss, {
-        "accuracy": float((r_c > r_r).float().mean()),
+        "accuracy": float(pairwise_accuracy(r_c, r_r)),
         "margin": float((r_c - r_r).detach().mean()),
         # tokens of the pairs as sequences (what one-row-per-sequence batching would feed the model)
         TOKENS: float(sum(len(s) for g in groups for s in g.chosen + g.rejected)),

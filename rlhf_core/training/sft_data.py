@@ -20,8 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_core.data.schemas import sft_messages
 from rlhf_core.errors import UserError
-
-IGNORE_INDEX = -100
+from rlhf_core.losses.language_model import IGNORE_INDEX
 
 
 @dataclass
