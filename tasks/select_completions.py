@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 from prefect import task
 
 from registry import tracking
@@ -11,8 +9,7 @@ from registry.datasets import materialize_dataset
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.fingerprint import rejection_sampling_fingerprint
 from rlhf_core.refs import DatasetRef
-from rlhf_core.selection.rejection_sampling import select_completions as select
-from rlhf_core.selection.rejection_sampling import to_sft_records
+from rlhf_core.selection.rejection_sampling import select_sft_records
 from rlhf_core.spec import RejectionSamplingStage
 from tasks.dataset_outputs import publish_dataset
 from tasks.stage_execution import STAGE_TASK_OPTIONS, RunContext, StageOutcome, StageRun, execute_stage
@@ -28,20 +25,8 @@ def select_completions(
     def body(run: StageRun) -> dict[str, DatasetRef]:
         directory = materialize_dataset(completions, run.settings.resolved_home() / "cache" / "datasets")
         rows = [row for split in completions.splits for row in read_jsonl(directory / f"{split}.jsonl")]
-        picked = select(rows, stage.strategy, k=stage.k, min_reward=stage.min_reward)
-        if not picked:
-            raise ValueError(
-                f"stage '{stage_name}': the selection kept no completion (min_reward {stage.min_reward})"
-            )
-        sft = publish_dataset(
-            run, "sft", "sft", {"train": to_sft_records(picked)}, columns=("messages", "reward")
-        )
-        run.key_metrics = {
-            "selected": float(len(picked)),
-            "candidates": float(len(rows)),
-            "selected_reward_mean": statistics.fmean(r["reward"] for r in picked),
-            "all_reward_mean": statistics.fmean(r["reward"] for r in rows),
-        }
+        records, run.key_metrics = select_sft_records(rows, stage, stage_name=stage_name)
+        sft = publish_dataset(run, "sft", "sft", {"train": records}, columns=("messages", "reward"))
         tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
         return {"sft": sft}
 

@@ -1,18 +1,72 @@
 """N completions per prompt row (book ch.9), as the rows of a completions dataset.
 
 Rows: ``prompt_index``, ``prompt``, ``answer`` (when the prompt has one), ``completion_index``,
-``completion`` and ``new_tokens``. Reward sources add ``scores`` and ``reward``
-(:func:`rlhf_core.rewards.composite.score_completions`).
+``completion`` and ``new_tokens``; the reward sources add ``scores`` (source name -> r_s) and the
+composite ``reward`` sum_s w_s * r_s (:func:`rlhf_core.rewards.composite.score_completions`).
+``sample_and_score`` is the ``sample`` stage's work, model loading included.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.modeling.models import load_model
+from rlhf_core.rewards.composite import score_completions
+from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.generation import generate
-from rlhf_core.spec import SamplingSpec
+from rlhf_core.spec import SampleStage, SamplingSpec
+
+
+@dataclass
+class SampleResult:
+    rows: list[dict]  # scored completion rows, the dropped ones left out
+    generated_tokens: int
+    generation_seconds: float
+    problems: list[str] = field(default_factory=list)  # one line per completion dropped for its reward
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Columns present in every row."""
+        return tuple(sorted(set.intersection(*(set(r) for r in self.rows)))) if self.rows else ()
+
+    def summary(self) -> dict[str, float]:
+        """Headline numbers: completions kept and dropped, reward mean/std, decoding throughput."""
+        rewards = [r["reward"] for r in self.rows]
+        seconds = self.generation_seconds
+        return {
+            "completions": float(len(self.rows)),
+            "dropped": float(len(self.problems)),
+            "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
+            "reward_std": statistics.pstdev(rewards) if rewards else float("nan"),
+            "new_tokens_per_second": self.generated_tokens / seconds if seconds else 0.0,
+        }
+
+
+def sample_and_score(
+    policy_dir: str,
+    revision: str | None,
+    prompt_rows: list[dict],
+    stage: SampleStage,
+    reward_model_dirs: dict[str, str],
+    seed: int,
+    *,
+    stage_name: str,
+) -> SampleResult:
+    """The ``sample`` stage's work: ``stage.n`` completions of each of the first ``stage.max_prompts``
+    prompt rows from the policy at ``policy_dir``, scored by the stage's reward sources
+    (``reward_model_dirs`` holds the reward models by source name, ``rm:<stage>``)."""
+    rows = prompt_rows[: stage.max_prompts] if stage.max_prompts else prompt_rows
+    model, tokenizer = load_model(policy_dir, revision=revision)
+    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, stage.n, stage.generation, seed)
+    scorers = load_reward_model_scorers(reward_model_dirs)
+    kept, problems = score_completions(
+        sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=stage_name
+    )
+    return SampleResult(kept, tokens, seconds, problems)
 
 
 def sample_completions(

@@ -12,7 +12,11 @@ convention that reproduces the book's worked example order [8, 5, 14, 0, 11].
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
+
+from rlhf_core.errors import UserError
+from rlhf_core.spec import RejectionSamplingStage
 
 
 def top_per_prompt(rewards: Sequence[Sequence[float]]) -> list[int]:
@@ -79,3 +83,22 @@ def to_sft_records(selected: list[dict]) -> list[dict]:
         }
         for r in selected
     ]
+
+
+def select_sft_records(
+    rows: list[dict], stage: RejectionSamplingStage, *, stage_name: str
+) -> tuple[list[dict], dict[str, float]]:
+    """The ``rejection_sampling`` stage's work: the selected completions as SFT rows, and the numbers
+    that describe the selection (selected, candidates, mean reward of the selection and of all rows)."""
+    picked = select_completions(rows, stage.strategy, k=stage.k, min_reward=stage.min_reward)
+    if not picked:
+        raise UserError(
+            f"stage '{stage_name}': the selection kept no completion (min_reward {stage.min_reward})"
+        )
+    summary = {
+        "selected": float(len(picked)),
+        "candidates": float(len(rows)),
+        "selected_reward_mean": statistics.fmean(r["reward"] for r in picked),
+        "all_reward_mean": statistics.fmean(r["reward"] for r in rows),
+    }
+    return to_sft_records(picked), summary
