@@ -2,11 +2,18 @@
 
 Prefect and MLflow are imported only after the offline/telemetry defaults and PREFECT_HOME are set
 (Prefect reads its settings at import time), which is why those imports live inside the commands.
+
+Exit statuses (``rlhf_core.errors``): 0 success; 2 a user error (spec, data, model source, a failed
+check, a bad option), printed as its message alone; 1 anything else (a crash). ``--traceback`` or
+``RLHF_TRACEBACK=1`` shows the full traceback of either.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.console_tracebacks import configure_console_tracebacks, traceback_shown
+from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 from rlhf_core.spec import PipelineSpec, SpecError, load_spec
 
@@ -31,6 +40,31 @@ def _error(message: str) -> None:
     typer.secho(message, err=True, fg="red")
 
 
+@contextmanager
+def _exit_status(show_traceback: bool, context: str = "") -> Iterator[None]:
+    """Exit 2 with ``context`` + the message of a UserError; exit 1 with a short line for anything else.
+
+    A traceback is printed only on request, and not twice: Prefect's log may already have shown it.
+    """
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
+        raise  # they carry their own exit status
+    except Exception as exc:
+        shown = traceback_shown(exc)
+        if show_traceback and not shown:
+            traceback.print_exception(exc)
+        if isinstance(exc, UserError):
+            _error(f"{context}{exc}")
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        _error(f"{context}{type(exc).__name__}: {exc}")
+        if shown or show_traceback:
+            _error("Unexpected error (exit status 1): see the traceback above.")
+        else:
+            _error("Unexpected error (exit status 1): for its traceback, run again with --traceback.")
+        raise typer.Exit(EXIT_CRASH) from None
+
+
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML).", exists=False)]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a spec field: a.b.c=value (repeatable).")
@@ -39,14 +73,29 @@ ForceOpt = Annotated[
     list[str] | None, typer.Option("--force", help="Re-run this stage and all downstream (repeatable).")
 ]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")]
+TracebackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--traceback",
+        envvar="RLHF_TRACEBACK",
+        help="Show full tracebacks, also for user errors (spec, data, model source, failed checks).",
+    ),
+]
 
 
-def _load(spec_path: Path, overrides: list[str] | None) -> PipelineSpec:
-    try:
+def _load(spec_path: Path, overrides: list[str] | None, show_traceback: bool) -> PipelineSpec:
+    with _exit_status(show_traceback, f"{spec_path}: "):
         return load_spec(spec_path, overrides or [])
-    except SpecError as exc:
-        _error(f"{spec_path}: {exc}")
-        raise typer.Exit(2) from None
+
+
+def _forced(spec: PipelineSpec, force: list[str] | None) -> set[str]:
+    from flows.pipeline import forced_stages
+
+    try:
+        return forced_stages(spec, force or [])
+    except ValueError as exc:  # an unknown stage name is the user's to fix
+        _error(str(exc))
+        raise typer.Exit(EXIT_USER_ERROR) from None
 
 
 def _settings(home: Path | None) -> RLHFSettings:
@@ -71,15 +120,15 @@ def _check_sources(spec: PipelineSpec) -> None:
             except (DataValidationError, OSError, ValueError) as exc:
                 problems.append(f"stage '{name}', field source.file: {exc}")
     if problems:
-        _error(str(SpecError(problems)))
-        raise typer.Exit(2)
+        raise SpecError(problems)
 
 
 @app.command()
-def validate(spec_path: SpecArg, set_: SetOpt = None) -> None:
+def validate(spec_path: SpecArg, set_: SetOpt = None, traceback_: TracebackOpt = False) -> None:
     """Check a spec (fields, types, references, cycles, data columns) without running anything."""
-    spec = _load(spec_path, set_)
-    _check_sources(spec)
+    spec = _load(spec_path, set_, traceback_)
+    with _exit_status(traceback_):
+        _check_sources(spec)
     console.print(
         f"[green]ok[/green]: pipeline '{spec.name}', {len(spec.models)} model(s), "
         f"{len(spec.stages)} stage(s): {' -> '.join(spec.topological_order())}"
@@ -95,45 +144,50 @@ def schema() -> None:
 
 
 @app.command()
-def plan(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: HomeOpt = None) -> None:
+def plan(
+    spec_path: SpecArg,
+    set_: SetOpt = None,
+    force: ForceOpt = None,
+    home: HomeOpt = None,
+    traceback_: TracebackOpt = False,
+) -> None:
     """Say which stages would run and which would be taken from cache."""
-    spec = _load(spec_path, set_)
-    _check_sources(spec)
-    settings = _settings(home)
-    from flows.pipeline import forced_stages
+    spec = _load(spec_path, set_, traceback_)
+    with _exit_status(traceback_):
+        _check_sources(spec)
+        settings = _settings(home)
+        forced = _forced(spec, force)
     from flows.plan import plan_pipeline
 
-    try:
-        forced = forced_stages(spec, force or [])
-    except ValueError as exc:
-        _error(str(exc))
-        raise typer.Exit(2) from None
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "kind", "action", "why", "fingerprint", "cached run"):
         table.add_column(column)
-    for p in plan_pipeline(spec, forced, str(settings.resolved_home())):
+    with _exit_status(traceback_, f"plan of pipeline '{spec.name}' failed: "):
+        plans = plan_pipeline(spec, forced, str(settings.resolved_home()))
+    for p in plans:
         table.add_row(p.stage, p.kind, p.action, p.reason, (p.fingerprint or "")[:12], p.run_id or "")
     console.print(table)
 
 
 @app.command()
-def run(spec_path: SpecArg, set_: SetOpt = None, force: ForceOpt = None, home: HomeOpt = None) -> None:
+def run(
+    spec_path: SpecArg,
+    set_: SetOpt = None,
+    force: ForceOpt = None,
+    home: HomeOpt = None,
+    traceback_: TracebackOpt = False,
+) -> None:
     """Run a pipeline: cached stages are skipped, interrupted ones resume."""
-    spec = _load(spec_path, set_)
-    _check_sources(spec)
-    settings = _settings(home)
-    from flows.pipeline import forced_stages, run_pipeline
+    spec = _load(spec_path, set_, traceback_)
+    with _exit_status(traceback_):
+        _check_sources(spec)
+        settings = _settings(home)
+        _forced(spec, force)
+    from flows.pipeline import run_pipeline
 
-    try:
-        forced_stages(spec, force or [])
-    except ValueError as exc:
-        _error(str(exc))
-        raise typer.Exit(2) from None
-    try:
+    configure_console_tracebacks(show_user_errors=traceback_)
+    with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
         outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
-    except Exception as exc:  # the flow's log above has the traceback; end with the one line that matters
-        _error(f"pipeline '{spec.name}' failed: {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
     print_summary(spec.name, outcomes, settings)
 
 
