@@ -6,12 +6,16 @@ tasks and what the cache stores, so they must stay small and JSON-serialisable.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import hashlib
+import json
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DatasetKind = Literal["sft", "preference", "prompts", "completions"]
 ModelRole = Literal["policy", "reward", "value"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+MODEL_ROLES: tuple[str, ...] = get_args(ModelRole)
 
 
 class _Ref(BaseModel):
@@ -51,6 +55,9 @@ class ModelRef(_Ref):
     run_id: str | None = Field(default=None, description="MLflow run that trained/logged the model.")
     registered_name: str | None = Field(default=None, description="MLflow Model Registry name.")
     registered_version: str | None = Field(default=None, description="MLflow Model Registry version.")
+    max_positions: int | None = Field(
+        default=None, description="Longest sequence the model accepts (max_position_embeddings), if known."
+    )
 
 
 class EvalReportRef(_Ref):
@@ -58,9 +65,18 @@ class EvalReportRef(_Ref):
 
     type: Literal["eval_report"] = "eval_report"
 
-    stage: str
+    stage: str = Field(description="Stage that produced the report.")
     metrics: dict[str, dict[str, float]] = Field(description="Model stage name -> metric name -> value.")
-    run_id: str | None = None
+    digest: str = Field(default="", description="sha256 over the metrics; filled in from them when empty.")
+    run_id: str | None = Field(default=None, description="MLflow run that logged the report.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digest_from_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("digest"):
+            payload = json.dumps(data.get("metrics", {}), sort_keys=True)
+            data = {**data, "digest": hashlib.sha256(payload.encode()).hexdigest()}
+        return data
 
 
 StageOutput = Annotated[DatasetRef | ModelRef | EvalReportRef, Field(discriminator="type")]

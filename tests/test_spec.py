@@ -107,6 +107,7 @@ def test_relative_paths_resolve_against_the_spec_file(tmp_path, tiny_spec_dict):
     tiny_spec_dict["stages"]["eval"].pop("prompts")
     del tiny_spec_dict["stages"]["rm"]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
+    (tmp_path / "rows.jsonl").write_text("")
     spec = load_spec(tmp_path / "p.yaml")
     assert spec.stages["data"].source.file.path == str(tmp_path / "rows.jsonl")
 
@@ -196,3 +197,55 @@ def test_best_of_n_needs_prompts_and_a_reward_model_reference(tiny_spec_dict):
 def test_every_recipe_validates(recipe):
     spec = load_spec(REPO_ROOT / "recipes" / recipe)
     assert spec.topological_order()
+
+
+def test_duplicate_keys_are_rejected_with_their_lines(tmp_path):
+    text = (REPO_ROOT / "recipes" / "quickstart.yaml").read_text()
+    text = text.replace("  sft:\n    kind: sft\n", "  sft:\n    kind: sft\n    kind: sft\n", 1)
+    (tmp_path / "dup.yaml").write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "dup.yaml")
+    (problem,) = info.value.problems
+    line = text.splitlines().index("    kind: sft") + 1
+    assert f"duplicate key 'kind' on line {line + 1} (first given on line {line})" in problem
+
+
+@pytest.mark.parametrize("name", ["../sft main!", "sft/x", "", "-x", "a" * 65])
+def test_stage_and_model_names_are_checked_before_anything_runs(tiny_spec_dict, name):
+    tiny_spec_dict["stages"][name] = tiny_spec_dict["stages"].pop("eval")
+    problems = _problems(tiny_spec_dict)
+    assert f"stage {name!r}: invalid name; use 1-64 letters, digits, '_' or '-'" in problems[0]
+    tiny_spec_dict["stages"]["eval"] = tiny_spec_dict["stages"].pop(name)
+    tiny_spec_dict["models"] = {name: tiny_spec_dict["models"]["base"]}
+    assert any(p.startswith(f"model {name!r}: invalid name") for p in _problems(tiny_spec_dict))
+
+
+def test_registered_model_names_are_checked(tiny_spec_dict):
+    tiny_spec_dict["stages"]["sft"]["register_as"] = "team/sft model"
+    (problem,) = _problems(tiny_spec_dict)
+    assert problem.startswith("stage 'sft', field register_as: 'team/sft model' is not a valid")
+
+
+def test_max_length_beyond_the_tiny_models_position_limit(tiny_spec_dict):
+    tiny_spec_dict["models"]["base"]["tiny"]["max_position_embeddings"] = 48
+    problems = _problems(tiny_spec_dict)
+    assert (
+        "stage 'sft', field train.max_length: 64 is longer than model 'base' accepts "
+        "(max_position_embeddings 48)"
+    ) in problems
+    assert any(p.startswith("stage 'rm', field train.max_length: 64") for p in problems)  # through sft
+    assert any(p.startswith("stage 'eval', field max_length: 512") for p in problems)
+
+
+def test_local_model_path_must_be_a_saved_model(tmp_path, tiny_spec_dict):
+    tiny_spec_dict["models"]["base"] = {"path": "no-such-model"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_spec_dict))
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "p.yaml")
+    assert info.value.problems == [
+        f"model 'base', field path: {tmp_path / 'no-such-model'} does not exist "
+        "(expected a directory saved with save_pretrained)"
+    ]
+    (tmp_path / "no-such-model").mkdir()
+    with pytest.raises(SpecError, match="has no config.json: not a save_pretrained model directory"):
+        load_spec(tmp_path / "p.yaml")

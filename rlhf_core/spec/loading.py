@@ -1,0 +1,133 @@
+"""Reading a spec: YAML (duplicate keys rejected), ``--set`` overrides, validation, readable errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from rlhf_core.spec.base import SpecError
+from rlhf_core.spec.local_paths import missing_local_paths
+from rlhf_core.spec.pipeline import STAGE_KINDS, PipelineSpec, position_limit_problems
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on line {line} (first given on line {seen[key]})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; duplicate keys are an error naming the key and its lines."""
+    return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+    """Read a YAML spec, apply ``--set a.b=c`` overrides, validate. Raises SpecError."""
+    path = Path(path)
+    try:
+        raw = read_yaml(path)
+    except FileNotFoundError:
+        raise SpecError([f"spec file not found: {path}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+    if not isinstance(raw, dict):
+        raise SpecError([f"{path}: expected a mapping at the top level, got {type(raw).__name__}"])
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_spec(raw, base_dir=path.parent)
+
+
+def parse_spec(raw: dict[str, Any], base_dir: str | Path = ".") -> PipelineSpec:
+    """Validate a spec given as a dict; relative local paths are taken from ``base_dir``.
+
+    Checks fields, types, names, references and cycles, then that every local path the spec names
+    exists, then ``max_length`` fields against the position limits of tiny and local base models.
+    """
+    try:
+        spec = PipelineSpec.model_validate(raw, context={"base_dir": str(Path(base_dir).resolve())})
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(exc)) from None
+    problems = [
+        f"model '{name}', field {field}: {problem}"
+        for name, source in spec.models.items()
+        for field, problem in missing_local_paths(source).items()
+    ] + [
+        f"stage '{name}', field {field}: {problem}"
+        for name, stage in spec.stages.items()
+        for field, problem in missing_local_paths(stage).items()
+    ]
+    problems = problems or position_limit_problems(spec, _known_position_limits(spec))
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _known_position_limits(spec: PipelineSpec) -> dict[str, int]:
+    """Position limits of the base models whose config is at hand: tiny ones and local directories."""
+    limits = {}
+    for name, source in spec.models.items():
+        if source.tiny is not None:
+            limits[name] = source.tiny.max_position_embeddings
+        elif source.path is not None:
+            config = json.loads((Path(source.path) / "config.json").read_text())
+            limit = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+                "max_position_embeddings"
+            )
+            if isinstance(limit, int):
+                limits[name] = limit
+    return limits
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (numbers, lists...)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError([f"--set '{override}': expected KEY.PATH=VALUE, e.g. stages.sft.train.lr=1e-4"])
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            raise SpecError([f"--set '{override}': '{'.'.join(parts[:i])}' is not a mapping"])
+        node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+        raise SpecError([f"--set '{override}': '{'.'.join(parts[:-1])}' is not a mapping"])
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise SpecError([f"--set '{override}': value is not valid YAML: {exc}"]) from None
+
+
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        message = err["msg"].removeprefix("Value error, ")
+        if loc[:1] == ["stages"] and len(loc) >= 2:
+            stage, rest = loc[1], loc[2:]
+            if rest and rest[0] in STAGE_KINDS:
+                rest = rest[1:]  # drop the discriminated-union tag pydantic adds
+            where = f"stage '{stage}'" + (f", field {'.'.join(rest)}" if rest else "")
+        elif loc[:1] == ["models"] and len(loc) >= 2:
+            where = f"model '{loc[1]}'" + (f", field {'.'.join(loc[2:])}" if loc[2:] else "")
+        elif loc:
+            where = f"field {'.'.join(loc)}"
+        else:
+            where = "pipeline"
+        for line in message.splitlines():
+            problems.append(line if line.startswith(("stage ", "model ")) else f"{where}: {line}")
+    return problems

@@ -1,0 +1,58 @@
+"""Base models under ``models:``: a tiny model built from a config, a local directory, or a hub name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_core.spec.base import Strict
+from rlhf_core.spec.local_paths import LocalModelDir
+
+
+class TinyModelSource(Strict):
+    """A random-init decoder built from a config, with a tokenizer trained locally (offline quickstart)."""
+
+    arch: Literal["llama"] = Field(default="llama", description="Decoder architecture of the config.")
+    hidden_size: int = Field(default=128, ge=8, description="Width of the residual stream.")
+    layers: int = Field(default=2, ge=1, description="Number of transformer blocks.")
+    heads: int = Field(default=4, ge=1, description="Attention heads (hidden_size must divide by it).")
+    intermediate_size: int | None = Field(default=None, description="MLP width; default 4 * hidden_size.")
+    vocab_size: int = Field(default=512, ge=300, description="Size of the locally trained BPE vocabulary.")
+    max_position_embeddings: int = Field(
+        default=512, ge=16, description="Longest sequence the model accepts."
+    )
+    tokenizer_corpus: Literal["arithmetic"] = Field(
+        default="arithmetic", description="Synthetic corpus the local tokenizer is trained on."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TinyModelSource:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        return self
+
+
+class ModelSource(Strict):
+    """Where a base model comes from: exactly one of ``tiny``, ``path`` or ``hub``.
+
+    The tokenizer's own chat template is used; a tokenizer without one gets ChatML.
+    """
+
+    tiny: TinyModelSource | None = Field(default=None, description="Build a tiny random-init model.")
+    path: LocalModelDir | None = Field(
+        default=None, description="Local directory saved with save_pretrained (relative to the spec file)."
+    )
+    hub: str | None = Field(default=None, description="Hugging Face hub name, e.g. Qwen/Qwen2.5-0.5B.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSource:
+        chosen = [k for k in ("tiny", "path", "hub") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"give exactly one of tiny, path or hub (got {chosen or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "tiny" if self.tiny else "path" if self.path else "hub"

@@ -1,0 +1,210 @@
+"""The pipeline: base models plus a DAG of stages, and the checks on the graph they form.
+
+The stage union is built from every registered stage kind (:data:`rlhf_core.spec.base.STAGE_CLASSES`),
+so adding a kind is defining its class in :mod:`rlhf_core.spec.stages`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, Field, model_validator
+
+from rlhf_core.spec import stages as _stages  # noqa: F401  (defines every stage kind)
+from rlhf_core.spec.base import NAME_PATTERN, NAME_RULE, STAGE_CLASSES, Strict
+from rlhf_core.spec.models import ModelSource
+from rlhf_core.spec.references import RefType, model_output, parse_ref
+
+Stage = Annotated[Union[tuple(STAGE_CLASSES.values())], Field(discriminator="kind")]  # noqa: UP007
+STAGE_KINDS = tuple(STAGE_CLASSES)
+BASE_MODEL_TYPE = model_output("policy")
+
+
+class PipelineSpec(Strict):
+    """A whole post-training pipeline: base models plus a DAG of stages."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name; MLflow experiment and model prefix.")
+    description: str = Field(default="", description="What the pipeline is for.")
+    seed: int = Field(default=0, description="Default seed of every stage.")
+    models: dict[str, ModelSource] = Field(default_factory=dict, description="Base models by name.")
+    stages: dict[str, Stage] = Field(min_length=1, description="Stages by name; order does not matter.")
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> PipelineSpec:
+        problems = list(_name_problems(self))
+        if not problems:
+            problems = list(_reference_problems(self)) or _cycle_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def stage_seed(self, stage_name: str) -> int:
+        seed = self.stages[stage_name].seed
+        return self.seed if seed is None else seed
+
+    def dependencies(self, stage_name: str) -> list[str]:
+        """Names of the stages and models a stage reads from, in field order."""
+        refs = self.stages[stage_name].input_refs().values()
+        return list(dict.fromkeys(parse_ref(ref)[0] for ref, _ in refs))
+
+    def topological_order(self) -> list[str]:
+        """Stage names so that every stage comes after the stages it depends on (stable by spec order)."""
+        order: list[str] = []
+        seen: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in seen or name not in self.stages:
+                return
+            seen.add(name)
+            for dep in self.dependencies(name):
+                visit(dep)
+            order.append(name)
+
+        for name in self.stages:
+            visit(name)
+        return order
+
+    def downstream_of(self, stage_name: str) -> set[str]:
+        """The stage itself and every stage that (transitively) depends on it."""
+        result = {stage_name}
+        for name in self.topological_order():
+            if any(dep in result for dep in self.dependencies(name)):
+                result.add(name)
+        return result
+
+    def digest(self) -> str:
+        payload = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def registered_name(self, stage_name: str) -> str:
+        """The Model Registry name of a stage's model: its ``register_as``, else '<pipeline>-<stage>'."""
+        stage = self.stages.get(stage_name)
+        return getattr(stage, "register_as", None) or f"{self.name}-{stage_name}"
+
+
+def ref_type(spec: PipelineSpec, ref: str) -> tuple[RefType | None, str | None]:
+    """(type of the referenced output, error message)."""
+    name, output = parse_ref(ref)
+    if name in spec.models:
+        if output is not None:
+            return None, f"model '{name}' has no outputs; refer to it as '{name}'"
+        return BASE_MODEL_TYPE, None
+    if name not in spec.stages:
+        known = sorted([*spec.models, *spec.stages])
+        return (
+            None,
+            f"unknown reference '{ref}': no model or stage named '{name}' (known: {', '.join(known)})",
+        )
+    outputs = spec.stages[name].output_types()
+    if output is None:
+        if len(outputs) == 1:
+            return next(iter(outputs.values())), None
+        return None, f"'{name}' has several outputs; pick one of: {', '.join(f'{name}.{o}' for o in outputs)}"
+    if output not in outputs:
+        return None, f"stage '{name}' has no output '{output}' (it has: {', '.join(outputs)})"
+    return outputs[output], None
+
+
+REGISTERED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _name_problems(spec: PipelineSpec) -> Iterator[str]:
+    """Stage and model names become directories, MLflow run names and registered-model names."""
+    for name in spec.models:
+        if not re.match(NAME_PATTERN, name):
+            yield f"model {name!r}: invalid name; use {NAME_RULE}"
+    for name in spec.stages:
+        if not re.match(NAME_PATTERN, name):
+            yield f"stage {name!r}: invalid name; use {NAME_RULE}"
+        elif name in spec.models:
+            yield f"stage '{name}': name is also used by a model under `models:`"
+        elif not REGISTERED_NAME.match(spec.registered_name(name)):
+            yield (
+                f"stage '{name}', field register_as: {spec.registered_name(name)!r} is not a valid "
+                "registered-model name; use 1-128 letters, digits, '_', '.' or '-'"
+            )
+
+
+def _reference_problems(spec: PipelineSpec) -> Iterator[str]:
+    for stage_name, stage in spec.stages.items():
+        for field_path, (ref, expected) in stage.input_refs().items():
+            actual, error = ref_type(spec, ref)
+            where = f"stage '{stage_name}', field {field_path}"
+            if error:
+                yield f"{where}: {error}"
+            elif parse_ref(ref)[0] == stage_name:
+                yield f"{where}: a stage cannot refer to itself"
+            elif actual != expected:
+                yield f"{where}: '{ref}' is {actual.describe()}, expected {expected.describe()}"
+
+
+def _cycle_problems(spec: PipelineSpec) -> list[str]:
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = "active"
+        path.append(name)
+        for dep in spec.dependencies(name):
+            if dep not in spec.stages:
+                continue
+            if state.get(dep) == "active":
+                return path[path.index(dep) :] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        state[name] = "done"
+        path.pop()
+        return None
+
+    for name in spec.stages:
+        if name not in state and (cycle := visit(name)):
+            return [f"stage '{cycle[0]}': dependency cycle {' -> '.join(cycle)}"]
+    return []
+
+
+def lineage_root(spec: PipelineSpec, ref: str) -> str | None:
+    """The ``models:`` entry a model reference descends from (through each stage's first model input)."""
+    name = parse_ref(ref)[0]
+    seen: set[str] = set()
+    while name not in spec.models:
+        if name in seen or name not in spec.stages:
+            return None
+        seen.add(name)
+        models = [r for r, t in spec.stages[name].input_refs().values() if t.output == "model"]
+        if not models:
+            return None
+        name = parse_ref(models[0])[0]
+    return name
+
+
+def position_limit_problems(spec: PipelineSpec, limits: dict[str, int]) -> list[str]:
+    """``max_length`` fields longer than the position limit of the base model a stage's models descend
+    from; ``limits`` maps ``models:`` entries to their limits where known before anything runs."""
+    problems: dict[str, None] = {}
+    for stage_name, stage in spec.stages.items():
+        lengths = fields_named(stage, "max_length")
+        for ref, ref_kind in stage.input_refs().values():
+            root = lineage_root(spec, ref) if ref_kind.output == "model" else None
+            for path, value in lengths.items():
+                if root in limits and value > limits[root]:
+                    problems[
+                        f"stage '{stage_name}', field {path}: {value} is longer than model '{root}' "
+                        f"accepts (max_position_embeddings {limits[root]})"
+                    ] = None
+    return list(problems)
+
+
+def fields_named(model: BaseModel, field_name: str, prefix: str = "") -> dict[str, Any]:
+    """Field path -> value of every field called ``field_name`` in ``model`` and its nested models."""
+    found: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name == field_name and value is not None:
+            found[f"{prefix}{name}"] = value
+        elif isinstance(value, BaseModel):
+            found.update(fields_named(value, field_name, f"{prefix}{name}."))
+    return found

@@ -1,0 +1,110 @@
+"""Stages that sample from a policy and turn the samples into data (book ch.9 and ch.12):
+``sample``, ``rejection_sampling`` and ``label_preferences``."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
+from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.references import (
+    CompletionsData,
+    PolicyModel,
+    PromptsData,
+    RefType,
+    dataset_output,
+)
+from rlhf_core.spec.reward_sources import RewardSourceSpec
+
+
+class SampleStage(StageSpec):
+    """N completions per prompt from a policy, each scored by the reward sources (book ch.9)."""
+
+    kind: Literal["sample"]
+    policy: PolicyModel = Field(description="Policy model that generates.")
+    prompts: PromptsData = Field(description="Prompts dataset reference, e.g. data.prompts.")
+    split: str = Field(default="train", description="Split of the prompts dataset to sample from.")
+    n: int = Field(default=8, ge=1, description="Completions per prompt (book: 10-30+; fewer is noisier).")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
+    generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding settings.")
+    rewards: tuple[RewardSourceSpec, ...] = Field(
+        min_length=1, description="Reward sources; scores are summed."
+    )
+    on_invalid_reward: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="A NaN/inf reward: stop naming the row, or drop the completion and count it.",
+    )
+
+    outputs: ClassVar[dict[str, RefType]] = {"completions": dataset_output("completions")}
+
+
+class RejectionSamplingStage(StageSpec):
+    """Keep the best completions (top per prompt or top-K overall) as an SFT dataset (book ch.9)."""
+
+    kind: Literal["rejection_sampling"]
+    completions: CompletionsData = Field(description="Completions dataset of a sample stage.")
+    strategy: Literal["top_per_prompt", "top_k_overall"] = Field(
+        default="top_per_prompt", description="Selection rule S(R) of the book."
+    )
+    k: int | None = Field(default=None, ge=1, description="How many completions top_k_overall keeps.")
+    min_reward: float | None = Field(
+        default=None, description="Also drop selected completions below this reward."
+    )
+
+    outputs: ClassVar[dict[str, RefType]] = {"sft": dataset_output("sft")}
+
+    @model_validator(mode="after")
+    def _k_for_top_k(self) -> RejectionSamplingStage:
+        if self.strategy == "top_k_overall" and self.k is None:
+            raise ValueError("strategy top_k_overall needs k")
+        return self
+
+
+class PolicyJudgeSpec(Strict):
+    """A policy model as pairwise judge, prompted with a rubric or constitution (LLM-as-a-judge)."""
+
+    model: PolicyModel = Field(description="Policy model that judges (a stage or a `models:` entry).")
+    principles: tuple[str, ...] = Field(
+        min_length=1, description="The rubric or constitution, one principle each."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Length of the judge's answer.")
+    on_unparseable: Literal["skip", "fail"] = Field(
+        default="skip", description="A verdict without [[A]]/[[B]]/[[C]]: drop and count, or stop."
+    )
+
+
+class LabelPreferencesStage(StageSpec):
+    """Turn sampled completions into preference pairs labelled by a judge (AI feedback, book ch.12)."""
+
+    kind: Literal["label_preferences"]
+    completions: CompletionsData = Field(description="Completions dataset of a sample stage.")
+    judge: tuple[RewardSourceSpec, ...] = Field(
+        default=(), description="Reward sources that score each completion (verifier, reward model, mix)."
+    )
+    judge_policy: PolicyJudgeSpec | None = Field(
+        default=None, description="Or: a policy model judging pairs against written principles."
+    )
+    pairing: Literal["best_vs_worst", "all_pairs"] = Field(
+        default="best_vs_worst",
+        description="One pair per prompt, or every ordered pair of distinct completions.",
+    )
+    min_margin: float = Field(
+        default=0.0, ge=0, description="Drop pairs whose judge-score margin is smaller."
+    )
+    on_tie: Literal["skip", "fail"] = Field(
+        default="skip", description="Equal judge scores: drop and count, or stop."
+    )
+    splits: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.9, "eval": 0.1}, description="Split name -> fraction of pairs."
+    )
+
+    outputs: ClassVar[dict[str, RefType]] = {"preferences": dataset_output("preference")}
+
+    @model_validator(mode="after")
+    def _one_judge_and_valid_splits(self) -> LabelPreferencesStage:
+        if bool(self.judge) == (self.judge_policy is not None):
+            raise ValueError("give exactly one of judge (reward sources) or judge_policy")
+        check_split_fractions(self.splits)
+        return self
