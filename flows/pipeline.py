@@ -4,7 +4,8 @@ Walkthrough of one run:
 1. open the MLflow experiment of the pipeline and a parent run (tags: Prefect flow run, spec digest,
    git commit); log the resolved spec;
 2. materialize each base model under ``models:``;
-3. run the stages in topological order; each task takes the refs its inputs resolve to and returns a
+3. run the stages in topological order: for each, resolve its inputs to refs and compute its
+   fingerprint (``flows.stage_calls``), then call the task registered for its kind, which returns a
    ``StageOutcome`` (ran / resumed / cached, metrics, MLflow run, registered version);
 4. close the parent run (FAILED if any stage failed) and return the outcomes.
 """
@@ -17,29 +18,14 @@ import yaml
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.stage_inputs import stage_inputs
+from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import (
-    DatasetStage,
-    EvaluateStage,
-    LabelPreferencesStage,
-    PipelineSpec,
-    RejectionSamplingStage,
-    RewardModelStage,
-    SampleStage,
-    SFTStage,
-)
-from tasks.build_dataset import build_dataset
-from tasks.evaluate_models import evaluate_models
-from tasks.label_preferences import label_preferences
+from rlhf_core.spec import PipelineSpec
 from tasks.prepare_base_model import prepare_base_model
-from tasks.sample_completions import sample_completions
-from tasks.select_completions import select_completions
+from tasks.registration import task_for_kind
 from tasks.stage_execution import RunContext, StageOutcome
-from tasks.train_reward_model import train_reward_model
-from tasks.train_sft import train_sft
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
@@ -54,12 +40,13 @@ def run_pipeline(
     tracking.configure(settings)
     experiment_id = tracking.ensure_experiment(spec.name, settings)
     commit = tracking.git_commit()
+    spec_digest = spec.digest()
     parent = tracking.start_pipeline_run(
         experiment_id,
         spec.name,
         {
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
-            "rlhf.spec_digest": spec.digest(),
+            "rlhf.spec_digest": spec_digest,
             "rlhf.git_commit": commit,
         },
     )
@@ -72,17 +59,19 @@ def run_pipeline(
         parent_run_id=parent,
         home=str(settings.resolved_home()),
         git_commit=commit,
+        spec_digest=spec_digest,
         forced=tuple(sorted(forced_stages(spec, force or []))),
     )
     outcomes: list[StageOutcome] = []
     try:
         outputs: dict[str, dict[str, StageOutput]] = {}
-        for name, source in spec.models.items():
-            outcome = prepare_base_model(ctx, name, source, spec.seed)
+        for name in spec.models:
+            outcome = prepare_base_model(ctx, base_model_call(spec, name))
             outputs[name] = outcome.outputs
             outcomes.append(outcome)
         for name in spec.topological_order():
-            outcome = run_stage(ctx, spec, name, outputs)
+            call = stage_call(spec, name, outputs)  # inputs resolved and checked, fingerprint computed
+            outcome = task_for_kind(call.kind)(ctx, call)
             outputs[name] = outcome.outputs
             outcomes.append(outcome)
     except BaseException:
@@ -91,28 +80,6 @@ def run_pipeline(
     tracking.set_tags(parent, {f"stage.{o.stage}": f"{o.status} run={o.run_id}" for o in outcomes})
     tracking.end_run(parent, "FINISHED")
     return outcomes
-
-
-STAGE_TASKS = {
-    DatasetStage: build_dataset,
-    SFTStage: train_sft,
-    RewardModelStage: train_reward_model,
-    SampleStage: sample_completions,
-    RejectionSamplingStage: select_completions,
-    LabelPreferencesStage: label_preferences,
-    EvaluateStage: evaluate_models,
-}
-
-
-def run_stage(
-    ctx: RunContext, spec: PipelineSpec, name: str, outputs: dict[str, dict[str, StageOutput]]
-) -> StageOutcome:
-    """Call the task of a stage's kind with its inputs resolved to refs."""
-    stage = spec.stages[name]
-    task = STAGE_TASKS.get(type(stage))
-    if task is None:
-        raise TypeError(f"stage '{name}': no task for kind {stage.kind!r}")
-    return task(ctx, name, stage, spec.stage_seed(name), **stage_inputs(stage, outputs))
 
 
 def forced_stages(spec: PipelineSpec, force: list[str]) -> set[str]:

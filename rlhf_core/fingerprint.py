@@ -1,7 +1,13 @@
-"""Stage fingerprints: the identity of a stage's output, used for caching and resume.
+"""Stage fingerprints: the identity of a stage's output, used for caching, resume and dispatch.
 
-fingerprint = sha256(stage kind, fully resolved config (defaults filled in), digests of the input refs,
-digest of the rlhf_core source, versions of the libraries that shape the numbers, seed).
+fingerprint = sha256(stage kind, fully resolved config (defaults filled in), the digest of every input
+ref by the field path that names it, the content digest of every local file or directory the config
+names, digest of the rlhf_core source, versions of the libraries that shape the numbers, seed).
+
+:func:`fingerprint_stage` is the one function that the flow (before it calls a stage's task),
+``rlhf plan`` and the cache use. It knows no stage kind: inputs come from the stage's typed reference
+fields (:mod:`rlhf_core.spec.references`) and local paths from its ``LocalModelDir``/``LocalDataPath``
+fields (:mod:`rlhf_core.spec.local_paths`).
 
 Hashing the whole ``rlhf_core`` source on purpose: an edit to a loss or a data helper must invalidate
 every cached stage (Prefect's TASK_SOURCE policy only sees the task body, not the helpers it calls).
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +25,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-FINGERPRINT_SCHEMA = 1
+from rlhf_core.refs import StageOutput
+from rlhf_core.spec.local_paths import LocalContent, local_content_fields
+
+FINGERPRINT_SCHEMA = 2
 KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "peft", "datasets")
 
 
@@ -47,15 +57,28 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def fingerprint_stage(kind: str, config: BaseModel, inputs: Mapping[str, StageOutput], seed: int) -> str:
+    """Fingerprint of one stage (or ``models:`` entry, kind ``base_model``).
+
+    ``inputs`` maps each reference field path of ``config`` (``model``, ``rewards[0].model``) to the
+    ref it resolved to. Local paths named by the config are hashed by content, so edited weights or
+    rows invalidate the stage.
+    """
+    digests = {path: ref.digest for path, ref in inputs.items()}
+    for path, (location, marker) in local_content_fields(config).items():
+        digests[f"local:{path}"] = local_content_digest(Path(location), marker)
+    return stage_fingerprint(kind, config, digests, seed)
+
+
 def stage_fingerprint(
     kind: str, config: BaseModel | dict[str, Any], input_digests: dict[str, str], seed: int
 ) -> str:
-    """Fingerprint of one stage. ``input_digests`` maps input field -> content digest of the ref."""
+    """The hash itself: ``input_digests`` maps input name -> content digest."""
     payload = {
         "schema": FINGERPRINT_SCHEMA,
         "kind": kind,
         "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
-        "inputs": input_digests,
+        "inputs": dict(sorted(input_digests.items())),
         "code": code_digest(),
         "libraries": library_versions(),
         "seed": seed,
@@ -63,65 +86,11 @@ def stage_fingerprint(
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def input_digests(inputs: dict[str, Any]) -> dict[str, str]:
-    """Input field -> digest of the ref bound to it (refs carry content digests)."""
-    return {name: ref.digest for name, ref in sorted(inputs.items())}
-
-
-def base_model_fingerprint(name: str, source: Any, seed: int) -> str:
-    """Fingerprint of a ``models:`` entry. A local path is hashed by content, so edited weights invalidate."""
+def local_content_digest(location: Path, marker: LocalContent) -> str:
+    """Content digest of a local model directory or data file/directory."""
+    from rlhf_core.data.loading import directory_digest, file_digest
     from rlhf_core.modeling.digests import model_digest
 
-    inputs = {"path": model_digest(Path(source.path))} if source.path else {}
-    return stage_fingerprint("base_model", source, inputs, seed)
-
-
-def dataset_fingerprint(stage: Any, seed: int) -> str:
-    """Fingerprint of a ``dataset`` stage; a local source file is hashed by content."""
-    from rlhf_core.data.loading import directory_digest, file_digest
-
-    inputs = {}
-    if stage.source.file is not None:
-        path = Path(stage.source.file.path)
-        inputs["file"] = directory_digest(path) if path.is_dir() else file_digest(path)
-    return stage_fingerprint("dataset", stage, inputs, seed)
-
-
-def sft_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
-    return stage_fingerprint("sft", stage, input_digests({"model": model, "data": data}), seed)
-
-
-def evaluate_fingerprint(
-    stage: Any,
-    seed: int,
-    models: dict[str, Any],
-    data: Any | None,
-    prompts: Any | None,
-    reward_models: dict[str, Any] | None = None,
-) -> str:
-    inputs = {f"model:{name}": ref for name, ref in models.items()}
-    inputs.update({k: v for k, v in {"data": data, "prompts": prompts}.items() if v is not None})
-    inputs.update({f"reward:{k}": v for k, v in (reward_models or {}).items()})
-    return stage_fingerprint("evaluate", stage, input_digests(inputs), seed)
-
-
-def reward_model_fingerprint(stage: Any, seed: int, model: Any, data: Any) -> str:
-    return stage_fingerprint("reward_model", stage, input_digests({"model": model, "data": data}), seed)
-
-
-def sample_fingerprint(
-    stage: Any, seed: int, policy: Any, prompts: Any, reward_models: dict[str, Any]
-) -> str:
-    inputs = {"policy": policy, "prompts": prompts, **{f"reward:{k}": v for k, v in reward_models.items()}}
-    return stage_fingerprint("sample", stage, input_digests(inputs), seed)
-
-
-def rejection_sampling_fingerprint(stage: Any, seed: int, completions: Any) -> str:
-    return stage_fingerprint("rejection_sampling", stage, input_digests({"completions": completions}), seed)
-
-
-def label_preferences_fingerprint(
-    stage: Any, seed: int, completions: Any, judge_models: dict[str, Any]
-) -> str:
-    inputs = {"completions": completions, **{f"judge:{k}": v for k, v in judge_models.items()}}
-    return stage_fingerprint("label_preferences", stage, input_digests(inputs), seed)
+    if marker.content == "model":
+        return model_digest(location)
+    return directory_digest(location) if location.is_dir() else file_digest(location)

@@ -26,7 +26,8 @@ def register_stage_model(
 ) -> ModelRef:
     """Save the model in the work dir, log it, register a ``candidate`` version with lineage tags.
 
-    Lineage tags: rlhf.stage, rlhf.role, rlhf.fingerprint, rlhf.git_commit, rlhf.base_model and, when
+    Lineage tags: rlhf.stage, rlhf.role, rlhf.fingerprint, rlhf.git_commit, rlhf.spec_digest (the
+    resolved spec of the pipeline run), rlhf.package_version, rlhf.base_model and, when
     given, rlhf.upstream_models (the model this one was trained from) and rlhf.dataset_digests.
     """
     from registry.models import log_and_register_model
@@ -39,6 +40,7 @@ def register_stage_model(
         "rlhf.role": role,
         "rlhf.fingerprint": run.fingerprint,
         "rlhf.git_commit": ctx.git_commit,
+        "rlhf.spec_digest": ctx.spec_digest,
         "rlhf.base_model": base_model,
         **(extra_tags or {}),
     }
@@ -58,4 +60,5 @@ def register_stage_model(
         run_id=run.run_id,
         registered_name=registered_name,
         registered_version=version,
+        max_positions=getattr(model.config.get_text_config(), "max_position_embeddings", None),
     )

@@ -1,4 +1,6 @@
-"""The life cycle every stage shares: fingerprint -> cache -> lock -> MLflow stage run -> outputs.
+"""The life cycle every stage shares: cache -> lock -> MLflow stage run -> outputs.
+
+The flow hands each task a ``StageCall`` whose fingerprint it has already computed.
 
 1. Cache: a finished MLflow run tagged with the stage's fingerprint -> reuse its outputs, run nothing.
 2. Lock: a file lock per fingerprint, so two identical runs on one host never both train; the second
@@ -24,11 +26,13 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from registry import stage_cache, tracking
+from rlhf_core.data.loading import read_jsonl
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
+from rlhf_core.spec import reference_fields
 from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
 
@@ -45,6 +49,7 @@ class RunContext(BaseModel):
     parent_run_id: str
     home: str = Field(description="RLHF home directory (work dirs, locks, caches).")
     git_commit: str = "unknown"
+    spec_digest: str = Field(default="", description="sha256 of the resolved pipeline spec.")
     forced: tuple[str, ...] = Field(default=(), description="Stages that must run even when cached.")
 
     def settings(self) -> RLHFSettings:
@@ -82,6 +87,20 @@ class StageRun:
     pipeline: str = ""
     _progress_artifact: Any = field(default=None, repr=False)
 
+    def model_dir(self, ref: ModelRef) -> str:
+        """A local directory (or hub name) holding the model of ``ref``, downloaded once per digest."""
+        from registry.models import materialize_model
+
+        return materialize_model(ref, self.settings.resolved_home() / "cache" / "models")
+
+    def read_split(self, ref: DatasetRef, split: str) -> list[dict]:
+        """The rows of one split of a dataset ref (downloaded once per digest)."""
+        from registry.datasets import materialize_dataset
+
+        return read_jsonl(
+            materialize_dataset(ref, self.settings.resolved_home() / "cache" / "datasets") / f"{split}.jsonl"
+        )
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Per-step metrics to MLflow, one line in the Prefect log, and the stage's progress artifact."""
         tracking.log_metrics(self.run_id, metrics, step)
@@ -112,43 +131,54 @@ class StageRun:
 StageBody = Callable[[StageRun], dict[str, StageOutput]]
 
 
-def execute_stage(
-    ctx: RunContext,
-    stage: str,
-    kind: str,
-    fingerprint: str,
-    config: BaseModel | dict[str, Any],
-    inputs: dict[str, StageOutput],
-    body: StageBody,
-) -> StageOutcome:
+class StageCall(BaseModel):
+    """What the flow hands a stage's task: the stage, its inputs resolved to refs, and its fingerprint.
+
+    The fingerprint is computed by the flow before the call (``flows.stage_calls``), with the function
+    ``rlhf plan`` and the cache use; the task never computes one.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="Stage name (or ``models:`` entry).")
+    kind: str = Field(description="Stage kind, or 'base_model'.")
+    stage: SerializeAsAny[BaseModel] = Field(description="The stage's validated spec.")
+    seed: int
+    fingerprint: str
+    inputs: dict[str, StageOutput] = Field(
+        default_factory=dict, description="Reference field path (e.g. 'rewards[0].model') -> resolved ref."
+    )
+
+    def resolve(self, reference: str) -> StageOutput:
+        """The ref that a reference text of this stage (e.g. ``stage.model``) resolved to."""
+        for path, (text, _) in reference_fields(self.stage).items():
+            if text == reference:
+                return self.inputs[path]
+        raise KeyError(f"stage '{self.name}' has no input named {reference!r}")
+
+
+def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOutcome:
     """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring."""
-    forced = stage in ctx.forced
-    if not forced and (hit := _cache_hit(ctx, stage, kind, fingerprint)):
+    forced = call.name in ctx.forced
+    if not forced and (hit := _cache_hit(ctx, call)):
         return hit
-    with fingerprint_lock(ctx.settings().lock_dir(), fingerprint):
-        if not forced and (hit := _cache_hit(ctx, stage, kind, fingerprint)):
+    with fingerprint_lock(ctx.settings().lock_dir(), call.fingerprint):
+        if not forced and (hit := _cache_hit(ctx, call)):
             return hit
-        return _run_stage(ctx, stage, kind, fingerprint, config, inputs, body, forced)
+        return _run_stage(ctx, call, body, forced)
 
 
-def _run_stage(
-    ctx: RunContext,
-    stage: str,
-    kind: str,
-    fingerprint: str,
-    config: BaseModel | dict[str, Any],
-    inputs: dict[str, StageOutput],
-    body: StageBody,
-    forced: bool,
-) -> StageOutcome:
+def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) -> StageOutcome:
+    stage, fingerprint = call.name, call.fingerprint
     settings = ctx.settings()
     work_dir = settings.work_dir(stage, fingerprint)
     if forced:
         shutil.rmtree(work_dir, ignore_errors=True)
     tags = {
         stage_cache.FINGERPRINT_TAG: fingerprint,
-        "rlhf.kind": kind,
+        "rlhf.kind": call.kind,
         "rlhf.git_commit": ctx.git_commit,
+        "rlhf.spec_digest": ctx.spec_digest,
         "rlhf.pipeline_run_id": ctx.parent_run_id,
     }
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
@@ -165,8 +195,8 @@ def _run_stage(
     run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings, pipeline=ctx.pipeline)
     started = time.perf_counter()
     try:
-        tracking.log_params(run_id, {"config": _dump(config)})
-        _log_inputs(run_id, stage, inputs)
+        tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json")})
+        _log_inputs(run_id, stage, call.inputs)
         outputs = body(run)
         tracking.log_metrics(run_id, {SUMMARY_PREFIX + k: v for k, v in run.key_metrics.items()}, step=0)
         stage_cache.record_stage_outputs(run_id, outputs)
@@ -177,7 +207,7 @@ def _run_stage(
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
     return StageOutcome(
         stage=stage,
-        kind=kind,
+        kind=call.kind,
         status="resumed" if resumable else "ran",
         fingerprint=fingerprint,
         run_id=run_id,
@@ -188,11 +218,13 @@ def _run_stage(
     )
 
 
-def _cache_hit(ctx: RunContext, stage: str, kind: str, fingerprint: str) -> StageOutcome | None:
-    cached = stage_cache.find_cached_stage(ctx.experiment_id, fingerprint)
+def _cache_hit(ctx: RunContext, call: StageCall) -> StageOutcome | None:
+    cached = stage_cache.find_cached_stage(ctx.experiment_id, call.fingerprint)
     if cached is None:
         return None
-    _logger().info("stage %s: cache hit (fingerprint %s, run %s)", stage, fingerprint[:12], cached.run_id)
+    _logger().info(
+        "stage %s: cache hit (fingerprint %s, run %s)", call.name, call.fingerprint[:12], cached.run_id
+    )
     registered = next(
         (
             f"{o.registered_name} v{o.registered_version}"
@@ -205,10 +237,10 @@ def _cache_hit(ctx: RunContext, stage: str, kind: str, fingerprint: str) -> Stag
         k.removeprefix(SUMMARY_PREFIX): v for k, v in cached.metrics.items() if k.startswith(SUMMARY_PREFIX)
     }
     return StageOutcome(
-        stage=stage,
-        kind=kind,
+        stage=call.name,
+        kind=call.kind,
         status="cached",
-        fingerprint=fingerprint,
+        fingerprint=call.fingerprint,
         run_id=cached.run_id,
         outputs=cached.outputs,
         metrics=key,
@@ -246,10 +278,6 @@ def fingerprint_lock(lock_dir: Path, fingerprint: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _dump(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    return config.model_dump(mode="json") if isinstance(config, BaseModel) else config
 
 
 def _logger():

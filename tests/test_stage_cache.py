@@ -54,6 +54,12 @@ def _ref(stage: str) -> DatasetRef:
     )
 
 
+def _call(fingerprint: str):
+    from tasks.stage_execution import StageCall
+
+    return StageCall(name="s", kind="dataset", stage=SFTTrainSpec(), seed=0, fingerprint=fingerprint)
+
+
 def test_concurrent_identical_stages_train_once(run_context):
     """Two runs of one fingerprint at once: one computes, the other waits on the lock and gets a cache hit."""
     from tasks.stage_execution import execute_stage
@@ -68,7 +74,7 @@ def test_concurrent_identical_stages_train_once(run_context):
     results = []
 
     def worker():
-        results.append(execute_stage(run_context, "s", "dataset", "f" * 64, {"x": 1}, {}, body))
+        results.append(execute_stage(run_context, _call("f" * 64), body))
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
     for t in threads:
@@ -88,12 +94,12 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        execute_stage(run_context, "s", "dataset", "e" * 64, {}, {}, failing)
+        execute_stage(run_context, _call("e" * 64), failing)
     assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64) is None
     failed = stage_cache.find_interrupted_run(run_context.experiment_id, "e" * 64)
     assert tracking.client().get_run(failed).info.status == "FAILED"
 
-    outcome = execute_stage(run_context, "s", "dataset", "e" * 64, {}, {}, lambda run: {"out": _ref("s")})
+    outcome = execute_stage(run_context, _call("e" * 64), lambda run: {"out": _ref("s")})
     assert outcome.status == "ran"
     assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64).run_id == outcome.run_id
 

@@ -28,7 +28,7 @@ from rlhf_core.training.sft_data import (
     Row,
     collate,
     pack_examples,
-    tokenize_conversation,
+    tokenize_sft_row,
     unpacked_rows,
 )
 
@@ -49,6 +49,17 @@ class SFTResult:
     def tokens_per_second(self) -> float:
         return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def summary(self) -> dict[str, float]:
+        """The figures shown in the pipeline summary."""
+        shown = {
+            "final_train_loss": self.final_loss,
+            "steps": float(self.steps),
+            "tokens_per_second": self.tokens_per_second,
+        }
+        if self.resumed_from_step:
+            shown["resumed_from_step"] = float(self.resumed_from_step)
+        return shown
+
 
 @dataclass
 class _Plan:
@@ -61,7 +72,7 @@ def build_rows(
     records: list[dict], tokenizer: PreTrainedTokenizerBase, cfg: SFTTrainSpec, seed: int
 ) -> tuple[list[Row], dict[str, int]]:
     """Tokenize, mask and (optionally) pack the training conversations."""
-    examples = [tokenize_conversation(r["messages"], tokenizer, cfg.max_length, cfg.mask) for r in records]
+    examples = [tokenize_sft_row(r, tokenizer, cfg.max_length, cfg.mask) for r in records]
     usable = [ex for ex in examples if ex.n_label_tokens > 0]
     stats = {
         "examples": len(usable),
@@ -130,7 +141,8 @@ def train_sft(
     lora: LoraSpec | None = None,
     log: LogFn | None = None,
 ) -> tuple[PreTrainedModel, SFTResult]:
-    """Fine-tune ``model`` on ``records`` (rows with ``messages``); resumes from ``checkpoint_dir``.
+    """Fine-tune ``model`` on sft rows (``messages``, or ``prompt`` + ``completion``: the completion
+    alone is trained); resumes from ``checkpoint_dir``.
 
     Returns the trained model (LoRA adapters merged in) and a summary.
     """
@@ -184,3 +196,24 @@ def train_sft(
         **stats,
     )
     return trained, result
+
+
+def train_sft_from(
+    model_dir: str,
+    revision: str | None,
+    records: list[dict],
+    cfg: SFTTrainSpec,
+    *,
+    lora: LoraSpec | None,
+    seed: int,
+    checkpoint_dir: Path,
+    log: LogFn | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SFTResult]:
+    """The ``sft`` stage's work: load the model at ``model_dir`` and fine-tune it on ``records``."""
+    from rlhf_core.modeling.models import load_model
+
+    model, tokenizer = load_model(model_dir, revision=revision)
+    trained, result = train_sft(
+        model, tokenizer, records, cfg, seed=seed, checkpoint_dir=checkpoint_dir, lora=lora, log=log
+    )
+    return trained, tokenizer, result
