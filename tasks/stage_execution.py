@@ -37,6 +37,7 @@ from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
 
 SUMMARY_PREFIX = "summary/"
+INDEX = re.compile(r"\[(\d+)\]")  # MLflow tag keys allow no brackets
 
 
 class RunContext(BaseModel):
@@ -255,7 +256,7 @@ def _log_inputs(run_id: str, stage: str, inputs: dict[str, StageOutput]) -> None
         if isinstance(ref, DatasetRef):
             log_dataset_input(run_id, ref, context=f"{stage}.{name}")
     models = {
-        f"input.{name}": f"{ref.registered_name or ref.uri}"
+        "input." + INDEX.sub(r".\1", name): f"{ref.registered_name or ref.uri}"  # models[0] -> models.0
         + (f" v{ref.registered_version}" if ref.registered_version else "")
         for name, ref in inputs.items()
         if isinstance(ref, ModelRef)

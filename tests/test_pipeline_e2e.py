@@ -246,9 +246,10 @@ def test_bad_row_fails_the_stage_with_its_row_and_registers_nothing(tmp_path, pr
         cwd=Path(__file__).resolve().parents[1],
         timeout=300,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # a user error: its message alone, no traceback
     assert "pipeline 'badrows' failed" in result.stderr
     assert "row 3" in result.stderr and "chosen" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
     from registry import tracking
     from rlhf_core.settings import RLHFSettings
