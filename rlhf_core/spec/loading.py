@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rlhf_core.spec.base import SpecError
+from rlhf_core.spec.base import NAME_RULE, SpecError
 from rlhf_core.spec.local_paths import missing_local_paths
 from rlhf_core.spec.pipeline import STAGE_KINDS, PipelineSpec, position_limit_problems
 
@@ -117,6 +117,11 @@ def _format_validation_error(exc: ValidationError) -> list[str]:
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
         message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_not_found":
+            message = f"field kind is missing; give one of: {', '.join(sorted(STAGE_KINDS))}"
+        elif err["type"] == "string_pattern_mismatch" and loc[-1:] == ["name"]:
+            message = f"{err['input']!r} is not a valid name; use {NAME_RULE}"
+        loc = ["name" if part == "[key]" else part for part in loc]  # a mapping key: the stage's name
         if loc[:1] == ["stages"] and len(loc) >= 2:
             stage, rest = loc[1], loc[2:]
             if rest and rest[0] in STAGE_KINDS:
