@@ -184,9 +184,11 @@ def run(
         settings = _settings(home)
         _forced(spec, force)
     from flows.pipeline import run_pipeline
+    from flows.prefect_database import initialize_temporary_server_database
 
     configure_console_tracebacks(show_user_errors=traceback_)
     with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
+        initialize_temporary_server_database()  # runs started together on a fresh home must not race
         outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
     print_summary(spec.name, outcomes, settings)
 
