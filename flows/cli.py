@@ -93,7 +93,7 @@ def _forced(spec: PipelineSpec, force: list[str] | None) -> set[str]:
 
     try:
         return forced_stages(spec, force or [])
-    except ValueError as exc:  # an unknown stage name is the user's to fix
+    except UserError as exc:  # an unknown stage name is the user's to fix
         _error(str(exc))
         raise typer.Exit(EXIT_USER_ERROR) from None
 

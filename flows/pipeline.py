@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
+from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec
@@ -87,7 +88,7 @@ def forced_stages(spec: PipelineSpec, force: list[str]) -> set[str]:
     unknown = [f for f in force if f not in spec.stages and f not in spec.models]
     if unknown:
         known = ", ".join([*spec.models, *spec.stages])
-        raise ValueError(f"--force: unknown stage(s) {', '.join(unknown)} (known: {known})")
+        raise UserError(f"--force: unknown stage(s) {', '.join(unknown)} (known: {known})")
     forced: set[str] = set()
     for name in force:
         forced |= spec.downstream_of(name)

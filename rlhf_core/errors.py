@@ -2,14 +2,15 @@
 
 A ``UserError`` says what is wrong with what the user gave us (the spec, a data row, a model source, a
 failed check) in words that name the stage, field or row. The ``rlhf`` command prints its message alone,
-without a traceback, and exits with ``EXIT_USER_ERROR``; anything else is a crash and keeps its
-traceback. Every error class of the library that describes bad input derives from it.
+without a traceback, and exits with ``EXIT_USER_ERROR``; anything else is a crash (``EXIT_CRASH``),
+whose traceback stays in the Prefect log and is printed with ``--traceback``. Every error class of
+the library that describes bad input derives from it.
 """
 
 from __future__ import annotations
 
 EXIT_OK = 0
-EXIT_CRASH = 1  # a bug or an environment failure: the traceback is printed
+EXIT_CRASH = 1  # a bug or an environment failure: one line, the traceback in the log or on --traceback
 EXIT_USER_ERROR = 2  # spec, data, model source or a failed check: one message, no traceback
 
 
