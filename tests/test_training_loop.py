@@ -68,3 +68,38 @@ def test_extra_state_survives_a_crash_and_resume_exactly(tmp_path):
     assert resumed.value == uninterrupted.value
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(ours, theirs)
+
+
+def _train_two(checkpoint_dir, crash_at: int | None = None, ran: list | None = None):
+    """A policy and a value model trained together, as PPO does: one ModuleDict through the loop."""
+    torch.manual_seed(0)
+    models = torch.nn.ModuleDict({"policy": torch.nn.Linear(3, 2), "value": torch.nn.Linear(3, 1)})
+    x = torch.arange(6.0).reshape(2, 3)
+
+    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+        if step == crash_at:
+            raise Crash
+        (ran if ran is not None else []).append(step)
+        target = float(step % 3)
+        loss = (models["policy"](x) - target).pow(2).mean() + (models["value"](x) + target).pow(2).mean()
+        backward(loss)
+        return {"loss": loss.item()}
+
+    trained, _ = run_optimizer_steps(
+        models, CFG, total_steps=TOTAL_STEPS, steps_per_epoch=TOTAL_STEPS, seed=0,
+        checkpoint_dir=checkpoint_dir, step_fn=step_fn,
+    )  # fmt: skip
+    return trained
+
+
+def test_two_models_train_and_resume_together(tmp_path):
+    reference = _train_two(tmp_path / "a")
+    start = torch.nn.ModuleDict({"policy": torch.nn.Linear(3, 2), "value": torch.nn.Linear(3, 1)})
+    assert not torch.equal(reference["value"].weight, start["value"].weight)  # both models were trained
+    with pytest.raises(Crash):
+        _train_two(tmp_path / "b", crash_at=5)
+    ran: list[int] = []
+    resumed = _train_two(tmp_path / "b", ran=ran)
+    assert ran == [4, 5]  # resumed from the checkpoint of step 4, both models restored from it
+    for ours, theirs in zip(resumed.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs)

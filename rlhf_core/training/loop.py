@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from transformers import PreTrainedModel, get_scheduler
+from transformers import get_scheduler
 
 from rlhf_core.spec import OptimSpec
 from rlhf_core.training import PROGRESS_METRIC
@@ -58,7 +58,7 @@ class LoopResult:
 
 
 def run_optimizer_steps(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     cfg: OptimSpec,
     *,
     total_steps: int,
@@ -68,10 +68,12 @@ def run_optimizer_steps(
     step_fn: StepFn,
     log: LogFn | None = None,
     extra_state: Sequence[Stateful] = (),
-) -> tuple[PreTrainedModel, LoopResult]:
+) -> tuple[torch.nn.Module, LoopResult]:
     """Train ``model`` for ``total_steps`` optimizer steps (resuming from ``checkpoint_dir``).
 
-    ``extra_state`` objects are saved in every checkpoint and restored, in place, on resume.
+    ``extra_state`` objects are saved in every checkpoint and restored, in place, on resume. Several
+    trained models (a policy and a value model) go in as one ``torch.nn.ModuleDict``: one optimizer,
+    one checkpoint; frozen models (a reference policy, a reward model) stay with the trainer.
     """
     log = log or (lambda metrics, step: None)
     model.train()
