@@ -91,12 +91,3 @@ def materialize_model(ref: ModelRef, cache_dir: Path) -> str:
 
 def model_version_tags(name: str, version: str) -> dict[str, str]:
     return dict(client().get_model_version(name, version).tags)
-
-
-def version_for_alias(name: str, alias: str) -> str:
-    return str(client().get_model_version_by_alias(name, alias).version)
-
-
-def load_generation_pipeline(model_uri: str):
-    """Load a registered model (e.g. ``models:/quickstart-sft@candidate``) as a text-generation pipeline."""
-    return mlflow.transformers.load_model(model_uri)

@@ -19,7 +19,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.utils.time import get_current_time_millis
 
 import rlhf_core
@@ -187,10 +187,6 @@ def activate_stage_run(run_id: str) -> Iterator[None]:
         yield
 
 
-def run_metrics(run_id: str) -> dict[str, float]:
-    return dict(client().get_run(run_id).data.metrics)
-
-
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in data.items():
@@ -200,7 +196,3 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
-
-
-def run_status_terminated(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))
