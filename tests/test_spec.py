@@ -249,6 +249,9 @@ def test_local_model_path_must_be_a_saved_model(tmp_path, tiny_spec_dict):
     (tmp_path / "no-such-model").mkdir()
     with pytest.raises(SpecError, match="has no config.json: not a save_pretrained model directory"):
         load_spec(tmp_path / "p.yaml")
+    (tmp_path / "no-such-model" / "config.json").write_text('{"model_type": "gpt2", "n_positions": 48}')
+    with pytest.raises(SpecError, match="field train.max_length: 64 is longer than model 'base' accepts"):
+        load_spec(tmp_path / "p.yaml")  # the limit of a local model is read from its config.json
 
 
 def test_a_stage_without_kind_lists_the_kinds(tiny_spec_dict):

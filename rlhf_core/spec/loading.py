@@ -84,9 +84,21 @@ def _known_position_limits(spec: PipelineSpec) -> dict[str, int]:
         if source.tiny is not None:
             limits[name] = source.tiny.max_position_embeddings
         elif source.path is not None:
-            config = json.loads((Path(source.path) / "config.json").read_text())
-            limit = config.get("max_position_embeddings") or config.get("text_config", {}).get(
-                "max_position_embeddings"
+            try:
+                config = json.loads((Path(source.path) / "config.json").read_text())
+            except ValueError as exc:
+                raise SpecError(
+                    [f"model '{name}', field path: {source.path}/config.json is not JSON: {exc}"]
+                ) from None
+            text_config = config.get("text_config") or {}
+            limit = next(  # GPT-2-style configs call it n_positions; multimodal ones nest a text config
+                (
+                    c[k]
+                    for c in (config, text_config)
+                    for k in ("max_position_embeddings", "n_positions")
+                    if k in c
+                ),
+                None,
             )
             if isinstance(limit, int):
                 limits[name] = limit
