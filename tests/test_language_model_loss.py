@@ -63,3 +63,40 @@ def test_other_heads_use_the_plain_path_and_no_trained_token_still_backpropagate
     loss = next_token_nll_sum(model, input_ids, nothing, attention_mask=mask)
     loss.backward()  # a zero that is part of the graph
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+def test_sequence_logprobs_sum_each_rows_completion_tokens_only(model, chunk_tokens):
+    """Per-row sums of log pi(label) over labelled positions, equal to a full log-softmax reference;
+    the padding of row 2 holds garbage ids, which must not count."""
+    from rlhf_core.losses.language_model import sequence_logprobs
+
+    input_ids, labels, mask = _batch(model.config.vocab_size)
+    input_ids[2, 15:] = torch.randint(0, model.config.vocab_size, (5,))  # garbage under the padding
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    full = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): the reference only
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    token = full.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * keep
+    sums, counts = sequence_logprobs(model, input_ids, labels, attention_mask=mask, chunk_tokens=chunk_tokens)
+    assert counts.tolist() == [14, 14, 9]
+    torch.testing.assert_close(sums, token.sum(-1), rtol=0, atol=1e-10)
+    grad = torch.autograd.grad(sums.sum(), model.get_output_embeddings().weight)[0]
+    expected = torch.autograd.grad(token.sum(), model.get_output_embeddings().weight)[0]
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-10)
+
+
+def test_sequence_logprobs_plain_head_path_agrees(model):
+    """Architectures without a plain head take the logits path: same sums."""
+    from rlhf_core.losses import language_model as lm
+
+    input_ids, labels, mask = _batch(model.config.vocab_size)
+    chunked, _ = lm.sequence_logprobs(model, input_ids, labels, attention_mask=mask)
+    original = lm.PLAIN_LM_HEAD_MODEL_TYPES
+    try:
+        lm.PLAIN_LM_HEAD_MODEL_TYPES = frozenset()
+        assert not lm.supports_chunked_loss(model)
+        plain, _ = lm.sequence_logprobs(model, input_ids, labels, attention_mask=mask)
+    finally:
+        lm.PLAIN_LM_HEAD_MODEL_TYPES = original
+    torch.testing.assert_close(plain, chunked, rtol=0, atol=1e-10)

@@ -80,3 +80,50 @@ def next_token_nll_sum(
         part = slice(start, start + chunk_tokens)
         total = total + checkpoint(_chunk_nll_sum, selected[part], weight, targets[part], use_reentrant=False)
     return total
+
+
+def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T  # (n, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log pi(target)
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t log pi(labels[t] | tokens < t), number of such t) per row, over ``labels != IGNORE_INDEX``.
+
+    The log pi(y|x) of a completion y when only its tokens carry labels (book ch.8: DPO's log-probs are
+    sums over completion tokens, the prompt masked). Shapes: (B,) float32 and (B,) long. As in
+    :func:`next_token_nll_sum`, only labelled positions reach the LM head, in checkpointed chunks, for
+    the architectures with a plain head; others compute the logits and take the label's log-softmax
+    value by gather and logsumexp, never a full log-softmax tensor.
+    """
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]  # (N,)
+    if supports_chunked_loss(model):
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        selected, picked = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
+        weight = model.get_output_embeddings().weight  # (V, H)
+        chunk_tokens = chunk_tokens or max(1, CHUNK_LOGITS // weight.shape[0])
+        chunks = range(0, selected.shape[0], chunk_tokens)
+        # starts as a zero that is part of the graph, so rows without labelled tokens still backpropagate
+        token_logp = torch.cat(
+            [hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0]
+            + [checkpoint(_chunk_token_logprobs, selected[c : c + chunk_tokens], weight,
+                          picked[c : c + chunk_tokens], use_reentrant=False) for c in chunks]
+        )  # fmt: skip
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]  # (N, V)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_logp = logits.gather(-1, targets[keep][:, None]).squeeze(-1) - logits.logsumexp(-1)
+    sums = token_logp.new_zeros(labels.shape[0]).index_add(0, rows, token_logp)
+    return sums, keep.sum(-1)
