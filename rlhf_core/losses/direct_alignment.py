@@ -14,10 +14,11 @@ alone: L_DPO = -log sigma(beta h).
 
 Every loss takes per-SEQUENCE quantities of shape (B,): log pi(y|x) summed over the completion's tokens
 (prompt and padding masked; see ``sequence_logprobs``) and, where it needs averages, the completion's
-token count |y| (>= 1: an empty completion has no average). It returns per-example losses (B,) (the caller reduces, usually by the mean) and
-detached implicit rewards for logging. Hyperparameters are keyword-only, defaulting to the book's
-companion configs (reference/rlhf-methods.md §9.4). ``DIRECT_ALIGNMENT_LOSSES`` maps the names a
-stage accepts to the functions and says which need a reference model.
+token count |y| (>= 1: an empty completion has no average). It returns per-example losses (B,) (the
+caller reduces, usually by the mean) and detached implicit rewards for logging. Hyperparameters are
+keyword-only, defaulting to the book's companion configs (reference/rlhf-methods.md §9.4).
+``DIRECT_ALIGNMENT_LOSSES`` maps the names a stage accepts to the functions and says which need a
+reference model.
 """
 
 from __future__ import annotations
