@@ -21,10 +21,9 @@ from rlhf_core.losses.direct_alignment import (
     kto_loss,
     log1mexp,
     orpo_loss,
-    sequence_logprobs,
     simpo_loss,
 )
-from rlhf_core.losses.language_model import IGNORE_INDEX
+from rlhf_core.losses.language_model import IGNORE_INDEX, logits_sequence_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -435,7 +434,7 @@ def _full_log_softmax_reference(logits: torch.Tensor, labels: torch.Tensor):
 @pytest.mark.parametrize("chunk_rows", [None, 1, 2])
 def test_sequence_logprobs_equals_full_log_softmax_and_ignores_garbage(chunk_rows):
     logits, labels = _garbage_batch(torch.float64)
-    sum_logp, n_tokens = sequence_logprobs(logits, labels, chunk_rows=chunk_rows)
+    sum_logp, n_tokens = logits_sequence_logprobs(logits, labels, chunk_rows=chunk_rows)
     expected_sum, expected_n = _full_log_softmax_reference(logits, labels)
     assert (
         n_tokens.tolist() == expected_n.tolist() == [11, 5, 11, 6, 0]
@@ -453,7 +452,7 @@ def test_sequence_logprobs_equals_full_log_softmax_and_ignores_garbage(chunk_row
 
 def test_sequence_logprobs_upcasts_low_precision_logits():
     logits, labels = _garbage_batch(torch.bfloat16, seed=1)
-    sum_logp, _ = sequence_logprobs(logits, labels)
+    sum_logp, _ = logits_sequence_logprobs(logits, labels)
     expected, _ = _full_log_softmax_reference(logits.float(), labels)
     assert sum_logp.dtype == torch.float32
     assert torch.allclose(sum_logp.double(), expected, rtol=1e-5, atol=1e-4)
@@ -468,5 +467,5 @@ def test_sequence_logprobs_ignores_non_finite_garbage():
     spoiled[:, :-1][ignored] = float("nan")
     spoiled[:, -1] = float("inf")
     with torch.no_grad():
-        sum_logp, _ = sequence_logprobs(spoiled, labels)
+        sum_logp, _ = logits_sequence_logprobs(spoiled, labels)
     assert torch.allclose(sum_logp, expected, rtol=1e-12, atol=1e-12)

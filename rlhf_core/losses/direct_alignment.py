@@ -13,9 +13,10 @@ optimum pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x) (Gibbs); inverted, r(x,y)
 alone: L_DPO = -log sigma(beta h).
 
 Every loss takes per-SEQUENCE quantities of shape (B,): log pi(y|x) summed over the completion's tokens
-(prompt and padding masked; see ``sequence_logprobs``) and, where it needs averages, the completion's
-token count |y| (>= 1: an empty completion has no average). It returns per-example losses (B,) (the
-caller reduces, usually by the mean) and detached implicit rewards for logging. Hyperparameters are
+(prompt and padding masked; see ``rlhf_core.losses.language_model.sequence_logprobs``) and, where it
+needs averages, the completion's token count |y| (>= 1: an empty completion has no average). It
+returns per-example losses (B,) (the caller reduces, usually by the mean) and detached implicit
+rewards for logging. Hyperparameters are
 keyword-only, defaulting to the book's companion configs (reference/rlhf-methods.md §9.4).
 ``DIRECT_ALIGNMENT_LOSSES`` maps the names a stage accepts to the functions and says which need a
 reference model.
@@ -30,9 +31,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-from rlhf_core.losses.language_model import CHUNK_LOGITS, IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -63,45 +61,6 @@ class UnpairedPreferenceLoss:
     def rejected_rewards(self) -> torch.Tensor:
         """(n_U,) rewards of the undesirable examples."""
         return self.rewards[~self.desirable]
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    logits = logits.to(dtype)  # (b, T-1, V)
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (b, T-1)
-
-
-def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence sum of log pi(y_t | x, y_<t) over completion tokens, and their count.
-
-    ``labels`` are aligned with the input ids, as in ``next_token_nll_sum``: ``logits[:, t - 1]`` scores
-    ``labels[:, t]``, and IGNORE_INDEX marks prompt and padding positions (whatever their logits hold).
-    Selective log-softmax: log pi(y_t) = z_t[y_t] - logsumexp(z_t), so the (B, T, V) log-softmax is never
-    built. Sequences go through in checkpointed chunks of ``chunk_rows``: only one chunk's float32 working
-    copy (of bf16 logits) and exponentials exist at a time, in the forward and again in the backward pass.
-
-    Args:
-        logits: (B, T, V) logits of the policy (or reference) on prompt + completion.
-        labels: (B, T) token ids, IGNORE_INDEX outside the completion.
-    Returns:
-        sum_logp: (B,) float32 (float64 for float64 logits); n_tokens: (B,) int64.
-    """
-    batch, length, vocab = logits.shape
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX
-    safe_targets = targets.masked_fill(~keep, 0).unsqueeze(-1)  # (B, T-1, 1)
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    chunk_rows = chunk_rows or max(1, CHUNK_LOGITS // max(1, length * vocab))
-    per_token = []
-    for start in range(0, batch, chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        # checkpointed: the backward pass recomputes the chunk instead of keeping its float32 copy
-        chunk = checkpoint(_token_logprobs, logits[rows, :-1], safe_targets[rows], dtype, use_reentrant=False)
-        per_token.append(chunk)  # (b, T-1)
-    # where, not a multiply by the mask: a garbage position must not leak inf or nan into the sum
-    token_logp = torch.where(keep, torch.cat(per_token), 0.0)  # (B, T-1)
-    return token_logp.sum(-1), keep.sum(-1)
 
 
 def _rewarded(

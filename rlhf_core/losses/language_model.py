@@ -122,8 +122,45 @@ def sequence_logprobs(
                           picked[c : c + chunk_tokens], use_reentrant=False) for c in chunks]
         )  # fmt: skip
     else:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][keep]  # (N, V)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_logp = logits.gather(-1, targets[keep][:, None]).squeeze(-1) - logits.logsumexp(-1)
+        return logits_sequence_logprobs(model(**inputs, use_cache=False).logits, labels)
     sums = token_logp.new_zeros(labels.shape[0]).index_add(0, rows, token_logp)
     return sums, keep.sum(-1)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    logits = logits.to(dtype)  # (b, T-1, V)
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (b, T-1)
+
+
+def logits_sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of log pi(y_t | x, y_<t) over completion tokens, and their count.
+
+    ``labels`` are aligned with the input ids, as in ``next_token_nll_sum``: ``logits[:, t - 1]`` scores
+    ``labels[:, t]``, and IGNORE_INDEX marks prompt and padding positions (whatever their logits hold).
+    Selective log-softmax: log pi(y_t) = z_t[y_t] - logsumexp(z_t), so the (B, T, V) log-softmax is never
+    built. Sequences go through in checkpointed chunks of ``chunk_rows``: only one chunk's float32 working
+    copy (of bf16 logits) and exponentials exist at a time, in the forward and again in the backward pass.
+
+    Args:
+        logits: (B, T, V) logits of the policy (or reference) on prompt + completion.
+        labels: (B, T) token ids, IGNORE_INDEX outside the completion.
+    Returns:
+        sum_logp: (B,) float32 (float64 for float64 logits); n_tokens: (B,) int64.
+    """
+    batch, length, vocab = logits.shape
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX
+    safe_targets = targets.masked_fill(~keep, 0).unsqueeze(-1)  # (B, T-1, 1)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    chunk_rows = chunk_rows or max(1, CHUNK_LOGITS // max(1, length * vocab))
+    per_token = []
+    for start in range(0, batch, chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        # checkpointed: the backward pass recomputes the chunk instead of keeping its float32 copy
+        chunk = checkpoint(_token_logprobs, logits[rows, :-1], safe_targets[rows], dtype, use_reentrant=False)
+        per_token.append(chunk)  # (b, T-1)
+    # where, not a multiply by the mask: a garbage position must not leak inf or nan into the sum
+    token_logp = torch.where(keep, torch.cat(per_token), 0.0)  # (B, T-1)
+    return token_logp.sum(-1), keep.sum(-1)
