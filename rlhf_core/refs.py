@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetKind = Literal["sft", "preference", "prompts", "completions"]
+DatasetKind = Literal["sft", "preference", "prompts", "completions", "unpaired_preference"]
 ModelRole = Literal["policy", "reward", "value"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 MODEL_ROLES: tuple[str, ...] = get_args(ModelRole)

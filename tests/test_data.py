@@ -97,6 +97,15 @@ def test_preference_record_chosen_correct_rejected_wrong() -> None:
         assert 1 <= abs(extract_answer(row["rejected"]) - p.answer) <= 3
 
 
+def test_unpaired_record_is_labelled_by_correctness() -> None:
+    rows = synthetic_records("arithmetic", "unpaired_preference", 100, seed=0)
+    problems = generate_arithmetic(100, seed=0)
+    assert [r["label"] for r in rows] == [
+        is_correct(r["completion"], p.answer) for r, p in zip(rows, problems, strict=True)
+    ]
+    assert 30 < sum(r["label"] for r in rows) < 70  # both kinds, drawn at random
+
+
 def test_record_builders_and_dispatch_pass_validation() -> None:
     p = ArithmeticProblem("What is 7 + 12?", 19)
     assert to_sft_record(p)["messages"][-1] == {
@@ -127,6 +136,7 @@ GOOD = {
     "sft": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
     "preference": {"prompt": "x", "chosen": "a", "rejected": "b"},
     "prompts": {"prompt": "x"},
+    "unpaired_preference": {"prompt": "x", "completion": "a", "label": True},
 }
 
 
@@ -172,6 +182,11 @@ ANSWER = _chat(("assistant", "4"))
         ("preference", {"prompt": "x", "chosen": "a"}, "'rejected'"),
         ("preference", {"prompt": "  ", "chosen": "a", "rejected": "b"}, "'prompt'"),
         ("preference", {"prompt": "x", "chosen": "a", "rejected": "a"}, "'rejected'"),
+        ("preference", {"chosen": "a", "rejected": "b"}, "'prompt'"),  # no prompt: chosen must be a chat
+        ("preference", {"prompt": "x", "chosen": ANSWER, "rejected": "4"}, "'rejected'"),  # same reply
+        ("unpaired_preference", {"prompt": "x", "completion": "a"}, "'label'"),
+        ("unpaired_preference", {"prompt": "x", "completion": "a", "label": "no"}, "'label'"),
+        ("unpaired_preference", {"prompt": "x", "completion": ANSWER * 2, "label": 1}, "'completion'"),
         ("prompts", {"question": "x"}, "'prompt'"),
         ("prompts", {"prompt": ""}, "'prompt'"),
         ("prompts", {"prompt": "x", "answer": 3}, "'answer'"),

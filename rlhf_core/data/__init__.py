@@ -12,7 +12,14 @@ from rlhf_core.data.schemas import (
     REQUIRED_COLUMNS,
     DatasetFormat,
     DataValidationError,
+    PreferenceParts,
+    UnpairedParts,
+    preference_parts,
+    prompt_key,
+    prompt_messages,
+    reply_text,
     sft_messages,
+    unpaired_parts,
     validate_records,
 )
 from rlhf_core.data.synthetic import (
@@ -27,6 +34,7 @@ from rlhf_core.data.synthetic import (
     to_preference_record,
     to_prompt_record,
     to_sft_record,
+    to_unpaired_record,
 )
 
 __all__ = [
@@ -35,6 +43,8 @@ __all__ = [
     "ArithmeticProblem",
     "DataValidationError",
     "DatasetFormat",
+    "PreferenceParts",
+    "UnpairedParts",
     "arithmetic_corpus",
     "directory_digest",
     "extract_answer",
@@ -43,13 +53,19 @@ __all__ = [
     "generate_arithmetic",
     "is_correct",
     "load_records",
+    "preference_parts",
+    "prompt_key",
+    "prompt_messages",
     "read_jsonl",
+    "reply_text",
     "sft_messages",
     "split_records",
     "synthetic_records",
     "to_preference_record",
     "to_prompt_record",
     "to_sft_record",
+    "to_unpaired_record",
+    "unpaired_parts",
     "validate_records",
     "write_jsonl",
 ]

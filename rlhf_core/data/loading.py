@@ -133,7 +133,8 @@ def _rename_columns(
 
 
 def _check_required(columns: list[str], fmt: DatasetFormat, source: str) -> None:
-    """All columns of one of the format's column sets must exist (sft: messages, or prompt + completion)."""
+    """All columns of one of the format's column sets must exist (sft: messages, or prompt + completion;
+    preference: prompt + chosen + rejected, or chosen + rejected as whole conversations)."""
     if fmt not in REQUIRED_COLUMNS:
         raise ValueError(f"unknown dataset format {fmt!r}; expected one of {sorted(REQUIRED_COLUMNS)}")
     options = REQUIRED_COLUMNS[fmt]
@@ -143,6 +144,20 @@ def _check_required(columns: list[str], fmt: DatasetFormat, source: str) -> None
             source,
             f"columns {' or '.join(str(list(o)) for o in options)} for format {fmt!r}; "
             f"missing {' or '.join(map(str, missing))}, available {columns} (use column_map to rename)",
+        )
+
+
+def _check_prompt_column(rows: list[dict], columns: list[str], fmt: DatasetFormat, source: str) -> None:
+    """Preference rows without a prompt column carry it in whole conversations: text in the first row's
+    ``chosen`` means the prompt column is missing (or not mapped), which is said before anything runs."""
+    if fmt != "preference" or "prompt" in columns:
+        return
+    first = next((row["chosen"] for row in rows if row.get("chosen") is not None), None)
+    if first is not None and not isinstance(first, list):
+        raise DataValidationError(
+            source,
+            "a 'prompt' column for format 'preference' when 'chosen' holds text (only whole conversations "
+            f"in 'chosen' and 'rejected' carry their prompt); available {columns} (use column_map to rename)",
         )
 
 
@@ -159,7 +174,8 @@ def load_records(
     """Rows from a local ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` directory,
     or else a Hub dataset name, with columns renamed by ``column_map`` (ours -> theirs).
 
-    Checks that the columns required by ``fmt`` exist; rows themselves are not validated.
+    Checks that the columns required by ``fmt`` exist (and, for preference rows without a prompt column,
+    that the first row's ``chosen`` is a conversation); rows themselves are not validated.
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -175,6 +191,7 @@ def load_records(
     if column_map:
         rows, columns = _rename_columns(rows, columns, column_map, source)
     _check_required(columns, fmt, source)
+    _check_prompt_column(rows, columns, fmt, source)
     return rows
 
 

@@ -1,8 +1,10 @@
 """The ``dataset`` stage's work: read or generate rows, validate them, split them, write them.
 
-Output layout: ``<out_dir>/<output name>/<split>.jsonl`` for each output of the source (synthetic
-sources emit ``sft``, ``preferences`` and ``prompts`` from the same problems, so their splits line up:
-the eval prompts are the eval conversations' questions).
+Output layout: ``<out_dir>/<output name>/<split>.jsonl`` for each output of the source. A file or hub
+source has one output, named after its format (``sft``, ``preferences``, ``prompts``,
+``unpaired_preferences``); synthetic sources emit ``sft``, ``preferences`` and ``prompts`` from the same
+problems, so their splits line up: the eval prompts are the eval conversations' questions. Rows are
+written in the shape they came in (see :mod:`rlhf_core.data.schemas` for the accepted shapes).
 """
 
 from __future__ import annotations

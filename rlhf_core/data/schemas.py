@@ -1,4 +1,4 @@
-"""Row schemas for the three dataset formats and their validation.
+"""Row schemas for the dataset formats and their validation.
 
 - ``sft``, one of two shapes (a file may mix them; a row may not carry both):
 
@@ -8,23 +8,39 @@
     list with one assistant message. Only y is trained (see :func:`sft_messages`).
 
   A column that is present but null counts as absent, so Parquet/Hub files mixing both shapes work.
-- ``preference``: ``prompt`` x, ``chosen`` y_c, ``rejected`` y_r.
+- ``preference``: a prompt x, a ``chosen`` y_c and a ``rejected`` y_r, in one of the shapes of public
+  preference data (TRL's dataset formats):
+
+  - ``prompt`` a string, ``chosen``/``rejected`` strings;
+  - conversational: ``prompt`` a list of messages ending in a user turn (multi-turn, an optional system
+    message first), ``chosen``/``rejected`` strings or lists with one assistant message;
+  - implicit prompt (HH-RLHF, UltraFeedback in TRL's format): ``chosen`` and ``rejected`` are whole
+    conversations that differ only in their final assistant turn; x is the turns they share. A
+    ``prompt`` column next to them (HuggingFaceH4/ultrafeedback_binarized) must agree with those turns.
+
+  :func:`preference_parts` turns any of them into (x as messages, y_c text, y_r text).
+- ``unpaired_preference`` (KTO, book ch.8): ``prompt`` x as above, one ``completion`` y (a string or
+  one assistant message) and a ``label``: True/1 if y is desirable, False/0 if not (thumbs up/down).
+  :func:`unpaired_parts` normalises a row.
 - ``prompts``: ``prompt`` x, optionally a reference ``answer`` for verifiable rewards.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, NamedTuple
 
 from rlhf_core.errors import UserError
 
-DatasetFormat = Literal["sft", "preference", "prompts"]
+DatasetFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
 
 # The column sets a file of each format may have: all columns of at least one set.
 REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "sft": (("messages",), ("prompt", "completion")),
-    "preference": (("prompt", "chosen", "rejected"),),
+    # without a prompt column, chosen and rejected are whole conversations (implicit prompt)
+    "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "prompts": (("prompt",),),
+    "unpaired_preference": (("prompt", "completion", "label"),),
 }
 
 ROLES = ("system", "user", "assistant")
@@ -90,24 +106,32 @@ def _check_chat(messages: Any, column: str, last_role: str) -> Problem | None:
     return None
 
 
-def _check_prompt_completion(row: dict) -> Problem | None:
-    prompt, completion = row.get("prompt"), row.get("completion")
+def _check_prompt(prompt: Any, column: str = "prompt") -> Problem | None:
+    """x: a non-empty string, or a list of messages ending in a user turn."""
     if isinstance(prompt, list):
-        if (problem := _check_chat(prompt, "prompt", last_role="user")) is not None:
-            return problem
-    elif not _is_nonempty_str(prompt):
-        return "prompt", f"a non-empty string or a list of messages ending in a 'user' turn, got {prompt!r}"
-    if isinstance(completion, list):
-        if len(completion) != 1:
-            n = len(completion)
-            return "completion", f"a list with exactly one 'assistant' message, got {n} messages"
-        if (problem := _check_message(completion[0], "completion[0]", first=True)) is not None:
-            return problem
-        if completion[0]["role"] != "assistant":
-            return "completion[0].role", f"'assistant', got {completion[0]['role']!r}"
-    elif not _is_nonempty_str(completion):
-        return "completion", f"a non-empty string or a list with one 'assistant' message, got {completion!r}"
+        return _check_chat(prompt, column, last_role="user")
+    if not _is_nonempty_str(prompt):
+        return column, f"a non-empty string or a list of messages ending in a 'user' turn, got {prompt!r}"
     return None
+
+
+def _check_reply(reply: Any, column: str) -> Problem | None:
+    """y: a non-empty string, or a list with exactly one assistant message."""
+    if isinstance(reply, list):
+        if len(reply) != 1:
+            return column, f"a list with exactly one 'assistant' message, got {len(reply)} messages"
+        if (problem := _check_message(reply[0], f"{column}[0]", first=True)) is not None:
+            return problem
+        if reply[0]["role"] != "assistant":
+            return f"{column}[0].role", f"'assistant', got {reply[0]['role']!r}"
+        return None
+    if not _is_nonempty_str(reply):
+        return column, f"a non-empty string or a list with one 'assistant' message, got {reply!r}"
+    return None
+
+
+def _check_prompt_completion(row: dict) -> Problem | None:
+    return _check_prompt(row.get("prompt")) or _check_reply(row.get("completion"), "completion")
 
 
 def _check_sft(row: dict) -> Problem | None:
@@ -135,13 +159,134 @@ def sft_messages(row: dict) -> tuple[list[dict], bool]:
     return [*context, reply], True
 
 
-def _check_preference(row: dict) -> Problem | None:
-    for field in ("prompt", "chosen", "rejected"):
-        if not _is_nonempty_str(row.get(field)):
-            return field, f"a non-empty string, got {row.get(field)!r}"
-    if row["chosen"] == row["rejected"]:
-        return "rejected", "a response different from 'chosen' (they are identical)"
+def prompt_messages(prompt: str | list[dict]) -> list[dict]:
+    """A valid prompt x as chat messages with role and content only; a plain string is one user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def reply_text(reply: str | list[dict]) -> str:
+    """The text of a valid completion y: the string itself, or the content of its one assistant message."""
+    return reply if isinstance(reply, str) else reply[0]["content"]
+
+
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A stable, hashable key for "the same prompt": the JSON of its messages (role and content).
+
+    A plain prompt and the same text as one user turn share a key: they render as the same chat.
+    """
+    return json.dumps(prompt_messages(prompt), ensure_ascii=False, sort_keys=True)
+
+
+class PreferenceParts(NamedTuple):
+    """A preference pair whatever the row's shape."""
+
+    prompt: list[dict]  # x as chat messages, ending in a user turn
+    chosen: str  # y_c
+    rejected: str  # y_r
+
+
+def _is_conversation(value: Any) -> bool:
+    """A whole conversation (implicit prompt) rather than one reply: a list of more than one message."""
+    return isinstance(value, list) and len(value) > 1
+
+
+_SHARED = "(the prompt is the turns 'chosen' and 'rejected' share)"
+
+
+def _check_conversation(chat: Any, column: str) -> Problem | None:
+    """A valid chat of at least a user turn followed by the final assistant turn."""
+    if not isinstance(chat, list) or len(chat) < 2:
+        got = f"{len(chat)} message(s)" if isinstance(chat, list) else repr(chat)
+        return column, f"a whole conversation ending in a user then an assistant turn {_SHARED}, got {got}"
+    if (problem := _check_chat(chat, column, last_role="assistant")) is not None:
+        return problem
+    if chat[-2]["role"] != "user":
+        field = f"{column}[{len(chat) - 2}].role"
+        return field, f"a 'user' turn before the final 'assistant' turn, got {chat[-2]['role']!r}"
     return None
+
+
+def _first_difference(a: list[dict], b: list[dict]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _check_implicit_prompt(row: dict) -> Problem | None:
+    """``chosen`` and ``rejected`` are whole conversations identical except for their final turn."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not _has(row, "prompt") and not isinstance(chosen, list):
+        expected = "a non-empty string or a list of messages ending in a 'user' turn"
+        return "prompt", f"{expected} (or whole conversations in 'chosen' and 'rejected'), got None"
+    problem = _check_conversation(chosen, "chosen") or _check_conversation(rejected, "rejected")
+    if problem is not None:
+        return problem
+    shared, other = prompt_messages(chosen[:-1]), prompt_messages(rejected[:-1])
+    if shared != other:
+        i = _first_difference(shared, other)
+        return f"rejected[{i}]", f"the turn chosen[{i}]: only the final turns may differ {_SHARED}"
+    if _has(row, "prompt"):
+        if (problem := _check_prompt(row["prompt"])) is not None:
+            return problem
+        if prompt_messages(row["prompt"]) != shared:
+            return (
+                "prompt",
+                f"the same turns as 'chosen' before its final one {_SHARED}, got {row['prompt']!r}",
+            )
+    return None
+
+
+def _check_preference(row: dict) -> Problem | None:
+    if _is_conversation(row.get("chosen")) or not _has(row, "prompt"):
+        problem = _check_implicit_prompt(row)
+    else:
+        problem = (
+            _check_prompt(row["prompt"])
+            or _check_reply(row.get("chosen"), "chosen")
+            or _check_reply(row.get("rejected"), "rejected")
+        )
+    if problem is None and (parts := preference_parts(row)).chosen.strip() == parts.rejected.strip():
+        return "rejected", "a response different from 'chosen' (they are identical)"
+    return problem
+
+
+def preference_parts(row: dict) -> PreferenceParts:
+    """(x as messages, y_c, y_r) of a valid ``preference`` row of any shape.
+
+    A plain prompt becomes one user turn and a reply given as one assistant message its text; whole
+    conversations (implicit prompt) give their shared turns as x and their final turns as y_c and y_r.
+    """
+    chosen, rejected = row["chosen"], row["rejected"]
+    if _is_conversation(chosen):
+        return PreferenceParts(prompt_messages(chosen[:-1]), chosen[-1]["content"], rejected[-1]["content"])
+    return PreferenceParts(prompt_messages(row["prompt"]), reply_text(chosen), reply_text(rejected))
+
+
+class UnpairedParts(NamedTuple):
+    """One rated completion (KTO's unpaired data) whatever the row's shape."""
+
+    prompt: list[dict]  # x as chat messages, ending in a user turn
+    completion: str  # y
+    label: bool  # True: y is desirable; False: undesirable
+
+
+def _check_label(label: Any) -> Problem | None:
+    if isinstance(label, bool) or (type(label) is int and label in (0, 1)):
+        return None
+    return "label", f"true or false (is the completion desirable?), or 1 or 0, got {label!r}"
+
+
+def _check_unpaired(row: dict) -> Problem | None:
+    return (
+        _check_prompt(row.get("prompt"))
+        or _check_reply(row.get("completion"), "completion")
+        or _check_label(row.get("label"))
+    )
+
+
+def unpaired_parts(row: dict) -> UnpairedParts:
+    """(x as messages, y, desirable) of a valid ``unpaired_preference`` row; a 0/1 label becomes a bool."""
+    return UnpairedParts(prompt_messages(row["prompt"]), reply_text(row["completion"]), bool(row["label"]))
 
 
 def _check_prompts(row: dict) -> Problem | None:
@@ -152,7 +297,12 @@ def _check_prompts(row: dict) -> Problem | None:
     return None
 
 
-_CHECKS = {"sft": _check_sft, "preference": _check_preference, "prompts": _check_prompts}
+_CHECKS = {
+    "sft": _check_sft,
+    "preference": _check_preference,
+    "prompts": _check_prompts,
+    "unpaired_preference": _check_unpaired,
+}
 
 
 def validate_records(

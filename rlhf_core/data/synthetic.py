@@ -107,6 +107,13 @@ def to_preference_record(p: ArithmeticProblem, rng: random.Random) -> dict[str, 
     return {"prompt": p.question, "chosen": format_solution(p), "rejected": rejected}
 
 
+def to_unpaired_record(p: ArithmeticProblem, rng: random.Random) -> dict[str, Any]:
+    """One rated completion: the correct solution (label True) or a wrong one (False), at random."""
+    pair = to_preference_record(p, rng)
+    label = rng.random() < 0.5
+    return {"prompt": p.question, "completion": pair["chosen"] if label else pair["rejected"], "label": label}
+
+
 def arithmetic_corpus(n: int, seed: int) -> list[str]:
     """Plain text lines (each question, then its solution) for training a tokenizer."""
     lines = []
@@ -125,7 +132,12 @@ def arithmetic_records(fmt: DatasetFormat, n: int, seed: int, **kwargs: Any) -> 
     if fmt == "preference":
         rng = random.Random(f"{seed}-preference")  # independent of the problem stream
         return [to_preference_record(p, rng) for p in problems]
-    raise ValueError(f"unknown dataset format {fmt!r}; expected 'sft', 'preference' or 'prompts'")
+    if fmt == "unpaired_preference":
+        rng = random.Random(f"{seed}-unpaired")
+        return [to_unpaired_record(p, rng) for p in problems]
+    raise ValueError(
+        f"unknown dataset format {fmt!r}; expected 'sft', 'preference', 'prompts' or 'unpaired_preference'"
+    )
 
 
 SYNTHETIC_TASKS: dict[str, Callable[..., list[dict]]] = {"arithmetic": arithmetic_records}

@@ -10,8 +10,13 @@ from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
 from rlhf_core.spec.local_paths import LocalDataPath
 from rlhf_core.spec.references import RefType, dataset_output
 
-RecordFormat = Literal["sft", "preference", "prompts"]
-OUTPUT_NAME_OF_FORMAT = {"sft": "sft", "preference": "preferences", "prompts": "prompts"}
+RecordFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
+OUTPUT_NAME_OF_FORMAT = {
+    "sft": "sft",
+    "preference": "preferences",
+    "prompts": "prompts",
+    "unpaired_preference": "unpaired_preferences",
+}
 
 
 class SyntheticSource(Strict):
