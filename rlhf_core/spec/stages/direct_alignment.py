@@ -1,0 +1,103 @@
+"""The ``direct_alignment`` stage: DPO and its family on preference data (book ch.8)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_core.spec.base import StageSpec
+from rlhf_core.spec.references import PolicyModel, PreferenceData, RefType, model_output
+from rlhf_core.spec.training import LoraSpec, OptimSpec
+
+# Loss name -> (needs a reference model, takes paired data). The loss functions and their
+# hyperparameters live in rlhf_core.losses.direct_alignment (which imports torch; the spec does not);
+# a test keeps this table equal to that registry.
+PREFERENCE_LOSSES: dict[str, tuple[bool, bool]] = {
+    "dpo": (True, True),
+    "cdpo": (True, True),
+    "ipo": (True, True),
+    "dpo_norm": (True, True),
+    "simpo": (False, True),
+    "orpo": (False, True),
+    "kto": (True, False),
+    "apo_zero": (True, True),
+    "apo_down": (True, True),
+    "dpo_nll": (True, True),
+}
+
+
+class PreferenceTrainSpec(OptimSpec):
+    """Direct-alignment hyperparameters (book ch.8; the companion configs use lr 5e-6, 3 epochs)."""
+
+    lr: float = Field(default=5e-6, gt=0, description="Peak learning rate of AdamW (book: 1e-7 to 5e-6).")
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        description=(
+            "Preference pairs per micro-batch, as in TRL's DPOTrainer (each pair is two sequences, "
+            "chosen and rejected, in one forward pass); unpaired examples for KTO."
+        ),
+    )
+    max_length: int = Field(default=512, ge=8, description="Longest prompt + completion, in tokens.")
+    on_overlong: Literal["truncate_prompt", "skip", "fail"] = Field(
+        default="truncate_prompt",
+        description=(
+            "A pair longer than max_length: cut its prompt from the left (a pair whose completion alone "
+            "is too long is skipped and counted), skip and count it, or stop naming its row."
+        ),
+    )
+
+
+class DirectAlignmentStage(StageSpec):
+    """Preference optimisation against a frozen reference: DPO, cDPO, IPO, length-normalized DPO,
+    SimPO, ORPO, KTO, APO-zero/down and DPO+NLL (book ch.8)."""
+
+    kind: Literal["direct_alignment"]
+    policy: PolicyModel = Field(description="Policy to optimise (usually the SFT model).")
+    data: PreferenceData = Field(
+        description=(
+            "Preference dataset (prompt, chosen, rejected), e.g. prefs.preferences. For kto each pair "
+            "gives one desirable (chosen) and one undesirable (rejected) example."
+        )
+    )
+    reference: PolicyModel | None = Field(
+        default=None,
+        description=(
+            "Reference model pi_ref; default: the policy's starting weights. Reference-free losses "
+            "(simpo, orpo) load none. Its log-probs are computed once and cached."
+        ),
+    )
+    loss: str = Field(default="dpo", description=f"One of: {', '.join(PREFERENCE_LOSSES)}.")
+    beta: float | None = Field(
+        default=None,
+        gt=0,
+        description="beta of the loss; default: the loss's own (0.1; 2.0 for dpo_norm, simpo).",
+    )
+    loss_options: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Other hyperparameters of the loss by name, e.g. {label_smoothing: 0.1} (cdpo), "
+            "{alpha: 1.0} (dpo_nll), {gamma_ratio: 0.5} (simpo), {odds_ratio_weight: 0.1} (orpo), "
+            "{desirable_weight: 1.0, undesirable_weight: 1.33} (kto); checked when the stage starts."
+        ),
+    )
+    train: PreferenceTrainSpec = Field(default_factory=PreferenceTrainSpec, description="Training settings.")
+    lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
+    register_as: str | None = Field(
+        default=None, description="Registered model name; default '<pipeline>-<stage>'."
+    )
+
+    outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+
+    @model_validator(mode="after")
+    def _known_loss(self) -> DirectAlignmentStage:
+        if self.loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown loss '{self.loss}' (known: {', '.join(PREFERENCE_LOSSES)})")
+        if self.reference is not None and not PREFERENCE_LOSSES[self.loss][0]:
+            raise ValueError(f"loss '{self.loss}' is reference-free: remove `reference`")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return PREFERENCE_LOSSES[self.loss][0]

@@ -1,0 +1,52 @@
+"""Task: the ``direct_alignment`` stage (DPO and its family; registers a policy version)."""
+
+from __future__ import annotations
+
+from rlhf_core.errors import UserError
+from rlhf_core.refs import ModelRef
+from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
+from tasks.model_outputs import describe_model, register_stage_model
+from tasks.registration import stage_task
+from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
+
+
+@stage_task(DirectAlignmentStage)
+def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
+    """Optimise the policy on the train split of the preference data; held-out metrics on its eval split."""
+    stage: DirectAlignmentStage = call.stage
+    policy, data = call.resolve(stage.policy), call.resolve(stage.data)
+    reference = call.resolve(stage.reference) if stage.reference else None
+    if reference is not None and reference.tokenizer_digest != policy.tokenizer_digest:
+        raise UserError(
+            f"stage '{call.name}', field reference: '{stage.reference}' has another tokenizer or chat "
+            f"template than the policy '{stage.policy}'; log-probs of the same text would not compare"
+        )
+
+    def body(run: StageRun) -> dict[str, ModelRef]:
+        from rlhf_core.training import direct_alignment as da  # loads torch only when the stage runs
+
+        ref_digest = (reference or policy).digest
+        cache = {
+            split: run.settings.resolved_home() / "cache" / "reference_logprobs"
+            / f"{da.reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
+            for split in data.splits
+        }  # fmt: skip
+        trained, tokenizer, result = da.run_direct_alignment(
+            run.model_dir(policy), policy.revision, run.read_split(data, "train"),
+            run.read_split(data, "eval") if "eval" in data.splits else None, stage,
+            reference_dir=run.model_dir(reference) if reference else None,
+            reference_revision=reference.revision if reference else None, reference_cache=cache,
+            seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name,
+            source=f"stage '{call.name}' ({data.stage}.{data.kind})", log=run.log,
+        )  # fmt: skip
+        if result.heldout:
+            run.log(result.heldout, result.steps)
+        run.key_metrics = result.summary()
+        ref = register_stage_model(
+            ctx, run, trained, tokenizer, registered_name=stage.register_as or f"{ctx.pipeline}-{call.name}",
+            role="policy", base_model=policy.base_model, upstream=policy, data=data,
+            extra_tags={"rlhf.reference_model": describe_model(reference or policy)},
+        )  # fmt: skip
+        return {"model": ref}
+
+    return execute_stage(ctx, call, body)

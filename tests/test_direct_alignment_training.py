@@ -1,0 +1,127 @@
+"""Direct alignment on a tiny model: every loss trains (loss falls, weights move), DPO starts at ln 2,
+reference log-probs are computed once and reused, training resumes exactly, bad settings fail early."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.errors import UserError
+from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
+from rlhf_core.spec import TinyModelSource
+from rlhf_core.spec.stages.direct_alignment import PREFERENCE_LOSSES, DirectAlignmentStage
+from rlhf_core.training.direct_alignment import run_direct_alignment
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320), 0)
+    return str(save_model(model, tokenizer, tmp_path_factory.mktemp("policy") / "model"))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return synthetic_records("arithmetic", "preference", 48, seed=0, max_operand=9)
+
+
+def _stage(loss: str, **train) -> DirectAlignmentStage:
+    settings = {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "max_length": 64, **train}
+    return DirectAlignmentStage(
+        kind="direct_alignment", policy="p", data="d.preferences", loss=loss, train=settings
+    )
+
+
+def _run(policy_dir, pairs, stage, tmp_path, name="run", logged=None):
+    log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else None
+    cache = {"train": tmp_path / "refcache" / "train.pt", "eval": tmp_path / "refcache" / "eval.pt"}
+    return run_direct_alignment(
+        policy_dir, None, pairs[:32], pairs[32:], stage, reference_dir=None, reference_revision=None,
+        reference_cache=cache, seed=0, checkpoint_dir=tmp_path / name / "ckpt", stage_name="dpo",
+        source="prefs", log=log,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", sorted(PREFERENCE_LOSSES))
+def test_every_loss_trains(loss, policy_dir, pairs, tmp_path):
+    logged: list = []
+    trained, _, result = _run(
+        policy_dir, pairs, _stage(loss, log_every=1, max_steps=8), tmp_path, logged=logged
+    )
+    losses = [m["train/loss"] for _, m in logged]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # the loss falls
+    start, _ = load_model(policy_dir)
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters(), strict=True)]
+    assert all(moved)  # every parameter changed
+    assert result.pairs == 32 and "eval/loss" in result.heldout
+
+
+def test_dpo_starts_at_ln2_and_logs_the_implicit_rewards(policy_dir, pairs, tmp_path):
+    logged: list = []
+    _run(policy_dir, pairs, _stage("dpo", log_every=1, max_steps=2, lr=1e-9), tmp_path, logged=logged)
+    first = logged[0][1]
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    assert first["train/chosen_reward"] == pytest.approx(0, abs=1e-5)
+    assert {"train/accuracy", "train/margin", "train/chosen_logp", "train/rejected_logp"} <= set(first)
+
+
+def test_reference_logprobs_are_cached_and_reused(policy_dir, pairs, tmp_path):
+    first = _run(policy_dir, pairs, _stage("dpo"), tmp_path, name="a")
+    assert not first[2].reference_cached and (tmp_path / "refcache" / "train.pt").exists()
+    second = _run(policy_dir, pairs, _stage("dpo"), tmp_path, name="b")
+    assert second[2].reference_cached
+    for a, b in zip(first[0].parameters(), second[0].parameters(), strict=True):
+        assert torch.equal(a, b)  # same training with the cached reference
+
+
+def test_reference_free_losses_compute_no_reference(policy_dir, pairs, tmp_path):
+    _run(policy_dir, pairs, _stage("simpo"), tmp_path)
+    assert not (tmp_path / "refcache").exists()
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(policy_dir, pairs, tmp_path, monkeypatch):
+    from rlhf_core.training import direct_alignment as da
+
+    stage = _stage("dpo", max_steps=6, checkpoint_every=2)
+    reference, _, _ = _run(policy_dir, pairs, stage, tmp_path, name="whole")
+    real = da.step_losses
+    calls = {"n": 0}
+
+    def crash_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # one micro-batch per step: dies in step 5, after the checkpoint of step 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(da, "step_losses", crash_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(policy_dir, pairs, stage, tmp_path, name="crashed")
+    monkeypatch.setattr(da, "step_losses", real)
+    resumed, _, result = _run(policy_dir, pairs, stage, tmp_path, name="crashed")
+    assert result.resumed_from_step == 4
+    for a, b in zip(resumed.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_unknown_loss_option_fails_before_training(policy_dir, pairs, tmp_path):
+    stage = DirectAlignmentStage(
+        kind="direct_alignment", policy="p", data="d.preferences", loss="ipo", loss_options={"alpha": 1.0}
+    )
+    with pytest.raises(
+        UserError, match=r"loss 'ipo' has no option\(s\) alpha; it takes: beta \(default 0.1\)"
+    ):
+        _run(policy_dir, pairs, stage, tmp_path)
+
+
+def test_the_specs_loss_table_is_the_loss_registry():
+    """The spec validates loss names without importing torch; its table must equal the registry."""
+    from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES
+
+    assert PREFERENCE_LOSSES == {
+        name: (spec.needs_reference, spec.paired) for name, spec in DIRECT_ALIGNMENT_LOSSES.items()
+    }
