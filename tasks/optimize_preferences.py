@@ -14,7 +14,7 @@ from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun,
 def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
     """Optimise the policy on the train split of the preference data; held-out metrics on its eval split."""
     stage: DirectAlignmentStage = call.stage
-    policy, data = call.resolve(stage.policy), call.resolve(stage.data)
+    policy, data = call.resolve(stage.policy), call.resolve(stage.data or stage.unpaired_data)
     reference = call.resolve(stage.reference) if stage.reference else None
     if reference is not None and reference.tokenizer_digest != policy.tokenizer_digest:
         raise UserError(

@@ -1,8 +1,8 @@
-"""Exact resume through the real command: SIGKILL ``rlhf run`` mid-SFT, run it again, compare weights.
+"""Exact resume through the real command: SIGKILL ``rlhf run`` mid-training, run it again, compare weights.
 
-Home A runs the pipeline uninterrupted. Home B runs the same spec, is killed with SIGKILL once an SFT
-checkpoint exists, and is run again with the same command: it must say the stage resumed, and its
-final weights must match home A's to within 1e-5.
+Home A runs the pipeline uninterrupted. Home B runs the same spec, is killed with SIGKILL once a
+checkpoint of the stage under test (SFT, or DPO after a short SFT) exists, and is run again with the
+same command: it must say the stage resumed, and its final weights must match home A's to within 1e-5.
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.e2e
 
 
-def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
+def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
     tiny_spec_dict["name"] = "resume"
-    tiny_spec_dict["stages"]["sft"]["train"].update(
-        max_steps=100, checkpoint_every=10, log_every=10, batch_size=16
-    )
-    del tiny_spec_dict["stages"]["eval"], tiny_spec_dict["stages"]["rm"]
+    stages = tiny_spec_dict["stages"]
+    del stages["eval"], stages["rm"]
+    long_run = {"max_steps": 100, "checkpoint_every": 10, "log_every": 10, "batch_size": 16}
+    if stage == "sft":
+        stages["sft"]["train"].update(long_run)
+    else:
+        stages["dpo"] = {
+            "kind": "direct_alignment",
+            "policy": "sft",
+            "data": "data.preferences",
+            "train": {**long_run, "max_steps": 60, "batch_size": 8, "lr": 1e-3, "max_length": 64},
+        }
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
     return path
@@ -40,27 +48,28 @@ def _env(api_url: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"}
 
 
-def _final_weights(home: Path) -> dict:
-    (model_dir,) = (home / "work").glob("sft-*/model")
+def _final_weights(home: Path, stage: str) -> dict:
+    (model_dir,) = (home / "work").glob(f"{stage}-*/model")
     return load_file(model_dir / "model.safetensors")
 
 
-def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, stage: str, timeout: float = 240) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = list((home / "work").glob("sft-*/checkpoints/step-*/trainer_state.json"))
+        found = list((home / "work").glob(f"{stage}-*/checkpoints/step-*/trainer_state.json"))
         if found:
             return found[0]
         if proc.poll() is not None:
-            pytest.fail(f"rlhf run exited ({proc.returncode}) before writing an SFT checkpoint")
+            pytest.fail(f"rlhf run exited ({proc.returncode}) before writing a {stage} checkpoint")
         time.sleep(0.02)
-    pytest.fail("no SFT checkpoint appeared in time")
+    pytest.fail(f"no {stage} checkpoint appeared in time")
 
 
-def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(
-    tmp_path, tiny_spec_dict, prefect_api_url
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigkill_mid_training_then_rerun_resumes_and_matches_uninterrupted(
+    tmp_path, tiny_spec_dict, prefect_api_url, stage
 ):
-    spec = _spec(tmp_path, tiny_spec_dict)
+    spec = _spec(tmp_path, tiny_spec_dict, stage)
     env = _env(prefect_api_url)
     cwd = Path(__file__).resolve().parents[1]
 
@@ -76,10 +85,10 @@ def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    checkpoint = _wait_for_checkpoint(home_b, proc)
+    checkpoint = _wait_for_checkpoint(home_b, proc, stage)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not list((home_b / "work").glob("sft-*/model")), "killed before the end, no final model"
+    assert not list((home_b / "work").glob(f"{stage}-*/model")), "killed before the end, no final model"
 
     rerun = subprocess.run(
         _rlhf(spec, home_b, prefect_api_url), env=env, cwd=cwd, capture_output=True, text=True
@@ -89,7 +98,7 @@ def test_sigkill_mid_sft_then_rerun_resumes_and_matches_uninterrupted(
     assert "resumed" in rerun.stdout
     assert "resumed_from_step" in rerun.stdout, f"checkpoint seen: {checkpoint}"
 
-    a, b = _final_weights(home_a), _final_weights(home_b)
+    a, b = _final_weights(home_a, stage), _final_weights(home_b, stage)
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-5, f"max abs weight difference {worst}"

@@ -75,6 +75,7 @@ SFTData = Annotated[str, dataset_output("sft")]
 PreferenceData = Annotated[str, dataset_output("preference")]
 PromptsData = Annotated[str, dataset_output("prompts")]
 CompletionsData = Annotated[str, dataset_output("completions")]
+UnpairedPreferenceData = Annotated[str, dataset_output("unpaired_preference")]
 EvalReport = Annotated[str, REPORT]
 
 

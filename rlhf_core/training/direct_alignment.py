@@ -14,9 +14,10 @@
    accuracy and margin, chosen/rejected rewards and policy log-probs. The book's displacement (both
    log-probs fall, the rejected more, while the margin widens) shows in those curves.
 
-KTO trains on unpaired examples: here each pair gives a desirable (chosen) and an undesirable
-(rejected) example, and the KL reference point z_0 comes from mismatched pairs (x_i, y_{i+1}) of the
-step, whose reference log-probs are cached with the rest.
+KTO trains on unpaired examples (an ``unpaired_preference`` dataset, or pairs split into a desirable
+chosen and an undesirable rejected example); its KL reference point z_0 comes from mismatched pairs
+(x_i, y_{i+1}), the next example's completion in data order, whose reference log-probs are cached with
+the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
 from rlhf_core.losses.language_model import IGNORE_INDEX, sequence_logprobs
 from rlhf_core.modeling.models import load_model
 from rlhf_core.modeling.modes import eval_mode
-from rlhf_core.modeling.preference_tokens import PairTokens, tokenize_preference_rows
+from rlhf_core.modeling.preference_tokens import (
+    CompletionTokens,
+    LengthReport,
+    PairTokens,
+    tokenize_preference_rows,
+    tokenize_unpaired_rows,
+)
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.sft import apply_lora
@@ -53,9 +60,9 @@ class DirectAlignmentResult:
     steps: int
     resumed_from_step: int
     final_loss: float
-    pairs: int
-    truncated_pairs: int
-    skipped_pairs: int
+    examples: int  # pairs, or unpaired completions for KTO
+    truncated: int  # rows kept with their prompt cut from the left
+    skipped: int  # rows dropped for their length
     reference_cached: bool
     seconds: float
     input_tokens: int
@@ -65,12 +72,14 @@ class DirectAlignmentResult:
         shown = {
             "final_train_loss": self.final_loss,
             "steps": float(self.steps),
-            "pairs": float(self.pairs),
-            "skipped_pairs": float(self.skipped_pairs),
-            "truncated_pairs": float(self.truncated_pairs),
+            "examples": float(self.examples),
+            "skipped_rows": float(self.skipped),
+            "truncated_prompts": float(self.truncated),
             "tokens_per_second": self.input_tokens / self.seconds if self.seconds > 0 else 0.0,
         }
         shown |= {k.replace("eval/", "heldout_"): v for k, v in self.heldout.items() if k in HELDOUT_SHOWN}
+        if self.resumed_from_step:
+            shown["resumed_from_step"] = float(self.resumed_from_step)
         return shown
 
 
@@ -91,11 +100,29 @@ def reference_logprobs_key(
     return stage_fingerprint("reference_logprobs", settings, inputs, seed=0)
 
 
-def pair_batch(pairs: list[PairTokens], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded rows: the chosen sequences of ``pairs``, then their rejected ones (2B, T); labels
-    carry the completion tokens only."""
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    return completion_batch(sequences, pad_token_id)
+Example = PairTokens | CompletionTokens
+
+
+def as_unpaired(pairs: list[PairTokens]) -> list[CompletionTokens]:
+    """KTO from preference pairs: the chosen completion is desirable, the rejected one is not."""
+    return [
+        CompletionTokens(p.prompt, completion, label, p.row)
+        for p in pairs
+        for completion, label in ((p.chosen, True), (p.rejected, False))
+    ]
+
+
+def example_sequences(examples: list, ids: list[int]) -> list[tuple[list[int], list[int]]]:
+    """The (prompt, completion) sequences of examples ``ids``: chosen then rejected of each pair, or
+    each unpaired completion then the mismatched (x_i, y_{i+1}) that KTO's reference point needs."""
+    if isinstance(examples[0], PairTokens):
+        return [(examples[i].prompt, examples[i].chosen) for i in ids] + [
+            (examples[i].prompt, examples[i].rejected) for i in ids
+        ]
+    n = len(examples)
+    return [(examples[i].prompt, examples[i].completion) for i in ids] + [
+        (examples[i].prompt, examples[(i + 1) % n].completion) for i in ids
+    ]
 
 
 def completion_batch(
@@ -114,57 +141,45 @@ def completion_batch(
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def completion_logprobs(
-    model: PreTrainedModel, sequences: list[tuple[list[int], list[int]]], pad_token_id: int
+def example_logprobs(
+    model: PreTrainedModel, examples: list, ids: list[int], pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log pi(completion | prompt), completion length) per (prompt, completion), one forward."""
+    """(2, n) summed completion log-probs and (2, n) lengths of examples ``ids``, in one forward pass:
+    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion)."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id).items()}
-    return sequence_logprobs(
+    batch = {
+        k: v.to(device) for k, v in completion_batch(example_sequences(examples, ids), pad_token_id).items()
+    }
+    sums, lengths = sequence_logprobs(
         model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
     )
-
-
-def mismatched(pairs: list[PairTokens]) -> list[tuple[list[int], list[int]]]:
-    """(x_i, y_{i+1}) for KTO's KL reference point: each prompt with the next pair's chosen completion."""
-    return [(p.prompt, pairs[(i + 1) % len(pairs)].chosen) for i, p in enumerate(pairs)]
+    return sums.view(2, len(ids)), lengths.view(2, len(ids))
 
 
 @torch.no_grad()
-def compute_reference_logprobs(
-    model: PreTrainedModel, pairs: list[PairTokens], pad_token_id: int, with_mismatched: bool
-) -> torch.Tensor:
-    """(N, 3) reference log-probs per pair: chosen, rejected, and the mismatched (x_i, y_{i+1}) (KTO)."""
-    out = torch.zeros(len(pairs), 3, dtype=torch.float64)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen))
-    kl_pairs = mismatched(pairs) if with_mismatched else []
+def compute_reference_logprobs(model: PreTrainedModel, examples: list, pad_token_id: int) -> torch.Tensor:
+    """(N, 2) reference log-probs per example: chosen and rejected, or completion and mismatched."""
+    out = torch.zeros(len(examples), 2, dtype=torch.float64)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     with eval_mode(model):
         for start in range(0, len(order), REFERENCE_BATCH):
             ids = order[start : start + REFERENCE_BATCH]
-            sequences = [(pairs[i].prompt, pairs[i].chosen) for i in ids]
-            sequences += [(pairs[i].prompt, pairs[i].rejected) for i in ids]
-            sequences += [kl_pairs[i] for i in ids] if with_mismatched else []
-            sums, _ = completion_logprobs(model, sequences, pad_token_id)
-            columns = sums.double().cpu().view(-1, len(ids)).T  # (n, 2 or 3)
-            out[ids, : columns.shape[1]] = columns
+            sums, _ = example_logprobs(model, examples, ids, pad_token_id)
+            out[ids] = sums.double().cpu().T
     return out
 
 
 def cached_reference_logprobs(
-    cache_file: Path,
-    reference_dir: str,
-    revision: str | None,
-    pairs: list[PairTokens],
-    with_mismatched: bool,
+    cache_file: Path, reference_dir: str, revision: str | None, examples: list
 ) -> tuple[torch.Tensor, bool]:
-    """The reference log-probs of ``pairs`` from ``cache_file``, computed (and written atomically) on a
+    """The reference log-probs of ``examples`` from ``cache_file``, computed (and written atomically) on a
     miss; returns (log-probs, whether they came from the cache). The reference model is freed after."""
     if cache_file.exists():
         cached = torch.load(cache_file)
-        if cached.shape[0] == len(pairs):
+        if cached.shape[0] == len(examples):
             return cached, True
     model, tokenizer = load_model(reference_dir, revision=revision)
-    logprobs = compute_reference_logprobs(model, pairs, tokenizer.pad_token_id, with_mismatched)
+    logprobs = compute_reference_logprobs(model, examples, tokenizer.pad_token_id)
     del model
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
@@ -193,69 +208,59 @@ def loss_options(stage: DirectAlignmentStage, spec: LossSpec) -> dict[str, float
 def step_losses(
     spec: LossSpec,
     options: dict[str, float],
-    policy: dict[str, torch.Tensor],
+    logps: torch.Tensor,
+    lengths: torch.Tensor,
     reference: torch.Tensor | None,
+    desirable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-example losses and the logged quantities for one micro-batch.
 
-    ``policy`` holds the (B,) summed log-probs and lengths of chosen, rejected (and mismatched for KTO);
-    ``reference`` is the (B, 3) slice of the cached reference log-probs, or None (reference-free).
+    ``logps``/``lengths`` are (2, n) from :func:`example_logprobs`; ``reference`` the (n, 2) slice of
+    the cached reference log-probs, or None (reference-free); ``desirable`` the (n,) KTO labels.
     """
-    tensors = {
-        "policy_chosen_logps": policy["chosen"],
-        "policy_rejected_logps": policy["rejected"],
-        "chosen_lengths": policy["chosen_lengths"],
-        "rejected_lengths": policy["rejected_lengths"],
-    }
-    if reference is not None:
-        reference = reference.to(policy["chosen"].dtype)
-        tensors |= {"reference_chosen_logps": reference[:, 0], "reference_rejected_logps": reference[:, 1]}
-    if not spec.paired:  # KTO: chosen desirable, rejected undesirable, z_0 from the mismatched pairs
-        n = policy["chosen"].shape[0]
+    if spec.paired:
         tensors = {
-            "policy_logps": torch.cat([policy["chosen"], policy["rejected"]]),
-            "reference_logps": torch.cat([reference[:, 0], reference[:, 1]]),
-            "desirable": torch.arange(2 * n, device=reference.device) < n,
-            "policy_kl_logps": policy["mismatched"],
-            "reference_kl_logps": reference[:, 2],
+            "policy_chosen_logps": logps[0],
+            "policy_rejected_logps": logps[1],
+            "chosen_lengths": lengths[0],
+            "rejected_lengths": lengths[1],
         }
+        if reference is not None:
+            reference = reference.to(logps.dtype)
+            tensors |= {
+                "reference_chosen_logps": reference[:, 0],
+                "reference_rejected_logps": reference[:, 1],
+            }
+        chosen, rejected = logps[0], logps[1]
+    else:  # KTO: z_0 from the mismatched completions
+        reference = reference.to(logps.dtype)
+        tensors = {
+            "policy_logps": logps[0],
+            "reference_logps": reference[:, 0],
+            "desirable": desirable,
+            "policy_kl_logps": logps[1],
+            "reference_kl_logps": reference[:, 1],
+        }
+        chosen, rejected = logps[0][desirable], logps[0][~desirable]
     result = spec.fn(*(tensors[name] for name in spec.inputs), **options)
     logged = {
-        "chosen_reward": result.chosen_rewards.mean(),
-        "rejected_reward": result.rejected_rewards.mean(),
-        "chosen_logp": policy["chosen"].detach().mean(),
-        "rejected_logp": policy["rejected"].detach().mean(),
-        **{k: v.mean() for k, v in result.metrics.items()},
+        "chosen_reward": result.chosen_rewards,
+        "rejected_reward": result.rejected_rewards,
+        "chosen_logp": chosen.detach(),
+        "rejected_logp": rejected.detach(),
+        **result.metrics,
     }
     if spec.paired:
-        logged["accuracy"] = (result.chosen_rewards > result.rejected_rewards).float().mean()
-        logged["margin"] = (result.chosen_rewards - result.rejected_rewards).mean()
-    return result.losses, logged
-
-
-def micro_batch_logprobs(
-    model: PreTrainedModel, pairs: list[PairTokens], pad_token_id: int, with_mismatched: bool
-) -> dict[str, torch.Tensor]:
-    """Chosen and rejected (and mismatched) sequences of ``pairs`` through the policy in one forward."""
-    sequences = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    sequences += mismatched(pairs) if with_mismatched else []
-    sums, lengths = completion_logprobs(model, sequences, pad_token_id)
-    n = len(pairs)
-    out = {
-        "chosen": sums[:n],
-        "rejected": sums[n : 2 * n],
-        "chosen_lengths": lengths[:n],
-        "rejected_lengths": lengths[n : 2 * n],
-    }
-    if with_mismatched:
-        out["mismatched"] = sums[2 * n :]
-    return out
+        logged["accuracy"] = (result.chosen_rewards > result.rejected_rewards).float()
+        logged["margin"] = result.chosen_rewards - result.rejected_rewards
+    # a KTO micro-batch may hold no desirable (or undesirable) example: its mean is left out, not NaN
+    return result.losses, {k: v.float().mean() for k, v in logged.items() if v.numel()}
 
 
 def train_direct_alignment(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: list[PairTokens],
+    examples: list,
     reference: torch.Tensor | None,
     stage: DirectAlignmentStage,
     *,
@@ -264,33 +269,34 @@ def train_direct_alignment(
     stage_name: str = "direct_alignment",
     log: LogFn | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """Optimise ``model`` on tokenized ``pairs`` with the stage's loss; ``reference`` is the (N, 3)
-    cached reference log-probs (None for reference-free losses). Resumes from ``checkpoint_dir``."""
+    """Optimise ``model`` on tokenized examples (``PairTokens``, or ``CompletionTokens`` for KTO) with the
+    stage's loss; ``reference`` is the (N, 2) cached reference log-probs (None for reference-free
+    losses). Resumes from ``checkpoint_dir``."""
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     options = loss_options(stage, spec)
     cfg = stage.train
     torch.manual_seed(seed)
     if stage.lora is not None:
         model = apply_lora(model, stage.lora)
-    order = list(range(len(pairs)))
+    order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    steps_per_epoch, total_steps = plan_steps(len(pairs), cfg)
-    length = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
+    steps_per_epoch, total_steps = plan_steps(len(examples), cfg)
+    length = [max(len(x) + len(y) for x, y in example_sequences(examples, [i])) for i in range(len(examples))]
+    labels = torch.tensor([getattr(e, "label", True) for e in examples])
 
     def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
-        # the step's loss is the mean over its pairs however they are split, so similar lengths share a
+        # the step's loss is the mean over its examples however they are split, so similar lengths share a
         # micro-batch (less padding) and the gradient is unchanged
         picked = [
-            order[i] for part in rows_of_step(len(pairs), cfg, seed, step, steps_per_epoch) for i in part
+            order[i] for part in rows_of_step(len(examples), cfg, seed, step, steps_per_epoch) for i in part
         ]
         picked.sort(key=lambda i: length[i])
         totals: dict[str, float] = {TOKENS: 0.0}
         for start in range(0, len(picked), cfg.batch_size):
             ids = picked[start : start + cfg.batch_size]
-            part = [pairs[i] for i in ids]
-            policy = micro_batch_logprobs(model, part, tokenizer.pad_token_id, not spec.paired)
+            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id)
             ref = reference[ids].to(device) if reference is not None else None
-            losses, logged = step_losses(spec, options, policy, ref)
+            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -301,7 +307,7 @@ def train_direct_alignment(
             backward(loss * weight)
             for key, value in {"loss": loss.detach(), **logged}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * weight
-            totals[TOKENS] += float(sum(len(p.prompt) * 2 + len(p.chosen) + len(p.rejected) for p in part))
+            totals[TOKENS] += float(sum(len(x) + len(y) for x, y in example_sequences(examples, ids)))
         return totals
 
     trained, loop = run_optimizer_steps(
@@ -323,25 +329,46 @@ def train_direct_alignment(
 def evaluate_direct_alignment(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: list[PairTokens],
+    examples: list,
     reference: torch.Tensor | None,
     stage: DirectAlignmentStage,
 ) -> dict[str, float]:
-    """Held-out loss, implicit reward accuracy and margin, rewards and log-probs on ``pairs``."""
+    """Held-out loss, implicit reward accuracy and margin, rewards and log-probs on ``examples``."""
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     options = loss_options(stage, spec)
+    labels = torch.tensor([getattr(e, "label", True) for e in examples])
     totals: dict[str, float] = {}
     with eval_mode(model):
-        for start in range(0, len(pairs), REFERENCE_BATCH):
-            part = pairs[start : start + REFERENCE_BATCH]
-            policy = micro_batch_logprobs(model, part, tokenizer.pad_token_id, not spec.paired)
-            ref = reference[start : start + len(part)] if reference is not None else None
-            losses, logged = step_losses(spec, options, policy, ref)
-            weight = len(part) / len(pairs)
+        for start in range(0, len(examples), REFERENCE_BATCH):
+            ids = list(range(start, min(start + REFERENCE_BATCH, len(examples))))
+            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id)
+            ref = reference[ids].to(logps.device) if reference is not None else None
+            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(logps.device))
+            weight = len(ids) / len(examples)
             for key, value in {"loss": losses.mean(), **logged}.items():
                 totals[f"eval/{key}"] = totals.get(f"eval/{key}", 0.0) + float(value) * weight
-    totals["eval/pairs"] = float(len(pairs))
+    totals["eval/examples"] = float(len(examples))
     return totals
+
+
+def tokenize_examples(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, stage: DirectAlignmentStage, source: str
+) -> tuple[list, LengthReport]:
+    """Rows as the examples the stage's loss trains on: pairs, or unpaired completions for KTO."""
+    cfg, spec = stage.train, DIRECT_ALIGNMENT_LOSSES[stage.loss]
+    options = {"max_length": cfg.max_length, "on_overlong": cfg.on_overlong, "source": source}
+    if stage.unpaired_data is not None:
+        return tokenize_unpaired_rows(rows, tokenizer, **options)
+    pairs, report = tokenize_preference_rows(rows, tokenizer, **options)
+    return (pairs if spec.paired else as_unpaired(pairs)), report
+
+
+def check_labels(examples: list, stage_name: str, source: str) -> None:
+    """KTO needs desirable and undesirable examples: its reference point compares the two."""
+    labels = {e.label for e in examples}
+    if len(labels) == 1:
+        which = "desirable" if labels == {True} else "undesirable"
+        raise UserError(f"stage '{stage_name}': every example of {source} is {which}; kto needs both labels")
 
 
 def run_direct_alignment(
@@ -367,44 +394,43 @@ def run_direct_alignment(
     model, tokenizer = load_model(policy_dir, revision=revision)
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     loss_options(stage, spec)  # bad options fail before any work
-    cfg = stage.train
     splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
-    tokenized, reports = {}, {}
+    examples, reports = {}, {}
     for split, rows in splits.items():
-        tokenized[split], reports[split] = tokenize_preference_rows(
-            rows, tokenizer, max_length=cfg.max_length, on_overlong=cfg.on_overlong,
-            source=f"{source} ({split} split)",
-        )  # fmt: skip
-    if not tokenized["train"]:
-        raise UserError(f"stage '{stage_name}': no preference pair fits in max_length {cfg.max_length}")
-    references: dict[str, torch.Tensor | None] = {split: None for split in tokenized}
+        examples[split], reports[split] = tokenize_examples(
+            rows, tokenizer, stage, f"{source} ({split} split)"
+        )
+    if not examples["train"]:
+        raise UserError(f"stage '{stage_name}': no example fits in max_length {stage.train.max_length}")
+    if not spec.paired:
+        check_labels(examples["train"], stage_name, f"{source} (train split)")
+    references: dict[str, torch.Tensor | None] = {split: None for split in examples}
     from_cache = False
     if spec.needs_reference:
-        for split, pairs in tokenized.items():
-            if pairs:
+        for split, items in examples.items():
+            if items:
                 references[split], from_cache = cached_reference_logprobs(
                     reference_cache[split], reference_dir or policy_dir,
-                    reference_revision if reference_dir else revision, pairs, not spec.paired,
+                    reference_revision if reference_dir else revision, items,
                 )  # fmt: skip
     trained, loop = train_direct_alignment(
-        model, tokenizer, tokenized["train"], references["train"], stage, seed=seed,
+        model, tokenizer, examples["train"], references["train"], stage, seed=seed,
         checkpoint_dir=checkpoint_dir, stage_name=stage_name, log=log,
     )  # fmt: skip
     heldout = {}
-    if tokenized.get("eval"):
-        heldout = evaluate_direct_alignment(trained, tokenizer, tokenized["eval"], references["eval"], stage)
-    train_report = reports["train"]
+    if examples.get("eval"):
+        heldout = evaluate_direct_alignment(trained, tokenizer, examples["eval"], references["eval"], stage)
+    report = reports["train"]
     result = DirectAlignmentResult(
         steps=loop["steps"],
         resumed_from_step=loop["resumed_from_step"],
         final_loss=loop["final_loss"],
-        pairs=len(tokenized["train"]),
-        truncated_pairs=train_report.truncated,
-        skipped_pairs=train_report.skipped,
+        examples=len(examples["train"]),
+        truncated=report.truncated,
+        skipped=report.skipped,
         reference_cached=from_cache,
         seconds=loop["seconds"],
         input_tokens=loop["input_tokens"],
         heldout=heldout,
     )
     return trained, tokenizer, result
-

@@ -7,7 +7,13 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec
-from rlhf_core.spec.references import PolicyModel, PreferenceData, RefType, model_output
+from rlhf_core.spec.references import (
+    PolicyModel,
+    PreferenceData,
+    RefType,
+    UnpairedPreferenceData,
+    model_output,
+)
 from rlhf_core.spec.training import LoraSpec, OptimSpec
 
 # Loss name -> (needs a reference model, takes paired data). The loss functions and their
@@ -55,11 +61,16 @@ class DirectAlignmentStage(StageSpec):
 
     kind: Literal["direct_alignment"]
     policy: PolicyModel = Field(description="Policy to optimise (usually the SFT model).")
-    data: PreferenceData = Field(
+    data: PreferenceData | None = Field(
+        default=None,
         description=(
             "Preference dataset (prompt, chosen, rejected), e.g. prefs.preferences. For kto each pair "
             "gives one desirable (chosen) and one undesirable (rejected) example."
-        )
+        ),
+    )
+    unpaired_data: UnpairedPreferenceData | None = Field(
+        default=None,
+        description="Or, for kto: an unpaired_preference dataset (prompt, completion, desirable label).",
     )
     reference: PolicyModel | None = Field(
         default=None,
@@ -96,6 +107,12 @@ class DirectAlignmentStage(StageSpec):
             raise ValueError(f"unknown loss '{self.loss}' (known: {', '.join(PREFERENCE_LOSSES)})")
         if self.reference is not None and not PREFERENCE_LOSSES[self.loss][0]:
             raise ValueError(f"loss '{self.loss}' is reference-free: remove `reference`")
+        if (self.data is None) == (self.unpaired_data is None):
+            raise ValueError("give exactly one of `data` (preference pairs) or `unpaired_data` (for kto)")
+        if self.unpaired_data is not None and PREFERENCE_LOSSES[self.loss][1]:
+            raise ValueError(
+                f"loss '{self.loss}' needs preference pairs (`data`); only kto takes `unpaired_data`"
+            )
         return self
 
     @property
