@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf_core.data.schemas import prompt_key
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import PromptPairs, encode_completion, pad_batch
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
@@ -97,8 +98,8 @@ def score_pairs(
     """
     device = next(model.parameters()).device
     by_prompt: dict[str, list[int]] = {}
-    for i, (prompt, _) in enumerate(pairs):
-        by_prompt.setdefault(prompt, []).append(i)
+    for i, (prompt, _) in enumerate(pairs):  # a prompt may be text or a conversation
+        by_prompt.setdefault(prompt_key(prompt), []).append(i)
     encoded = [encode_completion(tokenizer, prompt, completion) for prompt, completion in pairs]
     groups = sorted(by_prompt.values(), key=lambda idx: sum(len(encoded[i]) for i in idx))
     scores = [0.0] * len(encoded)

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_core.data.schemas import prompt_messages
 from rlhf_core.modeling.modes import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -39,11 +40,9 @@ Engine = Literal["native", "transformers"]
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is done
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as one user turn followed by the assistant generation header."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> str:
+    """The prompt (text as one user turn, or a conversation) followed by the assistant generation header."""
+    return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
