@@ -75,6 +75,7 @@ class DirectAlignmentResult:
             "examples": float(self.examples),
             "skipped_rows": float(self.skipped),
             "truncated_prompts": float(self.truncated),
+            "reference_logprobs_from_cache": float(self.reference_cached),
             "tokens_per_second": self.input_tokens / self.seconds if self.seconds > 0 else 0.0,
         }
         shown |= {k.replace("eval/", "heldout_"): v for k, v in self.heldout.items() if k in HELDOUT_SHOWN}
