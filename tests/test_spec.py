@@ -263,3 +263,43 @@ def test_a_stage_without_kind_lists_the_kinds(tiny_spec_dict):
     assert "field name: 'bad name' is not a valid name; use 1-64 letters" in "\n".join(
         _problems(tiny_spec_dict)
     )
+
+
+def _online(tiny_spec_dict, **fields) -> dict:
+    tiny_spec_dict["stages"]["online"] = {
+        "kind": "iterative_dpo", "policy": "sft", "prompts": "data.prompts", "rounds": 3,
+        "judge": [{"function": "arithmetic_exact"}], "loss": "dpo", **fields,
+    }  # fmt: skip
+    tiny_spec_dict["stages"]["eval"]["models"] = ["sft", "online-r1", "online"]
+    return tiny_spec_dict
+
+
+def test_iterative_dpo_expands_into_rounds_of_ordinary_stages(tiny_spec_dict):
+    spec = parse_spec(_online(tiny_spec_dict))
+    rounds = [n for n in spec.topological_order() if n.startswith("online")]
+    assert rounds == [
+        "online-r1-samples", "online-r1-pairs", "online-r1",
+        "online-r2-samples", "online-r2-pairs", "online-r2",
+        "online-r3-samples", "online-r3-pairs", "online",
+    ]  # fmt: skip
+    stages = spec.stages
+    assert stages["online-r1-samples"].policy == "sft" and stages["online-r2-samples"].policy == "online-r1"
+    assert stages["online"].policy == "online-r2" and stages["online"].data == "online-r3-pairs.preferences"
+    assert stages["online-r2"].reference is None  # 'previous': the round's own starting policy
+    assert [stages[f"online-r{r}-samples"].seed for r in (1, 2, 3)] == [0, 1, 2]  # fresh samples per round
+    from conftest import TINY_SPEC
+
+    initial = parse_spec(_online(copy.deepcopy(TINY_SPEC), reference="initial"))
+    assert initial.stages["online-r2"].reference == "sft"
+
+
+def test_iterative_dpo_errors_name_the_template(tiny_spec_dict):
+    problems = _problems(_online(tiny_spec_dict, rounds=0, bogus=1))
+    assert "stage 'online', field rounds: Input should be greater than or equal to 1" in problems
+    assert any(p.startswith("stage 'online', field bogus:") for p in problems)
+    tiny_spec_dict["stages"]["online-r1-pairs"] = tiny_spec_dict["stages"]["sft"]
+    tiny_spec_dict["stages"]["online"].update(rounds=2)
+    del tiny_spec_dict["stages"]["online"]["bogus"]
+    assert "stage 'online': expands to a stage 'online-r1-pairs', a name already in use" in _problems(
+        tiny_spec_dict
+    )

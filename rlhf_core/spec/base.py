@@ -63,6 +63,32 @@ class StageSpec(Strict):
         return dict(self.outputs)
 
 
+STAGE_TEMPLATES: dict[str, type[StageTemplate]] = {}
+"""Template kind -> its class: kinds that expand into several stages when the spec is read."""
+
+
+class StageTemplate(Strict):
+    """Base of a stage template: one entry of ``stages:`` that stands for several ordinary stages.
+
+    Subclasses declare ``kind: Literal["<name>"]`` and ``expand(name, pipeline_seed)``, which returns
+    the raw stage entries it stands for; every other check (references, caching, lineage, resume)
+    then applies to those stages as to any other.
+    """
+
+    seed: int | None = Field(
+        default=None, description="Seed of the expanded stages; default: the pipeline's."
+    )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        (kind,) = get_args(cls.model_fields["kind"].annotation)
+        STAGE_TEMPLATES[kind] = cls
+
+    def expand(self, name: str, pipeline_seed: int) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+
 def check_split_fractions(splits: dict[str, float]) -> None:
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6 or any(v <= 0 for v in splits.values()):

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from rlhf_core.spec.base import NAME_RULE, SpecError
+from rlhf_core.spec.base import NAME_RULE, STAGE_TEMPLATES, SpecError
 from rlhf_core.spec.local_paths import missing_local_paths
 from rlhf_core.spec.pipeline import STAGE_KINDS, PipelineSpec, position_limit_problems
 
@@ -55,9 +55,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineS
 def parse_spec(raw: dict[str, Any], base_dir: str | Path = ".") -> PipelineSpec:
     """Validate a spec given as a dict; relative local paths are taken from ``base_dir``.
 
-    Checks fields, types, names, references and cycles, then that every local path the spec names
-    exists, then ``max_length`` fields against the position limits of tiny and local base models.
+    Stage templates (e.g. ``iterative_dpo``) are expanded into their stages first. Then: fields,
+    types, names, references and cycles, that every local path the spec names exists, and
+    ``max_length`` fields against the position limits of tiny and local base models.
     """
+    raw = expand_templates(raw)
     try:
         spec = PipelineSpec.model_validate(raw, context={"base_dir": str(Path(base_dir).resolve())})
     except ValidationError as exc:
@@ -75,6 +77,33 @@ def parse_spec(raw: dict[str, Any], base_dir: str | Path = ".") -> PipelineSpec:
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def expand_templates(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with every stage-template entry replaced, in place, by the stages it stands for."""
+    stages = raw.get("stages")
+    if not isinstance(stages, dict):
+        return raw
+    seed = raw.get("seed", 0) if isinstance(raw.get("seed", 0), int) else 0
+    expanded: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, entry in stages.items():
+        template = STAGE_TEMPLATES.get(entry.get("kind")) if isinstance(entry, dict) else None
+        if template is None:
+            expanded[name] = entry
+            continue
+        try:
+            parts = template.model_validate(entry).expand(str(name), seed)
+        except ValidationError as exc:
+            problems += _format_validation_error(exc, prefix=("stages", str(name)))
+            continue
+        for part, part_entry in parts.items():
+            if (part != name and part in stages) or part in expanded:
+                problems.append(f"stage '{name}': expands to a stage '{part}', a name already in use")
+            expanded[part] = part_entry
+    if problems:
+        raise SpecError(problems)
+    return {**raw, "stages": expanded}
 
 
 def _known_position_limits(spec: PipelineSpec) -> dict[str, int]:
@@ -124,10 +153,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise SpecError([f"--set '{override}': value is not valid YAML: {exc}"]) from None
 
 
-def _format_validation_error(exc: ValidationError) -> list[str]:
+def _format_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
     problems = []
     for err in exc.errors():
-        loc = [str(part) for part in err["loc"]]
+        loc = [*prefix, *(str(part) for part in err["loc"])]
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "union_tag_not_found":
             message = f"field kind is missing; give one of: {', '.join(sorted(STAGE_KINDS))}"
