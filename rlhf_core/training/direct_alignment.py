@@ -44,6 +44,7 @@ from rlhf_core.modeling.preference_tokens import (
     tokenize_preference_rows,
     tokenize_unpaired_rows,
 )
+from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.sft import apply_lora
@@ -84,7 +85,7 @@ class DirectAlignmentResult:
         return shown
 
 
-HELDOUT_SHOWN = ("eval/loss", "eval/accuracy", "eval/margin")
+HELDOUT_SHOWN = ("eval/loss", "eval/accuracy", "eval/margin", "eval/kl_to_reference")
 
 
 def reference_logprobs_key(
@@ -372,6 +373,43 @@ def check_labels(examples: list, stage_name: str, source: str) -> None:
         raise UserError(f"stage '{stage_name}': every example of {source} is {which}; kto needs both labels")
 
 
+@torch.no_grad()
+def sampled_kl(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    prompts: list[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    seed: int,
+) -> float:
+    """KL(pi || pi_ref) ~ mean over y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x) (the k1 estimator, one
+    sample at temperature 1 per prompt; book ch.15), on token-id prompts."""
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with eval_mode(policy), eval_mode(reference):
+        completions = decode_batch(
+            policy,
+            prompts,
+            1,
+            max_new_tokens,
+            1.0,
+            1.0,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            generator,
+        )
+        examples = [
+            CompletionTokens(p, c, True, i) for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
+        ]
+        kept = [e for e in examples if e.completion]
+        if not kept:
+            return 0.0
+        ids = list(range(len(kept)))
+        policy_logps, _ = example_logprobs(policy, kept, ids, tokenizer.pad_token_id)
+        reference_logps, _ = example_logprobs(reference, kept, ids, tokenizer.pad_token_id)
+    return float((policy_logps[0] - reference_logps[0]).mean())
+
+
 def run_direct_alignment(
     policy_dir: str,
     revision: str | None,
@@ -421,6 +459,21 @@ def run_direct_alignment(
     heldout = {}
     if examples.get("eval"):
         heldout = evaluate_direct_alignment(trained, tokenizer, examples["eval"], references["eval"], stage)
+        if stage.heldout_kl.prompts:
+            prompts = list(dict.fromkeys(tuple(e.prompt) for e in examples["eval"]))[
+                : stage.heldout_kl.prompts
+            ]
+            reference_model, _ = load_model(
+                reference_dir or policy_dir, revision=reference_revision or revision
+            )
+            heldout["eval/kl_to_reference"] = sampled_kl(
+                trained,
+                reference_model,
+                [list(p) for p in prompts],
+                tokenizer,
+                stage.heldout_kl.max_new_tokens,
+                seed,
+            )
     report = reports["train"]
     result = DirectAlignmentResult(
         steps=loop["steps"],

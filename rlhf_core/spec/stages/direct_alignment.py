@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.spec.base import StageSpec
+from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.references import (
     PolicyModel,
     PreferenceData,
@@ -55,6 +55,13 @@ class PreferenceTrainSpec(OptimSpec):
     )
 
 
+class HeldoutKLSpec(Strict):
+    """KL(pi || pi_ref) on held-out prompts, estimated once after training from the policy's samples."""
+
+    prompts: int = Field(default=32, ge=0, description="Held-out prompts sampled (0: no estimate).")
+    max_new_tokens: int = Field(default=64, ge=1, description="Tokens sampled per prompt at most.")
+
+
 class DirectAlignmentStage(StageSpec):
     """Preference optimisation against a frozen reference: DPO, cDPO, IPO, length-normalized DPO,
     SimPO, ORPO, KTO, APO-zero/down and DPO+NLL (book ch.8)."""
@@ -94,6 +101,10 @@ class DirectAlignmentStage(StageSpec):
         ),
     )
     train: PreferenceTrainSpec = Field(default_factory=PreferenceTrainSpec, description="Training settings.")
+    heldout_kl: HeldoutKLSpec = Field(
+        default_factory=HeldoutKLSpec,
+        description="KL to the reference estimated from samples on the eval prompts (k1, temperature 1).",
+    )
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
     register_as: str | None = Field(
         default=None, description="Registered model name; default '<pipeline>-<stage>'."
