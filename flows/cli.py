@@ -143,6 +143,18 @@ def schema() -> None:
     typer.echo(json.dumps(PipelineSpec.model_json_schema(), indent=2))
 
 
+def _prepare(
+    spec_path: Path, set_: list[str] | None, force: list[str] | None, home: Path | None, traceback_: bool
+) -> tuple[PipelineSpec, RLHFSettings, set[str]]:
+    """The validated spec (data columns checked), the settings, and the stages ``--force`` re-runs."""
+    spec = _load(spec_path, set_, traceback_)
+    with _exit_status(traceback_):
+        _check_sources(spec)
+        settings = _settings(home)
+        forced = _forced(spec, force)
+    return spec, settings, forced
+
+
 @app.command()
 def plan(
     spec_path: SpecArg,
@@ -152,11 +164,7 @@ def plan(
     traceback_: TracebackOpt = False,
 ) -> None:
     """Say which stages would run and which would be taken from cache."""
-    spec = _load(spec_path, set_, traceback_)
-    with _exit_status(traceback_):
-        _check_sources(spec)
-        settings = _settings(home)
-        forced = _forced(spec, force)
+    spec, settings, forced = _prepare(spec_path, set_, force, home, traceback_)
     from flows.plan import plan_pipeline
 
     table = Table(title=f"plan: {spec.name}")
@@ -178,11 +186,7 @@ def run(
     traceback_: TracebackOpt = False,
 ) -> None:
     """Run a pipeline: cached stages are skipped, interrupted ones resume."""
-    spec = _load(spec_path, set_, traceback_)
-    with _exit_status(traceback_):
-        _check_sources(spec)
-        settings = _settings(home)
-        _forced(spec, force)
+    spec, settings, _ = _prepare(spec_path, set_, force, home, traceback_)
     from flows.pipeline import run_pipeline
     from flows.prefect_database import initialize_temporary_server_database
 

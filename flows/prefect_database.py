@@ -11,8 +11,9 @@ after a screenful of tracebacks, or the run fails. Here the first run migrates w
 from __future__ import annotations
 
 import asyncio
-import fcntl
 from pathlib import Path
+
+from rlhf_core.locked_initialization import initialize_once
 
 SQLITE_PREFIXES = ("sqlite+aiosqlite:///", "sqlite:///")
 
@@ -35,16 +36,12 @@ def initialize_temporary_server_database() -> None:
     db_path = temporary_server_database()
     if db_path is None:
         return
-    ready = db_path.with_name(db_path.name + ".ready")
-    if ready.exists() and db_path.exists():
-        return
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(db_path.with_name(db_path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        if ready.exists() and db_path.exists():
-            return
+
+    def create() -> str:
         import prefect
         from prefect.server.database import provide_database_interface
 
         asyncio.run(provide_database_interface().create_db())  # what the server runs on start-up
-        ready.write_text(f"prefect {prefect.__version__}\n")
+        return f"prefect {prefect.__version__}\n"
+
+    initialize_once(db_path, create)

@@ -7,7 +7,6 @@ stage run is activated for the duration of the stage (``activate_stage_run``).
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.metadata
 import json
@@ -23,6 +22,7 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.time import get_current_time_millis
 
 import rlhf_core
+from rlhf_core.locked_initialization import initialize_once
 from rlhf_core.settings import RLHFSettings
 
 MAX_PARAM_LENGTH = 6000
@@ -48,18 +48,14 @@ def initialize_sqlite_store(db_path: Path, uri: str) -> None:
     ("duplicate column name", "table ... already exists"). Here one process migrates while the
     others wait; ``<db>.ready`` records that it is done, so later runs skip the lock.
     """
-    ready = db_path.with_name(db_path.name + ".ready")
-    if ready.exists() and db_path.exists():
-        return
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(db_path.with_name(db_path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        if ready.exists() and db_path.exists():
-            return
+
+    def create() -> str:
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)  # builds the tracking store: creates and migrates the schema
         c.search_registered_models(max_results=1)  # the registry store checks its tables too
-        ready.write_text(f"mlflow {mlflow.__version__}\n")
+        return f"mlflow {mlflow.__version__}\n"
+
+    initialize_once(db_path, create)
 
 
 def client() -> MlflowClient:

@@ -153,7 +153,7 @@ def test_kto_on_unpaired_data_and_a_single_label_fails(policy_dir, tmp_path):
         _run(policy_dir, desirable_only, stage, tmp_path, name="one-label")
 
 
-def test_heldout_kl_from_samples_is_zero_for_the_reference_and_grows_with_training(policy_dir, pairs, tmp_path):
+def test_heldout_kl_from_samples_is_zero_for_the_reference_and_grows(policy_dir, pairs, tmp_path):
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.preference_tokens import tokenize_preference_rows
     from rlhf_core.training.direct_alignment import sampled_kl
