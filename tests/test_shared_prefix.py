@@ -140,3 +140,17 @@ def test_shared_prefix_is_refused_where_a_custom_mask_would_be_wrong(reward_mode
     flash_like = build_reward_model(str(directory))
     flash_like.config._attn_implementation = "flash_attention_2"
     assert not supports_shared_prefix(flash_like)
+
+
+def test_score_pairs_takes_conversational_prompts(reward_model_dir):
+    """A prompt given as messages scores as the same text given plainly, and groups with it."""
+    directory, tokenizer = reward_model_dir
+    model = build_reward_model(str(directory))
+    torch.nn.init.normal_(model.score.weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    text = "What is 2 + 3?"
+    plain = score_pairs(model, tokenizer, [(text, "5"), (text, "6")])
+    mixed = score_pairs(model, tokenizer, [([{"role": "user", "content": text}], "5"), (text, "6")])
+    assert mixed == pytest.approx(plain, abs=1e-6)
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    (other,) = score_pairs(model, tokenizer, [(with_system, "5")])
+    assert other != pytest.approx(plain[0], abs=1e-6)  # the system turn is part of what is scored
