@@ -140,7 +140,9 @@ def schema() -> None:
     """Print the JSON Schema of a pipeline spec (every field with its description and default)."""
     import json
 
-    typer.echo(json.dumps(PipelineSpec.model_json_schema(), indent=2))
+    from rlhf_core.spec.loading import pipeline_json_schema
+
+    typer.echo(json.dumps(pipeline_json_schema(), indent=2))
 
 
 def _prepare(

@@ -177,3 +177,19 @@ def _format_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ())
         for line in message.splitlines():
             problems.append(line if line.startswith(("stage ", "model ")) else f"{where}: {line}")
     return problems
+
+
+def pipeline_json_schema() -> dict[str, Any]:
+    """JSON Schema of a spec file: the pipeline, every stage kind, and the stage templates a stage
+    entry may also be (they expand before validation, so the pipeline model alone does not list them)."""
+    schema = PipelineSpec.model_json_schema()
+    definitions = schema.setdefault("$defs", {})
+    templates = []
+    for template in STAGE_TEMPLATES.values():
+        sub = template.model_json_schema(ref_template="#/$defs/{model}")
+        definitions.update(sub.pop("$defs", {}))
+        definitions[template.__name__] = sub
+        templates.append({"$ref": f"#/$defs/{template.__name__}"})
+    stages = schema["properties"]["stages"]
+    stages["additionalProperties"] = {"anyOf": [stages["additionalProperties"], *templates]}
+    return schema
