@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,16 +173,27 @@ def compute_reference_logprobs(model: PreTrainedModel, examples: list, pad_token
 
 
 def cached_reference_logprobs(
-    cache_file: Path, reference_dir: str, revision: str | None, examples: list
+    cache_file: Path,
+    reference: str | Callable[[], tuple[PreTrainedModel, int]],
+    revision: str | None,
+    examples: list,
 ) -> tuple[torch.Tensor, bool]:
     """The reference log-probs of ``examples`` from ``cache_file``, computed (and written atomically) on a
-    miss; returns (log-probs, whether they came from the cache). The reference model is freed after."""
+    miss; returns (log-probs, whether they came from the cache).
+
+    ``reference`` is a model directory (loaded only on a miss, freed after) or a function returning an
+    already loaded (model, pad token id).
+    """
     if cache_file.exists():
         cached = torch.load(cache_file)
         if cached.shape[0] == len(examples):
             return cached, True
-    model, tokenizer = load_model(reference_dir, revision=revision)
-    logprobs = compute_reference_logprobs(model, examples, tokenizer.pad_token_id)
+    if callable(reference):
+        model, pad_token_id = reference()
+    else:
+        model, tokenizer = load_model(reference, revision=revision)
+        pad_token_id = tokenizer.pad_token_id
+    logprobs = compute_reference_logprobs(model, examples, pad_token_id)
     del model
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
@@ -445,13 +457,24 @@ def run_direct_alignment(
         check_labels(examples["train"], stage_name, f"{source} (train split)")
     references: dict[str, torch.Tensor | None] = {split: None for split in examples}
     from_cache = False
+    loaded: dict[str, PreTrainedModel] = {}
+
+    def starting_reference() -> tuple[PreTrainedModel, int]:
+        """The reference, loaded at most once for all splits; by default the policy itself, which is
+        still at its starting weights here (no second copy is loaded)."""
+        if reference_dir is None:
+            return model, tokenizer.pad_token_id
+        if "reference" not in loaded:
+            loaded["reference"] = load_model(reference_dir, revision=reference_revision)[0]
+        return loaded["reference"], tokenizer.pad_token_id
+
     if spec.needs_reference:
         for split, items in examples.items():
             if items:
                 references[split], from_cache = cached_reference_logprobs(
-                    reference_cache[split], reference_dir or policy_dir,
-                    reference_revision if reference_dir else revision, items,
-                )  # fmt: skip
+                    reference_cache[split], starting_reference, None, items
+                )
+    loaded.clear()  # training holds no reference model
     trained, loop = train_direct_alignment(
         model, tokenizer, examples["train"], references["train"], stage, seed=seed,
         checkpoint_dir=checkpoint_dir, stage_name=stage_name, log=log,
@@ -463,8 +486,8 @@ def run_direct_alignment(
             prompts = list(dict.fromkeys(tuple(e.prompt) for e in examples["eval"]))[
                 : stage.heldout_kl.prompts
             ]
-            reference_model, _ = load_model(
-                reference_dir or policy_dir, revision=reference_revision or revision
+            reference_model, _ = load_model(  # the starting weights: the policy has trained since
+                reference_dir or policy_dir, revision=reference_revision if reference_dir else revision
             )
             heldout["eval/kl_to_reference"] = sampled_kl(
                 trained,
