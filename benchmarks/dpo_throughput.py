@@ -4,9 +4,13 @@ All contenders start from the same saved, briefly SFT-trained tiny Llama (``sft_
 sigmoid DPO loss (beta 0.1) on the same preference pairs, with the same token ids, batch, steps, optimizer
 and seed, fp32 on CPU, no gradient checkpointing. Three contenders:
 
-- ours: the ``direct_alignment`` stage's work (``tokenize_preference_rows``, then
-  ``cached_reference_logprobs``: one no-grad pass of a reference loaded from the policy's directory, written
-  to a fresh cache file, the reference freed; then ``train_direct_alignment``).
+- ours: the ``direct_alignment`` stage's work with its defaults (``tokenize_preference_rows``, then
+  ``cached_reference_logprobs``: one no-grad pass of the reference, which by default is the policy's own
+  starting weights, so the stage scores with the policy before training and loads no second copy; the
+  log-probs are written to a fresh cache file; then ``train_direct_alignment``). Each pair is one row holding
+  its prompt once, then the chosen and the rejected completion (``shared_prefix: true``).
+- ours_padded: the same with ``shared_prefix: false``: each sequence its own right-padded row, as TRL does
+  (shows what the shared prefix is worth).
 - trl: ``DPOTrainer`` as users run it: ``ref_model`` loaded from the same directory and passed explicitly,
   ``precompute_ref_log_probs`` at its default (False), so the reference runs a forward pass every step.
 - trl_precompute: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` (one pass before training, with
@@ -24,8 +28,8 @@ Measured per run, each in a fresh subprocess (contenders alternate, the order fl
   every pair trained on) / seconds of the training loop. Ours: ``input_tokens`` and ``seconds`` of
   ``train_direct_alignment`` (its loop only). TRL: the sum of ``attention_mask`` of every micro-batch passed
   to ``training_step``, over the time between the ``on_train_begin`` and ``on_train_end`` callbacks.
-- reference s = the one-off reference pass. Ours: the whole ``cached_reference_logprobs`` call (loading the
-  reference weights, the pass, writing the cache file). trl_precompute: TRL's ``_precompute_ref_logps``.
+- reference s = the one-off reference pass. Ours: the whole ``cached_reference_logprobs`` call (the pass
+  and writing the cache file). trl_precompute: TRL's ``_precompute_ref_logps``.
   trl: 0 (its reference forward passes are inside the training loop).
 - tokens/s incl. reference = the same tokens / (loop seconds + reference seconds).
 - peak RSS = ``ru_maxrss`` of the subprocess after training (it includes the reference pass).
@@ -56,7 +60,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-CONTENDERS = ("ours", "trl", "trl_precompute")
+CONTENDERS = ("ours", "ours_padded", "trl", "trl_precompute")
+OURS = ("ours", "ours_padded")
 TARGET_SPEEDUP = 1.5  # ours >= 1.5x TRL tokens/s at no more peak memory
 MEDIAN_FIELDS = (
     "tokens_per_second",
@@ -124,7 +129,7 @@ def our_pairs(tokenizer, s: BenchSettings):
     return pairs
 
 
-def dpo_stage(s: BenchSettings):
+def dpo_stage(s: BenchSettings, shared_prefix: bool):
     from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 
     train = {
@@ -138,6 +143,7 @@ def dpo_stage(s: BenchSettings):
         "max_grad_norm": 1.0,
         "max_length": s.max_length,
         "on_overlong": "fail",
+        "shared_prefix": shared_prefix,
         "precision": "fp32",
         "checkpoint_every": s.steps,  # no checkpoint inside the timed loop
         "log_every": 1,  # per-step loss for the mean; the log function only appends to a list
@@ -152,8 +158,9 @@ def dpo_stage(s: BenchSettings):
     )
 
 
-def run_ours(model_dir: Path, s: BenchSettings) -> RunResult:
-    """The stage's steps: tokenize, one reference pass into a fresh cache file, train."""
+def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool) -> RunResult:
+    """The stage's steps: tokenize, one reference pass (the policy at its starting weights, as the stage does
+    when no other reference is given) into a fresh cache file, train."""
     import torch
 
     from rlhf_core.modeling.models import load_model
@@ -161,14 +168,14 @@ def run_ours(model_dir: Path, s: BenchSettings) -> RunResult:
 
     model, tokenizer = load_model(str(model_dir))
     pairs = our_pairs(tokenizer, s)
-    stage = dpo_stage(s)
+    stage = dpo_stage(s, shared_prefix)
     losses: list[float] = []
     rss_before = current_rss_mib()
     meter = BackgroundMeter().start()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         reference, from_cache = cached_reference_logprobs(
-            Path(tmp) / "reference.pt", str(model_dir), None, pairs
+            Path(tmp) / "reference.pt", lambda: (model, tokenizer.pad_token_id), None, pairs, shared_prefix
         )
         reference_seconds = time.perf_counter() - started
         assert not from_cache, "the reference pass must run, not come from a cache"
@@ -179,8 +186,9 @@ def run_ours(model_dir: Path, s: BenchSettings) -> RunResult:
     background, peak = meter.stop(), peak_rss_mib()
     tokens, seconds = loop["input_tokens"], loop["seconds"]
     return RunResult(
-        "ours", tokens, seconds, tokens / seconds, reference_seconds, tokens / (seconds + reference_seconds),
-        peak, rss_before, statistics.fmean(losses), len(pairs), torch.get_num_threads(), background,
+        "ours" if shared_prefix else "ours_padded", tokens, seconds, tokens / seconds, reference_seconds,
+        tokens / (seconds + reference_seconds), peak, rss_before, statistics.fmean(losses), len(pairs),
+        torch.get_num_threads(), background,
     )  # fmt: skip
 
 
@@ -319,8 +327,8 @@ def run_trl(model_dir: Path, s: BenchSettings, precompute: bool) -> RunResult:
 def worker_main(args: argparse.Namespace) -> None:
     settings = BenchSettings(**json.loads(args.settings))
     model_dir = Path(args.model_dir)
-    if args.worker == "ours":
-        result = run_ours(model_dir, settings)
+    if args.worker in OURS:
+        result = run_ours(model_dir, settings, shared_prefix=args.worker == "ours")
     else:
         result = run_trl(model_dir, settings, precompute=args.worker == "trl_precompute")
     workers.emit_result(result)
@@ -361,7 +369,7 @@ def summarize(runs: list[RunResult]) -> dict:
         summary[c]["max_background_cores"] = max(r.background_cores for r in rs)
         summary[c]["repeats"] = len(rs)
     summary["same_real_tokens_in_every_run"] = len({r.tokens for r in runs}) == 1
-    for other in ("trl", "trl_precompute"):
+    for other in ("trl", "trl_precompute", "ours_padded"):
         vs = {
             "training": ratios(by["ours"], by[other], "tokens_per_second"),
             "with_reference": ratios(by["ours"], by[other], "tokens_per_second_with_reference"),
@@ -392,7 +400,7 @@ def print_table(s: dict) -> None:
             f"{m['median_mean_loss']:9.4f}"
         )
     print(f"same real tokens in every run: {s['same_real_tokens_in_every_run']}")
-    for other in ("trl", "trl_precompute"):
+    for other in ("trl", "trl_precompute", "ours_padded"):
         v = s[f"ours_vs_{other}"]
         print(
             f"ours/{other}: training x{v['training']['ratio_of_medians']:.2f} "

@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from rlhf_core.modeling.shared_prefix import (
+    SharedPrefixRows,
+    attention_mask_for,
+    attention_takes_shared_prefix,
+)
+
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**25  # logits per chunk (~128 MiB in fp32): 256 tokens at a 128k vocabulary
 # causal LMs whose logits are exactly lm_head(final hidden state)
@@ -88,6 +94,26 @@ def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log pi(target)
 
 
+def _head_token_logprobs(
+    model: PreTrainedModel,
+    hidden: torch.Tensor,
+    selected: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int | None,
+) -> torch.Tensor:
+    """(N,) log pi(targets) from the (N, H) ``selected`` hidden states through the LM head, in
+    checkpointed chunks; ``hidden`` is the whole backbone output the selection came from."""
+    weight = model.get_output_embeddings().weight  # (V, H)
+    chunk_tokens = chunk_tokens or max(1, CHUNK_LOGITS // weight.shape[0])
+    chunks = range(0, selected.shape[0], chunk_tokens)
+    # starts as a zero that is part of the graph, so rows without labelled tokens still backpropagate
+    return torch.cat(
+        [hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0]
+        + [checkpoint(_chunk_token_logprobs, selected[c : c + chunk_tokens], weight,
+                      targets[c : c + chunk_tokens], use_reentrant=False) for c in chunks]
+    )  # fmt: skip
+
+
 def sequence_logprobs(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -106,25 +132,67 @@ def sequence_logprobs(
     value by gather and logsumexp, never a full log-softmax tensor.
     """
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask}
+    if not supports_chunked_loss(model):
+        return logits_sequence_logprobs(model(**inputs, use_cache=False).logits, labels)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # (B, T-1)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]  # (N,)
-    if supports_chunked_loss(model):
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-        selected, picked = hidden[:, :-1][keep], targets[keep]  # (N, H), (N,)
-        weight = model.get_output_embeddings().weight  # (V, H)
-        chunk_tokens = chunk_tokens or max(1, CHUNK_LOGITS // weight.shape[0])
-        chunks = range(0, selected.shape[0], chunk_tokens)
-        # starts as a zero that is part of the graph, so rows without labelled tokens still backpropagate
-        token_logp = torch.cat(
-            [hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0]
-            + [checkpoint(_chunk_token_logprobs, selected[c : c + chunk_tokens], weight,
-                          picked[c : c + chunk_tokens], use_reentrant=False) for c in chunks]
-        )  # fmt: skip
-    else:
-        return logits_sequence_logprobs(model(**inputs, use_cache=False).logits, labels)
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    token_logp = _head_token_logprobs(model, hidden, hidden[:, :-1][keep], targets[keep], chunk_tokens)
     sums = token_logp.new_zeros(labels.shape[0]).index_add(0, rows, token_logp)
     return sums, keep.sum(-1)
+
+
+def supports_shared_prefix_logprobs(model: PreTrainedModel) -> bool:
+    """True where :func:`shared_prefix_logprobs` gives the same log-probs as one row per sequence: a
+    plain LM head (:func:`supports_chunked_loss`) on an attention that takes the shared-prefix mask."""
+    return supports_chunked_loss(model) and attention_takes_shared_prefix(model)
+
+
+def shared_prefix_logprobs(
+    model: PreTrainedModel,
+    rows: SharedPrefixRows,
+    completion_starts: list[int],
+    *,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input sequence of ``rows``: (sum of log pi(s_t | s_<t) over t >= completion_starts[i],
+    number of such t), the same as :func:`sequence_logprobs` on one row per sequence.
+
+    ``rows`` packs sequences sharing a prefix (e.g. the chosen and the rejected completion of a pair
+    after their common prompt, :func:`pack_shared_prefix`), so the prompt is computed once. Token t of
+    sequence i sits at column ``token_columns[i][t]`` of row ``score_rows[i]``; its log-prob is read
+    from the hidden state at the column of token t - 1, which for the first token after the shared
+    prefix is the prefix's last column. Shapes: (S,) float32 and (S,) long.
+    """
+    where_rows, where_cols, target_cols, owner = [], [], [], []
+    for i, (row, columns) in enumerate(zip(rows.score_rows.tolist(), rows.token_columns, strict=True)):
+        start = completion_starts[i]
+        if start < 1:
+            raise ValueError("a completion needs at least one token before it (its prompt) to be scored")
+        n = len(columns) - start
+        where_rows += [row] * n
+        where_cols += columns[start - 1 : -1]
+        target_cols += columns[start:]
+        owner += [i] * n
+    device = rows.input_ids.device
+    where_rows_t = torch.tensor(where_rows, dtype=torch.long, device=device)
+    targets = rows.input_ids[where_rows_t, torch.tensor(target_cols, dtype=torch.long, device=device)]
+    dtype = next(model.parameters()).dtype
+    hidden = model.get_decoder()(
+        input_ids=rows.input_ids,
+        attention_mask=attention_mask_for(model, rows.attention_mask, dtype),
+        position_ids=rows.position_ids,
+        use_cache=False,
+    ).last_hidden_state  # (R, L, H)
+    selected = hidden[where_rows_t, torch.tensor(where_cols, dtype=torch.long, device=device)]  # (N, H)
+    token_logp = _head_token_logprobs(model, hidden, selected, targets, chunk_tokens)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    count = len(completion_starts)
+    sums = token_logp.new_zeros(count).index_add(0, owner_t, token_logp)
+    return sums, torch.zeros(count, dtype=torch.long, device=device).index_add(
+        0, owner_t, torch.ones_like(owner_t)
+    )
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

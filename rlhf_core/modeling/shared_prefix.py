@@ -1,4 +1,4 @@
-"""Score several completions of one prompt in a single row that holds the shared prompt once.
+"""Run several completions of one prompt through a model in a single row that holds the prompt once.
 
 A reward model scores every completion of a prompt at its last token. Run naively, a pair
 (chosen, rejected) is two rows that both carry the whole prompt, and InstructGPT's K completions per
@@ -20,6 +20,11 @@ with fewer tokens to process. It needs a custom 4D attention mask, which transfo
 ``eager`` attention accept as-is; other attention kernels (e.g. flash-attention), sliding-window
 models and architectures not listed in ``SHARED_PREFIX_MODEL_TYPES`` fall back to padded rows
 (:func:`supports_shared_prefix`). A group longer than ``MAX_ROW_TOKENS`` is split over several rows.
+
+Direct alignment uses the same rows for a causal LM: the chosen and the rejected completion of a pair
+(or KTO's completion and its mismatched one) follow their prompt once, and ``token_columns`` tells
+where each sequence's tokens sit so that every completion token's log-prob is read from the hidden
+state that predicts it (``rlhf_core.losses.language_model.shared_prefix_logprobs``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class SharedPrefixRows:
         attention_mask: (R, 1, L, L) bool, True where a query token may attend to a key token.
         score_rows, score_cols: (S,) where the last token of each input sequence sits, in input order
             (group by group, sequence by sequence; duplicates point at the same place).
+        token_columns: for each input sequence, the column of each of its tokens in row
+            ``score_rows[i]`` (the prefix's columns, then its suffix's): what a causal LM needs to
+            take every token's log-prob from the hidden state that predicts it.
         tokens: non-padding tokens in the rows (what the model actually processes).
         sequence_tokens: total length of the input sequences (what padded rows would process).
     """
@@ -55,6 +63,7 @@ class SharedPrefixRows:
     attention_mask: torch.Tensor
     score_rows: torch.Tensor
     score_cols: torch.Tensor
+    token_columns: list[list[int]]
     tokens: int
     sequence_tokens: int
 
@@ -65,6 +74,7 @@ class SharedPrefixRows:
             attention_mask=self.attention_mask.to(device),
             score_rows=self.score_rows.to(device),
             score_cols=self.score_cols.to(device),
+            token_columns=self.token_columns,
             tokens=self.tokens,
             sequence_tokens=self.sequence_tokens,
         )
@@ -88,8 +98,10 @@ class _Row:
     segment: list[int]  # -1 prefix, j >= 0 the j-th suffix of the row
 
 
-def _group_rows(group: list[list[int]], max_row_tokens: int) -> tuple[list[_Row], list[tuple[int, int]]]:
-    """Rows for one group, and (row index, end column) of each input sequence.
+def _group_rows(
+    group: list[list[int]], max_row_tokens: int
+) -> tuple[list[_Row], list[tuple[int, list[int]]]]:
+    """Rows for one group, and (row index, columns of its tokens) of each input sequence.
 
     Identical sequences are scored once. When prefix + suffixes would exceed ``max_row_tokens``, the
     suffixes are spread over several rows, each repeating the prefix (a row always holds at least one
@@ -106,18 +118,19 @@ def _group_rows(group: list[list[int]], max_row_tokens: int) -> tuple[list[_Row]
         which.append(index_of[key])
     p = common_prefix_length(distinct) if len(distinct) > 1 else len(distinct[0]) - 1
     rows: list[_Row] = []
-    end_of: list[tuple[int, int]] = []  # per distinct sequence
+    placed: list[tuple[int, list[int]]] = []  # per distinct sequence
     for seq in distinct:
         suffix = seq[p:]
         if not rows or (len(rows[-1].ids) + len(suffix) > max_row_tokens and len(rows[-1].ids) > p):
             rows.append(_Row(list(seq[:p]), list(range(p)), [-1] * p))
         row = rows[-1]
         j = max(row.segment, default=-1) + 1
+        start = len(row.ids)
         row.ids += suffix
         row.positions += range(p, p + len(suffix))
         row.segment += [j] * len(suffix)
-        end_of.append((len(rows) - 1, len(row.ids) - 1))
-    return rows, [end_of[w] for w in which]
+        placed.append((len(rows) - 1, list(range(p)) + list(range(start, start + len(suffix)))))
+    return rows, [placed[w] for w in which]
 
 
 def pack_shared_prefix(
@@ -128,11 +141,11 @@ def pack_shared_prefix(
     if not groups or any(not g or any(not s for s in g) for g in groups):
         raise ValueError("pack_shared_prefix needs non-empty groups of non-empty sequences")
     all_rows: list[_Row] = []
-    rows, cols = [], []
+    rows, columns = [], []
     for group in groups:
-        group_rows, ends = _group_rows(group, max_row_tokens)
-        rows += [len(all_rows) + r for r, _ in ends]
-        cols += [c for _, c in ends]
+        group_rows, placed = _group_rows(group, max_row_tokens)
+        rows += [len(all_rows) + r for r, _ in placed]
+        columns += [c for _, c in placed]
         all_rows += group_rows
     width = max(len(r.ids) for r in all_rows)
     ids_rows, position_rows, segment_rows = [], [], []
@@ -154,15 +167,16 @@ def pack_shared_prefix(
         position_ids=position_ids,
         attention_mask=mask[:, None],
         score_rows=torch.tensor(rows, dtype=torch.long),
-        score_cols=torch.tensor(cols, dtype=torch.long),
+        score_cols=torch.tensor([c[-1] for c in columns], dtype=torch.long),
+        token_columns=columns,
         tokens=int((segment != -2).sum()),
         sequence_tokens=sum(len(s) for g in groups for s in g),
     )
 
 
-def supports_shared_prefix(model: PreTrainedModel) -> bool:
-    """True for a listed architecture with a ``score`` head, full attention in every layer (a custom
-    mask replaces a sliding window, which would silently widen it) and a kernel that takes the mask."""
+def attention_takes_shared_prefix(model: PreTrainedModel) -> bool:
+    """True for a listed architecture with full attention in every layer (a custom mask replaces a
+    sliding window, which would silently widen it) and an attention kernel that takes the mask."""
     config = model.config
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     sliding = getattr(config, "sliding_window", None) is not None and getattr(
@@ -173,12 +187,19 @@ def supports_shared_prefix(model: PreTrainedModel) -> bool:
         and getattr(config, "_attn_implementation", None) in MASKABLE_ATTENTION
         and layer_types == {"full_attention"}
         and not sliding
+    )
+
+
+def supports_shared_prefix(model: PreTrainedModel) -> bool:
+    """True for a sequence classifier (a ``score`` head on a backbone) whose attention takes the mask."""
+    return (
+        attention_takes_shared_prefix(model)
         and isinstance(getattr(model, "score", None), torch.nn.Linear)
         and model.base_model is not model
     )
 
 
-def _attention_mask_for(model: PreTrainedModel, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def attention_mask_for(model: PreTrainedModel, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if model.config._attn_implementation == "sdpa":
         return mask
     # eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
@@ -190,7 +211,7 @@ def score_shared_prefix(model: PreTrainedModel, rows: SharedPrefixRows) -> torch
     dtype = next(model.parameters()).dtype
     hidden = model.base_model(
         input_ids=rows.input_ids,
-        attention_mask=_attention_mask_for(model, rows.attention_mask, dtype),
+        attention_mask=attention_mask_for(model, rows.attention_mask, dtype),
         position_ids=rows.position_ids,
         use_cache=False,
     ).last_hidden_state  # (R, L, H), after the backbone's final norm

@@ -35,7 +35,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.errors import UserError
 from rlhf_core.fingerprint import stage_fingerprint
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
-from rlhf_core.losses.language_model import IGNORE_INDEX, sequence_logprobs
+from rlhf_core.losses.language_model import (
+    IGNORE_INDEX,
+    sequence_logprobs,
+    shared_prefix_logprobs,
+    supports_shared_prefix_logprobs,
+)
 from rlhf_core.modeling.models import load_model
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import (
@@ -45,6 +50,7 @@ from rlhf_core.modeling.preference_tokens import (
     tokenize_preference_rows,
     tokenize_unpaired_rows,
 )
+from rlhf_core.modeling.shared_prefix import pack_shared_prefix
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
@@ -97,6 +103,7 @@ def reference_logprobs_key(
     settings = {
         "max_length": stage.train.max_length,
         "on_overlong": stage.train.on_overlong,
+        "shared_prefix": stage.train.shared_prefix,  # the same log-probs up to float rounding
         "split": split,
     }
     inputs = {"reference": reference_digest, "data": data_digest}
@@ -145,29 +152,42 @@ def completion_batch(
 
 
 def example_logprobs(
-    model: PreTrainedModel, examples: list, ids: list[int], pad_token_id: int
+    model: PreTrainedModel, examples: list, ids: list[int], pad_token_id: int, shared_prefix: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, n) summed completion log-probs and (2, n) lengths of examples ``ids``, in one forward pass:
-    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion)."""
+    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion).
+
+    With ``shared_prefix`` (and a model that supports it) each example is one row holding its prompt
+    once, followed by both completions; otherwise each sequence is its own right-padded row.
+    """
     device = next(model.parameters()).device
-    batch = {
-        k: v.to(device) for k, v in completion_batch(example_sequences(examples, ids), pad_token_id).items()
-    }
+    sequences = example_sequences(examples, ids)
+    n = len(ids)
+    if shared_prefix and supports_shared_prefix_logprobs(model):
+        pairs = list(zip(sequences[:n], sequences[n:], strict=True))
+        groups = [[x + y for x, y in pair] for pair in pairs]
+        rows = pack_shared_prefix(groups, pad_token_id).to(device)
+        starts = [len(x) for pair in pairs for x, _ in pair]
+        sums, lengths = shared_prefix_logprobs(model, rows, starts)  # pair by pair
+        return sums.view(n, 2).T, lengths.view(n, 2).T
+    batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id).items()}
     sums, lengths = sequence_logprobs(
         model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
     )
-    return sums.view(2, len(ids)), lengths.view(2, len(ids))
+    return sums.view(2, n), lengths.view(2, n)
 
 
 @torch.no_grad()
-def compute_reference_logprobs(model: PreTrainedModel, examples: list, pad_token_id: int) -> torch.Tensor:
+def compute_reference_logprobs(
+    model: PreTrainedModel, examples: list, pad_token_id: int, shared_prefix: bool = True
+) -> torch.Tensor:
     """(N, 2) reference log-probs per example: chosen and rejected, or completion and mismatched."""
     out = torch.zeros(len(examples), 2, dtype=torch.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     with eval_mode(model):
         for start in range(0, len(order), REFERENCE_BATCH):
             ids = order[start : start + REFERENCE_BATCH]
-            sums, _ = example_logprobs(model, examples, ids, pad_token_id)
+            sums, _ = example_logprobs(model, examples, ids, pad_token_id, shared_prefix)
             out[ids] = sums.double().cpu().T
     return out
 
@@ -177,6 +197,7 @@ def cached_reference_logprobs(
     reference: str | Callable[[], tuple[PreTrainedModel, int]],
     revision: str | None,
     examples: list,
+    shared_prefix: bool = True,
 ) -> tuple[torch.Tensor, bool]:
     """The reference log-probs of ``examples`` from ``cache_file``, computed (and written atomically) on a
     miss; returns (log-probs, whether they came from the cache).
@@ -193,7 +214,7 @@ def cached_reference_logprobs(
     else:
         model, tokenizer = load_model(reference, revision=revision)
         pad_token_id = tokenizer.pad_token_id
-    logprobs = compute_reference_logprobs(model, examples, pad_token_id)
+    logprobs = compute_reference_logprobs(model, examples, pad_token_id, shared_prefix)
     del model
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
@@ -308,7 +329,7 @@ def train_direct_alignment(
         totals: dict[str, float] = {TOKENS: 0.0}
         for start in range(0, len(picked), cfg.batch_size):
             ids = picked[start : start + cfg.batch_size]
-            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id)
+            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix)
             ref = reference[ids].to(device) if reference is not None else None
             losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
             loss = losses.mean()
@@ -355,7 +376,9 @@ def evaluate_direct_alignment(
     with eval_mode(model):
         for start in range(0, len(examples), REFERENCE_BATCH):
             ids = list(range(start, min(start + REFERENCE_BATCH, len(examples))))
-            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id)
+            logps, lengths = example_logprobs(
+                model, examples, ids, tokenizer.pad_token_id, stage.train.shared_prefix
+            )
             ref = reference[ids].to(logps.device) if reference is not None else None
             losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(logps.device))
             weight = len(ids) / len(examples)
@@ -472,7 +495,7 @@ def run_direct_alignment(
         for split, items in examples.items():
             if items:
                 references[split], from_cache = cached_reference_logprobs(
-                    reference_cache[split], starting_reference, None, items
+                    reference_cache[split], starting_reference, None, items, stage.train.shared_prefix
                 )
     loaded.clear()  # training holds no reference model
     trained, loop = train_direct_alignment(

@@ -53,6 +53,14 @@ class PreferenceTrainSpec(OptimSpec):
             "is too long is skipped and counted), skip and count it, or stop naming its row."
         ),
     )
+    shared_prefix: bool = Field(
+        default=True,
+        description=(
+            "Run the chosen and the rejected completion of a pair in one row that holds the prompt once "
+            "(same log-probs, fewer tokens). Needs sdpa or eager attention and a plain LM head; other "
+            "models use one padded row per sequence."
+        ),
+    )
 
 
 class HeldoutKLSpec(Strict):
