@@ -16,3 +16,8 @@ EXIT_USER_ERROR = 2  # spec, data, model source or a failed check: one message, 
 
 class UserError(ValueError):
     """Bad input: the message alone tells the user what to fix (stage, field or row, what was expected)."""
+
+
+class NonFiniteLossError(UserError):
+    """A loss became NaN or infinite: training stops, the last good checkpoint stays, nothing is
+    registered."""

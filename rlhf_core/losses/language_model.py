@@ -29,6 +29,7 @@ from rlhf_core.modeling.shared_prefix import (
     SharedPrefixRows,
     attention_mask_for,
     attention_takes_shared_prefix,
+    completion_token_index,
 )
 
 IGNORE_INDEX = -100
@@ -94,7 +95,7 @@ def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return -F.cross_entropy(logits, targets, reduction="none")  # (n,) log pi(target)
 
 
-def _head_token_logprobs(
+def head_token_logprobs(
     model: PreTrainedModel,
     hidden: torch.Tensor,
     selected: torch.Tensor,
@@ -138,7 +139,7 @@ def sequence_logprobs(
     keep = targets != IGNORE_INDEX  # (B, T-1)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]  # (N,)
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    token_logp = _head_token_logprobs(model, hidden, hidden[:, :-1][keep], targets[keep], chunk_tokens)
+    token_logp = head_token_logprobs(model, hidden, hidden[:, :-1][keep], targets[keep], chunk_tokens)
     sums = token_logp.new_zeros(labels.shape[0]).index_add(0, rows, token_logp)
     return sums, keep.sum(-1)
 
@@ -165,33 +166,19 @@ def shared_prefix_logprobs(
     from the hidden state at the column of token t - 1, which for the first token after the shared
     prefix is the prefix's last column. Shapes: (S,) float32 and (S,) long.
     """
-    where_rows, where_cols, target_cols, owner = [], [], [], []
-    for i, (row, columns) in enumerate(zip(rows.score_rows.tolist(), rows.token_columns, strict=True)):
-        start = completion_starts[i]
-        if start < 1:
-            raise ValueError("a completion needs at least one token before it (its prompt) to be scored")
-        n = len(columns) - start
-        where_rows += [row] * n
-        where_cols += columns[start - 1 : -1]
-        target_cols += columns[start:]
-        owner += [i] * n
-    device = rows.input_ids.device
-    where_rows_t = torch.tensor(where_rows, dtype=torch.long, device=device)
-    targets = rows.input_ids[where_rows_t, torch.tensor(target_cols, dtype=torch.long, device=device)]
-    dtype = next(model.parameters()).dtype
+    index = completion_token_index(rows, completion_starts)
     hidden = model.get_decoder()(
         input_ids=rows.input_ids,
-        attention_mask=attention_mask_for(model, rows.attention_mask, dtype),
+        attention_mask=attention_mask_for(model, rows.attention_mask, next(model.parameters()).dtype),
         position_ids=rows.position_ids,
         use_cache=False,
     ).last_hidden_state  # (R, L, H)
-    selected = hidden[where_rows_t, torch.tensor(where_cols, dtype=torch.long, device=device)]  # (N, H)
-    token_logp = _head_token_logprobs(model, hidden, selected, targets, chunk_tokens)
-    owner_t = torch.tensor(owner, dtype=torch.long, device=device)
+    selected = hidden[index.rows, index.predictor_cols]  # (N, H)
+    token_logp = head_token_logprobs(model, hidden, selected, index.targets, chunk_tokens)
     count = len(completion_starts)
-    sums = token_logp.new_zeros(count).index_add(0, owner_t, token_logp)
-    return sums, torch.zeros(count, dtype=torch.long, device=device).index_add(
-        0, owner_t, torch.ones_like(owner_t)
+    sums = token_logp.new_zeros(count).index_add(0, index.owner, token_logp)
+    return sums, torch.zeros(count, dtype=torch.long, device=sums.device).index_add(
+        0, index.owner, torch.ones_like(index.owner)
     )
 
 

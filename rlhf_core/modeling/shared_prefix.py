@@ -174,6 +174,54 @@ def pack_shared_prefix(
     )
 
 
+@dataclass
+class CompletionTokenIndex:
+    """Where the completion tokens of packed sequences sit, flattened over all of them (N tokens).
+
+    Attributes:
+        rows, predictor_cols: (N,) the row and column of the hidden state that predicts each token (the
+            column of the token before it, which for a suffix's first token is the prefix's last).
+        targets: (N,) the token ids.
+        owner: (N,) the input sequence each token belongs to.
+        position: (N,) the token's index within its completion (0 for the first completion token).
+    """
+
+    rows: torch.Tensor
+    predictor_cols: torch.Tensor
+    targets: torch.Tensor
+    owner: torch.Tensor
+    position: torch.Tensor
+
+
+def completion_token_index(rows: SharedPrefixRows, completion_starts: list[int]) -> CompletionTokenIndex:
+    """The completion tokens of each input sequence of ``rows``: its tokens from ``completion_starts[i]``
+    on (the prompt's length), each paired with the hidden state that predicts it."""
+    where_rows, where_cols, target_cols, owner, position = [], [], [], [], []
+    for i, (row, columns) in enumerate(zip(rows.score_rows.tolist(), rows.token_columns, strict=True)):
+        start = completion_starts[i]
+        if start < 1:
+            raise ValueError("a completion needs at least one token before it (its prompt) to be scored")
+        n = len(columns) - start
+        where_rows += [row] * n
+        where_cols += columns[start - 1 : -1]
+        target_cols += columns[start:]
+        owner += [i] * n
+        position += range(n)
+    device = rows.input_ids.device
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    row_index = tensor(where_rows)
+    return CompletionTokenIndex(
+        rows=row_index,
+        predictor_cols=tensor(where_cols),
+        targets=rows.input_ids[row_index, tensor(target_cols)],
+        owner=tensor(owner),
+        position=tensor(position),
+    )
+
+
 def attention_takes_shared_prefix(model: PreTrainedModel) -> bool:
     """True for a listed architecture with full attention in every layer (a custom mask replaces a
     sliding window, which would silently widen it) and an attention kernel that takes the mask."""

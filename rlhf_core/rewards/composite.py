@@ -25,6 +25,10 @@ class RewardValueError(UserError):
     """A reward source returned a value that is not a finite number."""
 
 
+class RewardSourceError(UserError):
+    """A reward source raised instead of returning a score."""
+
+
 def check_finite(value: float, source: str, row: int) -> float:
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise RewardValueError(f"reward source '{source}' returned {value!r} for row {row} (0-based)")
@@ -52,13 +56,20 @@ def score_completions(
     """
     per_source: dict[str, list[float]] = {}
     for source in sources:
-        if source.function is not None:
-            fn = REWARD_FUNCTIONS[source.function]
-            per_source[source.name] = [fn(row["completion"], row) for row in rows]
-        else:
-            per_source[source.name] = model_scorers[source.name](
-                [(r["prompt"], r["completion"]) for r in rows]
-            )
+        try:
+            if source.function is not None:
+                fn = REWARD_FUNCTIONS[source.function]
+                per_source[source.name] = [fn(row["completion"], row) for row in rows]
+            else:
+                per_source[source.name] = model_scorers[source.name](
+                    [(r["prompt"], r["completion"]) for r in rows]
+                )
+        except UserError:
+            raise
+        except Exception as exc:  # a reward function's own failure: name the stage and the source
+            raise RewardSourceError(
+                f"stage '{stage}': reward source '{source.name}' raised {type(exc).__name__}: {exc}"
+            ) from exc
     weights = {source.name: source.weight for source in sources}
     kept, problems = [], []
     for i, row in enumerate(rows):

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.errors import UserError
+from rlhf_core.errors import NonFiniteLossError, UserError
 from rlhf_core.fingerprint import stage_fingerprint
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
 from rlhf_core.losses.language_model import (
@@ -57,10 +57,6 @@ from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_
 from rlhf_core.training.sft import apply_lora
 
 REFERENCE_BATCH = 32  # pairs per forward pass of the reference (no gradients)
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite: training stops, nothing is registered."""
 
 
 @dataclass

@@ -1,0 +1,234 @@
+"""The ``policy_gradient`` stage: on-policy RL from rewards (book ch.6, ch.7 and ch.15).
+
+One kind; ``algorithm:`` chooses the advantage estimator, the policy loss and their defaults (the
+book's comparison table):
+
+| algorithm | advantage | loss | KL (when beta > 0) | aggregation | clip low/high |
+|---|---|---|---|---|---|
+| reinforce | reward - batch mean | -A log pi | in the reward | sequence | - |
+| rloo | leave-one-out (group) | -A log pi | in the reward | sequence | - |
+| ppo | GAE on a value model | clipped ratio, value loss | per token in the reward | sequence | 0.2 / 0.2 |
+| grpo | (r - mean) / (std + 1e-4) per group | clipped ratio | in the loss (k3) | sequence | 0.2 / 0.2 |
+| dr_grpo | r - group mean | clipped ratio | in the loss (k3) | fixed_length | 0.2 / 0.2 |
+| dapo | as grpo, all-equal groups dropped (refilled) | clipped ratio | none by default | token | 0.2 / 0.28 |
+| gspo | as grpo | sequence-level ratio, clipped | in the loss (k3) | sequence | 0.2 / 0.2 |
+| cispo | as grpo | clipped stop-gradient weight | in the loss (k3) | token | 0.2 / 0.4 |
+
+dapo also applies the soft overlong penalty. Defaults follow the book's companion code where the
+reference gives them (eps 0.2, DAPO clip-higher 0.28, CISPO 0.4, PPO gamma 1, lambda 0.95, vf_coef 0.5,
+value clip 0.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_core.spec.base import StageSpec, Strict
+from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, RewardModel, model_output
+from rlhf_core.spec.reward_sources import RewardSourceSpec
+from rlhf_core.spec.training import LoraSpec, OptimSpec
+
+Algorithm = Literal["reinforce", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo"]
+GROUP_ALGORITHMS = ("rloo", "grpo", "dr_grpo", "dapo", "gspo", "cispo")
+
+
+@dataclass(frozen=True)
+class AlgorithmDefaults:
+    """What ``algorithm:`` sets unless the stage overrides it."""
+
+    estimator: Literal["batch_mean", "rloo", "gae", "grpo", "dr_grpo"]
+    loss: Literal["reinforce", "clipped", "gspo", "cispo"]
+    kl_placement: Literal["reward", "loss"]
+    aggregation: Literal["sequence", "token", "fixed_length"]
+    clip: tuple[float, float] = (0.2, 0.2)
+    beta: float = 0.05
+    group_size: int = 8
+
+
+ALGORITHMS: dict[str, AlgorithmDefaults] = {
+    "reinforce": AlgorithmDefaults(
+        estimator="batch_mean", loss="reinforce", kl_placement="reward", aggregation="sequence", group_size=1
+    ),
+    "rloo": AlgorithmDefaults(
+        estimator="rloo", loss="reinforce", kl_placement="reward", aggregation="sequence"
+    ),
+    "ppo": AlgorithmDefaults(
+        estimator="gae", loss="clipped", kl_placement="reward", aggregation="sequence", group_size=1
+    ),
+    "grpo": AlgorithmDefaults(estimator="grpo", loss="clipped", kl_placement="loss", aggregation="sequence"),
+    "dr_grpo": AlgorithmDefaults(
+        estimator="dr_grpo", loss="clipped", kl_placement="loss", aggregation="fixed_length"
+    ),
+    "dapo": AlgorithmDefaults(
+        estimator="grpo", loss="clipped", kl_placement="loss", aggregation="token", clip=(0.2, 0.28), beta=0.0
+    ),
+    "gspo": AlgorithmDefaults(estimator="grpo", loss="gspo", kl_placement="loss", aggregation="sequence"),
+    "cispo": AlgorithmDefaults(
+        estimator="grpo", loss="cispo", kl_placement="loss", aggregation="token", clip=(0.2, 0.4)
+    ),
+}
+
+
+class KLSpec(Strict):
+    """KL(pi || pi_ref) regularization (book ch.15). beta 0 loads no reference model at all."""
+
+    beta: float | None = Field(
+        default=None, ge=0, description="Initial KL coefficient; default 0.05 (0 for dapo). 0: no KL term."
+    )
+    estimator: Literal["k1", "k2", "k3"] | None = Field(
+        default=None,
+        description="Per-token estimator: k1 (log ratio), k2, k3; default k1 in the reward, k3 in the loss.",
+    )
+    placement: Literal["reward", "loss"] | None = Field(
+        default=None,
+        description=(
+            "Subtract beta * KL from the reward (ppo per token; reinforce/rloo per completion) or add it "
+            "to the loss (grpo family); default: the algorithm's."
+        ),
+    )
+    reduce: Literal["mean", "sum"] = Field(
+        default="mean",
+        description="How a completion's per-token KL becomes one number when folded into its reward.",
+    )
+    target: float | None = Field(
+        default=None, gt=0, description="Adaptive controller (Ziegler 2019): KL per completion to aim at."
+    )
+    horizon: int = Field(default=10_000, ge=1, description="Adaptive controller horizon, in completions.")
+
+
+class PPOSpec(Strict):
+    """PPO's value model and GAE (used only by algorithm ppo)."""
+
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount (1 for whole completions).")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda (book: 0.95; companion 0.98).")
+    vf_coef: float = Field(default=0.5, ge=0, description="Weight of the value loss in the total loss.")
+    value_clip: float | None = Field(default=0.2, gt=0, description="Value clipping epsilon (None: off).")
+    whiten_advantages: bool = Field(default=True, description="(A - mean) / (std + 1e-8) per rollout.")
+    value_model: RewardModel | None = Field(
+        default=None,
+        description=(
+            "Initialise the value model from this reward model (InstructGPT); default: from the policy's "
+            "backbone with a zero value head."
+        ),
+    )
+
+
+class RLTrainSpec(OptimSpec):
+    """Optimiser settings; one optimizer step per mini-batch of a rollout."""
+
+    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (book: 1e-6 to 5e-6 at scale).")
+    batch_size: int = Field(
+        default=16, ge=1, description="Completions per micro-batch of an update (memory, not the math)."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    schedule: Literal["linear", "cosine", "constant"] = Field(default="constant", description="LR schedule.")
+    log_every: int = Field(default=1, ge=1, description="Report metrics every N optimizer steps.")
+
+
+class PolicyGradientStage(StageSpec):
+    """On-policy RL: sample from the current policy, score with the reward sources, update (book ch.6)."""
+
+    kind: Literal["policy_gradient"]
+    algorithm: Algorithm = Field(description=f"One of: {', '.join(ALGORITHMS)}.")
+    policy: PolicyModel = Field(description="Policy to optimise (usually the SFT model).")
+    prompts: PromptsData = Field(description="Prompts dataset reference, e.g. data.prompts.")
+    split: str = Field(default="train", description="Split of the prompts dataset to train on.")
+    rewards: tuple[RewardSourceSpec, ...] = Field(
+        min_length=1, description="Reward sources scored at the end of each completion; summed with weights."
+    )
+    reference: PolicyModel | None = Field(
+        default=None, description="Reference for the KL term; default: the policy's starting weights."
+    )
+    rollouts: int = Field(default=50, ge=1, description="Rollouts (sample -> score -> update) to run.")
+    prompts_per_rollout: int = Field(default=4, ge=1, description="Prompts sampled per rollout.")
+    group_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Completions per prompt (G); default 8 for group algorithms, 1 for reinforce and ppo.",
+    )
+    update_epochs: int = Field(default=1, ge=1, description="Passes over each rollout (PPO: 1-4).")
+    minibatches: int = Field(default=1, ge=1, description="Optimizer steps per pass over a rollout.")
+    clip_low: float | None = Field(default=None, gt=0, lt=1, description="Ratio clip 1 - eps_low.")
+    clip_high: float | None = Field(default=None, gt=0, description="Ratio clip 1 + eps_high (DAPO: 0.28).")
+    aggregation: Literal["sequence", "token", "fixed_length"] | None = Field(
+        default=None,
+        description="Loss aggregation (book ch.6): per-sequence mean, per-token mean, or / max_new_tokens.",
+    )
+    kl: KLSpec = Field(default_factory=KLSpec, description="KL regularization to the reference.")
+    ppo: PPOSpec = Field(default_factory=PPOSpec, description="PPO's value model and GAE.")
+    dynamic_sampling: bool | None = Field(
+        default=None,
+        description="Drop groups whose rewards are all equal and refill the rollout (default: on for dapo).",
+    )
+    max_sampling_rounds: int = Field(
+        default=4, ge=1, description="Dynamic sampling: at most this many sampling rounds per rollout."
+    )
+    overlong_cache: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "DAPO's soft overlong penalty: the last N tokens before max_new_tokens cost up to -1 "
+            "(default: a quarter of max_new_tokens for dapo, off otherwise)."
+        ),
+    )
+    truncated: Literal["penalty", "zero", "score"] = Field(
+        default="penalty",
+        description=(
+            "A completion that reaches max_new_tokens without EOS: reward `truncated_reward`, reward 0, or "
+            "score it anyway (reward models see an unfinished answer: out of distribution)."
+        ),
+    )
+    truncated_reward: float = Field(default=-1.0, description="The reward of a truncated completion.")
+    generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Rollout decoding.")
+    train: RLTrainSpec = Field(default_factory=RLTrainSpec, description="Optimiser settings.")
+    lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
+    sample_table_every: int = Field(
+        default=10, ge=1, description="Log a table of sampled completions every N rollouts."
+    )
+    register_as: str | None = Field(
+        default=None, description="Registered model name; default '<pipeline>-<stage>'."
+    )
+
+    outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyGradientStage:
+        if self.algorithm in GROUP_ALGORITHMS and self.group_size is not None and self.group_size < 2:
+            raise ValueError(
+                f"algorithm '{self.algorithm}' compares the completions of a prompt: group_size must be >= 2 "
+                "(or use reinforce / ppo)"
+            )
+        if self.algorithm == "ppo" and self.kl.placement == "loss":
+            raise ValueError("ppo puts the KL penalty in the per-token reward: remove kl.placement: loss")
+        if self.overlong_cache is not None and self.overlong_cache > self.generation.max_new_tokens:
+            raise ValueError("overlong_cache must not exceed generation.max_new_tokens")
+        if self.completions_per_rollout % self.minibatches:
+            raise ValueError(
+                f"{self.completions_per_rollout} completions per rollout (prompts_per_rollout x group_size) "
+                f"do not split into {self.minibatches} minibatches"
+            )
+        return self
+
+    @property
+    def defaults(self) -> AlgorithmDefaults:
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def completions_per_rollout(self) -> int:
+        return self.prompts_per_rollout * self.effective_group_size
+
+    @property
+    def effective_group_size(self) -> int:
+        return self.group_size if self.group_size is not None else self.defaults.group_size
+
+    @property
+    def beta(self) -> float:
+        return self.kl.beta if self.kl.beta is not None else self.defaults.beta
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0

@@ -1,0 +1,512 @@
+"""On-policy RL (book ch.6): rollouts from the current policy, advantages, clipped/weighted policy-gradient
+updates; REINFORCE, RLOO, PPO, GRPO, Dr. GRPO, DAPO, GSPO and CISPO from one loop.
+
+Optimizer steps are numbered globally; step s belongs to rollout r = s // U with U = update_epochs x
+minibatches updates per rollout. The first update of a rollout collects it (:mod:`rollouts`): sample G
+completions per prompt, reward them at their end, record pi_old / pi_ref log-probs and PPO values per
+token, then compute advantages:
+
+- reinforce / rloo / grpo family: one scalar reward per completion (minus beta x the completion's KL when
+  the KL goes in the reward), turned into advantages by the batch-mean baseline, leave-one-out, or the
+  group normalization (:mod:`rlhf_core.losses.advantages`), broadcast to every token;
+- ppo: per-token rewards (-beta x KL_t on every token, the score on the last), GAE on the value model,
+  whitened.
+
+Each update takes a shuffled mini-batch of the rollout's completions, recomputes log pi with gradient
+and applies the algorithm's loss (:mod:`rlhf_core.losses.policy_gradient`), plus beta x KL (k3) when the
+KL goes in the loss, plus PPO's value loss, aggregated as configured (:mod:`rlhf_core.losses.masking`).
+The rollout buffer, the KL controller and the prompt cursor are checkpointed with the weights and the
+optimizer, so a killed run resumes exactly (the samples of a rollout are drawn from a generator seeded by
+the seed and the rollout index).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.errors import NonFiniteLossError, UserError
+from rlhf_core.losses.advantages import (
+    all_equal_groups,
+    batch_baseline_advantages,
+    generalized_advantages,
+    group_advantages,
+    sequence_kl,
+    sequence_rewards_to_tokens,
+    whiten,
+)
+from rlhf_core.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from rlhf_core.losses.masking import aggregate_loss, masked_mean
+from rlhf_core.losses.policy_gradient import (
+    PolicyLoss,
+    cispo_loss,
+    clipped_surrogate_loss,
+    clipped_value_loss,
+    gspo_loss,
+    reinforce_loss,
+)
+from rlhf_core.modeling.completion_scoring import (
+    can_share_prefix,
+    completion_mask,
+    pack_completions,
+    policy_token_logprobs,
+    to_grid,
+    value_token_values,
+)
+from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
+from rlhf_core.training.rollouts import (
+    PromptStream,
+    RewardFn,
+    Rollout,
+    RolloutBuffer,
+    Samples,
+    sample_and_reward,
+    score_rollout,
+)
+from rlhf_core.training.sft import apply_lora
+
+SampleLogFn = Callable[[list[dict], int], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The stage's settings with the algorithm's defaults filled in."""
+
+    estimator: str
+    loss: str
+    kl_placement: str
+    kl_estimator: str
+    aggregation: str
+    clip_low: float
+    clip_high: float
+    group_size: int
+    dynamic_sampling: bool
+    updates_per_rollout: int
+
+    @staticmethod
+    def of(stage: PolicyGradientStage) -> Settings:
+        d = stage.defaults
+        placement = stage.kl.placement or d.kl_placement
+        return Settings(
+            estimator=d.estimator,
+            loss=d.loss,
+            kl_placement=placement,
+            kl_estimator=stage.kl.estimator or ("k1" if placement == "reward" else "k3"),
+            aggregation=stage.aggregation or d.aggregation,
+            clip_low=stage.clip_low if stage.clip_low is not None else d.clip[0],
+            clip_high=stage.clip_high if stage.clip_high is not None else d.clip[1],
+            group_size=stage.effective_group_size,
+            dynamic_sampling=(
+                stage.dynamic_sampling if stage.dynamic_sampling is not None else stage.algorithm == "dapo"
+            ),
+            updates_per_rollout=stage.update_epochs * stage.minibatches,
+        )
+
+
+def kl_controller(stage: PolicyGradientStage) -> AdaptiveKLController | FixedKLController:
+    if stage.kl.target is not None and stage.beta > 0:
+        return AdaptiveKLController(stage.beta, stage.kl.target, stage.kl.horizon)
+    return FixedKLController(stage.beta)
+
+
+def compute_advantages(
+    rollout: Rollout, settings: Settings, stage: PolicyGradientStage, beta: float
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """Advantages ((N,) per completion, or (N, T) for PPO), PPO's value targets, and rollout metrics."""
+    samples, mask = rollout.samples, rollout.mask
+    rewards = samples.rewards.float()
+    metrics: dict[str, float] = {}
+    kl_tokens = None
+    if rollout.ref_logps is not None:
+        kl_tokens = kl_per_token(rollout.old_logps, rollout.ref_logps, mask, settings.kl_estimator)
+        metrics["kl"] = float(kl_per_token(rollout.old_logps, rollout.ref_logps, mask, "k1").sum(1).mean())
+    in_reward = kl_tokens is not None and beta > 0 and settings.kl_placement == "reward"
+    returns = None
+    if settings.estimator == "gae":
+        token_rewards = sequence_rewards_to_tokens(rewards, mask)
+        if in_reward:
+            token_rewards = token_rewards - beta * kl_tokens
+        advantages, returns = generalized_advantages(
+            token_rewards, rollout.values, mask, stage.ppo.gamma, stage.ppo.lam
+        )
+        if stage.ppo.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        residual = torch.where(mask, returns - rollout.values, 0.0)
+        variance = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+        residual_var = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
+        metrics["explained_variance"] = float(1 - residual_var / variance) if variance > 0 else math.nan
+        return advantages, returns, metrics
+    if in_reward:
+        rewards = rewards - beta * sequence_kl(kl_tokens, mask, stage.kl.reduce)
+    if settings.estimator == "batch_mean":
+        advantages = batch_baseline_advantages(rewards)
+    else:
+        advantages = group_advantages(rewards, settings.group_size, settings.estimator)
+    return advantages, None, metrics
+
+
+def rollout_metrics(rollout: Rollout, settings: Settings) -> dict[str, float]:
+    samples, mask = rollout.samples, rollout.mask
+    rewards = samples.rewards.float()
+    metrics = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+        "completion_length": statistics.fmean(samples.lengths),
+        "truncated_share": statistics.fmean(float(t) for t in samples.truncated),
+        "entropy": float(masked_mean(rollout.entropy, mask)),
+    }
+    for name, scores in samples.source_scores.items():
+        finite = [s for s in scores if not math.isnan(s)]
+        if finite:
+            metrics[f"reward/{name}"] = statistics.fmean(finite)
+    if settings.group_size > 1:
+        equal = all_equal_groups(rewards, settings.group_size)
+        metrics["all_equal_groups_share"] = float(equal.float().mean())
+    return metrics
+
+
+def policy_loss(
+    settings: Settings,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> PolicyLoss:
+    if settings.loss == "reinforce":
+        return reinforce_loss(logps, advantages, mask)
+    clip = (settings.clip_low, settings.clip_high)
+    if settings.loss == "clipped":
+        return clipped_surrogate_loss(logps, old_logps, advantages, mask, *clip)
+    if settings.loss == "gspo":
+        return gspo_loss(logps, old_logps, advantages, mask, *clip)
+    return cispo_loss(logps, old_logps, advantages, mask, *clip)
+
+
+class PolicyGradientTrainer:
+    """Everything one optimizer step needs; ``step_fn`` is handed to the shared loop."""
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        records: list[dict],
+        stage: PolicyGradientStage,
+        reward_fn: RewardFn,
+        *,
+        seed: int,
+        stage_name: str,
+        reference: Callable[[], contextlib.AbstractContextManager] | None,
+        value_model: PreTrainedModel | None,
+        log_samples: SampleLogFn | None,
+    ) -> None:
+        self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
+        self.reward_fn, self.seed, self.stage_name = reward_fn, seed, stage_name
+        self.reference, self.value_model, self.log_samples = reference, value_model, log_samples
+        self.settings = Settings.of(stage)
+        self.prompts = PromptStream(len(records), seed)
+        self.buffer = RolloutBuffer()
+        self.controller = kl_controller(stage)
+        self.shared_prefix = can_share_prefix(policy, value_model)
+
+    @property
+    def extra_state(self) -> list:
+        return [self.prompts, self.buffer, self.controller]
+
+    def collect(self, index: int) -> None:
+        """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
+        stage, settings = self.stage, self.settings
+        started = time.perf_counter()
+        kept: list[Samples] = []
+        wanted, rounds, dropped = stage.prompts_per_rollout, 0, 0
+        while wanted > 0 and rounds < stage.max_sampling_rounds:
+            take = self.prompts.take(wanted if rounds == 0 else stage.prompts_per_rollout)
+            samples = sample_and_reward(
+                self.policy, self.tokenizer, self.records, take, stage, self.reward_fn,
+                seed=self.seed * 1_000_003 + index * 1_009 + rounds,
+            )  # fmt: skip
+            rounds += 1
+            if not settings.dynamic_sampling:
+                kept.append(samples)
+                break
+            equal = all_equal_groups(samples.rewards, settings.group_size).tolist()
+            informative = [g for g, same in enumerate(equal) if not same][:wanted]
+            dropped += sum(equal)
+            if informative:
+                kept.append(samples.select_groups(informative))
+                wanted -= len(informative)
+        if not kept:
+            raise UserError(
+                f"stage '{self.stage_name}': rollout {index + 1}: every group of {settings.group_size} "
+                f"completions in {rounds} sampling rounds got equal rewards, so there is nothing to learn "
+                "from (dynamic sampling); raise max_sampling_rounds or check the reward sources"
+            )
+        samples = Samples.concat(kept)
+        if all(samples.truncated) and stage.truncated != "score":  # every reward would be the same
+            raise UserError(
+                f"stage '{self.stage_name}': rollout {index + 1}: no completion ended with EOS within "
+                f"generation.max_new_tokens = {stage.generation.max_new_tokens}; raise max_new_tokens, or "
+                "check that the policy was trained to end its turn (its chat template's end-of-turn token); "
+                "`truncated: score` scores unfinished completions anyway"
+            )
+        sampled = time.perf_counter()
+        rollout = score_rollout(
+            samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
+            shared_prefix=self.shared_prefix, batch_size=stage.train.batch_size,
+        )  # fmt: skip
+        beta = self.controller.beta
+        advantages, returns, kl_metrics = compute_advantages(rollout, settings, stage, beta)
+        rollout.metrics = {
+            **rollout_metrics(rollout, settings), **kl_metrics, "beta": beta,
+            "time/sample_and_reward_s": sampled - started, "time/scoring_s": time.perf_counter() - sampled,
+            "sampling_rounds": float(rounds), "dropped_groups": float(dropped),
+        }  # fmt: skip
+        if "kl" in kl_metrics:
+            self.controller.update(kl_metrics["kl"], len(samples.lengths))
+        self.buffer.index, self.buffer.rollout = index, rollout
+        self.buffer.advantages, self.buffer.returns = advantages, returns
+        if self.log_samples is not None and index % stage.sample_table_every == 0:
+            self.log_samples(sample_rows(rollout, index), index)
+
+    def minibatch(self, rollout_index: int, update: int) -> list[int]:
+        n = len(self.buffer.rollout.samples.lengths)
+        epoch, part = divmod(update, self.stage.minibatches)
+        generator = torch.Generator().manual_seed(self.seed * 7_919 + rollout_index * 104_729 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        size = n // self.stage.minibatches
+        return sorted(order[part * size : (part + 1) * size])
+
+    def step_fn(self, step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+        index, update = divmod(step, self.settings.updates_per_rollout)
+        if self.buffer.index != index:
+            self.collect(index)
+        update_started = time.perf_counter()
+        rollout = self.buffer.rollout
+        ids = self.minibatch(index, update)
+        lengths = rollout.samples.lengths
+        total_tokens = sum(lengths[i] for i in ids)
+        totals: dict[str, float] = {TOKENS: 0.0}
+        for start in range(0, len(ids), self.stage.train.batch_size):
+            part = ids[start : start + self.stage.train.batch_size]
+            loss, stats, tokens = self.micro_batch_loss(rollout, part, device)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
+                    f"{step + 1} (rollout {index + 1}); training stops, the last checkpoint is kept and "
+                    "nothing is registered (lower lr? check the rewards)"
+                )
+            weight = (tokens / total_tokens) if self.settings.aggregation == "token" else len(part) / len(ids)
+            backward(loss * weight)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value * weight
+            totals[TOKENS] += float(tokens)
+        totals["time/update_s"] = time.perf_counter() - update_started
+        return {**rollout.metrics, **totals}
+
+    def micro_batch_loss(
+        self, rollout: Rollout, ids: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, float], int]:
+        samples, settings, stage = rollout.samples, self.settings, self.stage
+        packed = pack_completions(
+            [samples.prompt_ids[i] for i in ids], [samples.completion_ids[i] for i in ids],
+            [samples.groups[i] for i in ids], self.tokenizer.pad_token_id, self.shared_prefix,
+        ).to(device)  # fmt: skip
+        width = packed.width
+        mask = completion_mask([samples.lengths[i] for i in ids], width, device)
+        logps = to_grid(policy_token_logprobs(self.policy, packed)[0].float(), packed)
+        old = rollout.old_logps[ids, :width].to(device)
+        advantages = self.buffer.advantages[ids].to(device)
+        if advantages.dim() == 2:
+            advantages = advantages[:, :width]
+        result = policy_loss(settings, logps, old, advantages, mask)
+        per_token = result.per_token
+        beta = self.controller.beta
+        if rollout.ref_logps is not None and beta > 0 and settings.kl_placement == "loss":
+            ref = rollout.ref_logps[ids, :width].to(device)
+            per_token = per_token + beta * kl_per_token(logps, ref, mask, settings.kl_estimator)
+        loss = aggregate_loss(per_token, mask, settings.aggregation, stage.generation.max_new_tokens)
+        log_ratio = result.log_ratio
+        stats = {
+            "policy_loss": float(loss.detach()),
+            "clip_fraction": float(masked_mean(result.clipped.float(), mask)),
+            "approx_kl": float(masked_mean(0.5 * log_ratio.square(), mask)),
+            "ratio_mean": float(masked_mean(torch.exp(log_ratio), mask)),
+        }
+        if self.value_model is not None:
+            values = to_grid(value_token_values(self.value_model, packed), packed)
+            old_values = rollout.values[ids, :width].to(device)
+            returns = self.buffer.returns[ids, :width].to(device)
+            value_loss = aggregate_loss(
+                clipped_value_loss(values, old_values, returns, mask, stage.ppo.value_clip), mask, "sequence"
+            )
+            loss = loss + stage.ppo.vf_coef * value_loss
+            stats["value_loss"] = float(value_loss.detach())
+        stats["loss"] = float(loss.detach())
+        return loss, stats, int(mask.sum())
+
+
+def sample_rows(rollout: Rollout, index: int, limit: int = 16) -> list[dict]:
+    """A few of the rollout's completions as table rows (logged as an MLflow table)."""
+    s = rollout.samples
+    return [
+        {
+            "rollout": index + 1,
+            "prompt": str(s.prompts[i]),
+            "completion": s.texts[i],
+            "reward": float(s.rewards[i]),
+            "tokens": s.lengths[i],
+            "truncated": s.truncated[i],
+        }
+        for i in range(min(limit, len(s.texts)))
+    ]
+
+
+@contextlib.contextmanager
+def _frozen(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    yield model
+
+
+def reference_provider(
+    policy: PreTrainedModel, stage: PolicyGradientStage, loaded: PreTrainedModel | None
+) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """How the rollout reads pi_ref: none at beta 0; a given reference model; the LoRA policy with its
+    adapters disabled (no copy); or a frozen copy of the policy's starting weights."""
+    if not stage.needs_reference:
+        return None
+    if loaded is not None:
+        return lambda: _frozen(loaded)
+    if stage.lora is not None:
+        return policy.disable_adapter
+    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
+    return lambda: _frozen(frozen)
+
+
+def train_policy_gradient(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    stage: PolicyGradientStage,
+    reward_fn: RewardFn,
+    *,
+    seed: int,
+    checkpoint_dir: Path,
+    stage_name: str = "policy_gradient",
+    reference_model: PreTrainedModel | None = None,
+    value_model: PreTrainedModel | None = None,
+    log: LogFn | None = None,
+    log_samples: SampleLogFn | None = None,
+) -> tuple[PreTrainedModel, PreTrainedModel | None, dict]:
+    """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, summary).
+
+    ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
+    ``value_model`` (PPO) is a one-output sequence classifier trained with the policy.
+    """
+    torch.manual_seed(seed)
+    if stage.algorithm == "ppo" and value_model is None:
+        raise ValueError("ppo needs a value model")
+    if stage.lora is not None:
+        policy = apply_lora(policy, stage.lora)
+    reference = reference_provider(policy, stage, reference_model)
+    trainer = PolicyGradientTrainer(
+        policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
+        reference=reference, value_model=value_model, log_samples=log_samples,
+    )  # fmt: skip
+    trained_modules: torch.nn.Module = policy
+    if value_model is not None:
+        trained_modules = torch.nn.ModuleDict({"policy": policy, "value": value_model})
+    updates = trainer.settings.updates_per_rollout
+    trained, loop = run_optimizer_steps(
+        trained_modules, stage.train, total_steps=stage.rollouts * updates, steps_per_epoch=updates,
+        seed=seed, checkpoint_dir=checkpoint_dir, step_fn=trainer.step_fn, log=log,
+        extra_state=trainer.extra_state,
+    )  # fmt: skip
+    if value_model is not None:
+        policy, value_model = trained["policy"], trained["value"]
+    else:
+        policy = trained
+    if stage.lora is not None:
+        policy = policy.merge_and_unload()
+    return (
+        policy,
+        value_model,
+        {
+            "steps": stage.rollouts * updates,
+            "rollouts": stage.rollouts,
+            "resumed_from_step": loop.resumed_from_step,
+            "seconds": loop.seconds,
+            "input_tokens": loop.tokens,
+            "last_metrics": loop.last_metrics,
+        },
+    )
+
+
+def check_value_tokenizer(
+    policy_tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase, stage_name: str
+) -> None:
+    """A value model initialised from a reward model must read the policy's token ids as the same tokens
+    (its tokenizer may only add tokens, e.g. a pad token)."""
+    policy_vocab, value_vocab = policy_tokenizer.get_vocab(), value_tokenizer.get_vocab()
+    differing = [t for t, i in policy_vocab.items() if value_vocab.get(t) != i]
+    if differing or policy_tokenizer.chat_template != value_tokenizer.chat_template:
+        what = f"{len(differing)} tokens have other ids" if differing else "the chat template differs"
+        raise UserError(
+            f"stage '{stage_name}', field ppo.value_model: its tokenizer is not the policy's ({what}); "
+            "initialise the value model from a reward model trained on this policy, or drop "
+            "ppo.value_model to start it from the policy"
+        )
+
+
+def run_policy_gradient(
+    policy_dir: str,
+    revision: str | None,
+    records: list[dict],
+    stage: PolicyGradientStage,
+    *,
+    reference_dir: str | None,
+    reference_revision: str | None,
+    value_init_dir: str | None,
+    reward_model_dirs: dict[str, str],
+    seed: int,
+    checkpoint_dir: Path,
+    stage_name: str,
+    log: LogFn | None = None,
+    log_samples: SampleLogFn | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 and one
+    is given; otherwise the starting weights serve), PPO's value model and the reward models; train."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_core.modeling.models import load_model
+    from rlhf_core.modeling.reward_model import build_reward_model
+    from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
+    from rlhf_core.training.rollouts import reward_function
+
+    if not records:
+        raise UserError(f"stage '{stage_name}': the prompts split '{stage.split}' has no rows")
+    policy, tokenizer = load_model(policy_dir, revision=revision)
+    reference = None
+    if stage.needs_reference and reference_dir is not None:
+        reference = load_model(reference_dir, revision=reference_revision)[0].eval().requires_grad_(False)
+    value_model = None
+    if stage.algorithm == "ppo":
+        if value_init_dir is not None:
+            check_value_tokenizer(tokenizer, AutoTokenizer.from_pretrained(value_init_dir), stage_name)
+            value_model = AutoModelForSequenceClassification.from_pretrained(value_init_dir)
+        else:
+            value_model = build_reward_model(policy_dir, revision=revision)  # policy backbone, zero head
+    reward_fn = reward_function(stage.rewards, load_reward_model_scorers(reward_model_dirs), stage_name)
+    trained, _, summary = train_policy_gradient(
+        policy, tokenizer, records, stage, reward_fn, seed=seed, checkpoint_dir=checkpoint_dir,
+        stage_name=stage_name, reference_model=reference, value_model=value_model, log=log,
+        log_samples=log_samples,
+    )  # fmt: skip
+    return trained, tokenizer, summary

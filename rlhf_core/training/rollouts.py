@@ -1,0 +1,311 @@
+"""Rollouts of on-policy RL: sample completions from the current policy, reward them, and record what the
+update needs (book ch.6).
+
+A rollout takes the next ``prompts_per_rollout`` prompts of the stream, samples G completions of each
+with the project's KV-cached decoding (the policy's chat template and EOS; the policy decodes in eval
+mode and goes back to training mode), rewards each completion at its end, and computes with the same
+weights, before any update, the per-token log-probs pi_old (so the importance ratio is exactly 1 at the
+first update), the reference's log-probs (when beta > 0) and PPO's values. Everything is kept in a
+:class:`RolloutBuffer`, which checkpoints save: a crash in the middle of a rollout's updates resumes
+with the very same samples.
+
+A completion that reaches ``max_new_tokens`` without EOS is not scored by the reward sources unless the
+stage says ``truncated: score``: a reward model never silently scores an unfinished answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_core.errors import UserError
+from rlhf_core.losses.policy_gradient import soft_overlong_penalty
+from rlhf_core.modeling.completion_scoring import (
+    pack_completions,
+    policy_token_logprobs,
+    to_grid,
+    value_token_values,
+)
+from rlhf_core.modeling.modes import eval_mode
+from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rollout.generation import chat_prompt, decode_batch
+from rlhf_core.spec.reward_sources import RewardSourceSpec
+from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.training.loop import epoch_order
+
+# rows (prompt, completion and the prompt record's fields) -> (composite rewards, per-source scores)
+RewardFn = Callable[[list[dict]], tuple[list[float], dict[str, list[float]]]]
+
+
+class PromptStream:
+    """The prompts in a fresh shuffled order each epoch (a pure function of seed and epoch), read from a
+    cursor that checkpoints save: resume continues at the same prompt."""
+
+    def __init__(self, n_prompts: int, seed: int) -> None:
+        if n_prompts < 1:
+            raise UserError("the prompts split is empty")
+        self.n, self.seed, self.cursor = n_prompts, seed, 0
+
+    def take(self, count: int) -> list[int]:
+        out = []
+        for position in range(self.cursor, self.cursor + count):
+            epoch, i = divmod(position, self.n)
+            out.append(epoch_order(self.n, self.seed, epoch)[i])
+        self.cursor += count
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = int(state["cursor"])
+
+
+@dataclass
+class Samples:
+    """Sampled and rewarded completions, prompt-major (the G completions of a prompt together)."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    groups: list[int]  # which prompt (0, 1, ...) each completion answers
+    truncated: list[bool]
+    rewards: torch.Tensor  # (N,) final scalar reward (after the truncation rule and overlong penalty)
+    source_scores: dict[str, list[float]]  # NaN where a source did not score the completion
+    texts: list[str]
+    prompts: list[Any]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c) for c in self.completion_ids]
+
+    def select_groups(self, keep: list[int]) -> Samples:
+        """Only the completions of the groups ``keep``, renumbered 0, 1, ... in that order."""
+        new_group = {g: k for k, g in enumerate(keep)}
+        rows = [i for g in keep for i, gi in enumerate(self.groups) if gi == g]
+        return Samples(
+            [self.prompt_ids[i] for i in rows],
+            [self.completion_ids[i] for i in rows],
+            [new_group[self.groups[i]] for i in rows],
+            [self.truncated[i] for i in rows],
+            self.rewards[rows],
+            {name: [scores[i] for i in rows] for name, scores in self.source_scores.items()},
+            [self.texts[i] for i in rows],
+            [self.prompts[i] for i in rows],
+        )
+
+    @staticmethod
+    def concat(parts: list[Samples]) -> Samples:
+        offset, groups = 0, []
+        for part in parts:
+            groups += [g + offset for g in part.groups]
+            offset += max(part.groups, default=-1) + 1
+        return Samples(
+            [x for p in parts for x in p.prompt_ids],
+            [x for p in parts for x in p.completion_ids],
+            groups,
+            [x for p in parts for x in p.truncated],
+            torch.cat([p.rewards for p in parts]),
+            {name: [x for p in parts for x in p.source_scores[name]] for name in parts[0].source_scores},
+            [x for p in parts for x in p.texts],
+            [x for p in parts for x in p.prompts],
+        )
+
+
+@dataclass
+class Rollout:
+    """What an update needs about one rollout: the samples and, per token, what the sampling policy, the
+    reference and the value model said before any update."""
+
+    samples: Samples
+    old_logps: torch.Tensor  # (N, T) under the sampling policy
+    entropy: torch.Tensor  # (N, T) of the sampling policy
+    ref_logps: torch.Tensor | None  # (N, T)
+    values: torch.Tensor | None  # (N, T) PPO value model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        lengths = self.samples.lengths
+        return torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+
+
+class RolloutBuffer:
+    """The current rollout and the advantages computed from it; saved with every checkpoint."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.rollout: Rollout | None = None
+        self.advantages: torch.Tensor | None = None
+        self.returns: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "rollout": self.rollout,
+            "advantages": self.advantages,
+            "returns": self.returns,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index, self.rollout = state["index"], state["rollout"]
+        self.advantages, self.returns = state["advantages"], state["returns"]
+
+
+def reward_function(
+    sources: tuple[RewardSourceSpec, ...], model_scorers: dict[str, ModelScorer], stage_name: str
+) -> RewardFn:
+    """The composite reward of the stage's sources (a NaN/inf score or a raising source is an error
+    naming the stage, the source and the row)."""
+
+    def score(rows: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
+        kept, _ = score_completions(rows, sources, model_scorers, on_invalid="fail", stage=stage_name)
+        return [r["reward"] for r in kept], {s.name: [r["scores"][s.name] for r in kept] for s in sources}
+
+    return score
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Any]) -> list[list[int]]:
+    """Token ids of each prompt rendered with the chat template and the assistant generation header."""
+    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def sample_groups(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    stage: PolicyGradientStage,
+    seed: int,
+) -> list[list[int]]:
+    """G completions of each prompt (prompt-major), in eval mode, decoded in batches."""
+    g, gen = stage.effective_group_size, stage.generation
+    device = next(policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    per_batch = max(1, gen.batch_size // g)
+    out: list[list[int]] = []
+    with eval_mode(policy), torch.no_grad():
+        for start in range(0, len(prompt_ids), per_batch):
+            out += decode_batch(
+                policy, prompt_ids[start : start + per_batch], g, gen.max_new_tokens, gen.temperature,
+                gen.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+            )  # fmt: skip
+    return out
+
+
+def reward_completions(
+    rows: list[dict],
+    truncated: list[bool],
+    stage: PolicyGradientStage,
+    reward_fn: RewardFn,
+) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    """(N,) rewards: the reward sources on finished completions; the stage's rule on truncated ones; DAPO's
+    soft overlong penalty added when configured. Sources' per-row scores are NaN where not scored."""
+    scored = [i for i, cut in enumerate(truncated) if not cut or stage.truncated == "score"]
+    fill = 0.0 if stage.truncated == "zero" else stage.truncated_reward
+    rewards = torch.full((len(rows),), fill, dtype=torch.float64)
+    per_source: dict[str, list[float]] = {s.name: [math.nan] * len(rows) for s in stage.rewards}
+    if scored:
+        values, sources = reward_fn([rows[i] for i in scored])
+        for k, i in enumerate(scored):
+            rewards[i] = values[k]
+            for name, scores in sources.items():
+                per_source.setdefault(name, [math.nan] * len(rows))[i] = scores[k]
+    cache = overlong_cache(stage)
+    if cache:
+        lengths = torch.tensor([r["completion_tokens"] for r in rows])
+        rewards = rewards + soft_overlong_penalty(lengths, stage.generation.max_new_tokens, cache)
+    return rewards, per_source
+
+
+def overlong_cache(stage: PolicyGradientStage) -> int | None:
+    if stage.overlong_cache is not None:
+        return stage.overlong_cache
+    return max(1, stage.generation.max_new_tokens // 4) if stage.algorithm == "dapo" else None
+
+
+@torch.no_grad()
+def score_tokens(
+    policy: PreTrainedModel,
+    reference: Callable[[], Any] | None,
+    value_model: PreTrainedModel | None,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    groups: list[int],
+    pad_token_id: int,
+    shared_prefix: bool,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(N, T) old log-probs and entropy of the policy, the reference's log-probs (``reference()`` is a
+    context manager yielding the reference model), and the value model's values, in micro-batches."""
+    device = next(policy.parameters()).device
+    width = max(len(c) for c in completion_ids)
+    parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
+    for start in range(0, len(prompt_ids), batch_size):
+        part = slice(start, start + batch_size)
+        packed = pack_completions(
+            prompt_ids[part], completion_ids[part], groups[part], pad_token_id, shared_prefix
+        )
+        packed.width = width
+        packed = packed.to(device)
+        with eval_mode(policy):
+            logps, entropy = policy_token_logprobs(policy, packed, with_entropy=True)
+        parts["old"].append(to_grid(logps.float(), packed).cpu())
+        parts["entropy"].append(to_grid(entropy.float(), packed).cpu())
+        if reference is not None:
+            with reference() as ref_model, eval_mode(ref_model):
+                ref_logps, _ = policy_token_logprobs(ref_model, packed)
+            parts["ref"].append(to_grid(ref_logps.float(), packed).cpu())
+        if value_model is not None:
+            with eval_mode(value_model):
+                parts["values"].append(to_grid(value_token_values(value_model, packed), packed).cpu())
+    joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    return joined["old"], joined["entropy"], joined["ref"], joined["values"]
+
+
+def sample_and_reward(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    prompt_indices: list[int],
+    stage: PolicyGradientStage,
+    reward_fn: RewardFn,
+    seed: int,
+) -> Samples:
+    """G completions of each prompt ``records[i]``, decoded by the policy and rewarded."""
+    prompts = [records[i]["prompt"] for i in prompt_indices]
+    encoded = encode_prompts(tokenizer, prompts)
+    completions = sample_groups(policy, tokenizer, encoded, stage, seed)
+    groups = [k // stage.effective_group_size for k in range(len(completions))]
+    truncated = [c[-1] != tokenizer.eos_token_id for c in completions]
+    texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    rows = [
+        {**records[prompt_indices[k]], "completion": text, "completion_tokens": len(c)}
+        for k, text, c in zip(groups, texts, completions, strict=True)
+    ]
+    rewards, per_source = reward_completions(rows, truncated, stage, reward_fn)
+    return Samples(
+        [encoded[k] for k in groups], completions, groups, truncated, rewards, per_source, texts,
+        [prompts[k] for k in groups],
+    )  # fmt: skip
+
+
+def score_rollout(
+    samples: Samples,
+    policy: PreTrainedModel,
+    reference: Callable[[], Any] | None,
+    value_model: PreTrainedModel | None,
+    pad_token_id: int,
+    *,
+    shared_prefix: bool,
+    batch_size: int,
+) -> Rollout:
+    """The rollout of ``samples``: old log-probs, entropy, reference log-probs and values per token."""
+    old, entropy, ref, values = score_tokens(
+        policy, reference, value_model, samples.prompt_ids, samples.completion_ids, samples.groups,
+        pad_token_id, shared_prefix, batch_size,
+    )  # fmt: skip
+    return Rollout(samples, old, entropy, ref, values)
