@@ -26,7 +26,7 @@ def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
         data, prompts = (call.resolve(r) if r else None for r in (stage.data, stage.prompts))
         eval_rows = run.read_split(data, "eval") if data else []
         prompt_rows = run.read_split(prompts, "eval") if prompts else []
-        sources = stage.best_of_n.rewards if stage.best_of_n else ()
+        sources = (*stage.rewards, *(stage.best_of_n.rewards if stage.best_of_n else ()))
         reward_dirs = {s.name: run.model_dir(call.resolve(s.model)) for s in sources if s.model}
         source = f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts"
         report, samples = {}, []

@@ -63,3 +63,26 @@ def test_a_prompt_without_answer_fails_naming_the_row_before_any_model_loads():
             stage_name="eval",
             prompts_source="data.prompts",
         )
+
+
+def test_reward_sources_score_each_models_answers(model_dir):
+    """`rewards:` reports each source's mean score over the greedy answers: the verifier's mean is the
+    accuracy itself, and a length penalty agrees with the answers' lengths."""
+    from rlhf_core.rewards.functions import REWARD_FUNCTIONS
+
+    rewards = [{"function": "arithmetic_exact"}, {"function": "length_penalty"}]
+    long_answers = {"max_new_tokens": 32}  # the random model's answers run past the penalty's 40 characters
+    stage = _stage(max_prompts=5, rewards=rewards, generation=long_answers)
+    metrics, _ = evaluate_model(model_dir, None, [], PROMPTS, stage, {}, seed=0, stage_name="eval")
+    assert metrics["eval/reward/arithmetic_exact"] == pytest.approx(metrics["eval/accuracy"])
+    stage_all = _stage(max_prompts=5, samples_in_table=5, generation=long_answers)
+    _, answers = evaluate_model(model_dir, None, [], PROMPTS, stage_all, {}, seed=0, stage_name="eval")
+    expected = sum(REWARD_FUNCTIONS["length_penalty"](a["completion"], a) for a in answers) / 5
+    assert metrics["eval/reward/length_penalty"] == pytest.approx(expected) and expected < 0
+
+
+def test_reward_sources_need_prompts():
+    with pytest.raises(ValueError, match="rewards score the models' completions of the prompts"):
+        EvaluateStage(
+            kind="evaluate", models=["base"], data="data.sft", rewards=[{"function": "answer_format"}]
+        )

@@ -89,7 +89,7 @@ def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     start = {k: v.clone() for k, v in _policy(tiny)[0].state_dict().items()}
     trained, logged, summary = _train(tiny, stage, tmp_path)
     assert summary["steps"] == 12 * stage.update_epochs * stage.minibatches
-    rewards = [m["train/reward_mean"] for _, m in logged][:: stage.update_epochs]
+    rewards = [m["rollout/reward_mean"] for _, m in logged if "rollout/reward_mean" in m]
     assert statistics.fmean(rewards[-3:]) > statistics.fmean(rewards[:3]) + 0.05, (algorithm, rewards)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])]
     assert changed
@@ -106,18 +106,18 @@ def test_the_kl_term_holds_the_policy_near_the_reference(tiny, tmp_path, algorit
             overrides |= {"prompts_per_rollout": 16}
         _, logged, _ = _train(tiny, _stage(algorithm, **overrides), tmp_path / str(beta))
         if beta == 0.0:
-            assert "train/kl" not in logged[-1][1]  # beta 0: no reference, no KL measured
+            assert not any("train/kl" in m or "rollout/kl" in m for _, m in logged)  # beta 0: no reference
             _, logged, _ = _train(
                 tiny, _stage(algorithm, **{**overrides, "kl": {"beta": 1e-9}}), tmp_path / "tiny"
             )
-        kl_at_end[beta] = statistics.fmean(m["train/kl"] for _, m in logged[-3:])
+        kl_at_end[beta] = statistics.fmean([m["train/kl"] for _, m in logged if "train/kl" in m][-3:])
     assert kl_at_end[0.3] < 0.7 * kl_at_end[0.0], kl_at_end
 
 
 def test_ratio_is_one_at_the_first_update_of_each_rollout(tiny, tmp_path):
     stage = _stage("grpo", update_epochs=2, minibatches=2)
     _, logged, _ = _train(tiny, stage, tmp_path)
-    by_step = dict(logged)
+    by_step = {step: m for step, m in logged if "train/ratio_mean" in m}
     for first_update in (1, 5, 9):  # steps 1, 5, 9 start rollouts 1, 2, 3 (4 updates each)
         metrics = by_step[first_update]
         assert metrics["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -169,9 +169,15 @@ def test_beta_zero_loads_no_reference(tiny):
     assert reference_provider(policy, _stage("grpo"), None) is not None
 
 
-def test_group_size_one_with_a_group_algorithm_is_refused():
+def test_settings_that_do_not_apply_are_refused():
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         _stage("grpo", group_size=1)
+    with pytest.raises(ValueError, match="epochs: not used by on-policy RL"):
+        _stage("grpo", train={"epochs": 3})
+    with pytest.raises(ValueError, match="rollouts use the native decoding loop"):
+        _stage("grpo", generation={"engine": "transformers"})
+    with pytest.raises(ValueError, match="do not split into 3 minibatches"):
+        _stage("grpo", minibatches=3)  # 4 prompts x 8 = 32 completions
 
 
 def test_no_eos_in_any_completion_stops_naming_the_stage(tiny, tmp_path):

@@ -42,8 +42,8 @@ def evaluate_model(
 
     ``eval_rows`` are SFT rows for the loss (may be empty); ``prompt_rows`` are prompts with an
     ``answer``, of which the first ``stage.max_prompts`` are used (may be empty); ``reward_model_dirs``
-    holds the best-of-N reward models by source name (``rm:<stage>``). ``prompts_source`` names the
-    prompts in errors, e.g. "data.prompts (eval split)".
+    holds the reward models of ``stage.rewards`` and of best-of-N by source name (``rm:<stage>``).
+    ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)".
     """
     prompt_rows = prompt_rows[: stage.max_prompts]
     check_answers(prompt_rows, stage_name=stage_name, source=prompts_source)
@@ -61,13 +61,31 @@ def evaluate_model(
         )  # fmt: skip
         metrics["eval/accuracy"] = accuracy.accuracy
         samples = accuracy.rows[: stage.samples_in_table]
+    scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
+    if stage.rewards and prompt_rows:
+        metrics.update(completion_rewards(accuracy.rows, prompt_rows, stage, scorers, stage_name))
     if stage.best_of_n is not None:
-        scorers = load_reward_model_scorers(reward_model_dirs)
         spec = stage.best_of_n
         metrics.update(
             best_of_n_metrics(model, tokenizer, prompt_rows, spec, verifier, scorers, seed, stage_name)
         )
     return metrics, samples
+
+
+def completion_rewards(
+    rows: list[dict],
+    prompt_rows: list[dict],
+    stage: EvaluateStage,
+    scorers: dict[str, ModelScorer],
+    stage_name: str,
+) -> dict[str, float]:
+    """Mean score of each of ``stage.rewards`` over the model's completions (``rows``, one per prompt)."""
+    scored_rows = [{**record, **row} for record, row in zip(prompt_rows, rows, strict=True)]
+    scored, _ = score_completions(scored_rows, stage.rewards, scorers, on_invalid="fail", stage=stage_name)
+    return {
+        f"eval/reward/{source.name}": sum(r["scores"][source.name] for r in scored) / len(scored)
+        for source in stage.rewards
+    }
 
 
 def check_answers(prompt_rows: list[dict], *, stage_name: str, source: str) -> None:

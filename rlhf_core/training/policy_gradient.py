@@ -24,36 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import NonFiniteLossError, UserError
-from rlhf_core.losses.advantages import (
-    all_equal_groups,
-    batch_baseline_advantages,
-    generalized_advantages,
-    group_advantages,
-    sequence_kl,
-    sequence_rewards_to_tokens,
-    whiten,
-)
-from rlhf_core.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token
+from rlhf_core.losses.advantages import all_equal_groups
+from rlhf_core.losses.kl import kl_per_token
 from rlhf_core.losses.masking import aggregate_loss, masked_mean
-from rlhf_core.losses.policy_gradient import (
-    PolicyLoss,
-    cispo_loss,
-    clipped_surrogate_loss,
-    clipped_value_loss,
-    gspo_loss,
-    reinforce_loss,
-)
+from rlhf_core.losses.policy_gradient import clipped_value_loss
 from rlhf_core.modeling.completion_scoring import (
     can_share_prefix,
     completion_mask,
@@ -64,6 +46,13 @@ from rlhf_core.modeling.completion_scoring import (
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
+from rlhf_core.training.rl_algorithms import (
+    Settings,
+    compute_advantages,
+    kl_controller,
+    policy_loss,
+    rollout_metrics,
+)
 from rlhf_core.training.rollouts import (
     PromptStream,
     RewardFn,
@@ -76,120 +65,6 @@ from rlhf_core.training.rollouts import (
 from rlhf_core.training.sft import apply_lora
 
 SampleLogFn = Callable[[list[dict], int], None]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The stage's settings with the algorithm's defaults filled in."""
-
-    estimator: str
-    loss: str
-    kl_placement: str
-    kl_estimator: str
-    aggregation: str
-    clip_low: float
-    clip_high: float
-    group_size: int
-    dynamic_sampling: bool
-    updates_per_rollout: int
-
-    @staticmethod
-    def of(stage: PolicyGradientStage) -> Settings:
-        d = stage.defaults
-        placement = stage.kl.placement or d.kl_placement
-        return Settings(
-            estimator=d.estimator,
-            loss=d.loss,
-            kl_placement=placement,
-            kl_estimator=stage.kl.estimator or ("k1" if placement == "reward" else "k3"),
-            aggregation=stage.aggregation or d.aggregation,
-            clip_low=stage.clip_low if stage.clip_low is not None else d.clip[0],
-            clip_high=stage.clip_high if stage.clip_high is not None else d.clip[1],
-            group_size=stage.effective_group_size,
-            dynamic_sampling=(
-                stage.dynamic_sampling if stage.dynamic_sampling is not None else stage.algorithm == "dapo"
-            ),
-            updates_per_rollout=stage.update_epochs * stage.minibatches,
-        )
-
-
-def kl_controller(stage: PolicyGradientStage) -> AdaptiveKLController | FixedKLController:
-    if stage.kl.target is not None and stage.beta > 0:
-        return AdaptiveKLController(stage.beta, stage.kl.target, stage.kl.horizon)
-    return FixedKLController(stage.beta)
-
-
-def compute_advantages(
-    rollout: Rollout, settings: Settings, stage: PolicyGradientStage, beta: float
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
-    """Advantages ((N,) per completion, or (N, T) for PPO), PPO's value targets, and rollout metrics."""
-    samples, mask = rollout.samples, rollout.mask
-    rewards = samples.rewards.float()
-    metrics: dict[str, float] = {}
-    kl_tokens = None
-    if rollout.ref_logps is not None:
-        kl_tokens = kl_per_token(rollout.old_logps, rollout.ref_logps, mask, settings.kl_estimator)
-        metrics["kl"] = float(kl_per_token(rollout.old_logps, rollout.ref_logps, mask, "k1").sum(1).mean())
-    in_reward = kl_tokens is not None and beta > 0 and settings.kl_placement == "reward"
-    returns = None
-    if settings.estimator == "gae":
-        token_rewards = sequence_rewards_to_tokens(rewards, mask)
-        if in_reward:
-            token_rewards = token_rewards - beta * kl_tokens
-        advantages, returns = generalized_advantages(
-            token_rewards, rollout.values, mask, stage.ppo.gamma, stage.ppo.lam
-        )
-        if stage.ppo.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        residual = torch.where(mask, returns - rollout.values, 0.0)
-        variance = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
-        residual_var = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
-        metrics["explained_variance"] = float(1 - residual_var / variance) if variance > 0 else math.nan
-        return advantages, returns, metrics
-    if in_reward:
-        rewards = rewards - beta * sequence_kl(kl_tokens, mask, stage.kl.reduce)
-    if settings.estimator == "batch_mean":
-        advantages = batch_baseline_advantages(rewards)
-    else:
-        advantages = group_advantages(rewards, settings.group_size, settings.estimator)
-    return advantages, None, metrics
-
-
-def rollout_metrics(rollout: Rollout, settings: Settings) -> dict[str, float]:
-    samples, mask = rollout.samples, rollout.mask
-    rewards = samples.rewards.float()
-    metrics = {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std(unbiased=False)),
-        "completion_length": statistics.fmean(samples.lengths),
-        "truncated_share": statistics.fmean(float(t) for t in samples.truncated),
-        "entropy": float(masked_mean(rollout.entropy, mask)),
-    }
-    for name, scores in samples.source_scores.items():
-        finite = [s for s in scores if not math.isnan(s)]
-        if finite:
-            metrics[f"reward/{name}"] = statistics.fmean(finite)
-    if settings.group_size > 1:
-        equal = all_equal_groups(rewards, settings.group_size)
-        metrics["all_equal_groups_share"] = float(equal.float().mean())
-    return metrics
-
-
-def policy_loss(
-    settings: Settings,
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-) -> PolicyLoss:
-    if settings.loss == "reinforce":
-        return reinforce_loss(logps, advantages, mask)
-    clip = (settings.clip_low, settings.clip_high)
-    if settings.loss == "clipped":
-        return clipped_surrogate_loss(logps, old_logps, advantages, mask, *clip)
-    if settings.loss == "gspo":
-        return gspo_loss(logps, old_logps, advantages, mask, *clip)
-    return cispo_loss(logps, old_logps, advantages, mask, *clip)
 
 
 class PolicyGradientTrainer:
@@ -207,11 +82,14 @@ class PolicyGradientTrainer:
         stage_name: str,
         reference: Callable[[], contextlib.AbstractContextManager] | None,
         value_model: PreTrainedModel | None,
+        log: LogFn | None,
         log_samples: SampleLogFn | None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
         self.reward_fn, self.seed, self.stage_name = reward_fn, seed, stage_name
         self.reference, self.value_model, self.log_samples = reference, value_model, log_samples
+        self.log = log or (lambda metrics, step: None)
+        self.last_rollout_metrics: dict[str, float] = {}
         self.settings = Settings.of(stage)
         self.prompts = PromptStream(len(records), seed)
         self.buffer = RolloutBuffer()
@@ -222,7 +100,7 @@ class PolicyGradientTrainer:
     def extra_state(self) -> list:
         return [self.prompts, self.buffer, self.controller]
 
-    def collect(self, index: int) -> None:
+    def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
         started = time.perf_counter()
@@ -262,18 +140,22 @@ class PolicyGradientTrainer:
         rollout = score_rollout(
             samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
             shared_prefix=self.shared_prefix, batch_size=stage.train.batch_size,
+            need_old=settings.need_old_pass,
         )  # fmt: skip
+        scored = time.perf_counter()
         beta = self.controller.beta
         advantages, returns, kl_metrics = compute_advantages(rollout, settings, stage, beta)
         rollout.metrics = {
             **rollout_metrics(rollout, settings), **kl_metrics, "beta": beta,
-            "time/sample_and_reward_s": sampled - started, "time/scoring_s": time.perf_counter() - sampled,
+            "time/sample_and_reward_s": sampled - started, "time/scoring_s": scored - sampled,
             "sampling_rounds": float(rounds), "dropped_groups": float(dropped),
         }  # fmt: skip
         if "kl" in kl_metrics:
             self.controller.update(kl_metrics["kl"], len(samples.lengths))
         self.buffer.index, self.buffer.rollout = index, rollout
         self.buffer.advantages, self.buffer.returns = advantages, returns
+        self.last_rollout_metrics = rollout.metrics
+        self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
 
@@ -288,7 +170,7 @@ class PolicyGradientTrainer:
     def step_fn(self, step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
         index, update = divmod(step, self.settings.updates_per_rollout)
         if self.buffer.index != index:
-            self.collect(index)
+            self.collect(index, step)
         update_started = time.perf_counter()
         rollout = self.buffer.rollout
         ids = self.minibatch(index, update)
@@ -297,20 +179,21 @@ class PolicyGradientTrainer:
         totals: dict[str, float] = {TOKENS: 0.0}
         for start in range(0, len(ids), self.stage.train.batch_size):
             part = ids[start : start + self.stage.train.batch_size]
-            loss, stats, tokens = self.micro_batch_loss(rollout, part, device)
+            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, device)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
                     f"{step + 1} (rollout {index + 1}); training stops, the last checkpoint is kept and "
                     "nothing is registered (lower lr? check the rewards)"
                 )
-            weight = (tokens / total_tokens) if self.settings.aggregation == "token" else len(part) / len(ids)
+            token_share = sum(lengths[i] for i in part) / total_tokens
+            weight = token_share if self.settings.aggregation == "token" else len(part) / len(ids)
             backward(loss * weight)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
-            totals[TOKENS] += float(tokens)
+            totals[TOKENS] += float(real_tokens)
         totals["time/update_s"] = time.perf_counter() - update_started
-        return {**rollout.metrics, **totals}
+        return totals
 
     def micro_batch_loss(
         self, rollout: Rollout, ids: list[int], device: torch.device
@@ -322,17 +205,23 @@ class PolicyGradientTrainer:
         ).to(device)  # fmt: skip
         width = packed.width
         mask = completion_mask([samples.lengths[i] for i in ids], width, device)
-        logps = to_grid(policy_token_logprobs(self.policy, packed)[0].float(), packed)
-        old = rollout.old_logps[ids, :width].to(device)
+        need_entropy = rollout.entropy is None
+        flat_logps, flat_entropy = policy_token_logprobs(self.policy, packed, with_entropy=need_entropy)
+        logps = to_grid(flat_logps.float(), packed)
+        # with one update per rollout (and no KL at the rollout) this forward pass is pi_old
+        old = logps.detach() if rollout.old_logps is None else rollout.old_logps[ids, :width].to(device)
         advantages = self.buffer.advantages[ids].to(device)
         if advantages.dim() == 2:
             advantages = advantages[:, :width]
         result = policy_loss(settings, logps, old, advantages, mask)
         per_token = result.per_token
         beta = self.controller.beta
-        if rollout.ref_logps is not None and beta > 0 and settings.kl_placement == "loss":
+        kl_k1 = None
+        if rollout.ref_logps is not None:
             ref = rollout.ref_logps[ids, :width].to(device)
-            per_token = per_token + beta * kl_per_token(logps, ref, mask, settings.kl_estimator)
+            kl_k1 = kl_per_token(logps.detach(), ref, mask, "k1").sum(1).mean()
+            if beta > 0 and settings.kl_placement == "loss":
+                per_token = per_token + beta * kl_per_token(logps, ref, mask, settings.kl_estimator)
         loss = aggregate_loss(per_token, mask, settings.aggregation, stage.generation.max_new_tokens)
         log_ratio = result.log_ratio
         stats = {
@@ -341,6 +230,10 @@ class PolicyGradientTrainer:
             "approx_kl": float(masked_mean(0.5 * log_ratio.square(), mask)),
             "ratio_mean": float(masked_mean(torch.exp(log_ratio), mask)),
         }
+        if kl_k1 is not None:
+            stats["kl"] = float(kl_k1)
+        if flat_entropy is not None:
+            stats["entropy"] = float(masked_mean(to_grid(flat_entropy, packed), mask))
         if self.value_model is not None:
             values = to_grid(value_token_values(self.value_model, packed), packed)
             old_values = rollout.values[ids, :width].to(device)
@@ -351,7 +244,8 @@ class PolicyGradientTrainer:
             loss = loss + stage.ppo.vf_coef * value_loss
             stats["value_loss"] = float(value_loss.detach())
         stats["loss"] = float(loss.detach())
-        return loss, stats, int(mask.sum())
+        real_tokens = sum(len(samples.prompt_ids[i]) + samples.lengths[i] for i in ids)
+        return loss, stats, real_tokens
 
 
 def sample_rows(rollout: Rollout, index: int, limit: int = 16) -> list[dict]:
@@ -418,7 +312,7 @@ def train_policy_gradient(
     reference = reference_provider(policy, stage, reference_model)
     trainer = PolicyGradientTrainer(
         policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
-        reference=reference, value_model=value_model, log_samples=log_samples,
+        reference=reference, value_model=value_model, log=log, log_samples=log_samples,
     )  # fmt: skip
     trained_modules: torch.nn.Module = policy
     if value_model is not None:
@@ -435,18 +329,16 @@ def train_policy_gradient(
         policy = trained
     if stage.lora is not None:
         policy = policy.merge_and_unload()
-    return (
-        policy,
-        value_model,
-        {
-            "steps": stage.rollouts * updates,
-            "rollouts": stage.rollouts,
-            "resumed_from_step": loop.resumed_from_step,
-            "seconds": loop.seconds,
-            "input_tokens": loop.tokens,
-            "last_metrics": loop.last_metrics,
-        },
-    )
+    summary = {
+        "steps": stage.rollouts * updates,
+        "rollouts": stage.rollouts,
+        "resumed_from_step": loop.resumed_from_step,
+        "seconds": loop.seconds,
+        "input_tokens": loop.tokens,
+        "last_metrics": loop.last_metrics,
+        "last_rollout_metrics": trainer.last_rollout_metrics,
+    }
+    return policy, value_model, summary
 
 
 def check_value_tokenizer(

@@ -122,8 +122,8 @@ class Rollout:
     reference and the value model said before any update."""
 
     samples: Samples
-    old_logps: torch.Tensor  # (N, T) under the sampling policy
-    entropy: torch.Tensor  # (N, T) of the sampling policy
+    old_logps: torch.Tensor | None  # (N, T) under the sampling policy (None: the first update's own)
+    entropy: torch.Tensor | None  # (N, T) of the sampling policy (None: measured in the update)
     ref_logps: torch.Tensor | None  # (N, T)
     values: torch.Tensor | None  # (N, T) PPO value model
     metrics: dict[str, float] = field(default_factory=dict)
@@ -238,9 +238,13 @@ def score_tokens(
     pad_token_id: int,
     shared_prefix: bool,
     batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    need_old: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(N, T) old log-probs and entropy of the policy, the reference's log-probs (``reference()`` is a
-    context manager yielding the reference model), and the value model's values, in micro-batches."""
+    context manager yielding the reference model), and the value model's values, in micro-batches.
+
+    Without ``need_old`` the policy pass is skipped (old log-probs and entropy are None): with one update
+    per rollout and the KL outside the reward, pi_old is the policy of that update's own forward pass."""
     device = next(policy.parameters()).device
     width = max(len(c) for c in completion_ids)
     parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
@@ -251,10 +255,11 @@ def score_tokens(
         )
         packed.width = width
         packed = packed.to(device)
-        with eval_mode(policy):
-            logps, entropy = policy_token_logprobs(policy, packed, with_entropy=True)
-        parts["old"].append(to_grid(logps.float(), packed).cpu())
-        parts["entropy"].append(to_grid(entropy.float(), packed).cpu())
+        if need_old:
+            with eval_mode(policy):
+                logps, entropy = policy_token_logprobs(policy, packed, with_entropy=True)
+            parts["old"].append(to_grid(logps.float(), packed).cpu())
+            parts["entropy"].append(to_grid(entropy.float(), packed).cpu())
         if reference is not None:
             with reference() as ref_model, eval_mode(ref_model):
                 ref_logps, _ = policy_token_logprobs(ref_model, packed)
@@ -302,10 +307,11 @@ def score_rollout(
     *,
     shared_prefix: bool,
     batch_size: int,
+    need_old: bool = True,
 ) -> Rollout:
     """The rollout of ``samples``: old log-probs, entropy, reference log-probs and values per token."""
     old, entropy, ref, values = score_tokens(
         policy, reference, value_model, samples.prompt_ids, samples.completion_ids, samples.groups,
-        pad_token_id, shared_prefix, batch_size,
+        pad_token_id, shared_prefix, batch_size, need_old,
     )  # fmt: skip
     return Rollout(samples, old, entropy, ref, values)

@@ -44,6 +44,14 @@ class EvaluateStage(StageSpec):
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
     max_length: int = Field(default=512, ge=8, description="Longest eval conversation (tokens) for the loss.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
+    rewards: tuple[RewardSourceSpec, ...] = Field(
+        default=(),
+        description=(
+            "Reward sources (reward models, functions) that also score each model's completions of the "
+            "prompts: their mean is reported per source (eval/reward/<source>), e.g. to see whether RL "
+            "raised a reward model's score and whether the verifier agrees."
+        ),
+    )
     best_of_n: BestOfNSpec | None = Field(
         default=None,
         description="Also report best-of-N accuracy (needs prompts): pass@1, best-of-N and pass@N.",
@@ -55,6 +63,8 @@ class EvaluateStage(StageSpec):
     def _needs_something_to_measure(self) -> EvaluateStage:
         if self.data is None and self.prompts is None:
             raise ValueError("give `data` (for loss/perplexity), `prompts` (for accuracy), or both")
+        if self.rewards and self.prompts is None:
+            raise ValueError("rewards score the models' completions of the prompts: give prompts")
         if self.best_of_n is not None and self.prompts is None:
             raise ValueError("best_of_n needs `prompts` (a prompts dataset with answers to verify)")
         if self.verifier not in VERIFIERS:

@@ -118,7 +118,9 @@ class PPOSpec(Strict):
 
 
 class RLTrainSpec(OptimSpec):
-    """Optimiser settings; one optimizer step per mini-batch of a rollout."""
+    """Optimiser settings; one optimizer step per mini-batch of a rollout (the stage's ``rollouts``,
+    ``update_epochs`` and ``minibatches`` set how many: ``epochs``, ``max_steps`` and ``grad_accum`` do
+    not apply)."""
 
     lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (book: 1e-6 to 5e-6 at scale).")
     batch_size: int = Field(
@@ -127,6 +129,16 @@ class RLTrainSpec(OptimSpec):
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps of linear warmup.")
     schedule: Literal["linear", "cosine", "constant"] = Field(default="constant", description="LR schedule.")
     log_every: int = Field(default=1, ge=1, description="Report metrics every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _no_offline_step_counts(self) -> RLTrainSpec:
+        given = sorted({"epochs", "max_steps", "grad_accum"} & self.model_fields_set)
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: not used by on-policy RL; set the stage's rollouts, update_epochs and "
+                "minibatches instead"
+            )
+        return self
 
 
 class PolicyGradientStage(StageSpec):
@@ -204,6 +216,11 @@ class PolicyGradientStage(StageSpec):
             )
         if self.algorithm == "ppo" and self.kl.placement == "loss":
             raise ValueError("ppo puts the KL penalty in the per-token reward: remove kl.placement: loss")
+        if self.generation.engine != "native":
+            raise ValueError(
+                "generation.engine: rollouts use the native decoding loop (it returns the sampled token ids "
+                "the update trains on); remove engine: transformers"
+            )
         if self.overlong_cache is not None and self.overlong_cache > self.generation.max_new_tokens:
             raise ValueError("overlong_cache must not exceed generation.max_new_tokens")
         if self.completions_per_rollout % self.minibatches:
