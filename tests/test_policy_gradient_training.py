@@ -174,6 +174,7 @@ def test_settings_that_do_not_apply_are_refused():
         _stage("grpo", group_size=1)
     with pytest.raises(ValueError, match="epochs: not used by on-policy RL"):
         _stage("grpo", train={"epochs": 3})
+    assert _stage("grpo", train={"max_steps": 2}).train.max_steps == 2  # caps rollouts x updates
     with pytest.raises(ValueError, match="rollouts use the native decoding loop"):
         _stage("grpo", generation={"engine": "transformers"})
     with pytest.raises(ValueError, match="do not split into 3 minibatches"):
@@ -217,3 +218,16 @@ def test_a_nan_loss_stops_naming_the_stage_and_step(tiny, tmp_path):
             policy, tokenizer, _records(), stage, digit_share, seed=0, checkpoint_dir=tmp_path,
             stage_name="rl", value_model=value,
         )  # fmt: skip
+
+
+def test_a_value_model_with_another_tokenizer_is_refused(tiny):
+    from rlhf_core.modeling.models import build_tiny_model as build
+    from rlhf_core.training.policy_gradient import check_value_tokenizer
+
+    _, policy_tokenizer = tiny
+    same_plus_pad = type(policy_tokenizer).from_pretrained(tiny[0])
+    same_plus_pad.add_special_tokens({"pad_token": "<|reward_pad|>"})  # what a reward model may add
+    check_value_tokenizer(policy_tokenizer, same_plus_pad, "rl")
+    _, other = build(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=300), seed=1)
+    with pytest.raises(UserError, match="field ppo.value_model: its tokenizer is not the policy's"):
+        check_value_tokenizer(policy_tokenizer, other, "rl")

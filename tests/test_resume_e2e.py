@@ -1,7 +1,7 @@
 """Exact resume through the real command: SIGKILL ``rlhf run`` mid-training, run it again, compare weights.
 
 Home A runs the pipeline uninterrupted. Home B runs the same spec, is killed with SIGKILL once a
-checkpoint of the stage under test (SFT, or DPO after a short SFT) exists, and is run again with the
+checkpoint of the stage under test (SFT, or DPO or GRPO after a short SFT) exists, and is run again with the
 same command: it must say the stage resumed, and its final weights must match home A's to within 1e-5.
 """
 
@@ -28,6 +28,22 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
     long_run = {"max_steps": 100, "checkpoint_every": 10, "log_every": 10, "batch_size": 16}
     if stage == "sft":
         stages["sft"]["train"].update(long_run)
+    elif stage == "grpo":  # 3 updates per rollout: the checkpoint at step 10 lands inside rollout 4
+        stages["grpo"] = {
+            "kind": "policy_gradient",
+            "algorithm": "grpo",
+            "policy": "sft",
+            "prompts": "data.prompts",
+            "rewards": [{"function": "arithmetic_exact"}, {"function": "answer_format", "weight": 0.5}],
+            "kl": {"beta": 0.05, "target": 1.0, "horizon": 100},
+            "rollouts": 15,
+            "prompts_per_rollout": 4,
+            "group_size": 4,
+            "update_epochs": 3,
+            "truncated": "score",
+            "generation": {"max_new_tokens": 8},
+            "train": {"checkpoint_every": 10, "log_every": 10, "batch_size": 16, "lr": 1e-3},
+        }
     else:
         stages["dpo"] = {
             "kind": "direct_alignment",
@@ -65,7 +81,7 @@ def _wait_for_checkpoint(home: Path, proc: subprocess.Popen, stage: str, timeout
     pytest.fail(f"no {stage} checkpoint appeared in time")
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
 def test_sigkill_mid_training_then_rerun_resumes_and_matches_uninterrupted(
     tmp_path, tiny_spec_dict, prefect_api_url, stage
 ):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -318,8 +319,11 @@ def train_policy_gradient(
     if value_model is not None:
         trained_modules = torch.nn.ModuleDict({"policy": policy, "value": value_model})
     updates = trainer.settings.updates_per_rollout
+    total_steps = stage.rollouts * updates
+    if stage.train.max_steps is not None:
+        total_steps = min(total_steps, stage.train.max_steps)
     trained, loop = run_optimizer_steps(
-        trained_modules, stage.train, total_steps=stage.rollouts * updates, steps_per_epoch=updates,
+        trained_modules, stage.train, total_steps=total_steps, steps_per_epoch=updates,
         seed=seed, checkpoint_dir=checkpoint_dir, step_fn=trainer.step_fn, log=log,
         extra_state=trainer.extra_state,
     )  # fmt: skip
@@ -330,8 +334,8 @@ def train_policy_gradient(
     if stage.lora is not None:
         policy = policy.merge_and_unload()
     summary = {
-        "steps": stage.rollouts * updates,
-        "rollouts": stage.rollouts,
+        "steps": total_steps,
+        "rollouts": math.ceil(total_steps / updates),
         "resumed_from_step": loop.resumed_from_step,
         "seconds": loop.seconds,
         "input_tokens": loop.tokens,

@@ -119,8 +119,8 @@ class PPOSpec(Strict):
 
 class RLTrainSpec(OptimSpec):
     """Optimiser settings; one optimizer step per mini-batch of a rollout (the stage's ``rollouts``,
-    ``update_epochs`` and ``minibatches`` set how many: ``epochs``, ``max_steps`` and ``grad_accum`` do
-    not apply)."""
+    ``update_epochs`` and ``minibatches`` set how many; ``max_steps`` caps them; ``epochs`` and
+    ``grad_accum`` do not apply)."""
 
     lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (book: 1e-6 to 5e-6 at scale).")
     batch_size: int = Field(
@@ -132,7 +132,7 @@ class RLTrainSpec(OptimSpec):
 
     @model_validator(mode="after")
     def _no_offline_step_counts(self) -> RLTrainSpec:
-        given = sorted({"epochs", "max_steps", "grad_accum"} & self.model_fields_set)
+        given = sorted({"epochs", "grad_accum"} & self.model_fields_set)
         if given:
             raise ValueError(
                 f"{', '.join(given)}: not used by on-policy RL; set the stage's rollouts, update_epochs and "
