@@ -52,7 +52,7 @@ from pathlib import Path
 
 import workers
 from machine_load import BackgroundMeter
-from report import write_report
+from report import ratios, write_report
 from sft_policy import POLICY_TASK, run_with_policy
 from sft_throughput import VERSION_PACKAGES, current_rss_mib, peak_rss_mib
 
@@ -344,19 +344,6 @@ def run_worker(contender: str, model_dir: Path, settings: BenchSettings) -> RunR
 
 def run_quiet(contender: str, model_dir: Path, settings: BenchSettings, args, discarded: list) -> RunResult:
     return workers.run_quiet(lambda: run_worker(contender, model_dir, settings), contender, args, discarded)
-
-
-def ratios(ours: list[RunResult], theirs: list[RunResult], field: str) -> dict:
-    """ours / theirs of ``field``: ratio of the medians and the per-repeat ratios (ran back to back)."""
-    paired = [getattr(o, field) / getattr(t, field) for o, t in zip(ours, theirs, strict=True)]
-    median_ratio = statistics.median(getattr(r, field) for r in ours) / statistics.median(
-        getattr(r, field) for r in theirs
-    )
-    return {
-        "ratio_of_medians": median_ratio,
-        "per_repeat": paired,
-        "median_of_per_repeat": statistics.median(paired),
-    }
 
 
 def summarize(runs: list[RunResult]) -> dict:

@@ -6,6 +6,7 @@ import importlib.metadata as md
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,3 +37,17 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}")
+
+
+def ratios(ours: list, theirs: list, field_name: str) -> dict:
+    """ours / theirs of ``field_name`` over runs (dataclasses): the ratio of the medians and the per-repeat
+    ratios (runs of one repeat ran back to back)."""
+    paired = [getattr(o, field_name) / getattr(t, field_name) for o, t in zip(ours, theirs, strict=True)]
+    median_ratio = statistics.median(getattr(r, field_name) for r in ours) / statistics.median(
+        getattr(r, field_name) for r in theirs
+    )
+    return {
+        "ratio_of_medians": median_ratio,
+        "per_repeat": paired,
+        "median_of_per_repeat": statistics.median(paired),
+    }
