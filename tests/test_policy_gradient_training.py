@@ -231,3 +231,23 @@ def test_a_value_model_with_another_tokenizer_is_refused(tiny):
     _, other = build(TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=300), seed=1)
     with pytest.raises(UserError, match="field ppo.value_model: its tokenizer is not the policy's"):
         check_value_tokenizer(policy_tokenizer, other, "rl")
+
+
+def test_the_value_model_has_its_own_learning_rate(tiny, tmp_path):
+    """ppo.value_lr: a value model at a vanishing rate barely moves while the policy trains at train.lr."""
+    moved = {}
+    for value_lr in (None, 1e-12):
+        stage = _stage("ppo", rollouts=2, prompts_per_rollout=8, ppo={"value_lr": value_lr})
+        policy, tokenizer = _policy(tiny)
+        value = build_reward_model(tiny[0])
+        start = value.score.weight.detach().clone(), policy.lm_head.weight.detach().clone()
+        trained, value, _ = train_policy_gradient(
+            policy, tokenizer, _records(), stage, digit_share, seed=0,
+            checkpoint_dir=tmp_path / str(value_lr), value_model=value,
+        )  # fmt: skip
+        moved[value_lr] = (
+            float((value.score.weight.detach() - start[0]).abs().max()),
+            float((trained.lm_head.weight.detach() - start[1]).abs().max()),
+        )
+    assert moved[None][0] > 1e-4 and moved[None][1] > 1e-4
+    assert moved[1e-12][0] < 1e-9 and moved[1e-12][1] > 1e-4

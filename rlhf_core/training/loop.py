@@ -68,18 +68,28 @@ def run_optimizer_steps(
     step_fn: StepFn,
     log: LogFn | None = None,
     extra_state: Sequence[Stateful] = (),
+    lr_of: Callable[[str], float | None] | None = None,
 ) -> tuple[torch.nn.Module, LoopResult]:
     """Train ``model`` for ``total_steps`` optimizer steps (resuming from ``checkpoint_dir``).
 
     ``extra_state`` objects are saved in every checkpoint and restored, in place, on resume. Several
     trained models (a policy and a value model) go in as one ``torch.nn.ModuleDict``: one optimizer,
     one checkpoint; frozen models (a reference policy, a reward model) stay with the trainer.
+    ``lr_of(parameter name)`` may give some parameters their own peak learning rate (None: ``cfg.lr``);
+    the schedule scales every rate alike.
     """
     log = log or (lambda metrics, step: None)
     model.train()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        rate = lr_of(name) if lr_of is not None else None
+        groups.setdefault(cfg.lr if rate is None else rate, []).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": rate} for rate, ps in groups.items()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     scheduler = get_scheduler(
         cfg.schedule,
         optimizer,

@@ -326,6 +326,7 @@ def train_policy_gradient(
         trained_modules, stage.train, total_steps=total_steps, steps_per_epoch=updates,
         seed=seed, checkpoint_dir=checkpoint_dir, step_fn=trainer.step_fn, log=log,
         extra_state=trainer.extra_state,
+        lr_of=lambda name: stage.ppo.value_lr if name.startswith("value.") else None,
     )  # fmt: skip
     if value_model is not None:
         policy, value_model = trained["policy"], trained["value"]

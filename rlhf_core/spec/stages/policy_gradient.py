@@ -106,6 +106,9 @@ class PPOSpec(Strict):
     gamma: float = Field(default=1.0, ge=0, le=1, description="Discount (1 for whole completions).")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda (book: 0.95; companion 0.98).")
     vf_coef: float = Field(default=0.5, ge=0, description="Weight of the value loss in the total loss.")
+    value_lr: float | None = Field(
+        default=None, gt=0, description="Peak learning rate of the value model; default: train.lr."
+    )
     value_clip: float | None = Field(default=0.2, gt=0, description="Value clipping epsilon (None: off).")
     whiten_advantages: bool = Field(default=True, description="(A - mean) / (std + 1e-8) per rollout.")
     value_model: RewardModel | None = Field(
