@@ -251,3 +251,15 @@ def test_the_value_model_has_its_own_learning_rate(tiny, tmp_path):
         )
     assert moved[None][0] > 1e-4 and moved[None][1] > 1e-4
     assert moved[1e-12][0] < 1e-9 and moved[1e-12][1] > 1e-4
+
+
+def test_the_prompt_stream_shuffles_each_epoch_and_resumes_at_its_cursor():
+    from rlhf_core.training.loop import epoch_order
+    from rlhf_core.training.rollouts import PromptStream
+
+    stream = PromptStream(5, seed=3)
+    taken = stream.take(7) + stream.take(8)
+    assert taken == epoch_order(5, 3, 0) + epoch_order(5, 3, 1) + epoch_order(5, 3, 2)
+    resumed = PromptStream(5, seed=3)
+    resumed.load_state_dict({"cursor": 7})
+    assert resumed.take(8) == taken[7:]

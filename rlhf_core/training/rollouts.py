@@ -50,12 +50,15 @@ class PromptStream:
         if n_prompts < 1:
             raise UserError("the prompts split is empty")
         self.n, self.seed, self.cursor = n_prompts, seed, 0
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its order), computed once per epoch
 
     def take(self, count: int) -> list[int]:
         out = []
         for position in range(self.cursor, self.cursor + count):
             epoch, i = divmod(position, self.n)
-            out.append(epoch_order(self.n, self.seed, epoch)[i])
+            if self._order[0] != epoch:
+                self._order = (epoch, epoch_order(self.n, self.seed, epoch))
+            out.append(self._order[1][i])
         self.cursor += count
         return out
 
