@@ -40,6 +40,8 @@ def test_metrics_and_samples_of_one_model(model_dir):
     metrics, samples = evaluate_model(model_dir, None, SFT, PROMPTS, stage, {}, seed=0, stage_name="eval")
     assert metrics["eval/loss"] > 0 and metrics["eval/tokens"] > 0
     assert 0 <= metrics["eval/accuracy"] <= 1
+    assert metrics["eval/accuracy_ci_low"] <= metrics["eval/accuracy"] <= metrics["eval/accuracy_ci_high"]
+    assert metrics["eval/accuracy_n"] == 5
     assert [s["prompt"] for s in samples] == [p["prompt"] for p in PROMPTS[:3]]
     assert all(isinstance(s["correct"], bool) for s in samples)
     assert metrics["eval/best_of_n/prompts"] == 5  # max_prompts applies to best-of-N too
@@ -79,6 +81,8 @@ def test_reward_sources_score_each_models_answers(model_dir):
     _, answers = evaluate_model(model_dir, None, [], PROMPTS, stage_all, {}, seed=0, stage_name="eval")
     expected = sum(REWARD_FUNCTIONS["length_penalty"](a["completion"], a) for a in answers) / 5
     assert metrics["eval/reward/length_penalty"] == pytest.approx(expected) and expected < 0
+    low, high = metrics["eval/reward/length_penalty_ci_low"], metrics["eval/reward/length_penalty_ci_high"]
+    assert low <= expected <= high and metrics["eval/reward/length_penalty_n"] == 5
 
 
 def test_reward_sources_need_prompts():

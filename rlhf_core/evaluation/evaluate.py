@@ -2,7 +2,8 @@
 
 - held-out loss/perplexity on the assistant tokens of an SFT eval split (``heldout_loss``);
 - accuracy: one greedy (or ``generation.temperature``) completion per prompt, checked by the stage's
-  verifier, a registered reward function that gives 1.0 for a correct completion;
+  verifier, a registered reward function that gives 1.0 for a correct completion; reported with a
+  seeded 95% bootstrap interval over prompts and the prompt count (as are reward-source means);
 - best-of-N (book ch.9): N samples per prompt ranked by reward sources (reward functions and/or
   reward models), the top one checked by the verifier (``rlhf_core.selection.best_of_n``).
 """
@@ -13,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
 from rlhf_core.evaluation.metrics import heldout_loss, verifiable_accuracy
+from rlhf_core.evaluation.statistics import bootstrap_interval
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rewards.functions import RewardFunction, verifier_function
@@ -60,10 +62,11 @@ def evaluate_model(
             temperature=gen.temperature, batch_size=gen.batch_size, seed=seed, engine=gen.engine,
         )  # fmt: skip
         metrics["eval/accuracy"] = accuracy.accuracy
+        metrics |= interval_metrics("eval/accuracy", [float(r["correct"]) for r in accuracy.rows], seed)
         samples = accuracy.rows[: stage.samples_in_table]
     scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
     if stage.rewards and prompt_rows:
-        metrics.update(completion_rewards(accuracy.rows, prompt_rows, stage, scorers, stage_name))
+        metrics.update(completion_rewards(accuracy.rows, prompt_rows, stage, scorers, stage_name, seed))
     if stage.best_of_n is not None:
         spec = stage.best_of_n
         metrics.update(
@@ -78,13 +81,26 @@ def completion_rewards(
     stage: EvaluateStage,
     scorers: dict[str, ModelScorer],
     stage_name: str,
+    seed: int,
 ) -> dict[str, float]:
     """Mean score of each of ``stage.rewards`` over the model's completions (``rows``, one per prompt)."""
     scored_rows = [{**record, **row} for record, row in zip(prompt_rows, rows, strict=True)]
     scored, _ = score_completions(scored_rows, stage.rewards, scorers, on_invalid="fail", stage=stage_name)
+    metrics: dict[str, float] = {}
+    for source in stage.rewards:
+        scores = [r["scores"][source.name] for r in scored]
+        metrics[f"eval/reward/{source.name}"] = sum(scores) / len(scores)
+        metrics |= interval_metrics(f"eval/reward/{source.name}", scores, seed)
+    return metrics
+
+
+def interval_metrics(name: str, values: list[float], seed: int) -> dict[str, float]:
+    """``<name>_ci_low`` / ``_ci_high`` (95% percentile bootstrap, 1000 resamples, seeded) and ``_n``."""
+    interval = bootstrap_interval(values, seed=seed)
     return {
-        f"eval/reward/{source.name}": sum(r["scores"][source.name] for r in scored) / len(scored)
-        for source in stage.rewards
+        f"{name}_ci_low": interval.low,
+        f"{name}_ci_high": interval.high,
+        f"{name}_n": float(interval.samples),
     }
 
 
