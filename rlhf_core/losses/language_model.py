@@ -25,12 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from rlhf_core.modeling.shared_prefix import (
-    SharedPrefixRows,
-    attention_mask_for,
-    attention_takes_shared_prefix,
-    completion_token_index,
-)
+from rlhf_core.modeling.shared_prefix import attention_takes_shared_prefix
 
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**25  # logits per chunk (~128 MiB in fp32): 256 tokens at a 128k vocabulary
@@ -145,41 +140,9 @@ def sequence_logprobs(
 
 
 def supports_shared_prefix_logprobs(model: PreTrainedModel) -> bool:
-    """True where :func:`shared_prefix_logprobs` gives the same log-probs as one row per sequence: a
-    plain LM head (:func:`supports_chunked_loss`) on an attention that takes the shared-prefix mask."""
+    """True where shared-prefix rows give the same log-probs as one row per sequence: a plain LM head
+    (:func:`supports_chunked_loss`) on an attention that takes the shared-prefix mask."""
     return supports_chunked_loss(model) and attention_takes_shared_prefix(model)
-
-
-def shared_prefix_logprobs(
-    model: PreTrainedModel,
-    rows: SharedPrefixRows,
-    completion_starts: list[int],
-    *,
-    chunk_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per input sequence of ``rows``: (sum of log pi(s_t | s_<t) over t >= completion_starts[i],
-    number of such t), the same as :func:`sequence_logprobs` on one row per sequence.
-
-    ``rows`` packs sequences sharing a prefix (e.g. the chosen and the rejected completion of a pair
-    after their common prompt, :func:`pack_shared_prefix`), so the prompt is computed once. Token t of
-    sequence i sits at column ``token_columns[i][t]`` of row ``score_rows[i]``; its log-prob is read
-    from the hidden state at the column of token t - 1, which for the first token after the shared
-    prefix is the prefix's last column. Shapes: (S,) float32 and (S,) long.
-    """
-    index = completion_token_index(rows, completion_starts)
-    hidden = model.get_decoder()(
-        input_ids=rows.input_ids,
-        attention_mask=attention_mask_for(model, rows.attention_mask, next(model.parameters()).dtype),
-        position_ids=rows.position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (R, L, H)
-    selected = hidden[index.rows, index.predictor_cols]  # (N, H)
-    token_logp = head_token_logprobs(model, hidden, selected, index.targets, chunk_tokens)
-    count = len(completion_starts)
-    sums = token_logp.new_zeros(count).index_add(0, index.owner, token_logp)
-    return sums, torch.zeros(count, dtype=torch.long, device=sums.device).index_add(
-        0, index.owner, torch.ones_like(index.owner)
-    )
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

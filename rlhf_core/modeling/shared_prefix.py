@@ -24,7 +24,7 @@ models and architectures not listed in ``SHARED_PREFIX_MODEL_TYPES`` fall back t
 Direct alignment uses the same rows for a causal LM: the chosen and the rejected completion of a pair
 (or KTO's completion and its mismatched one) follow their prompt once, and ``token_columns`` tells
 where each sequence's tokens sit so that every completion token's log-prob is read from the hidden
-state that predicts it (``rlhf_core.losses.language_model.shared_prefix_logprobs``).
+state that predicts it (``rlhf_core.modeling.completion_scoring``, used by DPO and on-policy RL).
 """
 
 from __future__ import annotations

@@ -35,12 +35,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.errors import NonFiniteLossError, UserError
 from rlhf_core.fingerprint import stage_fingerprint
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
-from rlhf_core.losses.language_model import (
-    IGNORE_INDEX,
-    sequence_logprobs,
-    shared_prefix_logprobs,
-    supports_shared_prefix_logprobs,
-)
+from rlhf_core.losses.language_model import IGNORE_INDEX, sequence_logprobs
+from rlhf_core.modeling.completion_scoring import can_share_prefix, pack_completions, policy_token_logprobs
 from rlhf_core.modeling.models import load_model
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import (
@@ -50,7 +46,6 @@ from rlhf_core.modeling.preference_tokens import (
     tokenize_preference_rows,
     tokenize_unpaired_rows,
 )
-from rlhf_core.modeling.shared_prefix import pack_shared_prefix
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
@@ -159,13 +154,19 @@ def example_logprobs(
     device = next(model.parameters()).device
     sequences = example_sequences(examples, ids)
     n = len(ids)
-    if shared_prefix and supports_shared_prefix_logprobs(model):
-        pairs = list(zip(sequences[:n], sequences[n:], strict=True))
-        groups = [[x + y for x, y in pair] for pair in pairs]
-        rows = pack_shared_prefix(groups, pad_token_id).to(device)
-        starts = [len(x) for pair in pairs for x, _ in pair]
-        sums, lengths = shared_prefix_logprobs(model, rows, starts)  # pair by pair
-        return sums.view(n, 2).T, lengths.view(n, 2).T
+    if shared_prefix and can_share_prefix(model):
+        # sequence k is chosen (k < n) or rejected (k >= n) of pair k % n: a pair shares one row
+        packed = pack_completions(
+            [x for x, _ in sequences], [y for _, y in sequences], [k % n for k in range(2 * n)],
+            pad_token_id, shared_prefix=True,
+        ).to(device)  # fmt: skip
+        token_logps, _ = policy_token_logprobs(model, packed)
+        owner = packed.index.owner
+        sums = token_logps.new_zeros(2 * n).index_add(0, owner, token_logps)
+        lengths = torch.zeros(2 * n, dtype=torch.long, device=device).index_add(
+            0, owner, torch.ones_like(owner)
+        )
+        return sums.view(2, n), lengths.view(2, n)
     batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id).items()}
     sums, lengths = sequence_logprobs(
         model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
