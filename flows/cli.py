@@ -218,6 +218,10 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
     )
 
 
+# --- commands from other modules (begin) ---
+# --- (end) ---
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
 
