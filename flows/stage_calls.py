@@ -3,13 +3,14 @@ fingerprinted.
 
 One function for the flow (before it calls a task), ``rlhf plan`` and the cache, so none of them can
 disagree about what a stage depends on. Nothing here knows a stage kind: inputs are the stage's typed
-reference fields, and the fingerprint is :func:`rlhf_core.fingerprint.fingerprint_stage`.
+reference fields, and the fingerprint is :func:`rlhf_core.fingerprint.fingerprint_stage` (computed
+from its parts, which the call carries so the stage run records them).
 """
 
 from __future__ import annotations
 
 from rlhf_core.errors import UserError
-from rlhf_core.fingerprint import fingerprint_stage
+from rlhf_core.fingerprint import fingerprint_from_parts, fingerprint_parts
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, resolve_ref
 from rlhf_core.spec.pipeline import fields_named
@@ -25,8 +26,15 @@ class UpstreamNotReady(LookupError):
 
 def base_model_call(spec: PipelineSpec, name: str) -> StageCall:
     source = spec.models[name]
-    fingerprint = fingerprint_stage(BASE_MODEL_KIND, source, {}, spec.seed)
-    return StageCall(name=name, kind=BASE_MODEL_KIND, stage=source, seed=spec.seed, fingerprint=fingerprint)
+    parts = fingerprint_parts(BASE_MODEL_KIND, source, {}, spec.seed)
+    return StageCall(
+        name=name,
+        kind=BASE_MODEL_KIND,
+        stage=source,
+        seed=spec.seed,
+        fingerprint=fingerprint_from_parts(parts),
+        fingerprint_parts=parts,
+    )
 
 
 def stage_call(spec: PipelineSpec, name: str, outputs: Outputs) -> StageCall:
@@ -47,9 +55,15 @@ def stage_call(spec: PipelineSpec, name: str, outputs: Outputs) -> StageCall:
         inputs[path] = ref
     check_position_limits(name, stage, inputs)
     seed = spec.stage_seed(name)
-    fingerprint = fingerprint_stage(stage.kind, stage, inputs, seed)
+    parts = fingerprint_parts(stage.kind, stage, inputs, seed)  # fingerprint_stage, parts kept
     return StageCall(
-        name=name, kind=stage.kind, stage=stage, seed=seed, fingerprint=fingerprint, inputs=inputs
+        name=name,
+        kind=stage.kind,
+        stage=stage,
+        seed=seed,
+        fingerprint=fingerprint_from_parts(parts),
+        inputs=inputs,
+        fingerprint_parts=parts,
     )
 
 

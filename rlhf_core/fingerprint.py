@@ -1,8 +1,10 @@
 """Stage fingerprints: the identity of a stage's output, used for caching, resume and dispatch.
 
-fingerprint = sha256(stage kind, fully resolved config (defaults filled in), the digest of every input
-ref by the field path that names it, the content digest of every local file or directory the config
-names, digest of the rlhf_core source, versions of the libraries that shape the numbers, seed).
+fingerprint = sha256 of its *parts* (:func:`fingerprint_parts`): the stage kind, a digest of the fully
+resolved config (defaults filled in), the digest of every input ref by the field path that names it, the
+content digest of every local file or directory the config names, the digest of the rlhf_core source,
+the versions of the libraries that shape the numbers, and the seed. The parts are recorded with each
+stage run, so ``rlhf reproduce`` can say which of them changed (:func:`describe_part_changes`).
 
 :func:`fingerprint_stage` is the one function that the flow (before it calls a stage's task),
 ``rlhf plan`` and the cache use. It knows no stage kind: inputs come from the stage's typed reference
@@ -28,7 +30,7 @@ from pydantic import BaseModel
 from rlhf_core.refs import StageOutput
 from rlhf_core.spec.local_paths import LocalContent, local_content_fields
 
-FINGERPRINT_SCHEMA = 2
+FINGERPRINT_SCHEMA = 3  # 3: the hash of the recorded parts
 KEY_LIBRARIES = ("torch", "transformers", "tokenizers", "accelerate", "peft", "datasets")
 
 
@@ -64,26 +66,135 @@ def fingerprint_stage(kind: str, config: BaseModel, inputs: Mapping[str, StageOu
     ref it resolved to. Local paths named by the config are hashed by content, so edited weights or
     rows invalidate the stage.
     """
+    return fingerprint_from_parts(fingerprint_parts(kind, config, inputs, seed))
+
+
+def fingerprint_parts(
+    kind: str, config: BaseModel, inputs: Mapping[str, StageOutput], seed: int
+) -> dict[str, str]:
+    """What a stage's fingerprint hashes, one named digest (or version) per part.
+
+    Keys: ``schema``, ``kind``, ``config`` (sha256 of the resolved config), ``input:<field path>`` (the
+    digest of each input ref), ``local:<field path>`` (the content digest of each local file or
+    directory the config names), ``code`` (the rlhf_core source), ``library:<name>`` and ``seed``.
+    """
     digests = {path: ref.digest for path, ref in inputs.items()}
     for path, (location, marker) in local_content_fields(config).items():
-        digests[f"local:{path}"] = local_content_digest(Path(location), marker)
-    return stage_fingerprint(kind, config, digests, seed)
+        digests[f"{LOCAL_PREFIX}{path}"] = local_content_digest(Path(location), marker)
+    return parts_of(kind, config, digests, seed)
 
 
 def stage_fingerprint(
     kind: str, config: BaseModel | dict[str, Any], input_digests: dict[str, str], seed: int
 ) -> str:
     """The hash itself: ``input_digests`` maps input name -> content digest."""
-    payload = {
-        "schema": FINGERPRINT_SCHEMA,
+    return fingerprint_from_parts(parts_of(kind, config, input_digests, seed))
+
+
+INPUT_PREFIX = "input:"
+LOCAL_PREFIX = "local:"
+LIBRARY_PREFIX = "library:"
+
+
+def parts_of(
+    kind: str, config: BaseModel | dict[str, Any], input_digests: dict[str, str], seed: int
+) -> dict[str, str]:
+    """The parts, given the input digests (local paths already under their ``local:`` names)."""
+    parts = {
+        "schema": str(FINGERPRINT_SCHEMA),
         "kind": kind,
-        "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
-        "inputs": dict(sorted(input_digests.items())),
+        "config": config_digest(config),
         "code": code_digest(),
-        "libraries": library_versions(),
-        "seed": seed,
+        "seed": json.dumps(seed),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    for name, digest in sorted(input_digests.items()):
+        parts[name if name.startswith(LOCAL_PREFIX) else f"{INPUT_PREFIX}{name}"] = digest
+    for name, version in library_versions().items():
+        parts[f"{LIBRARY_PREFIX}{name}"] = version
+    return parts
+
+
+def fingerprint_from_parts(parts: Mapping[str, str]) -> str:
+    """sha256 over the parts (sorted by name): the fingerprint is a pure function of them."""
+    return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
+
+
+def config_dict(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    return config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+
+
+def config_digest(config: BaseModel | dict[str, Any]) -> str:
+    payload = json.dumps(config_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def describe_part_changes(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
+    """Readable differences between the recorded parts of a fingerprint and today's, one line each.
+
+    E.g. ``code changed (rlhf_core digest 1a2b3c4d -> 5e6f7a8b)``, ``local file source.file.path
+    changed``, ``input model changed (digest ... -> ...)``, ``library torch 2.5.1 -> 2.6.0``.
+    """
+    changes = []
+    for key in sorted(set(before) | set(after), key=_part_order):
+        old, new = before.get(key), after.get(key)
+        if old != new:
+            changes.append(_describe_part(key, old, new))
+    return changes
+
+
+def _part_order(key: str) -> tuple[int, str]:
+    order = ("schema", "kind", "code", "config", LOCAL_PREFIX, INPUT_PREFIX, LIBRARY_PREFIX, "seed")
+    return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key
+
+
+def _describe_part(key: str, old: str | None, new: str | None) -> str:
+    if key == "code":
+        return f"code changed (rlhf_core digest {_short(old)} -> {_short(new)})"
+    if key == "config":
+        return "config changed"
+    if key in ("schema", "kind"):
+        return f"fingerprint {key} changed ({old} -> {new})"
+    if key == "seed":
+        return f"seed {old} -> {new}"
+    if key.startswith(LIBRARY_PREFIX):
+        return f"library {key.removeprefix(LIBRARY_PREFIX)} {old} -> {new}"
+    if key.startswith(LOCAL_PREFIX):
+        what = f"local file {key.removeprefix(LOCAL_PREFIX)}"
+    else:
+        what = f"input {key.removeprefix(INPUT_PREFIX)}"
+    if old is None:
+        return f"{what} added"
+    if new is None:
+        return f"{what} removed"
+    return f"{what} changed (digest {_short(old)} -> {_short(new)})"
+
+
+def _short(digest: str | None) -> str:
+    return (digest or "none")[:12]
+
+
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """``config field train.lr: 0.003 -> 0.001`` for every leaf of two config dicts that differs."""
+    old, new = _leaves(before), _leaves(after)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key not in old:
+            lines.append(f"config field {key} added ({new[key]})")
+        elif key not in new:
+            lines.append(f"config field {key} removed (was {old[key]})")
+        elif old[key] != new[key]:
+            lines.append(f"config field {key}: {old[key]} -> {new[key]}")
+    return lines
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
+    return out
 
 
 def local_content_digest(location: Path, marker: LocalContent) -> str:

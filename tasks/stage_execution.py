@@ -149,6 +149,9 @@ class StageCall(BaseModel):
     inputs: dict[str, StageOutput] = Field(
         default_factory=dict, description="Reference field path (e.g. 'rewards[0].model') -> resolved ref."
     )
+    fingerprint_parts: dict[str, str] = Field(
+        default_factory=dict, description="What the fingerprint hashes, by part (rlhf_core.fingerprint)."
+    )
 
     def resolve(self, reference: str) -> StageOutput:
         """The ref that a reference text of this stage (e.g. ``stage.model``) resolved to."""
@@ -197,6 +200,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
     started = time.perf_counter()
     try:
         tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json")})
+        tracking.log_dict(run_id, call.fingerprint_parts, "fingerprint_parts.json")  # for rlhf reproduce
         _log_inputs(run_id, stage, call.inputs)
         outputs = body(run)
         tracking.log_metrics(run_id, {SUMMARY_PREFIX + k: v for k, v in run.key_metrics.items()}, step=0)
