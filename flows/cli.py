@@ -4,7 +4,8 @@ Prefect and MLflow are imported only after the offline/telemetry defaults and PR
 (Prefect reads its settings at import time), which is why those imports live inside the commands.
 
 Exit statuses (``rlhf_core.errors``): 0 success; 2 a user error (spec, data, model source, a failed
-check, a bad option), printed as its message alone; 1 anything else (a crash). ``--traceback`` or
+check, a bad option), printed as its message alone; 3 the pipeline ran to the end but a promote
+stage's gate rejected its candidate; 1 anything else (a crash). ``--traceback`` or
 ``RLHF_TRACEBACK=1`` shows the full traceback of either.
 """
 
@@ -22,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.console_tracebacks import configure_console_tracebacks, traceback_shown
-from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
+from rlhf_core.errors import EXIT_CRASH, EXIT_GATE_FAILED, EXIT_USER_ERROR, UserError
+from rlhf_core.refs import PromotionRef
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 from rlhf_core.spec import PipelineSpec, SpecError, load_spec
 
@@ -197,6 +199,18 @@ def run(
         initialize_temporary_server_database()  # runs started together on a fresh home must not race
         outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
     print_summary(spec.name, outcomes, settings)
+    rejected = [d for d in promotion_decisions(outcomes) if not d.passed]
+    if rejected:
+        for d in rejected:
+            _error(
+                f"promotion gate of stage '{d.stage}' rejected {d.registered_name} v{d.registered_version}: "
+                f"{d.reason} (no alias moved; exit status {EXIT_GATE_FAILED})"
+            )
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def promotion_decisions(outcomes) -> list[PromotionRef]:
+    return [ref for o in outcomes for ref in o.outputs.values() if isinstance(ref, PromotionRef)]
 
 
 def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
@@ -210,13 +224,35 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
             "resumed": "[yellow]resumed[/yellow]",
             "cached": "[cyan]cached[/cyan]",
         }.get(o.status, o.status)
-        table.add_row(o.stage, o.kind, status, metrics, o.run_id, o.registered or "")
+        table.add_row(o.stage, o.kind, status, metrics, o.run_id, o.registered or _decision_cell(o))
     console.print(table)
+    for d in promotion_decisions(outcomes):
+        if d.passed:
+            moved = f" (v{d.previous_version} is now the previous one)" if d.previous_version else ""
+            console.print(
+                f"[green]promoted[/green]: {d.registered_name} v{d.registered_version} is "
+                f"'{d.alias}'{moved}; load it with models:/{d.registered_name}@{d.alias}"
+            )
+        else:
+            console.print(f"[red]not promoted[/red]: {d.registered_name} v{d.registered_version}: {d.reason}")
     console.print(
         f"MLflow store: {settings.resolved_tracking_uri()}  (UI: mlflow ui --backend-store-uri "
         f"{settings.resolved_tracking_uri()})"
     )
 
+
+def _decision_cell(outcome) -> str:
+    decisions = promotion_decisions([outcome])
+    if not decisions:
+        return ""
+    d = decisions[0]
+    verdict = f"{d.alias} -> v{d.registered_version}" if d.passed else "gate failed"
+    return f"{d.registered_name} v{d.registered_version}: {verdict}"
+
+
+from flows.model_commands import models_app  # noqa: E402  (rlhf models list/promote/rollback/history)
+
+app.add_typer(models_app, name="models")
 
 # --- commands from other modules (begin) ---
 # --- (end) ---

@@ -12,6 +12,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_CRASH = 1  # a bug or an environment failure: one line, the traceback in the log or on --traceback
 EXIT_USER_ERROR = 2  # spec, data, model source or a failed check: one message, no traceback
+EXIT_GATE_FAILED = 3  # the pipeline ran to the end, but a promote stage's gate rejected its candidate
 
 
 class UserError(ValueError):

@@ -79,4 +79,21 @@ class EvalReportRef(_Ref):
         return data
 
 
-StageOutput = Annotated[DatasetRef | ModelRef | EvalReportRef, Field(discriminator="type")]
+class PromotionRef(_Ref):
+    """The decision of a promote stage: whether the gate passed and where the alias points now."""
+
+    type: Literal["promotion"] = "promotion"
+
+    stage: str = Field(description="Stage that took the decision.")
+    registered_name: str = Field(description="Registered model the gate was about.")
+    registered_version: str = Field(description="The candidate version.")
+    alias: str = Field(description="Alias the gate moves (e.g. champion).")
+    passed: bool = Field(description="Whether every gate condition held (the alias moved).")
+    reason: str = Field(description="One line: the conditions that failed, or the figures that passed.")
+    previous_version: str | None = Field(
+        default=None, description="Version that held the alias before (now the previous-champion alias)."
+    )
+    run_id: str | None = Field(default=None, description="MLflow run of the promote stage.")
+
+
+StageOutput = Annotated[DatasetRef | ModelRef | EvalReportRef | PromotionRef, Field(discriminator="type")]

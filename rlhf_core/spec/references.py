@@ -22,9 +22,17 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from rlhf_core.refs import DATASET_KINDS, MODEL_ROLES, DatasetRef, EvalReportRef, ModelRef, StageOutput
+from rlhf_core.refs import (
+    DATASET_KINDS,
+    MODEL_ROLES,
+    DatasetRef,
+    EvalReportRef,
+    ModelRef,
+    PromotionRef,
+    StageOutput,
+)
 
-OutputClass = Literal["model", "dataset", "report"]
+OutputClass = Literal["model", "dataset", "report", "promotion"]
 T = TypeVar("T")
 
 
@@ -36,7 +44,9 @@ class RefType:
     kind: str | None = None  # model role or dataset kind
 
     def __post_init__(self) -> None:
-        allowed = {"model": MODEL_ROLES, "dataset": DATASET_KINDS, "report": (None,)}[self.output]
+        allowed = {"model": MODEL_ROLES, "dataset": DATASET_KINDS, "report": (None,), "promotion": (None,)}[
+            self.output
+        ]
         if self.kind not in allowed:
             raise ValueError(f"{self.output} references take one of {allowed}, got {self.kind!r}")
 
@@ -47,6 +57,8 @@ class RefType:
         """Words for error messages: 'a policy model', 'an sft dataset', 'an evaluation report'."""
         if self.output == "report":
             return "an evaluation report"
+        if self.output == "promotion":
+            return "a promotion decision"
         article = "an" if self.kind == "sft" or str(self.kind)[0] in "aeiou" else "a"  # "an sft dataset"
         return f"{article} {self.kind} {self.output}"
 
@@ -56,7 +68,9 @@ class RefType:
             return isinstance(ref, ModelRef) and ref.role == self.kind
         if self.output == "dataset":
             return isinstance(ref, DatasetRef) and ref.kind == self.kind
-        return isinstance(ref, EvalReportRef)
+        if self.output == "report":
+            return isinstance(ref, EvalReportRef)
+        return isinstance(ref, PromotionRef)
 
 
 def model_output(role: str) -> RefType:
@@ -68,6 +82,7 @@ def dataset_output(kind: str) -> RefType:
 
 
 REPORT = RefType("report")
+PROMOTION = RefType("promotion")
 
 PolicyModel = Annotated[str, model_output("policy")]
 RewardModel = Annotated[str, model_output("reward")]

@@ -1,0 +1,96 @@
+"""Task: the ``promote`` stage (gate a registered model on its evaluation, move the champion alias)."""
+
+from __future__ import annotations
+
+from registry import promotion, tracking
+from registry.model_metrics import version_metrics
+from rlhf_core.errors import UserError
+from rlhf_core.evaluation.gate import evaluate_gate
+from rlhf_core.refs import EvalReportRef, ModelRef, PromotionRef
+from rlhf_core.spec.stages.promotion import PromoteStage
+from tasks.registration import stage_task
+from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
+
+
+@stage_task(PromoteStage)
+def promote_model(ctx: RunContext, call: StageCall) -> StageOutcome:
+    """Check the gate on the candidate's figures; on a pass move ``alias``, else tag the version why not.
+
+    The champion's figures for ``max_drop_vs_champion`` are the metrics of the champion version's
+    logged model (what its evaluation recorded). The decision is the stage's output; ``rlhf run``
+    exits with status 3 when it is a rejection.
+    """
+    stage: PromoteStage = call.stage
+
+    def body(run: StageRun) -> dict[str, PromotionRef]:
+        model: ModelRef = call.resolve(stage.model)
+        report: EvalReportRef = call.resolve(stage.evaluation)
+        name, version = _registered(call.name, stage.model, model)
+        if stage.model not in report.metrics:
+            evaluated = ", ".join(report.metrics) or "none"
+            raise UserError(
+                f"stage '{call.name}', field evaluation: the report of stage '{report.stage}' has no "
+                f"figures for model '{stage.model}' (it evaluated: {evaluated}); add it to its models"
+            )
+        champion = promotion.alias_version(name, stage.alias)
+        champion_figures = version_metrics(name, champion) if champion is not None else None
+        decision = evaluate_gate(
+            stage.gate, report.metrics[stage.model], champion_figures,
+            stage=call.name, champion_label=f"{stage.alias} v{champion}",
+        )  # fmt: skip
+        tags = {
+            promotion.GATE_DECISION_TAG: "passed" if decision.passed else "failed",
+            promotion.GATE_REASON_TAG: decision.reason,
+            promotion.GATE_FIGURES_TAG: decision.figures,
+            promotion.GATE_STAGE_TAG: f"{ctx.pipeline}.{call.name} (run {run.run_id})",
+        }
+        previous = None
+        if decision.passed:
+            previous = promotion.promote(
+                name,
+                version,
+                alias=stage.alias,
+                previous_alias=stage.previous_alias,
+                by=f"{ctx.pipeline}.{call.name}",
+                tags=tags,
+            )
+        else:
+            promotion.record_rejection(name, version, tags)
+        tracking.set_tags(run.run_id, {**tags, "rlhf.candidate": f"{name} v{version}"})
+        tracking.log_text(run.run_id, _decision_text(name, version, stage, decision, previous), "decision.md")
+        run.key_metrics["promoted"] = float(decision.passed)
+        return {
+            "decision": PromotionRef(
+                stage=call.name,
+                registered_name=name,
+                registered_version=version,
+                alias=stage.alias,
+                passed=decision.passed,
+                reason=decision.reason,
+                previous_version=previous,
+                run_id=run.run_id,
+            )
+        }
+
+    return execute_stage(ctx, call, body)
+
+
+def _registered(stage_name: str, reference: str, model: ModelRef) -> tuple[str, str]:
+    if not model.registered_name or not model.registered_version:
+        raise UserError(
+            f"stage '{stage_name}', field model: '{reference}' is not a registered model version "
+            f"({model.uri}); promote the model of a training stage"
+        )
+    return model.registered_name, model.registered_version
+
+
+def _decision_text(name: str, version: str, stage: PromoteStage, decision, previous: str | None) -> str:
+    verdict = (
+        f"**passed**: `{stage.alias}` -> {name} v{version}"
+        + (f" (v{previous} is now `{stage.previous_alias}`)" if previous else "")
+        if decision.passed
+        else f"**failed**: no alias moved; {name} v{version} stays a candidate"
+    )
+    lines = [f"# Promotion gate: {name} v{version}", "", verdict, "", "| condition | held |", "|---|---|"]
+    lines += [f"| {c.text} | {'yes' if c.passed else 'no'} |" for c in decision.checks]
+    return "\n".join(lines) + "\n"
