@@ -28,8 +28,11 @@ def register_stage_model(
 
     Lineage tags: rlhf.stage, rlhf.role, rlhf.fingerprint, rlhf.git_commit, rlhf.spec_digest (the
     resolved spec of the pipeline run), rlhf.package_version, rlhf.base_model and, when
-    given, rlhf.upstream_models (the model this one was trained from) and rlhf.dataset_digests.
+    given, rlhf.upstream_models (the model this one was trained from, ``name:version``; with
+    rlhf.upstream_model_uri ``models:/name/version`` when it is registered) and rlhf.dataset_digests.
+    The version's description is its model card (``registry.model_cards``).
     """
+    from registry.model_cards import refresh_model_card
     from registry.models import log_and_register_model
     from rlhf_core.modeling.digests import model_digest, tokenizer_digest
     from rlhf_core.modeling.models import save_model
@@ -46,9 +49,14 @@ def register_stage_model(
     }
     if upstream is not None:
         tags["rlhf.upstream_models"] = describe_model(upstream)
+        if upstream.registered_name:  # loadable as it is, e.g. mlflow.transformers.load_model(...)
+            tags["rlhf.upstream_model_uri"] = (
+                f"models:/{upstream.registered_name}/{upstream.registered_version}"
+            )
     if data is not None:
         tags["rlhf.dataset_digests"] = f"{data.stage}.{data.kind}={data.digest}"
     uri, version = log_and_register_model(run.run_id, model, tokenizer, registered_name, tags, role=role)
+    refresh_model_card(registered_name, version)  # never raises: a card cannot fail the stage
     run.registered = f"{registered_name} v{version}"
     return ModelRef(
         uri=uri,
