@@ -1,48 +1,119 @@
-"""Task: the ``evaluate`` stage (held-out loss/perplexity, verifiable accuracy, best-of-N, samples)."""
+"""Task: the ``evaluate`` stage (candidates vs a baseline: NLL, accuracy, pass@k, reward means, win rates,
+KL to the reference, lengths, best-of-N; every figure with a bootstrap interval)."""
 
 from __future__ import annotations
 
-from registry import tracking
-from rlhf_core.refs import EvalReportRef
+import re
+import tempfile
+from pathlib import Path
+
+from registry import model_metrics, tracking
+from rlhf_core.refs import EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
 from tasks.registration import stage_task
 from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
-KEY_METRICS = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/best_of_n/accuracy")
+KEY_METRICS = (
+    "eval/loss",
+    "eval/perplexity",
+    "eval/accuracy",
+    "eval/best_of_n/accuracy",
+    "eval/kl_to_reference",
+)
 
 
 @stage_task(EvaluateStage)
 def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
-    """Evaluate every model on the eval splits; metrics are logged per model as ``<model>/<metric>``.
+    """Evaluate every model on the eval splits and compare each with the baseline.
 
-    With ``best_of_n``, each model also samples N completions per prompt, the reward sources (reward
-    functions and/or reward models) pick one, and the verifier checks it.
+    Metrics are logged per model as ``<model>/<metric>`` on the stage run and, for registered models,
+    against the model's logged model (the registry's version page shows them). Artifacts: report.json,
+    report.md (the table), samples.json and plots/*.png; in a Prefect run also a markdown artifact with
+    the table (key ``<pipeline>-<stage>-report``).
     """
     stage: EvaluateStage = call.stage
 
     def body(run: StageRun) -> dict[str, EvalReportRef]:
-        from rlhf_core.evaluation.evaluate import evaluate_model  # loads torch only when the stage runs
+        from rlhf_core.evaluation.comparison import compare_models  # loads torch only when the stage runs
+        from rlhf_core.evaluation.report_table import report_markdown
 
         data, prompts = (call.resolve(r) if r else None for r in (stage.data, stage.prompts))
         eval_rows = run.read_split(data, "eval") if data else []
         prompt_rows = run.read_split(prompts, "eval") if prompts else []
-        sources = (*stage.rewards, *(stage.best_of_n.rewards if stage.best_of_n else ()))
-        reward_dirs = {s.name: run.model_dir(call.resolve(s.model)) for s in sources if s.model}
-        source = f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts"
-        report, samples = {}, []
-        for name in stage.models:
-            ref = call.resolve(name)
-            metrics, table = evaluate_model(
-                run.model_dir(ref), ref.revision, eval_rows, prompt_rows, stage, reward_dirs, call.seed,
-                stage_name=call.name, prompts_source=source,
-            )  # fmt: skip
-            report[name], samples = metrics, samples + [{"model": name, **row} for row in table]
+        refs: dict[str, ModelRef] = {name: call.resolve(name) for name in stage.models}
+        result = compare_models(
+            {name: (run.model_dir(ref), ref.revision) for name, ref in refs.items()},
+            eval_rows, prompt_rows, stage, _reward_model_dirs(run, call), call.seed,
+            judge_models=_judge_models(run, call), reference=_location(run, call, stage.kl_reference),
+            stage_name=call.name,
+            prompts_source=f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts",
+        )  # fmt: skip
+        report = result.report
+        for name, metrics in report.items():
             tracking.log_metrics(run.run_id, {f"{name}/{k}": v for k, v in metrics.items()}, step=0)
-            run.key_metrics |= {
-                f"{name}.{k.removeprefix('eval/')}": metrics[k] for k in metrics if k in KEY_METRICS
-            }
-        tracking.log_table(run.run_id, samples, "samples.json")
+            model_metrics.log_model_metrics(run.run_id, refs[name].uri, metrics)
+            run.key_metrics |= {f"{name}.{k.removeprefix('eval/')}": v for k, v in _key(metrics).items()}
+        table = report_markdown(
+            report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
+        )
+        tracking.log_table(run.run_id, result.samples, "samples.json")
         tracking.log_dict(run.run_id, report, "report.json")
+        tracking.log_text(run.run_id, table, "report.md")
+        _log_plots(run, report, stage.baseline)
+        _publish_table(run, table)
         return {"report": EvalReportRef(stage=call.name, metrics=report, run_id=run.run_id)}
 
     return execute_stage(ctx, call, body)
+
+
+def _key(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures shown in the pipeline summary: KEY_METRICS and the first judge's win rate."""
+    shown = {k: metrics[k] for k in KEY_METRICS if k in metrics}
+    win_rates = [
+        k for k in metrics if k.startswith("eval/win_rate/") and not k.endswith(("_low", "_high", "_n"))
+    ]
+    return shown | ({win_rates[0]: metrics[win_rates[0]]} if win_rates else {})
+
+
+def _location(run: StageRun, call: StageCall, name: str | None) -> tuple[str, str | None] | None:
+    if name is None:
+        return None
+    ref = call.resolve(name)
+    return run.model_dir(ref), ref.revision
+
+
+def _reward_model_dirs(run: StageRun, call: StageCall) -> dict[str, str]:
+    """Reward models of the rewards, best-of-N and win-rate judges, by source name (``rm:<stage>``)."""
+    stage: EvaluateStage = call.stage
+    sources = [*stage.rewards, *(stage.best_of_n.rewards if stage.best_of_n else ())]
+    sources += [j.reward_source() for j in (stage.win_rate.judges if stage.win_rate else ())]
+    return {s.name: run.model_dir(call.resolve(s.model)) for s in sources if s is not None and s.model}
+
+
+def _judge_models(run: StageRun, call: StageCall) -> dict[str, tuple[str, str | None]]:
+    stage: EvaluateStage = call.stage
+    judges = stage.win_rate.judges if stage.win_rate else ()
+    return {j.name: _location(run, call, j.policy.model) for j in judges if j.policy is not None}  # type: ignore[misc]
+
+
+def _log_plots(run: StageRun, report: dict[str, dict[str, float]], baseline: str | None) -> None:
+    from rlhf_core.evaluation.plots import write_plots
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-eval-plots-") as tmp:
+        if write_plots(report, Path(tmp), baseline=baseline):
+            tracking.log_artifacts(run.run_id, Path(tmp), "plots")
+
+
+def _publish_table(run: StageRun, table: str) -> None:
+    """The report table as a Prefect markdown artifact of the task run (nothing outside a Prefect run)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import TaskRunContext
+
+    if TaskRunContext.get() is None:
+        return
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{run.pipeline}-{run.stage}-report".lower()).strip("-")
+    create_markdown_artifact(
+        markdown=table,
+        key=key,
+        description=f"Evaluation report of stage {run.stage} (MLflow run {run.run_id})",
+    )

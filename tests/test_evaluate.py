@@ -37,7 +37,8 @@ def test_metrics_and_samples_of_one_model(model_dir):
             "generation": {"max_new_tokens": 4},
         },
     )
-    metrics, samples = evaluate_model(model_dir, None, SFT, PROMPTS, stage, {}, seed=0, stage_name="eval")
+    result = evaluate_model(model_dir, None, SFT, PROMPTS, stage, {}, seed=0, stage_name="eval")
+    metrics, samples = result.metrics, result.samples
     assert metrics["eval/loss"] > 0 and metrics["eval/tokens"] > 0
     assert 0 <= metrics["eval/accuracy"] <= 1
     assert metrics["eval/accuracy_ci_low"] <= metrics["eval/accuracy"] <= metrics["eval/accuracy_ci_high"]
@@ -75,10 +76,10 @@ def test_reward_sources_score_each_models_answers(model_dir):
     rewards = [{"function": "arithmetic_exact"}, {"function": "length_penalty"}]
     long_answers = {"max_new_tokens": 32}  # the random model's answers run past the penalty's 40 characters
     stage = _stage(max_prompts=5, rewards=rewards, generation=long_answers)
-    metrics, _ = evaluate_model(model_dir, None, [], PROMPTS, stage, {}, seed=0, stage_name="eval")
+    metrics = evaluate_model(model_dir, None, [], PROMPTS, stage, {}, seed=0, stage_name="eval").metrics
     assert metrics["eval/reward/arithmetic_exact"] == pytest.approx(metrics["eval/accuracy"])
     stage_all = _stage(max_prompts=5, samples_in_table=5, generation=long_answers)
-    _, answers = evaluate_model(model_dir, None, [], PROMPTS, stage_all, {}, seed=0, stage_name="eval")
+    answers = evaluate_model(model_dir, None, [], PROMPTS, stage_all, {}, seed=0, stage_name="eval").samples
     expected = sum(REWARD_FUNCTIONS["length_penalty"](a["completion"], a) for a in answers) / 5
     assert metrics["eval/reward/length_penalty"] == pytest.approx(expected) and expected < 0
     low, high = metrics["eval/reward/length_penalty_ci_low"], metrics["eval/reward/length_penalty_ci_high"]

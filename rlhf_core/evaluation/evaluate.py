@@ -1,31 +1,66 @@
-"""The ``evaluate`` stage's work for one model: held-out loss, verifiable accuracy, best-of-N, samples.
+"""The ``evaluate`` stage's work for one model: held-out NLL, verifiable accuracy, pass@k, reward-source
+means, response lengths, KL to the reference, best-of-N, samples.
 
-- held-out loss/perplexity on the assistant tokens of an SFT eval split (``heldout_loss``);
+- held-out NLL/perplexity on the assistant tokens of an SFT eval split (``heldout_loss``);
 - accuracy: one greedy (or ``generation.temperature``) completion per prompt, checked by the stage's
-  verifier, a registered reward function that gives 1.0 for a correct completion; reported with a
-  seeded 95% bootstrap interval over prompts and the prompt count (as are reward-source means);
+  verifier, a registered reward function that gives 1.0 for a correct completion; the same answers
+  give the response lengths and are what reward sources score and win-rate judges compare
+  (:mod:`rlhf_core.evaluation.comparison`);
+- pass@k from ``pass_at_k.n`` samples per prompt (:mod:`rlhf_core.evaluation.pass_at_k`);
+- KL to the reference from samples of the model at temperature 1 (:mod:`rlhf_core.evaluation.kl`);
 - best-of-N (book ch.9): N samples per prompt ranked by reward sources (reward functions and/or
   reward models), the top one checked by the verifier (``rlhf_core.selection.best_of_n``).
+
+Every figure comes with a seeded 95% bootstrap interval and its sample count (``interval_metrics``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
-from rlhf_core.evaluation.metrics import heldout_loss, verifiable_accuracy
-from rlhf_core.evaluation.statistics import bootstrap_interval
+from rlhf_core.evaluation.kl import kl_to_reference
+from rlhf_core.evaluation.metrics import heldout_loss, length_metrics, verifiable_accuracy
+from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
+from rlhf_core.evaluation.statistics import interval_metrics
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rewards.functions import RewardFunction, verifier_function
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.sampling import sample_completions
 from rlhf_core.selection.best_of_n import best_of_n
-from rlhf_core.spec import BestOfNSpec, EvaluateStage
+from rlhf_core.spec import BestOfNSpec, EvaluateStage, RewardSourceSpec
+
+__all__ = ["MissingAnswerError", "ModelEvaluation", "Reference", "evaluate_model", "interval_metrics"]
 
 
 class MissingAnswerError(UserError):
     """Prompt rows without the reference answer a verifier needs."""
+
+
+class TokenizerMismatchError(UserError):
+    """The KL reference does not share the evaluated model's tokenizer (per-token log-ratios need one)."""
+
+
+@dataclass
+class ModelEvaluation:
+    """One model's figures, its first ``samples_in_table`` answers, and every answer (``rows``: prompt,
+    answer, completion, correct, new_tokens and, with reward sources or judges, ``scores``)."""
+
+    metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Reference:
+    """The reference policy of the KL figure, loaded once for every model evaluated against it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
 
 
 def evaluate_model(
@@ -39,22 +74,25 @@ def evaluate_model(
     *,
     stage_name: str = "evaluate",
     prompts_source: str = "prompts",
-) -> tuple[dict[str, float], list[dict]]:
-    """Metrics (``eval/...``) and the first ``stage.samples_in_table`` verified generations of one model.
+    reference: Reference | None = None,
+) -> ModelEvaluation:
+    """Figures (``eval/...``), table samples and answers of one model.
 
-    ``eval_rows`` are SFT rows for the loss (may be empty); ``prompt_rows`` are prompts with an
+    ``eval_rows`` are SFT rows for the NLL (may be empty); ``prompt_rows`` are prompts with an
     ``answer``, of which the first ``stage.max_prompts`` are used (may be empty); ``reward_model_dirs``
-    holds the reward models of ``stage.rewards`` and of best-of-N by source name (``rm:<stage>``).
+    holds the reward models of ``stage.rewards``, of best-of-N and of the win-rate judges by source name
+    (``rm:<stage>``). With ``reference``, the KL to it is measured on the prompts.
     ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)".
     """
     prompt_rows = prompt_rows[: stage.max_prompts]
     check_answers(prompt_rows, stage_name=stage_name, source=prompts_source)
     verifier = verifier_function(stage.verifier)
     model, tokenizer = load_model(model_dir, revision=revision)
-    metrics: dict[str, float] = {}
-    samples: list[dict] = []
+    result = ModelEvaluation({})
+    metrics = result.metrics
     if eval_rows:
-        metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length))
+        metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length, seed=seed))
+    scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
     if prompt_rows:
         gen = stage.generation
         accuracy = verifiable_accuracy(
@@ -63,45 +101,62 @@ def evaluate_model(
         )  # fmt: skip
         metrics["eval/accuracy"] = accuracy.accuracy
         metrics |= interval_metrics("eval/accuracy", [float(r["correct"]) for r in accuracy.rows], seed)
-        samples = accuracy.rows[: stage.samples_in_table]
-    scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
-    if stage.rewards and prompt_rows:
-        metrics.update(completion_rewards(accuracy.rows, prompt_rows, stage, scorers, stage_name, seed))
+        metrics |= length_metrics([int(r["new_tokens"]) for r in accuracy.rows], seed)
+        result.rows, result.samples = accuracy.rows, accuracy.rows[: stage.samples_in_table]
+        sources = answer_sources(stage)
+        if sources:
+            result.rows = score_answers(accuracy.rows, prompt_rows, sources, scorers, stage_name)
+            metrics |= completion_rewards(result.rows, stage, seed)
+    if stage.pass_at_k is not None and prompt_rows:
+        correct = sample_and_verify(model, tokenizer, prompt_rows, stage.pass_at_k, verifier, seed)
+        metrics |= pass_at_k_metrics(correct, stage.pass_at_k.k, seed)
+    if reference is not None and stage.kl is not None and prompt_rows:
+        check_same_tokenizer(tokenizer, reference, stage_name)
+        kl = stage.kl
+        metrics |= kl_to_reference(
+            model, reference.model, tokenizer, [r["prompt"] for r in prompt_rows],
+            samples_per_prompt=kl.samples_per_prompt, max_new_tokens=kl.max_new_tokens,
+            batch_size=kl.batch_size, seed=seed,
+        )  # fmt: skip
     if stage.best_of_n is not None:
         spec = stage.best_of_n
         metrics.update(
             best_of_n_metrics(model, tokenizer, prompt_rows, spec, verifier, scorers, seed, stage_name)
         )
-    return metrics, samples
+    return result
 
 
-def completion_rewards(
+def answer_sources(stage: EvaluateStage) -> tuple[RewardSourceSpec, ...]:
+    """Reward sources that score each model's answers: ``stage.rewards`` and the win-rate reward judges."""
+    sources = {s.name: s for s in stage.rewards}
+    for judge in stage.win_rate.judges if stage.win_rate else ():
+        source = judge.reward_source()
+        if source is not None:
+            sources.setdefault(source.name, source)
+    return tuple(sources.values())
+
+
+def score_answers(
     rows: list[dict],
     prompt_rows: list[dict],
-    stage: EvaluateStage,
+    sources: tuple[RewardSourceSpec, ...],
     scorers: dict[str, ModelScorer],
     stage_name: str,
-    seed: int,
-) -> dict[str, float]:
-    """Mean score of each of ``stage.rewards`` over the model's completions (``rows``, one per prompt)."""
-    scored_rows = [{**record, **row} for record, row in zip(prompt_rows, rows, strict=True)]
-    scored, _ = score_completions(scored_rows, stage.rewards, scorers, on_invalid="fail", stage=stage_name)
+) -> list[dict]:
+    """The answer rows with ``scores`` (source name -> score) from every source."""
+    joined = [{**record, **row} for record, row in zip(prompt_rows, rows, strict=True)]
+    scored, _ = score_completions(joined, sources, scorers, on_invalid="fail", stage=stage_name)
+    return [{**row, "scores": s["scores"]} for row, s in zip(rows, scored, strict=True)]
+
+
+def completion_rewards(rows: list[dict], stage: EvaluateStage, seed: int) -> dict[str, float]:
+    """Mean score of each of ``stage.rewards`` over the model's answers (scored ``rows``, one per prompt)."""
     metrics: dict[str, float] = {}
     for source in stage.rewards:
-        scores = [r["scores"][source.name] for r in scored]
+        scores = [r["scores"][source.name] for r in rows]
         metrics[f"eval/reward/{source.name}"] = sum(scores) / len(scores)
         metrics |= interval_metrics(f"eval/reward/{source.name}", scores, seed)
     return metrics
-
-
-def interval_metrics(name: str, values: list[float], seed: int) -> dict[str, float]:
-    """``<name>_ci_low`` / ``_ci_high`` (95% percentile bootstrap, 1000 resamples, seeded) and ``_n``."""
-    interval = bootstrap_interval(values, seed=seed)
-    return {
-        f"{name}_ci_low": interval.low,
-        f"{name}_ci_high": interval.high,
-        f"{name}_n": float(interval.samples),
-    }
 
 
 def check_answers(prompt_rows: list[dict], *, stage_name: str, source: str) -> None:
@@ -111,6 +166,14 @@ def check_answers(prompt_rows: list[dict], *, stage_name: str, source: str) -> N
         raise MissingAnswerError(
             f"stage '{stage_name}', field prompts: {len(unanswered)} row(s) of {source}, e.g. row "
             f"{unanswered[0]} (0-based), have no 'answer'; the verifier needs one"
+        )
+
+
+def check_same_tokenizer(tokenizer: PreTrainedTokenizerBase, reference: Reference, stage_name: str) -> None:
+    if tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise TokenizerMismatchError(
+            f"stage '{stage_name}', field reference: '{reference.name}' has another tokenizer than the "
+            "model evaluated; the KL compares per-token log-probs, so the reference must share it"
         )
 
 

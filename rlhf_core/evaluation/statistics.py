@@ -8,7 +8,8 @@
   2021, used by the book's evaluation chapter): 1 - C(n - c, k) / C(n, k), computed as a product so
   it stays exact for large n (n = 10, c = 3: k = 1 -> 0.3, k = 5 -> 1 - 21/252 = 0.9167).
 
-The ``evaluate`` stage reports accuracy and reward-source means with these intervals.
+The ``evaluate`` stage reports every figure with such an interval (``interval_metrics``: the
+``<metric>_ci_low`` / ``_ci_high`` / ``_n`` entries of its report).
 """
 
 from __future__ import annotations
@@ -63,3 +64,51 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def interval_metrics(
+    name: str,
+    values: Sequence[float],
+    seed: int,
+    statistic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """``<name>_ci_low`` / ``_ci_high`` (95% percentile bootstrap, 1000 resamples, seeded) and ``_n``
+    (the number of values resampled: prompts, completions or examples)."""
+    interval = bootstrap_interval(values, seed=seed, statistic=statistic)
+    return {
+        f"{name}_ci_low": interval.low,
+        f"{name}_ci_high": interval.high,
+        f"{name}_n": float(interval.samples),
+    }
+
+
+def figure_with_interval(
+    name: str,
+    values: Sequence[float],
+    seed: int,
+    statistic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """``<name>`` (the statistic of ``values``, default the mean) with its interval entries."""
+    interval = bootstrap_interval(values, seed=seed, statistic=statistic)
+    return {
+        name: interval.value,
+        f"{name}_ci_low": interval.low,
+        f"{name}_ci_high": interval.high,
+        f"{name}_n": float(interval.samples),
+    }
+
+
+def ratio_statistic(numerators: Sequence[float], denominators: Sequence[float]) -> Callable:
+    """A bootstrap statistic for sum(numerators) / sum(denominators) over resampled items.
+
+    Pass ``range(len(numerators))`` as the values: the resampled indices pick numerator and denominator
+    together (e.g. a held-out loss is summed NLL over summed tokens, resampled by example).
+    """
+    num = torch.tensor(list(numerators), dtype=torch.float64)
+    den = torch.tensor(list(denominators), dtype=torch.float64)
+
+    def statistic(indices: torch.Tensor) -> torch.Tensor:
+        picked = indices.long()
+        return num[picked].sum(-1) / den[picked].sum(-1).clamp(min=1e-12)
+
+    return statistic

@@ -1,16 +1,19 @@
-"""The ``evaluate`` stage: held-out loss, verifiable accuracy, best-of-N and a table of samples."""
+"""The ``evaluate`` stage: candidates compared with a baseline on held-out data, every figure with a
+bootstrap interval: held-out NLL, verifiable accuracy, pass@k, reward-source means, win rates against
+the baseline, KL to a reference, response lengths, best-of-N, and a table of samples."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rlhf_core.rewards import VERIFIERS
+from rlhf_core.rewards import REWARD_FUNCTIONS, VERIFIERS
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import GenerationSpec, SamplingSpec
-from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, SFTData
+from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, RewardModel, SFTData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
+from rlhf_core.spec.stages.sampling import PolicyJudgeSpec
 
 
 class BestOfNSpec(Strict):
@@ -23,8 +26,139 @@ class BestOfNSpec(Strict):
     generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings.")
 
 
+class PassAtKSpec(Strict):
+    """Unbiased pass@k (Chen et al. 2021): n samples per prompt, c of them verified correct."""
+
+    n: int = Field(default=8, ge=1, description="Completions sampled per prompt.")
+    k: tuple[int, ...] = Field(
+        default=(1,), min_length=1, description="The k of each pass@k reported (each 1 <= k <= n)."
+    )
+    generation: SamplingSpec = Field(
+        default_factory=SamplingSpec, description="Sampling settings (pass@k needs temperature > 0)."
+    )
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> PassAtKSpec:
+        too_large = [k for k in self.k if k > self.n]
+        if too_large or min(self.k) < 1:
+            bad = too_large[0] if too_large else min(self.k)
+            raise ValueError(
+                f"pass_at_k.k: k={bad} is not within 1..pass_at_k.n={self.n}; the unbiased estimate of "
+                "pass@k needs at least k samples per prompt (raise n or drop that k)"
+            )
+        return self
+
+
+class WinRateJudgeSpec(Strict):
+    """One judge of the pairwise comparison with the baseline; give exactly one of function, model,
+    verifier or policy."""
+
+    function: str | None = Field(
+        default=None, description="Registered reward function: the higher score wins."
+    )
+    model: RewardModel | None = Field(
+        default=None, description="Reward-model reference (a reward_model stage): the higher score wins."
+    )
+    verifier: bool = Field(
+        default=False,
+        description="The stage's verifier: a correct answer beats a wrong one; both right or both wrong tie.",
+    )
+    policy: PolicyJudgeSpec | None = Field(
+        default=None,
+        description="A policy judging against a rubric (principles), asked in both orders; disagreement "
+        "between the orders is a tie.",
+    )
+    tie_margin: float = Field(
+        default=0.0, ge=0, description="Reward judges: scores closer than this (|difference| <= margin) tie."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> WinRateJudgeSpec:
+        given = [f for f in ("function", "model", "policy") if getattr(self, f) is not None]
+        given += ["verifier"] * self.verifier
+        if len(given) != 1:
+            raise ValueError(
+                "a win-rate judge is exactly one of function, model, verifier or policy"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.function is not None and self.function not in REWARD_FUNCTIONS:
+            raise ValueError(
+                f"unknown reward function '{self.function}' (known: {', '.join(REWARD_FUNCTIONS)})"
+            )
+        if self.tie_margin and self.reward_source() is None:
+            raise ValueError("tie_margin applies to reward judges (function or model) only")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The judge's name in metric names: the reward source's name, ``verifier`` or ``policy:<model>``."""
+        if self.verifier:
+            return "verifier"
+        if self.policy is not None:
+            return f"policy:{self.policy.model}"
+        source = self.reward_source()
+        assert source is not None
+        return source.name
+
+    def reward_source(self) -> RewardSourceSpec | None:
+        """The judge as a reward source (function or reward model); None for the verifier and a policy."""
+        if self.function is None and self.model is None:
+            return None
+        return RewardSourceSpec(function=self.function, model=self.model)
+
+
+def _verifier_shorthand_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema accepts the plain string ``verifier`` as a judge, as validation does."""
+    schema["items"] = {"anyOf": [schema["items"], {"const": "verifier", "type": "string"}]}
+    schema["minItems"] = 1
+
+
+class WinRateSpec(Strict):
+    """Pairwise comparison of each candidate's answer with the baseline's answer to the same prompt."""
+
+    judges: tuple[WinRateJudgeSpec, ...] = Field(
+        description="Judges, each reported on its own (eval/win_rate/<judge>): reward functions or reward "
+        "models ({function: ...} / {model: ...}), `verifier`, or {policy: {model, principles}}.",
+        json_schema_extra=_verifier_shorthand_schema,
+    )
+
+    @field_validator("judges", mode="before")
+    @classmethod
+    def _verifier_shorthand(cls, judges: Any) -> Any:
+        if not isinstance(judges, list | tuple):
+            return judges
+        for judge in judges:
+            if isinstance(judge, str) and judge != "verifier":
+                raise ValueError(
+                    f"unknown judge {judge!r}: give `verifier`, {{function: ...}}, {{model: ...}} or "
+                    "{policy: {model: ..., principles: [...]}}"
+                )
+        return tuple({"verifier": True} if j == "verifier" else j for j in judges)
+
+    @model_validator(mode="after")
+    def _distinct_judges(self) -> WinRateSpec:
+        if not self.judges:
+            raise ValueError("win_rate.judges: give at least one judge")
+        names = [j.name for j in self.judges]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"win_rate.judges: judge {twice[0]!r} is given twice")
+        return self
+
+
+class KLEstimateSpec(Strict):
+    """Samples for the KL to the reference, drawn from each candidate at temperature 1."""
+
+    samples_per_prompt: int = Field(default=4, ge=1, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(
+        default=32, ge=1, description="Tokens per completion at most (the KL of the first tokens)."
+    )
+    batch_size: int = Field(default=64, ge=1, description="Sequences decoded or scored together.")
+
+
 class EvaluateStage(StageSpec):
-    """Held-out loss/perplexity, verifiable accuracy and a table of sample generations."""
+    """Held-out NLL, verifiable accuracy, pass@k, reward means, win rates vs a baseline, KL to a reference,
+    response lengths and a table of sample generations; every figure with a bootstrap interval."""
 
     kind: Literal["evaluate"]
     models: tuple[PolicyModel, ...] = Field(
@@ -57,7 +191,48 @@ class EvaluateStage(StageSpec):
         description="Also report best-of-N accuracy (needs prompts): pass@1, best-of-N and pass@N.",
     )
 
+    pass_at_k: PassAtKSpec | None = Field(
+        default=None,
+        description="Also report unbiased pass@k (needs prompts): n samples per prompt, checked by the "
+        "verifier; e.g. {n: 8, k: [1, 4, 8]}.",
+    )
+    baseline: PolicyModel | None = Field(
+        default=None,
+        description="One of `models`: every other model is compared with it (win rates) and, unless "
+        "`reference` is given, the KL is measured to it.",
+    )
+    reference: PolicyModel | None = Field(
+        default=None,
+        description="Reference policy of eval/kl_to_reference (default: the baseline); any policy model.",
+    )
+    win_rate: WinRateSpec | None = Field(
+        default=None,
+        description="Pairwise win rates of each candidate against the baseline (needs baseline and "
+        "prompts), one per judge.",
+    )
+    kl: KLEstimateSpec | None = Field(
+        default_factory=KLEstimateSpec,
+        description="Sampling for eval/kl_to_reference, reported when a reference (or baseline) and "
+        "prompts are given; null turns it off.",
+    )
+
     outputs: ClassVar[dict[str, RefType]] = {"report": REPORT}
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_among_models(cls, baseline: str | None, info: ValidationInfo) -> str | None:
+        models = info.data.get("models")
+        if baseline is not None and models is not None and baseline not in models:
+            raise ValueError(
+                f"baseline '{baseline}' is not one of models ({', '.join(models)}); the baseline is "
+                "evaluated with the candidates, so list it under models too"
+            )
+        return baseline
+
+    @property
+    def kl_reference(self) -> str | None:
+        """The model the KL is measured to: ``reference``, else the baseline (None: no KL)."""
+        return self.reference or self.baseline
 
     @model_validator(mode="after")
     def _needs_something_to_measure(self) -> EvaluateStage:
@@ -67,6 +242,16 @@ class EvaluateStage(StageSpec):
             raise ValueError("rewards score the models' completions of the prompts: give prompts")
         if self.best_of_n is not None and self.prompts is None:
             raise ValueError("best_of_n needs `prompts` (a prompts dataset with answers to verify)")
+        if self.pass_at_k is not None and self.prompts is None:
+            raise ValueError("pass_at_k needs `prompts` (a prompts dataset with answers to verify)")
+        if self.win_rate is not None and self.baseline is None:
+            raise ValueError(
+                "win_rate compares each model with the baseline: give `baseline` (one of models)"
+            )
+        if self.win_rate is not None and self.prompts is None:
+            raise ValueError("win_rate compares the models' answers to the prompts: give `prompts`")
+        if self.win_rate is not None and len(set(self.models)) < 2:
+            raise ValueError("win_rate needs a candidate besides the baseline in `models`")
         if self.verifier not in VERIFIERS:
             known = ", ".join(sorted(VERIFIERS))
             raise ValueError(f"unknown verifier '{self.verifier}' (registered verifiers: {known})")

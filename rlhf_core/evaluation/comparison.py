@@ -1,0 +1,134 @@
+"""The ``evaluate`` stage's work: every model evaluated on the same held-out data, each candidate then
+compared with the baseline.
+
+1. Each model in ``stage.models`` is evaluated on its own
+   (:func:`~rlhf_core.evaluation.evaluate.evaluate_model`): NLL, accuracy, pass@k, reward means,
+   lengths, and the KL to the reference (``stage.reference``, by default the baseline; the reference
+   itself is at KL 0 by definition).
+2. With a ``baseline`` and ``win_rate``, every other model's answer to each prompt is judged against
+   the baseline's answer to the same prompt, by each judge (:mod:`rlhf_core.evaluation.win_rate`).
+   The baseline gets no win rate.
+
+The report is {model: {metric: value}}; every figure comes with ``_ci_low``, ``_ci_high`` and ``_n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_core.evaluation.evaluate import Reference, evaluate_model
+from rlhf_core.evaluation.win_rate import (
+    Verdict,
+    policy_verdicts,
+    reward_verdicts,
+    verifier_verdicts,
+    win_rate_metrics,
+)
+from rlhf_core.modeling.models import load_model
+from rlhf_core.rollout.generation import generate_completions
+from rlhf_core.spec import EvaluateStage
+from rlhf_core.spec.stages.evaluation import WinRateJudgeSpec
+
+ModelLocation = tuple[str, str | None]  # local directory (or hub name), revision
+
+
+@dataclass
+class ComparisonReport:
+    """Figures per model (``report``), the table of sample answers, and each model's answers."""
+
+    report: dict[str, dict[str, float]] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    answers: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def compare_models(
+    models: dict[str, ModelLocation],
+    eval_rows: list[dict],
+    prompt_rows: list[dict],
+    stage: EvaluateStage,
+    reward_model_dirs: dict[str, str],
+    seed: int,
+    *,
+    judge_models: dict[str, ModelLocation] | None = None,
+    reference: ModelLocation | None = None,
+    stage_name: str = "evaluate",
+    prompts_source: str = "prompts",
+) -> ComparisonReport:
+    """Evaluate ``models`` (name -> location, in the stage's order) and compare them with the baseline.
+
+    ``reward_model_dirs`` holds reward models by source name (``rm:<stage>``), ``judge_models`` the
+    policy judges by judge name (``policy:<model>``), ``reference`` the location of
+    ``stage.kl_reference``.
+    """
+    out = ComparisonReport()
+    ref_name = stage.kl_reference if stage.kl is not None and prompt_rows else None
+    loaded: Reference | None = None
+    for name, (model_dir, revision) in models.items():
+        needs_kl = ref_name is not None and name != ref_name and reference is not None
+        if needs_kl and loaded is None:
+            loaded = Reference(ref_name, *load_model(reference[0], revision=reference[1]))
+        evaluation = evaluate_model(
+            model_dir, revision, eval_rows, prompt_rows, stage, reward_model_dirs, seed,
+            stage_name=stage_name, prompts_source=prompts_source, reference=loaded if needs_kl else None,
+        )  # fmt: skip
+        if ref_name == name and evaluation.rows:
+            evaluation.metrics |= reference_itself(len(evaluation.rows))
+        out.report[name], out.answers[name] = evaluation.metrics, evaluation.rows
+        out.samples += [{"model": name, **row} for row in evaluation.samples]
+    if stage.win_rate is not None and stage.baseline is not None:
+        for judge in stage.win_rate.judges:
+            for name, metrics in judged_candidates(out, stage, judge, judge_models or {}, seed, stage_name):
+                out.report[name] |= metrics
+    return out
+
+
+def reference_itself(prompts: int) -> dict[str, float]:
+    """The reference's KL to itself: 0 exactly, nothing to sample."""
+    name = "eval/kl_to_reference"
+    return {name: 0.0, f"{name}_ci_low": 0.0, f"{name}_ci_high": 0.0, f"{name}_n": float(prompts)}
+
+
+def judged_candidates(
+    out: ComparisonReport,
+    stage: EvaluateStage,
+    judge: WinRateJudgeSpec,
+    judge_models: dict[str, ModelLocation],
+    seed: int,
+    stage_name: str,
+) -> list[tuple[str, dict[str, float]]]:
+    """Win-rate figures of one judge for every candidate (every model but the baseline)."""
+    baseline = out.answers[stage.baseline]
+    candidates = [name for name in out.answers if name != stage.baseline]
+    generate = None
+    if judge.policy is not None:
+        judge_dir, judge_revision = judge_models[judge.name]
+        model, tokenizer = load_model(judge_dir, revision=judge_revision)
+        spec = judge.policy
+
+        def generate(prompts: list[str]) -> list[str]:
+            return generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens)
+
+    results = []
+    for name in candidates:
+        answers = out.answers[name]
+        verdicts: list[Verdict | Exception]
+        if judge.verifier:
+            verdicts = list(
+                verifier_verdicts([r["correct"] for r in answers], [r["correct"] for r in baseline])
+            )
+        elif judge.policy is not None and generate is not None:
+            verdicts = policy_verdicts(
+                generate, judge.policy.principles, [r["prompt"] for r in answers],
+                [r["completion"] for r in answers], [r["completion"] for r in baseline],
+            )  # fmt: skip
+        else:
+            key = judge.name
+            scores = [r["scores"][key] for r in answers], [r["scores"][key] for r in baseline]
+            verdicts = list(reward_verdicts(*scores, tie_margin=judge.tie_margin))
+        on_unparseable = judge.policy.on_unparseable if judge.policy else "skip"
+        metrics = win_rate_metrics(
+            judge.name, verdicts, seed, on_unparseable=on_unparseable, stage=stage_name,
+            prompts=[r["prompt"] for r in answers],
+        )  # fmt: skip
+        results.append((name, metrics))
+    return results
