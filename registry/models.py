@@ -34,13 +34,21 @@ PIPELINE_TASK_OF_ROLE = {"policy": "text-generation", "reward": "text-classifica
 
 
 def log_and_register_model(
-    run_id: str, model, tokenizer, registered_name: str, lineage: dict[str, str], role: str = "policy"
+    run_id: str,
+    model,
+    tokenizer,
+    registered_name: str,
+    lineage: dict[str, str],
+    role: str = "policy",
+    logged_name: str | None = None,
 ) -> tuple[str, str]:
     """Log ``model`` in the stage run, register a new version tagged with ``lineage``, alias it ``candidate``.
 
     The version is also tagged with the package version (``rlhf.package_version``). Policies are logged
     as text-generation pipelines, reward models as text-classification ones (the scalar head's raw
-    score). Returns (logged model URI ``models:/m-...``, registered version).
+    score). The logged model is named after its stage (``logged_name``, default the ``rlhf.stage``
+    lineage tag), which is how the run's and the experiment's model lists show it; the name is not
+    part of its artifact paths. Returns (logged model URI ``models:/m-...``, registered version).
     """
     pipeline = transformers.pipeline(PIPELINE_TASK_OF_ROLE[role], model=model, tokenizer=tokenizer)
     # MLflow looks up a hub model card and license by the model's local path: noise offline.
@@ -49,7 +57,7 @@ def log_and_register_model(
         warnings.simplefilter("ignore")
         info = mlflow.transformers.log_model(
             pipeline,
-            name="model",
+            name=logged_name or lineage.get("rlhf.stage") or "model",
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_name,
             await_registration_for=60,

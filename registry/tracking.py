@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import mlflow
 from mlflow import MlflowClient
@@ -26,8 +28,14 @@ from rlhf_core.locked_initialization import initialize_once
 from rlhf_core.settings import RLHFSettings
 
 MAX_PARAM_LENGTH = 6000
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where ``rlhf ui`` serves the MLflow UI by default
 SQLITE_PREFIX = "sqlite:///"
 PACKAGE_VERSION_TAG = "rlhf.package_version"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows (and edits) as a run's description
+# The MLflow 3 UI opens an experiment in its GenAI view (traces) unless the experiment says otherwise.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# ``workflowType`` picks the UI's model-training view (sidebar with the Model Registry) for any page.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def configure(settings: RLHFSettings) -> None:
@@ -63,12 +71,22 @@ def client() -> MlflowClient:
 
 
 def ensure_experiment(name: str, settings: RLHFSettings) -> str:
-    """Experiment id for a pipeline name, created with the configured artifact location if missing."""
+    """Experiment id for a pipeline name, created with the configured artifact location if missing.
+
+    The experiment is marked as model development (``mlflow.experimentKind``), so the MLflow UI opens it
+    on its runs, not on the GenAI traces view; a kind someone already set is left alone.
+    """
     c = client()
     experiment = c.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return c.create_experiment(name, artifact_location=f"{settings.resolved_artifact_location()}/{name}")
+    if experiment is None:
+        return c.create_experiment(
+            name,
+            artifact_location=f"{settings.resolved_artifact_location()}/{name}",
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        c.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -138,6 +156,38 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
     c = client()
     for key, value in tags.items():
         c.set_tag(run_id, key, value)
+
+
+def set_description(run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (markdown)."""
+    client().set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+
+def ui_base_url(settings: RLHFSettings) -> str:
+    """Where the MLflow UI of these settings' store is served: ``RLHF_MLFLOW_UI_URL``, else the tracking
+    server itself when the tracking URI is one (it serves the UI), else ``rlhf ui``'s default address."""
+    configured = os.environ.get("RLHF_MLFLOW_UI_URL")
+    if configured:
+        return configured.rstrip("/")
+    uri = settings.resolved_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return DEFAULT_UI_URL
+
+
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The UI route (after ``#``) of a run's page; relative, so it works in a run description as a link."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_page(name: str, version: str) -> str:
+    """The UI route (after ``#``) of a registered model version's page."""
+    return f"#/models/{quote(name, safe='')}/versions/{version}"
+
+
+def ui_url(base: str, page: str = "#/") -> str:
+    """An absolute MLflow UI link that opens in the model-training view."""
+    return f"{base.rstrip('/')}/{page}{'&' if '?' in page else '?'}{MODEL_TRAINING_VIEW}"
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
