@@ -106,14 +106,18 @@ def _log_plots(run: StageRun, report: dict[str, dict[str, float]], baseline: str
 
 def _publish_table(run: StageRun, table: str) -> None:
     """The report table as a Prefect markdown artifact of the task run (nothing outside a Prefect run)."""
+    from prefect import get_run_logger
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import TaskRunContext
 
     if TaskRunContext.get() is None:
         return
     key = re.sub(r"[^a-z0-9-]+", "-", f"{run.pipeline}-{run.stage}-report".lower()).strip("-")
-    create_markdown_artifact(
-        markdown=table,
-        key=key,
-        description=f"Evaluation report of stage {run.stage} (MLflow run {run.run_id})",
-    )
+    try:
+        create_markdown_artifact(
+            markdown=table,
+            key=key,
+            description=f"Evaluation report of stage {run.stage} (MLflow run {run.run_id})",
+        )
+    except Exception as exc:  # the report is in MLflow already; a Prefect API hiccup must not fail the stage
+        get_run_logger().warning("stage %s: could not create the report artifact: %s", run.stage, exc)
