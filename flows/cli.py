@@ -255,6 +255,10 @@ from flows.model_commands import models_app  # noqa: E402  (rlhf models list/pro
 app.add_typer(models_app, name="models")
 
 # --- commands from other modules (begin) ---
+from flows.reproduce import lineage, reproduce  # noqa: E402  (rlhf reproduce, rlhf models lineage)
+
+app.command()(reproduce)
+models_app.command("lineage")(lineage)
 # --- (end) ---
 
 
