@@ -91,3 +91,33 @@ def test_reward_sources_need_prompts():
         EvaluateStage(
             kind="evaluate", models=["base"], data="data.sft", rewards=[{"function": "answer_format"}]
         )
+
+
+def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir):
+    """Two names for the same weights: every answer identical, so every judge ties (win rate exactly 0.5,
+    tie rate 1, a policy judge never asked) and the KL estimate is 0; the baseline gets no win rate."""
+    from rlhf_core.evaluation.comparison import compare_models
+
+    judges = [
+        "verifier",
+        {"function": "length_penalty"},
+        {"policy": {"model": "judge", "principles": ["Be right."], "max_new_tokens": 4}},
+    ]
+    stage = _stage(
+        models=["base", "copy"], baseline="base", win_rate={"judges": judges}, samples_in_table=2,
+        kl={"samples_per_prompt": 2, "max_new_tokens": 4},
+    )  # fmt: skip
+    result = compare_models(
+        {"base": (model_dir, None), "copy": (model_dir, None)}, SFT, PROMPTS, stage, {}, seed=0,
+        judge_models={"policy:judge": (model_dir, None)}, reference=(model_dir, None), stage_name="eval",
+    )  # fmt: skip
+    base, copy = result.report["base"], result.report["copy"]
+    for judge in ("verifier", "length_penalty", "policy:judge"):
+        assert copy[f"eval/win_rate/{judge}"] == 0.5 and copy[f"eval/tie_rate/{judge}"] == 1.0
+        assert copy[f"eval/win_rate/{judge}_n"] == len(PROMPTS)
+        assert f"eval/win_rate/{judge}" not in base
+    assert copy["eval/judge_unparseable/policy:judge"] == 0
+    assert base["eval/kl_to_reference"] == 0.0  # the baseline is the reference: 0 by definition
+    assert copy["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # estimated from samples
+    assert [s["model"] for s in result.samples] == ["base", "base", "copy", "copy"]
+    assert base["eval/accuracy"] == copy["eval/accuracy"] and base["eval/nll"] == copy["eval/nll"]

@@ -72,7 +72,12 @@ def _bar_chart(report: dict, name: str, path: Path, baseline: str | None) -> Pat
     axes.bar(labels, values, color=colors, yerr=list(zip(*errors, strict=True)), capsize=6)
     if name.startswith(f"{PREFIX}win_rate/"):
         axes.axhline(0.5, color="black", linewidth=0.8, linestyle="--")  # parity with the baseline
-    axes.set_title(f"{name.removeprefix(PREFIX)} (95% bootstrap interval)")
+    against = (
+        f" vs {baseline}"
+        if baseline and name.startswith((f"{PREFIX}win_rate/", f"{PREFIX}tie_rate/"))
+        else ""
+    )
+    axes.set_title(f"{name.removeprefix(PREFIX)}{against} (95% bootstrap interval)")
     axes.set_ylabel(name.removeprefix(PREFIX))
     figure.savefig(path)
     return path
