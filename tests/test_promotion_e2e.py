@@ -9,6 +9,10 @@ and v1 becomes the previous champion; a rollback restores v1; a promotion by han
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,19 +41,40 @@ def _spec(max_steps: int, accuracy_min: float) -> dict:
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, prefect_api_url):
-    return tmp_path_factory.mktemp("promote-home")
+    from registry import tracking
+    from rlhf_core.settings import RLHFSettings
+
+    path = tmp_path_factory.mktemp("promote-home")
+    tracking.configure(RLHFSettings(home=path))  # this process reads the registry the runs write
+    return Home(path, prefect_api_url)
+
+
+class Home(type(Path())):
+    """The pipeline home, with the Prefect API URL the runs report to."""
+
+    def __new__(cls, path, api_url: str):
+        home = super().__new__(cls, path)
+        home.api_url = api_url
+        return home
 
 
 def _rlhf(home, *args: str):
+    """`rlhf models ...` in this process (they log nothing through Prefect)."""
     from flows.cli import app
 
     return CliRunner().invoke(app, [*args, "--home", str(home)], catch_exceptions=False)
 
 
-def _run(home, tmp_path, max_steps: int, accuracy_min: float):
+def _run(home, tmp_path, max_steps: int, accuracy_min: float) -> subprocess.CompletedProcess:
+    """`rlhf run` as a user runs it: its own process, on the session's Prefect server."""
     path = tmp_path / f"spec-{max_steps}.yaml"
     path.write_text(yaml.safe_dump(_spec(max_steps, accuracy_min)))
-    return _rlhf(home, "run", str(path))
+    env = {**os.environ, "PREFECT_API_URL": home.api_url, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--home", str(home)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result.output = result.stdout + result.stderr
+    result.exit_code = result.returncode
+    return result
 
 
 def _aliases() -> dict[str, str]:
