@@ -145,10 +145,9 @@ def history(
 
 
 def _refresh_cards(name: str, versions: list[str | None]) -> None:
-    try:
-        from registry.model_cards import refresh_model_card
-    except ImportError:  # model cards not available in this build
-        return
+    """The model cards of the versions an alias move touched (they list aliases and the gate)."""
+    from registry.model_cards import refresh_model_card
+
     for version in versions:
         if version:
             refresh_model_card(name, version)

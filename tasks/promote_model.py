@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from registry import promotion, tracking
+from registry.model_cards import refresh_model_card
 from registry.model_metrics import version_metrics
 from rlhf_core.errors import UserError
 from rlhf_core.evaluation.gate import evaluate_gate
@@ -56,6 +57,9 @@ def promote_model(ctx: RunContext, call: StageCall) -> StageOutcome:
             )
         else:
             promotion.record_rejection(name, version, tags)
+        for touched in (version, previous):
+            if touched is not None:
+                refresh_model_card(name, touched)  # the cards show aliases and the gate's decision
         tracking.set_tags(run.run_id, {**tags, "rlhf.candidate": f"{name} v{version}"})
         tracking.log_text(run.run_id, _decision_text(name, version, stage, decision, previous), "decision.md")
         run.key_metrics["promoted"] = float(decision.passed)
