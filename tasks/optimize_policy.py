@@ -3,9 +3,13 @@ policy version)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from registry import tracking
 from rlhf_core.errors import UserError
-from rlhf_core.refs import ModelRef
+from rlhf_core.refs import DatasetRef, ModelRef
+from rlhf_core.spec.monitor import MonitorSpec
+from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from tasks.model_outputs import describe_model, register_stage_model
 from tasks.registration import stage_task
@@ -22,7 +26,8 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
             f"stage '{call.name}', field split: '{stage.split}' is not a split of "
             f"{prompts.stage}.{prompts.kind} (it has: {', '.join(prompts.splits)})"
         )
-    reference = call.resolve(stage.reference) if stage.reference and stage.needs_reference else None
+    needs_reference = stage.needs_reference or stage.monitor is not None
+    reference = call.resolve(stage.reference) if stage.reference and needs_reference else None
     if reference is not None and reference.tokenizer_digest != policy.tokenizer_digest:
         raise UserError(
             f"stage '{call.name}', field reference: '{stage.reference}' has another tokenizer or chat "
@@ -32,6 +37,7 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
         call.resolve(stage.ppo.value_model) if stage.algorithm == "ppo" and stage.ppo.value_model else None
     )
     reward_models = {s.name: call.resolve(s.model) for s in stage.rewards if s.model}
+    monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
         from rlhf_core.training.policy_gradient import run_policy_gradient  # loads torch only when it runs
@@ -47,9 +53,11 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
             reward_model_dirs={name: run.model_dir(ref) for name, ref in reward_models.items()},
             seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name, log=run.log,
             log_samples=log_samples,
+            monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+            monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
         )  # fmt: skip
         run.key_metrics = summary_metrics(summary)
-        tags = {"rlhf.algorithm": stage.algorithm}
+        tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, summary.get("monitor"))}
         if stage.needs_reference:
             tags["rlhf.reference_model"] = describe_model(reference or policy)
         if reward_models:
@@ -63,6 +71,58 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
         return {"model": ref}
 
     return execute_stage(ctx, call, body)
+
+
+def monitor_inputs(
+    call: StageCall,
+    monitor: MonitorSpec | None,
+    default_prompts: DatasetRef,
+    proxy: tuple[RewardSourceSpec, ...],
+) -> tuple[DatasetRef | None, dict[str, ModelRef]]:
+    """The over-optimization monitor's prompts dataset (checked to have its split) and its reward models
+    by source name; (None, {}) without a monitor."""
+    if monitor is None:
+        return None, {}
+    prompts = call.resolve(monitor.prompts) if monitor.prompts else default_prompts
+    if monitor.split not in prompts.splits:
+        raise UserError(
+            f"stage '{call.name}', field monitor.split: '{monitor.split}' is not a split of "
+            f"{prompts.stage}.{prompts.kind} (it has: {', '.join(prompts.splits)}); the monitor needs "
+            "held-out prompts: set monitor.prompts / monitor.split"
+        )
+    models = {s.name: call.resolve(s.model) for s in (*proxy, *monitor.gold) if s.model}
+    return prompts, models
+
+
+def record_monitor(run: StageRun, summary: dict[str, Any] | None) -> dict[str, str]:
+    """The monitor's plots and history as artifacts of the stage run (``monitor/``), its outcome as
+    run tags and key metrics; returns the tags for the registered version too."""
+    if summary is None:
+        return {}
+    from rlhf_core.training.overoptimization_history import Evaluation
+    from rlhf_core.training.overoptimization_plots import draw_monitor_plots
+
+    history = [Evaluation(**e) for e in summary["history"]]
+    plots = run.work_dir / "monitor_plots"
+    draw_monitor_plots(
+        history, plots, title=run.stage, stopped_at=summary["stopped_at_step"],
+        registered_step=summary["registered_step"],
+    )  # fmt: skip
+    tracking.log_artifacts(run.run_id, plots, "monitor")
+    tracking.log_dict(run.run_id, summary, "monitor/history.json")
+    stopped = summary["stopped_at_step"]
+    tags = {
+        "rlhf.monitor.stopped_at_step": "none" if stopped is None else str(stopped),
+        "rlhf.monitor.best_step": str(summary["best_step"]),
+        "rlhf.monitor.registered_step": str(summary["registered_step"]),
+        "rlhf.monitor.reason": summary["reason"][:5000],
+    }
+    tracking.set_tags(run.run_id, tags)
+    best = next(e for e in history if e.step == summary["best_step"])
+    run.key_metrics |= {"monitor_best_gold": best.gold, "monitor_best_step": float(best.step)}
+    if stopped is not None:
+        run.key_metrics["monitor_stopped_at_step"] = float(stopped)
+    return tags
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:

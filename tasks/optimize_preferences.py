@@ -6,6 +6,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from tasks.model_outputs import describe_model, register_stage_model
+from tasks.optimize_policy import monitor_inputs, record_monitor
 from tasks.registration import stage_task
 from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
@@ -21,6 +22,9 @@ def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
             f"stage '{call.name}', field reference: '{stage.reference}' has another tokenizer or chat "
             f"template than the policy '{stage.policy}'; log-probs of the same text would not compare"
         )
+
+    proxy = stage.monitor.proxy if stage.monitor else ()
+    monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, data, proxy)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
         from rlhf_core.training import direct_alignment as da  # loads torch only when the stage runs
@@ -38,14 +42,17 @@ def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
             reference_revision=reference.revision if reference else None, reference_cache=cache,
             seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name,
             source=f"stage '{call.name}' ({data.stage}.{data.kind})", log=run.log,
+            monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+            monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
         )  # fmt: skip
         if result.heldout:
             run.log(result.heldout, result.steps)
         run.key_metrics = result.summary()
+        monitor_tags = record_monitor(run, result.monitor)
         ref = register_stage_model(
             ctx, run, trained, tokenizer, registered_name=stage.register_as or f"{ctx.pipeline}-{call.name}",
             role="policy", base_model=policy.base_model, upstream=policy, data=data,
-            extra_tags={"rlhf.reference_model": describe_model(reference or policy)},
+            extra_tags={"rlhf.reference_model": describe_model(reference or policy), **monitor_tags},
         )  # fmt: skip
         return {"model": ref}
 

@@ -49,6 +49,13 @@ from rlhf_core.modeling.preference_tokens import (
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
+from rlhf_core.training.overoptimization import (
+    MonitorInputs,
+    MonitorStop,
+    OverOptimizationMonitor,
+    load_monitor_inputs,
+    starting_reference,
+)
 from rlhf_core.training.sft import apply_lora
 
 REFERENCE_BATCH = 32  # pairs per forward pass of the reference (no gradients)
@@ -66,6 +73,7 @@ class DirectAlignmentResult:
     seconds: float
     input_tokens: int
     heldout: dict[str, float] = field(default_factory=dict)
+    monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
 
     def summary(self) -> dict[str, float]:
         shown = {
@@ -300,10 +308,14 @@ def train_direct_alignment(
     checkpoint_dir: Path,
     stage_name: str = "direct_alignment",
     log: LogFn | None = None,
+    monitor_inputs: MonitorInputs | None = None,
+    monitor_reference: PreTrainedModel | None = None,
 ) -> tuple[PreTrainedModel, dict]:
     """Optimise ``model`` on tokenized examples (``PairTokens``, or ``CompletionTokens`` for KTO) with the
     stage's loss; ``reference`` is the (N, 2) cached reference log-probs (None for reference-free
-    losses). Resumes from ``checkpoint_dir``."""
+    losses). Resumes from ``checkpoint_dir``. With ``monitor_inputs`` the over-optimization monitor
+    evaluates the policy (KL to ``monitor_reference``, default its starting weights) and may stop
+    training; the returned dict then has a ``monitor`` entry."""
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     options = loss_options(stage, spec)
     cfg = stage.train
@@ -342,10 +354,21 @@ def train_direct_alignment(
             totals[TOKENS] += float(sum(len(x) + len(y) for x, y in example_sequences(examples, ids)))
         return totals
 
-    trained, loop = run_optimizer_steps(
-        model, cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, seed=seed,
-        checkpoint_dir=checkpoint_dir, step_fn=step_fn, log=log,
-    )  # fmt: skip
+    monitor = None
+    if monitor_inputs is not None:
+        provider = starting_reference(model, stage.lora is not None, monitor_reference)
+        monitor = OverOptimizationMonitor(
+            monitor_inputs, model, tokenizer, provider, seed=seed, stage_name=stage_name, log=log
+        )
+    try:
+        trained, loop = run_optimizer_steps(
+            model, cfg, total_steps=total_steps, steps_per_epoch=steps_per_epoch, seed=seed,
+            checkpoint_dir=checkpoint_dir, step_fn=monitor.wrap(step_fn) if monitor else step_fn, log=log,
+            extra_state=[monitor] if monitor else (),
+        )  # fmt: skip
+    except MonitorStop as stop:
+        trained, loop, total_steps = model, stop.result, stop.step
+    summary = {"monitor": monitor.finish(total_steps)} if monitor is not None else {}
     if stage.lora is not None:
         trained = trained.merge_and_unload()
     return trained, {
@@ -354,6 +377,7 @@ def train_direct_alignment(
         "final_loss": loop.last_metrics.get("loss", math.nan),
         "seconds": loop.seconds,
         "input_tokens": loop.tokens,
+        **summary,
     }
 
 
@@ -457,10 +481,13 @@ def run_direct_alignment(
     stage_name: str,
     source: str,
     log: LogFn | None = None,
+    monitor_records: list[dict] | None = None,
+    monitor_model_dirs: dict[str, str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, DirectAlignmentResult]:
     """The ``direct_alignment`` stage's work: tokenize, cache reference log-probs, train, evaluate.
 
     ``reference_cache`` maps split ('train', 'eval') -> cache file (see :func:`reference_logprobs_key`).
+    ``monitor_records``/``monitor_model_dirs``: the monitor's prompt rows and reward models by source.
     """
     model, tokenizer = load_model(policy_dir, revision=revision)
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
@@ -494,10 +521,19 @@ def run_direct_alignment(
                 references[split], from_cache = cached_reference_logprobs(
                     reference_cache[split], starting_reference, None, items, stage.train.shared_prefix
                 )
-    loaded.clear()  # training holds no reference model
+    loaded.clear()  # training holds no reference model (the monitor's KL estimate needs one)
+    monitor_inputs, monitor_reference = None, None
+    if stage.monitor is not None:
+        monitor_inputs = load_monitor_inputs(
+            stage.monitor, stage.monitor.proxy, monitor_records or [], monitor_model_dirs or {},
+            checkpoint_dir / "monitor", stage_name,
+        )  # fmt: skip
+        if reference_dir is not None:
+            monitor_reference = load_model(reference_dir, revision=reference_revision)[0]
     trained, loop = train_direct_alignment(
         model, tokenizer, examples["train"], references["train"], stage, seed=seed,
-        checkpoint_dir=checkpoint_dir, stage_name=stage_name, log=log,
+        checkpoint_dir=checkpoint_dir, stage_name=stage_name, log=log, monitor_inputs=monitor_inputs,
+        monitor_reference=monitor_reference,
     )  # fmt: skip
     heldout = {}
     if examples.get("eval"):
@@ -529,5 +565,6 @@ def run_direct_alignment(
         seconds=loop["seconds"],
         input_tokens=loop["input_tokens"],
         heldout=heldout,
+        monitor=loop.get("monitor"),
     )
     return trained, tokenizer, result

@@ -23,10 +23,9 @@ the seed and the rollout index).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +46,13 @@ from rlhf_core.modeling.completion_scoring import (
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
+from rlhf_core.training.overoptimization import (
+    MonitorInputs,
+    MonitorStop,
+    OverOptimizationMonitor,
+    load_monitor_inputs,
+    starting_reference,
+)
 from rlhf_core.training.rl_algorithms import (
     Settings,
     compute_advantages,
@@ -265,11 +271,6 @@ def sample_rows(rollout: Rollout, index: int, limit: int = 16) -> list[dict]:
     ]
 
 
-@contextlib.contextmanager
-def _frozen(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    yield model
-
-
 def reference_provider(
     policy: PreTrainedModel, stage: PolicyGradientStage, loaded: PreTrainedModel | None
 ) -> Callable[[], contextlib.AbstractContextManager] | None:
@@ -277,12 +278,7 @@ def reference_provider(
     adapters disabled (no copy); or a frozen copy of the policy's starting weights."""
     if not stage.needs_reference:
         return None
-    if loaded is not None:
-        return lambda: _frozen(loaded)
-    if stage.lora is not None:
-        return policy.disable_adapter
-    frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    return lambda: _frozen(frozen)
+    return starting_reference(policy, stage.lora is not None, loaded)
 
 
 def train_policy_gradient(
@@ -299,11 +295,14 @@ def train_policy_gradient(
     value_model: PreTrainedModel | None = None,
     log: LogFn | None = None,
     log_samples: SampleLogFn | None = None,
+    monitor_inputs: MonitorInputs | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel | None, dict]:
     """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, summary).
 
     ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
-    ``value_model`` (PPO) is a one-output sequence classifier trained with the policy.
+    ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. With
+    ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
+    and may stop training (:mod:`rlhf_core.training.overoptimization`); ``summary['monitor']`` says so.
     """
     torch.manual_seed(seed)
     if stage.algorithm == "ppo" and value_model is None:
@@ -322,12 +321,22 @@ def train_policy_gradient(
     total_steps = stage.rollouts * updates
     if stage.train.max_steps is not None:
         total_steps = min(total_steps, stage.train.max_steps)
-    trained, loop = run_optimizer_steps(
-        trained_modules, stage.train, total_steps=total_steps, steps_per_epoch=updates,
-        seed=seed, checkpoint_dir=checkpoint_dir, step_fn=trainer.step_fn, log=log,
-        extra_state=trainer.extra_state,
-        lr_of=lambda name: stage.ppo.value_lr if name.startswith("value.") else None,
-    )  # fmt: skip
+    monitor, step_fn, extra_state = None, trainer.step_fn, trainer.extra_state
+    if monitor_inputs is not None:
+        monitor_reference = reference or starting_reference(policy, stage.lora is not None, reference_model)
+        monitor = OverOptimizationMonitor(
+            monitor_inputs, policy, tokenizer, monitor_reference, seed=seed, stage_name=stage_name, log=log
+        )
+        step_fn, extra_state = monitor.wrap(trainer.step_fn), [*extra_state, monitor]
+    try:
+        trained, loop = run_optimizer_steps(
+            trained_modules, stage.train, total_steps=total_steps, steps_per_epoch=updates,
+            seed=seed, checkpoint_dir=checkpoint_dir, step_fn=step_fn, log=log, extra_state=extra_state,
+            lr_of=lambda name: stage.ppo.value_lr if name.startswith("value.") else None,
+        )  # fmt: skip
+    except MonitorStop as stop:
+        trained, loop, total_steps = trained_modules, stop.result, stop.step
+    monitor_summary = monitor.finish(total_steps) if monitor is not None else None
     if value_model is not None:
         policy, value_model = trained["policy"], trained["value"]
     else:
@@ -343,6 +352,8 @@ def train_policy_gradient(
         "last_metrics": loop.last_metrics,
         "last_rollout_metrics": trainer.last_rollout_metrics,
     }
+    if monitor_summary is not None:
+        summary["monitor"] = monitor_summary
     return policy, value_model, summary
 
 
@@ -377,9 +388,13 @@ def run_policy_gradient(
     stage_name: str,
     log: LogFn | None = None,
     log_samples: SampleLogFn | None = None,
+    monitor_records: list[dict] | None = None,
+    monitor_model_dirs: dict[str, str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 and one
-    is given; otherwise the starting weights serve), PPO's value model and the reward models; train."""
+    """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 or the
+    monitor needs it, and one is given; otherwise the starting weights serve), PPO's value model and the
+    reward models; train. ``monitor_records`` are the monitor's prompt rows, ``monitor_model_dirs`` its
+    reward models by source name."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_core.modeling.models import load_model
@@ -391,7 +406,7 @@ def run_policy_gradient(
         raise UserError(f"stage '{stage_name}': the prompts split '{stage.split}' has no rows")
     policy, tokenizer = load_model(policy_dir, revision=revision)
     reference = None
-    if stage.needs_reference and reference_dir is not None:
+    if (stage.needs_reference or stage.monitor is not None) and reference_dir is not None:
         reference = load_model(reference_dir, revision=reference_revision)[0].eval().requires_grad_(False)
     value_model = None
     if stage.algorithm == "ppo":
@@ -400,10 +415,17 @@ def run_policy_gradient(
             value_model = AutoModelForSequenceClassification.from_pretrained(value_init_dir)
         else:
             value_model = build_reward_model(policy_dir, revision=revision)  # policy backbone, zero head
-    reward_fn = reward_function(stage.rewards, load_reward_model_scorers(reward_model_dirs), stage_name)
+    scorers = load_reward_model_scorers(reward_model_dirs)
+    reward_fn = reward_function(stage.rewards, scorers, stage_name)
+    monitor_inputs = None
+    if stage.monitor is not None:
+        monitor_inputs = load_monitor_inputs(
+            stage.monitor, stage.monitor_proxy, monitor_records or [], monitor_model_dirs or {},
+            checkpoint_dir / "monitor", stage_name, loaded=scorers,
+        )  # fmt: skip
     trained, _, summary = train_policy_gradient(
         policy, tokenizer, records, stage, reward_fn, seed=seed, checkpoint_dir=checkpoint_dir,
         stage_name=stage_name, reference_model=reference, value_model=value_model, log=log,
-        log_samples=log_samples,
+        log_samples=log_samples, monitor_inputs=monitor_inputs,
     )  # fmt: skip
     return trained, tokenizer, summary

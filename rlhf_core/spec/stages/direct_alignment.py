@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict
+from rlhf_core.spec.monitor import MonitorSpec, check_monitor_proxy
 from rlhf_core.spec.references import (
     PolicyModel,
     PreferenceData,
@@ -114,6 +115,13 @@ class DirectAlignmentStage(StageSpec):
         description="KL to the reference estimated from samples on the eval prompts (k1, temperature 1).",
     )
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
+    monitor: MonitorSpec | None = Field(
+        default=None,
+        description=(
+            "Over-optimization monitor: a proxy and a gold reward of the policy's answers vs KL on held-out "
+            "prompts (default: the eval split of the preference data's prompts)."
+        ),
+    )
     register_as: str | None = Field(
         default=None, description="Registered model name; default '<pipeline>-<stage>'."
     )
@@ -122,6 +130,7 @@ class DirectAlignmentStage(StageSpec):
 
     @model_validator(mode="after")
     def _known_loss(self) -> DirectAlignmentStage:
+        check_monitor_proxy(self.monitor, "direct_alignment")
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown loss '{self.loss}' (known: {', '.join(PREFERENCE_LOSSES)})")
         if self.reference is not None and not PREFERENCE_LOSSES[self.loss][0]:

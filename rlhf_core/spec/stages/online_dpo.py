@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageTemplate
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.monitor import MonitorSpec, check_monitor_proxy
 from rlhf_core.spec.references import PolicyModel, PromptsData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.direct_alignment import PREFERENCE_LOSSES, PreferenceTrainSpec
@@ -60,9 +61,17 @@ class IterativeDPOTemplate(StageTemplate):
         description="Reference model of each round: the previous round's policy, or the initial policy.",
     )
     train: PreferenceTrainSpec = Field(default_factory=PreferenceTrainSpec, description="Training settings.")
+    monitor: MonitorSpec | None = Field(
+        default=None,
+        description=(
+            "Over-optimization monitor of every round (its prompts default to `prompts`, split eval); "
+            "each round's KL is to that round's reference."
+        ),
+    )
 
     @model_validator(mode="after")
     def _paired_loss(self) -> IterativeDPOTemplate:
+        check_monitor_proxy(self.monitor, "iterative_dpo")
         if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss][1]:
             paired = [name for name, (_, is_paired) in PREFERENCE_LOSSES.items() if is_paired]
             raise ValueError(f"loss '{self.loss}' is not a pairwise loss (one of: {', '.join(paired)})")
@@ -93,9 +102,17 @@ class IterativeDPOTemplate(StageTemplate):
                 "loss": self.loss, "beta": self.beta, "loss_options": dict(self.loss_options),
                 "train": self.train.model_dump(), "seed": seed,
                 **({"reference": self.policy} if needs_reference and self.reference == "initial" else {}),
+                **({"monitor": self._round_monitor()} if self.monitor is not None else {}),
             }  # fmt: skip
             policy = model
         return stages
+
+    def _round_monitor(self) -> dict[str, Any]:
+        """The monitor block of each round: the template's, with its prompts defaulting to ``prompts``."""
+        monitor = self.monitor.model_dump(exclude_none=True)
+        monitor["prompts"] = self.monitor.prompts or self.prompts
+        monitor["proxy"], monitor["gold"] = _dump(self.monitor.proxy), _dump(self.monitor.gold)
+        return monitor
 
 
 def _dump(sources: tuple[RewardSourceSpec, ...]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, RewardModel, model_output
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.training import LoraSpec, OptimSpec
@@ -204,6 +205,13 @@ class PolicyGradientStage(StageSpec):
     sample_table_every: int = Field(
         default=10, ge=1, description="Log a table of sampled completions every N rollouts."
     )
+    monitor: MonitorSpec | None = Field(
+        default=None,
+        description=(
+            "Over-optimization monitor: proxy (default: `rewards`) and gold reward of the policy's answers "
+            "vs KL on held-out prompts (default: the eval split of `prompts`)."
+        ),
+    )
     register_as: str | None = Field(
         default=None, description="Registered model name; default '<pipeline>-<stage>'."
     )
@@ -212,6 +220,13 @@ class PolicyGradientStage(StageSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyGradientStage:
+        if self.monitor is not None and {g.name for g in self.monitor.gold} == {
+            p.name for p in self.monitor_proxy
+        }:
+            raise ValueError(
+                "monitor.gold: it is the proxy (the stage's own rewards); give a verifier or a held-out "
+                "reward model"
+            )
         if self.algorithm in GROUP_ALGORITHMS and self.group_size is not None and self.group_size < 2:
             raise ValueError(
                 f"algorithm '{self.algorithm}' compares the completions of a prompt: group_size must be >= 2 "
@@ -252,3 +267,8 @@ class PolicyGradientStage(StageSpec):
     @property
     def needs_reference(self) -> bool:
         return self.beta > 0
+
+    @property
+    def monitor_proxy(self) -> tuple[RewardSourceSpec, ...]:
+        """The monitor's proxy reward: its own ``proxy``, else the stage's ``rewards``."""
+        return (self.monitor.proxy if self.monitor is not None else ()) or self.rewards
