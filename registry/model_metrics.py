@@ -4,6 +4,10 @@ MLflow 3 keeps metrics per *logged model* (``models:/m-...``) as well as per run
 page lists the metrics of the logged model behind the version. The ``evaluate`` stage logs each
 evaluated model's figures there (``eval/accuracy``, ``eval/accuracy_ci_low``, ...), under its own
 run; the promotion gate, the model card and ``rlhf models list`` read them back.
+
+A metric linked to a logged model is also a metric of the run that logs it, under the same key, so the
+evaluate stage logs ``<model>/eval/accuracy`` (one key per evaluated model in its run, as for models
+that are not registered); reading back strips the ``<model>/`` part: ``eval/accuracy``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from mlflow.utils.time import get_current_time_millis
 from registry.tracking import client
 
 LOGGED_MODEL_PREFIX = "models:/m-"
+FIGURE_PREFIX = "eval/"
 
 
 def logged_model_id(model_uri: str) -> str | None:
@@ -44,7 +49,16 @@ def model_metrics(model_uri: str) -> dict[str, float]:
     for metric in client().get_logged_model(model_id).metrics or []:
         if metric.key not in newest or metric.timestamp >= newest[metric.key].timestamp:
             newest[metric.key] = metric
-    return {key: metric.value for key, metric in newest.items()}
+    figures: dict[str, float] = {}
+    for key, metric in sorted(newest.items(), key=lambda item: item[1].timestamp):
+        figures[_figure_name(key)] = metric.value  # the newest wins when two keys name one figure
+    return figures
+
+
+def _figure_name(key: str) -> str:
+    """``sft/eval/accuracy`` -> ``eval/accuracy``; keys without an ``eval/`` part stay as they are."""
+    at = key.find(FIGURE_PREFIX)
+    return key[at:] if at > 0 and key[at - 1] == "/" else key
 
 
 def version_metrics(name: str, version: str) -> dict[str, float]:

@@ -50,8 +50,9 @@ def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
         )  # fmt: skip
         report = result.report
         for name, metrics in report.items():
-            tracking.log_metrics(run.run_id, {f"{name}/{k}": v for k, v in metrics.items()}, step=0)
-            model_metrics.log_model_metrics(run.run_id, refs[name].uri, metrics)
+            keyed = {f"{name}/{k}": v for k, v in metrics.items()}
+            if not model_metrics.log_model_metrics(run.run_id, refs[name].uri, keyed):  # not registered
+                tracking.log_metrics(run.run_id, keyed, step=0)
             run.key_metrics |= {f"{name}.{k.removeprefix('eval/')}": v for k, v in _key(metrics).items()}
         table = report_markdown(
             report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
