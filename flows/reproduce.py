@@ -23,16 +23,17 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flows.stage_calls import UpstreamNotReady, base_model_call, stage_call
-from registry.lineage import LineageNode, PipelineRecord, VersionRef, model_lineage, producing_pipeline
 from rlhf_core.errors import UserError
 from rlhf_core.fingerprint import config_changes, describe_part_changes
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, parse_spec
+
+if TYPE_CHECKING:  # Prefect and MLflow load inside the commands, after the CLI's environment defaults
+    from registry.lineage import LineageNode, PipelineRecord, VersionRef
 
 EXIT_DIFFERS = 4  # a stage's fingerprint (or the rebuilt weights) differs from the registry's record
 MATCH, DIFFERS, UNRECORDED = "match", "differs", "not recorded"
@@ -87,6 +88,7 @@ def check_reproduction(ref: str, home: str) -> tuple[Reproduction, PipelineSpec,
     """Steps 1-4 of the module docstring; the cut-down spec and the record come along for ``--run``."""
     from flows.plan import plan_pipeline
     from registry import tracking
+    from registry.lineage import producing_pipeline
     from rlhf_core.settings import RLHFSettings
 
     tracking.configure(RLHFSettings(home=Path(home)))
@@ -150,6 +152,8 @@ def compare_fingerprints(spec: PipelineSpec, record: PipelineRecord) -> list[Sta
 
 
 def _check_stage(spec: PipelineSpec, name: str, record: PipelineRecord, outputs) -> StageCheck:
+    from flows.stage_calls import UpstreamNotReady, base_model_call, stage_call
+
     kind = spec.stages[name].kind if name in spec.stages else "base_model"
     recorded = record.stages.get(name)
     if recorded is None or not recorded.fingerprint:
@@ -304,10 +308,12 @@ def lineage(ref: RefArg, home: HomeOpt = None, traceback_: TracebackOpt = False)
     """Show a registered model's lineage as a tree: the versions it was trained from (policy <- SFT <-
     base model; reward models), their runs, fingerprints, commits and dataset digests."""
     from flows.cli import _exit_status, _settings, console
-    from registry import tracking
 
     settings = _settings(home)
     with _exit_status(traceback_, f"lineage of {ref}: "):
+        from registry import tracking
+        from registry.lineage import model_lineage
+
         tracking.configure(settings)
         root = model_lineage(ref)
     console.print(lineage_tree(root))

@@ -227,12 +227,13 @@ def producing_pipeline(ref: str) -> PipelineRecord:
 
 
 def _stage_runs(parent_id: str, experiment_id: str) -> dict[str, str]:
-    """Stage -> the run holding its outputs: the stages this pipeline run ran (its child runs) and, from
-    the parent's ``stage.<name>`` tags, those it took from cache (runs of earlier pipeline runs)."""
+    """Stage -> the run holding its outputs: the stages this pipeline run ran or resumed (stage runs
+    tagged with its id) and, from the parent's ``stage.<name>`` tags, those it took from cache (runs of
+    earlier pipeline runs)."""
     c = client()
     found = {}
     children = c.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000
+        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{parent_id}'", max_results=1000
     )
     for run in children:
         if OUTPUT_TAG in run.data.tags and "rlhf.stage" in run.data.tags:

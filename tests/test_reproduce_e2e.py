@@ -118,6 +118,9 @@ def test_lineage_of_the_sft_model_leads_to_the_base_model_and_its_data(produced)
     version = tracking.client().get_model_version("rep-sft", "1")
     assert version.tags["rlhf.upstream_model_uri"] == "models:/rep-base/1"
     assert "[rep-base v1](#/models/rep-base/versions/1)" in version.description
+    from registry.model_cards import refresh_model_card
+
+    assert refresh_model_card("rep-sft", "1") == version.description  # rebuilt from the registry alone
     cli = _cli("models", "lineage", MODEL, "--home", str(root / "home"))
     assert cli.exit_code == 0, cli.output
     assert "rep-sft:1" in cli.output and "trained from: rep-base:1" in cli.output
