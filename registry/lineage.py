@@ -21,7 +21,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from pydantic import TypeAdapter
 
-from registry.stage_cache import FINGERPRINT_TAG, OUTPUT_TAG
+from registry.stage_cache import COMPLETE_TAG, FINGERPRINT_TAG, OUTPUT_TAG
 from registry.tracking import client
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
@@ -212,14 +212,16 @@ def producing_pipeline(ref: str) -> PipelineRecord:
             f"model {version}: pipeline run {parent_id} has no readable {RESOLVED_SPEC} ({exc})"
         ) from None
     resolved = yaml.safe_load(spec_text)
+    experiment_id = stage_run.info.experiment_id
     stages = {
         name: _stage_record(name, run_id, resolved)
-        for name, run_id in _stage_runs(parent_id, stage_run.info.experiment_id).items()
+        for name, run_id in _stage_runs(parent_id, experiment_id).items()
     }
+    _find_consumed_stages(stages, resolved, experiment_id)
     return PipelineRecord(
         model=version,
         stage=stage_run.data.tags.get("rlhf.stage", ""),
-        experiment_id=stage_run.info.experiment_id,
+        experiment_id=experiment_id,
         pipeline_run_id=parent_id,
         resolved_spec=resolved,
         stages=stages,
@@ -242,6 +244,30 @@ def _stage_runs(parent_id: str, experiment_id: str) -> dict[str, str]:
         if key.startswith("stage.") and (match := _STAGE_RUN.search(value)):
             found.setdefault(key.removeprefix("stage."), match["run"])
     return found
+
+
+def _find_consumed_stages(stages: dict[str, StageRecord], resolved_spec: dict, experiment_id: str) -> None:
+    """Fill in stages the pipeline run took from cache but did not list (it failed before it could):
+    the newest finished run of that stage whose output a recorded stage consumed (by digest)."""
+    consumed = {
+        digest
+        for record in stages.values()
+        for key, digest in (record.parts or {}).items()
+        if key.startswith("input:")
+    }
+    names = [*(resolved_spec.get("models") or {}), *(resolved_spec.get("stages") or {})]
+    for name in [n for n in names if n not in stages]:
+        runs = client().search_runs(
+            [experiment_id],
+            filter_string=f"tags.`rlhf.stage` = '{name}' and tags.`{COMPLETE_TAG}` = 'true'",
+            order_by=["attributes.end_time DESC"],
+            max_results=100,
+        )
+        for run in runs:
+            outputs = _OUTPUTS.validate_python(json.loads(run.data.tags.get(OUTPUT_TAG, "{}")))
+            if any(ref.digest in consumed for ref in outputs.values()):
+                stages[name] = _stage_record(name, run.info.run_id, resolved_spec)
+                break
 
 
 def _stage_record(stage: str, run_id: str, resolved_spec: dict) -> StageRecord:

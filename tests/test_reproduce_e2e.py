@@ -66,6 +66,29 @@ def test_unchanged_pipeline_reproduces_with_every_stage_matching(produced):
     assert "all stages match: rep-sft:1" in cli.output
 
 
+def test_a_stage_the_pipeline_run_did_not_list_is_found_by_the_digest_its_consumer_read(produced):
+    """As when a pipeline run failed after taking a stage from cache: no stage tag names that run."""
+    from flows.reproduce import check_reproduction
+    from registry import tracking
+    from rlhf_core.settings import RLHFSettings
+
+    root, outcomes = produced
+    tracking.configure(RLHFSettings(home=root / "home"))
+    c = tracking.client()
+    data_run = outcomes["data"].run_id
+    parent = c.get_run(data_run).data.tags["rlhf.pipeline_run_id"]
+    listed = c.get_run(parent).data.tags["stage.data"]
+    c.delete_tag(data_run, "rlhf.pipeline_run_id")
+    c.delete_tag(parent, "stage.data")
+    try:
+        result, _, record = check_reproduction(MODEL, str(root / "home"))
+    finally:
+        c.set_tag(data_run, "rlhf.pipeline_run_id", parent)
+        c.set_tag(parent, "stage.data", listed)
+    assert record.stages["data"].run_id == data_run
+    assert [c.status for c in result.checks] == ["match"] * 3
+
+
 def test_an_edited_data_file_is_named_with_its_stage_and_the_stages_after_it(produced):
     root, _ = produced
     rows = root / "rows.jsonl"
