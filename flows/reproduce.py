@@ -145,8 +145,9 @@ def compare_fingerprints(spec: PipelineSpec, record: PipelineRecord) -> list[Sta
         upstream = spec.dependencies(name) if name in spec.stages else []
         checks[name] = _check_stage(spec, name, record, outputs)
         changed = [dep for dep in upstream if checks.get(dep) and checks[dep].status != MATCH]
-        if changed:
+        if changed:  # its inputs will be rebuilt differently: today's fingerprint is not known yet
             checks[name].status = DIFFERS if checks[name].status == MATCH else checks[name].status
+            checks[name].current = ""
             checks[name].reasons += [f"differs because upstream {dep} differs" for dep in changed]
     return list(checks.values())
 
@@ -185,6 +186,12 @@ def rebuild(spec: PipelineSpec, record: PipelineRecord, into: Path) -> Rebuild:
     """Run the cut-down spec into the fresh home ``into``; compare its outputs with the recorded ones."""
     from flows.pipeline import run_pipeline
 
+    own = record.stages.get(record.stage)
+    if own is None or not any(isinstance(v, ModelRef) for v in own.outputs.values()):
+        raise UserError(
+            f"model {record.model}: its stage run never recorded its outputs (the stage did not finish), "
+            "so there is no registered weights digest to compare a rebuild with"
+        )
     outcomes = run_pipeline(spec, home=str(into))
     stages = {}
     for outcome in outcomes:
@@ -270,7 +277,8 @@ def print_checks(console, result: Reproduction) -> None:
     for c in result.checks:
         verdict = f"[{colour[c.status]}]{c.status}[/{colour[c.status]}]"
         action = {"cached": "cached", "run": "would run"}.get(c.in_home, c.in_home)
-        table.add_row(c.stage, c.kind, c.recorded[:12], c.current[:12], verdict, action, "\n".join(c.reasons))
+        today = c.current[:12] or ("after upstream" if c.status == DIFFERS else "")
+        table.add_row(c.stage, c.kind, c.recorded[:12], today, verdict, action, "\n".join(c.reasons))
     console.print(table)
 
 
@@ -305,8 +313,8 @@ def print_verdict(console, result: Reproduction) -> None:
 
 
 def lineage(ref: RefArg, home: HomeOpt = None, traceback_: TracebackOpt = False) -> None:
-    """Show a registered model's lineage as a tree: the versions it was trained from (policy <- SFT <-
-    base model; reward models), their runs, fingerprints, commits and dataset digests."""
+    """Show a registered model's lineage as a tree: the versions it was built from (policy <- SFT <-
+    base model, its reward models), with their runs, fingerprints, commits and dataset digests."""
     from flows.cli import _exit_status, _settings, console
 
     settings = _settings(home)
