@@ -138,7 +138,7 @@ def describe_part_changes(before: Mapping[str, str], after: Mapping[str, str]) -
     for key in sorted(set(before) | set(after), key=_part_order):
         old, new = before.get(key), after.get(key)
         if old != new:
-            changes.append(_describe_part(key, old, new))
+            changes.append(_describe_part(key, old, new, after.get("kind", "")))
     return changes
 
 
@@ -147,7 +147,7 @@ def _part_order(key: str) -> tuple[int, str]:
     return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key
 
 
-def _describe_part(key: str, old: str | None, new: str | None) -> str:
+def _describe_part(key: str, old: str | None, new: str | None, kind: str) -> str:
     if key == "code":
         return f"code changed (rlhf_core digest {_short(old)} -> {_short(new)})"
     if key == "config":
@@ -159,7 +159,8 @@ def _describe_part(key: str, old: str | None, new: str | None) -> str:
     if key.startswith(LIBRARY_PREFIX):
         return f"library {key.removeprefix(LIBRARY_PREFIX)} {old} -> {new}"
     if key.startswith(LOCAL_PREFIX):
-        what = f"local file {key.removeprefix(LOCAL_PREFIX)}"
+        local = "local model directory" if kind == "base_model" else "local file"
+        what = f"{local} {key.removeprefix(LOCAL_PREFIX)}"
     else:
         what = f"input {key.removeprefix(INPUT_PREFIX)}"
     if old is None:

@@ -64,6 +64,10 @@ def test_every_kind_of_part_change_reads_as_a_sentence():
         "seed 0 -> 1",
     ]
     assert describe_part_changes(before, dict(before)) == []
+    base = {"kind": "base_model", "local:path": "w1"}
+    assert describe_part_changes(base, {**base, "local:path": "w2"}) == [
+        "local model directory path changed (digest w1 -> w2)"
+    ]
 
 
 def test_config_changes_name_each_field():
