@@ -1,21 +1,28 @@
 """The pipeline flow: a PipelineSpec compiled into Prefect tasks, one per stage, in DAG order.
 
 Walkthrough of one run:
-1. open the MLflow experiment of the pipeline and a parent run (tags: Prefect flow run, spec digest,
-   git commit); log the resolved spec;
-2. materialize each base model under ``models:``;
-3. run the stages in topological order: for each, resolve its inputs to refs and compute its
-   fingerprint (``flows.stage_calls``), then call the task registered for its kind, which returns a
-   ``StageOutcome`` (ran / resumed / cached, metrics, MLflow run, registered version);
-4. close the parent run (FAILED if any stage failed) and return the outcomes.
+1. name the Prefect flow run after the pipeline (``<pipeline>-<spec digest[:8]>-<time>``) and tag it
+   ``pipeline:<name>`` and ``spec:<digest[:12]>``;
+2. open the MLflow experiment of the pipeline and a parent run (tags: Prefect flow run, spec digest,
+   git commit; params: pipeline, seed, spec digest, stages and their kinds and seeds; the spec's
+   description and stage list as its description); log the resolved spec;
+3. materialize each base model under ``models:``;
+4. run the stages in topological order: for each, resolve its inputs to refs and compute its
+   fingerprint (``flows.stage_calls``), then call the task registered for its kind (its task run is
+   named after the stage), which returns a ``StageOutcome`` (ran / resumed / cached, metrics, MLflow
+   run, registered version) and leaves a markdown artifact with its results;
+5. close the parent run (FAILED if any stage failed) with each stage's key metrics as
+   ``<stage>/<metric>`` and the results in its description, and return the outcomes.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.stage_calls import base_model_call, stage_call
@@ -25,11 +32,56 @@ from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec
 from tasks.prepare_base_model import prepare_base_model
+from tasks import stage_reports
 from tasks.registration import task_for_kind
 from tasks.stage_execution import RunContext, StageOutcome
 
 
-@flow(name="rlhf-pipeline", log_prints=True)
+def flow_run_name() -> str:
+    """``<pipeline>-<spec digest[:8]>-<YYYYmmdd-HHMMSS>``: runs of one pipeline sort together by time."""
+    spec = _spec_parameter()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{spec.name}-{spec.digest()[:8]}-{stamp}" if spec else f"rlhf-pipeline-{stamp}"
+
+
+def _spec_parameter() -> PipelineSpec | None:
+    spec = flow_run.parameters.get("spec")
+    if isinstance(spec, dict):  # a deployment's run gets its parameters as JSON
+        spec = PipelineSpec.model_validate(spec)
+    return spec if isinstance(spec, PipelineSpec) else None
+
+
+def flow_run_tags(spec: PipelineSpec, spec_digest: str) -> list[str]:
+    return [f"pipeline:{spec.name}", f"spec:{spec_digest[:12]}"]
+
+
+def _tag_flow_run(tags: list[str]) -> None:
+    """Add ``tags`` to the running flow run (a flow's tags are otherwise fixed when its run is created)."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    merged = sorted({*(context.flow_run.tags or []), *tags})
+    try:
+        context.client.update_flow_run(context.flow_run.id, tags=merged)
+    except Exception as exc:  # noqa: BLE001 - tags help finding a run; they never stop one
+        print(f"could not tag the flow run: {exc}")
+
+
+def pipeline_params(spec: PipelineSpec, spec_digest: str, forced: tuple[str, ...]) -> dict:
+    """The parent run's params: what a person compares between pipeline runs."""
+    stages = spec.topological_order()
+    return {
+        "pipeline": spec.name,
+        "seed": spec.seed,
+        "spec_digest": spec_digest,
+        "models": ", ".join(spec.models),
+        "stages": ", ".join(f"{n}:{spec.stages[n].kind}" for n in stages),
+        "stage": {n: {"kind": spec.stages[n].kind, "seed": spec.stage_seed(n)} for n in stages},
+        "force": ", ".join(forced),
+    }
+
+
+@flow(name="rlhf-pipeline", flow_run_name=flow_run_name, log_prints=True)
 def run_pipeline(
     spec: PipelineSpec, force: list[str] | None = None, home: str = ".rlhf"
 ) -> list[StageOutcome]:
@@ -42,15 +94,23 @@ def run_pipeline(
     experiment_id = tracking.ensure_experiment(spec.name, settings)
     commit = tracking.git_commit()
     spec_digest = spec.digest()
+    flow_run_id = str(flow_run.get_id() or "")
+    _tag_flow_run(flow_run_tags(spec, spec_digest))
+    prefect_url = stage_reports.prefect_flow_run_url(flow_run_id) if flow_run_id else None
     parent = tracking.start_pipeline_run(
         experiment_id,
         spec.name,
         {
-            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_id": flow_run_id,
+            **({"prefect.flow_run_url": prefect_url} if prefect_url else {}),
             "rlhf.spec_digest": spec_digest,
             "rlhf.git_commit": commit,
         },
     )
+    forced = tuple(sorted(forced_stages(spec, force or [])))
+    description = stage_reports.pipeline_description(spec, spec_digest, prefect_url)
+    tracking.set_description(parent, description)
+    tracking.log_params(parent, pipeline_params(spec, spec_digest, forced))
     tracking.log_text(
         parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "resolved_spec.yaml"
     )
@@ -61,7 +121,7 @@ def run_pipeline(
         home=str(settings.resolved_home()),
         git_commit=commit,
         spec_digest=spec_digest,
-        forced=tuple(sorted(forced_stages(spec, force or []))),
+        forced=forced,
     )
     outcomes: list[StageOutcome] = []
     try:
@@ -75,12 +135,39 @@ def run_pipeline(
             outcome = task_for_kind(call.kind)(ctx, call)
             outputs[name] = outcome.outputs
             outcomes.append(outcome)
-    except BaseException:
+    except BaseException as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        _record_results(ctx, description, outcomes, failure)
         tracking.end_run(parent, "FAILED")
         raise
     tracking.set_tags(parent, {f"stage.{o.stage}": f"{o.status} run={o.run_id}" for o in outcomes})
+    _record_results(ctx, description, outcomes)
     tracking.end_run(parent, "FINISHED")
     return outcomes
+
+
+def _record_results(
+    ctx: RunContext, description: str, outcomes: list[StageOutcome], failure: str | None = None
+) -> None:
+    """The parent run's metrics and description gain the results; the flow run gets a summary artifact.
+
+    Never raises: on the failure path it must not hide the stage's own error.
+    """
+    try:
+        results = stage_reports.results_markdown(outcomes, ctx.experiment_id, failure)
+        tracking.log_metrics(ctx.parent_run_id, stage_reports.summary_metrics(outcomes), step=0)
+        tracking.set_description(ctx.parent_run_id, description + results)
+    except Exception as exc:  # noqa: BLE001
+        print(f"could not record the results on the parent run: {exc}")
+        return
+    base = tracking.ui_base_url(ctx.settings())
+    parent_link = tracking.ui_url(base, tracking.run_page(ctx.experiment_id, ctx.parent_run_id))
+    stage_reports.create_markdown_artifact(
+        f"## Pipeline `{ctx.pipeline}`\n\nMLflow parent run: [{ctx.parent_run_id}]({parent_link})\n"
+        + stage_reports.absolute_links(results, base),
+        key=stage_reports.artifact_key(ctx.pipeline, "summary"),
+        description=f"pipeline {ctx.pipeline}: " + ("failed" if failure else f"{len(outcomes)} stage(s) done"),
+    )
 
 
 def forced_stages(spec: PipelineSpec, force: list[str]) -> set[str]:

@@ -29,6 +29,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from registry import stage_cache, tracking
+from tasks import progress, stage_reports
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
@@ -37,6 +38,7 @@ from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
 
 SUMMARY_PREFIX = "summary/"
+STEP_LOG_MARK = "rlhf_step_log"  # ``extra`` key on per-step log records
 INDEX = re.compile(r"\[(\d+)\]")  # MLflow tag keys allow no brackets
 
 
@@ -86,6 +88,7 @@ class StageRun:
     key_metrics: dict[str, float] = field(default_factory=dict)  # shown in the summary; logged as summary/*
     registered: str | None = None
     pipeline: str = ""
+    kind: str = ""
     _progress_artifact: Any = field(default=None, repr=False)
 
     def model_dir(self, ref: ModelRef) -> str:
@@ -103,12 +106,22 @@ class StageRun:
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Per-step metrics to MLflow, one line in the Prefect log, and the stage's progress artifact."""
+        """Per-step metrics to MLflow, one line in the Prefect log, the stage's progress artifact and a
+        progress event (``tasks.progress``: the terminal's live view)."""
         tracking.log_metrics(self.run_id, metrics, step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        _logger().info("%s step %d: %s", self.stage, step, shown)
+        # Marked, so that a live terminal view can keep these lines out of the console (not the API log).
+        _logger().info("%s step %d: %s", self.stage, step, shown, extra={STEP_LOG_MARK: True})
         if PROGRESS_METRIC in metrics:
             self._report_progress(100.0 * metrics[PROGRESS_METRIC], step)
+            if progress.has_listeners():
+                fraction = metrics[PROGRESS_METRIC]
+                total = round(step / fraction) if fraction > 0 else None
+                progress.publish(
+                    progress.StageEvent(
+                        self.stage, self.kind, progress.STEP, "running", step, total, dict(metrics)
+                    )
+                )
 
     def _report_progress(self, percent: float, step: int) -> None:
         """A Prefect progress artifact per stage run (key ``<pipeline>-<stage>-progress``), updated in
@@ -162,7 +175,21 @@ class StageCall(BaseModel):
 
 
 def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOutcome:
-    """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring."""
+    """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring.
+
+    Whatever happened (ran, resumed, cached), the stage leaves a markdown artifact with its results in
+    Prefect and a progress event for a live view.
+    """
+    try:
+        outcome = _execute_stage(ctx, call, body)
+    except BaseException as exc:
+        progress.publish(progress.StageEvent(call.name, call.kind, progress.FAILED, "failed", message=str(exc)))
+        raise
+    _report_outcome(ctx, outcome)
+    return outcome
+
+
+def _execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOutcome:
     forced = call.name in ctx.forced
     if not forced and (hit := _cache_hit(ctx, call)):
         return hit
@@ -170,6 +197,27 @@ def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOut
         if not forced and (hit := _cache_hit(ctx, call)):
             return hit
         return _run_stage(ctx, call, body, forced)
+
+
+def _report_outcome(ctx: RunContext, outcome: StageOutcome) -> None:
+    """The stage's markdown artifact (Prefect) and its 'finished' progress event."""
+    try:
+        markdown = stage_reports.stage_markdown(
+            outcome, ctx.experiment_id, tracking.ui_base_url(ctx.settings())
+        )
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a stage that succeeded
+        _logger().warning("stage %s: could not render its report: %s", outcome.stage, exc)
+    else:
+        stage_reports.create_markdown_artifact(
+            markdown,
+            key=stage_reports.artifact_key(ctx.pipeline, outcome.stage, "result"),
+            description=stage_reports.stage_summary_line(outcome),
+        )
+    progress.publish(
+        progress.StageEvent(
+            outcome.stage, outcome.kind, progress.FINISHED, outcome.status, metrics=dict(outcome.metrics)
+        )
+    )
 
 
 def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) -> StageOutcome:
@@ -196,10 +244,16 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
     else:
         run_id = tracking.start_stage_run(ctx.experiment_id, ctx.parent_run_id, stage, tags)
     work_dir.mkdir(parents=True, exist_ok=True)
-    run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings, pipeline=ctx.pipeline)
+    run = StageRun(
+        stage, run_id, fingerprint, work_dir, resumable, settings, pipeline=ctx.pipeline, kind=call.kind
+    )
+    progress.publish(
+        progress.StageEvent(stage, call.kind, progress.STARTED, "resuming" if resumable else "running")
+    )
     started = time.perf_counter()
     try:
-        tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json")})
+        # ``seed``: the seed the stage actually used (``config.seed`` is only the stage's own override).
+        tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json"), "seed": call.seed})
         tracking.log_dict(run_id, call.fingerprint_parts, "fingerprint_parts.json")  # for rlhf reproduce
         _log_inputs(run_id, stage, call.inputs)
         outputs = body(run)
@@ -315,7 +369,16 @@ def is_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, Exception) and any(m in str(exc).lower() for m in TRANSIENT_MARKERS)
 
 
+def stage_task_run_name(parameters: dict[str, Any]) -> str:
+    """A stage's task run is named after the stage (two SFT stages must not look alike): 'sft [sft]'."""
+    call = parameters.get("call")
+    if isinstance(call, dict):  # parameters given as JSON (a deployment's run)
+        call = StageCall.model_construct(**call)
+    return f"{call.name} [{call.kind}]" if call is not None else "stage"
+
+
 STAGE_TASK_OPTIONS: dict[str, Any] = {
+    "task_run_name": stage_task_run_name,
     "retries": 2,
     "retry_delay_seconds": 5,
     "retry_condition_fn": is_transient_failure,
