@@ -255,6 +255,9 @@ from flows.model_commands import models_app  # noqa: E402  (rlhf models list/pro
 app.add_typer(models_app, name="models")
 
 # --- commands from other modules (begin) ---
+from flows.ui import ui  # noqa: E402  (rlhf ui: both UIs of the home on 127.0.0.1)
+
+app.command()(ui)
 from flows.reproduce import lineage, reproduce  # noqa: E402  (rlhf reproduce, rlhf models lineage)
 
 app.command()(reproduce)
