@@ -36,3 +36,18 @@ def _imported_top_levels(package: str) -> dict[str, set[str]]:
 def test_imports_only_go_down(package, forbidden):
     offenders = {f: sorted(names & forbidden) for f, names in _imported_top_levels(package).items()}
     assert not {f: n for f, n in offenders.items() if n}, offenders
+
+
+def test_the_cli_module_loads_neither_prefect_nor_mlflow():
+    """Prefect reads its settings when imported: the CLI must set the offline defaults (e.g. the
+    temporary server's start-up timeout) and PREFECT_HOME first, so no command module may import
+    Prefect or MLflow at the top (a top-level import made `rlhf run` time out starting its server)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, flows.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'torch'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
