@@ -14,8 +14,8 @@ Reproduce, step by step:
    compared with the registered one (training on CPU with the same seed is bit-identical).
 
 Exit status: 0 when every stage matches (with ``--run``: when the rebuilt weights digest equals the
-registered one), ``EXIT_DIFFERS`` (4) when something differs, 2 for a bad reference or an unreadable
-record, 1 for a crash.
+registered one), ``EXIT_REPRODUCTION_DIFFERS`` (4) when something differs, 2 for a bad reference or an
+unreadable record, 1 for a crash.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from rlhf_core.errors import UserError
+from rlhf_core.errors import EXIT_REPRODUCTION_DIFFERS, UserError
 from rlhf_core.fingerprint import config_changes, describe_part_changes
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, parse_spec
@@ -35,7 +35,6 @@ from rlhf_core.spec import PipelineSpec, parse_spec
 if TYPE_CHECKING:  # Prefect and MLflow load inside the commands, after the CLI's environment defaults
     from registry.lineage import LineageNode, PipelineRecord, VersionRef
 
-EXIT_DIFFERS = 4  # a stage's fingerprint (or the rebuilt weights) differs from the registry's record
 MATCH, DIFFERS, UNRECORDED = "match", "differs", "not recorded"
 
 
@@ -264,7 +263,7 @@ def reproduce(
             initialize_temporary_server_database()
             result.rebuild = rebuild(spec, record, target)
     print_verdict(console, result)
-    raise typer.Exit(0 if result.reproduced else EXIT_DIFFERS)
+    raise typer.Exit(0 if result.reproduced else EXIT_REPRODUCTION_DIFFERS)
 
 
 def print_checks(console, result: Reproduction) -> None:

@@ -13,6 +13,7 @@ EXIT_OK = 0
 EXIT_CRASH = 1  # a bug or an environment failure: one line, the traceback in the log or on --traceback
 EXIT_USER_ERROR = 2  # spec, data, model source or a failed check: one message, no traceback
 EXIT_GATE_FAILED = 3  # the pipeline ran to the end, but a promote stage's gate rejected its candidate
+EXIT_REPRODUCTION_DIFFERS = 4  # `rlhf reproduce`: a stage's fingerprint (or the rebuilt weights) differs
 
 
 class UserError(ValueError):

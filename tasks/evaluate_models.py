@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from registry import model_metrics, tracking
+from registry.model_cards import refresh_model_card
 from rlhf_core.refs import EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
 from tasks.registration import stage_task
@@ -53,6 +54,8 @@ def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
             keyed = {f"{name}/{k}": v for k, v in metrics.items()}
             if not model_metrics.log_model_metrics(run.run_id, refs[name].uri, keyed):  # not registered
                 tracking.log_metrics(run.run_id, keyed, step=0)
+            elif refs[name].registered_name:  # the version's card shows its evaluation figures
+                refresh_model_card(refs[name].registered_name, refs[name].registered_version)
             run.key_metrics |= {f"{name}.{k.removeprefix('eval/')}": v for k, v in _key(metrics).items()}
         table = report_markdown(
             report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
