@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -70,8 +70,10 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else (
-        f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else (f"{seconds // 60}:{seconds % 60:02d}")
     )
 
 
@@ -113,32 +115,34 @@ class PipelineView:
         table = Table(
             title=f"pipeline {self.name}  ·  {_duration(now - self.started)}",
             title_justify="left",
+            box=box.SIMPLE_HEAD,
             expand=False,
         )
-        for column in ("stage", "kind", "state", "progress", "step", "elapsed", "ETA", "key metric"):
-            table.add_column(column, no_wrap=True)
+        # On a narrow terminal the key metric is cut first; names, states and numbers keep their width.
+        longest = max((len(r.name) for r in rows), default=5)
+        for column, width in (("stage", longest), ("state", 8), ("step", 16), ("time", 4), ("ETA", 4)):
+            table.add_column(column, no_wrap=True, min_width=width)
+        table.add_column("key metric", no_wrap=True, overflow="ellipsis", max_width=40)
         for row in rows:
             running = row.state in ("running", "resuming")
-            bar = (
-                ProgressBar(total=row.total, completed=row.step or 0, width=20)
-                if row.total
-                else Text("")
-            )
-            step = f"{row.step}/{row.total}" if row.total else ""
             elapsed = (row.ended or now) - row.started if row.started is not None else None
-            eta = _duration(row.eta_seconds(now)) if running else ""
-            metric = f"{row.metric[0]}={row.metric[1]:.4g}" if row.metric else ""
             table.add_row(
                 row.name,
-                row.kind,
                 Text(row.state, style=STATE_STYLES.get(row.state, "")),
-                bar,
-                step,
+                _step_cell(row.step, row.total),
                 _duration(elapsed),
-                eta,
-                metric,
+                _duration(row.eta_seconds(now)) if running else "",
+                f"{row.metric[0]}={row.metric[1]:.4g}" if row.metric else "",
             )
         return table
+
+
+def _step_cell(step: int | None, total: int | None, width: int = 10) -> Text:
+    """A bar and 'step/total' ('━━━━━━━━── 24/40'); empty for stages that report no steps."""
+    if not total:
+        return Text("")
+    filled = min(width, round(width * (step or 0) / total))
+    return Text.assemble(("━" * filled, "green"), ("─" * (width - filled), "grey50"), f" {step or 0}/{total}")
 
 
 class _DropStepLines(logging.Filter):

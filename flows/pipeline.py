@@ -31,8 +31,8 @@ from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec
-from tasks.prepare_base_model import prepare_base_model
 from tasks import stage_reports
+from tasks.prepare_base_model import prepare_base_model
 from tasks.registration import task_for_kind
 from tasks.stage_execution import RunContext, StageOutcome
 
@@ -166,7 +166,8 @@ def _record_results(
         f"## Pipeline `{ctx.pipeline}`\n\nMLflow parent run: [{ctx.parent_run_id}]({parent_link})\n"
         + stage_reports.absolute_links(results, base),
         key=stage_reports.artifact_key(ctx.pipeline, "summary"),
-        description=f"pipeline {ctx.pipeline}: " + ("failed" if failure else f"{len(outcomes)} stage(s) done"),
+        description=f"pipeline {ctx.pipeline}: "
+        + ("failed" if failure else f"{len(outcomes)} stage(s) done"),
     )
 
 

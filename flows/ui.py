@@ -163,7 +163,9 @@ def wait_until_ready(servers: list[Server], timeout_s: float = STARTUP_TIMEOUT_S
                 waiting.remove(server)
         if waiting and time.monotonic() > deadline:
             names = ", ".join(s.name for s in waiting)
-            raise RuntimeError(f"{names} did not answer within {timeout_s:.0f} s (logs in {waiting[0].log_path.parent})")
+            raise RuntimeError(
+                f"{names} did not answer within {timeout_s:.0f} s (logs in {waiting[0].log_path.parent})"
+            )
         if waiting:
             time.sleep(0.5)
 
@@ -202,7 +204,9 @@ def serve(settings: RLHFSettings, prefect_port: int, mlflow_port: int, open_brow
         while all(s.exited() is None for s in servers):
             time.sleep(0.5)
         stopped = next(s for s in servers if s.exited() is not None)
-        raise RuntimeError(f"the {stopped.name} server stopped (log {stopped.log_path}):\n{stopped.log_tail()}")
+        raise RuntimeError(
+            f"the {stopped.name} server stopped (log {stopped.log_path}):\n{stopped.log_tail()}"
+        )
     except KeyboardInterrupt:
         typer.echo("stopping the UIs ...")
     finally:

@@ -20,7 +20,10 @@ STARTED, STEP, FINISHED, FAILED = "started", "step", "finished", "failed"
 
 @dataclass(frozen=True)
 class StageEvent:
-    """What happened to a stage. ``status`` is 'running', 'resuming', 'ran', 'resumed', 'cached' or 'failed'."""
+    """What happened to a stage.
+
+    ``status``: 'running', 'resuming', 'ran', 'resumed', 'cached' or 'failed'.
+    """
 
     stage: str
     kind: str

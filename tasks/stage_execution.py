@@ -29,13 +29,13 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
 from registry import stage_cache, tracking
-from tasks import progress, stage_reports
 from rlhf_core.data.loading import read_jsonl
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import reference_fields
 from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
+from tasks import progress, stage_reports
 
 SUMMARY_PREFIX = "summary/"
 STEP_LOG_MARK = "rlhf_step_log"  # ``extra`` key on per-step log records
@@ -183,7 +183,8 @@ def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOut
     try:
         outcome = _execute_stage(ctx, call, body)
     except BaseException as exc:
-        progress.publish(progress.StageEvent(call.name, call.kind, progress.FAILED, "failed", message=str(exc)))
+        failed = progress.StageEvent(call.name, call.kind, progress.FAILED, "failed", message=str(exc))
+        progress.publish(failed)
         raise
     _report_outcome(ctx, outcome)
     return outcome

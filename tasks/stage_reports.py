@@ -63,7 +63,7 @@ def stage_markdown(outcome, experiment_id: str, mlflow_base: str | None) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| status | **{outcome.status}**{' (taken from an earlier run)' if outcome.status == 'cached' else ''} |",
+        f"| status | **{outcome.status}**{' (from an earlier run)' if outcome.status == 'cached' else ''} |",
         f"| fingerprint | `{outcome.fingerprint[:16]}` |",
         f"| MLflow run | [{outcome.run_id}]({link(tracking.run_page(experiment_id, outcome.run_id))}) |",
     ]
@@ -125,7 +125,9 @@ def absolute_links(markdown: str, mlflow_base: str) -> str:
 def summary_metrics(outcomes: Iterable) -> dict[str, float]:
     """Each stage's key metrics as ``<stage>/<metric>`` (MLflow metric names allow [/\\w.\\- :])."""
     return {
-        re.sub(r"[^/\w.\- :]", "_", f"{o.stage}/{k}"): float(v) for o in outcomes for k, v in o.metrics.items()
+        re.sub(r"[^/\w.\- :]", "_", f"{o.stage}/{k}"): float(v)
+        for o in outcomes
+        for k, v in o.metrics.items()
     }
 
 

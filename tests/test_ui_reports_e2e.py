@@ -104,9 +104,7 @@ def _flow_run_with_tasks_and_artifacts(flow_run_id: str):
     async def read():
         async with get_client() as client:
             flow_run = await client.read_flow_run(flow_run_id)
-            task_runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]})
-            )
+            task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))
             artifacts = await client.read_artifacts(
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
             )
@@ -123,13 +121,17 @@ def test_prefect_flow_run_is_named_tagged_and_every_stage_leaves_a_report(runs, 
     parent = _client().get_run(_client().get_run(outcomes[0].run_id).data.tags["mlflow.parentRunId"])
     if which == 2:  # cached outcomes point at the first run's stage runs; find the second parent
         parent = _client().get_run(
-            _client().search_runs(
+            _client()
+            .search_runs(
                 [parent.info.experiment_id],
                 "tags.`rlhf.run_type` = 'pipeline'",
                 order_by=["attributes.start_time DESC"],
-            )[0].info.run_id
+            )[0]
+            .info.run_id
         )
-    flow_run, task_runs, artifacts = _flow_run_with_tasks_and_artifacts(parent.data.tags["prefect.flow_run_id"])
+    flow_run, task_runs, artifacts = _flow_run_with_tasks_and_artifacts(
+        parent.data.tags["prefect.flow_run_id"]
+    )
     assert flow_run.name.startswith(f"uiview-{spec.digest()[:8]}-")
     assert {"pipeline:uiview", f"spec:{spec.digest()[:12]}"} <= set(flow_run.tags)
     assert sorted(t.name for t in task_runs) == ["base [base_model]", "data [dataset]", "sft [sft]"]
