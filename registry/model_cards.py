@@ -37,6 +37,7 @@ GATE_TAGS = {
     "rlhf.gate.figures": "figures",
     "rlhf.promoted": "promoted by",
     "rlhf.rolled_back_from": "rolled back from",
+    "rlhf.rolled_back": "rolled back",
 }
 
 logger = logging.getLogger("rlhf.model_cards")
@@ -205,7 +206,10 @@ def _evaluation(metrics: dict[str, float]) -> str:
 
 
 def _gate(tags: dict[str, str]) -> str:
-    lines = [f"- {label}: {tags[tag]}" for tag, label in GATE_TAGS.items() if tags.get(tag)]
+    shown = {tag: value for tag, value in tags.items() if value}
+    if shown.get("rlhf.gate.reason") == shown.get("rlhf.gate.figures"):  # a pass: the reason is every figure
+        shown.pop("rlhf.gate.reason", None)
+    lines = [f"- {label}: {shown[tag]}" for tag, label in GATE_TAGS.items() if tag in shown]
     if not lines:
         return "## Promotion gate\n\nNot gated yet."
     return "## Promotion gate\n\n" + "\n".join(lines)
