@@ -5,7 +5,8 @@ Prefect and MLflow are imported only after the offline/telemetry defaults and PR
 
 Exit statuses (``rlhf_core.errors``): 0 success; 2 a user error (spec, data, model source, a failed
 check, a bad option), printed as its message alone; 3 the pipeline ran to the end but a promote
-stage's gate rejected its candidate; 1 anything else (a crash). ``--traceback`` or
+stage's gate rejected its candidate; 4 ``rlhf reproduce`` found a stage (or the rebuilt weights) that
+differs from the registry's record; 1 anything else (a crash). ``--traceback`` or
 ``RLHF_TRACEBACK=1`` shows the full traceback of either.
 """
 
@@ -191,13 +192,15 @@ def run(
 ) -> None:
     """Run a pipeline: cached stages are skipped, interrupted ones resume."""
     spec, settings, _ = _prepare(spec_path, set_, force, home, traceback_)
+    from flows.live_view import live_pipeline_view
     from flows.pipeline import run_pipeline
     from flows.prefect_database import initialize_temporary_server_database
 
     configure_console_tracebacks(show_user_errors=traceback_)
     with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
         initialize_temporary_server_database()  # runs started together on a fresh home must not race
-        outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
+        with live_pipeline_view(spec, console):  # on a terminal only; plain log lines otherwise
+            outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
     print_summary(spec.name, outcomes, settings)
     rejected = [d for d in promotion_decisions(outcomes) if not d.passed]
     if rejected:
@@ -236,8 +239,8 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
         else:
             console.print(f"[red]not promoted[/red]: {d.registered_name} v{d.registered_version}: {d.reason}")
     console.print(
-        f"MLflow store: {settings.resolved_tracking_uri()}  (UI: mlflow ui --backend-store-uri "
-        f"{settings.resolved_tracking_uri()})"
+        f"MLflow store: {settings.resolved_tracking_uri()}  "
+        f"(both UIs: rlhf ui --home {settings.resolved_home()})"
     )
 
 
@@ -258,10 +261,9 @@ app.add_typer(models_app, name="models")
 from flows.ui import ui  # noqa: E402  (rlhf ui: both UIs of the home on 127.0.0.1)
 
 app.command()(ui)
-from flows.reproduce import lineage, reproduce  # noqa: E402  (rlhf reproduce, rlhf models lineage)
+from flows.reproduce import reproduce  # noqa: E402  (rlhf reproduce)
 
 app.command()(reproduce)
-models_app.command("lineage")(lineage)
 # --- (end) ---
 
 

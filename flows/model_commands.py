@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.reproduce import lineage
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 
 models_app = typer.Typer(
@@ -27,6 +28,7 @@ AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]
 PreviousOpt = Annotated[
     str, typer.Option("--previous-alias", help="Alias kept on the version that held --alias before.")
 ]
+models_app.command("lineage")(lineage)  # rlhf models lineage <ref>: a version's chain upstream
 LISTED_METRICS = ("eval/accuracy", "eval/pass_at_", "eval/win_rate/", "eval/reward/", "eval/kl_to_reference")
 
 
