@@ -57,7 +57,10 @@ def draw_monitor_plots(
     right.set_ylabel("gold reward", color=GOLD_COLOR)
     left.set_title(f"{title}: proxy and gold vs KL (labels: optimizer step)")
     handles = [h for ax in (left, right) for h in ax.get_legend_handles_labels()[0]]
-    left.legend(handles, [str(h.get_label()) for h in handles], loc="best", fontsize=8)
+    left.legend(
+        handles, [str(h.get_label()) for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+        ncol=4, fontsize=8,
+    )  # fmt: skip
     fig.tight_layout()
     first = directory / "proxy_gold_vs_kl.png"
     fig.savefig(first, dpi=120)
@@ -68,6 +71,7 @@ def draw_monitor_plots(
         points = [(e.kl, getattr(e, role)) for e in history]
         ax.scatter(*zip(*points, strict=True), color=color, alpha=0.6, label="evaluated checkpoints")
         envelope = frontier(points)
+        envelope.append((max(kl), envelope[-1][1]))  # the best so far holds up to the largest KL
         ax.step(*zip(*envelope, strict=True), where="post", color=color, label="frontier (best at <= KL)")
         ax.plot([p[0] for p in points], [p[1] for p in points], color=color, alpha=0.25, lw=1)
         _mark(ax, history, marks, role)
