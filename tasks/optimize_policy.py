@@ -8,6 +8,7 @@ from typing import Any
 from registry import tracking
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef
+from rlhf_core.rewards import VERIFIERS
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
@@ -89,6 +90,13 @@ def monitor_inputs(
             f"stage '{call.name}', field monitor.split: '{monitor.split}' is not a split of "
             f"{prompts.stage}.{prompts.kind} (it has: {', '.join(prompts.splits)}); the monitor needs "
             "held-out prompts: set monitor.prompts / monitor.split"
+        )
+    verifiers = [s.function for s in (*proxy, *monitor.gold) if s.function in VERIFIERS]
+    if verifiers and "answer" not in prompts.columns:
+        raise UserError(
+            f"stage '{call.name}', field monitor.prompts: the verifier {verifiers[0]} needs prompts with an "
+            f"'answer' column, and {prompts.stage}.{prompts.kind} has none (columns: "
+            f"{', '.join(prompts.columns)}); set monitor.prompts to a prompts dataset with answers"
         )
     models = {s.name: call.resolve(s.model) for s in (*proxy, *monitor.gold) if s.model}
     return prompts, models

@@ -134,3 +134,25 @@ def test_iterative_dpo_hands_the_monitor_to_every_round(tiny_spec_dict):
         assert monitor.prompts == "data.prompts" and monitor.split == "eval"
         assert [s.name for s in monitor.proxy] == ["rm:rm"] and monitor.early_stop.patience == 2
     assert "monitor.proxy" in _problems(tiny_spec_dict, {**stage, "monitor": GOLD})
+
+
+def test_a_verifier_on_prompts_without_answers_is_refused_naming_monitor_prompts():
+    """DPO's default monitor prompts come from preference data, which has no answers to verify."""
+    from rlhf_core.errors import UserError
+    from rlhf_core.refs import DatasetRef
+    from rlhf_core.spec.monitor import MonitorSpec
+    from tasks.optimize_policy import monitor_inputs
+    from tasks.stage_execution import StageCall
+
+    monitor = MonitorSpec(proxy=[{"function": "length_penalty"}], gold=[{"function": "arithmetic_exact"}])
+    call = StageCall(name="dpo", kind="direct_alignment", stage=monitor, seed=0, fingerprint="f")
+
+    def prompts(columns):
+        return DatasetRef(
+            uri="/x", digest="d", kind="prompts", splits={"eval": 4}, columns=columns, stage="data"
+        )
+
+    with pytest.raises(UserError, match=r"stage 'dpo', field monitor.prompts: the verifier arithmetic_exact"):
+        monitor_inputs(call, monitor, prompts(("prompt",)), monitor.proxy)
+    chosen, models = monitor_inputs(call, monitor, prompts(("answer", "prompt")), monitor.proxy)
+    assert chosen.columns == ("answer", "prompt") and models == {}
