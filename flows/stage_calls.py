@@ -25,7 +25,10 @@ class UpstreamNotReady(LookupError):
 
 
 def base_model_call(spec: PipelineSpec, name: str) -> StageCall:
+    """The call of a ``models:`` entry; a registry alias is pinned to the version it names now."""
     source = spec.models[name]
+    if source.registered is not None:
+        source = source.model_copy(update={"registered": pinned_registered_model(name, source.registered)})
     parts = fingerprint_parts(BASE_MODEL_KIND, source, {}, spec.seed)
     return StageCall(
         name=name,
@@ -79,3 +82,13 @@ def check_position_limits(name: str, stage, inputs: dict[str, StageOutput]) -> N
                     f"stage '{name}', field {field}: {value} is longer than model '{ref.stage}' "
                     f"({path}) accepts (max_position_embeddings {ref.max_positions})"
                 )
+
+
+def pinned_registered_model(name: str, reference: str) -> str:
+    """``models:/<name>/<version>`` for a registry reference (an alias resolved in the registry now)."""
+    from registry.lineage import resolve_version
+
+    try:
+        return resolve_version(reference).uri
+    except UserError as exc:
+        raise UserError(f"model '{name}', field registered: {exc}") from None

@@ -55,7 +55,7 @@ def check_version(name: str, version: str) -> None:
     try:
         client().get_model_version(name, version)
     except MlflowException:
-        known = ", ".join(v.version for v in _versions(name)) or "none"
+        known = ", ".join(str(v.version) for v in _versions(name)) or "none"
         raise RegistryError(f"model '{name}' has no version {version} (versions: {known})") from None
 
 

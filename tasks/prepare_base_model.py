@@ -1,9 +1,11 @@
-"""Task: materialize a ``models:`` entry (build a tiny model, or point at a local dir / hub name)."""
+"""Task: materialize a ``models:`` entry (build a tiny model, point at a local dir / hub name, or
+download a registered version)."""
 
 from __future__ import annotations
 
 from prefect import task
 
+from rlhf_core.errors import UserError
 from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.modeling.position_limits import max_positions
 from rlhf_core.refs import ModelRef
@@ -22,7 +24,8 @@ from tasks.stage_execution import (
 @task(name="prepare_base_model", **STAGE_TASK_OPTIONS)
 def prepare_base_model(ctx: RunContext, call: StageCall) -> StageOutcome:
     """A tiny model is built, logged and registered (``<pipeline>-<name>``); local and hub models are
-    referenced in place (their weights are not copied into MLflow)."""
+    referenced in place (their weights are not copied into MLflow); a registered version is downloaded
+    into the home's model cache and keeps its registry name and version (lineage, promotion)."""
     source: ModelSource = call.stage
 
     def body(run: StageRun) -> dict[str, ModelRef]:
@@ -43,6 +46,8 @@ def prepare_base_model(ctx: RunContext, call: StageCall) -> StageOutcome:
 
 
 def _external_model_ref(name: str, source: ModelSource, run: StageRun) -> ModelRef:
+    if source.registered:
+        return _registered_model_ref(name, source.registered, run)
     if source.path:
         return ModelRef(
             uri=source.path,
@@ -63,4 +68,40 @@ def _external_model_ref(name: str, source: ModelSource, run: StageRun) -> ModelR
         base_model=pinned,
         run_id=run.run_id,
         max_positions=max_positions(source.hub or "", source.revision),
+    )
+
+
+def _registered_model_ref(name: str, uri: str, run: StageRun) -> ModelRef:
+    """A registered policy version (``models:/<name>/<version>``, pinned by the flow), downloaded once."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from registry.models import model_version_tags
+
+    registered_name, _, version = uri.removeprefix("models:/").rpartition("/")
+    tags = model_version_tags(registered_name, version)
+    role = tags.get("rlhf.role", "policy")
+    if role != "policy":
+        raise UserError(
+            f"model '{name}', field registered: {uri} is a {role} model; `models:` entries are policies"
+        )
+    pinned = hashlib.sha256(uri.encode()).hexdigest()  # a registered version never changes
+    download = ModelRef(uri=uri, digest=pinned, tokenizer_digest=pinned, stage=name, base_model=uri)
+    directory = Path(run.model_dir(download))
+    digest = model_digest(directory)
+    kept = directory.with_name(digest[:32])  # where later stages look for this ref's weights
+    if not kept.exists():
+        os.replace(directory, kept)
+    run.registered = f"{registered_name} v{version} (used as is)"
+    return ModelRef(
+        uri=uri,
+        digest=digest,
+        tokenizer_digest=tokenizer_digest(kept),
+        stage=name,
+        base_model=tags.get("rlhf.base_model", uri),
+        run_id=run.run_id,
+        registered_name=registered_name,
+        registered_version=version,
+        max_positions=max_positions(str(kept)),
     )

@@ -147,3 +147,42 @@ def test_pass_keeps_the_previous_champion_then_rollback_and_manual_promotion(pro
     assert [line.count("manual") > 0 for line in history.output.splitlines() if "rollback" in line] == [True]
     missing = _rlhf(home, "models", "promote", NAME, "99")
     assert missing.exit_code == 2 and "has no version 99" in missing.output
+
+
+def test_the_champion_as_a_registered_entry_is_the_baseline_of_a_new_candidate(
+    promoted, home, tmp_path
+):
+    """`models: {champion: {registered: models:/<name>@champion}}` pins the alias to its version now,
+    downloads it once, keeps its registry name and version, and can be the evaluation's baseline."""
+    spec = _spec(9, 0.0)
+    spec["models"]["champion"] = {"registered": f"models:/{NAME}@champion"}
+    spec["stages"]["eval"]["models"] = ["champion", "sft"]
+    spec["stages"]["eval"]["baseline"] = "champion"
+    spec["stages"]["eval"]["win_rate"] = {"judges": ["verifier"]}
+    spec["stages"]["promote"]["gate"] = [{"metric": "win_rate/verifier", "min": 0.0}]
+    path = tmp_path / "vs-champion.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    champion = _aliases()["champion"]
+    env = {**os.environ, "PREFECT_API_URL": home.api_url, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--home", str(home)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NAME} v{champion} (used as is)" in result.stdout
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("e2e-promote").experiment_id],
+        filter_string="tags.`rlhf.stage` = 'eval'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    metrics = runs[0].data.metrics
+    assert "champion/eval/accuracy" in metrics and "sft/eval/win_rate/verifier" in metrics
+    assert "champion/eval/win_rate/verifier" not in metrics  # the baseline is not compared with itself
+
+    unknown = copy.deepcopy(spec)
+    unknown["models"]["champion"] = {"registered": f"models:/{NAME}@no-such-alias"}
+    path.write_text(yaml.safe_dump(unknown))
+    bad = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "model 'champion', field registered:" in bad.stderr

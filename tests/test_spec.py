@@ -23,7 +23,7 @@ def _problems(raw: dict) -> list[str]:
 
 def test_quickstart_recipe_is_valid():
     spec = load_spec(REPO_ROOT / "recipes" / "quickstart.yaml")
-    assert spec.topological_order() == ["data", "sft", "eval"]
+    assert spec.topological_order() == ["data", "sft", "eval", "promote"]
     assert spec.dependencies("eval") == ["base", "sft", "data"]
 
 
@@ -80,7 +80,7 @@ def test_self_reference(tiny_spec_dict):
 def test_model_source_needs_exactly_one_kind(tiny_spec_dict):
     tiny_spec_dict["models"]["base"] = {"path": "/x", "hub": "org/name"}
     (problem,) = _problems(tiny_spec_dict)
-    assert problem.startswith("model 'base'") and "exactly one of tiny, path or hub" in problem
+    assert problem.startswith("model 'base'") and "exactly one of tiny, path, hub or registered" in problem
 
 
 def test_splits_must_sum_to_one(tiny_spec_dict):

@@ -33,8 +33,11 @@ class TinyModelSource(Strict):
         return self
 
 
+REGISTERED_MODEL_PATTERN = r"^models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9][A-Za-z0-9_-]*|/[0-9]+)$"
+
+
 class ModelSource(Strict):
-    """Where a base model comes from: exactly one of ``tiny``, ``path`` or ``hub``.
+    """Where a base model comes from: exactly one of ``tiny``, ``path``, ``hub`` or ``registered``.
 
     The tokenizer's own chat template is used; a tokenizer without one gets ChatML.
     """
@@ -45,14 +48,26 @@ class ModelSource(Strict):
     )
     hub: str | None = Field(default=None, description="Hugging Face hub name, e.g. Qwen/Qwen2.5-0.5B.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    registered: str | None = Field(
+        default=None,
+        pattern=REGISTERED_MODEL_PATTERN,
+        description=(
+            "A policy in this home's Model Registry: models:/<name>@<alias> (e.g. the current champion, "
+            "to evaluate a candidate against it) or models:/<name>/<version>. An alias is resolved when "
+            "the pipeline starts; the resolved version is what the fingerprint holds, so a moved alias "
+            "re-runs what depends on it."
+        ),
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
-        chosen = [k for k in ("tiny", "path", "hub") if getattr(self, k) is not None]
+        chosen = [k for k in ("tiny", "path", "hub", "registered") if getattr(self, k) is not None]
         if len(chosen) != 1:
-            raise ValueError(f"give exactly one of tiny, path or hub (got {chosen or 'none'})")
+            raise ValueError(f"give exactly one of tiny, path, hub or registered (got {chosen or 'none'})")
+        if self.revision is not None and self.hub is None:
+            raise ValueError("revision goes with hub")
         return self
 
     @property
     def kind(self) -> str:
-        return "tiny" if self.tiny else "path" if self.path else "hub"
+        return "tiny" if self.tiny else "path" if self.path else "hub" if self.hub else "registered"
