@@ -262,11 +262,13 @@ def pages(uis: UIs, model: str | None) -> list[Page]:
     ]
     if not shown:
         raise Missing(f"evaluate run {eval_id} has no metrics of {candidate!r} (has {metrics[:10]})")
+    accuracy = f"{candidate}/eval/accuracy"
     eval_run_page = Page(
         "MLflow evaluate run",
         ui.mlflow_page(uis.mlflow, f"#/experiments/{experiment_id}/runs/{eval_id}"),
         [evaluation["info"]["run_name"], *shown],
-        [((), "mlflow-evaluate-run.png")],
+        # the metrics table scrolls by itself and lists the baseline's first: bring the candidate's in view
+        [(("Overview", accuracy if accuracy in shown else shown[0]), "mlflow-evaluate-run.png")],
     )
     with urllib.request.urlopen(
         f"{uis.mlflow}/get-artifact?path=report.md&run_uuid={eval_id}", timeout=30
@@ -427,7 +429,12 @@ def shoot(driver, page: Page, out: Path, timeout_s: float = PAGE_TIMEOUT_S) -> P
 
 def check(home: Path, out: Path, model: str | None = None, run: Path | None = None) -> list[Page]:
     """Start the UIs of the home (running ``run`` first, if given), shoot and check every page."""
+    if run is None and not home.is_dir():
+        raise Missing(f"no pipeline home at {home} (run a pipeline into it, or pass --run SPEC)")
     settings = RLHFSettings(home=home)
+    store = settings.resolved_tracking_uri()
+    if store.startswith(("http://", "https://")):
+        raise Missing(f"the tracking store is a server ({store}); this script needs a home's own store")
     apply_environment_defaults(settings)
     out.mkdir(parents=True, exist_ok=True)
     with running_uis(settings) as uis:
@@ -471,8 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot take screenshots: {why}", file=sys.stderr)
         return 2
     try:
-        done = check(args.home.resolve(), args.out.resolve(), args.model, args.run)
-    except Missing as exc:
+        done = check(args.home.resolve(), args.out.resolve(), args.model, args.run and args.run.resolve())
+    except (Missing, RuntimeError) as exc:  # RuntimeError: a server did not start (its log's tail says why)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     failed = [p for p in done if p.missing]
