@@ -186,10 +186,11 @@ def _is_base_metric(key: str, metrics: dict[str, float]) -> bool:
 
 
 def format_figure(value: float, low: float | None, high: float | None, n: int | None) -> str:
-    """``0.82 [0.71, 0.9] (n=50)``; the interval and count only when known."""
+    """``0.82 \\[0.71, 0.9\\] (n=50)``, shown as ``0.82 [0.71, 0.9] (n=50)``; the interval and count only
+    when known. The brackets are escaped: the registry's markdown reads ``[...] (...)`` as a link."""
     text = f"{value:.4g}"
     if low is not None and high is not None:
-        text += f" [{low:.4g}, {high:.4g}]"
+        text += f" \\[{low:.4g}, {high:.4g}\\]"
     if n is not None:
         text += f" (n={n})"
     return text

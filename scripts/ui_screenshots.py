@@ -172,9 +172,13 @@ def _tags(entity: dict) -> dict[str, str]:
 
 def card_lines(card: str) -> list[str]:
     """Lines of a markdown model card as a browser renders them: its headings, and each evaluation figure
-    as ``eval/<metric> = <value>`` (from the card's ``- `eval/...` = value ...`` items)."""
+    as ``eval/<metric> = <value> [<low>, <high>] (n=<count>)`` (from the card's ``- `eval/...` = ...``
+    items, whose escaped brackets render as plain brackets)."""
     headings = [re.sub(r"^#+\s*", "", line).strip() for line in card.splitlines() if line.startswith("#")]
-    figures = re.findall(r"^- `(eval/[^`]+)` = (\S+)", card, flags=re.MULTILINE)
+    figures = [
+        (key, value.replace("\\[", "[").replace("\\]", "]").strip())
+        for key, value in re.findall(r"^- `(eval/[^`]+)` = (.+)$", card, flags=re.MULTILINE)
+    ]
     return [re.sub(r"[*_`]", "", h) for h in headings if h] + [f"{k} = {v}" for k, v in figures]
 
 

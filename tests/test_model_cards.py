@@ -84,7 +84,7 @@ def test_card_shows_evaluation_figures_with_intervals_and_the_gate(registry_home
     client().set_model_version_tag("card-sft", version, "rlhf.gate.figures", "accuracy=0.81 >= 0.5")
     client().set_registered_model_alias("card-sft", "champion", version)
     card = refresh_model_card("card-sft", version)
-    assert "- `eval/accuracy` = 0.8125 [0.7, 0.9] (n=48)" in card
+    assert "- `eval/accuracy` = 0.8125 \\[0.7, 0.9\\] (n=48)" in card  # escaped: not a markdown link
     assert "- `eval/length/p50` = 7" in card
     assert "eval/accuracy_ci_low" not in card and "eval/accuracy_n" not in card
     assert "- decision: passed" in card and "- figures: accuracy=0.81 >= 0.5" in card

@@ -43,6 +43,8 @@ def shrink(node, key: str | None = None):
             out[k] = SMALL[k]
         elif k == "n" and isinstance(value, int):
             out[k] = 60 if key == "synthetic" else 2
+        elif k == "k" and key == "pass_at_k":
+            out[k] = [1, 2]  # pass@k needs k <= n (n shrinks to 2)
         elif k == "tiny":
             out[k] = {**value, **TINY_MODEL}
         else:

@@ -55,8 +55,15 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_what_the_pages_must_show_is_read_from_the_card_and_the_report():
-    card = "# m v2\n\n## Evaluation\n\n- `eval/accuracy` = 0.82 [0.765, 0.87] (n=200)\n\n## Promotion gate\n"
-    assert shots.card_lines(card) == ["m v2", "Evaluation", "Promotion gate", "eval/accuracy = 0.82"]
+    card = (
+        "# m v2\n\n## Evaluation\n\n- `eval/accuracy` = 0.82 \\[0.765, 0.87\\] (n=200)\n\n## Promotion gate\n"
+    )
+    assert shots.card_lines(card) == [
+        "m v2",
+        "Evaluation",
+        "Promotion gate",
+        "eval/accuracy = 0.82 [0.765, 0.87] (n=200)",
+    ]
     table = (
         "## Evaluation: eval\n\n| model | accuracy |\n| --- | --- |\n| base | 0 [0, 0] n=8 |\n| sft | 1 |\n"
     )
