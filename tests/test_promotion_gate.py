@@ -90,7 +90,7 @@ def test_a_figure_the_report_lacks_names_the_condition_and_what_there_is():
         ({"gate": [{"metric": "accuracy"}]}, "has no bound"),
         ({"gate": [{"metric": "accuracy", "min": 0.9, "max": 0.1}]}, "is above max"),
         ({"gate": [{"metric": "accuracy", "max_drop_vs_champion": -1}]}, "greater than or equal to 0"),
-        ({"gate": []}, "at least 1 item"),
+        ({"gate": []}, "give at least one condition"),
         ({"alias": "candidate"}, "'candidate' is the alias every new version gets"),
         ({"alias": "prod", "previous_alias": "prod"}, "must differ"),
     ],

@@ -1,10 +1,12 @@
-"""Base models under ``models:``: a tiny model built from a config, a local directory, or a hub name."""
+"""Base models under ``models:``: a tiny model built from a config, a local directory, a hub name, or a
+version of this home's Model Registry."""
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_core.spec.base import Strict
 from rlhf_core.spec.local_paths import LocalModelDir
@@ -50,7 +52,6 @@ class ModelSource(Strict):
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     registered: str | None = Field(
         default=None,
-        pattern=REGISTERED_MODEL_PATTERN,
         description=(
             "A policy in this home's Model Registry: models:/<name>@<alias> (e.g. the current champion, "
             "to evaluate a candidate against it) or models:/<name>/<version>. An alias is resolved when "
@@ -58,6 +59,16 @@ class ModelSource(Strict):
             "re-runs what depends on it."
         ),
     )
+
+    @field_validator("registered")
+    @classmethod
+    def _registry_reference(cls, reference: str | None) -> str | None:
+        if reference is not None and not re.match(REGISTERED_MODEL_PATTERN, reference):
+            raise ValueError(
+                f"{reference!r} is not a registry reference: expected models:/<name>@<alias> or "
+                "models:/<name>/<version>"
+            )
+        return reference
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:

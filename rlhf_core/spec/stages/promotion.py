@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_core.spec.base import NAME_PATTERN, StageSpec, Strict
 from rlhf_core.spec.references import PROMOTION, EvalReport, PolicyModel, RefType
@@ -69,7 +69,7 @@ class PromoteStage(StageSpec):
         description="Evaluate stage report (`<stage>.report`) that includes the candidate in its models."
     )
     gate: tuple[GateCondition, ...] = Field(
-        min_length=1, description="Conditions on the candidate's figures; all must hold to promote."
+        description="Conditions on the candidate's figures (at least one); all must hold to promote."
     )
     alias: str = Field(
         default="champion", pattern=NAME_PATTERN, description="Alias moved to the candidate on a pass."
@@ -81,6 +81,14 @@ class PromoteStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"decision": PROMOTION}
+
+    @field_validator("gate")
+    @classmethod
+    def _at_least_one_condition(cls, gate: tuple[GateCondition, ...]) -> tuple[GateCondition, ...]:
+        # A validator, not min_length: pydantic also reports min_length when an item is invalid.
+        if not gate:
+            raise ValueError("give at least one condition (an ungated promotion is `rlhf models promote`)")
+        return gate
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> PromoteStage:
