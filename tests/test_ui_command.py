@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -52,11 +53,15 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
     home = tmp_path / "home"
     prefect_port, mlflow_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_HOME"))}
+    env["PYTHONUNBUFFERED"] = "1"  # its lines reach the pipe as they are printed
     command = [sys.executable, "-m", "flows.cli", "ui", "--home", str(home)]
     command += ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    lines: list[str] = []  # its output, read as it comes (the URLs are printed once both answer)
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 240  # ~30 s on an idle 2-core machine
         _wait_for.logs = home / "logs"
@@ -70,12 +75,17 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
         assert "mlflow" in page.lower()
         # the MLflow server reads the home's store: its (migrated) database lies under the home
         assert (home / "mlflow.db").exists() and (home / "prefect" / "prefect.db").exists()
+        # `rlhf ui` prints the URLs once its own check of both servers is done (it polls too): wait for them
+        while "MLflow UI:" not in "".join(lines) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=40)
+        process.wait(timeout=40)
+        reader.join(timeout=10)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    output = "".join(lines)
     assert process.returncode == 0, output
     assert f"Prefect UI: http://127.0.0.1:{prefect_port} " in output
     assert f"http://127.0.0.1:{mlflow_port}/#/experiments?workflowType=machine_learning" in output
