@@ -86,9 +86,35 @@ TracebackOpt = Annotated[
 ]
 
 
-def _load(spec_path: Path, overrides: list[str] | None, show_traceback: bool) -> PipelineSpec:
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--profile",
+        envvar="RLHF_PROFILE",
+        help="Compute profile: where each stage runs (work pools, processes); 'local' runs all in-process.",
+    ),
+]
+ProfilesOpt = Annotated[
+    Path | None,
+    typer.Option("--profiles", help="Profile file (default: profiles.yaml next to the spec, else in ./)."),
+]
+
+
+def _load(
+    spec_path: Path,
+    overrides: list[str] | None,
+    show_traceback: bool,
+    profile: str | None = None,
+    profiles: Path | None = None,
+) -> PipelineSpec:
+    """The validated spec, with ``--set`` overrides and the compute profile applied."""
+    from rlhf_core.spec.compute import find_profile_file, resolve_profile
+
     with _exit_status(show_traceback, f"{spec_path}: "):
-        return load_spec(spec_path, overrides or [])
+        spec = load_spec(spec_path, overrides or [])
+        if profile is not None:
+            spec = spec.with_profile(resolve_profile(profile, find_profile_file(spec_path, profiles)), profile)
+        return spec
 
 
 def _forced(spec: PipelineSpec, force: list[str] | None) -> set[str]:
@@ -127,9 +153,15 @@ def _check_sources(spec: PipelineSpec) -> None:
 
 
 @app.command()
-def validate(spec_path: SpecArg, set_: SetOpt = None, traceback_: TracebackOpt = False) -> None:
+def validate(
+    spec_path: SpecArg,
+    set_: SetOpt = None,
+    profile: ProfileOpt = None,
+    profiles: ProfilesOpt = None,
+    traceback_: TracebackOpt = False,
+) -> None:
     """Check a spec (fields, types, references, cycles, data columns) without running anything."""
-    spec = _load(spec_path, set_, traceback_)
+    spec = _load(spec_path, set_, traceback_, profile, profiles)
     with _exit_status(traceback_):
         _check_sources(spec)
     console.print(
@@ -149,10 +181,16 @@ def schema() -> None:
 
 
 def _prepare(
-    spec_path: Path, set_: list[str] | None, force: list[str] | None, home: Path | None, traceback_: bool
+    spec_path: Path,
+    set_: list[str] | None,
+    force: list[str] | None,
+    home: Path | None,
+    traceback_: bool,
+    profile: str | None = None,
+    profiles: Path | None = None,
 ) -> tuple[PipelineSpec, RLHFSettings, set[str]]:
     """The validated spec (data columns checked), the settings, and the stages ``--force`` re-runs."""
-    spec = _load(spec_path, set_, traceback_)
+    spec = _load(spec_path, set_, traceback_, profile, profiles)
     with _exit_status(traceback_):
         _check_sources(spec)
         settings = _settings(home)
@@ -188,10 +226,13 @@ def run(
     set_: SetOpt = None,
     force: ForceOpt = None,
     home: HomeOpt = None,
+    profile: ProfileOpt = None,
+    profiles: ProfilesOpt = None,
     traceback_: TracebackOpt = False,
 ) -> None:
-    """Run a pipeline: cached stages are skipped, interrupted ones resume."""
-    spec, settings, _ = _prepare(spec_path, set_, force, home, traceback_)
+    """Run a pipeline: cached stages are skipped, interrupted ones resume; stages whose compute names
+    a work pool run on it (rlhf deploy creates the stage runners there)."""
+    spec, settings, _ = _prepare(spec_path, set_, force, home, traceback_, profile, profiles)
     from flows.live_view import live_pipeline_view
     from flows.pipeline import run_pipeline
     from flows.prefect_database import initialize_temporary_server_database

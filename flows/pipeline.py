@@ -122,6 +122,7 @@ def run_pipeline(
         git_commit=commit,
         spec_digest=spec_digest,
         forced=forced,
+        tracking_uri=settings.resolved_tracking_uri(),
     )
     outcomes: list[StageOutcome] = []
     try:

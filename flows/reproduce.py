@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rlhf_core.errors import EXIT_REPRODUCTION_DIFFERS, UserError
-from rlhf_core.fingerprint import config_changes, describe_part_changes
+from rlhf_core.fingerprint import config_changes, config_dict, describe_part_changes
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, parse_spec
 
@@ -174,7 +174,7 @@ def _check_stage(spec: PipelineSpec, name: str, record: PipelineRecord, outputs)
         return check
     reasons = describe_part_changes(recorded.parts, call.fingerprint_parts)
     if "config changed" in reasons:
-        fields = config_changes(recorded.config, call.stage.model_dump(mode="json"))
+        fields = config_changes(config_dict(recorded.config), config_dict(call.stage))
         at = reasons.index("config changed")
         reasons[at : at + 1] = fields or ["config changed"]
     check.reasons = reasons or ["fingerprint differs although its recorded parts match (formula changed)"]

@@ -3,7 +3,8 @@
 fingerprint = sha256 of its *parts* (:func:`fingerprint_parts`): the stage kind, a digest of the fully
 resolved config (defaults filled in), the digest of every input ref by the field path that names it, the
 content digest of every local file or directory the config names, the digest of the rlhf_core source,
-the versions of the libraries that shape the numbers, and the seed. The parts are recorded with each
+the versions of the libraries that shape the numbers, and the seed. A stage's ``compute`` block (pool,
+processes, job variables) is left out: where a stage runs does not change its identity. The parts are recorded with each
 stage run, so ``rlhf reproduce`` can say which of them changed (:func:`describe_part_changes`).
 
 :func:`fingerprint_stage` is the one function that the flow (before it calls a stage's task),
@@ -119,8 +120,13 @@ def fingerprint_from_parts(parts: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(parts), sort_keys=True).encode()).hexdigest()
 
 
+NOT_FINGERPRINTED = ("compute",)  # where a stage runs does not change what it produces
+
+
 def config_dict(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    return config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    """The config a fingerprint hashes: every resolved field except ``compute`` (where it runs)."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    return {k: v for k, v in data.items() if k not in NOT_FINGERPRINTED}
 
 
 def config_digest(config: BaseModel | dict[str, Any]) -> str:

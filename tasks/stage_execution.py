@@ -54,9 +54,16 @@ class RunContext(BaseModel):
     git_commit: str = "unknown"
     spec_digest: str = Field(default="", description="sha256 of the resolved pipeline spec.")
     forced: tuple[str, ...] = Field(default=(), description="Stages that must run even when cached.")
+    tracking_uri: str | None = Field(
+        default=None,
+        description="The pipeline's MLflow tracking URI, so a stage run by a work-pool worker writes to "
+        "the same store; None: the home's default store.",
+    )
 
     def settings(self) -> RLHFSettings:
-        return RLHFSettings(home=Path(self.home))
+        if self.tracking_uri is None:
+            return RLHFSettings(home=Path(self.home))
+        return RLHFSettings(home=Path(self.home), tracking_uri=self.tracking_uri)
 
 
 class StageOutcome(BaseModel):
@@ -257,7 +264,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json"), "seed": call.seed})
         tracking.log_dict(run_id, call.fingerprint_parts, "fingerprint_parts.json")  # for rlhf reproduce
         _log_inputs(run_id, stage, call.inputs)
-        outputs = body(run)
+        outputs = _run_body(ctx, call, body, run)
         tracking.log_metrics(run_id, {SUMMARY_PREFIX + k: v for k, v in run.key_metrics.items()}, step=0)
         stage_cache.record_stage_outputs(run_id, outputs)
         tracking.end_run(run_id, "FINISHED")
@@ -276,6 +283,16 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         registered=run.registered,
         seconds=time.perf_counter() - started,
     )
+
+
+def _run_body(ctx: RunContext, call: StageCall, body: StageBody, run: StageRun) -> dict[str, StageOutput]:
+    """The stage's work: here, or in ``compute.processes`` processes launched through accelerate."""
+    compute = getattr(call.stage, "compute", None)
+    if compute is None or compute.processes == 1:
+        return body(run)
+    from tasks.multiprocess import run_in_processes
+
+    return run_in_processes(ctx, call, run)
 
 
 def _cache_hit(ctx: RunContext, call: StageCall) -> StageOutcome | None:

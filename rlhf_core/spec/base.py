@@ -13,6 +13,7 @@ from typing import Any, ClassVar, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_core.errors import UserError
+from rlhf_core.spec.compute import ComputeSpec
 from rlhf_core.spec.references import RefType, reference_fields
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -42,6 +43,11 @@ class StageSpec(Strict):
     """Output name -> what it is (a policy model, an sft dataset, ...)."""
 
     seed: int | None = Field(default=None, description="Seed for this stage; defaults to the pipeline seed.")
+    compute: ComputeSpec | None = Field(
+        default=None,
+        description="Where the stage runs (a Prefect work pool, job variables, training processes); "
+        "not part of its fingerprint. Unset: in the pipeline's process, or as a --profile says.",
+    )
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:

@@ -153,6 +153,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise SpecError([f"--set '{override}': value is not valid YAML: {exc}"]) from None
 
 
+def validation_problems(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """One line per error of ``exc``: its field path and what was expected."""
+    return _format_validation_error(exc, prefix)
+
+
 def _format_validation_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
     problems = []
     for err in exc.errors():

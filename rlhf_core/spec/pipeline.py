@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from rlhf_core.spec import stages as _stages  # noqa: F401  (defines every stage kind)
 from rlhf_core.spec.base import NAME_PATTERN, NAME_RULE, STAGE_CLASSES, Strict
+from rlhf_core.spec.compute import ComputeProfile, ComputeSpec
 from rlhf_core.spec.models import ModelSource
 from rlhf_core.spec.references import RefType, model_output, parse_ref
 
@@ -84,6 +85,37 @@ class PipelineSpec(Strict):
         """The Model Registry name of a stage's model: its ``register_as``, else '<pipeline>-<stage>'."""
         stage = self.stages.get(stage_name)
         return getattr(stage, "register_as", None) or f"{self.name}-{stage_name}"
+
+    def with_profile(self, profile: ComputeProfile, profile_name: str = "") -> PipelineSpec:
+        """This spec with every stage's ``compute`` as ``profile`` sets it (rlhf_core.spec.compute).
+
+        A profile that names a stage or stage kind this spec does not have is an error (a typo would
+        otherwise run that stage in the wrong place without a word).
+        """
+        from rlhf_core.spec.base import SpecError
+        from rlhf_core.spec.compute import stage_compute
+
+        label = f"profile '{profile_name}'" if profile_name else "profile"
+        problems = [
+            f"{label}, stages.{name}: no stage '{name}' in pipeline '{self.name}'"
+            for name in profile.stages
+            if name not in self.stages
+        ] + [
+            f"{label}, kinds.{kind}: unknown stage kind (known: {', '.join(sorted(STAGE_KINDS))})"
+            for kind in profile.kinds
+            if kind not in STAGE_KINDS
+        ]
+        if problems:
+            raise SpecError(problems)
+        stages = {
+            name: stage.model_copy(update={"compute": stage_compute(stage.compute, profile, name, stage.kind)})
+            for name, stage in self.stages.items()
+        }
+        return self.model_copy(update={"stages": stages})
+
+    def compute_of(self, stage_name: str) -> ComputeSpec:
+        """Where a stage runs (its ``compute`` block; in-process when it has none)."""
+        return self.stages[stage_name].compute or ComputeSpec()
 
 
 def ref_type(spec: PipelineSpec, ref: str) -> tuple[RefType | None, str | None]:
