@@ -113,7 +113,8 @@ def _load(
     with _exit_status(show_traceback, f"{spec_path}: "):
         spec = load_spec(spec_path, overrides or [])
         if profile is not None:
-            spec = spec.with_profile(resolve_profile(profile, find_profile_file(spec_path, profiles)), profile)
+            chosen = resolve_profile(profile, find_profile_file(spec_path, profiles))
+            spec = spec.with_profile(chosen, profile)
         return spec
 
 

@@ -108,7 +108,9 @@ class PipelineSpec(Strict):
         if problems:
             raise SpecError(problems)
         stages = {
-            name: stage.model_copy(update={"compute": stage_compute(stage.compute, profile, name, stage.kind)})
+            name: stage.model_copy(
+                update={"compute": stage_compute(stage.compute, profile, name, stage.kind)}
+            )
             for name, stage in self.stages.items()
         }
         return self.model_copy(update={"stages": stages})
