@@ -4,8 +4,9 @@ fingerprint = sha256 of its *parts* (:func:`fingerprint_parts`): the stage kind,
 resolved config (defaults filled in), the digest of every input ref by the field path that names it, the
 content digest of every local file or directory the config names, the digest of the rlhf_core source,
 the versions of the libraries that shape the numbers, and the seed. A stage's ``compute`` block
-(pool, processes, job variables) is left out: where a stage runs does not change its identity. The parts are recorded with each
-stage run, so ``rlhf reproduce`` can say which of them changed (:func:`describe_part_changes`).
+(pool, processes, job variables) is left out: where a stage runs does not change its identity. The
+parts are recorded with each stage run, so ``rlhf reproduce`` can say which of them changed
+(:func:`describe_part_changes`).
 
 :func:`fingerprint_stage` is the one function that the flow (before it calls a stage's task),
 ``rlhf plan`` and the cache use. It knows no stage kind: inputs come from the stage's typed reference
