@@ -240,6 +240,7 @@ def run(
 
     configure_console_tracebacks(show_user_errors=traceback_)
     with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
+        require_server_for_pools(spec)
         initialize_temporary_server_database()  # runs started together on a fresh home must not race
         with live_pipeline_view(spec, console):  # on a terminal only; plain log lines otherwise
             outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
@@ -252,6 +253,76 @@ def run(
                 f"{d.reason} (no alias moved; exit status {EXIT_GATE_FAILED})"
             )
         raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+def deploy(
+    spec_path: SpecArg,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            "--pool", help="Work pool of the pipeline's own flow (default: the profile's pipeline_pool)."
+        ),
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option("--schedule", help="Cron schedule of the pipeline, e.g. '0 3 * * *'.")
+    ] = None,
+    timezone: Annotated[str | None, typer.Option("--timezone", help="Time zone of --schedule (UTC).")] = None,
+    set_: SetOpt = None,
+    home: HomeOpt = None,
+    profile: ProfileOpt = None,
+    profiles: ProfilesOpt = None,
+    traceback_: TracebackOpt = False,
+) -> None:
+    """Create the pipeline's deployment and its stage runners on the Prefect server (PREFECT_API_URL),
+    so that runs can be scheduled and started from the Prefect UI."""
+    from rlhf_core.spec import apply_override, read_yaml
+    from rlhf_core.spec.compute import find_profile_file, resolve_profile
+
+    spec = _load(spec_path, set_, traceback_, profile, profiles)
+    with _exit_status(traceback_, f"deploy of pipeline '{spec.name}' failed: "):
+        settings = _settings(home)
+        raw = read_yaml(spec_path)
+        for override in set_ or []:
+            apply_override(raw, override)
+        chosen = resolve_profile(profile, find_profile_file(spec_path, profiles)) if profile else None
+        pipeline_pool = pool or (chosen.pipeline_pool if chosen else None)
+        if pipeline_pool is None:
+            raise UserError("say which work pool runs the pipeline's own flow: --pool NAME (or pipeline_pool "
+                            "in the profile)")  # fmt: skip
+        from flows.deploy import deploy_pipeline
+
+        uri = settings.resolved_tracking_uri()
+        deployed = deploy_pipeline(
+            spec,
+            raw,
+            pipeline_pool=pipeline_pool,
+            home=str(settings.resolved_home()),
+            schedule=schedule,
+            timezone=timezone,
+            tracking_uri=uri if settings.tracking_uri else None,
+        )
+    table = Table(title=f"deployed: {spec.name}")
+    for column in ("deployment", "work pool", "schedule", "id"):
+        table.add_column(column)
+    for d in deployed:
+        table.add_row(d.name, d.pool, d.schedule or "", d.deployment_id)
+    console.print(table)
+    console.print(
+        f"start a run: prefect deployment run 'rlhf-pipeline/{spec.name}', or from the Prefect UI "
+        "(Deployments); each pool needs a worker: prefect worker start --pool NAME"
+    )
+
+
+def require_server_for_pools(spec: PipelineSpec) -> None:
+    """Stages on work pools need the Prefect server the pools and workers live on."""
+    from flows.deploy import require_prefect_server, stage_pools
+
+    pools = stage_pools(spec)
+    if pools:
+        require_prefect_server(
+            f"pipeline '{spec.name}' runs stages on work pool(s) {', '.join(pools)}, which"
+        )
 
 
 def promotion_decisions(outcomes) -> list[PromotionRef]:

@@ -10,7 +10,9 @@ Walkthrough of one run:
 4. run the stages in topological order: for each, resolve its inputs to refs and compute its
    fingerprint (``flows.stage_calls``), then call the task registered for its kind (its task run is
    named after the stage), which returns a ``StageOutcome`` (ran / resumed / cached, metrics, MLflow
-   run, registered version) and leaves a markdown artifact with its results;
+   run, registered version) and leaves a markdown artifact with its results. A stage whose
+   ``compute`` names a work pool is submitted there instead (``flows.dispatch``) as soon as its inputs
+   exist, so branches on pools run at the same time;
 5. close the parent run (FAILED if any stage failed) with each stage's key metrics as
    ``<stage>/<metric>`` and the results in its description, and return the outcomes.
 """
@@ -19,18 +21,20 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from flows.deploy import apply_spec_overrides
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import PipelineSpec
+from rlhf_core.spec import PipelineSpec, load_spec
 from tasks import stage_reports
 from tasks.prepare_base_model import prepare_base_model
 from tasks.registration import task_for_kind
@@ -83,12 +87,21 @@ def pipeline_params(spec: PipelineSpec, spec_digest: str, forced: tuple[str, ...
 
 @flow(name="rlhf-pipeline", flow_run_name=flow_run_name, log_prints=True)
 def run_pipeline(
-    spec: PipelineSpec, force: list[str] | None = None, home: str = ".rlhf"
+    spec: PipelineSpec | str,
+    force: list[str] | None = None,
+    home: str = ".rlhf",
+    overrides: dict[str, Any] | None = None,
 ) -> list[StageOutcome]:
     """Run every stage of ``spec``; stages whose fingerprint is already in MLflow are taken from cache.
 
-    ``force`` names stages (or models) to re-run together with everything downstream of them.
+    ``spec`` is a spec or the path of a spec file (as a deployment made from ``prefect.yaml`` gives
+    it). ``force`` names stages (or models) to re-run together with everything downstream of them.
+    ``overrides`` sets spec values by path (``stages.sft.train.lr``), as the form of a deployed
+    pipeline in the Prefect UI does (``flows.deploy``).
     """
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    spec = apply_spec_overrides(spec, overrides)
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
     experiment_id = tracking.ensure_experiment(spec.name, settings)
@@ -131,11 +144,7 @@ def run_pipeline(
             outcome = prepare_base_model(ctx, base_model_call(spec, name))
             outputs[name] = outcome.outputs
             outcomes.append(outcome)
-        for name in spec.topological_order():
-            call = stage_call(spec, name, outputs)  # inputs resolved and checked, fingerprint computed
-            outcome = task_for_kind(call.kind)(ctx, call)
-            outputs[name] = outcome.outputs
-            outcomes.append(outcome)
+        run_stages(ctx, spec, outputs, outcomes, key_prefix=flow_run_id or parent)
     except BaseException as exc:
         failure = f"{type(exc).__name__}: {exc}"
         _record_results(ctx, description, outcomes, failure)
@@ -145,6 +154,60 @@ def run_pipeline(
     _record_results(ctx, description, outcomes)
     tracking.end_run(parent, "FINISHED")
     return outcomes
+
+
+def run_stages(
+    ctx: RunContext,
+    spec: PipelineSpec,
+    outputs: dict[str, dict[str, StageOutput]],
+    outcomes: list[StageOutcome],
+    key_prefix: str,
+) -> None:
+    """Run every stage once its inputs exist, appending to ``outputs`` and ``outcomes`` as they finish.
+
+    In-process stages run one at a time, here. A stage whose ``compute`` names a work pool is submitted
+    (``flows.dispatch``) as soon as its inputs exist and waited for in a thread, so independent branches
+    on pools run at the same time as each other and as the in-process stages.
+    """
+    from prefect.futures import as_completed
+
+    from flows.dispatch import dispatch_stage
+
+    order = spec.topological_order()
+    started: set[str] = set()
+    running: dict = {}  # future of a dispatched stage -> stage name
+
+    def ready(name: str) -> bool:
+        return name not in started and all(dep in outputs for dep in spec.dependencies(name))
+
+    def record(outcome: StageOutcome) -> None:
+        outputs[outcome.stage] = outcome.outputs
+        outcomes.append(outcome)
+
+    while len(started) < len(order) or running:
+        for future in [f for f in running if f.state.is_final()]:  # finished while a local stage ran
+            running.pop(future)
+            record(future.result())
+        for name in order:
+            if ready(name) and spec.compute_of(name).dispatched:
+                call = stage_call(spec, name, outputs)  # inputs resolved and checked, fingerprint computed
+                running[dispatch_stage.submit(ctx, call, spec.compute_of(name), key_prefix)] = name
+                started.add(name)
+        local = next((name for name in order if ready(name)), None)
+        if local is not None:
+            started.add(local)
+            call = stage_call(spec, local, outputs)
+            record(task_for_kind(call.kind)(ctx, call))
+        elif running:
+            future = next(iter(as_completed(list(running))))
+            running.pop(future)
+            record(future.result())
+        else:  # nothing runs and nothing can start: an input that no stage produces (checked at load)
+            missing = [n for n in order if n not in started]
+            raise RuntimeError(f"stages {missing} can never start: their inputs are not produced")
+    outcomes.sort(
+        key=lambda o: (o.stage in spec.stages, order.index(o.stage) if o.stage in spec.stages else 0)
+    )
 
 
 def _record_results(

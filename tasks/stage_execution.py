@@ -199,10 +199,10 @@ def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOut
 
 def _execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOutcome:
     forced = call.name in ctx.forced
-    if not forced and (hit := _cache_hit(ctx, call)):
+    if not forced and (hit := cached_outcome(ctx, call)):
         return hit
     with fingerprint_lock(ctx.settings().lock_dir(), call.fingerprint):
-        if not forced and (hit := _cache_hit(ctx, call)):
+        if not forced and (hit := cached_outcome(ctx, call)):
             return hit
         return _run_stage(ctx, call, body, forced)
 
@@ -295,13 +295,15 @@ def _run_body(ctx: RunContext, call: StageCall, body: StageBody, run: StageRun) 
     return run_in_processes(ctx, call, run)
 
 
-def _cache_hit(ctx: RunContext, call: StageCall) -> StageOutcome | None:
+def cached_outcome(ctx: RunContext, call: StageCall, status: str = "cached") -> StageOutcome | None:
+    """The outcome of the finished run that produced ``call``'s fingerprint, if there is one."""
     cached = stage_cache.find_cached_stage(ctx.experiment_id, call.fingerprint)
     if cached is None:
         return None
-    _logger().info(
-        "stage %s: cache hit (fingerprint %s, run %s)", call.name, call.fingerprint[:12], cached.run_id
-    )
+    if status == "cached":
+        _logger().info(
+            "stage %s: cache hit (fingerprint %s, run %s)", call.name, call.fingerprint[:12], cached.run_id
+        )
     registered = next(
         (
             f"{o.registered_name} v{o.registered_version}"
@@ -316,7 +318,7 @@ def _cache_hit(ctx: RunContext, call: StageCall) -> StageOutcome | None:
     return StageOutcome(
         stage=call.name,
         kind=call.kind,
-        status="cached",
+        status=status,
         fingerprint=call.fingerprint,
         run_id=cached.run_id,
         outputs=cached.outputs,

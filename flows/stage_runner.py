@@ -1,0 +1,92 @@
+"""The stage-runner flow: one stage of a pipeline, run by a work-pool worker.
+
+A stage whose ``compute`` names a work pool is not run in the pipeline's process: the pipeline flow
+submits it to the stage-runner deployment of that pool (``rlhf-stage/<pool>``, created by ``rlhf
+deploy``; see :mod:`flows.dispatch`). The worker starts this flow, which runs the stage's ordinary
+task (cache, fingerprint lock, MLflow stage run, resume from checkpoints, registration), so a stage
+behaves the same wherever it runs. Its outputs reach the pipeline through MLflow (looked up by
+fingerprint), never through a Prefect result.
+
+Parameters are plain JSON (the stage call and the pipeline's run context), so the run can be read
+and re-run from the Prefect UI. The worker checks that it runs the same code as the pipeline that
+submitted the stage: a worker with other code would produce other numbers under the same
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from rlhf_core.errors import UserError
+from rlhf_core.fingerprint import code_digest
+from rlhf_core.spec import STAGE_CLASSES
+
+STAGE_RUNNER_FLOW = "rlhf-stage"
+
+
+def stage_runner_deployment(pool: str) -> str:
+    """The full name of the stage-runner deployment of a work pool: ``rlhf-stage/<pool>``."""
+    return f"{STAGE_RUNNER_FLOW}/{pool}"
+
+
+def call_parameters(ctx: Any, call: Any) -> dict[str, Any]:
+    """The flow's parameters for one stage call (JSON): what :func:`run_stage` rebuilds them from."""
+    return {"ctx": ctx.model_dump(mode="json"), "call": call.model_dump(mode="json")}
+
+
+def rebuild_call(data: dict[str, Any]):
+    """A StageCall from its JSON: the stage's spec is rebuilt as its kind's class."""
+    from tasks.stage_execution import StageCall
+
+    kind = data.get("kind")
+    if kind not in STAGE_CLASSES:
+        raise UserError(
+            f"stage runner: unknown stage kind {kind!r} (this worker knows {sorted(STAGE_CLASSES)})"
+        )
+    stage = STAGE_CLASSES[kind].model_validate(data["stage"])
+    return StageCall.model_validate({**data, "stage": stage})
+
+
+def _run_name() -> str:
+    call = flow_run.parameters.get("call") or {}
+    ctx = flow_run.parameters.get("ctx") or {}
+    fingerprint = str(call.get("fingerprint", ""))[:8]
+    return f"{ctx.get('pipeline', 'pipeline')}-{call.get('name', 'stage')}-{fingerprint}"
+
+
+@flow(name=STAGE_RUNNER_FLOW, flow_run_name=_run_name, log_prints=True, persist_result=False)
+def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage of a pipeline here (a work-pool worker); returns its outcome as JSON.
+
+    The worker's ``RLHF_HOME`` (if set) is where its checkpoints and caches go; otherwise the
+    pipeline's home, which machines then share (a network file system).
+    """
+    from registry import tracking
+    from rlhf_core.settings import apply_environment_defaults
+    from tasks.registration import task_for_kind
+    from tasks.stage_execution import RunContext
+
+    context = RunContext.model_validate(ctx)
+    if os.environ.get("RLHF_HOME"):
+        context = context.model_copy(update={"home": os.environ["RLHF_HOME"]})
+    stage_call = rebuild_call(call)
+    check_same_code(stage_call.name, stage_call.fingerprint_parts.get("code"))
+    settings = context.settings()
+    apply_environment_defaults(settings)
+    tracking.configure(settings)
+    outcome = task_for_kind(stage_call.kind)(context, stage_call)
+    return outcome.model_dump(mode="json")
+
+
+def check_same_code(stage: str, expected: str | None) -> None:
+    """UserError when this worker's rlhf_core differs from the code the stage was fingerprinted with."""
+    here = code_digest()
+    if expected is not None and expected != here:
+        raise UserError(
+            f"stage '{stage}': this worker runs other rlhf_core code (digest {here[:12]}) than the pipeline "
+            f"that submitted it ({expected[:12]}); install the same version on the worker (or its image)"
+        )
