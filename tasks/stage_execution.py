@@ -187,6 +187,10 @@ def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOut
     Whatever happened (ran, resumed, cached), the stage leaves a markdown artifact with its results in
     Prefect and a progress event for a live view.
     """
+    from tasks.multiprocess import rank_job
+
+    if (job := rank_job()) is not None:  # a training process of a multi-process stage: the body only
+        return job.run_body(call, body)
     try:
         outcome = _execute_stage(ctx, call, body)
     except BaseException as exc:
@@ -240,6 +244,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         "rlhf.git_commit": ctx.git_commit,
         "rlhf.spec_digest": ctx.spec_digest,
         "rlhf.pipeline_run_id": ctx.parent_run_id,
+        **where_it_runs(),
     }
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
     resumable = interrupted is not None and latest_checkpoint(work_dir / "checkpoints") is not None
@@ -283,6 +288,22 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         registered=run.registered,
         seconds=time.perf_counter() - started,
     )
+
+
+def where_it_runs() -> dict[str, str]:
+    """Tags saying where a stage run executes: host, process, and the Prefect flow run (and deployment,
+    when a work-pool worker runs it) that ran it."""
+    import os
+    import socket
+
+    from prefect.runtime import deployment, flow_run
+
+    tags = {"rlhf.host": socket.gethostname(), "rlhf.pid": str(os.getpid())}
+    if flow_run.id:
+        tags["prefect.stage_flow_run_id"] = str(flow_run.id)
+    if deployment.id:
+        tags["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
+    return tags
 
 
 def _run_body(ctx: RunContext, call: StageCall, body: StageBody, run: StageRun) -> dict[str, StageOutput]:
