@@ -205,19 +205,23 @@ def plan(
     set_: SetOpt = None,
     force: ForceOpt = None,
     home: HomeOpt = None,
+    profile: ProfileOpt = None,
+    profiles: ProfilesOpt = None,
     traceback_: TracebackOpt = False,
 ) -> None:
-    """Say which stages would run and which would be taken from cache."""
-    spec, settings, forced = _prepare(spec_path, set_, force, home, traceback_)
+    """Say which stages would run, where, and which would be taken from cache."""
+    spec, settings, forced = _prepare(spec_path, set_, force, home, traceback_, profile, profiles)
     from flows.plan import plan_pipeline
 
     table = Table(title=f"plan: {spec.name}")
-    for column in ("stage", "kind", "action", "why", "fingerprint", "cached run"):
+    for column in ("stage", "kind", "action", "why", "where", "fingerprint", "cached run"):
         table.add_column(column)
     with _exit_status(traceback_, f"plan of pipeline '{spec.name}' failed: "):
         plans = plan_pipeline(spec, forced, str(settings.resolved_home()))
     for p in plans:
-        table.add_row(p.stage, p.kind, p.action, p.reason, (p.fingerprint or "")[:12], p.run_id or "")
+        table.add_row(
+            p.stage, p.kind, p.action, p.reason, p.where, (p.fingerprint or "")[:12], p.run_id or ""
+        )
     console.print(table)
 
 

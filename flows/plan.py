@@ -25,6 +25,7 @@ class PlannedStage:
     reason: str
     fingerprint: str | None = None
     run_id: str | None = None
+    where: str = "here"  # "here" (the pipeline's process) or "pool <name>"; "x N processes" when N > 1
 
 
 def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[PlannedStage]:
@@ -34,23 +35,34 @@ def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[Planne
     outputs: dict[str, dict[str, StageOutput]] = {}  # only stages that would come from cache
     plan: list[PlannedStage] = []
     for name in [*spec.models, *spec.topological_order()]:
+        where = _where(spec, name)
         try:
             call = base_model_call(spec, name) if name in spec.models else stage_call(spec, name, outputs)
         except UpstreamNotReady:
             kind = spec.stages[name].kind
-            plan.append(PlannedStage(name, kind, "run", "an upstream stage will run"))
+            plan.append(PlannedStage(name, kind, "run", "an upstream stage will run", where=where))
             continue
         cached = (
             stage_cache.find_cached_stage(experiment.experiment_id, call.fingerprint) if experiment else None
         )
         if name in force:
-            plan.append(PlannedStage(name, call.kind, "run", "forced", call.fingerprint))
+            plan.append(PlannedStage(name, call.kind, "run", "forced", call.fingerprint, where=where))
         elif cached is None:
             reason = "no finished run with this fingerprint"
-            plan.append(PlannedStage(name, call.kind, "run", reason, call.fingerprint))
+            plan.append(PlannedStage(name, call.kind, "run", reason, call.fingerprint, where=where))
         else:
             plan.append(
-                PlannedStage(name, call.kind, "cached", "fingerprint found", call.fingerprint, cached.run_id)
+                PlannedStage(
+                    name, call.kind, "cached", "fingerprint found", call.fingerprint, cached.run_id, where
+                )
             )
             outputs[name] = cached.outputs
     return plan
+
+
+def _where(spec: PipelineSpec, name: str) -> str:
+    if name not in spec.stages:
+        return "here"
+    compute = spec.compute_of(name)
+    where = f"pool {compute.pool}" if compute.pool else "here"
+    return where + (f" x {compute.processes} processes" if compute.processes > 1 else "")
