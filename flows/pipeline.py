@@ -35,6 +35,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec, load_spec
+from rlhf_core.spec.compute import find_profile_file, resolve_profile
 from tasks import stage_reports
 from tasks.prepare_base_model import prepare_base_model
 from tasks.registration import task_for_kind
@@ -91,16 +92,21 @@ def run_pipeline(
     force: list[str] | None = None,
     home: str = ".rlhf",
     overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
 ) -> list[StageOutcome]:
     """Run every stage of ``spec``; stages whose fingerprint is already in MLflow are taken from cache.
 
     ``spec`` is a spec or the path of a spec file (as a deployment made from ``prefect.yaml`` gives
     it). ``force`` names stages (or models) to re-run together with everything downstream of them.
     ``overrides`` sets spec values by path (``stages.sft.train.lr``), as the form of a deployed
-    pipeline in the Prefect UI does (``flows.deploy``).
+    pipeline in the Prefect UI does (``flows.deploy``). ``profile`` names a compute profile (from the
+    ``profiles.yaml`` next to a spec file, or in the working directory; ``rlhf_core.spec.compute``).
     """
+    spec_path = spec if isinstance(spec, str) else "spec.yaml"
     if isinstance(spec, str):
         spec = load_spec(spec)
+    if profile is not None:
+        spec = spec.with_profile(resolve_profile(profile, find_profile_file(spec_path)), profile)
     spec = apply_spec_overrides(spec, overrides)
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
