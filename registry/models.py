@@ -16,6 +16,14 @@ from pathlib import Path
 
 import mlflow
 import transformers
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    ALREADY_EXISTS,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
 
 from registry.tracking import PACKAGE_VERSION_TAG, activate_stage_run, client, package_version
 from rlhf_core.refs import ModelRef
@@ -42,32 +50,83 @@ def log_and_register_model(
     role: str = "policy",
     logged_name: str | None = None,
 ) -> tuple[str, str]:
-    """Log ``model`` in the stage run, register a new version tagged with ``lineage``, alias it ``candidate``.
+    """Log ``model`` in the stage run, register a version tagged with ``lineage``, alias it ``candidate``.
 
     The version is also tagged with the package version (``rlhf.package_version``). Policies are logged
     as text-generation pipelines, reward models as text-classification ones (the scalar head's raw
     score). The logged model is named after its stage (``logged_name``, default the ``rlhf.stage``
     lineage tag), which is how the run's and the experiment's model lists show it; the name is not
     part of its artifact paths. Returns (logged model URI ``models:/m-...``, registered version).
+
+    Idempotent per stage run: a run that already registered a version of ``registered_name`` (an
+    earlier attempt that died after registering, e.g. resumed or retried) reuses it, and a version
+    created twice by a retried request is removed again (``register_version``). Tags and the alias
+    are set whatever happened before, so they are complete after any retry.
     """
+    existing = versions_of_run(registered_name, run_id)
+    if existing:
+        version = existing[0]
+        model_uri = version.source
+    else:
+        model_uri = _log_model(run_id, model, tokenizer, role, logged_name or lineage.get("rlhf.stage"))
+        version = register_version(registered_name, model_uri, run_id)
+    number = str(version.version)
+    c = client()
+    for key, value in {PACKAGE_VERSION_TAG: package_version(), **lineage}.items():
+        c.set_model_version_tag(registered_name, number, key, value)
+    c.set_registered_model_alias(registered_name, CANDIDATE_ALIAS, number)
+    return model_uri, number
+
+
+def _log_model(run_id: str, model, tokenizer, role: str, logged_name: str | None) -> str:
+    """Log a transformers pipeline in the run (no registration); returns its ``models:/m-...`` URI."""
     pipeline = transformers.pipeline(PIPELINE_TASK_OF_ROLE[role], model=model, tokenizer=tokenizer)
     # MLflow looks up a hub model card and license by the model's local path: noise offline.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     with activate_stage_run(run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = mlflow.transformers.log_model(
-            pipeline,
-            name=logged_name or lineage.get("rlhf.stage") or "model",
-            pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=registered_name,
-            await_registration_for=60,
+            pipeline, name=logged_name or "model", pip_requirements=PIP_REQUIREMENTS
         )
-    version = str(info.registered_model_version)
+    return info.model_uri
+
+
+def versions_of_run(registered_name: str, run_id: str) -> list[ModelVersion]:
+    """Versions of ``registered_name`` registered from ``run_id``, oldest first."""
     c = client()
-    for key, value in {PACKAGE_VERSION_TAG: package_version(), **lineage}.items():
-        c.set_model_version_tag(registered_name, version, key, value)
-    c.set_registered_model_alias(registered_name, CANDIDATE_ALIAS, version)
-    return info.model_uri, version
+    try:
+        found = c.search_model_versions(f"name = '{registered_name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return []
+        raise
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def register_version(registered_name: str, model_uri: str, run_id: str) -> ModelVersion:
+    """Register ``model_uri`` (logged in ``run_id``) as a new version of ``registered_name``, once.
+
+    MLflow retries a POST whose answer was lost (server restart, proxy timeout), so the server may
+    apply it twice. Any version from this run beyond the oldest one is deleted again; the oldest
+    wins, so concurrent retries agree on it.
+    """
+    c = client()
+    try:
+        c.create_registered_model(registered_name)
+    except MlflowException as exc:
+        if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    c.create_model_version(registered_name, model_uri, run_id=run_id, model_id=_model_id(model_uri))
+    kept, *duplicates = [v for v in versions_of_run(registered_name, run_id) if v.source == model_uri]
+    for duplicate in duplicates:
+        c.delete_model_version(registered_name, str(duplicate.version))
+    return kept
+
+
+def _model_id(model_uri: str) -> str | None:
+    """``m-...`` of a ``models:/m-...`` logged-model URI (what links a version to its logged model)."""
+    name = model_uri.removeprefix("models:/")
+    return name if name.startswith("m-") and "/" not in name else None
 
 
 def materialize_model(ref: ModelRef, cache_dir: Path) -> str:

@@ -3,6 +3,11 @@
 Everything goes through explicit run ids (``MlflowClient``) so nothing depends on the fluent
 active-run stack, except where an MLflow API insists on an active run (``log_model``): there the
 stage run is activated for the duration of the stage (``activate_stage_run``).
+
+Against a tracking server (``RLHF_TRACKING_URI=http(s)://...``) several processes and machines share
+one store: new experiments take the server's proxied artifact location (``mlflow-artifacts:/``), so
+no machine writes artifacts to a path only it can see, and every HTTP call is retried long enough
+(``HTTP_RETRY_DEFAULTS``) to outlive a server restart.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -36,16 +42,42 @@ DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows (and edits) 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # ``workflowType`` picks the UI's model-training view (sidebar with the Model Registry) for any page.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+HTTP_PREFIXES = ("http://", "https://")
+# MLflow's HTTP client retries every method (POST included) on connection errors, timeouts, 429 and
+# 5xx, sleeping factor * 2**(n-1) s (capped at 120 s; none before the first retry) plus up to ``JITTER``
+# s. Ten retries with factor 1 (MLflow's defaults: 7 and 2) try at ~0, 2, 6, 14, 30, 62, 126 s, ...:
+# ~8 minutes in all, and a server back within ~30 s is reached by the try at ~30 s.
+# Applied with ``os.environ.setdefault``: what the user set wins.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",  # MLflow refuses more than 10
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # an integer in MLflow
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",  # seconds per try (a read, not a whole upload)
+}
+
+_log = logging.getLogger(__name__)
 
 
 def configure(settings: RLHFSettings) -> None:
     """Point MLflow at the tracking store of these settings (SQLite under the home dir by default)."""
     settings.resolved_home().mkdir(parents=True, exist_ok=True)
     uri = settings.resolved_tracking_uri()
+    apply_http_retry_defaults()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if uri.startswith(SQLITE_PREFIX):
         initialize_sqlite_store(Path(uri.removeprefix(SQLITE_PREFIX)), uri)
+
+
+def apply_http_retry_defaults() -> None:
+    """``HTTP_RETRY_DEFAULTS`` into the environment, unless set; MLflow reads them on every request."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def is_tracking_server(uri: str) -> bool:
+    """Whether ``uri`` is an MLflow tracking server (shared by processes and machines over HTTP)."""
+    return uri.startswith(HTTP_PREFIXES)
 
 
 def initialize_sqlite_store(db_path: Path, uri: str) -> None:
@@ -70,8 +102,19 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def experiment_artifact_location(name: str, settings: RLHFSettings) -> str | None:
+    """Artifact root of a new experiment: ``RLHF_ARTIFACT_LOCATION/<name>`` when set; None against a
+    tracking server (the server assigns ``mlflow-artifacts:/<id>`` and proxies every upload and
+    download); else ``<home>/mlartifacts/<name>`` beside the local store."""
+    if settings.artifact_location:
+        return f"{settings.artifact_location.rstrip('/')}/{name}"
+    if is_tracking_server(settings.resolved_tracking_uri()):
+        return None
+    return f"{settings.resolved_artifact_location()}/{name}"
+
+
 def ensure_experiment(name: str, settings: RLHFSettings) -> str:
-    """Experiment id for a pipeline name, created with the configured artifact location if missing.
+    """Experiment id for a pipeline name, created with ``experiment_artifact_location`` if missing.
 
     The experiment is marked as model development (``mlflow.experimentKind``), so the MLflow UI opens it
     on its runs, not on the GenAI traces view; a kind someone already set is left alone.
@@ -81,12 +124,27 @@ def ensure_experiment(name: str, settings: RLHFSettings) -> str:
     if experiment is None:
         return c.create_experiment(
             name,
-            artifact_location=f"{settings.resolved_artifact_location()}/{name}",
+            artifact_location=experiment_artifact_location(name, settings),
             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
+    _warn_if_local_artifacts_on_server(experiment, settings)
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         c.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def _warn_if_local_artifacts_on_server(experiment, settings: RLHFSettings) -> None:
+    """An experiment made earlier with a ``file:`` artifact root keeps it: through a tracking server,
+    each client would then write artifacts to its own disk, which other machines cannot read."""
+    location = experiment.artifact_location or ""
+    if is_tracking_server(settings.resolved_tracking_uri()) and location.startswith(("file:", "/")):
+        _log.warning(
+            "experiment '%s' stores artifacts at %s, a local path: other machines cannot read them. "
+            "Use a new pipeline name (its experiment gets the server's proxied artifact store), or set "
+            "RLHF_ARTIFACT_LOCATION to storage every machine reaches.",
+            experiment.name,
+            location,
+        )
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -170,7 +228,7 @@ def ui_base_url(settings: RLHFSettings) -> str:
     if configured:
         return configured.rstrip("/")
     uri = settings.resolved_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if is_tracking_server(uri):
         return uri.rstrip("/")
     return DEFAULT_UI_URL
 
