@@ -1,0 +1,132 @@
+"""``rlhf pools ...``: the Prefect work pools that run stages elsewhere (a stage's ``compute.pool``).
+
+``rlhf pools create gpu --type process --concurrency 1`` creates a pool on the Prefect server that
+``PREFECT_API_URL`` points at, with rlhf's job template for its type (``flows.work_pools``). The
+concurrency limit caps the flow runs of the whole pool: on a pool with one GPU, ``--concurrency 1``
+means one GPU never holds two training stages. The other half is on the workers: one worker per GPU,
+each started with ``--limit 1`` and its own ``CUDA_VISIBLE_DEVICES``::
+
+    CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1
+    CUDA_VISIBLE_DEVICES=1 prefect worker start --pool gpu --limit 1
+
+(a pool with N such workers takes ``--concurrency N``). ``rlhf pools template docker`` prints a
+template for ``prefect work-pool create --base-job-template FILE`` instead.
+
+Prefect is imported inside the commands only, after the offline defaults are set (see ``flows.cli``);
+``flows.work_pools`` imports it lazily too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flows.work_pools import DEFAULT_IMAGE
+from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
+from rlhf_core.settings import RLHFSettings, apply_environment_defaults
+
+pools_app = typer.Typer(
+    no_args_is_help=True,
+    help="Prefect work pools for stages that run elsewhere (compute.pool): create one, print a template.",
+)
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+class PoolType(StrEnum):
+    process = "process"
+    docker = "docker"
+    kubernetes = "kubernetes"
+
+
+TypeOpt = Annotated[PoolType, typer.Option("--type", help="Work pool type.")]
+ImageOpt = Annotated[
+    str,
+    typer.Option(
+        "--image",
+        help="Default job image of docker and kubernetes pools (a stage's compute.image overrides it); "
+        "build it from the project's Dockerfile.",
+    ),
+]
+WORKER_HINTS = {
+    "process": "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {name} --limit 1   # one worker per GPU",
+    "docker": "pip install 'prefect-docker>=0.7'; prefect worker start --pool {name} --type docker --limit 1",
+    "kubernetes": "pip install prefect-kubernetes; prefect worker start --pool {name} --type kubernetes",
+}
+
+
+def _fail(message: str, status: int = EXIT_USER_ERROR) -> None:
+    typer.secho(message, err=True, fg="red")
+    raise typer.Exit(status)
+
+
+@pools_app.command("create")
+def create(
+    name: Annotated[str, typer.Argument(help="Work pool name (what a stage's compute.pool names).")],
+    pool_type: TypeOpt = PoolType.process,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            min=0,
+            help="Flow runs the whole pool runs at once (1 on a one-GPU pool: one GPU never holds two "
+            "training stages). Default: no limit.",
+        ),
+    ] = None,
+    image: ImageOpt = DEFAULT_IMAGE,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the template and limit of an existing pool.")
+    ] = False,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")
+    ] = None,
+) -> None:
+    """Create a work pool on the Prefect server of PREFECT_API_URL, with rlhf's job template."""
+    apply_environment_defaults(RLHFSettings(home=home) if home else RLHFSettings())
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.work_pools import ensure_work_pool
+
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        _fail(
+            "PREFECT_API_URL is not set: work pools live on a Prefect server that workers can reach. Start "
+            "one (prefect server start --host 0.0.0.0) and export PREFECT_API_URL=http://HOST:4200/api"
+        )
+    try:
+        outcome = ensure_work_pool(name, pool_type.value, concurrency, overwrite, image)
+    except UserError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # server unreachable or refusing: an environment failure, one line
+        _fail(f"could not create work pool '{name}' on {api_url}: {type(exc).__name__}: {exc}", EXIT_CRASH)
+    limit = "no concurrency limit" if concurrency is None else f"concurrency limit {concurrency}"
+    if outcome == "unchanged":
+        console.print(f"work pool '{name}' exists already, left as it is (--overwrite replaces it)")
+    else:
+        console.print(f"work pool '{name}' ({pool_type.value}, {limit}) {outcome} on {api_url}")
+    console.print("start its worker(s) with:\n  " + WORKER_HINTS[pool_type.value].format(name=name))
+
+
+@pools_app.command("template")
+def template(
+    pool_type: Annotated[PoolType, typer.Argument(help="Work pool type.")],
+    image: ImageOpt = DEFAULT_IMAGE,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write it to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Print rlhf's base job template for a pool type (for prefect work-pool create --base-job-template)."""
+    apply_environment_defaults(RLHFSettings())
+    from flows.work_pools import base_job_template
+
+    text = json.dumps(base_job_template(pool_type.value, image), indent=2)
+    if output is None:
+        typer.echo(text)
+    else:
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}", err=True)
