@@ -4,6 +4,10 @@ A checkpoint is a directory ``step-<N>`` written by ``accelerate.Accelerator.sav
 optimizer, scheduler, python/numpy/torch RNG states) plus ``trainer_state.json`` (the step, which fixes
 the data position because batch order is a pure function of seed and epoch). It is written under a
 temporary name and renamed, so a crash mid-write never leaves a half checkpoint that looks whole.
+
+With several training processes every rank calls ``save_state`` (accelerate writes model, optimizer
+and scheduler from the main process and one RNG file per rank); only the main process clears,
+renames and prunes, with barriers around, so no rank writes into a directory being moved.
 """
 
 from __future__ import annotations
@@ -25,17 +29,25 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 def save_checkpoint(
     accelerator: Accelerator, directory: Path, step: int, state: dict[str, Any], keep: int = 2
 ) -> Path:
-    """Write ``directory/step-<step>`` atomically and keep only the newest ``keep`` checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``directory/step-<step>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    Called by every rank (a no-op barrier in a single process)."""
+    main = accelerator.is_main_process
     final = directory / f"step-{step}"
     tmp = directory / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if main:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, sort_keys=True))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
+    if main:
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
 
 

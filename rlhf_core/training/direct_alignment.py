@@ -48,6 +48,7 @@ from rlhf_core.modeling.preference_tokens import (
 )
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
+from rlhf_core.training.data_parallel import local_share, main_process_first, rank_and_world
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.overoptimization import (
     MonitorInputs,
@@ -336,8 +337,8 @@ def train_direct_alignment(
         ]
         picked.sort(key=lambda i: length[i])
         totals: dict[str, float] = {TOKENS: 0.0}
-        for start in range(0, len(picked), cfg.batch_size):
-            ids = picked[start : start + cfg.batch_size]
+        micro = [picked[start : start + cfg.batch_size] for start in range(0, len(picked), cfg.batch_size)]
+        for ids in local_share(micro):  # all of them, or this rank's share (weights use the whole step)
             logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix)
             ref = reference[ids].to(device) if reference is not None else None
             losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
@@ -489,6 +490,11 @@ def run_direct_alignment(
     ``reference_cache`` maps split ('train', 'eval') -> cache file (see :func:`reference_logprobs_key`).
     ``monitor_records``/``monitor_model_dirs``: the monitor's prompt rows and reward models by source.
     """
+    if stage.monitor is not None and rank_and_world()[1] > 1:
+        raise UserError(
+            f"stage '{stage_name}': the over-optimization monitor runs in a single process; set "
+            "compute.processes to 1 for a stage with monitor"
+        )
     model, tokenizer = load_model(policy_dir, revision=revision)
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     loss_options(stage, spec)  # bad options fail before any work
@@ -516,11 +522,12 @@ def run_direct_alignment(
         return loaded["reference"], tokenizer.pad_token_id
 
     if spec.needs_reference:
-        for split, items in examples.items():
-            if items:
-                references[split], from_cache = cached_reference_logprobs(
-                    reference_cache[split], starting_reference, None, items, stage.train.shared_prefix
-                )
+        with main_process_first():  # with several processes, one computes the cache and the others read it
+            for split, items in examples.items():
+                if items:
+                    references[split], from_cache = cached_reference_logprobs(
+                        reference_cache[split], starting_reference, None, items, stage.train.shared_prefix
+                    )
     loaded.clear()  # training holds no reference model (the monitor's KL estimate needs one)
     monitor_inputs, monitor_reference = None, None
     if stage.monitor is not None:

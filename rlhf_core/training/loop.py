@@ -6,6 +6,12 @@ This loop owns everything around it: accelerate, AdamW, warmup + decay schedule,
 metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps, and bf16
 autocast when ``precision: bf16``.
 
+With several processes (``compute.processes``; ``rlhf_core.training.data_parallel``) every rank runs
+this loop on the same steps: ``step_fn`` runs only this rank's share of the step's micro-batches
+(``local_share``) with losses normalised by the whole step's count, and returns its share's sums;
+the loop sums gradients and metrics across ranks, logs and checkpoints from the main process, and
+ends the other ranks with ``OtherRankFinished`` once training is done.
+
 Exact resume relies on the trainer's batches being a pure function of (seed, step), or on the trainer
 passing what else its steps depend on (a KL controller, a rollout position, ...) as ``extra_state``:
 objects with ``state_dict()``/``load_state_dict()`` that every checkpoint saves and resume restores.
@@ -13,6 +19,7 @@ objects with ``state_dict()``/``load_state_dict()`` that every checkpoint saves 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +33,8 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from rlhf_core.spec import OptimSpec
-from rlhf_core.training import PROGRESS_METRIC
-from rlhf_core.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_core.training import PROGRESS_METRIC, data_parallel
+from rlhf_core.training.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 
 LogFn = Callable[[dict[str, float], int], None]
 BackwardFn = Callable[[torch.Tensor], None]
@@ -78,9 +85,14 @@ def run_optimizer_steps(
     ``lr_of(parameter name)`` may give some parameters their own peak learning rate (None: ``cfg.lr``);
     the schedule scales every rate alike.
     """
-    log = log or (lambda metrics, step: None)
     model.train()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # The schedule advances once per optimizer step: accelerate's default would step it once per
+    # process (it assumes each process adds its own batch to the step; here the ranks share one).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    processes = accelerator.num_processes
+    data_parallel.check_supported(str(accelerator.distributed_type.value), processes)
+    if log is None or not accelerator.is_main_process:  # one process writes the curve
+        log = lambda metrics, step: None  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups: dict[float, list[torch.nn.Parameter]] = {}
@@ -99,6 +111,7 @@ def run_optimizer_steps(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_for_checkpointing(*extra_state)  # save_state/load_state now carry them too
     start_step = _resume(accelerator, checkpoint_dir, total_steps, seed, log)
+    identity = {"total_steps": total_steps, "seed": seed, "processes": processes}
 
     result = LoopResult(total_steps=total_steps, resumed_from_step=start_step)
     started = time.perf_counter()
@@ -115,6 +128,9 @@ def run_optimizer_steps(
     for step in range(start_step, total_steps):
         with autocast():
             metrics = step_fn(step, backward, accelerator.device)
+        if processes > 1:  # the step's gradient and metrics: sums over every rank's share
+            data_parallel.sum_gradients(params)
+            metrics = data_parallel.sum_metrics(metrics)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
         optimizer.step()
         scheduler.step()
@@ -133,8 +149,10 @@ def run_optimizer_steps(
                 shown["train/grad_norm"] = float(grad_norm)
             log(shown, done)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(accelerator, checkpoint_dir, done, {"total_steps": total_steps, "seed": seed})
+            save_checkpoint(accelerator, checkpoint_dir, done, identity)
     result.seconds = time.perf_counter() - started
+    if not accelerator.is_main_process:
+        raise data_parallel.OtherRankFinished
     return accelerator.unwrap_model(model), result
 
 
@@ -143,13 +161,21 @@ def _resume(accelerator: Accelerator, checkpoint_dir: Path, total_steps: int, se
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is None:
         return 0
-    state = load_checkpoint(accelerator, ckpt)
-    if (state.get("total_steps"), state.get("seed")) != (total_steps, seed):
+    saved = json.loads((ckpt / STATE_FILE).read_text())
+    processes = accelerator.num_processes
+    if (saved.get("total_steps"), saved.get("seed")) != (total_steps, seed):
         raise ValueError(
-            f"checkpoint {ckpt} was written for total_steps={state.get('total_steps')}, "
-            f"seed={state.get('seed')}; this run has {total_steps}, {seed}. "
+            f"checkpoint {ckpt} was written for total_steps={saved.get('total_steps')}, "
+            f"seed={saved.get('seed')}; this run has {total_steps}, {seed}. "
             "Delete the checkpoint directory to start over."
         )
+    if saved.get("processes", 1) != processes:  # each rank restores its own RNG state
+        raise ValueError(
+            f"checkpoint {ckpt} was written by {saved.get('processes', 1)} training process(es); this run "
+            f"has {processes} (compute.processes). Resume with the same number of processes, or delete "
+            "the checkpoint directory to start over."
+        )
+    state = load_checkpoint(accelerator, ckpt)
     log({"resumed_from_step": float(state["step"])}, state["step"])
     return state["step"]
 

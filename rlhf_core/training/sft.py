@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.language_model import next_token_nll_sum
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
+from rlhf_core.training.data_parallel import local_share
 from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
@@ -163,7 +164,7 @@ def train_sft(
         ]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         loss_sum, real_tokens = 0.0, 0
-        for batch in micro:
+        for batch in local_share(micro):  # all of them, or this rank's share; normalised by the whole step
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = token_loss_sum(model, batch, cfg.packing) / max(step_tokens, 1)
             backward(loss)
