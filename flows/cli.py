@@ -381,6 +381,9 @@ app.command()(ui)
 from flows.reproduce import reproduce  # noqa: E402  (rlhf reproduce)
 
 app.command()(reproduce)
+from flows.pool_commands import pools_app  # noqa: E402  (rlhf pools create/template)
+
+app.add_typer(pools_app, name="pools")
 # --- (end) ---
 
 
