@@ -27,9 +27,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from flows.work_pools import DEFAULT_IMAGE
+from flows.work_pools import DEFAULT_IMAGE, base_job_template, ensure_work_pool
 from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
+from rlhf_core.spec.compute import ENV_NAME
 
 pools_app = typer.Typer(
     no_args_is_help=True,
@@ -53,6 +54,14 @@ ImageOpt = Annotated[
         "build it from the project's Dockerfile.",
     ),
 ]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--env",
+        help="KEY=VALUE every job of the pool gets (repeatable), e.g. RLHF_TRACKING_URI=http://mlflow:5000; "
+        "container jobs do not inherit their worker's environment.",
+    ),
+]
 WORKER_HINTS = {
     "process": "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {name} --limit 1   # one worker per GPU",
     "docker": "pip install 'prefect-docker>=0.7'; prefect worker start --pool {name} --type docker --limit 1",
@@ -63,6 +72,16 @@ WORKER_HINTS = {
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> None:
     typer.secho(message, err=True, fg="red")
     raise typer.Exit(status)
+
+
+def _environment(pairs: list[str] | None) -> dict[str, str]:
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not ENV_NAME.match(key):
+            _fail(f"--env {pair}: expected KEY=VALUE with KEY an environment variable name")
+        env[key] = value
+    return env
 
 
 @pools_app.command("create")
@@ -79,6 +98,7 @@ def create(
         ),
     ] = None,
     image: ImageOpt = DEFAULT_IMAGE,
+    env: EnvOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the template and limit of an existing pool.")
     ] = False,
@@ -87,10 +107,9 @@ def create(
     ] = None,
 ) -> None:
     """Create a work pool on the Prefect server of PREFECT_API_URL, with rlhf's job template."""
+    environment = _environment(env)
     apply_environment_defaults(RLHFSettings(home=home) if home else RLHFSettings())
     from prefect.settings import PREFECT_API_URL
-
-    from flows.work_pools import ensure_work_pool
 
     api_url = PREFECT_API_URL.value()
     if not api_url:
@@ -99,7 +118,7 @@ def create(
             "one (prefect server start --host 0.0.0.0) and export PREFECT_API_URL=http://HOST:4200/api"
         )
     try:
-        outcome = ensure_work_pool(name, pool_type.value, concurrency, overwrite, image)
+        outcome = ensure_work_pool(name, pool_type.value, concurrency, overwrite, image, environment)
     except UserError as exc:
         _fail(str(exc))
     except Exception as exc:  # server unreachable or refusing: an environment failure, one line
@@ -116,15 +135,15 @@ def create(
 def template(
     pool_type: Annotated[PoolType, typer.Argument(help="Work pool type.")],
     image: ImageOpt = DEFAULT_IMAGE,
+    env: EnvOpt = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write it to this file instead of stdout.")
     ] = None,
 ) -> None:
     """Print rlhf's base job template for a pool type (for prefect work-pool create --base-job-template)."""
-    apply_environment_defaults(RLHFSettings())
-    from flows.work_pools import base_job_template
-
-    text = json.dumps(base_job_template(pool_type.value, image), indent=2)
+    environment = _environment(env)
+    apply_environment_defaults(RLHFSettings())  # before base_job_template imports prefect
+    text = json.dumps(base_job_template(pool_type.value, image, environment), indent=2)
     if output is None:
         typer.echo(text)
     else:

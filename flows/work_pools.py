@@ -11,12 +11,14 @@ pool types are supported:
 - ``docker``: Prefect's bundled template plus ``device_requests``, wired into
   ``container_create_kwargs.device_requests`` (docker's ``--gpus``); ``compute.gpus: N`` becomes one
   request ``{"Driver": "nvidia", "Count": N, "Capabilities": [["gpu"]]}``; ``compute.memory`` becomes
-  ``mem_limit``. The worker needs the ``prefect-docker`` package (0.7 or later reads
-  ``container_create_kwargs``) and the host the NVIDIA container toolkit.
+  ``mem_limit``; ``shm_size`` (default 1g: docker's 64m is too small for NCCL and DataLoader workers)
+  goes to ``container_create_kwargs.shm_size``. The worker needs the ``prefect-docker`` package (0.7 or
+  later reads ``container_create_kwargs``) and the host the NVIDIA container toolkit.
 - ``kubernetes``: Prefect's bundled template plus ``gpus`` (the container's ``nvidia.com/gpu``
   limit), ``node_selector`` and ``tolerations`` (the pod's ``nodeSelector`` and ``tolerations``);
-  ``compute.memory`` becomes both ``memory_request`` and ``memory_limit``. The worker needs
-  ``prefect-kubernetes``, the cluster the NVIDIA device plugin.
+  ``compute.memory`` becomes both ``memory_request`` and ``memory_limit``; ``shm_size`` (default 1Gi)
+  sizes a memory-backed ``/dev/shm``. The worker needs ``prefect-kubernetes``, the cluster the NVIDIA
+  device plugin.
 
 Docker and kubernetes templates are read from the worker metadata that Prefect ships with its server
 (the one ``prefect work-pool create --type docker`` falls back to offline), never from the network.
@@ -84,22 +86,31 @@ TOLERATION = {
 }
 
 
-def base_job_template(pool_type: str, image: str | None = DEFAULT_IMAGE) -> dict[str, Any]:
-    """The base job template for a new pool of ``pool_type`` (``image``: the default job image of
-    docker and kubernetes pools; None keeps Prefect's)."""
+def base_job_template(
+    pool_type: str, image: str | None = DEFAULT_IMAGE, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The base job template for a new pool of ``pool_type``.
+
+    ``image``: the default job image of docker and kubernetes pools (None keeps Prefect's). ``env``:
+    environment every job of the pool gets (e.g. ``RLHF_TRACKING_URI``); a job's own ``env`` is merged
+    over it. Container jobs do not inherit their worker's environment, process jobs do.
+    """
     if pool_type == "process":
         from prefect.workers.process import ProcessWorker
 
-        return ProcessWorker.get_default_base_job_template()
-    if pool_type not in POOL_TYPES:
-        raise UserError(f"pool type '{pool_type}': not one of {', '.join(POOL_TYPES)}")
-    template = bundled_template(pool_type)
-    if pool_type == "docker":
-        _add_docker_gpus(template)
+        template = ProcessWorker.get_default_base_job_template()
+    elif pool_type in POOL_TYPES:
+        template = bundled_template(pool_type)
+        if pool_type == "docker":
+            _add_docker_settings(template)
+        else:
+            _add_kubernetes_settings(template)
+        if image:
+            template["variables"]["properties"]["image"]["default"] = image
     else:
-        _add_kubernetes_scheduling(template)
-    if image:
-        template["variables"]["properties"]["image"]["default"] = image
+        raise UserError(f"pool type '{pool_type}': not one of {', '.join(POOL_TYPES)}")
+    if env:
+        template["variables"]["properties"]["env"]["default"] = dict(env)
     return template
 
 
@@ -112,7 +123,7 @@ def bundled_template(pool_type: str) -> dict[str, Any]:
     return copy.deepcopy(worker["default_base_job_configuration"])
 
 
-def _add_docker_gpus(template: dict[str, Any]) -> None:
+def _add_docker_settings(template: dict[str, Any]) -> None:
     properties = template["variables"]["properties"]
     properties.pop("container_create_kwargs", None)  # newer snapshots have it; ours is wired below
     properties["device_requests"] = {
@@ -123,10 +134,20 @@ def _add_docker_gpus(template: dict[str, Any]) -> None:
         "type": "array",
         "items": DEVICE_REQUEST,
     }
-    template["job_configuration"]["container_create_kwargs"] = {"device_requests": "{{ device_requests }}"}
+    properties["shm_size"] = {
+        "title": "Shared memory",
+        "description": "Size of the container's /dev/shm, e.g. '8g'; docker's own 64m is too small for "
+        "NCCL and DataLoader workers.",
+        "type": "string",
+        "default": "1g",
+    }
+    template["job_configuration"]["container_create_kwargs"] = {
+        "device_requests": "{{ device_requests }}",
+        "shm_size": "{{ shm_size }}",
+    }
 
 
-def _add_kubernetes_scheduling(template: dict[str, Any]) -> None:
+def _add_kubernetes_settings(template: dict[str, Any]) -> None:
     properties = template["variables"]["properties"]
     properties["gpus"] = {
         "title": "GPUs",
@@ -147,10 +168,21 @@ def _add_kubernetes_scheduling(template: dict[str, Any]) -> None:
         "type": "array",
         "items": TOLERATION,
     }
+    properties["shm_size"] = {
+        "title": "Shared memory",
+        "description": "Size limit of the memory-backed /dev/shm mounted into the job's container (it "
+        "counts towards the memory limit), e.g. '8Gi'; NCCL and DataLoader workers need more than the "
+        "runtime's default.",
+        "type": "string",
+        "default": "1Gi",
+    }
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"
-    pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpus }}"
+    pod["volumes"] = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "{{ shm_size }}"}}]
+    container = pod["containers"][0]
+    container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpus }}"
+    container["volumeMounts"] = [{"name": "dshm", "mountPath": "/dev/shm"}]
 
 
 def job_variables_for(
@@ -284,6 +316,7 @@ def ensure_work_pool(
     concurrency_limit: int | None = None,
     overwrite: bool = False,
     image: str | None = DEFAULT_IMAGE,
+    env: dict[str, str] | None = None,
 ) -> Literal["created", "updated", "unchanged"]:
     """Create the work pool ``name`` on the Prefect server with rlhf's template for ``pool_type``.
 
@@ -295,7 +328,7 @@ def ensure_work_pool(
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    template = base_job_template(pool_type, image)
+    template = base_job_template(pool_type, image, env)
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_work_pool(name)

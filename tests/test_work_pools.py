@@ -60,8 +60,8 @@ def test_every_placeholder_of_a_template_is_one_of_its_variables(pool_type):
 
 def test_docker_and_kubernetes_templates_start_from_the_ones_prefect_ships():
     for pool_type, added in (
-        ("docker", {"device_requests"}),
-        ("kubernetes", {"gpus", "node_selector", "tolerations"}),
+        ("docker", {"device_requests", "shm_size"}),
+        ("kubernetes", {"gpus", "node_selector", "tolerations", "shm_size"}),
     ):
         shipped = bundled_template(pool_type)
         ours = base_job_template(pool_type)
@@ -74,14 +74,14 @@ def test_docker_gpus_become_device_requests_and_memory_a_mem_limit():
     values = variables_for("docker", pool="gpu", gpus=2, memory="32Gi", env={"HF_HOME": "/data/hf"})
     assert values == {"env": {"HF_HOME": "/data/hf"}, "mem_limit": "32g", "device_requests": [GPU_REQUEST]}
     job = render(base_job_template("docker"), values)
-    assert job["container_create_kwargs"] == {"device_requests": [GPU_REQUEST]}
+    assert job["container_create_kwargs"] == {"device_requests": [GPU_REQUEST], "shm_size": "1g"}
     assert (job["mem_limit"], job["image"], job["env"]) == ("32g", DEFAULT_IMAGE, {"HF_HOME": "/data/hf"})
 
 
 def test_docker_job_without_gpus_asks_docker_for_no_device():
     """No request at all, not one with Count 0: docker would still demand the NVIDIA runtime."""
     assert variables_for("docker", pool="cpu", gpus=0) == {}
-    assert render(base_job_template("docker"), {})["container_create_kwargs"] == {}
+    assert render(base_job_template("docker"), {})["container_create_kwargs"] == {"shm_size": "1g"}
 
 
 def test_kubernetes_gpus_memory_node_selector_and_tolerations_land_in_the_job_manifest():
@@ -104,6 +104,8 @@ def test_kubernetes_gpus_memory_node_selector_and_tolerations_land_in_the_job_ma
     assert container["image"] == "registry.example/rlhf-pipelines:gpu"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "A100"}
     assert pod["tolerations"] == [TOLERATION]
+    assert pod["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+    assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     plain = render(template, {})["job_manifest"]["spec"]["template"]["spec"]
     assert "nodeSelector" not in plain and "tolerations" not in plain
     assert "nvidia.com/gpu" not in plain["containers"][0]["resources"]["limits"]
@@ -144,6 +146,10 @@ def test_a_gpus_job_variable_on_docker_points_to_compute_gpus():
 
 
 def test_process_pool_takes_env_and_passes_job_variables_through():
+    """compute.env, then compute.job_variables' env over it, then both over the pool's env, as the
+    process worker's own configuration class builds the job."""
+    from prefect.workers.process import ProcessJobConfiguration
+
     values = variables_for(
         "process",
         pool="cpu",
@@ -151,7 +157,10 @@ def test_process_pool_takes_env_and_passes_job_variables_through():
         job_variables={"env": {"A": "2"}, "working_dir": "/srv/rlhf"},
     )
     assert values == {"env": {"CUDA_VISIBLE_DEVICES": "0", "A": "2"}, "working_dir": "/srv/rlhf"}
-    assert render(base_job_template("process"), values)["env"] == {"CUDA_VISIBLE_DEVICES": "0", "A": "2"}
+    template = base_job_template("process", env={"RLHF_TRACKING_URI": "http://mlflow:5000", "A": "0"})
+    job = asyncio.run(ProcessJobConfiguration.from_template_and_values(template, values, client=MagicMock()))
+    assert job.env == {"RLHF_TRACKING_URI": "http://mlflow:5000", "A": "2", "CUDA_VISIBLE_DEVICES": "0"}
+    assert str(job.working_dir) == "/srv/rlhf"
     assert variables_for("process", pool="cpu") == {}
 
 
@@ -229,13 +238,21 @@ def test_work_pools_on_a_prefect_server(prefect_api_url):
 
 def test_pools_template_prints_json_for_prefect_work_pool_create(tmp_path):
     out = tmp_path / "k8s.json"
-    result = CliRunner().invoke(
-        pools_app, ["template", "kubernetes", "--image", "r/rlhf:gpu", "-o", str(out)]
-    )
+    args = [
+        "template",
+        "kubernetes",
+        "--image",
+        "r/rlhf:gpu",
+        "--env",
+        "RLHF_TRACKING_URI=http://mlflow:5000",
+    ]
+    result = CliRunner().invoke(pools_app, [*args, "-o", str(out)])
     assert result.exit_code == 0, result.output
-    template = json.loads(out.read_text())
-    assert template["variables"]["properties"]["image"]["default"] == "r/rlhf:gpu"
-    assert "gpus" in template["variables"]["properties"]
+    properties = json.loads(out.read_text())["variables"]["properties"]
+    assert properties["image"]["default"] == "r/rlhf:gpu" and "gpus" in properties
+    assert properties["env"]["default"] == {"RLHF_TRACKING_URI": "http://mlflow:5000"}
+    result = CliRunner().invoke(pools_app, ["template", "process", "--env", "1X=y"])
+    assert result.exit_code == EXIT_USER_ERROR and "--env 1X=y: expected KEY=VALUE" in result.output
 
 
 def test_importing_the_pools_commands_loads_no_prefect():
@@ -282,4 +299,5 @@ def test_the_kubernetes_worker_accepts_the_rendered_job():
     pod = config.job_manifest["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert pod["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
+    assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     assert pod["tolerations"] == [TOLERATION]
