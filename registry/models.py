@@ -25,7 +25,13 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
-from registry.tracking import PACKAGE_VERSION_TAG, activate_stage_run, client, package_version
+from registry.tracking import (
+    PACKAGE_VERSION_TAG,
+    activate_stage_run,
+    client,
+    is_artifact_uri,
+    package_version,
+)
 from rlhf_core.refs import ModelRef
 
 CANDIDATE_ALIAS = "candidate"
@@ -135,7 +141,7 @@ def materialize_model(ref: ModelRef, cache_dir: Path) -> str:
     Local directories and hub names are returned as they are; MLflow models are downloaded once into
     ``cache_dir/<digest>``.
     """
-    if not ref.uri.startswith(("models:/", "runs:/")) and "://" not in ref.uri:
+    if not is_artifact_uri(ref.uri):
         return ref.uri
     target = cache_dir / ref.digest[:32]
     if (target / "config.json").exists():

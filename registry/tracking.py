@@ -43,6 +43,9 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # ``workflowType`` picks the UI's model-training view (sidebar with the Model Registry) for any page.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 HTTP_PREFIXES = ("http://", "https://")
+# Where MLflow keeps what a stage outputs; refs with these URIs resolve on any machine that reaches the
+# tracking server. ``mlflow-artifacts:/`` (proxied artifacts) has no ``//``.
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
 # MLflow's HTTP client retries every method (POST included) on connection errors, timeouts, 429 and
 # 5xx, sleeping factor * 2**(n-1) s (capped at 120 s; none before the first retry) plus up to ``JITTER``
 # s. Ten retries with factor 1 (MLflow's defaults: 7 and 2) try at ~0, 2, 6, 14, 30, 62, 126 s, ...:
@@ -78,6 +81,12 @@ def apply_http_retry_defaults() -> None:
 def is_tracking_server(uri: str) -> bool:
     """Whether ``uri`` is an MLflow tracking server (shared by processes and machines over HTTP)."""
     return uri.startswith(HTTP_PREFIXES)
+
+
+def is_artifact_uri(uri: str) -> bool:
+    """Whether a ref's ``uri`` names stored artifacts (MLflow, ``file://``, ``s3://``...), not a local
+    path or a hub name."""
+    return uri.startswith(MLFLOW_URI_PREFIXES) or "://" in uri
 
 
 def initialize_sqlite_store(db_path: Path, uri: str) -> None:
