@@ -301,3 +301,42 @@ def test_the_kubernetes_worker_accepts_the_rendered_job():
     assert pod["containers"][0]["args"] == ["prefect", "flow-run", "execute"]
     assert pod["containers"][0]["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
     assert pod["tolerations"] == [TOLERATION]
+
+
+def test_a_pool_limit_of_one_hands_its_workers_one_run_at_a_time(prefect_api_url):
+    """What `--concurrency 1` does on the server: while one run of the pool is pending or running, a
+    polling worker is handed no other, however many are scheduled (a pool without a limit hands out
+    both). The job variables job_variables_for makes pass the server's own check of the template."""
+    from prefect import get_client
+    from prefect.states import Completed, Pending, Running
+
+    with get_client(sync_client=True) as client:
+        unlimited, _ = _pool_with_two_scheduled_runs(client, None)
+        assert len(_handed_out(client, unlimited)) == 2
+        name, runs = _pool_with_two_scheduled_runs(client, 1)
+        assert {r.job_variables["mem_limit"] for r in runs} == {"8g"}
+        first = _handed_out(client, name)
+        assert len(first) == 1
+        client.set_flow_run_state(first[0], Pending())
+        client.set_flow_run_state(first[0], Running())
+        assert _handed_out(client, name) == []
+        client.set_flow_run_state(first[0], Completed())
+        second = _handed_out(client, name)
+        assert len(second) == 1 and second != first
+
+
+def _pool_with_two_scheduled_runs(client, concurrency_limit: int | None) -> tuple[str, list]:
+    name = f"one-gpu-{uuid.uuid4().hex[:8]}"
+    ensure_work_pool(name, "docker", concurrency_limit=concurrency_limit)
+    pool = client.read_work_pool(name)
+    compute = ComputeSpec(pool=name, gpus=1, memory="8g")
+    job_variables = job_variables_for(compute, pool.type, pool.base_job_template, "sft")
+    flow_id = client.create_flow_from_name("rlhf-pool-limit-test")
+    deployment = client.create_deployment(flow_id, name, work_pool_name=name, entrypoint="flows.x:y")
+    runs = [client.create_flow_run_from_deployment(deployment, job_variables=job_variables) for _ in range(2)]
+    return name, runs
+
+
+def _handed_out(client, pool_name: str) -> list:
+    """The runs a worker polling the pool now would be given."""
+    return [r.flow_run.id for r in client.get_scheduled_flow_runs_for_work_pool(pool_name)]
