@@ -62,6 +62,14 @@ EnvOpt = Annotated[
         "container jobs do not inherit their worker's environment.",
     ),
 ]
+GpuIdsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-ids",
+        help="Docker pools: the host GPUs (e.g. 0 or 2,3) this pool's jobs use. Docker hands out GPUs by "
+        "count from GPU 0, so on a multi-GPU host make one pool per GPU (or GPU group).",
+    ),
+]
 WORKER_HINTS = {
     "process": "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {name} --limit 1   # one worker per GPU",
     "docker": "pip install 'prefect-docker>=0.7'; prefect worker start --pool {name} --type docker --limit 1",
@@ -72,6 +80,11 @@ WORKER_HINTS = {
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> None:
     typer.secho(message, err=True, fg="red")
     raise typer.Exit(status)
+
+
+def _gpu_ids(text: str | None) -> list[str] | None:
+    ids = [i.strip() for i in (text or "").split(",") if i.strip()]
+    return ids or None
 
 
 def _environment(pairs: list[str] | None) -> dict[str, str]:
@@ -99,6 +112,7 @@ def create(
     ] = None,
     image: ImageOpt = DEFAULT_IMAGE,
     env: EnvOpt = None,
+    gpu_ids: GpuIdsOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the template and limit of an existing pool.")
     ] = False,
@@ -118,7 +132,9 @@ def create(
             "one (prefect server start --host 0.0.0.0) and export PREFECT_API_URL=http://HOST:4200/api"
         )
     try:
-        outcome = ensure_work_pool(name, pool_type.value, concurrency, overwrite, image, environment)
+        outcome = ensure_work_pool(
+            name, pool_type.value, concurrency, overwrite, image, environment, _gpu_ids(gpu_ids)
+        )
     except UserError as exc:
         _fail(str(exc))
     except Exception as exc:  # server unreachable or refusing: an environment failure, one line
@@ -136,6 +152,7 @@ def template(
     pool_type: Annotated[PoolType, typer.Argument(help="Work pool type.")],
     image: ImageOpt = DEFAULT_IMAGE,
     env: EnvOpt = None,
+    gpu_ids: GpuIdsOpt = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write it to this file instead of stdout.")
     ] = None,
@@ -143,7 +160,11 @@ def template(
     """Print rlhf's base job template for a pool type (for prefect work-pool create --base-job-template)."""
     environment = _environment(env)
     apply_environment_defaults(RLHFSettings())  # before base_job_template imports prefect
-    text = json.dumps(base_job_template(pool_type.value, image, environment), indent=2)
+    try:
+        job_template = base_job_template(pool_type.value, image, environment, _gpu_ids(gpu_ids))
+    except UserError as exc:
+        _fail(str(exc))
+    text = json.dumps(job_template, indent=2)
     if output is None:
         typer.echo(text)
     else:

@@ -57,6 +57,10 @@ FIELD_VARIABLES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 OTHER_POOL_VARIABLES: dict[str, tuple[str, ...]] = {"env": ("env",), "image": ("image",)}
 MAPPED_FIELDS = ("env", "image", "memory", "gpus")
+GPU_SOURCES = {
+    "process": "takes them from its worker's CUDA_VISIBLE_DEVICES",
+    "kubernetes": "gets them from the cluster's device plugin",
+}
 
 DEVICE_REQUEST = {
     "type": "object",
@@ -87,14 +91,22 @@ TOLERATION = {
 
 
 def base_job_template(
-    pool_type: str, image: str | None = DEFAULT_IMAGE, env: dict[str, str] | None = None
+    pool_type: str,
+    image: str | None = DEFAULT_IMAGE,
+    env: dict[str, str] | None = None,
+    gpu_ids: list[str] | None = None,
 ) -> dict[str, Any]:
     """The base job template for a new pool of ``pool_type``.
 
     ``image``: the default job image of docker and kubernetes pools (None keeps Prefect's). ``env``:
     environment every job of the pool gets (e.g. ``RLHF_TRACKING_URI``); a job's own ``env`` is merged
-    over it. Container jobs do not inherit their worker's environment, process jobs do.
+    over it. Container jobs do not inherit their worker's environment, process jobs do. ``gpu_ids``
+    (docker only): the host's GPUs this pool's jobs use. Docker hands out GPUs by count from GPU 0, so
+    two jobs asking for one GPU each both get GPU 0; a pool per GPU (or GPU group) keeps them apart.
     """
+    if gpu_ids and pool_type != "docker":
+        source = GPU_SOURCES.get(pool_type, "does not take them from rlhf")
+        raise UserError(f"--gpu-ids: only docker pools pin GPUs; a {pool_type} pool {source}")
     if pool_type == "process":
         from prefect.workers.process import ProcessWorker
 
@@ -107,6 +119,8 @@ def base_job_template(
             _add_kubernetes_settings(template)
         if image:
             template["variables"]["properties"]["image"]["default"] = image
+        if gpu_ids:
+            template["variables"]["properties"]["device_requests"]["default"] = [gpu_request(ids=gpu_ids)]
     else:
         raise UserError(f"pool type '{pool_type}': not one of {', '.join(POOL_TYPES)}")
     if env:
@@ -121,6 +135,18 @@ def bundled_template(pool_type: str) -> dict[str, Any]:
     metadata = json.loads((Path(prefect.__file__).parent / WORKER_METADATA).read_text())
     worker = metadata[WORKER_PACKAGES[pool_type]][pool_type]
     return copy.deepcopy(worker["default_base_job_configuration"])
+
+
+def gpu_request(count: int | None = None, ids: list[str] | None = None) -> dict[str, Any]:
+    """A docker device request for ``count`` NVIDIA GPUs, or for the GPUs ``ids`` (docker --gpus)."""
+    devices = {"Count": count} if ids is None else {"DeviceIDs": list(ids)}
+    return {"Driver": "nvidia", **devices, "Capabilities": [["gpu"]]}
+
+
+def pinned_gpu_ids(base_job_template: dict[str, Any]) -> list[str]:
+    """The GPUs a docker pool's template pins by default (``--gpu-ids``); [] when none."""
+    device_requests = base_job_template.get("variables", {}).get("properties", {}).get("device_requests", {})
+    return [i for request in device_requests.get("default") or [] for i in request.get("DeviceIDs", [])]
 
 
 def _add_docker_settings(template: dict[str, Any]) -> None:
@@ -201,8 +227,14 @@ def job_variables_for(
     origins: dict[str, str] = {}
     for field in MAPPED_FIELDS:
         value = getattr(compute, field)
-        if value is None or value == {} or (field == "gpus" and value == 0):
+        if value is None or value == {}:
             continue
+        if (
+            field == "gpus"
+            and value == 0
+            and not (pool_type == "docker" and pinned_gpu_ids(base_job_template))
+        ):
+            continue  # no GPUs is what a job gets anyway, except from a pool that pins some
         names = FIELD_VARIABLES.get(pool_type, OTHER_POOL_VARIABLES).get(field)
         if not names:
             raise UserError(
@@ -215,7 +247,8 @@ def job_variables_for(
                     f"'{name}'; give the pool rlhf's template: rlhf pools create {compute.pool or 'NAME'} "
                     f"--type {pool_type} --overwrite"
                 )
-            values[name], origins[name] = _variable_value(field, value, pool_type), f"compute.{field}"
+            values[name] = _variable_value(field, value, pool_type, base_job_template, stage, pool)
+            origins[name] = f"compute.{field}"
     for name, value in compute.job_variables.items():
         origins[name] = f"compute.job_variables.{name}"
         merge_env = name == "env" and isinstance(value, dict) and isinstance(values.get("env"), dict)
@@ -250,9 +283,21 @@ def _cannot(field: str, pool_type: str, pool_name: str | None) -> str:
     )
 
 
-def _variable_value(field: str, value: Any, pool_type: str) -> Any:
+def _variable_value(
+    field: str, value: Any, pool_type: str, base_job_template: dict[str, Any], stage: str, pool: str
+) -> Any:
     if field == "gpus" and pool_type == "docker":
-        return [{"Driver": "nvidia", "Count": value, "Capabilities": [["gpu"]]}]
+        pinned = pinned_gpu_ids(base_job_template)
+        if not pinned:
+            return [gpu_request(count=value)]
+        if value == 0:
+            return []  # not a request for no devices: the runtime would then show the image's choice
+        if value > len(pinned):
+            raise UserError(
+                f"stage '{stage}', compute.gpus: {value} GPUs asked for, but {pool} has GPUs "
+                f"{', '.join(pinned)} only"
+            )
+        return [gpu_request(ids=pinned[:value])]
     if field == "memory":
         return memory_quantity(value, pool_type)
     return dict(value) if field == "env" else value
@@ -317,6 +362,7 @@ def ensure_work_pool(
     overwrite: bool = False,
     image: str | None = DEFAULT_IMAGE,
     env: dict[str, str] | None = None,
+    gpu_ids: list[str] | None = None,
 ) -> Literal["created", "updated", "unchanged"]:
     """Create the work pool ``name`` on the Prefect server with rlhf's template for ``pool_type``.
 
@@ -328,7 +374,7 @@ def ensure_work_pool(
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
-    template = base_job_template(pool_type, image, env)
+    template = base_job_template(pool_type, image, env, gpu_ids)
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_work_pool(name)

@@ -84,6 +84,31 @@ def test_docker_job_without_gpus_asks_docker_for_no_device():
     assert render(base_job_template("docker"), {})["container_create_kwargs"] == {"shm_size": "1g"}
 
 
+def test_a_docker_pool_pinned_to_gpus_hands_its_jobs_those_gpus():
+    """Docker gives a count-based request GPUs 0..N-1, whichever job holds them: a pool per GPU
+    (--gpu-ids) keeps two one-GPU jobs on one host apart."""
+    template = base_job_template("docker", gpu_ids=["2", "3"])
+    pinned = {"Driver": "nvidia", "DeviceIDs": ["2", "3"], "Capabilities": [["gpu"]]}
+    assert render(template, {})["container_create_kwargs"]["device_requests"] == [pinned]
+    values = job_variables_for(ComputeSpec(pool="gpu23", gpus=1), "docker", template, "sft")
+    assert values == {
+        "device_requests": [{"Driver": "nvidia", "DeviceIDs": ["2"], "Capabilities": [["gpu"]]}]
+    }
+    assert job_variables_for(ComputeSpec(pool="gpu23", gpus=0), "docker", template, "data") == {
+        "device_requests": []
+    }
+    with pytest.raises(
+        UserError,
+        match="stage 'sft', compute.gpus: 3 GPUs asked for, but the docker pool 'gpu23' has GPUs 2, 3 only",
+    ):
+        job_variables_for(ComputeSpec(pool="gpu23", gpus=3), "docker", template, "sft")
+    with pytest.raises(
+        UserError,
+        match="only docker pools pin GPUs; a process pool takes them from its worker's CUDA_VISIBLE_DEVICES",
+    ):
+        base_job_template("process", gpu_ids=["0"])
+
+
 def test_kubernetes_gpus_memory_node_selector_and_tolerations_land_in_the_job_manifest():
     template = base_job_template("kubernetes")
     values = variables_for(
