@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rlhf_core.errors import UserError
 
 # Offline and telemetry defaults, applied unless the user already set them (see stack notes).
 OFFLINE_DEFAULTS = {
@@ -47,6 +50,8 @@ class RLHFSettings(BaseSettings):
     def resolved_tracking_uri(self) -> str:
         # Deliberately not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so one
         # pipeline run would silently redirect the next run (another --home) to its own store.
+        if self.tracking_uri:
+            check_no_password(self.tracking_uri)
         return self.tracking_uri or f"sqlite:///{self.resolved_home() / 'mlflow.db'}"
 
     def resolved_artifact_location(self) -> str:
@@ -61,6 +66,19 @@ class RLHFSettings(BaseSettings):
 
     def lock_dir(self) -> Path:
         return self.resolved_home() / "locks"
+
+
+def check_no_password(tracking_uri: str) -> None:
+    """The tracking URI is printed, linked from run descriptions and passed to every stage (Prefect keeps
+    task parameters and deployment job variables): a password in it would be stored in all of them."""
+    if urlsplit(tracking_uri).password is None:
+        return
+    raise UserError(
+        "RLHF_TRACKING_URI holds a password (user:password@host); it would be printed and stored with "
+        "every run. Give the bare URI and put credentials in the environment of each process instead: "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for an MLflow "
+        "server, PGPASSWORD or ~/.pgpass for a PostgreSQL URI."
+    )
 
 
 def apply_environment_defaults(settings: RLHFSettings) -> None:

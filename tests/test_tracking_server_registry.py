@@ -20,6 +20,17 @@ def test_experiments_on_a_server_take_its_proxied_artifact_store(tmp_path):
     assert tracking.experiment_artifact_location("p", local) == (tmp_path / "mlartifacts").as_uri() + "/p"
 
 
+def test_a_tracking_uri_with_a_password_is_refused_without_repeating_it(tmp_path):
+    """It would be printed and stored in Prefect parameters; credentials belong in the environment."""
+    from rlhf_core.errors import UserError
+
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_PASSWORD") as refused:
+        RLHFSettings(home=tmp_path, tracking_uri="https://ci:s3cret@mlflow.internal").resolved_tracking_uri()
+    assert "s3cret" not in str(refused.value)
+    for fine in ("https://mlflow.internal", "postgresql://mlflow@db:5432/mlflow", "sqlite:////tmp/m.db"):
+        assert RLHFSettings(home=tmp_path, tracking_uri=fine).resolved_tracking_uri() == fine
+
+
 def test_http_retry_defaults_never_override_the_user(monkeypatch):
     for key in tracking.HTTP_RETRY_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
