@@ -12,8 +12,11 @@ pool types are supported:
   ``container_create_kwargs.device_requests`` (docker's ``--gpus``); ``compute.gpus: N`` becomes one
   request ``{"Driver": "nvidia", "Count": N, "Capabilities": [["gpu"]]}``; ``compute.memory`` becomes
   ``mem_limit``; ``shm_size`` (default 1g: docker's 64m is too small for NCCL and DataLoader workers)
-  goes to ``container_create_kwargs.shm_size``. The worker needs the ``prefect-docker`` package (0.7 or
-  later reads ``container_create_kwargs``) and the host the NVIDIA container toolkit.
+  goes to ``container_create_kwargs.shm_size``. Docker gives a count-based request GPUs 0..N-1
+  whichever other container holds them, so on a multi-GPU host each pool is pinned to its own GPUs
+  (``gpu_ids``: the default request names them, and ``compute.gpus: N`` takes the first N). The worker
+  needs the ``prefect-docker`` package (0.7 or later reads ``container_create_kwargs``) and the host
+  the NVIDIA container toolkit.
 - ``kubernetes``: Prefect's bundled template plus ``gpus`` (the container's ``nvidia.com/gpu``
   limit), ``node_selector`` and ``tolerations`` (the pod's ``nodeSelector`` and ``tolerations``);
   ``compute.memory`` becomes both ``memory_request`` and ``memory_limit``; ``shm_size`` (default 1Gi)
@@ -291,7 +294,7 @@ def _variable_value(
         if not pinned:
             return [gpu_request(count=value)]
         if value == 0:
-            return []  # not a request for no devices: the runtime would then show the image's choice
+            return []  # no request at all: one naming no device would leave the choice to the image
         if value > len(pinned):
             raise UserError(
                 f"stage '{stage}', compute.gpus: {value} GPUs asked for, but {pool} has GPUs "
@@ -372,7 +375,7 @@ def ensure_work_pool(
     """
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     template = base_job_template(pool_type, image, env, gpu_ids)
     with get_client(sync_client=True) as client:
@@ -382,7 +385,10 @@ def ensure_work_pool(
             create = WorkPoolCreate(
                 name=name, type=pool_type, base_job_template=template, concurrency_limit=concurrency_limit
             )
-            client.create_work_pool(create)
+            try:
+                client.create_work_pool(create)
+            except ObjectAlreadyExists:  # created meanwhile by another command
+                return "unchanged"
             return "created"
         if existing.type != pool_type:
             raise UserError(
