@@ -101,3 +101,19 @@ def test_registering_again_from_the_same_run_reuses_its_version(logged_model):
     c = tracking.client()
     assert c.get_model_version("again", version).tags["rlhf.stage"] == "sft"
     assert str(c.get_model_version_by_alias("again", models.CANDIDATE_ALIAS).version) == version
+
+
+def test_an_old_experiment_with_a_local_artifact_root_is_reported_against_a_server(experiment, caplog):
+    """Through a server, a ``file:`` artifact root would make each client write to its own disk."""
+    c = tracking.client()
+    c.create_experiment("pinned-locally", artifact_location="file:///var/rlhf/mlartifacts/pinned-locally")
+    server = RLHFSettings(tracking_uri="http://mlflow.internal:5000")
+    with caplog.at_level("WARNING", logger="registry.tracking"):
+        tracking.ensure_experiment("pinned-locally", server)
+    assert "file:///var/rlhf/mlartifacts/pinned-locally" in caplog.text
+    assert "RLHF_ARTIFACT_LOCATION" in caplog.text
+    caplog.clear()
+    c.create_experiment("proxied", artifact_location="mlflow-artifacts:/7")
+    with caplog.at_level("WARNING", logger="registry.tracking"):
+        tracking.ensure_experiment("proxied", server)
+    assert caplog.text == ""
