@@ -110,6 +110,11 @@ def _check_shared_store(server: MlflowServer, name: str, home: Path) -> None:
         for ref in json.loads(run.data.tags["rlhf.output_ref"]).values():
             assert ref["uri"].startswith(MLFLOW_URI_PREFIXES), f"{stage}: {ref['uri']} is not an MLflow URI"
 
+    (sft,) = _stage_runs(server, name, "sft")
+    (data_input,) = [d for d in sft.inputs.dataset_inputs if d.dataset.name == "data.sft"]
+    assert data_input.dataset.source_type == "mlflow_artifacts"  # recorded by URI, not as a local file
+    assert json.loads(data_input.dataset.source)["uri"].startswith("mlflow-artifacts:/")
+
     stored = {p.name for p in server.artifacts_dir.rglob("*") if p.is_file()}
     assert {"train.jsonl", "model.safetensors", "MLmodel"} <= stored
     assert not (home / "mlartifacts").exists() and not (home / "mlflow.db").exists()
