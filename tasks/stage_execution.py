@@ -13,12 +13,10 @@ The flow hands each task a ``StageCall`` whose fingerprint it has already comput
 
 from __future__ import annotations
 
-import fcntl
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from rlhf_core.spec import reference_fields
 from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
 from tasks import progress, stage_reports
+from tasks.fingerprint_lock import fingerprint_lock
 
 SUMMARY_PREFIX = "summary/"
 STEP_LOG_MARK = "rlhf_step_log"  # ``extra`` key on per-step log records
@@ -205,7 +204,7 @@ def _execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOu
     forced = call.name in ctx.forced
     if not forced and (hit := cached_outcome(ctx, call)):
         return hit
-    with fingerprint_lock(ctx.settings().lock_dir(), call.fingerprint):
+    with fingerprint_lock(ctx.settings(), call.fingerprint, call.name):
         if not forced and (hit := cached_outcome(ctx, call)):
             return hit
         return _run_stage(ctx, call, body, forced)
@@ -362,22 +361,6 @@ def _log_inputs(run_id: str, stage: str, inputs: dict[str, StageOutput]) -> None
     }
     if models:
         tracking.set_tags(run_id, models)
-
-
-@contextmanager
-def fingerprint_lock(lock_dir: Path, fingerprint: str) -> Iterator[None]:
-    """Exclusive inter-process lock on one fingerprint (held by the OS: released if the process dies)."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{fingerprint}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _logger().info("fingerprint %s is being computed by another run; waiting", fingerprint[:12])
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _logger():

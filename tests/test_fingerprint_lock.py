@@ -1,0 +1,274 @@
+"""The fingerprint lock: one training per fingerprint across machines (a real Prefect server), and on
+one host without one.
+
+Each contender is a subprocess doing what ``tasks.stage_execution`` does: check the cache (a marker
+file) -> lock -> check again -> "train" (sleep, then write the marker). Contenders with different RLHF
+homes have different file locks, like two machines: only the server's concurrency limit keeps them
+apart. Events go to a shared log with timestamps, so a test can tell who trained, who waited and when.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_core.errors import UserError
+from tasks.fingerprint_lock import LEASE_SECONDS_ENV, ensure_limit, lease_seconds, limit_name, lock_is_held
+from tests.prefect_servers import prefect_server
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LEASE = 60  # the shortest lease the server accepts
+CONTENDER = r"""
+import logging, sys, time
+from pathlib import Path
+
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+from rlhf_core.settings import RLHFSettings
+from tasks.fingerprint_lock import fingerprint_lock
+
+home, fingerprint, shared, label, train_seconds, after = sys.argv[1:7]
+shared = Path(shared)
+marker = shared / "marker"
+
+def note(event):
+    with open(shared / "events.log", "a") as log:
+        log.write(f"{label} {event} {time.time():.3f}\n")
+
+while after != "-" and not (shared / after).exists():  # start contending once the other one holds it
+    time.sleep(0.05)
+if marker.exists():
+    note("cached-before-lock")
+    sys.exit(0)
+with fingerprint_lock(RLHFSettings(home=Path(home)), fingerprint, "sft"):
+    note("locked")
+    (shared / f"{label}.locked").touch()
+    if marker.exists():
+        note("cached-after-lock")
+    else:
+        note("train-start")
+        time.sleep(float(train_seconds))
+        marker.write_text(label)
+        note("train-end")
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One real server for the module; expired leases are looked for every second (default 15 s) and a
+    waiter retries at least every second (default: up to 30 s)."""
+    fast = {
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    }
+    with prefect_server(tmp_path_factory.mktemp("lock-server"), env=fast) as running:
+        print(f"prefect server ready in {running.startup_seconds:.1f} s")
+        yield running
+
+
+@pytest.fixture
+def api(server):
+    """This process talks to the module's server (for lock_is_held and ensure_limit)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        yield server
+
+
+class Contender:
+    """One contender subprocess in its own session (killed by process group)."""
+
+    def __init__(self, env, home, fingerprint, shared, label, train_seconds, after="-"):
+        args = [home, fingerprint, shared, label, str(train_seconds), after]
+        self.stderr_path = Path(shared) / f"{label}.stderr"
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CONTENDER, *map(str, args)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def wait(self, timeout):
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stderr(self):
+        return self.stderr_path.read_text(errors="replace")
+
+
+def events(shared: Path) -> dict[str, list[tuple[str, float]]]:
+    """label -> [(event, time)] in order."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    path = shared / "events.log"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        label, event, stamp = line.split()
+        out.setdefault(label, []).append((event, float(stamp)))
+    return out
+
+
+def when(shared: Path, label: str, event: str) -> float | None:
+    return next((t for e, t in events(shared).get(label, []) if e == event), None)
+
+
+def client_env(server=None, lease=LEASE) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(server.env() if server is not None else {})
+    env.update({LEASE_SECONDS_ENV: str(lease), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.e2e
+def test_two_machines_same_fingerprint_train_once(api, tmp_path):
+    fingerprint = "a1" * 32
+    env = client_env(api)
+    a = Contender(env, tmp_path / "home-a", fingerprint, tmp_path, "A", train_seconds=4)
+    b = Contender(env, tmp_path / "home-b", fingerprint, tmp_path, "B", train_seconds=4, after="A.locked")
+    try:
+        assert a.wait(120) == 0, a.stderr()
+        assert b.wait(120) == 0, b.stderr()
+    finally:
+        a.kill()
+        b.kill()
+    seen = events(tmp_path)
+    assert [e for e, _ in seen["A"]] == ["locked", "train-start", "train-end"]
+    assert [e for e, _ in seen["B"]] == ["locked", "cached-after-lock"]  # it waited, then found the result
+    assert when(tmp_path, "B", "locked") >= when(tmp_path, "A", "train-end")
+    assert "being computed by another run (concurrency limit" in b.stderr()
+    # Different homes, different file locks: only the server kept them apart.
+    assert (tmp_path / "home-a/locks" / f"{fingerprint}.lock").exists()
+    assert (tmp_path / "home-b/locks" / f"{fingerprint}.lock").exists()
+    assert lock_is_held(fingerprint) is False  # released on exit
+
+
+@pytest.mark.e2e
+def test_a_killed_holder_is_freed_when_its_lease_runs_out(api, tmp_path):
+    """Two homes (two machines): the holder renews its lease (it still holds after the first lease has
+    run out), is SIGKILLed, and the waiter gets the fingerprint once the last renewed lease expires."""
+    fingerprint = "b2" * 32
+    env = client_env(api)
+    a = Contender(env, tmp_path / "home-a", fingerprint, tmp_path, "A", train_seconds=600)
+    b = Contender(env, tmp_path / "home-b", fingerprint, tmp_path, "B", train_seconds=1, after="A.locked")
+    try:
+        wait_for(lambda: when(tmp_path, "A", "locked") is not None, 120, "A to take the lock")
+        assert lock_is_held(fingerprint) is True
+        # Past the first lease and a repossessor pass: only renewals keep B out.
+        time.sleep(max(0.0, when(tmp_path, "A", "locked") + LEASE + 5 - time.time()))
+        assert when(tmp_path, "B", "locked") is None, "the lease was not renewed"
+        wait_for(lambda: "being computed by another run" in b.stderr(), 30, "B to wait")
+        a.kill()
+        killed = time.time()
+        assert lock_is_held(fingerprint) is True  # a dead holder holds until its lease runs out
+        assert b.wait(LEASE + 60) == 0, b.stderr()
+    finally:
+        a.kill()
+        b.kill()
+    waited = when(tmp_path, "B", "locked") - killed
+    print(f"B took the lock {waited:.1f} s after A was killed")
+    assert [e for e, _ in events(tmp_path)["B"]] == ["locked", "train-start", "train-end"]
+    assert waited <= LEASE + 15
+    assert lock_is_held(fingerprint) is False
+
+
+@pytest.mark.e2e
+def test_a_rerun_in_the_home_of_a_killed_holder_does_not_wait_for_its_lease(api, tmp_path):
+    """Same home: the file lock proves the recorded holder dead, so its lease is released at once."""
+    fingerprint = "f6" * 32
+    env = client_env(api)
+    home = tmp_path / "home"
+    a = Contender(env, home, fingerprint, tmp_path, "A", train_seconds=600)
+    try:
+        wait_for(lambda: when(tmp_path, "A", "locked") is not None, 120, "A to take the lock")
+        assert (home / "locks" / f"{fingerprint}.lease").exists()
+    finally:
+        a.kill()
+    killed = time.time()
+    assert lock_is_held(fingerprint) is True
+    b = Contender(env, home, fingerprint, tmp_path, "B", train_seconds=1)
+    try:
+        assert b.wait(LEASE - 10) == 0, b.stderr()  # well before A's lease could run out
+    finally:
+        b.kill()
+    print(f"rerun took the lock {when(tmp_path, 'B', 'locked') - killed:.1f} s after the kill")
+    assert [e for e, _ in events(tmp_path)["B"]] == ["locked", "train-start", "train-end"]
+    assert "releasing the fingerprint lock of a run of this home that died" in b.stderr()
+    assert not (home / "locks" / f"{fingerprint}.lease").exists()
+    assert lock_is_held(fingerprint) is False
+
+
+@pytest.mark.e2e
+def test_without_a_server_the_file_lock_serializes_one_home(api, tmp_path):
+    fingerprint = "c3" * 32
+    env = client_env(None)  # no PREFECT_API_URL: the file lock only
+    home = tmp_path / "home"
+    a = Contender(env, home, fingerprint, tmp_path, "A", train_seconds=3)
+    b = Contender(env, home, fingerprint, tmp_path, "B", train_seconds=3, after="A.locked")
+    try:
+        assert a.wait(120) == 0, a.stderr()
+        assert b.wait(120) == 0, b.stderr()
+    finally:
+        a.kill()
+        b.kill()
+    assert [e for e, _ in events(tmp_path)["B"]] == ["locked", "cached-after-lock"]
+    assert when(tmp_path, "B", "locked") >= when(tmp_path, "A", "train-end")
+    assert "being computed by another run on this host" in b.stderr()
+    assert lock_is_held(fingerprint) is False  # no limit was ever created on the server
+
+
+@pytest.mark.e2e
+def test_creating_the_limit_concurrently_succeeds_everywhere(api):
+    name = limit_name("d4" * 32)
+    errors: list[BaseException] = []
+
+    def create():
+        try:
+            ensure_limit(name)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    # Each thread runs in a copy of this context: the API URL is a context setting (``api``).
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(create,)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    assert (limit.limit, limit.active_slots, limit.active) == (1, 0, True)
+
+
+def test_lock_state_is_unknown_without_a_server(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert lock_is_held("e5" * 32) is None
+
+
+@pytest.mark.parametrize("value", ["30", "abc", "100000"])
+def test_a_lease_the_server_would_refuse_is_a_user_error(monkeypatch, value):
+    monkeypatch.setenv(LEASE_SECONDS_ENV, value)
+    with pytest.raises(UserError, match=LEASE_SECONDS_ENV):
+        lease_seconds()
