@@ -272,3 +272,66 @@ def test_a_lease_the_server_would_refuse_is_a_user_error(monkeypatch, value):
     monkeypatch.setenv(LEASE_SECONDS_ENV, value)
     with pytest.raises(UserError, match=LEASE_SECONDS_ENV):
         lease_seconds()
+
+
+class FlakyClient:
+    """Stands in for Prefect's client in the renewal thread: ``outcomes`` says what each renewal does."""
+
+    def __init__(self, outcomes):
+        self.outcomes, self.calls = list(outcomes), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def renew_concurrency_lease(self, lease_id, lease_duration):
+        self.calls += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+def _gone() -> Exception:
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    request = httpx.Request("POST", "http://server/api/v2/concurrency_limits/leases/x/renew")
+    return PrefectHTTPStatusError("gone", request=request, response=httpx.Response(410, request=request))
+
+
+def _renew_in_thread(monkeypatch, outcomes, run_for):
+    import uuid
+
+    from tasks import fingerprint_lock
+
+    client = FlakyClient(outcomes)
+    monkeypatch.setattr(fingerprint_lock, "get_client", lambda sync_client: client)
+    monkeypatch.setattr(fingerprint_lock, "RENEW_RETRY_SECONDS", 0.02)
+    stop = threading.Event()
+    args = (stop, uuid.uuid4(), 0.1, "sft")  # renew every 0.05 s
+    thread = threading.Thread(target=fingerprint_lock._renew_until, args=args)
+    thread.start()
+    time.sleep(run_for)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    return client
+
+
+def test_failed_renewals_are_retried_and_never_end_the_stage(monkeypatch, caplog):
+    blips = [ConnectionError("server down")] * 5
+    with caplog.at_level("INFO", logger="rlhf"):
+        client = _renew_in_thread(monkeypatch, blips, run_for=0.6)
+    assert client.calls > len(blips)  # it kept renewing after the blip
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "could not renew the fingerprint lock" in warnings[0]  # once per outage
+    assert any("renewed again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lease_already_given_back_stops_renewing_with_a_warning(monkeypatch, caplog):
+    with caplog.at_level("INFO", logger="rlhf"):
+        client = _renew_in_thread(monkeypatch, [_gone()], run_for=0.3)
+    assert client.calls == 1
+    assert any("another run may start the same stage" in r.getMessage() for r in caplog.records)
