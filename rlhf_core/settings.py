@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field
@@ -43,6 +44,11 @@ class RLHFSettings(BaseSettings):
         default=None, description="Artifact root of new MLflow experiments; default <home>/mlartifacts."
     )
     prefect_home: Path | None = Field(default=None, description="PREFECT_HOME; default <home>/prefect.")
+    checkpoint_upload: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Upload stage checkpoints to the stage's MLflow run, so a retry on another machine "
+        "resumes: auto (only with an MLflow tracking server), always, never (e.g. a shared home).",
+    )
 
     def resolved_home(self) -> Path:
         return self.home.expanduser().resolve()
