@@ -114,7 +114,7 @@ def uploading(settings: RLHFSettings, run_id: str, directory: Path, stage: str) 
     if not upload_enabled(settings):
         yield
         return
-    uploader = CheckpointUploader(run_id, directory, stage)
+    uploader = CheckpointUploader(run_id, directory, stage, POLL_SECONDS)
     uploader.start()
     try:
         yield

@@ -6,7 +6,8 @@ The flow hands each task a ``StageCall`` whose fingerprint it has already comput
 2. Lock: a file lock per fingerprint, so two identical runs on one host never both train; the second
    waits, then finds the first one's result in the cache.
 3. Resume: an unfinished run with the same fingerprint is reopened, and training continues from the
-   checkpoints in the fingerprint-keyed work dir.
+   checkpoints in the fingerprint-keyed work dir (or the one uploaded with the run from another machine:
+   ``tasks.checkpoint_sync``).
 4. Outputs are recorded (the cache record) only after the stage's work succeeded; a failure marks
    the run FAILED and registers nothing.
 """
@@ -33,7 +34,7 @@ from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import reference_fields
 from rlhf_core.training import PROGRESS_METRIC
 from rlhf_core.training.checkpoint import latest_checkpoint
-from tasks import progress, stage_reports
+from tasks import checkpoint_sync, progress, stage_reports
 from tasks.fingerprint_lock import fingerprint_lock
 
 SUMMARY_PREFIX = "summary/"
@@ -246,6 +247,8 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         **where_it_runs(),
     }
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
+    if interrupted is not None:  # trained on another machine: its checkpoint is stored with the run
+        checkpoint_sync.fetch_checkpoint(interrupted, work_dir / "checkpoints", stage)
     resumable = interrupted is not None and latest_checkpoint(work_dir / "checkpoints") is not None
     if interrupted is not None and not resumable:
         stage_cache.mark_abandoned(interrupted)
@@ -268,7 +271,8 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         tracking.log_params(run_id, {"config": call.stage.model_dump(mode="json"), "seed": call.seed})
         tracking.log_dict(run_id, call.fingerprint_parts, "fingerprint_parts.json")  # for rlhf reproduce
         _log_inputs(run_id, stage, call.inputs)
-        outputs = _run_body(ctx, call, body, run)
+        with checkpoint_sync.uploading(settings, run_id, work_dir / "checkpoints", stage):
+            outputs = _run_body(ctx, call, body, run)
         tracking.log_metrics(run_id, {SUMMARY_PREFIX + k: v for k, v in run.key_metrics.items()}, step=0)
         stage_cache.record_stage_outputs(run_id, outputs)
         tracking.end_run(run_id, "FINISHED")
@@ -276,6 +280,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         tracking.end_run(run_id, "FAILED")
         raise
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    checkpoint_sync.discard_checkpoints(run_id, stage)
     return StageOutcome(
         stage=stage,
         kind=call.kind,

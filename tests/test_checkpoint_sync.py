@@ -216,3 +216,56 @@ def test_fetch_of_a_vanished_upload_starts_over(run_id, tmp_path, caplog):
         assert checkpoint_sync.fetch_checkpoint(run_id, here, "sft") is None
     assert "could not download the checkpoint" in caplog.text
     assert list(here.iterdir()) == []
+
+
+def test_a_stage_retried_on_another_machine_resumes_from_the_uploaded_checkpoint(
+    store, tmp_path, monkeypatch
+):
+    """Through ``execute_stage``: machine A writes a checkpoint, it is uploaded, A dies; machine B (another
+    home, same store) reopens A's run with A's checkpoint in its own work dir; once B succeeds, the
+    uploads are deleted."""
+    from registry import tracking
+    from rlhf_core.refs import DatasetRef
+    from rlhf_core.spec import SFTTrainSpec
+    from tasks.stage_execution import RunContext, StageCall, execute_stage
+
+    monkeypatch.setenv("RLHF_CHECKPOINT_UPLOAD", "always")
+    monkeypatch.setattr(checkpoint_sync, "POLL_SECONDS", 0.05)
+    shared, experiment = store  # the store both machines reach; each has its own home (work dirs)
+    tracking.configure(shared)
+    uri = shared.resolved_tracking_uri()
+    parent = tracking.start_pipeline_run(experiment, "machines", {})
+    call = StageCall(name="sft", kind="sft", stage=SFTTrainSpec(), seed=0, fingerprint="c" * 64)
+
+    def machine(name: str) -> RunContext:
+        home = str(tmp_path / name)
+        return RunContext(
+            pipeline="machines", experiment_id=experiment, parent_run_id=parent, home=home, tracking_uri=uri
+        )
+
+    seen = {}
+
+    def dies_after_an_upload(run):
+        seen["a"] = run.run_id
+        _checkpoint(run.work_dir / "checkpoints", 2, b"trained on A")
+        _wait_for(lambda: checkpoints.recorded_step(run.run_id) == 2)
+        raise ConnectionError("worker lost")
+
+    with pytest.raises(ConnectionError):
+        execute_stage(machine("a"), call, dies_after_an_upload)
+
+    def resumes(run):
+        assert run.resumed and run.run_id == seen["a"]
+        assert (run.work_dir / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == b"trained on A"
+        _checkpoint(run.work_dir / "checkpoints", 4)
+        _wait_for(lambda: checkpoints.recorded_step(run.run_id) == 4)
+        ref = DatasetRef(
+            uri="/x", digest="d", kind="sft", splits={"train": 1}, columns=("messages",), stage="sft"
+        )
+        return {"out": ref}
+
+    outcome = execute_stage(machine("b"), call, resumes)
+    assert outcome.status == "resumed" and outcome.run_id == seen["a"]
+    assert checkpoints.uploaded_steps(outcome.run_id) == []  # finished: nothing left to resume
+    assert checkpoints.recorded_step(outcome.run_id) is None
+    assert not (tmp_path / "b" / "work" / "sft-cccccccccccccccc" / "checkpoints").exists()
