@@ -34,7 +34,15 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
-from tasks.stage_execution import RunContext, StageBody, StageCall, StageOutcome, StageRun, _logger
+from tasks.stage_execution import (
+    STEP_LOG_MARK,
+    RunContext,
+    StageBody,
+    StageCall,
+    StageOutcome,
+    StageRun,
+    _logger,
+)
 
 SUPPORTED_KINDS = ("sft", "reward_model", "direct_alignment")  # trainers that share steps across ranks
 UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # see data_parallel.py
@@ -221,13 +229,15 @@ def _run_streaming(command: list[str], env: dict[str, str], stage: str) -> tuple
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
     logger = _logger()
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-    )
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
+        preexec_fn=_parent_death_signal() if sys.platform == "linux" else None,
+    )  # fmt: skip
     try:
         for line in process.stdout:
             line = line.rstrip()
             tail.append(line)
-            logger.info("%s | %s", stage, line)
+            # marked like step lines: in the Prefect log, kept off a terminal's live view
+            logger.info("%s | %s", stage, line, extra={STEP_LOG_MARK: True})
         return process.wait(), list(tail)
     finally:
         if process.poll() is None:  # the parent was interrupted: the launcher stops its ranks on SIGTERM
@@ -237,6 +247,17 @@ def _run_streaming(command: list[str], env: dict[str, str], stage: str) -> tuple
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _parent_death_signal():
+    """For the launcher's child side of fork: ask for SIGTERM when the stage's process dies (even by
+    SIGKILL); the launcher passes it on to its ranks, so no orphaned training keeps writing to the
+    stage's run. libc's prctl is looked up here, in the parent: the forked child only calls it."""
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     (job_path,) = argv if argv is not None else sys.argv[1:]
     job = RankJob.model_validate_json(Path(job_path).read_text())
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo or NCCL)
-    logging.basicConfig(level=logging.INFO, format=f"[rank {state.process_index}] %(levelname)s %(message)s")
+    # force: importing Prefect configured the root logger; the stage's step lines must reach the parent
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank {state.process_index}] %(levelname)s %(message)s", force=True
+    )
     token = _RANK_JOB.set(job)
     try:
         task_for_kind(job.kind).fn(job.context, job.call())
@@ -264,4 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as ``python -m tasks.multiprocess``: this module is __main__, and execute_stage would see another
+    # copy (tasks.multiprocess) whose job is unset; the rank runs the imported module's main
+    from tasks.multiprocess import main as rank_main
+
+    sys.exit(rank_main())

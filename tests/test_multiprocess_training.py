@@ -6,7 +6,7 @@
 3. Resume: a 2-process run killed after a checkpoint and run again ends where an uninterrupted
    2-process run does (1e-5).
 4. End to end: ``rlhf run`` with ``compute: {processes: 2}`` on the sft stage registers exactly one model
-   version and logs one loss curve.
+   version and logs one loss curve; kinds that train in one process refuse ``compute.processes`` > 1.
 
 This file is also the script the ranks of tests 2 and 3 run (``accelerate launch <this file> ...``).
 Each rank uses one torch thread: two processes share the machine's two cores.
@@ -226,6 +226,82 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(tmp_path, policy_di
     shutil.copytree(source, tmp_path / "sft" / "ckpt")
     with pytest.raises(ValueError, match="written by 2 training process"):
         _train("sft", policy_dir, tmp_path / "sft")
+
+
+def _run_in_own_group(command: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
+    """Run ``command`` in its own session; on a timeout its whole process group (the launcher and the
+    ranks included) is killed, never left behind."""
+    import signal
+
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.e2e
+def test_rlhf_run_with_two_processes_registers_one_version_and_logs_one_curve(
+    tmp_path, tiny_spec_dict, prefect_api_url
+):
+    import yaml
+    from mlflow import MlflowClient
+
+    tiny_spec_dict["name"] = "mp"
+    stages = tiny_spec_dict["stages"]
+    del stages["eval"], stages["rm"]
+    stages["data"]["source"]["synthetic"]["n"] = 40
+    stages["sft"]["train"].update(max_steps=4, batch_size=4, grad_accum=2, log_every=1, checkpoint_every=2)
+    stages["sft"]["compute"] = {"processes": 2}
+    spec = tmp_path / "mp.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict))
+    home = tmp_path / "home"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+    returncode, output = _run_in_own_group(command, env)
+    assert returncode == 0, output[-6000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    (version,) = client.search_model_versions("name='mp-sft'")  # exactly one, from the main rank
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # one curve: only the main rank logs
+    assert run.data.metrics["summary/steps"] == 4
+    (model_dir,) = (home / "work").glob("sft-*/model")
+    assert (model_dir / "model.safetensors").exists()
+    assert not list((home / "work").glob("sft-*/checkpoints"))  # removed once the stage finished
+
+    returncode, output = _run_in_own_group(command, env)
+    assert returncode == 0 and "cached" in output, output[-6000:]
+    assert len(client.search_model_versions("name='mp-sft'")) == 1
+
+
+def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
+    from rlhf_core.errors import UserError
+    from rlhf_core.spec import STAGE_CLASSES
+    from tasks.multiprocess import check_multiprocess_stage
+    from tasks.stage_execution import StageCall
+
+    def call(kind: str, **fields) -> StageCall:
+        stage = STAGE_CLASSES[kind].model_validate({"kind": kind, **fields})
+        return StageCall(name="s", kind=kind, stage=stage, seed=0, fingerprint="f")
+
+    two = {"processes": 2}
+    grpo = call("policy_gradient", algorithm="grpo", policy="p", prompts="d.prompts",
+                rewards=[{"function": "arithmetic_exact"}], compute=two)  # fmt: skip
+    with pytest.raises(UserError, match=r"stage .s., compute.processes: 2: a policy_gradient stage runs in"):
+        check_multiprocess_stage(grpo)
+    check_multiprocess_stage(call("sft", model="m", data="d.sft", compute=two))
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    sft = call("sft", model="m", data="d.sft", compute={**two, "accelerate_config": str(fsdp)})
+    with pytest.raises(UserError, match="selects FSDP; the trainers support data parallelism only"):
+        check_multiprocess_stage(sft)
 
 
 if __name__ == "__main__":
