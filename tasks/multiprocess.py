@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
+from rlhf_core.spec.compute import ComputeSpec
 from tasks.stage_execution import (
     STEP_LOG_MARK,
     RunContext,
@@ -168,7 +169,8 @@ def run_in_processes(ctx: RunContext, call: StageCall, run: StageRun) -> dict[st
     gpu = torch.cuda.is_available()
     command = launch_command(call.stage.compute, job_file, free_port(), gpu=gpu)
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
+    # compute.env reaches the ranks (e.g. CUDA_VISIBLE_DEVICES for the GPUs they may use)
+    env = {**os.environ, **call.stage.compute.env, "PYTHONPATH": path}
     if not gpu:
         env["ACCELERATE_USE_CPU"] = "true"  # gloo ranks on CPU
     _logger().info("stage %s: launching %d training processes: %s", call.name, call.stage.compute.processes,
@@ -188,7 +190,7 @@ def run_in_processes(ctx: RunContext, call: StageCall, run: StageRun) -> dict[st
     return OUTPUTS.validate_python(record["outputs"])
 
 
-def launch_command(compute, job_file: Path, port: int, *, gpu: bool) -> list[str]:
+def launch_command(compute: ComputeSpec, job_file: Path, port: int, *, gpu: bool) -> list[str]:
     """The ``accelerate launch`` command line of a stage's processes.
 
     Every setting is explicit (or comes from ``compute.accelerate_config``), so a user's default

@@ -304,5 +304,22 @@ def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
         check_multiprocess_stage(sft)
 
 
+def test_launch_command_is_accelerates_multi_process_launch_with_explicit_settings(tmp_path):
+    from rlhf_core.spec.compute import ComputeSpec
+    from tasks.multiprocess import launch_command
+
+    job = tmp_path / "job.json"
+    cpu = launch_command(ComputeSpec(processes=2), job, 40001, gpu=False)
+    assert cpu[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cpu and "--cpu" not in cpu  # --cpu would start one process
+    assert cpu[cpu.index("--num_processes") + 1] == "2"
+    assert cpu[cpu.index("--main_process_port") + 1] == "40001"
+    assert cpu[-3:] == ["-m", "tasks.multiprocess", str(job)]
+    assert "--num_cpu_threads_per_process" not in launch_command(ComputeSpec(processes=4), job, 1, gpu=True)
+    config = launch_command(ComputeSpec(processes=4, accelerate_config="ddp.yaml"), job, 1, gpu=True)
+    assert config[3:5] == ["--config_file", "ddp.yaml"] and "--multi_gpu" not in config
+    assert config[config.index("--num_processes") + 1] == "4"
+
+
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
