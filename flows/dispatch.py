@@ -11,8 +11,11 @@ For such a stage the pipeline flow runs the :func:`dispatch_stage` task instead 
 4. Completed -> the outputs are read from MLflow by fingerprint (never from a Prefect result);
    Failed (the stage raised) -> the pipeline fails with the job's message; Crashed (killed worker,
    lost node) -> submitted again, up to ``compute.retries`` times: the stage resumes from its last
-   checkpoint. A job that Prefect still shows running while nobody holds its fingerprint's lock for
-   longer than ``RLHF_DISPATCH_DEAD_AFTER_SECONDS`` (its worker died with it) is marked Crashed.
+   checkpoint. A job that Prefect still shows running is taken for dead (its process was killed with
+   its worker, or its machine was lost: nobody is left to report) and marked Crashed when its
+   fingerprint's lock, once held, stays free for ``RLHF_DISPATCH_DEAD_AFTER_SECONDS`` (300; the lock's
+   lease runs out when its holder stops renewing it), or was never taken within
+   ``RLHF_DISPATCH_STARTUP_GRACE_SECONDS`` (900) of the job starting to run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tasks.stage_execution import RunContext, StageCall, StageOutcome, cached_ou
 
 POLL_SECONDS = float(os.environ.get("RLHF_DISPATCH_POLL_SECONDS", "2"))
 DEAD_AFTER_SECONDS = float(os.environ.get("RLHF_DISPATCH_DEAD_AFTER_SECONDS", "300"))
+STARTUP_GRACE_SECONDS = float(os.environ.get("RLHF_DISPATCH_STARTUP_GRACE_SECONDS", "900"))
 WAITING_NOTICE_SECONDS = 30.0
 
 
@@ -142,12 +146,15 @@ def _run_on_pool(
 def _wait_for_final_state(client: Any, flow_run_id: Any, call: StageCall, pool: str):
     """Poll the job until it is final; says once when no worker took it; a dead running job -> Crashed."""
     from prefect.states import Crashed
+
     from tasks.fingerprint_lock import lock_is_held
 
     logger = get_run_logger()
     submitted = time.monotonic()
     told_waiting = False
+    running_since: float | None = None
     unheld_since: float | None = None
+    seen_held = False
     while True:
         state = client.read_flow_run(flow_run_id).state
         if state is not None and state.is_final():
@@ -163,16 +170,29 @@ def _wait_for_final_state(client: Any, flow_run_id: Any, call: StageCall, pool: 
                 )
                 told_waiting = True
         elif state.is_running():
+            running_since = running_since or now
             held = lock_is_held(call.fingerprint)
+            seen_held = seen_held or held is True
             unheld_since = None if held is not False else (unheld_since or now)
-            if unheld_since is not None and now - unheld_since > DEAD_AFTER_SECONDS:
+            if _looks_dead(now, running_since, unheld_since, seen_held):
+                what = "since its holder let go" if seen_held else f"in {STARTUP_GRACE_SECONDS:.0f} s"
                 message = (
-                    f"running but nobody has held the fingerprint lock for {DEAD_AFTER_SECONDS:.0f} s: "
-                    "its worker is gone"
+                    f"running, but nobody has held the stage's fingerprint lock {what}: its process is gone"
                 )
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
                 continue
         time.sleep(POLL_SECONDS)
+
+
+def _looks_dead(now: float, running_since: float, unheld_since: float | None, seen_held: bool) -> bool:
+    """A running job is taken for dead when its fingerprint lock, once held, has been free for
+    ``DEAD_AFTER_SECONDS`` (its lease ran out: the holder stopped renewing it), or was never taken
+    within ``STARTUP_GRACE_SECONDS`` of the job starting to run."""
+    if unheld_since is None:
+        return False
+    if seen_held:
+        return now - unheld_since > DEAD_AFTER_SECONDS
+    return now - running_since > STARTUP_GRACE_SECONDS
 
 
 def _outcome_from_mlflow(ctx: RunContext, call: StageCall, flow_run_id: Any) -> StageOutcome:

@@ -228,7 +228,7 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     local_env = {k: v for k, v in env.items() if k not in ("RLHF_TRACKING_URI", "RLHF_HOME")}
     _run([RLHF, "run", str(spec_path), "--home", str(reference_home)], local_env)
 
-    fast = {**env, "RLHF_DISPATCH_DEAD_AFTER_SECONDS": "5", "RLHF_DISPATCH_POLL_SECONDS": "1"}
+    fast = {**env, "RLHF_DISPATCH_DEAD_AFTER_SECONDS": "30", "RLHF_DISPATCH_POLL_SECONDS": "1"}
     command = [RLHF, "run", str(spec_path), "--profile", "cluster", "--home", env["RLHF_HOME"]]
     log_path = root / "fault-run.log"
     with open(log_path, "w") as log:
