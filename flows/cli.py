@@ -244,7 +244,7 @@ def run(
 
     configure_console_tracebacks(show_user_errors=traceback_)
     with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
-        require_server_for_pools(spec)
+        require_server_for_pools(spec, settings)
         initialize_temporary_server_database()  # runs started together on a fresh home must not race
         with live_pipeline_view(spec, console):  # on a terminal only; plain log lines otherwise
             outcomes = run_pipeline(spec, force=list(force or []), home=str(settings.resolved_home()))
@@ -318,14 +318,20 @@ def deploy(
     )
 
 
-def require_server_for_pools(spec: PipelineSpec) -> None:
+def require_server_for_pools(spec: PipelineSpec, settings: RLHFSettings) -> None:
     """Stages on work pools need the Prefect server the pools and workers live on."""
     from flows.deploy import require_prefect_server, stage_pools
 
     pools = stage_pools(spec)
-    if pools:
-        require_prefect_server(
-            f"pipeline '{spec.name}' runs stages on work pool(s) {', '.join(pools)}, which"
+    if not pools:
+        return
+    require_prefect_server(f"pipeline '{spec.name}' runs stages on work pool(s) {', '.join(pools)}, which")
+    uri = settings.resolved_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        _error(
+            f"note: stages on work pool(s) {', '.join(pools)} will write to the tracking store {uri}: their "
+            "workers must see it (this machine, or a shared file system); for workers on other machines "
+            "set RLHF_TRACKING_URI to an MLflow server (docs/scaling.md)"
         )
 
 
