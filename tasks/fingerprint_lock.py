@@ -204,29 +204,32 @@ def _take_slot(name: str, seconds: float, stage: str, fingerprint: str) -> UUID:
 
 def _renew_until(stop: threading.Event, lease_id: UUID, seconds: float, stage: str) -> None:
     """Renew every half lease until ``stop``; after a failure retry every few seconds, forever: a
-    server blip must neither end the stage nor give the slot away while the stage still runs."""
+    server blip must neither end the stage nor give the slot away while the stage still runs.
+
+    A fresh client per renewal: a client that has connected once retries a refused connection for about
+    a minute on its own, which could let a short lease lapse before this loop tries again."""
     failing = False
-    with get_client(sync_client=True) as client:
-        while not stop.wait(RENEW_RETRY_SECONDS if failing else seconds / 2):
-            try:
+    while not stop.wait(RENEW_RETRY_SECONDS if failing else seconds / 2):
+        try:
+            with get_client(sync_client=True) as client:
                 client.renew_concurrency_lease(lease_id=lease_id, lease_duration=seconds)
-            except PrefectHTTPStatusError as exc:
-                if exc.response.status_code == HTTP_GONE:
-                    _logger().warning(
-                        "stage %s: its lease on the fingerprint lock expired (the Prefect server was out "
-                        "of reach for longer than %.0f s); training goes on, but another run may start "
-                        "the same stage",
-                        stage,
-                        seconds,
-                    )
-                    return
-                failing = _renewal_failed(stage, exc, failing)
-            except Exception as exc:  # noqa: BLE001 - network trouble: keep trying, keep training
-                failing = _renewal_failed(stage, exc, failing)
-            else:
-                if failing:
-                    _logger().info("stage %s: fingerprint lock renewed again", stage)
-                failing = False
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code == HTTP_GONE:
+                _logger().warning(
+                    "stage %s: its lease on the fingerprint lock expired (the Prefect server was out "
+                    "of reach for longer than %.0f s); training goes on, but another run may start "
+                    "the same stage",
+                    stage,
+                    seconds,
+                )
+                return
+            failing = _renewal_failed(stage, exc, failing)
+        except Exception as exc:  # noqa: BLE001 - network trouble: keep trying, keep training
+            failing = _renewal_failed(stage, exc, failing)
+        else:
+            if failing:
+                _logger().info("stage %s: fingerprint lock renewed again", stage)
+            failing = False
 
 
 def _renewal_failed(stage: str, exc: Exception, failing: bool) -> bool:

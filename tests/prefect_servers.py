@@ -72,13 +72,15 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 @dataclass
 class PrefectServer:
-    """A running ``prefect server start`` on 127.0.0.1."""
+    """A ``prefect server start`` on 127.0.0.1. ``stop()`` then ``start()`` restarts it on the same port
+    with the same database and lease storage (a server blip)."""
 
     port: int
     home: Path = field(repr=False)
     client_home: Path = field(repr=False)
     log_path: Path = field(repr=False)
-    proc: subprocess.Popen = field(repr=False)
+    server_env: dict[str, str] = field(repr=False)
+    proc: subprocess.Popen | None = field(default=None, repr=False)
     startup_seconds: float = 0.0
 
     @property
@@ -87,8 +89,8 @@ class PrefectServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
 
     def env(self) -> dict[str, str]:
         """What a client subprocess needs (merge into ``os.environ``): the API URL, its own PREFECT_HOME
@@ -98,8 +100,26 @@ class PrefectServer:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def start(self) -> None:
+        """Start the server (appending to its log); return once ``/api/health`` answers."""
+        command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                command,
+                env=self.server_env,
+                cwd=self.log_path.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_healthy(self.url, self.proc, self.log_path, STARTUP_TIMEOUT_S)
+        self.startup_seconds = time.monotonic() - started
+
     def stop(self) -> None:
-        stop_group(self.proc)
+        if self.proc is not None:
+            stop_group(self.proc)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
@@ -139,26 +159,12 @@ def prefect_server(
         **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url} if database_url else {}),
         **(env or {}),
     }
-    log_path = root / "server.log"
-    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            command,
-            env=_base_env(home, settings),
-            cwd=root,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = PrefectServer(port, home, client_home, root / "server.log", _base_env(home, settings))
     try:
-        server = PrefectServer(port, home, client_home, log_path, proc)
-        _wait_healthy(server.url, proc, log_path, STARTUP_TIMEOUT_S)
-        server.startup_seconds = time.monotonic() - started
+        server.start()
         yield server
     finally:
-        stop_group(proc)
+        server.stop()
 
 
 @dataclass
