@@ -262,8 +262,24 @@ def _parent_death_signal():
     return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
+def _die_with_launcher() -> None:
+    """The launcher starts each rank in a session of its own, which a kill of the stage's process group
+    does not reach: a rank asks for SIGKILL when the launcher dies, so no orphaned rank trains on
+    (and writes checkpoints and MLflow metrics) next to a resumed run."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """A rank: run the stage's task function with the job set, so ``execute_stage`` runs only its body."""
+    _die_with_launcher()
     import logging
 
     import torch

@@ -321,5 +321,46 @@ def test_launch_command_is_accelerates_multi_process_launch_with_explicit_settin
     assert config[config.index("--num_processes") + 1] == "4"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals are Linux's")
+def test_a_rank_dies_with_its_launcher(tmp_path):
+    """The launcher starts each rank in its own session, out of reach of a kill of the stage's process
+    group; a rank whose launcher is SIGKILLed must not train on next to a resumed run."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "rank.pid"
+    rank = f"import os, time; from tasks.multiprocess import _die_with_launcher as d; d(); " \
+           f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"  # fmt: skip
+    launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {rank!r}], "
+                "start_new_session=True); time.sleep(120)")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the rank did not start"
+            time.sleep(0.1)
+        rank_pid = int(pid_file.read_text())
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while _alive(rank_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(rank_pid), "the rank outlived its launcher"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is dead
+
+
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
