@@ -82,10 +82,12 @@ class CheckpointUploader:
     def sync_once(self) -> int | None:
         """Upload the newest local checkpoint if it is newer than the run's record; its step, or None."""
         try:
+            newest = latest_checkpoint(self.directory)
+            if newest is None:  # a stage that writes no checkpoints costs no tracking calls
+                return None
             if not self._known:  # never overwrite the recorded checkpoint (e.g. the one just downloaded)
                 self.uploaded, self._known = checkpoints.recorded_step(self.run_id), True
-            newest = latest_checkpoint(self.directory)
-            if newest is None or (self.uploaded is not None and checkpoints.step_of(newest) <= self.uploaded):
+            if self.uploaded is not None and checkpoints.step_of(newest) <= self.uploaded:
                 return None
             started = time.perf_counter()
             with _snapshot(newest) as snapshot:
