@@ -3,8 +3,9 @@
 The flow hands each task a ``StageCall`` whose fingerprint it has already computed.
 
 1. Cache: a finished MLflow run tagged with the stage's fingerprint -> reuse its outputs, run nothing.
-2. Lock: a file lock per fingerprint, so two identical runs on one host never both train; the second
-   waits, then finds the first one's result in the cache.
+2. Lock (``tasks.fingerprint_lock``): a file lock per host plus, with a Prefect server, a global
+   concurrency limit per fingerprint, so two identical runs never both train, on one host or on two;
+   the second waits, then finds the first one's result in the cache.
 3. Resume: an unfinished run with the same fingerprint is reopened, and training continues from the
    checkpoints in the fingerprint-keyed work dir (or the one uploaded with the run from another machine:
    ``tasks.checkpoint_sync``).
@@ -384,6 +385,8 @@ TRANSIENT_MARKERS = (
     "timed out",
     "503",
     "429",
+    "max retries exceeded",  # MLflow's HTTP client after its own retries (a tracking server down)
+    "connection refused",
 )
 
 
