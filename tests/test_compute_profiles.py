@@ -38,7 +38,9 @@ def test_profile_layers_apply_field_by_field(tiny_spec_dict):
 
 def test_compute_is_not_part_of_the_fingerprint(tiny_spec_dict):
     spec = parse_spec(tiny_spec_dict)
-    placed = spec.with_profile(_profile(all={"pool": "gpu", "processes": 2, "env": {"X": "1"}}))
+    placed = spec.with_profile(
+        _profile(all={"pool": "gpu", "env": {"X": "1"}}, kinds={"sft": {"processes": 2}})
+    )
     for name in spec.stages:
         assert config_digest(spec.stages[name]) == config_digest(placed.stages[name])
     assert spec.digest() != placed.digest()  # the spec itself records where stages ran
@@ -46,7 +48,7 @@ def test_compute_is_not_part_of_the_fingerprint(tiny_spec_dict):
 
 def test_local_profile_brings_every_stage_home(tiny_spec_dict):
     for stage in tiny_spec_dict["stages"].values():
-        stage["compute"] = {"pool": "gpu", "processes": 2}
+        stage["compute"] = {"pool": "gpu", "processes": 2 if stage["kind"] in ("sft", "reward_model") else 1}
     spec = parse_spec(tiny_spec_dict).with_profile(resolve_profile("local", None), "local")
     assert all(spec.compute_of(n).pool is None and spec.compute_of(n).processes == 1 for n in spec.stages)
     assert stage_pools(spec) == []
@@ -147,3 +149,16 @@ def test_run_with_pool_stages_needs_a_prefect_server(tmp_path, tiny_spec_dict):
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     assert "runs stages on work pool(s) gpu, which needs a running Prefect server" in result.stderr
+
+
+def test_processes_only_on_kinds_that_train_in_several(tiny_spec_dict):
+    tiny_spec_dict["stages"]["eval"]["compute"] = {"processes": 2}
+    with pytest.raises(
+        SpecError, match=r"stage 'eval', field compute.processes: evaluate stages run in one process"
+    ):
+        parse_spec(tiny_spec_dict)
+    del tiny_spec_dict["stages"]["eval"]["compute"]
+    spec = parse_spec(tiny_spec_dict)
+    assert spec.with_profile(_profile(kinds={"sft": {"processes": 2}, "reward_model": {"processes": 2}}))
+    with pytest.raises(SpecError, match=r"profile 'p': stage 'eval', field compute.processes"):
+        spec.with_profile(_profile(all={"processes": 2}), "p")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.spec import parse_spec, read_yaml
+from rlhf_core.spec.compute import PROFILE_FILE  # recipes/profiles.yaml: compute profiles
 
 pytestmark = pytest.mark.e2e
 
@@ -15,7 +16,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # online_dpo pairs only completions a verifier tells apart: a policy trained for two steps gets every
 # answer wrong, so its rounds find no pair. tests/test_online_dpo_e2e.py runs the template instead.
 NEEDS_A_TRAINED_POLICY = {"online_dpo"}
-RECIPES = sorted(p for p in (REPO_ROOT / "recipes").glob("*.yaml") if p.stem not in NEEDS_A_TRAINED_POLICY)
+RECIPES = sorted(
+    p
+    for p in (REPO_ROOT / "recipes").glob("*.yaml")
+    if p.stem not in NEEDS_A_TRAINED_POLICY and p.name != PROFILE_FILE
+)
 
 # Field name -> small value, applied wherever the field appears in a recipe (no per-kind knowledge).
 SMALL = {

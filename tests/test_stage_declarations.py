@@ -11,9 +11,10 @@ from flows.stage_calls import UpstreamNotReady, base_model_call, check_position_
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, EvalReportRef, ModelRef
 from rlhf_core.spec import STAGE_KINDS, RefType, load_spec, parse_spec
+from rlhf_core.spec.compute import PROFILE_FILE  # recipes/profiles.yaml: compute profiles
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO_ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (REPO_ROOT / "recipes").glob("*.yaml") if p.name != PROFILE_FILE)
 
 
 def fake_ref(ref_type: RefType, name: str, digest: str):

@@ -68,6 +68,18 @@ class StageSpec(Strict):
         """Output name -> type. Override when the outputs depend on the stage's fields."""
         return dict(self.outputs)
 
+    trains_in_processes: ClassVar[bool] = False
+    """Whether the kind's training can run in several processes (``compute.processes`` > 1)."""
+
+    def processes_problem(self) -> str | None:
+        """Why this stage cannot train in ``compute.processes`` processes (None: it can)."""
+        if self.compute is None or self.compute.processes == 1 or self.trains_in_processes:
+            return None
+        return (
+            f"{self.kind} stages run in one process (several training processes: "
+            f"{', '.join(k for k, c in STAGE_CLASSES.items() if c.trains_in_processes)}); set it to 1"
+        )
+
 
 STAGE_TEMPLATES: dict[str, type[StageTemplate]] = {}
 """Template kind -> its class: kinds that expand into several stages when the spec is read."""

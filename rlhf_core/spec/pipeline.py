@@ -39,6 +39,7 @@ class PipelineSpec(Strict):
         problems = list(_name_problems(self))
         if not problems:
             problems = list(_reference_problems(self)) or _cycle_problems(self)
+        problems += processes_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -113,7 +114,11 @@ class PipelineSpec(Strict):
             )
             for name, stage in self.stages.items()
         }
-        return self.model_copy(update={"stages": stages})
+        placed = self.model_copy(update={"stages": stages})
+        problems = [f"{label}: {p}" for p in processes_problems(placed)]
+        if problems:
+            raise SpecError(problems)
+        return placed
 
     def compute_of(self, stage_name: str) -> ComputeSpec:
         """Where a stage runs (its ``compute`` block; in-process when it has none)."""
@@ -144,6 +149,15 @@ def ref_type(spec: PipelineSpec, ref: str) -> tuple[RefType | None, str | None]:
 
 
 REGISTERED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def processes_problems(spec: PipelineSpec) -> list[str]:
+    """``compute.processes`` > 1 on a stage whose kind trains in one process."""
+    return [
+        f"stage '{name}', field compute.processes: {problem}"
+        for name, stage in spec.stages.items()
+        if (problem := stage.processes_problem())
+    ]
 
 
 def _name_problems(spec: PipelineSpec) -> Iterator[str]:

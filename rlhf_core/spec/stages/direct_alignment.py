@@ -127,6 +127,12 @@ class DirectAlignmentStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+    trains_in_processes: ClassVar[bool] = True
+
+    def processes_problem(self) -> str | None:
+        if self.monitor is not None and self.compute is not None and self.compute.processes > 1:
+            return "the over-optimization monitor runs in one process; remove the monitor or set it to 1"
+        return super().processes_problem()
 
     @model_validator(mode="after")
     def _known_loss(self) -> DirectAlignmentStage:

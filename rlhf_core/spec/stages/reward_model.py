@@ -48,3 +48,4 @@ class RewardModelStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("reward")}
+    trains_in_processes: ClassVar[bool] = True

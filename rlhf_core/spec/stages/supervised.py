@@ -42,3 +42,4 @@ class SFTStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+    trains_in_processes: ClassVar[bool] = True
