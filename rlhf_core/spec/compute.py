@@ -29,7 +29,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -156,15 +155,10 @@ BUILTIN_PROFILES = {
 def load_profiles(path: str | Path) -> dict[str, ComputeProfile]:
     """The profiles of a profile file (plus the built-in ``local``); SpecError naming the field."""
     from rlhf_core.spec.base import SpecError
-    from rlhf_core.spec.loading import read_yaml, validation_problems
+    from rlhf_core.spec.loading import read_yaml_file, validation_problems
 
     path = Path(path)
-    try:
-        raw = read_yaml(path)
-    except FileNotFoundError:
-        raise SpecError([f"profile file not found: {path}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+    raw = read_yaml_file(path, "profile")
     try:
         parsed = ComputeProfiles.model_validate(raw or {})
     except ValidationError as exc:

@@ -36,15 +36,20 @@ def read_yaml(path: Path) -> Any:
     return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def read_yaml_file(path: Path, what: str) -> Any:
+    """``read_yaml``, with a missing file or bad YAML as a SpecError (``what``: 'spec', 'profile')."""
+    try:
+        return read_yaml(path)
+    except FileNotFoundError:
+        raise SpecError([f"{what} file not found: {path}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
     """Read a YAML spec, apply ``--set a.b=c`` overrides, validate. Raises SpecError."""
     path = Path(path)
-    try:
-        raw = read_yaml(path)
-    except FileNotFoundError:
-        raise SpecError([f"spec file not found: {path}"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: not valid YAML: {exc}"]) from None
+    raw = read_yaml_file(path, "spec")
     if not isinstance(raw, dict):
         raise SpecError([f"{path}: expected a mapping at the top level, got {type(raw).__name__}"])
     for override in overrides or []:
