@@ -281,6 +281,62 @@ def test_rlhf_run_with_two_processes_registers_one_version_and_logs_one_curve(
     assert len(client.search_model_versions("name='mp-sft'")) == 1
 
 
+@pytest.mark.e2e
+def test_rlhf_run_with_two_processes_sigkilled_then_rerun_resumes_to_the_uninterrupted_weights(
+    tmp_path, tiny_spec_dict, prefect_api_url
+):
+    """SIGKILL of the pipeline's process group after a 2-process checkpoint: the ranks (each in a session
+    of its own) die with their launcher, the re-run resumes, registers one version, same weights."""
+    import signal
+    import time
+
+    import yaml
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    tiny_spec_dict["name"] = "mpr"
+    stages = tiny_spec_dict["stages"]
+    del stages["eval"], stages["rm"]
+    stages["data"]["source"]["synthetic"]["n"] = 40
+    long_run = {"max_steps": 150, "log_every": 25, "checkpoint_every": 25}
+    stages["sft"]["train"].update(batch_size=4, grad_accum=2, **long_run)
+    stages["sft"]["compute"] = {"processes": 2}
+    spec = tmp_path / "mpr.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+
+    def command(home: Path) -> list[str]:
+        return [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+
+    returncode, output = _run_in_own_group(command(tmp_path / "a"), env)
+    assert returncode == 0, output[-6000:]
+
+    home = tmp_path / "b"
+    process = subprocess.Popen(command(home), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not list((home / "work").glob("sft-*/checkpoints/step-*/trainer_state.json")):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the end"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    job = next((home / "work").glob("sft-*/multiprocess/job.json"))
+    time.sleep(5)
+    ranks = subprocess.run(["pgrep", "-f", str(job)], capture_output=True, text=True).stdout.split()
+    assert ranks == [], f"ranks outlived the killed pipeline: {ranks}"
+    assert not list((home / "work").glob("sft-*/model"))
+
+    returncode, output = _run_in_own_group(command(home), env)
+    assert returncode == 0, output[-6000:]
+    assert "resumed_from_step" in output
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    assert len(client.search_model_versions("name='mpr-sft'")) == 1
+    a, b = (next((h / "work").glob("sft-*/model")) / "model.safetensors" for h in (tmp_path / "a", home))
+    assert _max_diff(load_file(a), load_file(b)) <= 1e-5
+
+
 def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
     from rlhf_core.errors import UserError
     from rlhf_core.spec import STAGE_CLASSES
