@@ -192,13 +192,14 @@ def parameter_form(spec: PipelineSpec, raw_spec: dict[str, Any], home: str) -> d
                 "default": [],
                 "position": 1,
             },
+            "home": {"title": "Home", "type": "string", "default": home, "position": 2},
+            # Last: the UI shows an object without properties as a JSON editor as long as the spec.
             "spec": {
                 "title": "Spec",
                 "description": f"The resolved spec of pipeline '{spec.name}' (set by rlhf deploy).",
                 "type": "object",
-                "position": 2,
+                "position": 3,
             },
-            "home": {"title": "Home", "type": "string", "default": home, "position": 3},
         },
         "required": ["spec"],
         "definitions": {},
