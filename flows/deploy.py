@@ -12,8 +12,9 @@ What it creates (the server is the one ``PREFECT_API_URL`` points at):
   values runs the spec with those values (:func:`apply_spec_overrides`).
 
 Deployments name their flow by module path, so a worker runs the installed package (``pip install``
-of this project, or its image), not a copy of the repository. The pipeline's own pool must not be a
-stage pool with one slot: the pipeline would hold the slot its stages wait for.
+of this project, or its image), not a copy of the repository. The pipeline's own pool may also run
+stages only when it has no concurrency limit: the pipeline holds a slot while it waits for its stages
+(and its workers must not be started with ``--limit 1`` then).
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ def deploy_pipeline(
 
     require_prefect_server("rlhf deploy")
     pools = stage_pools(spec)
-    if pipeline_pool in pools:
+    limits = _check_pools_exist([pipeline_pool, *pools])
+    if pipeline_pool in pools and limits[pipeline_pool] is not None:
         raise UserError(
-            f"--pool {pipeline_pool}: the pipeline's own flow must run on another pool than its stages "
-            "(it waits for them; with one slot per worker they would wait for it)"
+            f"--pool {pipeline_pool}: the pipeline's own flow would share a pool that has a concurrency "
+            f"limit ({limits[pipeline_pool]}) with its stages: it holds a slot while it waits for them, "
+            "and they could wait for it. Run the pipeline on another pool (--pool, or pipeline_pool in "
+            "the profile), or remove the pool's limit"
         )
-    _check_pools_exist([pipeline_pool, *pools])
     env = {"RLHF_TRACKING_URI": tracking_uri} if tracking_uri else {}
     deployed = []
     for pool in pools:
@@ -118,20 +121,22 @@ def deploy_pipeline(
     return deployed
 
 
-def _check_pools_exist(pools: list[str]) -> None:
+def _check_pools_exist(pools: list[str]) -> dict[str, int | None]:
+    """Each pool's concurrency limit; UserError naming the pools the server does not have."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    missing = []
+    missing, limits = [], {}
     with get_client(sync_client=True) as client:
         for pool in dict.fromkeys(pools):
             try:
-                client.read_work_pool(pool)
+                limits[pool] = client.read_work_pool(pool).concurrency_limit
             except ObjectNotFound:
                 missing.append(pool)
     if missing:
         commands = "; ".join(f"rlhf pools create {p} --type process" for p in missing)
         raise UserError(f"no work pool named {', '.join(missing)} on the Prefect server; create: {commands}")
+    return limits
 
 
 def overridable_values(spec: PipelineSpec, raw_spec: dict[str, Any]) -> dict[str, Any]:
@@ -235,4 +240,3 @@ def apply_spec_overrides(spec: PipelineSpec, overrides: dict[str, Any] | None) -
 def default_home(home: Path | None) -> str:
     """The home a deployed pipeline uses: the given one, else $RLHF_HOME, else ./.rlhf (absolute)."""
     return str(Path(home or os.environ.get("RLHF_HOME") or ".rlhf").expanduser().resolve())
-
