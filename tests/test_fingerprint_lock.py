@@ -293,8 +293,12 @@ def test_creating_the_limit_concurrently_succeeds_everywhere(api):
 
 
 def test_lock_state_is_unknown_without_a_server(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert lock_is_held("e5" * 32) is None
+    # also when an earlier test left a session-wide temporary server configured (prefect_api_url)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert lock_is_held("e5" * 32) is None
 
 
 @pytest.mark.parametrize("value", ["30", "abc", "100000"])
