@@ -75,7 +75,7 @@ def _run(spec: Path, home: Path, env: dict[str, str]) -> str:
 def _sft_runs(server: MlflowServer) -> list:
     from mlflow import MlflowClient
 
-    c = MlflowClient(tracking_uri=server.url)
+    c = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
     experiment = c.get_experiment_by_name("ckptsync")
     if experiment is None:
         return []

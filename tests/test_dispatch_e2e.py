@@ -177,7 +177,7 @@ def test_second_identical_run_is_served_from_cache(cluster, first_run):
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=cluster["mlflow"].url)
+    client = MlflowClient(tracking_uri=cluster["mlflow"].url, registry_uri=cluster["mlflow"].url)
     experiment = client.get_experiment_by_name(PIPELINE)
     parents = client.search_runs(
         [experiment.experiment_id],
@@ -234,7 +234,7 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     with open(log_path, "w") as log:
         parent = subprocess.Popen(command, env=fast, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        client = MlflowClient(tracking_uri=cluster["mlflow"].url)
+        client = MlflowClient(tracking_uri=cluster["mlflow"].url, registry_uri=cluster["mlflow"].url)
         deadline = time.monotonic() + 600
         while not list(Path(env["RLHF_HOME"]).glob("work/sft-*/checkpoints/step-*/trainer_state.json")):
             assert parent.poll() is None, log_path.read_text()[-3000:]

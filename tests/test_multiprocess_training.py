@@ -265,7 +265,8 @@ def test_rlhf_run_with_two_processes_registers_one_version_and_logs_one_curve(
     returncode, output = _run_in_own_group(command, env)
     assert returncode == 0, output[-6000:]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the last test's
     (version,) = client.search_model_versions("name='mp-sft'")  # exactly one, from the main rank
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
@@ -331,7 +332,8 @@ def test_rlhf_run_with_two_processes_sigkilled_then_rerun_resumes_to_the_uninter
     returncode, output = _run_in_own_group(command(home), env)
     assert returncode == 0, output[-6000:]
     assert "resumed_from_step" in output
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the last test's
     assert len(client.search_model_versions("name='mpr-sft'")) == 1
     a, b = (next((h / "work").glob("sft-*/model")) / "model.safetensors" for h in (tmp_path / "a", home))
     assert _max_diff(load_file(a), load_file(b)) <= 1e-5

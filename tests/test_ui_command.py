@@ -79,7 +79,7 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
         while "MLflow UI:" not in "".join(lines) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=40)
+        process.wait(timeout=90)  # rlhf ui stops each server: TERM, up to 10 s, then KILL (5 s)
         reader.join(timeout=10)
     finally:
         if process.poll() is None:
