@@ -190,10 +190,12 @@ def run_stages(
         outputs[outcome.stage] = outcome.outputs
         outcomes.append(outcome)
 
-    while len(started) < len(order) or running:
+    while True:
         for future in [f for f in running if f.state.is_final()]:  # finished while a local stage ran
             running.pop(future)
             record(future.result())
+        if len(started) == len(order) and not running:  # checked after collecting: a future may just end
+            break
         for name in order:
             if ready(name) and spec.compute_of(name).dispatched:
                 call = stage_call(spec, name, outputs)  # inputs resolved and checked, fingerprint computed

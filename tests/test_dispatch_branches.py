@@ -67,9 +67,20 @@ def test_branches_on_pools_run_at_the_same_time(tiny_spec_dict, prefect_api_url,
     spans: dict[str, tuple[float, float]] = {}
     lock = threading.Lock()
 
+    rm_started, sft_b_ended = threading.Event(), threading.Event()
+
     def work(call) -> StageOutcome:
         started = time.monotonic()
         time.sleep(SLEEP)
+        # The last dispatched stage ends while the last in-process stage runs (whatever the machine's
+        # load): the scheduler must still collect it after that stage (a race found by CI).
+        if call.name == "rm":
+            rm_started.set()
+            assert sft_b_ended.wait(60)
+            time.sleep(SLEEP)  # time for sft_b's task run to reach its final state
+        if call.name == "sft_b":
+            assert rm_started.wait(60)
+            sft_b_ended.set()
         with lock:
             spans[call.name] = (started, time.monotonic())
         return StageOutcome(
