@@ -6,7 +6,8 @@
 3. Resume: a 2-process run killed after a checkpoint and run again ends where an uninterrupted
    2-process run does (1e-5).
 4. End to end: ``rlhf run`` with ``compute: {processes: 2}`` on the sft stage registers exactly one model
-   version and logs one loss curve; kinds that train in one process refuse ``compute.processes`` > 1.
+   version, logs one loss curve, re-runs from cache, and after a SIGKILL resumes to the uninterrupted
+   weights; kinds that train in one process refuse ``compute.processes`` > 1.
 
 This file is also the script the ranks of tests 2 and 3 run (``accelerate launch <this file> ...``).
 Each rank uses one torch thread: two processes share the machine's two cores.
@@ -260,50 +261,31 @@ def _run_in_own_group(command: list[str], env: dict[str, str], timeout: float = 
             process.wait()
 
 
-@pytest.mark.e2e
-def test_rlhf_run_with_two_processes_registers_one_version_and_logs_one_curve(
-    tmp_path, tiny_spec_dict, prefect_api_url
-):
-    import yaml
+def _check_one_version_and_one_curve(home: Path, name: str, steps: int, every: int) -> None:
     from mlflow import MlflowClient
-
-    tiny_spec_dict["name"] = "mp"
-    stages = tiny_spec_dict["stages"]
-    del stages["eval"], stages["rm"]
-    stages["data"]["source"]["synthetic"]["n"] = 40
-    stages["sft"]["train"].update(max_steps=4, batch_size=4, grad_accum=2, log_every=1, checkpoint_every=2)
-    stages["sft"]["compute"] = {"processes": 2}
-    spec = tmp_path / "mp.yaml"
-    spec.write_text(yaml.safe_dump(tiny_spec_dict))
-    home = tmp_path / "home"
-    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
-    returncode, output = _run_in_own_group(command, env)
-    assert returncode == 0, output[-6000:]
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the last test's
-    (version,) = client.search_model_versions("name='mp-sft'")  # exactly one, from the main rank
+    (version,) = client.search_model_versions(f"name='{name}-sft'")  # exactly one, from the main rank
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # one curve: only the main rank logs
-    assert run.data.metrics["summary/steps"] == 4
+    assert sorted(m.step for m in history) == list(range(every, steps + 1, every))  # only the main rank logs
+    assert run.data.metrics["summary/steps"] == steps
     (model_dir,) = (home / "work").glob("sft-*/model")
     assert (model_dir / "model.safetensors").exists()
     assert not list((home / "work").glob("sft-*/checkpoints"))  # removed once the stage finished
 
-    returncode, output = _run_in_own_group(command, env)
-    assert returncode == 0 and "cached" in output, output[-6000:]
-    assert len(client.search_model_versions("name='mp-sft'")) == 1
-
 
 @pytest.mark.e2e
-def test_rlhf_run_with_two_processes_sigkilled_then_rerun_resumes_to_the_uninterrupted_weights(
+def test_rlhf_run_with_two_processes_registers_once_and_resumes_after_a_sigkill(
     tmp_path, tiny_spec_dict, prefect_api_url
 ):
-    """SIGKILL of the pipeline's process group after a 2-process checkpoint: the ranks (each in a session
-    of its own) die with their launcher, the re-run resumes, registers one version, same weights."""
+    """``rlhf run`` with ``compute: {processes: 2}`` on the sft stage: exactly one model version and one
+    loss curve (the main rank's), checkpoints removed once done, a re-run served from cache. Then a
+    SIGKILL of another pipeline's process group after a 2-process checkpoint: the ranks (each in a
+    session of its own) die with their launcher, the re-run resumes, registers one version and ends at
+    the uninterrupted run's weights."""
     import signal
     import time
 
@@ -327,6 +309,10 @@ def test_rlhf_run_with_two_processes_sigkilled_then_rerun_resumes_to_the_uninter
 
     returncode, output = _run_in_own_group(command(tmp_path / "a"), env)
     assert returncode == 0, output[-6000:]
+    _check_one_version_and_one_curve(tmp_path / "a", "mpr", steps=long_run["max_steps"], every=25)
+    returncode, output = _run_in_own_group(command(tmp_path / "a"), env)
+    assert returncode == 0 and "cached" in output, output[-6000:]
+    _check_one_version_and_one_curve(tmp_path / "a", "mpr", steps=long_run["max_steps"], every=25)
 
     home = tmp_path / "b"
     process = subprocess.Popen(command(home), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
