@@ -1,0 +1,117 @@
+"""Sharded training (accelerate FSDP2: ``fsdp_version: 2``, full shard, one unit per decoder layer) on CPU.
+
+1. Same curve: a trainer run by 2 gloo ranks under an FSDP2 accelerate config logs the loss curve of
+   1 process and ends at the same weights (the tolerances of the data-parallel test), returned as a
+   plain, unsharded model on the main rank.
+2. Resume: a sharded run killed after a checkpoint and run again ends where an uninterrupted sharded
+   run does.
+
+The ranks run ``tests/test_multiprocess_training.py``'s rank script (same trainers, data and settings)
+with ``--config_file`` pointing at the FSDP2 config below. Each rank uses one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_multiprocess_training import (
+    LOSS_RTOL,
+    REPO_ROOT,
+    SFT_CFG,
+    WEIGHT_ATOL,
+    _load,
+    _max_diff,
+    _rank_errors,
+    _train,
+)
+
+RANK_SCRIPT = REPO_ROOT / "tests" / "test_multiprocess_training.py"
+FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+"""
+
+
+def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subprocess.CompletedProcess:
+    from tasks.multiprocess import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "fsdp2.yaml"
+    config.write_text(FSDP2_CONFIG)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+        str(RANK_SCRIPT), str(out), policy_dir, kinds, str(stop_after),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> str:
+    """Two decoder layers: two layer units plus the root's (embeddings, final norm, head)."""
+    from rlhf_core.modeling.models import build_tiny_model, save_model
+    from rlhf_core.spec import TinyModelSource
+
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=2, heads=2, vocab_size=320), 0)
+    return str(save_model(model, tokenizer, tmp_path_factory.mktemp("policy") / "model"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, policy_dir) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    done = _launch(out, policy_dir, "sft")
+    assert done.returncode == 0, _rank_errors(done) + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sft"])
+def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir, sharded_run, tmp_path):
+    torch.set_num_threads(1)
+    one_curve, one_model = _train(kind, policy_dir, tmp_path / kind)
+    one_weights = {k: v.detach() for k, v in one_model.state_dict().items()}
+    two_curve, two_weights = _load(sharded_run, kind)
+    assert len(two_curve) == len(one_curve) > 1
+    worst_loss = max(abs(a - b) / abs(a) for a, b in zip(one_curve, two_curve, strict=True))
+    worst_weight = _max_diff(one_weights, two_weights)
+    print(f"{kind} (FSDP2): loss curves within {worst_loss:.2e} relative, weights within {worst_weight:.2e}")
+    assert worst_loss <= LOSS_RTOL
+    assert worst_weight <= WEIGHT_ATOL
+
+
+def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, policy_dir, sharded_run):
+    out = tmp_path / "killed"
+    killed = _launch(out, policy_dir, "sft", stop_after=3)  # step-2 checkpoint written, then rank 0 dies
+    assert killed.returncode != 0
+    work = out / "work" / "sft" / "ckpt"
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("step-")) == ["step-2"]
+    state = json.loads((work / "step-2" / "trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["sharded"] is True
+    assert not (out / "sft.json").exists()
+
+    resumed = _launch(out, policy_dir, "sft")
+    assert resumed.returncode == 0, _rank_errors(resumed) + resumed.stderr[-3000:]
+    curve, weights = _load(out, "sft")
+    reference_curve, reference = _load(sharded_run, "sft")
+    assert len(curve) == SFT_CFG.max_steps - 2
+    assert _max_diff(weights, reference) <= 1e-5
+    assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-6)
