@@ -1,8 +1,9 @@
 """Sharded training (accelerate FSDP2: ``fsdp_version: 2``, full shard, one unit per decoder layer) on CPU.
 
-1. Same curve: a trainer run by 2 gloo ranks under an FSDP2 accelerate config logs the loss curve of
-   1 process and ends at the same weights (the tolerances of the data-parallel test), returned as a
-   plain, unsharded model on the main rank.
+1. Same curve: SFT, reward model and DPO run by 2 gloo ranks under an FSDP2 accelerate config log the
+   loss curve of 1 process and end at the same weights (the tolerances of the data-parallel test),
+   returned as a plain, unsharded model on the main rank. 3 micro-batches per step: one rank runs a
+   zero-weighted repeat so both run as many passes.
 2. Resume: a sharded run killed after a checkpoint and run again ends where an uninterrupted sharded
    run does.
 
@@ -28,6 +29,7 @@ from tests.test_multiprocess_training import (
     WEIGHT_ATOL,
     _load,
     _max_diff,
+    _initial_weights,
     _rank_errors,
     _train,
 )
@@ -62,7 +64,9 @@ def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subp
         "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
         str(RANK_SCRIPT), str(out), policy_dir, kinds, str(stop_after),
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # the ranks import this checkout's code, not whatever copy of it is installed
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -79,12 +83,12 @@ def policy_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, policy_dir) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    done = _launch(out, policy_dir, "sft")
+    done = _launch(out, policy_dir, "sft,reward_model,direct_alignment")
     assert done.returncode == 0, _rank_errors(done) + done.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("kind", ["sft"])
+@pytest.mark.parametrize("kind", ["sft", "reward_model", "direct_alignment"])
 def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir, sharded_run, tmp_path):
     torch.set_num_threads(1)
     one_curve, one_model = _train(kind, policy_dir, tmp_path / kind)
@@ -96,6 +100,7 @@ def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir,
     print(f"{kind} (FSDP2): loss curves within {worst_loss:.2e} relative, weights within {worst_weight:.2e}")
     assert worst_loss <= LOSS_RTOL
     assert worst_weight <= WEIGHT_ATOL
+    assert _max_diff(one_weights, _initial_weights(policy_dir, kind, one_weights)) > 1e-3  # it trained
 
 
 def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, policy_dir, sharded_run):
@@ -106,6 +111,10 @@ def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tm
     assert sorted(p.name for p in work.iterdir() if p.name.startswith("step-")) == ["step-2"]
     state = json.loads((work / "step-2" / "trainer_state.json").read_text())
     assert state["processes"] == 2 and state["sharded"] is True
+    # FSDP's sharded layout (torch.distributed.checkpoint, one file per rank), not one model file
+    assert sorted(p.name for p in (work / "step-2" / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
     assert not (out / "sft.json").exists()
 
     resumed = _launch(out, policy_dir, "sft")
