@@ -3,12 +3,14 @@
 1. Same curve: SFT, reward model and DPO run by 2 gloo ranks under an FSDP2 accelerate config log the
    loss curve of 1 process and end at the same weights (the tolerances of the data-parallel test),
    returned as a plain, unsharded model on the main rank. 3 micro-batches per step: one rank runs a
-   zero-weighted repeat so both run as many passes.
+   zero-weighted repeat so both run as many passes. SFT in bf16 autocast too (2 micro-batches on one
+   rank: the case where a weight cast autocast cached across micro-batches lost gradient under FSDP).
 2. Resume: a sharded run killed after a checkpoint and run again ends where an uninterrupted sharded
    run does.
 
-The ranks run ``tests/test_multiprocess_training.py``'s rank script (same trainers, data and settings)
-with ``--config_file`` pointing at the FSDP2 config below. Each rank uses one torch thread.
+The ranks run this file (``accelerate launch --config_file <the FSDP2 config below> <this file> ...``),
+with the trainers, data and settings of ``tests/test_multiprocess_training.py``. Each rank uses one torch
+thread.
 """
 
 from __future__ import annotations
@@ -22,19 +24,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.training.data_parallel import OtherRankFinished
 from tests.test_multiprocess_training import (
     LOSS_RTOL,
     REPO_ROOT,
     SFT_CFG,
     WEIGHT_ATOL,
+    _initial_weights,
     _load,
     _max_diff,
-    _initial_weights,
     _rank_errors,
+    _save,
     _train,
 )
 
-RANK_SCRIPT = REPO_ROOT / "tests" / "test_multiprocess_training.py"
+BF16_SFT_CFG = SFT_CFG.model_copy(update={"precision": "bf16"})
+KINDS = "sft,reward_model,direct_alignment,sft_bf16"
 FSDP2_CONFIG = """\
 compute_environment: LOCAL_MACHINE
 distributed_type: FSDP
@@ -53,6 +59,39 @@ fsdp_config:
 """
 
 
+def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None = None):
+    """``_train`` of the data-parallel test, plus ``sft_bf16``: its SFT in bf16 autocast."""
+    if kind != "sft_bf16":
+        return _train(kind, policy_dir, work, stop_after)
+    from rlhf_core.training.sft import train_sft_from
+
+    curve: list[float] = []
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if "train/loss" in metrics:
+            curve.append(metrics["train/loss"])
+
+    records = synthetic_records("arithmetic", "sft", n=24, seed=0)
+    model, _, _ = train_sft_from(policy_dir, None, records, BF16_SFT_CFG, lora=None, seed=0,
+                                 checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
+    return curve, model
+
+
+def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str) -> None:
+    """A rank of ``accelerate launch``: train each kind; the main rank saves curves and weights."""
+    from accelerate import PartialState
+
+    torch.set_num_threads(1)
+    state = PartialState(cpu=True)
+    for kind in kinds.split(","):
+        try:
+            curve, model = _train_kind(kind, policy_dir, Path(out) / "work" / kind, int(stop_after) or None)
+        except OtherRankFinished:
+            continue
+        assert state.is_main_process
+        _save(Path(out), kind, curve, model)
+
+
 def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subprocess.CompletedProcess:
     from tasks.multiprocess import free_port
 
@@ -62,7 +101,7 @@ def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subp
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-        str(RANK_SCRIPT), str(out), policy_dir, kinds, str(stop_after),
+        __file__, str(out), policy_dir, kinds, str(stop_after),
     ]  # fmt: skip
     # the ranks import this checkout's code, not whatever copy of it is installed
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -83,15 +122,15 @@ def policy_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, policy_dir) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    done = _launch(out, policy_dir, "sft,reward_model,direct_alignment")
+    done = _launch(out, policy_dir, KINDS)
     assert done.returncode == 0, _rank_errors(done) + done.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("kind", ["sft", "reward_model", "direct_alignment"])
+@pytest.mark.parametrize("kind", KINDS.split(","))
 def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir, sharded_run, tmp_path):
     torch.set_num_threads(1)
-    one_curve, one_model = _train(kind, policy_dir, tmp_path / kind)
+    one_curve, one_model = _train_kind(kind, policy_dir, tmp_path / kind)
     one_weights = {k: v.detach() for k, v in one_model.state_dict().items()}
     two_curve, two_weights = _load(sharded_run, kind)
     assert len(two_curve) == len(one_curve) > 1
@@ -100,7 +139,8 @@ def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir,
     print(f"{kind} (FSDP2): loss curves within {worst_loss:.2e} relative, weights within {worst_weight:.2e}")
     assert worst_loss <= LOSS_RTOL
     assert worst_weight <= WEIGHT_ATOL
-    assert _max_diff(one_weights, _initial_weights(policy_dir, kind, one_weights)) > 1e-3  # it trained
+    initial = _initial_weights(policy_dir, kind.removesuffix("_bf16"), one_weights)
+    assert _max_diff(one_weights, initial) > 1e-3  # it trained
 
 
 def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path, policy_dir, sharded_run):
@@ -124,3 +164,7 @@ def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tm
     assert len(curve) == SFT_CFG.max_steps - 2
     assert _max_diff(weights, reference) <= 1e-5
     assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-6)
+
+
+if __name__ == "__main__":
+    _rank_main(*sys.argv[1:])

@@ -73,6 +73,11 @@ class _LossRoot(torch.nn.Module):
     def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """accelerate re-ties weights after moving a model to the meta device (cpu_ram_efficient_loading)."""
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights(*args, **kwargs)
+
 
 _sharded_root: list[torch.nn.Module] = []  # the FSDP root while a sharded run is in its steps
 
@@ -168,9 +173,11 @@ def run_optimizer_steps(
             data_parallel._equal_passes.pop()
     if sharded:
         full = _full_state_dict(model)  # a collective: every rank takes part, the main one gets it
+        del model, optimizer, scheduler
+        accelerator.free_memory()  # the shards and optimizer state go before the whole model comes in
         if not accelerator.is_main_process:
             raise data_parallel.OtherRankFinished
-        return _fill(skeleton, full), result
+        return _fill(skeleton, full).to(accelerator.device), result
     if not accelerator.is_main_process:
         raise data_parallel.OtherRankFinished
     return accelerator.unwrap_model(model), result
@@ -238,6 +245,12 @@ def _steps(
     def backward(loss: torch.Tensor) -> None:
         with torch.autocast(device_type, enabled=False):
             accelerator.backward(loss)
+        if sharded:
+            # autocast keeps the bf16 copy of each weight for the whole step; a later micro-batch reusing
+            # it reaches the weight through the first micro-batch's (older) cast node, which autograd runs
+            # after FSDP has already reduce-scattered that layer's gradient: that part of it is lost.
+            # A fresh cast per micro-batch keeps every weight gradient inside its layer's backward.
+            torch.clear_autocast_cache()
 
     for step in range(start_step, total_steps):
         with autocast():
@@ -318,7 +331,7 @@ def _fill(skeleton: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn
     left = [n for n, p in skeleton.named_parameters() if p.is_meta]
     if left or unexpected:
         raise RuntimeError(f"gathered state does not fit the model: missing {left}, unexpected {unexpected}")
-    return skeleton.to(next(iter(state.values())).device if state else "cpu")
+    return skeleton
 
 
 def _resume(
