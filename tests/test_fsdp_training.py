@@ -7,6 +7,8 @@
    rank: the case where a weight cast autocast cached across micro-batches lost gradient under FSDP).
 2. Resume: a sharded run killed after a checkpoint and run again ends where an uninterrupted sharded
    run does.
+3. Equal passes: under sharding every rank gets ceil(n / world) micro-batches, its own share plus
+   zero-weighted repeats; each real micro-batch goes to exactly one rank.
 
 The ranks run this file (``accelerate launch --config_file <the FSDP2 config below> <this file> ...``),
 with the trainers, data and settings of ``tests/test_multiprocess_training.py``. Each rank uses one torch
@@ -107,6 +109,23 @@ def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subp
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("n, world", [(3, 2), (1, 2), (2, 3), (7, 4), (4, 2)])
+def test_balanced_share_gives_every_rank_as_many_passes_each_real_micro_batch_once(n, world, monkeypatch):
+    from rlhf_core.training import data_parallel
+
+    items = list(range(n))
+    monkeypatch.setattr(data_parallel, "_equal_passes", [True])
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(data_parallel, "rank_and_world", lambda rank=rank: (rank, world))
+        shares.append(data_parallel.balanced_share(items))
+    assert {len(share) for share in shares} == {-(-n // world)}  # the same number of passes everywhere
+    assert sorted(item for share in shares for item, counts in share if counts) == items  # each once
+    assert all(item == items[0] for share in shares for item, counts in share if not counts)
+    monkeypatch.setattr(data_parallel, "_equal_passes", [])  # not sharded: the plain share
+    assert [item for item, counts in data_parallel.balanced_share(items) if counts] == items[world - 1 :: world]
 
 
 @pytest.fixture(scope="module")
