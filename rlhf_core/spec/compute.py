@@ -61,8 +61,8 @@ class ComputeSpec(Strict):
     )
     accelerate_config: str | None = Field(
         default=None,
-        description="An accelerate config file (e.g. FSDP with fsdp_version 2) for processes > 1, as seen by the "
-        "machine that runs the stage.",
+        description="An accelerate config file (e.g. FSDP with fsdp_version 2) for processes > 1, as seen "
+        "by the machine that runs the stage.",
     )
     gpus: int | None = Field(
         default=None,
