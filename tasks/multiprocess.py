@@ -46,7 +46,8 @@ from tasks.stage_execution import (
 )
 
 SUPPORTED_KINDS = ("sft", "reward_model", "direct_alignment")  # trainers that share steps across ranks
-UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")  # see data_parallel.py
+# see data_parallel.py; FSDP with fsdp_version 2 is supported (training/loop.py)
+UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 JOB_FILE = "job.json"
 OUTPUT_FILE = "outputs.json"
 LOG_TAIL = 40  # lines of the ranks' output quoted in a launch failure
@@ -142,14 +143,20 @@ def check_multiprocess_stage(call: StageCall) -> None:
         import yaml
 
         try:
-            kind = str((yaml.safe_load(config.read_text()) or {}).get("distributed_type", ""))
+            settings = yaml.safe_load(config.read_text()) or {}
+            kind = str(settings.get("distributed_type", ""))
+            fsdp_version = str((settings.get("fsdp_config") or {}).get("fsdp_version", 1))
         except (yaml.YAMLError, AttributeError) as exc:
             raise UserError(f"{where}: {config} is not an accelerate config file: {exc}") from None
+        if kind.upper() == "FSDP" and fsdp_version == "2":
+            return  # FSDP2: the loop runs each loss inside the FSDP root's forward (training/loop.py)
         if kind.upper() in UNSUPPORTED_DISTRIBUTED_TYPES:
             raise UserError(
-                f"{where}: compute.accelerate_config {config} selects {kind}; the trainers support data "
-                "parallelism only (distributed_type MULTI_GPU or MULTI_CPU): their losses call the "
-                "backbone and LM head directly, which FSDP and DeepSpeed wrappers do not see"
+                f"{where}: compute.accelerate_config {config} selects {kind}"
+                f"{' version ' + fsdp_version if kind.upper() == 'FSDP' else ''}; the trainers support data "
+                "parallelism (distributed_type MULTI_GPU or MULTI_CPU) and FSDP2 (distributed_type FSDP "
+                "with fsdp_config.fsdp_version: 2): their losses call the backbone and LM head directly, "
+                "which FSDP1 and DeepSpeed wrappers do not see"
             )
 
 

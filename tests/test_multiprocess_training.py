@@ -360,8 +360,10 @@ def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
     sft = call("sft", model="m", data="d.sft", compute={**two, "accelerate_config": str(fsdp)})
-    with pytest.raises(UserError, match="selects FSDP; the trainers support data parallelism only"):
+    with pytest.raises(UserError, match="selects FSDP version 1; the trainers support data parallelism"):
         check_multiprocess_stage(sft)
+    fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n")
+    check_multiprocess_stage(sft)  # FSDP2 trains
 
 
 def test_launch_command_is_accelerates_multi_process_launch_with_explicit_settings(tmp_path):

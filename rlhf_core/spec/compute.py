@@ -56,13 +56,13 @@ class ComputeSpec(Strict):
         default=1,
         ge=1,
         le=64,
-        description="Training processes of the stage, launched by accelerate (DDP; FSDP or DeepSpeed "
+        description="Training processes of the stage, launched by accelerate (DDP; FSDP2 "
         "through accelerate_config). One GPU each on a GPU machine; gloo on CPU.",
     )
     accelerate_config: str | None = Field(
         default=None,
-        description="An accelerate config file (FSDP, DeepSpeed) for processes > 1, as seen by the "
-        "machine that runs the stage.",
+        description="An accelerate config file (e.g. FSDP with fsdp_version 2) for processes > 1, as seen "
+        "by the machine that runs the stage.",
     )
     gpus: int | None = Field(
         default=None,

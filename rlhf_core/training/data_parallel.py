@@ -15,8 +15,12 @@ step, the clipping and the logged curve are those of one process up to float sum
 Why not DDP's own gradient hooks: they only fire for a forward pass through the DDP wrapper, while
 the losses run the backbone and the LM head separately (``rlhf_core.losses.language_model``: the
 full (B, T, V) logits are never built). The explicit all-reduce gives the same averaged update, one
-message per step instead of overlapped buckets. FSDP and DeepSpeed shard the parameters behind their
-wrapper's forward for the same reason they cannot work here yet: :func:`check_supported` refuses them.
+message per step instead of overlapped buckets.
+
+FSDP2 (accelerate ``fsdp_version: 2``) is supported by running each loss inside the FSDP root's
+forward (``rlhf_core.training.loop.forward``); its collectives run on every forward and backward
+pass, so there every rank runs the same number of passes (:func:`balanced_share`). FSDP1 and
+DeepSpeed are refused (:func:`check_supported`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,25 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0..{world - 1}")
     return list(items[rank::world])
+
+
+_equal_passes: list[bool] = []  # set by the loop while every rank must run the same number of passes
+
+
+def balanced_share(items: Sequence[T]) -> list[tuple[T, bool]]:
+    """This process's share of a step's micro-batches as (micro-batch, counts) pairs.
+
+    ``counts`` is True for the share itself. In sharded training every forward and backward pass is
+    a collective, so a rank with fewer micro-batches than ``ceil(len(items) / world)`` makes up the
+    difference with the step's first micro-batch and ``counts`` False: the trainer runs it with its loss
+    multiplied by zero (a zero gradient, the same passes) and leaves it out of its metrics. Otherwise
+    this is :func:`local_share`, every pair counting.
+    """
+    share = [(item, True) for item in local_share(items)]
+    if _equal_passes and _equal_passes[-1] and items:
+        _, world = rank_and_world()
+        share += [(items[0], False)] * (-(-len(items) // world) - len(share))
+    return share
 
 
 def local_share(items: Sequence[T]) -> list[T]:
@@ -118,12 +141,14 @@ def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(sum(part.get(k, 0.0) for part in gathered)) for k in keys}
 
 
-def check_supported(distributed_type: str, processes: int) -> None:
-    """Refuse accelerate setups whose model wrapper must see the forward pass (FSDP, DeepSpeed, ...)."""
-    if distributed_type not in SUPPORTED:
+def check_supported(distributed_type: str, processes: int, *, sharded: bool = False) -> None:
+    """Refuse accelerate setups whose model wrapper must see the forward pass (FSDP1, DeepSpeed, ...);
+    ``sharded``: FSDP2, which the loop supports."""
+    if distributed_type not in SUPPORTED and not (sharded and distributed_type == "FSDP"):
         raise UserError(
             f"accelerate runs this training as {distributed_type} with {processes} processes; the "
             "trainers support data parallelism only (distributed_type MULTI_GPU or MULTI_CPU): their "
             "losses call the backbone and the LM head directly, which FSDP and DeepSpeed wrappers do not "
-            "see. Use a DDP accelerate config (or none) in compute.accelerate_config."
+            "see. Use a DDP accelerate config (or none), or FSDP with fsdp_version: 2, in "
+            "compute.accelerate_config."
         )

@@ -48,8 +48,16 @@ from rlhf_core.modeling.preference_tokens import (
 )
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
-from rlhf_core.training.data_parallel import local_share, main_process_first, rank_and_world
-from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
+from rlhf_core.training.data_parallel import balanced_share, main_process_first, rank_and_world
+from rlhf_core.training.loop import (
+    TOKENS,
+    BackwardFn,
+    LogFn,
+    forward,
+    plan_steps,
+    rows_of_step,
+    run_optimizer_steps,
+)
 from rlhf_core.training.overoptimization import (
     MonitorInputs,
     MonitorStop,
@@ -338,8 +346,11 @@ def train_direct_alignment(
         picked.sort(key=lambda i: length[i])
         totals: dict[str, float] = {TOKENS: 0.0}
         micro = [picked[start : start + cfg.batch_size] for start in range(0, len(picked), cfg.batch_size)]
-        for ids in local_share(micro):  # all of them, or this rank's share (weights use the whole step)
-            logps, lengths = example_logprobs(model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix)
+        # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
+        for ids, counts in balanced_share(micro):
+            logps, lengths = forward(
+                example_logprobs, model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix
+            )
             ref = reference[ids].to(device) if reference is not None else None
             losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
             loss = losses.mean()
@@ -349,6 +360,9 @@ def train_direct_alignment(
                     "training stops, the last checkpoint is kept and nothing is registered (lower lr?)"
                 )
             weight = len(ids) / len(picked)
+            if not counts:
+                backward(loss * 0.0)
+                continue
             backward(loss * weight)
             for key, value in {"loss": loss.detach(), **logged}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * weight

@@ -28,8 +28,16 @@ from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs,
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
-from rlhf_core.training.data_parallel import local_share
-from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
+from rlhf_core.training.data_parallel import balanced_share
+from rlhf_core.training.loop import (
+    TOKENS,
+    BackwardFn,
+    LogFn,
+    forward,
+    plan_steps,
+    rows_of_step,
+    run_optimizer_steps,
+)
 
 HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
 
@@ -143,9 +151,13 @@ def train_reward_model(
         micro = [[groups[i] for i in ids[j : j + cfg.batch_size]] for j in range(0, len(ids), cfg.batch_size)]
         n_step = len(ids)
         totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0, "processed_tokens": 0.0}
-        for part in local_share(micro):  # all of them, or this rank's share (weights use the whole step)
-            loss, stats = pairs_loss(model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
+        # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
+        for part, counts in balanced_share(micro):
+            loss, stats = forward(pairs_loss, model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
             weight = len(part) / n_step  # each prompt weighs the same across micro-batches
+            if not counts:
+                backward(loss * 0.0)
+                continue
             backward(loss * weight)
             totals["loss"] += loss.item() * weight
             totals["accuracy"] += stats["accuracy"] * weight

@@ -22,8 +22,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.language_model import next_token_nll_sum
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
-from rlhf_core.training.data_parallel import local_share
-from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, plan_steps, rows_of_step, run_optimizer_steps
+from rlhf_core.training.data_parallel import balanced_share
+from rlhf_core.training.loop import (
+    TOKENS,
+    BackwardFn,
+    LogFn,
+    forward,
+    plan_steps,
+    rows_of_step,
+    run_optimizer_steps,
+)
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
     Row,
@@ -164,9 +172,14 @@ def train_sft(
         ]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         loss_sum, real_tokens = 0.0, 0
-        for batch in local_share(micro):  # all of them, or this rank's share; normalised by the whole step
+        # all of them, or this rank's share; normalised by the whole step (sharded: plus zero-weighted
+        # repeats, so every rank runs as many passes)
+        for batch, counts in balanced_share(micro):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = token_loss_sum(model, batch, cfg.packing) / max(step_tokens, 1)
+            loss = forward(token_loss_sum, model, batch, cfg.packing) / max(step_tokens, 1)
+            if not counts:
+                backward(loss * 0.0)
+                continue
             backward(loss)
             loss_sum += loss.item()
             real_tokens += int(batch["attention_mask"].sum())

@@ -1,0 +1,192 @@
+"""Sharded training (accelerate FSDP2: ``fsdp_version: 2``, full shard, one unit per decoder layer) on CPU.
+
+1. Same curve: SFT, reward model and DPO run by 2 gloo ranks under an FSDP2 accelerate config log the
+   loss curve of 1 process and end at the same weights (the tolerances of the data-parallel test),
+   returned as a plain, unsharded model on the main rank. 3 micro-batches per step: one rank runs a
+   zero-weighted repeat so both run as many passes. SFT in bf16 autocast too (2 micro-batches on one
+   rank: the case where a weight cast autocast cached across micro-batches lost gradient under FSDP).
+2. Resume: a sharded run killed after a checkpoint and run again ends where an uninterrupted sharded
+   run does.
+3. Equal passes: under sharding every rank gets ceil(n / world) micro-batches, its own share plus
+   zero-weighted repeats; each real micro-batch goes to exactly one rank.
+
+The ranks run this file (``accelerate launch --config_file <the FSDP2 config below> <this file> ...``),
+with the trainers, data and settings of ``tests/test_multiprocess_training.py``. Each rank uses one torch
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.training.data_parallel import OtherRankFinished
+from tests.test_multiprocess_training import (
+    LOSS_RTOL,
+    REPO_ROOT,
+    SFT_CFG,
+    WEIGHT_ATOL,
+    _initial_weights,
+    _load,
+    _max_diff,
+    _rank_errors,
+    _save,
+    _train,
+)
+
+BF16_SFT_CFG = SFT_CFG.model_copy(update={"precision": "bf16"})
+KINDS = "sft,reward_model,direct_alignment,sft_bf16"
+FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+"""
+
+
+def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None = None):
+    """``_train`` of the data-parallel test, plus ``sft_bf16``: its SFT in bf16 autocast."""
+    if kind != "sft_bf16":
+        return _train(kind, policy_dir, work, stop_after)
+    from rlhf_core.training.sft import train_sft_from
+
+    curve: list[float] = []
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        if "train/loss" in metrics:
+            curve.append(metrics["train/loss"])
+
+    records = synthetic_records("arithmetic", "sft", n=24, seed=0)
+    model, _, _ = train_sft_from(policy_dir, None, records, BF16_SFT_CFG, lora=None, seed=0,
+                                 checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
+    return curve, model
+
+
+def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str) -> None:
+    """A rank of ``accelerate launch``: train each kind; the main rank saves curves and weights."""
+    from accelerate import PartialState
+
+    torch.set_num_threads(1)
+    state = PartialState(cpu=True)
+    for kind in kinds.split(","):
+        try:
+            curve, model = _train_kind(kind, policy_dir, Path(out) / "work" / kind, int(stop_after) or None)
+        except OtherRankFinished:
+            continue
+        assert state.is_main_process
+        _save(Path(out), kind, curve, model)
+
+
+def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subprocess.CompletedProcess:
+    from tasks.multiprocess import free_port
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "fsdp2.yaml"
+    config.write_text(FSDP2_CONFIG)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
+        __file__, str(out), policy_dir, kinds, str(stop_after),
+    ]  # fmt: skip
+    # the ranks import this checkout's code, not whatever copy of it is installed
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("n, world", [(3, 2), (1, 2), (2, 3), (7, 4), (4, 2)])
+def test_balanced_share_gives_every_rank_as_many_passes_each_real_micro_batch_once(n, world, monkeypatch):
+    from rlhf_core.training import data_parallel
+
+    items = list(range(n))
+    monkeypatch.setattr(data_parallel, "_equal_passes", [True])
+    shares = []
+    for rank in range(world):
+        monkeypatch.setattr(data_parallel, "rank_and_world", lambda rank=rank: (rank, world))
+        shares.append(data_parallel.balanced_share(items))
+    assert {len(share) for share in shares} == {-(-n // world)}  # the same number of passes everywhere
+    assert sorted(item for share in shares for item, counts in share if counts) == items  # each once
+    assert all(item == items[0] for share in shares for item, counts in share if not counts)
+    monkeypatch.setattr(data_parallel, "_equal_passes", [])  # not sharded: the plain share
+    last = [item for item, counts in data_parallel.balanced_share(items) if counts]  # rank world - 1
+    assert last == items[world - 1 :: world]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> str:
+    """Two decoder layers: two layer units plus the root's (embeddings, final norm, head)."""
+    from rlhf_core.modeling.models import build_tiny_model, save_model
+    from rlhf_core.spec import TinyModelSource
+
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, layers=2, heads=2, vocab_size=320), 0)
+    return str(save_model(model, tokenizer, tmp_path_factory.mktemp("policy") / "model"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, policy_dir) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    done = _launch(out, policy_dir, KINDS)
+    assert done.returncode == 0, _rank_errors(done) + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS.split(","))
+def test_fsdp2_gives_the_loss_curve_and_weights_of_one_process(kind, policy_dir, sharded_run, tmp_path):
+    torch.set_num_threads(1)
+    one_curve, one_model = _train_kind(kind, policy_dir, tmp_path / kind)
+    one_weights = {k: v.detach() for k, v in one_model.state_dict().items()}
+    two_curve, two_weights = _load(sharded_run, kind)
+    assert len(two_curve) == len(one_curve) > 1
+    worst_loss = max(abs(a - b) / abs(a) for a, b in zip(one_curve, two_curve, strict=True))
+    worst_weight = _max_diff(one_weights, two_weights)
+    print(f"{kind} (FSDP2): loss curves within {worst_loss:.2e} relative, weights within {worst_weight:.2e}")
+    assert worst_loss <= LOSS_RTOL
+    assert worst_weight <= WEIGHT_ATOL
+    initial = _initial_weights(policy_dir, kind.removesuffix("_bf16"), one_weights)
+    assert _max_diff(one_weights, initial) > 1e-3  # it trained
+
+
+def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
+    tmp_path, policy_dir, sharded_run
+):
+    out = tmp_path / "killed"
+    killed = _launch(out, policy_dir, "sft", stop_after=3)  # step-2 checkpoint written, then rank 0 dies
+    assert killed.returncode != 0
+    work = out / "work" / "sft" / "ckpt"
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("step-")) == ["step-2"]
+    state = json.loads((work / "step-2" / "trainer_state.json").read_text())
+    assert state["processes"] == 2 and state["sharded"] is True
+    # FSDP's sharded layout (torch.distributed.checkpoint, one file per rank), not one model file
+    assert sorted(p.name for p in (work / "step-2" / "pytorch_model_fsdp_0").glob("*.distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+    assert not (out / "sft.json").exists()
+
+    resumed = _launch(out, policy_dir, "sft")
+    assert resumed.returncode == 0, _rank_errors(resumed) + resumed.stderr[-3000:]
+    curve, weights = _load(out, "sft")
+    reference_curve, reference = _load(sharded_run, "sft")
+    assert len(curve) == SFT_CFG.max_steps - 2
+    assert _max_diff(weights, reference) <= 1e-5
+    assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-6)
+
+
+if __name__ == "__main__":
+    _rank_main(*sys.argv[1:])
