@@ -9,6 +9,8 @@
    run does.
 3. Equal passes: under sharding every rank gets ceil(n / world) micro-batches, its own share plus
    zero-weighted repeats; each real micro-batch goes to exactly one rank.
+4. End to end: ``rlhf run`` with the FSDP2 config in the sft stage's ``compute`` trains sharded and
+   registers one version.
 
 The ranks run this file (``accelerate launch --config_file <the FSDP2 config below> <this file> ...``),
 with the trainers, data and settings of ``tests/test_multiprocess_training.py``. Each rank uses one torch
@@ -39,6 +41,7 @@ from tests.test_multiprocess_training import (
     _rank_errors,
     _save,
     _train,
+    launched,
 )
 
 BF16_SFT_CFG = SFT_CFG.model_copy(update={"precision": "bf16"})
@@ -141,10 +144,7 @@ def policy_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, policy_dir) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    done = _launch(out, policy_dir, KINDS)
-    assert done.returncode == 0, _rank_errors(done) + done.stderr[-3000:]
-    return out
+    return launched(lambda: tmp_path_factory.mktemp("fsdp"), _launch, policy_dir, KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS.split(","))
@@ -186,6 +186,45 @@ def test_fsdp2_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
     assert len(curve) == SFT_CFG.max_steps - 2
     assert _max_diff(weights, reference) <= 1e-5
     assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-6)
+
+
+@pytest.mark.e2e
+def test_rlhf_run_with_an_fsdp2_config_trains_sharded_and_registers_once(
+    tmp_path, tiny_spec_dict, prefect_api_url
+):
+    """The user's path: ``compute: {processes: 2, accelerate_config: <FSDP2 config>}`` on the sft stage of
+    a spec, through ``rlhf run``: the ranks write sharded checkpoints, one version is registered, the
+    stage run is FINISHED with its whole curve."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from tests.test_multiprocess_training import _run_in_own_group
+
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(FSDP2_CONFIG)
+    tiny_spec_dict["name"] = "fsdp"
+    stages = tiny_spec_dict["stages"]
+    del stages["eval"], stages["rm"]
+    stages["data"]["source"]["synthetic"]["n"] = 40
+    stages["sft"]["train"].update(max_steps=4, batch_size=4, grad_accum=3, log_every=1, checkpoint_every=2)
+    stages["sft"]["compute"] = {"processes": 2, "accelerate_config": str(config)}
+    spec = tmp_path / "fsdp.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec_dict))
+    home = tmp_path / "home"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    returncode, output = _run_in_own_group([sys.executable, "-m", "flows.cli", "run", str(spec), "--home",
+                                            str(home)], env)  # fmt: skip
+    assert returncode == 0, output[-6000:]
+    assert "--config_file" in output and "pytorch_model_fsdp_0" in output  # accelerate's sharded checkpoint
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry too: not the last test's
+    (version,) = client.search_model_versions("name='fsdp-sft'")
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]
+    (model_dir,) = (home / "work").glob("sft-*/model")
+    assert (model_dir / "model.safetensors").exists()  # a whole model, gathered from the shards
 
 
 if __name__ == "__main__":
