@@ -29,18 +29,17 @@ import pytest
 import torch
 
 from rlhf_core.data.synthetic import synthetic_records
-from rlhf_core.training.data_parallel import OtherRankFinished
 from tests.test_multiprocess_training import (
     LOSS_RTOL,
-    REPO_ROOT,
     SFT_CFG,
     WEIGHT_ATOL,
     _initial_weights,
     _load,
     _max_diff,
     _rank_errors,
-    _save,
+    _rank_main,
     _train,
+    launch_ranks,
     launched,
 )
 
@@ -82,36 +81,11 @@ def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None =
     return curve, model
 
 
-def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str) -> None:
-    """A rank of ``accelerate launch``: train each kind; the main rank saves curves and weights."""
-    from accelerate import PartialState
-
-    torch.set_num_threads(1)
-    state = PartialState(cpu=True)
-    for kind in kinds.split(","):
-        try:
-            curve, model = _train_kind(kind, policy_dir, Path(out) / "work" / kind, int(stop_after) or None)
-        except OtherRankFinished:
-            continue
-        assert state.is_main_process
-        _save(Path(out), kind, curve, model)
-
-
 def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subprocess.CompletedProcess:
-    from tasks.multiprocess import free_port
-
     out.mkdir(parents=True, exist_ok=True)
     config = out / "fsdp2.yaml"
     config.write_text(FSDP2_CONFIG)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-        "--num_processes", "2", "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-        __file__, str(out), policy_dir, kinds, str(stop_after),
-    ]  # fmt: skip
-    # the ranks import this checkout's code, not whatever copy of it is installed
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    return launch_ranks(__file__, ["--config_file", str(config)], out, policy_dir, kinds, stop_after)
 
 
 @pytest.mark.parametrize("n, world", [(3, 2), (1, 2), (2, 3), (7, 4), (4, 2)])
@@ -228,4 +202,4 @@ def test_rlhf_run_with_an_fsdp2_config_trains_sharded_and_registers_once(
 
 
 if __name__ == "__main__":
-    _rank_main(*sys.argv[1:])
+    _rank_main(*sys.argv[1:], train=_train_kind)

@@ -102,31 +102,44 @@ def _load(out: Path, kind: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     return json.loads((out / f"{kind}.json").read_text()), load_file(out / f"{kind}.safetensors")
 
 
-def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str) -> None:
-    """A rank of ``accelerate launch``: train each kind; the main rank saves curves and weights."""
+def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str, train=None) -> None:
+    """A rank of ``accelerate launch``: train each kind (with ``train``, default ``_train``); the main
+    rank saves curves and weights."""
     from accelerate import PartialState
 
+    train = train or _train
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
     for kind in kinds.split(","):
         try:
-            curve, model = _train(kind, policy_dir, Path(out) / "work" / kind, int(stop_after) or None)
+            curve, model = train(kind, policy_dir, Path(out) / "work" / kind, int(stop_after) or None)
         except OtherRankFinished:
             continue
         assert state.is_main_process
         _save(Path(out), kind, curve, model)
 
 
+DDP_SETTINGS = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subprocess.CompletedProcess:
+    return launch_ranks(__file__, DDP_SETTINGS, out, policy_dir, kinds, stop_after)
+
+
+def launch_ranks(
+    script: str, settings: list[str], out: Path, policy_dir: str, kinds: str, stop_after: int = 0
+) -> subprocess.CompletedProcess:
+    """``accelerate launch <settings>`` of 2 CPU ranks running ``script`` (whose main is ``_rank_main``)."""
     from tasks.multiprocess import free_port
 
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", *settings, "--num_processes", "2",
         "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-        __file__, str(out), policy_dir, kinds, str(stop_after),
+        script, str(out), policy_dir, kinds, str(stop_after),
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    # the ranks import this checkout's code, not whatever copy of it is installed
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
 
 
