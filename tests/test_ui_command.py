@@ -49,6 +49,13 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child: SIGINT handled by default, as in a terminal. A test runner started in the background
+    of a non-interactive shell (`.ci/run &`) ignores SIGINT, its children inherit that, and Python then
+    installs no KeyboardInterrupt handler: Ctrl-C would do nothing (seen in a CI run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
     home = tmp_path / "home"
     prefect_port, mlflow_port = _free_port(), _free_port()
@@ -57,8 +64,9 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
     command = [sys.executable, "-m", "flows.cli", "ui", "--home", str(home)]
     command += ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )  # fmt: skip
     lines: list[str] = []  # its output, read as it comes (the URLs are printed once both answer)
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()
