@@ -149,9 +149,7 @@ def test_pass_keeps_the_previous_champion_then_rollback_and_manual_promotion(pro
     assert missing.exit_code == 2 and "has no version 99" in missing.output
 
 
-def test_the_champion_as_a_registered_entry_is_the_baseline_of_a_new_candidate(
-    promoted, home, tmp_path
-):
+def test_the_champion_as_a_registered_entry_is_the_baseline_of_a_new_candidate(promoted, home, tmp_path):
     """`models: {champion: {registered: models:/<name>@champion}}` pins the alias to its version now,
     downloads it once, keeps its registry name and version, and can be the evaluation's baseline."""
     spec = _spec(9, 0.0)

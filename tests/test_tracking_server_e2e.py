@@ -128,9 +128,7 @@ def _check_cached_rerun(server: MlflowServer, name: str) -> None:
     assert len(_client(server).search_model_versions(f"name = '{name}-sft'")) == 1
 
 
-def test_pipeline_on_a_sqlite_backed_server_registers_there(
-    tmp_path, tiny_spec_dict, prefect_api_url
-):
+def test_pipeline_on_a_sqlite_backed_server_registers_there(tmp_path, tiny_spec_dict, prefect_api_url):
     spec = _spec(tmp_path, tiny_spec_dict, "shared", sft_steps=6)
     home = tmp_path / "home"
     with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}") as server:
