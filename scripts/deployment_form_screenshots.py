@@ -294,7 +294,12 @@ def submit_with_seed(driver, base: str, deployment: dict, seed: int) -> Submitte
     element.send_keys(str(seed))
     shots.scroll_to(driver, "Submit")
     driver.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
-    run = _manual_run(base, deployment["id"])
+    try:
+        run = _manual_run(base, deployment["id"], timeout_s=45.0)
+    except Missing:  # seen once in CI: no run 30 s after the click; one more click, then give up
+        shots.scroll_to(driver, "Submit")
+        driver.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
+        run = _manual_run(base, deployment["id"], timeout_s=45.0)
     overrides = run["parameters"].get("overrides") or {}
     missing = []
     if overrides.get("seed") != seed:
