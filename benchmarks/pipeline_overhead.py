@@ -9,7 +9,7 @@ Per trial (a fresh ``--home``): run the quickstart, then the same command again 
 - overhead = wall time - inside stages: process start and imports, the Prefect ephemeral server, the
   flow run, MLflow set-up, fingerprinting and cache look-ups, and shutdown. It is split into before the
   pipeline's MLflow run opened (start-up), between its open and close outside stage runs (orchestration),
-  and after it closed (teardown). The script also times a bare ``import flows.cli, flows.pipeline``,
+  and after it closed (teardown). The script also times a bare ``import cli.app, flows.pipeline``,
   the part of start-up that is Python imports.
 
 A cached run creates no stage runs, so its overhead is its whole wall time.
@@ -145,7 +145,7 @@ def import_seconds(repeats: int = 3) -> float:
 
     This is the part of start-up that is pure imports (torch, transformers, prefect, mlflow, ...).
     """
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import flows.cli, flows.pipeline"]
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-c", "import cli.app, flows.pipeline"]
     times = []
     for _ in range(repeats):
         timed = run_timed(cmd, cwd=REPO, env=clean_env())

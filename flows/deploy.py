@@ -9,7 +9,7 @@ What it creates (the server is the one ``PREFECT_API_URL`` points at):
   ``pipeline_pool``), with the resolved spec as its parameter, an optional cron schedule, and a
   parameter form: the seed and every number or switch the spec file sets, typed, by path
   (``stages.sft.train.lr``), plus the stages to force. A run started from the Prefect UI with other
-  values runs the spec with those values (:func:`apply_spec_overrides`).
+  values runs the spec with those values (:func:`rlhf_core.spec.loading.apply_spec_overrides`).
 
 Deployments name their flow by module path, so a worker runs the installed package (``pip install``
 of this project, or its image), not a copy of the repository. The pipeline's own pool may also run
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_core.errors import UserError
-from rlhf_core.spec import PipelineSpec, SpecError
+from rlhf_core.spec import PipelineSpec
+from rlhf_core.spec.loading import MISSING, lookup_path
 
 OVERRIDABLE_TYPES = {bool: "boolean", int: "integer", float: "number"}
 
@@ -149,24 +150,13 @@ def overridable_values(spec: PipelineSpec, raw_spec: dict[str, Any]) -> dict[str
             for key, value in node.items():
                 walk(value, [*path, str(key)])
         elif type(node) in OVERRIDABLE_TYPES and path[2:3] != ["compute"]:
-            current = _lookup(resolved, path)
-            if current is not _MISSING and type(current) is type(node):
+            current = lookup_path(resolved, path)
+            if current is not MISSING and type(current) is type(node):
                 values[".".join(path)] = current
 
     for name, entry in (raw_spec.get("stages") or {}).items():
         walk(entry, ["stages", str(name)])
     return values
-
-
-_MISSING = object()
-
-
-def _lookup(data: Any, path: list[str]) -> Any:
-    for part in path:
-        if not isinstance(data, dict) or part not in data:
-            return _MISSING
-        data = data[part]
-    return data
 
 
 def parameter_form(spec: PipelineSpec, raw_spec: dict[str, Any], home: str) -> dict[str, Any]:
@@ -209,32 +199,6 @@ def parameter_form(spec: PipelineSpec, raw_spec: dict[str, Any], home: str) -> d
         "required": ["spec"],
         "definitions": {},
     }
-
-
-def apply_spec_overrides(spec: PipelineSpec, overrides: dict[str, Any] | None) -> PipelineSpec:
-    """``spec`` with each ``path -> value`` set (paths as in the deployment's form); SpecError naming
-    the path when it does not exist or the value does not fit."""
-    if not overrides:
-        return spec
-    data = spec.model_dump(mode="json")
-    problems = []
-    for path, value in overrides.items():
-        parts = str(path).split(".")
-        parent = _lookup(data, parts[:-1])
-        if not isinstance(parent, dict) or parts[-1] not in parent:
-            problems.append(f"override {path}: no such field in pipeline '{spec.name}'")
-            continue
-        parent[parts[-1]] = value
-    if problems:
-        raise SpecError(problems)
-    from pydantic import ValidationError
-
-    from rlhf_core.spec.loading import validation_problems
-
-    try:
-        return PipelineSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError([f"override: {p}" for p in validation_problems(exc)]) from None
 
 
 def default_home(home: Path | None) -> str:

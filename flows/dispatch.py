@@ -31,8 +31,9 @@ from flows.stage_runner import call_parameters, stage_runner_deployment
 from registry import tracking
 from rlhf_core.errors import UserError
 from rlhf_core.spec.compute import ComputeSpec
-from tasks import progress
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, cached_outcome
+from runtime import progress
+from runtime.stage_contract import RunContext, StageCall, StageOutcome
+from runtime.stage_execution import cached_outcome
 
 POLL_SECONDS = float(os.environ.get("RLHF_DISPATCH_POLL_SECONDS", "2"))
 DEAD_AFTER_SECONDS = float(os.environ.get("RLHF_DISPATCH_DEAD_AFTER_SECONDS", "300"))
@@ -147,7 +148,7 @@ def _wait_for_final_state(client: Any, flow_run_id: Any, call: StageCall, pool: 
     """Poll the job until it is final; says once when no worker took it; a dead running job -> Crashed."""
     from prefect.states import Crashed
 
-    from tasks.fingerprint_lock import lock_is_held
+    from runtime.fingerprint_lock import lock_is_held
 
     logger = get_run_logger()
     submitted = time.monotonic()

@@ -28,7 +28,6 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.deploy import apply_spec_overrides
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from rlhf_core.errors import UserError
@@ -36,10 +35,11 @@ from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec, load_spec
 from rlhf_core.spec.compute import find_profile_file, resolve_profile
-from tasks import stage_reports
+from rlhf_core.spec.loading import apply_spec_overrides
+from runtime import stage_reports
+from runtime.stage_contract import RunContext, StageOutcome
+from runtime.stage_tasks import task_for_kind
 from tasks.prepare_base_model import prepare_base_model
-from tasks.registration import task_for_kind
-from tasks.stage_execution import RunContext, StageOutcome
 
 
 def flow_run_name() -> str:

@@ -14,7 +14,7 @@ from rlhf_core.fingerprint import fingerprint_from_parts, fingerprint_parts
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, resolve_ref
 from rlhf_core.spec.pipeline import fields_named
-from tasks.stage_execution import StageCall
+from runtime.stage_contract import StageCall
 
 BASE_MODEL_KIND = "base_model"
 Outputs = dict[str, dict[str, StageOutput]]

@@ -40,7 +40,7 @@ def call_parameters(ctx: Any, call: Any) -> dict[str, Any]:
 
 def rebuild_call(data: dict[str, Any]):
     """A StageCall from its JSON: the stage's spec is rebuilt as its kind's class."""
-    from tasks.stage_execution import StageCall
+    from runtime.stage_contract import StageCall
 
     kind = data.get("kind")
     if kind not in STAGE_CLASSES:
@@ -67,8 +67,8 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     """
     from registry import tracking
     from rlhf_core.settings import apply_environment_defaults
-    from tasks.registration import task_for_kind
-    from tasks.stage_execution import RunContext
+    from runtime.stage_contract import RunContext
+    from runtime.stage_tasks import task_for_kind
 
     context = RunContext.model_validate(ctx)
     if os.environ.get("RLHF_HOME"):

@@ -47,7 +47,7 @@ for _path in (REPO_ROOT, REPO_ROOT / "scripts"):
 
 import ui_screenshots as shots  # noqa: E402  (the browser, Page and shoot of the other UI pictures)
 
-from flows import ui  # noqa: E402  (imports neither prefect nor mlflow)
+from cli import ui  # noqa: E402  (imports neither prefect nor mlflow)
 from rlhf_core.settings import OFFLINE_DEFAULTS, RLHFSettings  # noqa: E402
 
 SPEC = REPO_ROOT / "recipes" / "quickstart.yaml"
@@ -106,7 +106,7 @@ def client_env(base: str, home: Path) -> dict[str, str]:
 
 
 def _rlhf(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "cli.app", *args]
 
 
 def deploy(base: str, home: Path) -> dict:
@@ -283,8 +283,8 @@ def submit_with_seed(driver, base: str, deployment: dict, seed: int) -> Submitte
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from flows.deploy import apply_spec_overrides
     from rlhf_core.spec import PipelineSpec
+    from rlhf_core.spec.loading import apply_spec_overrides
 
     field = override_fields(deployment)["seed"]
     element = _input_after(driver, label(field))

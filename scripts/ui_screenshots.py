@@ -3,7 +3,7 @@
     python scripts/ui_screenshots.py --home HOME [--out docs/images/ui] [--model NAME]
     python scripts/ui_screenshots.py --home HOME --run recipes/quickstart.yaml   # run the pipeline first
 
-It starts both UIs of ``HOME`` the way ``rlhf ui`` does (``flows/ui.py``: Prefect server on the home's
+It starts both UIs of ``HOME`` the way ``rlhf ui`` does (``cli/ui.py``: Prefect server on the home's
 database, MLflow server on its store, both on 127.0.0.1, here on free ports), opens five pages in a
 headless Chromium (through selenium and chromedriver), waits until each page shows what it must, saves
 PNGs of it, and stops both servers, always:
@@ -54,7 +54,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from flows import ui  # noqa: E402  (imports neither prefect nor mlflow)
+from cli import ui  # noqa: E402  (imports neither prefect nor mlflow)
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "docs" / "images" / "ui"
@@ -121,7 +121,7 @@ def run_pipeline(spec: Path, settings: RLHFSettings, uis: UIs) -> None:
         "RLHF_MLFLOW_UI_URL": uis.mlflow,
         "RLHF_LIVE_VIEW": "0",
     }
-    command = [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(settings.resolved_home())]
+    command = [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(settings.resolved_home())]
     print(f"running {spec} into {settings.resolved_home()} ...", flush=True)
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -201,7 +201,7 @@ def evaluate_run(uis: UIs, experiment_id: str, model_run_id: str) -> dict:
 
 
 def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key as the stages write it (``tasks.stage_reports.artifact_key``)."""
+    """A Prefect artifact key as the stages write it (``runtime.stage_reports.artifact_key``)."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 

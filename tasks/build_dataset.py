@@ -6,8 +6,9 @@ from registry import tracking
 from rlhf_core.data.prepare import prepare_dataset
 from rlhf_core.refs import DatasetRef
 from rlhf_core.spec import DatasetStage
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 
 
 @stage_task(DatasetStage)

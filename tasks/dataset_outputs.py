@@ -6,7 +6,7 @@ from __future__ import annotations
 from registry import tracking
 from rlhf_core.data.loading import directory_digest, write_jsonl
 from rlhf_core.refs import DatasetKind, DatasetRef
-from tasks.stage_execution import StageRun
+from runtime.stage_contract import StageRun
 
 
 def publish_dataset(

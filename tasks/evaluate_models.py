@@ -11,8 +11,9 @@ from registry import model_metrics, tracking
 from registry.model_cards import refresh_model_card
 from rlhf_core.refs import EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 
 KEY_METRICS = (
     "eval/loss",

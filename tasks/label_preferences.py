@@ -6,9 +6,10 @@ from registry import tracking
 from rlhf_core.data.loading import split_records
 from rlhf_core.refs import DatasetRef
 from rlhf_core.spec import LabelPreferencesStage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 from tasks.dataset_outputs import publish_dataset
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
 
 @stage_task(LabelPreferencesStage)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlhf_core.refs import DatasetRef, ModelRef
-from tasks.stage_execution import RunContext, StageRun
+from runtime.stage_contract import RunContext, StageRun
 
 
 def describe_model(ref: ModelRef) -> str:

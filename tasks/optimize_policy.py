@@ -12,9 +12,10 @@ from rlhf_core.rewards import VERIFIERS
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 from tasks.model_outputs import describe_model, register_stage_model
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
 
 @stage_task(PolicyGradientStage)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from rlhf_core.errors import UserError
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 from tasks.model_outputs import describe_model, register_stage_model
 from tasks.optimize_policy import monitor_inputs, record_monitor
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
 
 @stage_task(DirectAlignmentStage)

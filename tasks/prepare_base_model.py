@@ -10,15 +10,10 @@ from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.modeling.position_limits import max_positions
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import ModelSource
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import STAGE_TASK_OPTIONS
 from tasks.model_outputs import register_stage_model
-from tasks.stage_execution import (
-    STAGE_TASK_OPTIONS,
-    RunContext,
-    StageCall,
-    StageOutcome,
-    StageRun,
-    execute_stage,
-)
 
 
 @task(name="prepare_base_model", **STAGE_TASK_OPTIONS)

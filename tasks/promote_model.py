@@ -9,8 +9,9 @@ from rlhf_core.errors import UserError
 from rlhf_core.evaluation.gate import evaluate_gate
 from rlhf_core.refs import EvalReportRef, ModelRef, PromotionRef
 from rlhf_core.spec.stages.promotion import PromoteStage
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 
 
 @stage_task(PromoteStage)

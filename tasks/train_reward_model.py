@@ -5,9 +5,10 @@ from __future__ import annotations
 from registry import tracking
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import RewardModelStage
+from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
+from runtime.stage_execution import execute_stage
+from runtime.stage_tasks import stage_task
 from tasks.model_outputs import register_stage_model
-from tasks.registration import stage_task
-from tasks.stage_execution import RunContext, StageCall, StageOutcome, StageRun, execute_stage
 
 
 @stage_task(RewardModelStage)

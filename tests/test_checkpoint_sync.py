@@ -1,4 +1,4 @@
-"""Checkpoints kept with the stage run (registry.checkpoints, tasks.checkpoint_sync), on a local store.
+"""Checkpoints kept with the stage run (registry.checkpoints, runtime.checkpoint_sync), on a local store.
 
 No training here: a checkpoint is a ``step-<N>`` dir with ``trainer_state.json`` and a weights file,
 as ``rlhf_core.training.checkpoint`` writes it. The store is the home's SQLite store with file
@@ -17,7 +17,7 @@ import pytest
 
 from registry import checkpoints
 from rlhf_core.settings import RLHFSettings
-from tasks import checkpoint_sync
+from runtime import checkpoint_sync
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,8 @@ def test_a_stage_retried_on_another_machine_resumes_from_the_uploaded_checkpoint
     from registry import tracking
     from rlhf_core.refs import DatasetRef
     from rlhf_core.spec import SFTTrainSpec
-    from tasks.stage_execution import RunContext, StageCall, execute_stage
+    from runtime.stage_contract import RunContext, StageCall
+    from runtime.stage_execution import execute_stage
 
     monkeypatch.setenv("RLHF_CHECKPOINT_UPLOAD", "always")
     monkeypatch.setattr(checkpoint_sync, "POLL_SECONDS", 0.05)

@@ -10,7 +10,7 @@ Three homes stand for three machines (nothing shared between them but the tracki
   finished, no checkpoint is left on the server.
 
 A runs with its own temporary Prefect server: a killed run keeps its fingerprint lock on a shared
-Prefect server until the lease runs out (``tasks.fingerprint_lock``), and the session's test server
+Prefect server until the lease runs out (``runtime.fingerprint_lock``), and the session's test server
 frees no expired leases; C and B use the session's server.
 """
 
@@ -48,7 +48,7 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
 
 
 def _command(spec: Path, home: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+    return [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(home)]
 
 
 def _env(tracking_uri: str | None, prefect_api_url: str | None, home: Path) -> dict[str, str]:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.console_tracebacks import configure_handler, console_handlers, traceback_shown
+from cli.app import app
+from cli.console_tracebacks import configure_handler, console_handlers, traceback_shown
 from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +84,12 @@ def test_spec_error_is_one_message_and_exit_status_2(tmp_path):
 
 
 def test_crash_is_exit_status_1_with_a_hint(tmp_path, monkeypatch):
-    import flows.cli
+    import cli.app
 
     def crash(*args, **kwargs):
         raise RuntimeError("a bug in the spec loader")
 
-    monkeypatch.setattr(flows.cli, "load_spec", crash)
+    monkeypatch.setattr(cli.app, "load_spec", crash)
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "any.yaml")])
     assert result.exit_code == EXIT_CRASH
     assert "RuntimeError: a bug in the spec loader" in result.stderr
@@ -126,7 +126,7 @@ def test_bad_data_row_in_a_run_prints_one_message_and_no_traceback(tmp_path, pre
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
 
     def rlhf_run(**env: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "spec.yaml")]
+        command = [sys.executable, "-m", "cli.app", "run", str(tmp_path / "spec.yaml")]
         return subprocess.run(
             [*command, "--home", str(tmp_path / "home")],
             capture_output=True,

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.deploy import apply_spec_overrides, overridable_values, parameter_form, stage_pools
+from flows.deploy import overridable_values, parameter_form, stage_pools
 from rlhf_core.fingerprint import config_digest
 from rlhf_core.spec import SpecError, load_spec, parse_spec
 from rlhf_core.spec.compute import ComputeProfile, ComputeSpec, load_profiles, resolve_profile
+from rlhf_core.spec.loading import apply_spec_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def test_recipe_profiles_fit_every_recipe():
 def test_cli_validate_with_profile(tmp_path, tiny_spec_dict):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict))
@@ -144,7 +145,7 @@ def test_run_with_pool_stages_needs_a_prefect_server(tmp_path, tiny_spec_dict):
     spec_file.write_text(yaml.safe_dump(tiny_spec_dict))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(spec_file), "--home", str(tmp_path / "home")],
+        [sys.executable, "-m", "cli.app", "run", str(spec_file), "--home", str(tmp_path / "home")],
         capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr

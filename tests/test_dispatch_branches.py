@@ -16,7 +16,7 @@ from prefect import flow, task
 
 from rlhf_core.refs import DatasetRef, ModelRef
 from rlhf_core.spec import parse_spec
-from tasks.stage_execution import RunContext, StageOutcome
+from runtime.stage_contract import RunContext, StageOutcome
 
 SLEEP = 1.5
 

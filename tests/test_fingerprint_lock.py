@@ -1,7 +1,7 @@
 """The fingerprint lock: one training per fingerprint across machines (a real Prefect server), and on
 one host without one.
 
-Each contender is a subprocess doing what ``tasks.stage_execution`` does: check the cache (a marker
+Each contender is a subprocess doing what ``runtime.stage_execution`` does: check the cache (a marker
 file) -> lock -> check again -> "train" (sleep, then write the marker). Contenders with different RLHF
 homes have different file locks, like two machines: only the server's concurrency limit keeps them
 apart. Events go to a shared log with timestamps, so a test can tell who trained, who waited and when.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.errors import UserError
-from tasks.fingerprint_lock import LEASE_SECONDS_ENV, ensure_limit, lease_seconds, limit_name, lock_is_held
+from runtime.fingerprint_lock import LEASE_SECONDS_ENV, ensure_limit, lease_seconds, limit_name, lock_is_held
 from tests.prefect_servers import prefect_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ from pathlib import Path
 
 logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
 from rlhf_core.settings import RLHFSettings
-from tasks.fingerprint_lock import fingerprint_lock
+from runtime.fingerprint_lock import fingerprint_lock
 
 home, fingerprint, shared, label, train_seconds, after = sys.argv[1:7]
 shared = Path(shared)
@@ -338,7 +338,7 @@ def _gone() -> Exception:
 def _renew_in_thread(monkeypatch, outcomes, run_for):
     import uuid
 
-    from tasks import fingerprint_lock
+    from runtime import fingerprint_lock
 
     client = FlakyClient(outcomes)
     monkeypatch.setattr(fingerprint_lock, "get_client", lambda sync_client: client)

@@ -186,7 +186,7 @@ def test_rlhf_run_with_an_fsdp2_config_trains_sharded_and_registers_once(
     spec.write_text(yaml.safe_dump(tiny_spec_dict))
     home = tmp_path / "home"
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    returncode, output = _run_in_own_group([sys.executable, "-m", "flows.cli", "run", str(spec), "--home",
+    returncode, output = _run_in_own_group([sys.executable, "-m", "cli.app", "run", str(spec), "--home",
                                             str(home)], env)  # fmt: skip
     assert returncode == 0, output[-6000:]
     assert "--config_file" in output and "pytorch_model_fsdp_0" in output  # accelerate's sharded checkpoint

@@ -46,7 +46,7 @@ def test_the_cli_module_loads_neither_prefect_nor_mlflow():
     import sys
 
     probe = (
-        "import sys, flows.cli; "
+        "import sys, cli.app; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'torch'}))"
     )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)

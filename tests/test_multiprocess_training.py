@@ -130,7 +130,7 @@ def launch_ranks(
     script: str, settings: list[str], out: Path, policy_dir: str, kinds: str, stop_after: int = 0
 ) -> subprocess.CompletedProcess:
     """``accelerate launch <settings>`` of 2 CPU ranks running ``script`` (whose main is ``_rank_main``)."""
-    from tasks.multiprocess import free_port
+    from runtime.multiprocess import free_port
 
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *settings, "--num_processes", "2",
@@ -326,7 +326,7 @@ def test_rlhf_run_with_two_processes_registers_once_and_resumes_after_a_sigkill(
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
     def command(home: Path) -> list[str]:
-        return [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+        return [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(home)]
 
     returncode, output = _run_in_own_group(command(tmp_path / "a"), env)
     assert returncode == 0, output[-6000:]
@@ -365,8 +365,8 @@ def test_rlhf_run_with_two_processes_registers_once_and_resumes_after_a_sigkill(
 def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
     from rlhf_core.errors import UserError
     from rlhf_core.spec import STAGE_CLASSES
-    from tasks.multiprocess import check_multiprocess_stage
-    from tasks.stage_execution import StageCall
+    from runtime.multiprocess import check_multiprocess_stage
+    from runtime.stage_contract import StageCall
 
     def call(kind: str, **fields) -> StageCall:
         stage = STAGE_CLASSES[kind].model_validate({"kind": kind, **fields})
@@ -389,7 +389,7 @@ def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
 
 def test_launch_command_is_accelerates_multi_process_launch_with_explicit_settings(tmp_path):
     from rlhf_core.spec.compute import ComputeSpec
-    from tasks.multiprocess import launch_command
+    from runtime.multiprocess import launch_command
 
     job = tmp_path / "job.json"
     cpu = launch_command(ComputeSpec(processes=2), job, 40001, gpu=False)
@@ -397,7 +397,7 @@ def test_launch_command_is_accelerates_multi_process_launch_with_explicit_settin
     assert "--multi_gpu" in cpu and "--cpu" not in cpu  # --cpu would start one process
     assert cpu[cpu.index("--num_processes") + 1] == "2"
     assert cpu[cpu.index("--main_process_port") + 1] == "40001"
-    assert cpu[-3:] == ["-m", "tasks.multiprocess", str(job)]
+    assert cpu[-3:] == ["-m", "runtime.multiprocess", str(job)]
     assert "--num_cpu_threads_per_process" not in launch_command(ComputeSpec(processes=4), job, 1, gpu=True)
     config = launch_command(ComputeSpec(processes=4, accelerate_config="ddp.yaml"), job, 1, gpu=True)
     assert config[3:5] == ["--config_file", "ddp.yaml"] and "--multi_gpu" not in config
@@ -412,7 +412,7 @@ def test_a_rank_dies_with_its_launcher(tmp_path):
     import time
 
     pid_file = tmp_path / "rank.pid"
-    rank = f"import os, time; from tasks.multiprocess import _die_with_launcher as d; d(); " \
+    rank = f"import os, time; from runtime.multiprocess import _die_with_launcher as d; d(); " \
            f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"  # fmt: skip
     launcher = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {rank!r}], "
                 "start_new_session=True); time.sleep(120)")  # fmt: skip

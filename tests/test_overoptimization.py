@@ -141,8 +141,8 @@ def test_a_verifier_on_prompts_without_answers_is_refused_naming_monitor_prompts
     from rlhf_core.errors import UserError
     from rlhf_core.refs import DatasetRef
     from rlhf_core.spec.monitor import MonitorSpec
+    from runtime.stage_contract import StageCall
     from tasks.optimize_policy import monitor_inputs
-    from tasks.stage_execution import StageCall
 
     monitor = MonitorSpec(proxy=[{"function": "length_penalty"}], gold=[{"function": "arithmetic_exact"}])
     call = StageCall(name="dpo", kind="direct_alignment", stage=monitor, seed=0, fingerprint="f")

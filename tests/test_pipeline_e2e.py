@@ -239,7 +239,7 @@ def test_bad_row_fails_the_stage_with_its_row_and_registers_nothing(tmp_path, pr
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(tmp_path / "bad.yaml"), "--home", str(home)],
+        [sys.executable, "-m", "cli.app", "run", str(tmp_path / "bad.yaml"), "--home", str(home)],
         capture_output=True,
         text=True,
         env={**os.environ, "PREFECT_API_URL": prefect_api_url},

@@ -1,6 +1,6 @@
 """Several runs started at once on a fresh home all get a working temporary-server database.
 
-Without the lock in ``flows.prefect_database`` each run's temporary Prefect server migrates the same new
+Without the lock in ``cli.prefect_database`` each run's temporary Prefect server migrates the same new
 SQLite file at once and some fail ("duplicate column name", "Online migration expected to match one row").
 """
 
@@ -28,7 +28,7 @@ def _first_run(prefect_home: str, index: int, barrier, errors) -> None:
     import prefect.server.database.alembic_commands  # noqa: F401
     from prefect.server.database import provide_database_interface
 
-    from flows.prefect_database import initialize_temporary_server_database
+    from cli.prefect_database import initialize_temporary_server_database
 
     provide_database_interface()
 

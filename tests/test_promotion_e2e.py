@@ -60,7 +60,7 @@ class Home(type(Path())):
 
 def _rlhf(home, *args: str):
     """`rlhf models ...` in this process (they log nothing through Prefect)."""
-    from flows.cli import app
+    from cli.app import app
 
     return CliRunner().invoke(app, [*args, "--home", str(home)], catch_exceptions=False)
 
@@ -70,7 +70,7 @@ def _run(home, tmp_path, max_steps: int, accuracy_min: float) -> subprocess.Comp
     path = tmp_path / f"spec-{max_steps}.yaml"
     path.write_text(yaml.safe_dump(_spec(max_steps, accuracy_min)))
     env = {**os.environ, "PREFECT_API_URL": home.api_url, "COLUMNS": "200"}
-    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--home", str(home)]
+    command = [sys.executable, "-m", "cli.app", "run", str(path), "--home", str(home)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     result.output = result.stdout + result.stderr
     result.exit_code = result.returncode
@@ -162,7 +162,7 @@ def test_the_champion_as_a_registered_entry_is_the_baseline_of_a_new_candidate(p
     path.write_text(yaml.safe_dump(spec))
     champion = _aliases()["champion"]
     env = {**os.environ, "PREFECT_API_URL": home.api_url, "COLUMNS": "200"}
-    command = [sys.executable, "-m", "flows.cli", "run", str(path), "--home", str(home)]
+    command = [sys.executable, "-m", "cli.app", "run", str(path), "--home", str(home)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{NAME} v{champion} (used as is)" in result.stdout

@@ -44,13 +44,13 @@ def produced(tmp_path_factory, prefect_api_url, one_torch_thread):
 
 
 def _cli(*args: str):
-    from flows.cli import app
+    from cli.app import app
 
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
 def test_unchanged_pipeline_reproduces_with_every_stage_matching(produced):
-    from flows.reproduce import check_reproduction
+    from cli.reproduce import check_reproduction
 
     root, outcomes = produced
     result, spec, _ = check_reproduction(MODEL, str(root / "home"))
@@ -68,7 +68,7 @@ def test_unchanged_pipeline_reproduces_with_every_stage_matching(produced):
 
 def test_a_stage_the_pipeline_run_did_not_list_is_found_by_the_digest_its_consumer_read(produced):
     """As when a pipeline run failed after taking a stage from cache: no stage tag names that run."""
-    from flows.reproduce import check_reproduction
+    from cli.reproduce import check_reproduction
     from registry import tracking
     from rlhf_core.settings import RLHFSettings
 
@@ -106,7 +106,7 @@ def test_an_edited_data_file_is_named_with_its_stage_and_the_stages_after_it(pro
 
 
 def test_changed_code_is_named_for_every_stage(produced, monkeypatch):
-    from flows.reproduce import check_reproduction
+    from cli.reproduce import check_reproduction
     from rlhf_core import fingerprint
 
     root, _ = produced

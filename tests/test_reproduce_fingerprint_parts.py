@@ -102,7 +102,7 @@ def recorded(tiny_spec_dict):
 
 
 def test_an_unchanged_record_matches_stage_by_stage(recorded):
-    from flows.reproduce import compare_fingerprints
+    from cli.reproduce import compare_fingerprints
 
     spec, record = recorded
     assert [(c.stage, c.status, c.reasons) for c in compare_fingerprints(spec, record)] == [
@@ -114,7 +114,7 @@ def test_an_unchanged_record_matches_stage_by_stage(recorded):
 
 def test_a_config_that_changed_is_named_by_field_and_the_stage_after_it_differs_too(recorded):
     """The record says sft trained with lr 0.001 (an older default, say); today's config says 0.003."""
-    from flows.reproduce import compare_fingerprints
+    from cli.reproduce import compare_fingerprints
     from rlhf_core.fingerprint import fingerprint_from_parts
 
     spec, record = recorded
@@ -129,7 +129,7 @@ def test_a_config_that_changed_is_named_by_field_and_the_stage_after_it_differs_
 
 
 def test_upstream_differences_propagate_and_old_records_say_they_cannot_name_the_part(recorded):
-    from flows.reproduce import compare_fingerprints
+    from cli.reproduce import compare_fingerprints
 
     spec, record = recorded
     record.stages["data"].fingerprint = "0" * 64
@@ -145,7 +145,7 @@ def test_upstream_differences_propagate_and_old_records_say_they_cannot_name_the
 
 
 def test_a_stage_the_pipeline_run_did_not_record_is_reported_as_such(recorded):
-    from flows.reproduce import compare_fingerprints
+    from cli.reproduce import compare_fingerprints
 
     spec, record = recorded
     del record.stages["data"]

@@ -57,7 +57,7 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
 
 
 def _rlhf(spec: Path, home: Path, api_url: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(spec), "--home", str(home)]
+    return [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(home)]
 
 
 def _env(api_url: str) -> dict[str, str]:

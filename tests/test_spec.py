@@ -123,7 +123,7 @@ def test_downstream_and_topological_order(tiny_spec_dict):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
+        [sys.executable, "-m", "cli.app", *args], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120
     )
 
 

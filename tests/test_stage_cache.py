@@ -37,7 +37,7 @@ def test_fingerprint_depends_on_config_inputs_and_seed():
 def run_context(tmp_path):
     from registry import tracking
     from rlhf_core.settings import RLHFSettings
-    from tasks.stage_execution import RunContext
+    from runtime.stage_contract import RunContext
 
     settings = RLHFSettings(home=tmp_path / "home")
     tracking.configure(settings)
@@ -55,14 +55,14 @@ def _ref(stage: str) -> DatasetRef:
 
 
 def _call(fingerprint: str):
-    from tasks.stage_execution import StageCall
+    from runtime.stage_contract import StageCall
 
     return StageCall(name="s", kind="dataset", stage=SFTTrainSpec(), seed=0, fingerprint=fingerprint)
 
 
 def test_concurrent_identical_stages_train_once(run_context):
     """Two runs of one fingerprint at once: one computes, the other waits on the lock and gets a cache hit."""
-    from tasks.stage_execution import execute_stage
+    from runtime.stage_execution import execute_stage
 
     calls = []
 
@@ -88,7 +88,7 @@ def test_concurrent_identical_stages_train_once(run_context):
 
 def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     from registry import stage_cache, tracking
-    from tasks.stage_execution import execute_stage
+    from runtime.stage_execution import execute_stage
 
     def failing(run):
         raise RuntimeError("boom")
@@ -126,6 +126,6 @@ class _FailedState:
     ],
 )
 def test_only_transient_failures_are_retried(exc, retried):
-    from tasks.stage_execution import is_transient_failure
+    from runtime.stage_tasks import is_transient_failure
 
     assert is_transient_failure(None, None, _FailedState(exc)) is retried

@@ -52,7 +52,7 @@ def fake_outputs(spec, changed: str | None = None) -> dict:
 
 
 def test_every_stage_kind_has_a_registered_task():
-    from tasks.registration import task_for_kind
+    from runtime.stage_tasks import task_for_kind
 
     for kind in STAGE_KINDS:
         assert task_for_kind(kind).name  # a Prefect task named after its function

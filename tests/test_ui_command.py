@@ -61,7 +61,7 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
     prefect_port, mlflow_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_HOME"))}
     env["PYTHONUNBUFFERED"] = "1"  # its lines reach the pipe as they are printed
-    command = [sys.executable, "-m", "flows.cli", "ui", "--home", str(home)]
+    command = [sys.executable, "-m", "cli.app", "ui", "--home", str(home)]
     command += ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -103,7 +103,7 @@ def test_rlhf_ui_serves_both_uis_of_the_home_and_stops_on_ctrl_c(tmp_path):
 def test_rlhf_ui_refuses_a_port_in_use(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from cli.app import app
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

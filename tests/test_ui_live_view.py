@@ -8,10 +8,10 @@ import logging
 
 from rich.console import Console
 
-from flows.live_view import PipelineView, key_metric, live_pipeline_view
+from cli.live_view import PipelineView, key_metric, live_pipeline_view
 from rlhf_core.spec import parse_spec
-from tasks import progress
-from tasks.stage_execution import STEP_LOG_MARK
+from runtime import progress
+from runtime.stage_contract import STEP_LOG_MARK
 
 
 def _text(view: PipelineView) -> str:

@@ -39,7 +39,7 @@ SPEC = {
 def runs(tmp_path_factory, prefect_api_url, one_torch_thread):
     """The pipeline run twice on one home: the second run takes every stage from cache."""
     from flows.pipeline import run_pipeline
-    from tasks import progress
+    from runtime import progress
 
     home = str(tmp_path_factory.mktemp("home"))
     spec = parse_spec(SPEC)

@@ -22,7 +22,7 @@ from prefect.utilities.schema_tools import validate
 from prefect.utilities.templating import apply_values, find_placeholders
 from typer.testing import CliRunner
 
-from flows.pool_commands import pools_app
+from cli.pool_commands import pools_app
 from flows.work_pools import (
     DEFAULT_IMAGE,
     POOL_TYPES,
@@ -282,7 +282,7 @@ def test_pools_template_prints_json_for_prefect_work_pool_create(tmp_path):
 
 def test_importing_the_pools_commands_loads_no_prefect():
     probe = (
-        "import sys, flows.pool_commands; "
+        "import sys, cli.pool_commands; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'torch'}))"
     )
     out = subprocess.run(

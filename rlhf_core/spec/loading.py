@@ -203,3 +203,37 @@ def pipeline_json_schema() -> dict[str, Any]:
     stages = schema["properties"]["stages"]
     stages["additionalProperties"] = {"anyOf": [stages["additionalProperties"], *templates]}
     return schema
+
+
+def apply_spec_overrides(spec: PipelineSpec, overrides: dict[str, Any] | None) -> PipelineSpec:
+    """``spec`` with each ``path -> value`` set (paths as in the deployment's form); SpecError naming
+    the path when it does not exist or the value does not fit."""
+    if not overrides:
+        return spec
+    data = spec.model_dump(mode="json")
+    problems = []
+    for path, value in overrides.items():
+        parts = str(path).split(".")
+        parent = lookup_path(data, parts[:-1])
+        if not isinstance(parent, dict) or parts[-1] not in parent:
+            problems.append(f"override {path}: no such field in pipeline '{spec.name}'")
+            continue
+        parent[parts[-1]] = value
+    if problems:
+        raise SpecError(problems)
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([f"override: {p}" for p in validation_problems(exc)]) from None
+
+
+MISSING = object()
+
+
+def lookup_path(data: Any, path: list[str]) -> Any:
+    """The value at ``path`` (keys) in nested dicts, or :data:`MISSING`."""
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return MISSING
+        data = data[part]
+    return data

@@ -1,7 +1,7 @@
 """Data parallelism for the offline trainers: several processes share each optimizer step.
 
 A stage with ``compute.processes: N`` runs N copies of its trainer, launched by ``accelerate launch``
-(``tasks.multiprocess``). Every rank builds the same global step (its micro-batches are a pure function
+(``runtime.multiprocess``). Every rank builds the same global step (its micro-batches are a pure function
 of seed and step) and runs the forward/backward passes of its own share of them
 (:func:`local_share`). The trainers normalise each micro-batch's loss by the count of the WHOLE step
 (tokens, prompts, pairs), so the per-rank gradients add up to the one-process gradient:
@@ -42,7 +42,7 @@ SUPPORTED = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_ML
 
 class OtherRankFinished(BaseException):  # noqa: N818 - a control-flow signal, not an error
     """Raised on every rank but the main one when training is done: evaluation, saving, logging and
-    registration run on the main process only. ``tasks.multiprocess`` ends such a rank quietly."""
+    registration run on the main process only. ``runtime.multiprocess`` ends such a rank quietly."""
 
 
 def rank_and_world() -> tuple[int, int]:

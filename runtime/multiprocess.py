@@ -5,7 +5,7 @@ There, instead of calling the body, :func:`run_in_processes`:
 
 1. downloads the stage's inputs once (the ranks then find them in the home's cache);
 2. writes a job file: the run context, the stage call (inputs as refs) and the MLflow run to write to;
-3. launches ``python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m tasks.multiprocess
+3. launches ``python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m runtime.multiprocess
    <job>``: NCCL on a GPU machine, gloo on CPU (``ACCELERATE_USE_CPU=true``; accelerate's ``--cpu`` would
    start one process only), or the user's ``compute.accelerate_config``;
 4. forwards the ranks' output to the stage's log and, when the launch fails, raises an error naming
@@ -35,14 +35,14 @@ from pydantic import BaseModel, Field, TypeAdapter
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.spec.compute import ComputeSpec
-from tasks.stage_execution import (
+from runtime.stage_contract import (
     STEP_LOG_MARK,
     RunContext,
     StageBody,
     StageCall,
     StageOutcome,
     StageRun,
-    _logger,
+    stage_logger,
 )
 
 SUPPORTED_KINDS = ("sft", "reward_model", "direct_alignment")  # trainers that share steps across ranks
@@ -180,8 +180,9 @@ def run_in_processes(ctx: RunContext, call: StageCall, run: StageRun) -> dict[st
     env = {**os.environ, **call.stage.compute.env, "PYTHONPATH": path}
     if not gpu:
         env["ACCELERATE_USE_CPU"] = "true"  # gloo ranks on CPU
-    _logger().info("stage %s: launching %d training processes: %s", call.name, call.stage.compute.processes,
-                   " ".join(command))  # fmt: skip
+    processes = call.stage.compute.processes
+    launch = " ".join(command)
+    stage_logger().info("stage %s: launching %d training processes: %s", call.name, processes, launch)
     returncode, tail = _run_streaming(command, env, call.name)
     if returncode != 0:
         raise MultiProcessLaunchError(
@@ -212,7 +213,7 @@ def launch_command(compute: ComputeSpec, job_file: Path, port: int, *, gpu: bool
             threads = max(1, (os.cpu_count() or 1) // compute.processes)
             command += ["--num_cpu_threads_per_process", str(threads)]
     command += ["--num_processes", str(compute.processes), "--main_process_port", str(port)]
-    return [*command, "-m", "tasks.multiprocess", str(job_file)]
+    return [*command, "-m", "runtime.multiprocess", str(job_file)]
 
 
 def free_port() -> int:
@@ -236,7 +237,7 @@ def _materialize_inputs(run: StageRun, inputs: dict[str, StageOutput]) -> None:
 def _run_streaming(command: list[str], env: dict[str, str], stage: str) -> tuple[int, list[str]]:
     """Run the launcher, forwarding its output line by line to the stage's log; (exit status, tail)."""
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
-    logger = _logger()
+    logger = stage_logger()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
         preexec_fn=_parent_death_signal() if sys.platform == "linux" else None,
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from rlhf_core.training.data_parallel import OtherRankFinished
-    from tasks.registration import task_for_kind
+    from runtime.stage_tasks import task_for_kind
 
     (job_path,) = argv if argv is not None else sys.argv[1:]
     job = RankJob.model_validate_json(Path(job_path).read_text())
@@ -313,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run as ``python -m tasks.multiprocess``: this module is __main__, and execute_stage would see another
-    # copy (tasks.multiprocess) whose job is unset; the rank runs the imported module's main
-    from tasks.multiprocess import main as rank_main
+    # run as ``python -m runtime.multiprocess``: this module is __main__, and execute_stage would see another
+    # copy (runtime.multiprocess) whose job is unset; the rank runs the imported module's main
+    from runtime.multiprocess import main as rank_main
 
     sys.exit(rank_main())

@@ -125,7 +125,7 @@ def prefect_server(settings: RLHFSettings, port: int) -> Server:
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_UI_API_URL": api,
         "PREFECT_UI_URL": f"http://{HOST}:{port}",
-        # Fingerprint-lock leases (tasks.fingerprint_lock) must survive a restart of this server, or a
+        # Fingerprint-lock leases (runtime.fingerprint_lock) must survive a restart of this server, or a
         # slot held at the restart would stay taken for good.
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": os.environ.get(
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect.server.concurrency.lease_storage.filesystem"

@@ -7,21 +7,19 @@ version tags and the registered model's alias history.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.reproduce import lineage
+from cli.console import console
+from cli.reproduce import lineage
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 
 models_app = typer.Typer(
     no_args_is_help=True, help="Registered models: list versions, promote or roll back by hand, lineage."
 )
-console = Console(width=None if sys.stdout.isatty() else 160)  # as `rlhf run`: wide in logs and files
 
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")]
 AliasOpt = Annotated[str, typer.Option("--alias", help="Alias to move.")]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from cli.console import console, exit_status, settings_for
 from rlhf_core.errors import EXIT_REPRODUCTION_DIFFERS, UserError
 from rlhf_core.fingerprint import config_changes, config_dict, describe_part_changes
 from rlhf_core.refs import ModelRef, StageOutput
@@ -249,14 +250,12 @@ def reproduce(
     """Check that a registered model can be rebuilt from its lineage: stage by stage, do the fingerprints
     (code, config, data) still match what the registry recorded? With --run, rebuild it and compare
     its weights. Exit status 0: all match; 4: something differs."""
-    from flows.cli import _exit_status, _settings, console
-
-    settings = _settings(home)
-    with _exit_status(traceback_, f"reproduce {ref}: "):
+    settings = settings_for(home)
+    with exit_status(traceback_, f"reproduce {ref}: "):
         result, spec, record = check_reproduction(ref, str(settings.resolved_home()))
         print_checks(console, result)
         if run:
-            from flows.prefect_database import initialize_temporary_server_database
+            from cli.prefect_database import initialize_temporary_server_database
 
             target = fresh_home(into, settings.resolved_home())
             console.print(f"rebuilding {', '.join(c.stage for c in result.checks)} in {target} ...")
@@ -314,10 +313,8 @@ def print_verdict(console, result: Reproduction) -> None:
 def lineage(ref: RefArg, home: HomeOpt = None, traceback_: TracebackOpt = False) -> None:
     """Show a registered model's lineage as a tree: the versions it was built from (policy <- SFT <-
     base model, its reward models), with their runs, fingerprints, commits and dataset digests."""
-    from flows.cli import _exit_status, _settings, console
-
-    settings = _settings(home)
-    with _exit_status(traceback_, f"lineage of {ref}: "):
+    settings = settings_for(home)
+    with exit_status(traceback_, f"lineage of {ref}: "):
         from registry import tracking
         from registry.lineage import model_lineage
 

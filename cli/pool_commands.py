@@ -12,21 +12,20 @@ each started with ``--limit 1`` and its own ``CUDA_VISIBLE_DEVICES``::
 (a pool with N such workers takes ``--concurrency N``). ``rlhf pools template docker`` prints a
 template for ``prefect work-pool create --base-job-template FILE`` instead.
 
-Prefect is imported inside the commands only, after the offline defaults are set (see ``flows.cli``);
+Prefect is imported inside the commands only, after the offline defaults are set (see ``cli.app``);
 ``flows.work_pools`` imports it lazily too.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cli.console import console
 from flows.work_pools import DEFAULT_IMAGE, base_job_template, ensure_work_pool
 from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
@@ -36,7 +35,6 @@ pools_app = typer.Typer(
     no_args_is_help=True,
     help="Prefect work pools for stages that run elsewhere (compute.pool): create one, print a template.",
 )
-console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class PoolType(StrEnum):

@@ -1,7 +1,7 @@
 """One computation per fingerprint, on one host and across machines.
 
 Two runs given the same stage (same fingerprint) must not both train it: the second waits, then
-finds the first one's result in the cache (``tasks.stage_execution``). ``fingerprint_lock`` takes two
+finds the first one's result in the cache (``runtime.stage_execution``). ``fingerprint_lock`` takes two
 locks, always in this order, so no two runs can wait on each other:
 
 1. A file lock ``<home>/locks/<fingerprint>.lock`` (``fcntl``; the OS frees it when its process dies).

@@ -1,6 +1,6 @@
 """Stage progress events, for whoever shows a pipeline as it runs (the terminal's live view).
 
-The stage life cycle (``tasks.stage_execution``) publishes one event when a stage starts, one per
+The stage life cycle (``runtime.stage_execution``) publishes one event when a stage starts, one per
 logged training step that carries the progress metric, and one when it ends (ran, resumed, cached or
 failed). Listeners subscribe for the duration of a run; with none subscribed publishing costs nothing.
 A listener that raises is dropped from that event and never fails the stage.

@@ -13,20 +13,17 @@ differs from the registry's record; 1 anything else (a crash). ``--traceback`` o
 from __future__ import annotations
 
 import sys
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.console_tracebacks import configure_console_tracebacks, traceback_shown
-from rlhf_core.errors import EXIT_CRASH, EXIT_GATE_FAILED, EXIT_USER_ERROR, UserError
+from cli.console import console, error, exit_status, settings_for
+from cli.console_tracebacks import configure_console_tracebacks
+from rlhf_core.errors import EXIT_GATE_FAILED, EXIT_USER_ERROR, UserError
 from rlhf_core.refs import PromotionRef
-from rlhf_core.settings import RLHFSettings, apply_environment_defaults
+from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec, SpecError, load_spec
 
 app = typer.Typer(
@@ -34,40 +31,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Declarative RLHF pipelines: one YAML spec, Prefect flows, MLflow lineage.",
 )
-# Wide enough for run ids and metrics when output is not a terminal (CI logs, files).
-console = Console(width=None if sys.stdout.isatty() else 160)
-
-
-def _error(message: str) -> None:
-    """Errors go to stderr unwrapped, so every line keeps its stage and field path intact."""
-    typer.secho(message, err=True, fg="red")
-
-
-@contextmanager
-def _exit_status(show_traceback: bool, context: str = "") -> Iterator[None]:
-    """Exit 2 with ``context`` + the message of a UserError; exit 1 with a short line for anything else.
-
-    A traceback is printed only on request, and not twice: Prefect's log may already have shown it.
-    """
-    try:
-        yield
-    except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
-        raise  # they carry their own exit status
-    except Exception as exc:
-        shown = traceback_shown(exc)
-        if show_traceback and not shown:
-            traceback.print_exception(exc)
-        if isinstance(exc, UserError):
-            _error(f"{context}{exc}")
-            raise typer.Exit(EXIT_USER_ERROR) from None
-        _error(f"{context}{type(exc).__name__}: {exc}")
-        if shown or show_traceback:
-            _error("Unexpected error (exit status 1): see the traceback above.")
-        else:
-            _error("Unexpected error (exit status 1): for its traceback, run again with --traceback.")
-        raise typer.Exit(EXIT_CRASH) from None
-
-
 SpecArg = Annotated[Path, typer.Argument(help="Pipeline spec (YAML).", exists=False)]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a spec field: a.b.c=value (repeatable).")
@@ -110,7 +73,7 @@ def _load(
     """The validated spec, with ``--set`` overrides and the compute profile applied."""
     from rlhf_core.spec.compute import find_profile_file, resolve_profile
 
-    with _exit_status(show_traceback, f"{spec_path}: "):
+    with exit_status(show_traceback, f"{spec_path}: "):
         spec = load_spec(spec_path, overrides or [])
         if profile is not None:
             chosen = resolve_profile(profile, find_profile_file(spec_path, profiles))
@@ -124,14 +87,8 @@ def _forced(spec: PipelineSpec, force: list[str] | None) -> set[str]:
     try:
         return forced_stages(spec, force or [])
     except UserError as exc:  # an unknown stage name is the user's to fix
-        _error(str(exc))
+        error(str(exc))
         raise typer.Exit(EXIT_USER_ERROR) from None
-
-
-def _settings(home: Path | None) -> RLHFSettings:
-    settings = RLHFSettings(home=home) if home else RLHFSettings()
-    apply_environment_defaults(settings)
-    return settings
 
 
 def _check_sources(spec: PipelineSpec) -> None:
@@ -163,7 +120,7 @@ def validate(
 ) -> None:
     """Check a spec (fields, types, references, cycles, data columns) without running anything."""
     spec = _load(spec_path, set_, traceback_, profile, profiles)
-    with _exit_status(traceback_):
+    with exit_status(traceback_):
         _check_sources(spec)
     console.print(
         f"[green]ok[/green]: pipeline '{spec.name}', {len(spec.models)} model(s), "
@@ -192,9 +149,9 @@ def _prepare(
 ) -> tuple[PipelineSpec, RLHFSettings, set[str]]:
     """The validated spec (data columns checked), the settings, and the stages ``--force`` re-runs."""
     spec = _load(spec_path, set_, traceback_, profile, profiles)
-    with _exit_status(traceback_):
+    with exit_status(traceback_):
         _check_sources(spec)
-        settings = _settings(home)
+        settings = settings_for(home)
         forced = _forced(spec, force)
     return spec, settings, forced
 
@@ -216,7 +173,7 @@ def plan(
     table = Table(title=f"plan: {spec.name}")
     for column in ("stage", "kind", "action", "why", "where", "fingerprint", "cached run"):
         table.add_column(column)
-    with _exit_status(traceback_, f"plan of pipeline '{spec.name}' failed: "):
+    with exit_status(traceback_, f"plan of pipeline '{spec.name}' failed: "):
         plans = plan_pipeline(spec, forced, str(settings.resolved_home()))
     for p in plans:
         table.add_row(
@@ -238,12 +195,12 @@ def run(
     """Run a pipeline: cached stages are skipped, interrupted ones resume; stages whose compute names
     a work pool run on it (rlhf deploy creates the stage runners there)."""
     spec, settings, _ = _prepare(spec_path, set_, force, home, traceback_, profile, profiles)
-    from flows.live_view import live_pipeline_view
+    from cli.live_view import live_pipeline_view
+    from cli.prefect_database import initialize_temporary_server_database
     from flows.pipeline import run_pipeline
-    from flows.prefect_database import initialize_temporary_server_database
 
     configure_console_tracebacks(show_user_errors=traceback_)
-    with _exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
+    with exit_status(traceback_, f"pipeline '{spec.name}' failed: "):
         require_server_for_pools(spec, settings)
         initialize_temporary_server_database()  # runs started together on a fresh home must not race
         with live_pipeline_view(spec, console):  # on a terminal only; plain log lines otherwise
@@ -252,7 +209,7 @@ def run(
     rejected = [d for d in promotion_decisions(outcomes) if not d.passed]
     if rejected:
         for d in rejected:
-            _error(
+            error(
                 f"promotion gate of stage '{d.stage}' rejected {d.registered_name} v{d.registered_version}: "
                 f"{d.reason} (no alias moved; exit status {EXIT_GATE_FAILED})"
             )
@@ -284,8 +241,8 @@ def deploy(
     from rlhf_core.spec.compute import find_profile_file, resolve_profile
 
     spec = _load(spec_path, set_, traceback_, profile, profiles)
-    with _exit_status(traceback_, f"deploy of pipeline '{spec.name}' failed: "):
-        settings = _settings(home)
+    with exit_status(traceback_, f"deploy of pipeline '{spec.name}' failed: "):
+        settings = settings_for(home)
         raw = read_yaml(spec_path)
         for override in set_ or []:
             apply_override(raw, override)
@@ -328,7 +285,7 @@ def require_server_for_pools(spec: PipelineSpec, settings: RLHFSettings) -> None
     require_prefect_server(f"pipeline '{spec.name}' runs stages on work pool(s) {', '.join(pools)}, which")
     uri = settings.resolved_tracking_uri()
     if not uri.startswith(("http://", "https://")):
-        _error(
+        error(
             f"note: stages on work pool(s) {', '.join(pools)} will write to the tracking store {uri}: their "
             "workers must see it (this machine, or a shared file system); for workers on other machines "
             "set RLHF_TRACKING_URI to an MLflow server (docs/scaling.md)"
@@ -376,18 +333,18 @@ def _decision_cell(outcome) -> str:
     return f"{d.registered_name} v{d.registered_version}: {verdict}"
 
 
-from flows.model_commands import models_app  # noqa: E402  (rlhf models list/promote/rollback/history)
+from cli.model_commands import models_app  # noqa: E402  (rlhf models list/promote/rollback/history)
 
 app.add_typer(models_app, name="models")
 
 # --- commands from other modules (begin) ---
-from flows.ui import ui  # noqa: E402  (rlhf ui: both UIs of the home on 127.0.0.1)
+from cli.ui import ui  # noqa: E402  (rlhf ui: both UIs of the home on 127.0.0.1)
 
 app.command()(ui)
-from flows.reproduce import reproduce  # noqa: E402  (rlhf reproduce)
+from cli.reproduce import reproduce  # noqa: E402  (rlhf reproduce)
 
 app.command()(reproduce)
-from flows.pool_commands import pools_app  # noqa: E402  (rlhf pools create/template)
+from cli.pool_commands import pools_app  # noqa: E402  (rlhf pools create/template)
 
 app.add_typer(pools_app, name="pools")
 # --- (end) ---

@@ -57,7 +57,7 @@ def configure_console_tracebacks(show_user_errors: bool) -> None:
     Sets up Prefect's logging first if nothing has yet (its handlers must exist to be wrapped); calling
     again only changes the choice.
     """
-    from prefect.logging.configuration import ensure_logging_setup  # not at import: see flows/cli.py
+    from prefect.logging.configuration import ensure_logging_setup  # not at import: see cli/app.py
 
     ensure_logging_setup()
     for handler in console_handlers():

@@ -49,7 +49,7 @@ def _escape(text: str) -> str:
 
 
 def stage_markdown(outcome, experiment_id: str, mlflow_base: str | None) -> str:
-    """The Prefect artifact of one stage outcome (``tasks.stage_execution.StageOutcome``).
+    """The Prefect artifact of one stage outcome (``runtime.stage_execution.StageOutcome``).
 
     ``mlflow_base`` None gives relative links (for text shown inside the MLflow UI).
     """

@@ -1,10 +1,10 @@
 """The live terminal view of ``rlhf run``: one row per stage with its state, step/total, ETA and key metric.
 
 Shown only when the output is a terminal (and ``RLHF_LIVE_VIEW`` is not ``0``); redirected output and CI
-keep the plain log lines. While the view is up, the per-step log lines (``tasks.stage_execution``
+keep the plain log lines. While the view is up, the per-step log lines (``runtime.stage_execution``
 marks them) are kept out of the console, since the view shows the same numbers in place; everything
 else Prefect logs still prints above the view, and the Prefect API log keeps every line.
-The view listens to the stage events of ``tasks.progress``.
+The view listens to the stage events of ``runtime.progress``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from rlhf_core.spec import PipelineSpec
-from tasks import progress
-from tasks.stage_execution import STEP_LOG_MARK
+from runtime import progress
+from runtime.stage_contract import STEP_LOG_MARK
 
 STATE_STYLES = {
     "pending": "dim",
