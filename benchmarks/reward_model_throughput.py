@@ -237,12 +237,11 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def run_worker(contender: str, model_dir: Path, settings: BenchSettings) -> RunResult:
-    flags = {"--worker": contender, "--model-dir": str(model_dir), "--settings": json.dumps(asdict(settings))}
-    return RunResult(**workers.run_worker(__file__, contender, flags))
+    return workers.run_contender(__file__, RunResult, contender, model_dir, settings)
 
 
 def run_quiet(contender: str, model_dir: Path, settings: BenchSettings, args, discarded: list) -> RunResult:
-    return workers.run_quiet(lambda: run_worker(contender, model_dir, settings), contender, args, discarded)
+    return workers.run_contender_quietly(__file__, RunResult, contender, model_dir, settings, args, discarded)
 
 
 def summarize(runs: list[RunResult]) -> dict:
@@ -352,16 +351,7 @@ def parse_args() -> argparse.Namespace:
         help="Extra untimed runs per contender with training seeds 1..K.",
     )
     p.add_argument("--policy-dir", type=Path, help="Reuse a policy saved by sft_policy.save_sft_policy.")
-    p.add_argument("--quiet-percent", type=float, default=15.0)
-    p.add_argument("--quiet-timeout", type=float, default=900.0)
-    p.add_argument("--max-background", type=float, default=0.15)
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "reward_model_throughput.json"
-    )
-    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
+    workers.add_measurement_options(p, "reward_model_throughput.json", CONTENDERS)
     return p.parse_args()
 
 

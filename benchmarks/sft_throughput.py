@@ -462,28 +462,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--n-records", type=int, default=6000, help="Conversations (enough for one packed epoch).")
     p.add_argument(
-        "--quiet-percent",
-        type=float,
-        default=15.0,
-        help="Start a run only once total CPU use stays below this percent for 3 s.",
-    )
-    p.add_argument("--quiet-timeout", type=float, default=900.0, help="Give up waiting for quiet after this.")
-    p.add_argument(
-        "--max-background",
-        type=float,
-        default=0.15,
-        help="Redo a run when other processes used more than this many cores during its loop.",
-    )
-    p.add_argument("--retries", type=int, default=3, help="Redos of a disturbed run before keeping it.")
-    p.add_argument(
         "--profile", action="store_true", help="Instead: one torch-profiled run per contender and mode."
     )
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sft_throughput.json")
-    # internal: run one contender in this process
-    p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
+    workers.add_measurement_options(p, "sft_throughput.json", CONTENDERS)
+    # internal: the mode a worker process runs
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
     return p.parse_args()
 
