@@ -71,7 +71,7 @@ def _load(
     profiles: Path | None = None,
 ) -> PipelineSpec:
     """The validated spec, with ``--set`` overrides and the compute profile applied."""
-    from rlhf_core.spec.compute import find_profile_file, resolve_profile
+    from rlhf_core.spec.loading import find_profile_file, resolve_profile
 
     with exit_status(show_traceback, f"{spec_path}: "):
         spec = load_spec(spec_path, overrides or [])
@@ -238,7 +238,7 @@ def deploy(
     """Create the pipeline's deployment and its stage runners on the Prefect server (PREFECT_API_URL),
     so that runs can be scheduled and started from the Prefect UI."""
     from rlhf_core.spec import apply_override, read_yaml
-    from rlhf_core.spec.compute import find_profile_file, resolve_profile
+    from rlhf_core.spec.loading import find_profile_file, resolve_profile
 
     spec = _load(spec_path, set_, traceback_, profile, profiles)
     with exit_status(traceback_, f"deploy of pipeline '{spec.name}' failed: "):

@@ -34,8 +34,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec, load_spec
-from rlhf_core.spec.compute import find_profile_file, resolve_profile
-from rlhf_core.spec.loading import apply_spec_overrides
+from rlhf_core.spec.loading import apply_spec_overrides, find_profile_file, resolve_profile
 from runtime import stage_reports
 from runtime.stage_contract import RunContext, StageOutcome
 from runtime.stage_tasks import task_for_kind
@@ -100,7 +99,7 @@ def run_pipeline(
     it). ``force`` names stages (or models) to re-run together with everything downstream of them.
     ``overrides`` sets spec values by path (``stages.sft.train.lr``), as the form of a deployed
     pipeline in the Prefect UI does (``flows.deploy``). ``profile`` names a compute profile (from the
-    ``profiles.yaml`` next to a spec file, or in the working directory; ``rlhf_core.spec.compute``).
+    ``profiles.yaml`` next to a spec file, or in the working directory; ``rlhf_core.spec.loading``).
     """
     spec_path = spec if isinstance(spec, str) else "spec.yaml"
     if isinstance(spec, str):

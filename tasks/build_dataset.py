@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from registry import tracking
-from rlhf_core.data.prepare import prepare_dataset
+from rlhf_core.dataset_preparation import prepare_dataset
 from rlhf_core.refs import DatasetRef
 from rlhf_core.spec import DatasetStage
 from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun

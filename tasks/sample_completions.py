@@ -30,8 +30,9 @@ def sample_completions(ctx: RunContext, call: StageCall) -> StageOutcome:
 
         reward_dirs = {s.name: run.model_dir(call.resolve(s.model)) for s in stage.rewards if s.model}
         result = sample_and_score(
-            run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), stage, reward_dirs,
-            call.seed, stage_name=call.name,
+            run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), reward_dirs,
+            call.seed, n=stage.n, max_prompts=stage.max_prompts, sampling=stage.generation,
+            rewards=stage.rewards, on_invalid=stage.on_invalid_reward, stage_name=call.name,
         )  # fmt: skip
         if result.problems:
             tracking.log_text(run.run_id, "\n".join(result.problems), "invalid_rewards.txt")

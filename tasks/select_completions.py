@@ -20,7 +20,9 @@ def select_completions(ctx: RunContext, call: StageCall) -> StageOutcome:
 
     def body(run: StageRun) -> dict[str, DatasetRef]:
         rows = [row for split in completions.splits for row in run.read_split(completions, split)]
-        records, run.key_metrics = select_sft_records(rows, stage, stage_name=call.name)
+        records, run.key_metrics = select_sft_records(
+            rows, stage.strategy, k=stage.k, min_reward=stage.min_reward, stage_name=call.name
+        )
         sft = publish_dataset(run, "sft", "sft", {"train": records}, columns=("messages", "reward"))
         tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
         return {"sft": sft}

@@ -10,8 +10,8 @@ import yaml
 from flows.deploy import overridable_values, parameter_form, stage_pools
 from rlhf_core.fingerprint import config_digest
 from rlhf_core.spec import SpecError, load_spec, parse_spec
-from rlhf_core.spec.compute import ComputeProfile, ComputeSpec, load_profiles, resolve_profile
-from rlhf_core.spec.loading import apply_spec_overrides
+from rlhf_core.spec.compute import ComputeProfile, ComputeSpec
+from rlhf_core.spec.loading import apply_spec_overrides, load_profiles, resolve_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

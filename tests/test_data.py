@@ -32,7 +32,7 @@ from rlhf_core.data import (
     validate_records,
     write_jsonl,
 )
-from rlhf_core.data.prepare import prepare_dataset
+from rlhf_core.dataset_preparation import prepare_dataset
 from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage
 

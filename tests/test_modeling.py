@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
+from rlhf_core.modeling.sft_tokens import IGNORE_INDEX, tokenize_conversation
 from rlhf_core.modeling.tokenizer import CHATML_TEMPLATE, IM_END, IM_START, ensure_chat_template
 from rlhf_core.spec import TinyModelSource
-from rlhf_core.training.sft_data import IGNORE_INDEX, tokenize_conversation
 
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
 CONVERSATION = [

@@ -18,7 +18,7 @@ from rlhf_core.data import (
     unpaired_parts,
     validate_records,
 )
-from rlhf_core.data.prepare import prepare_dataset
+from rlhf_core.dataset_preparation import prepare_dataset
 from rlhf_core.errors import UserError
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.modeling.preference_tokens import (

@@ -107,7 +107,9 @@ def test_rejection_sampling_stage_selects_sft_rows_and_fails_when_nothing_is_kep
     from rlhf_core.spec import RejectionSamplingStage
 
     stage = RejectionSamplingStage(kind="rejection_sampling", completions="sample", min_reward=0.75)
-    records, summary = select_sft_records(_rows(R), stage, stage_name="rs")
+    records, summary = select_sft_records(
+        _rows(R), stage.strategy, k=stage.k, min_reward=stage.min_reward, stage_name="rs"
+    )
     # top per prompt is c00, c11, c20, c32, c43 (0.7, 0.8, 0.9, 0.8, 0.6); three reach 0.75
     assert [r["messages"][1]["content"] for r in records] == ["c11", "c20", "c32"]
     assert summary == {
@@ -116,9 +118,8 @@ def test_rejection_sampling_stage_selects_sft_rows_and_fails_when_nothing_is_kep
         "selected_reward_mean": pytest.approx((0.8 + 0.9 + 0.8) / 3),
         "all_reward_mean": pytest.approx(sum(map(sum, R)) / 20),
     }
-    strict = stage.model_copy(update={"min_reward": 0.95})
     with pytest.raises(UserError, match=r"stage 'rs': the selection kept no completion \(min_reward 0.95\)"):
-        select_sft_records(_rows(R), strict, stage_name="rs")
+        select_sft_records(_rows(R), stage.strategy, k=stage.k, min_reward=0.95, stage_name="rs")
 
 
 def test_best_of_n_on_the_worked_example():

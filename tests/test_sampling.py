@@ -25,7 +25,11 @@ def test_sample_and_score_keeps_prompt_order_and_the_weighted_sum(tmp_path):
         rewards=[{"function": "length_penalty", "weight": 2.0}, {"function": "answer_format"}],
     )
     prompts = synthetic_records("arithmetic", "prompts", n=6, seed=0, max_operand=9)
-    result = sample_and_score(policy_dir, None, prompts, stage, {}, seed=0, stage_name="sample")
+    result = sample_and_score(
+        policy_dir, None, prompts, {}, seed=0, n=stage.n, max_prompts=stage.max_prompts,
+        sampling=stage.generation, rewards=stage.rewards, on_invalid=stage.on_invalid_reward,
+        stage_name="sample",
+    )  # fmt: skip
     assert [(r["prompt_index"], r["completion_index"]) for r in result.rows] == [
         (i, j) for i in range(4) for j in range(3)
     ]

@@ -1,4 +1,4 @@
-"""Tests for rlhf_core.training.sft_data: loss masking, packing, collation, and packed-loss equivalence."""
+"""Tests for rlhf_core.modeling.sft_tokens: loss masking, packing, collation, and packed-loss equivalence."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import torch
 
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model
-from rlhf_core.modeling.tokenizer import IM_END
-from rlhf_core.spec import SFTTrainSpec, TinyModelSource
-from rlhf_core.training.sft import build_rows, token_loss_sum
-from rlhf_core.training.sft_data import (
+from rlhf_core.modeling.sft_tokens import (
     IGNORE_INDEX,
     Row,
     TokenizedExample,
@@ -22,6 +19,9 @@ from rlhf_core.training.sft_data import (
     tokenize_sft_row,
     unpacked_rows,
 )
+from rlhf_core.modeling.tokenizer import IM_END
+from rlhf_core.spec import SFTTrainSpec, TinyModelSource
+from rlhf_core.training.sft import build_rows, token_loss_sum
 
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}

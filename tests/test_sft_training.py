@@ -19,10 +19,10 @@ from transformers import LlamaForCausalLM
 import rlhf_core.training.sft as sft
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, save_model
+from rlhf_core.modeling.sft_tokens import IGNORE_INDEX, Row, tokenize_conversation
 from rlhf_core.spec import LoraSpec, SFTTrainSpec, TinyModelSource
 from rlhf_core.training.checkpoint import STATE_FILE
 from rlhf_core.training.sft import apply_lora, micro_batches_of_step, plan_steps, train_sft
-from rlhf_core.training.sft_data import IGNORE_INDEX, Row, tokenize_conversation
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)

@@ -11,9 +11,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.evaluation.statistics import figure_with_interval, interval_metrics, ratio_statistic
 from rlhf_core.losses.language_model import sequence_logprobs
 from rlhf_core.modeling.modes import eval_mode
+from rlhf_core.modeling.sft_tokens import collate, tokenize_sft_row, unpacked_rows
 from rlhf_core.rewards.functions import RewardFunction
 from rlhf_core.rollout.generation import generate
-from rlhf_core.training.sft_data import collate, tokenize_sft_row, unpacked_rows
 
 
 @torch.no_grad()

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from rlhf_core.modeling.shared_prefix import attention_takes_shared_prefix
-
 IGNORE_INDEX = -100
 CHUNK_LOGITS = 2**25  # logits per chunk (~128 MiB in fp32): 256 tokens at a 128k vocabulary
 # causal LMs whose logits are exactly lm_head(final hidden state)
@@ -137,12 +135,6 @@ def sequence_logprobs(
     token_logp = head_token_logprobs(model, hidden, hidden[:, :-1][keep], targets[keep], chunk_tokens)
     sums = token_logp.new_zeros(labels.shape[0]).index_add(0, rows, token_logp)
     return sums, keep.sum(-1)
-
-
-def supports_shared_prefix_logprobs(model: PreTrainedModel) -> bool:
-    """True where shared-prefix rows give the same log-probs as one row per sequence: a plain LM head
-    (:func:`supports_chunked_loss`) on an attention that takes the shared-prefix mask."""
-    return supports_chunked_loss(model) and attention_takes_shared_prefix(model)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

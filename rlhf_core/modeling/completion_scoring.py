@@ -27,7 +27,6 @@ from rlhf_core.losses.language_model import (
     CHUNK_LOGITS,
     head_token_logprobs,
     supports_chunked_loss,
-    supports_shared_prefix_logprobs,
 )
 from rlhf_core.modeling.shared_prefix import (
     CompletionTokenIndex,
@@ -35,6 +34,7 @@ from rlhf_core.modeling.shared_prefix import (
     completion_token_index,
     pack_shared_prefix,
     supports_shared_prefix,
+    supports_shared_prefix_logprobs,
 )
 
 

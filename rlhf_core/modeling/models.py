@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -23,7 +24,6 @@ from transformers import (
 
 from rlhf_core.data.synthetic import arithmetic_corpus
 from rlhf_core.modeling.tokenizer import ensure_chat_template, train_bpe_tokenizer
-from rlhf_core.spec import TinyModelSource
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -36,7 +36,24 @@ TOKENIZER_FILES = (
 _TEMPLATE_WORDS = ["user\n", "assistant\n", "system\n", "You are a helpful assistant."]
 
 
-def build_tiny_model(cfg: TinyModelSource, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+class TinyModelShape(Protocol):
+    """What :func:`build_tiny_model` reads of its config (the spec's ``TinyModelSource`` is one)."""
+
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int | None: ...  # None: 4 * hidden_size
+    @property
+    def layers(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...  # of the BPE tokenizer trained on the synthetic corpus
+    @property
+    def max_position_embeddings(self) -> int: ...
+
+
+def build_tiny_model(cfg: TinyModelShape, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A random-init Llama-style decoder and a BPE tokenizer trained on the synthetic corpus."""
     corpus = arithmetic_corpus(n=4000, seed=seed) + _TEMPLATE_WORDS * 50
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=cfg.vocab_size)

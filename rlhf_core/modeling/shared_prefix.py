@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from rlhf_core.losses.language_model import supports_chunked_loss
+
 MASKABLE_ATTENTION = ("sdpa", "eager")
 MAX_ROW_TOKENS = 4096  # a longer group is split over several rows (each repeating the prefix)
 # sequence classifiers that take a custom 4D mask as given, read position_ids for their positions
@@ -245,6 +247,13 @@ def supports_shared_prefix(model: PreTrainedModel) -> bool:
         and isinstance(getattr(model, "score", None), torch.nn.Linear)
         and model.base_model is not model
     )
+
+
+def supports_shared_prefix_logprobs(model: PreTrainedModel) -> bool:
+    """True for a causal LM whose shared-prefix rows give the same log-probs as one row per sequence:
+    a plain LM head (:func:`rlhf_core.losses.language_model.supports_chunked_loss`) on an attention that
+    takes the shared-prefix mask."""
+    return supports_chunked_loss(model) and attention_takes_shared_prefix(model)
 
 
 def attention_mask_for(model: PreTrainedModel, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

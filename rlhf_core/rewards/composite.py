@@ -8,17 +8,25 @@ or (``on_invalid='skip'``) drops the row and reports it; a row is never dropped 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from rlhf_core.errors import UserError
 from rlhf_core.rewards.functions import REWARD_FUNCTIONS
 
-if TYPE_CHECKING:  # the spec imports this package for its reward-function names
-    from rlhf_core.spec import RewardSourceSpec
-
 # scores (prompt, completion) pairs in batches, e.g. a reward model (see reward_model_scoring)
 ModelScorer = Callable[[list[tuple[str, str]]], list[float]]
+
+
+class RewardSource(Protocol):
+    """One source of a composite reward (the spec's ``RewardSourceSpec`` is one)."""
+
+    @property
+    def name(self) -> str: ...  # the key of its score in ``scores``, and of its model scorer
+    @property
+    def function(self) -> str | None: ...  # a name in REWARD_FUNCTIONS; None: a reward model
+    @property
+    def weight(self) -> float: ...  # w_s
 
 
 class RewardValueError(UserError):
@@ -42,7 +50,7 @@ def composite_reward(scores: dict[str, float], weights: dict[str, float]) -> flo
 
 def score_completions(
     rows: list[dict],
-    sources: tuple[RewardSourceSpec, ...],
+    sources: Sequence[RewardSource],
     model_scorers: dict[str, ModelScorer],
     *,
     on_invalid: str,

@@ -3,22 +3,39 @@
 Rows: ``prompt_index``, ``prompt``, ``answer`` (when the prompt has one), ``completion_index``,
 ``completion`` and ``new_tokens``; the reward sources add ``scores`` (source name -> r_s) and the
 composite ``reward`` sum_s w_s * r_s (:func:`rlhf_core.rewards.composite.score_completions`).
-``sample_and_score`` is the ``sample`` stage's work, model loading included.
+``sample_and_score`` is the ``sample`` stage's work, model loading included; it takes the stage's
+settings as plain values, so the spec stays above this package.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import score_completions
+from rlhf_core.rewards.composite import RewardSource, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-from rlhf_core.rollout.generation import generate
-from rlhf_core.spec import SampleStage, SamplingSpec
+from rlhf_core.rollout.generation import Engine, generate
+
+
+class SamplingSettings(Protocol):
+    """The decoding settings :func:`sample_completions` reads (the spec's ``SamplingSpec`` is one)."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def batch_size(self) -> int: ...  # sequences decoded together (prompts x samples)
+    @property
+    def engine(self) -> Engine: ...
 
 
 @dataclass
@@ -50,22 +67,25 @@ def sample_and_score(
     policy_dir: str,
     revision: str | None,
     prompt_rows: list[dict],
-    stage: SampleStage,
     reward_model_dirs: dict[str, str],
     seed: int,
     *,
+    n: int,
+    max_prompts: int | None,
+    sampling: SamplingSettings,
+    rewards: Sequence[RewardSource],
+    on_invalid: str,
     stage_name: str,
 ) -> SampleResult:
-    """The ``sample`` stage's work: ``stage.n`` completions of each of the first ``stage.max_prompts``
-    prompt rows from the policy at ``policy_dir``, scored by the stage's reward sources
-    (``reward_model_dirs`` holds the reward models by source name, ``rm:<stage>``)."""
-    rows = prompt_rows[: stage.max_prompts] if stage.max_prompts else prompt_rows
+    """The ``sample`` stage's work: ``n`` completions of each of the first ``max_prompts`` prompt rows
+    (all when None) from the policy at ``policy_dir``, scored by the ``rewards`` sources
+    (``reward_model_dirs`` holds the reward models by source name, ``rm:<stage>``); a completion with a
+    non-finite reward fails the stage or is dropped and reported (``on_invalid``: 'fail', 'skip')."""
+    rows = prompt_rows[:max_prompts] if max_prompts else prompt_rows
     model, tokenizer = load_model(policy_dir, revision=revision)
-    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, stage.n, stage.generation, seed)
+    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, n, sampling, seed)
     scorers = load_reward_model_scorers(reward_model_dirs)
-    kept, problems = score_completions(
-        sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=stage_name
-    )
+    kept, problems = score_completions(sampled, rewards, scorers, on_invalid=on_invalid, stage=stage_name)
     return SampleResult(kept, tokens, seconds, problems)
 
 
@@ -74,7 +94,7 @@ def sample_completions(
     tokenizer: PreTrainedTokenizerBase,
     prompt_rows: list[dict],
     n: int,
-    cfg: SamplingSpec,
+    cfg: SamplingSettings,
     seed: int,
 ) -> tuple[list[dict], int, float]:
     """N completions per prompt row; returns (rows without scores, generated tokens, seconds)."""

@@ -16,7 +16,6 @@ import statistics
 from collections.abc import Sequence
 
 from rlhf_core.errors import UserError
-from rlhf_core.spec import RejectionSamplingStage
 
 
 def top_per_prompt(rewards: Sequence[Sequence[float]]) -> list[int]:
@@ -86,15 +85,14 @@ def to_sft_records(selected: list[dict]) -> list[dict]:
 
 
 def select_sft_records(
-    rows: list[dict], stage: RejectionSamplingStage, *, stage_name: str
+    rows: list[dict], strategy: str, *, k: int | None, min_reward: float | None, stage_name: str
 ) -> tuple[list[dict], dict[str, float]]:
-    """The ``rejection_sampling`` stage's work: the selected completions as SFT rows, and the numbers
-    that describe the selection (selected, candidates, mean reward of the selection and of all rows)."""
-    picked = select_completions(rows, stage.strategy, k=stage.k, min_reward=stage.min_reward)
+    """The ``rejection_sampling`` stage's work: the completions ``strategy`` selects (see
+    :func:`select_completions`) as SFT rows, and the numbers that describe the selection (selected,
+    candidates, mean reward of the selection and of all rows)."""
+    picked = select_completions(rows, strategy, k=k, min_reward=min_reward)
     if not picked:
-        raise UserError(
-            f"stage '{stage_name}': the selection kept no completion (min_reward {stage.min_reward})"
-        )
+        raise UserError(f"stage '{stage_name}': the selection kept no completion (min_reward {min_reward})")
     summary = {
         "selected": float(len(picked)),
         "candidates": float(len(rows)),

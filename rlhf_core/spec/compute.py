@@ -20,16 +20,16 @@ A profile file (``profiles.yaml``) names compute settings for a whole spec, chos
           ppo: {processes: 2}
 
 Precedence, field by field (later wins): the stage's own ``compute`` block, ``all``, ``kinds``,
-``stages``. The built-in profile ``local`` runs every stage in the pipeline's process.
+``stages``. The built-in profile ``local`` runs every stage in the pipeline's process. Reading a profile
+file and choosing a profile by name: :mod:`rlhf_core.spec.loading`.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 POOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 MEMORY_PATTERN = r"^\d+(\.\d+)?\s*([KMGT]i?|[kmgt]|[KMGT]B)?$"
@@ -150,41 +150,6 @@ BUILTIN_PROFILES = {
         all=ComputeSpec(pool=None, processes=1),
     )
 }
-
-
-def load_profiles(path: str | Path) -> dict[str, ComputeProfile]:
-    """The profiles of a profile file (plus the built-in ``local``); SpecError naming the field."""
-    from rlhf_core.spec.base import SpecError
-    from rlhf_core.spec.loading import read_yaml_file, validation_problems
-
-    path = Path(path)
-    raw = read_yaml_file(path, "profile")
-    try:
-        parsed = ComputeProfiles.model_validate(raw or {})
-    except ValidationError as exc:
-        raise SpecError([f"{path}: {p}" for p in validation_problems(exc)]) from None
-    return {**BUILTIN_PROFILES, **parsed.profiles}
-
-
-def find_profile_file(spec_path: str | Path, explicit: str | Path | None = None) -> Path | None:
-    """``explicit``, else ``profiles.yaml`` next to the spec, else in the working directory."""
-    if explicit is not None:
-        return Path(explicit)
-    for candidate in (Path(spec_path).parent / PROFILE_FILE, Path.cwd() / PROFILE_FILE):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def resolve_profile(name: str, profile_file: Path | None) -> ComputeProfile:
-    """The profile called ``name``: from the file, or built in; SpecError listing the known ones."""
-    from rlhf_core.spec.base import SpecError
-
-    profiles = load_profiles(profile_file) if profile_file is not None else dict(BUILTIN_PROFILES)
-    if name not in profiles:
-        where = f" in {profile_file}" if profile_file is not None else " (no profiles.yaml found)"
-        raise SpecError([f"--profile {name}: no such profile{where}; known: {', '.join(sorted(profiles))}"])
-    return profiles[name]
 
 
 def stage_compute(own: ComputeSpec | None, profile: ComputeProfile, stage: str, kind: str) -> ComputeSpec:

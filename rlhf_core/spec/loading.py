@@ -1,4 +1,5 @@
-"""Reading a spec: YAML (duplicate keys rejected), ``--set`` overrides, validation, readable errors."""
+"""Reading a spec: YAML (duplicate keys rejected), ``--set`` overrides, validation, readable errors; and
+reading a compute-profile file (``profiles.yaml``, :mod:`rlhf_core.spec.compute`) to choose a profile."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from rlhf_core.spec.base import NAME_RULE, STAGE_TEMPLATES, SpecError
+from rlhf_core.spec.compute import BUILTIN_PROFILES, PROFILE_FILE, ComputeProfile, ComputeProfiles
 from rlhf_core.spec.local_paths import missing_local_paths
 from rlhf_core.spec.pipeline import STAGE_KINDS, PipelineSpec, position_limit_problems
 
@@ -237,3 +239,33 @@ def lookup_path(data: Any, path: list[str]) -> Any:
             return MISSING
         data = data[part]
     return data
+
+
+def load_profiles(path: str | Path) -> dict[str, ComputeProfile]:
+    """The profiles of a profile file (plus the built-in ``local``); SpecError naming the field."""
+    path = Path(path)
+    raw = read_yaml_file(path, "profile")
+    try:
+        parsed = ComputeProfiles.model_validate(raw or {})
+    except ValidationError as exc:
+        raise SpecError([f"{path}: {p}" for p in validation_problems(exc)]) from None
+    return {**BUILTIN_PROFILES, **parsed.profiles}
+
+
+def find_profile_file(spec_path: str | Path, explicit: str | Path | None = None) -> Path | None:
+    """``explicit``, else ``profiles.yaml`` next to the spec, else in the working directory."""
+    if explicit is not None:
+        return Path(explicit)
+    for candidate in (Path(spec_path).parent / PROFILE_FILE, Path.cwd() / PROFILE_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_profile(name: str, profile_file: Path | None) -> ComputeProfile:
+    """The profile called ``name``: from the file, or built in; SpecError listing the known ones."""
+    profiles = load_profiles(profile_file) if profile_file is not None else dict(BUILTIN_PROFILES)
+    if name not in profiles:
+        where = f" in {profile_file}" if profile_file is not None else " (no profiles.yaml found)"
+        raise SpecError([f"--profile {name}: no such profile{where}; known: {', '.join(sorted(profiles))}"])
+    return profiles[name]

@@ -21,6 +21,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.language_model import next_token_nll_sum
+from rlhf_core.modeling.sft_tokens import (
+    IGNORE_INDEX,
+    Row,
+    collate,
+    pack_examples,
+    tokenize_sft_row,
+    unpacked_rows,
+)
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
 from rlhf_core.training.data_parallel import balanced_share
 from rlhf_core.training.loop import (
@@ -31,14 +39,6 @@ from rlhf_core.training.loop import (
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
-)
-from rlhf_core.training.sft_data import (
-    IGNORE_INDEX,
-    Row,
-    collate,
-    pack_examples,
-    tokenize_sft_row,
-    unpacked_rows,
 )
 
 

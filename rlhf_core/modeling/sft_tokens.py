@@ -1,4 +1,4 @@
-"""Turning conversations into training rows: chat template, loss masking and packing.
+"""SFT rows as token ids, for the SFT trainer and held-out evaluation: chat template, loss masking, packing.
 
 Masking (book ch.4 §4.3): only assistant tokens are trained; prompt tokens get the label -100.
 Two multi-turn options: ``all_assistant`` trains every assistant turn, ``final_turn`` only the last.

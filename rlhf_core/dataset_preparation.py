@@ -1,5 +1,8 @@
 """The ``dataset`` stage's work: read or generate rows, validate them, split them, write them.
 
+Stage code: it reads the stage's spec (its source, splits and ``on_error``), so it sits above the
+spec, over the plain-value helpers of :mod:`rlhf_core.data`.
+
 Output layout: ``<out_dir>/<output name>/<split>.jsonl`` for each output of the source. A file or hub
 source has one output, named after its format (``sft``, ``preferences``, ``prompts``,
 ``unpaired_preferences``); synthetic sources emit ``sft``, ``preferences`` and ``prompts`` from the same
