@@ -129,3 +129,109 @@ def test_only_transient_failures_are_retried(exc, retried):
     from runtime.stage_tasks import is_transient_failure
 
     assert is_transient_failure(None, None, _FailedState(exc)) is retried
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One tracking store for the cross-pipeline tests (each test uses its own fingerprints)."""
+    return tmp_path_factory.mktemp("shared-home")
+
+
+def _pipeline_context(home, name: str):
+    """A new pipeline run of ``name`` (its own experiment, a new parent run) in the store of ``home``."""
+    from registry import tracking
+    from rlhf_core.settings import RLHFSettings
+    from runtime.stage_contract import RunContext
+
+    settings = RLHFSettings(home=home)
+    tracking.configure(settings)
+    experiment = tracking.ensure_experiment(name, settings)
+    parent = tracking.start_pipeline_run(experiment, name, {})
+    return RunContext(
+        pipeline=name, experiment_id=experiment, parent_run_id=parent, home=str(settings.resolved_home())
+    )
+
+
+def test_a_fingerprint_finished_in_another_pipeline_is_reused_with_its_origin(shared_store):
+    """Pipeline A runs the stage; pipeline B (another experiment) gets it as 'cached from pipeline a',
+    with A's run, A's experiment and A's pipeline run, and its body never runs."""
+    from registry import stage_cache
+    from runtime import stage_reports
+    from runtime.stage_execution import execute_stage
+
+    a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
+    assert a.experiment_id != b.experiment_id
+    ran = execute_stage(a, _call("c" * 64), lambda run: {"out": _ref("s")})
+    assert ran.status == "ran" and ran.origin is None
+
+    found = stage_cache.find_cached_stage(b.experiment_id, "c" * 64)
+    assert found is not None and found.run_id == ran.run_id
+    assert (found.origin.experiment_id, found.origin.pipeline) == (a.experiment_id, "a")
+    assert found.origin.pipeline_run_id == a.parent_run_id
+    assert stage_cache.find_cached_stage(None, "c" * 64).run_id == ran.run_id  # a pipeline with no experiment
+
+    def must_not_run(run):
+        raise AssertionError("a stage finished in another pipeline ran again")
+
+    reused = execute_stage(b, _call("c" * 64), must_not_run)
+    assert (reused.status, reused.run_id, reused.outputs) == ("cached", ran.run_id, ran.outputs)
+    assert reused.origin is not None
+    assert (reused.origin.pipeline, reused.origin.experiment_id) == ("a", a.experiment_id)
+    assert reused.origin.pipeline_run_id == a.parent_run_id
+    assert stage_reports.stage_summary_line(reused).startswith("s: cached from pipeline a")
+    markdown = stage_reports.stage_markdown(reused, reused.experiment_of_run(b.experiment_id), None)
+    assert f"#/experiments/{a.experiment_id}/runs/{ran.run_id}" in markdown  # the run's page is in A
+    assert "| produced by | pipeline `a`" in markdown and a.parent_run_id in markdown
+    table = stage_reports.results_markdown([reused], b.experiment_id)
+    assert "cached from pipeline a" in table and f"#/experiments/{a.experiment_id}/runs/" in table
+
+    # A's own re-run of the fingerprint is a plain cache hit: no origin to show
+    again = execute_stage(a, _call("c" * 64), must_not_run)
+    assert (again.status, again.origin) == ("cached", None)
+
+
+def test_the_pipelines_own_run_of_a_fingerprint_wins_over_a_newer_one_elsewhere(shared_store):
+    from registry import stage_cache
+    from runtime.stage_execution import execute_stage
+
+    a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
+    older = execute_stage(a, _call("d" * 64), lambda run: {"out": _ref("s")})
+    forced_b = b.model_copy(update={"forced": ("s",)})
+    newer = execute_stage(forced_b, _call("d" * 64), lambda run: {"out": _ref("s")})
+    assert newer.status == "ran" and newer.run_id != older.run_id
+    assert stage_cache.find_cached_stage(a.experiment_id, "d" * 64).run_id == older.run_id
+    assert stage_cache.find_cached_stage(b.experiment_id, "d" * 64).run_id == newer.run_id
+    third = _pipeline_context(shared_store, "c")  # no run of its own: the newest of all
+    assert stage_cache.find_cached_stage(third.experiment_id, "d" * 64).run_id == newer.run_id
+
+
+def test_an_interrupted_run_of_another_pipeline_is_resumed_where_it_is(shared_store):
+    """Same fingerprint, same work: B resumes the run A left with a checkpoint; the run stays in A's
+    experiment and B's outcome says so."""
+    from registry import stage_cache, tracking
+    from runtime.stage_execution import execute_stage
+
+    a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
+
+    def crashes_after_a_checkpoint(run):
+        checkpoint = run.work_dir / "checkpoints" / "step-4"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text('{"step": 4}')
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        execute_stage(a, _call("b" * 64), crashes_after_a_checkpoint)
+    interrupted = stage_cache.find_interrupted_run(b.experiment_id, "b" * 64)
+    assert interrupted is not None and stage_cache.run_origin(interrupted).pipeline == "a"
+
+    resumed_from = []
+    outcome = execute_stage(
+        b, _call("b" * 64), lambda run: resumed_from.append(run.resumed) or {"out": _ref("s")}
+    )
+    assert resumed_from == [True]
+    assert (outcome.status, outcome.run_id) == ("resumed", interrupted)
+    assert (outcome.origin.pipeline, outcome.origin.experiment_id) == ("a", a.experiment_id)
+    run = tracking.client().get_run(interrupted)
+    assert run.info.experiment_id == a.experiment_id and run.info.status == "FINISHED"
+    assert run.data.tags["rlhf.pipeline_run_id"] == b.parent_run_id  # B's pipeline run finished it
+    assert stage_cache.find_cached_stage(b.experiment_id, "b" * 64).run_id == interrupted
