@@ -201,7 +201,7 @@ def cached_outcome(ctx: RunContext, call: StageCall, status: str = "cached") -> 
     origin = _origin_if_other(ctx, cached.origin)
     if status == "cached":
         where = (
-            f" of pipeline {origin.pipeline} (pipeline run {origin.pipeline_run_id or 'unknown'})"
+            f" of pipeline {origin.pipeline}, pipeline run {origin.pipeline_run_id or 'unknown'}"
             if origin
             else ""
         )
