@@ -235,3 +235,40 @@ def test_an_interrupted_run_of_another_pipeline_is_resumed_where_it_is(shared_st
     assert run.info.experiment_id == a.experiment_id and run.info.status == "FINISHED"
     assert run.data.tags["rlhf.pipeline_run_id"] == b.parent_run_id  # B's pipeline run finished it
     assert stage_cache.find_cached_stage(b.experiment_id, "b" * 64).run_id == interrupted
+
+
+def _recipe_fingerprints(recipe: str, stages: tuple[str, ...]) -> dict[str, str]:
+    """Fingerprints of ``stages`` of a recipe, given the same upstream refs for every recipe (equal
+    fingerprints upstream mean equal refs: the reused ones)."""
+    from conftest import REPO_ROOT
+
+    from flows.stage_calls import base_model_call, stage_call
+    from rlhf_core.refs import ModelRef
+    from rlhf_core.spec import load_spec
+
+    spec = load_spec(REPO_ROOT / "recipes" / recipe)
+    model = ModelRef(uri="m", digest="model", tokenizer_digest="tok", stage="x", base_model="base")
+    data = {
+        name: DatasetRef(uri="d", digest=name, kind=kind, splits={"train": 1}, columns=("c",), stage="data")
+        for name, kind in (("sft", "sft"), ("preferences", "preference"), ("prompts", "prompts"))
+    }
+    outputs = {"base": {"model": model}, "sft": {"model": model}, "data": data}
+    calls = {
+        name: base_model_call(spec, name) if name in spec.models else stage_call(spec, name, outputs)
+        for name in stages
+    }
+    return {name: call.fingerprint for name, call in calls.items()}
+
+
+def test_recipes_that_say_they_share_stages_have_equal_fingerprints():
+    """What the recipe comments promise: every recipe's base and data are the quickstart's; grpo_rlvr's
+    SFT is dpo.yaml's; instructgpt_ppo's SFT and reward model are instructgpt_rm.yaml's. A home that ran
+    one reuses them in the others."""
+    quickstart = _recipe_fingerprints("quickstart.yaml", ("base", "data"))
+    for recipe in ("grpo_rlvr.yaml", "dpo.yaml", "instructgpt_rm.yaml", "rejection_sampling.yaml"):
+        assert _recipe_fingerprints(recipe, ("base", "data")) == quickstart, recipe
+    assert _recipe_fingerprints("grpo_rlvr.yaml", ("sft",)) == _recipe_fingerprints("dpo.yaml", ("sft",))
+    rm_recipe = _recipe_fingerprints("instructgpt_rm.yaml", ("sft", "rm"))
+    assert _recipe_fingerprints("instructgpt_ppo.yaml", ("sft", "rm")) == rm_recipe
+    assert _recipe_fingerprints("goodhart_monitor.yaml", ("sft", "rm")) == rm_recipe
+    assert _recipe_fingerprints("quickstart.yaml", ("sft",)) != _recipe_fingerprints("dpo.yaml", ("sft",))
