@@ -268,27 +268,35 @@ def _stage_runs(parent_id: str) -> dict[str, str]:
 
 def _find_consumed_stages(stages: dict[str, StageRecord], resolved_spec: dict, experiment_id: str) -> None:
     """Fill in stages the pipeline run took from cache but did not list (it failed before it could):
-    the newest finished run of that stage whose output a recorded stage consumed (by digest), in any
-    experiment, the pipeline run's own first."""
-    consumed = {
-        digest
-        for record in stages.values()
-        for key, digest in (record.parts or {}).items()
-        if key.startswith("input:")
-    }
+    the newest finished run of that stage whose output a recorded stage consumed (by digest), in the
+    pipeline run's experiment, else in any experiment (a result reused from another pipeline)."""
     names = [*(resolved_spec.get("models") or {}), *(resolved_spec.get("stages") or {})]
-    for name in [n for n in names if n not in stages]:
-        runs, _ = search_all_experiments(
-            f"tags.`rlhf.stage` = '{name}' and tags.`{COMPLETE_TAG}` = 'true'",
-            order_by=["attributes.end_time DESC"],
-            max_results=100,
-            prefer=experiment_id,
-        )
-        for run in runs:
-            outputs = _OUTPUTS.validate_python(json.loads(run.data.tags.get(OUTPUT_TAG, "{}")))
-            if any(ref.digest in consumed for ref in outputs.values()):
-                stages[name] = _stage_record(name, run.info.run_id, resolved_spec)
-                break
+    found = True
+    while found:  # a stage found this way names the inputs it read: upstream of it can be found next
+        consumed = {
+            digest
+            for record in stages.values()
+            for key, digest in (record.parts or {}).items()
+            if key.startswith("input:")
+        }
+        found = False
+        for name in [n for n in names if n not in stages]:
+            for run in _finished_runs_of_stage(name, experiment_id):
+                outputs = _OUTPUTS.validate_python(json.loads(run.data.tags.get(OUTPUT_TAG, "{}")))
+                if any(ref.digest in consumed for ref in outputs.values()):
+                    stages[name] = _stage_record(name, run.info.run_id, resolved_spec)
+                    found = True
+                    break
+
+
+def _finished_runs_of_stage(name: str, experiment_id: str):
+    """Finished runs of a stage named ``name``, newest first: the experiment's own, then (searched only
+    when needed) those of every experiment."""
+    query = f"tags.`rlhf.stage` = '{name}' and tags.`{COMPLETE_TAG}` = 'true'"
+    order = ["attributes.end_time DESC"]
+    yield from client().search_runs([experiment_id], query, order_by=order, max_results=100)
+    runs, _ = search_all_experiments(query, order_by=order, max_results=100)
+    yield from (run for run in runs if run.info.experiment_id != experiment_id)
 
 
 def _stage_record(stage: str, run_id: str, resolved_spec: dict) -> StageRecord:

@@ -105,3 +105,22 @@ def test_the_reward_models_lineage_leads_to_the_first_pipelines_sft_run(two_pipe
     )
     assert result.exit_code == 0, result.output
     assert "all stages match" in result.output
+
+
+def test_reproduce_finds_reused_stages_by_digest_when_the_pipeline_run_listed_none(two_pipelines):
+    """A pipeline run that failed before listing its stages (no ``stage.<name>`` tags): the stages it
+    reused from the other pipeline are found in that pipeline's experiment by the digests read."""
+    from mlflow import MlflowClient
+
+    from registry.lineage import producing_pipeline
+
+    _, first, _, second = two_pipelines
+    client = MlflowClient()
+    parent = client.get_run(second["rm"].run_id).data.tags["rlhf.pipeline_run_id"]
+    for key in [k for k in client.get_run(parent).data.tags if k.startswith("stage.")]:
+        client.delete_tag(parent, key)
+    record = producing_pipeline("share-b-rm:1")
+    assert {name: s.run_id for name, s in record.stages.items()} == {
+        **{name: first[name].run_id for name in ("base", "data", "sft")},
+        "rm": second["rm"].run_id,
+    }
