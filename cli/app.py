@@ -307,6 +307,8 @@ def print_summary(name: str, outcomes, settings: RLHFSettings) -> None:
             "resumed": "[yellow]resumed[/yellow]",
             "cached": "[cyan]cached[/cyan]",
         }.get(o.status, o.status)
+        if o.origin is not None:  # another pipeline's run: say whose (its run id is in the next column)
+            status += f"\n{o.origin_text()}"
         table.add_row(o.stage, o.kind, status, metrics, o.run_id, o.registered or _decision_cell(o))
     console.print(table)
     for d in promotion_decisions(outcomes):

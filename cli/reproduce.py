@@ -324,7 +324,8 @@ def lineage(ref: RefArg, home: HomeOpt = None, traceback_: TracebackOpt = False)
 
 
 def lineage_tree(node: LineageNode, tree=None):
-    """A rich Tree of a lineage (each node: version, stage, role, aliases; run, fingerprint, commit, data)."""
+    """A rich Tree of a lineage (each node: version, stage, role, aliases; run and its pipeline,
+    fingerprint, commit, data)."""
     from rich.markup import escape
     from rich.tree import Tree
 
@@ -339,8 +340,9 @@ def lineage_tree(node: LineageNode, tree=None):
         )
     branch = Tree(label) if tree is None else tree.add(label)
     if node.registered:
+        pipeline = f" (pipeline {escape(node.pipeline)})" if node.pipeline else ""
         branch.add(
-            f"[dim]run {node.run_id}  fingerprint {node.fingerprint[:12] or '?'}  "
+            f"[dim]run {node.run_id}{pipeline}  fingerprint {node.fingerprint[:12] or '?'}  "
             f"commit {escape(node.git_commit or '?')}[/dim]"
         )
         for dataset, digest in node.datasets.items():

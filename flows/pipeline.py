@@ -14,7 +14,9 @@ Walkthrough of one run:
    ``compute`` names a work pool is submitted there instead (``flows.dispatch``) as soon as its inputs
    exist, so branches on pools run at the same time;
 5. close the parent run (FAILED if any stage failed) with each stage's key metrics as
-   ``<stage>/<metric>`` and the results in its description, and return the outcomes.
+   ``<stage>/<metric>``, the results in its description and, per stage, a tag ``stage.<name>`` naming
+   the run that holds its outputs (and its pipeline, when another pipeline's run was reused), and
+   return the outcomes.
 """
 
 from __future__ import annotations
@@ -155,10 +157,21 @@ def run_pipeline(
         _record_results(ctx, description, outcomes, failure)
         tracking.end_run(parent, "FAILED")
         raise
-    tracking.set_tags(parent, {f"stage.{o.stage}": f"{o.status} run={o.run_id}" for o in outcomes})
+    tracking.set_tags(parent, {f"stage.{o.stage}": stage_record_tag(o) for o in outcomes})
     _record_results(ctx, description, outcomes)
     tracking.end_run(parent, "FINISHED")
     return outcomes
+
+
+def stage_record_tag(outcome: StageOutcome) -> str:
+    """The parent run's ``stage.<name>`` tag: which run holds the stage's outputs (``registry.lineage``
+    reads it back), e.g. ``cached run=<id>``, or ``cached run=<id> pipeline=quickstart experiment=1
+    pipeline_run=<id>`` for a run of another pipeline."""
+    text = f"{outcome.status} run={outcome.run_id}"
+    if (origin := outcome.origin) is not None:
+        text += f" pipeline={origin.pipeline} experiment={origin.experiment_id}"
+        text += f" pipeline_run={origin.pipeline_run_id}" if origin.pipeline_run_id else ""
+    return text
 
 
 def run_stages(

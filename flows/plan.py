@@ -2,7 +2,9 @@
 
 Walks the DAG in order, computing each stage's fingerprint (with the same function the flow uses
 before it calls a task) from its upstream outputs as recorded in MLflow. A stage whose upstream is
-not cached cannot be fingerprinted yet: it will run.
+not cached cannot be fingerprinted yet: it will run. The cache is looked up as a run does: in every
+experiment of the tracking store, the pipeline's own first (``registry.stage_cache``); a result of
+another pipeline says so in ``reason`` and ``origin``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class PlannedStage:
     fingerprint: str | None = None
     run_id: str | None = None
     where: str = "here"  # "here" (the pipeline's process) or "pool <name>"; "x N processes" when N > 1
+    origin: str | None = None  # the pipeline whose run would be reused, when it is another pipeline
 
 
 def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[PlannedStage]:
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
     experiment = tracking.client().get_experiment_by_name(spec.name)
+    own = experiment.experiment_id if experiment else None  # none yet: other pipelines' runs still count
     outputs: dict[str, dict[str, StageOutput]] = {}  # only stages that would come from cache
     plan: list[PlannedStage] = []
     for name in [*spec.models, *spec.topological_order()]:
@@ -42,18 +46,18 @@ def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[Planne
             kind = spec.stages[name].kind
             plan.append(PlannedStage(name, kind, "run", "an upstream stage will run", where=where))
             continue
-        cached = (
-            stage_cache.find_cached_stage(experiment.experiment_id, call.fingerprint) if experiment else None
-        )
+        cached = stage_cache.find_cached_stage(own, call.fingerprint)
         if name in force:
             plan.append(PlannedStage(name, call.kind, "run", "forced", call.fingerprint, where=where))
         elif cached is None:
             reason = "no finished run with this fingerprint"
             plan.append(PlannedStage(name, call.kind, "run", reason, call.fingerprint, where=where))
         else:
+            origin = cached.origin.pipeline if cached.origin.experiment_id != own else None
+            reason = f"fingerprint found in pipeline {origin}" if origin else "fingerprint found"
             plan.append(
                 PlannedStage(
-                    name, call.kind, "cached", "fingerprint found", call.fingerprint, cached.run_id, where
+                    name, call.kind, "cached", reason, call.fingerprint, cached.run_id, where, origin
                 )
             )
             outputs[name] = cached.outputs

@@ -8,6 +8,10 @@ policy <- SFT <- base model (reward model <- its data digests) is walked version
 ``producing_pipeline`` goes the other way round for ``rlhf reproduce``: version -> its stage run ->
 the pipeline run (tag ``rlhf.pipeline_run_id``) -> that run's ``resolved_spec.yaml`` and the record of
 every stage it ran or took from cache (fingerprint, fingerprint parts, output refs).
+
+Nothing here assumes that the runs of one lineage share an experiment: a stage's result may have been
+reused from another pipeline's run (``registry.stage_cache``), so runs are read by id, and searches by
+tag go over every experiment of the tracking store.
 """
 
 from __future__ import annotations
@@ -21,14 +25,20 @@ import yaml
 from mlflow.exceptions import MlflowException
 from pydantic import TypeAdapter
 
-from registry.stage_cache import COMPLETE_TAG, FINGERPRINT_TAG, OUTPUT_TAG
+from registry.stage_cache import (
+    COMPLETE_TAG,
+    FINGERPRINT_TAG,
+    OUTPUT_TAG,
+    PIPELINE_RUN_TAG,
+    run_origin,
+    search_all_experiments,
+)
 from registry.tracking import client
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 
 UPSTREAM_TAG = "rlhf.upstream_models"
 UPSTREAM_URI_TAG = "rlhf.upstream_model_uri"
-PIPELINE_RUN_TAG = "rlhf.pipeline_run_id"
 RESOLVED_SPEC = "resolved_spec.yaml"
 FINGERPRINT_PARTS = "fingerprint_parts.json"
 # Version tags naming other models, with what the model used each one for (walked in this order).
@@ -118,6 +128,7 @@ class LineageNode:
     role: str = ""
     aliases: list[str] = field(default_factory=list)
     run_id: str = ""
+    pipeline: str = ""  # the pipeline (experiment) whose run produced it: may differ from its child's
     fingerprint: str = ""
     git_commit: str = ""
     base_model: str = ""
@@ -149,6 +160,7 @@ def _node(version: VersionRef, relation: str, seen: frozenset[VersionRef]) -> Li
         role=tags.get("rlhf.role", ""),
         aliases=sorted(getattr(info, "aliases", None) or []),
         run_id=info.run_id or "",
+        pipeline=_pipeline_of(info.run_id),
         fingerprint=tags.get(FINGERPRINT_TAG, ""),
         git_commit=tags.get("rlhf.git_commit", ""),
         base_model=tags.get("rlhf.base_model", ""),
@@ -168,6 +180,16 @@ def _node(version: VersionRef, relation: str, seen: frozenset[VersionRef]) -> Li
         else:
             node.upstream.append(_node(target, label, seen))
     return node
+
+
+def _pipeline_of(run_id: str | None) -> str:
+    """The name of the experiment (pipeline) holding a run; "" when the run is gone."""
+    if not run_id:
+        return ""
+    try:
+        return run_origin(run_id).pipeline
+    except MlflowException:
+        return ""
 
 
 @dataclass
@@ -212,11 +234,9 @@ def producing_pipeline(ref: str) -> PipelineRecord:
             f"model {version}: pipeline run {parent_id} has no readable {RESOLVED_SPEC} ({exc})"
         ) from None
     resolved = yaml.safe_load(spec_text)
-    experiment_id = stage_run.info.experiment_id
-    stages = {
-        name: _stage_record(name, run_id, resolved)
-        for name, run_id in _stage_runs(parent_id, experiment_id).items()
-    }
+    # The pipeline run's experiment: the version's run may be another's (an interrupted run it resumed).
+    experiment_id = c.get_run(parent_id).info.experiment_id
+    stages = {name: _stage_record(name, run_id, resolved) for name, run_id in _stage_runs(parent_id).items()}
     _find_consumed_stages(stages, resolved, experiment_id)
     return PipelineRecord(
         model=version,
@@ -228,14 +248,14 @@ def producing_pipeline(ref: str) -> PipelineRecord:
     )
 
 
-def _stage_runs(parent_id: str, experiment_id: str) -> dict[str, str]:
+def _stage_runs(parent_id: str) -> dict[str, str]:
     """Stage -> the run holding its outputs: the stages this pipeline run ran or resumed (stage runs
-    tagged with its id) and, from the parent's ``stage.<name>`` tags, those it took from cache (runs of
-    earlier pipeline runs)."""
+    tagged with its id, in any experiment: a resumed run stays in its own) and, from the parent's
+    ``stage.<name>`` tags, those it took from cache (runs of earlier pipeline runs, of any pipeline)."""
     c = client()
     found = {}
-    children = c.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_RUN_TAG}` = '{parent_id}'", max_results=1000
+    children, _ = search_all_experiments(
+        f"tags.`{PIPELINE_RUN_TAG}` = '{parent_id}'", order_by=[], max_results=1000
     )
     for run in children:
         if OUTPUT_TAG in run.data.tags and "rlhf.stage" in run.data.tags:
@@ -248,26 +268,35 @@ def _stage_runs(parent_id: str, experiment_id: str) -> dict[str, str]:
 
 def _find_consumed_stages(stages: dict[str, StageRecord], resolved_spec: dict, experiment_id: str) -> None:
     """Fill in stages the pipeline run took from cache but did not list (it failed before it could):
-    the newest finished run of that stage whose output a recorded stage consumed (by digest)."""
-    consumed = {
-        digest
-        for record in stages.values()
-        for key, digest in (record.parts or {}).items()
-        if key.startswith("input:")
-    }
+    the newest finished run of that stage whose output a recorded stage consumed (by digest), in the
+    pipeline run's experiment, else in any experiment (a result reused from another pipeline)."""
     names = [*(resolved_spec.get("models") or {}), *(resolved_spec.get("stages") or {})]
-    for name in [n for n in names if n not in stages]:
-        runs = client().search_runs(
-            [experiment_id],
-            filter_string=f"tags.`rlhf.stage` = '{name}' and tags.`{COMPLETE_TAG}` = 'true'",
-            order_by=["attributes.end_time DESC"],
-            max_results=100,
-        )
-        for run in runs:
-            outputs = _OUTPUTS.validate_python(json.loads(run.data.tags.get(OUTPUT_TAG, "{}")))
-            if any(ref.digest in consumed for ref in outputs.values()):
-                stages[name] = _stage_record(name, run.info.run_id, resolved_spec)
-                break
+    found = True
+    while found:  # a stage found this way names the inputs it read: upstream of it can be found next
+        consumed = {
+            digest
+            for record in stages.values()
+            for key, digest in (record.parts or {}).items()
+            if key.startswith("input:")
+        }
+        found = False
+        for name in [n for n in names if n not in stages]:
+            for run in _finished_runs_of_stage(name, experiment_id):
+                outputs = _OUTPUTS.validate_python(json.loads(run.data.tags.get(OUTPUT_TAG, "{}")))
+                if any(ref.digest in consumed for ref in outputs.values()):
+                    stages[name] = _stage_record(name, run.info.run_id, resolved_spec)
+                    found = True
+                    break
+
+
+def _finished_runs_of_stage(name: str, experiment_id: str):
+    """Finished runs of a stage named ``name``, newest first: the experiment's own, then (searched only
+    when needed) those of every experiment."""
+    query = f"tags.`rlhf.stage` = '{name}' and tags.`{COMPLETE_TAG}` = 'true'"
+    order = ["attributes.end_time DESC"]
+    yield from client().search_runs([experiment_id], query, order_by=order, max_results=100)
+    runs, _ = search_all_experiments(query, order_by=order, max_results=100)
+    yield from (run for run in runs if run.info.experiment_id != experiment_id)
 
 
 def _stage_record(stage: str, run_id: str, resolved_spec: dict) -> StageRecord:

@@ -15,6 +15,7 @@ import logging
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 
 from registry.lineage import (
     FINGERPRINT_PARTS,
@@ -106,8 +107,15 @@ def _provenance(tags: dict[str, str], run) -> str:
 
 
 def _pipeline(experiment_id: str, pipeline_run_id: str) -> str:
+    """The pipeline run that ran the stage; its experiment can differ from the stage run's (a pipeline
+    that resumed another pipeline's interrupted run: ``registry.stage_cache``)."""
     if not experiment_id:
         return "unknown"
+    if pipeline_run_id:
+        try:
+            experiment_id = client().get_run(pipeline_run_id).info.experiment_id
+        except MlflowException:  # the pipeline run was deleted: the card still names the stage's
+            pipeline_run_id = ""
     name = client().get_experiment(experiment_id).name
     if not pipeline_run_id:
         return f"`{name}`"

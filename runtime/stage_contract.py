@@ -55,6 +55,16 @@ class RunContext(BaseModel):
         return RLHFSettings(home=Path(self.home), tracking_uri=self.tracking_uri)
 
 
+class StageOrigin(BaseModel):
+    """The pipeline whose run produced a stage's outputs, when it is not the pipeline being run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pipeline: str = Field(description="The producing pipeline: the name of the experiment holding the run.")
+    experiment_id: str = Field(description="The MLflow experiment holding the run.")
+    pipeline_run_id: str = Field(default="", description="The producing pipeline's MLflow parent run.")
+
+
 class StageOutcome(BaseModel):
     """What happened to one stage in one pipeline run (drives the summary table)."""
 
@@ -69,6 +79,19 @@ class StageOutcome(BaseModel):
         default=None, description="'<name> v<version>' when a model was registered."
     )
     seconds: float = 0.0
+    origin: StageOrigin | None = Field(
+        default=None,
+        description="Set when ``run_id`` belongs to another pipeline's experiment (its result was reused, "
+        "or its interrupted run resumed); None: the pipeline's own experiment.",
+    )
+
+    def experiment_of_run(self, own_experiment_id: str) -> str:
+        """The experiment holding ``run_id`` (for links to its MLflow page)."""
+        return self.origin.experiment_id if self.origin else own_experiment_id
+
+    def origin_text(self) -> str:
+        """'' for the pipeline's own run; else 'from pipeline <name>' (what the summary and reports say)."""
+        return f"from pipeline {self.origin.pipeline}" if self.origin else ""
 
 
 @dataclass

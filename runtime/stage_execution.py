@@ -2,12 +2,15 @@
 
 The flow hands each task a ``StageCall`` whose fingerprint it has already computed.
 
-1. Cache: a finished MLflow run tagged with the stage's fingerprint -> reuse its outputs, run nothing.
+1. Cache: a finished MLflow run tagged with the stage's fingerprint, in any experiment of the tracking
+   store (the pipeline's own first: ``registry.stage_cache``) -> reuse its outputs, run nothing; a run
+   of another pipeline is reported as ``cached`` with that pipeline's name (``StageOutcome.origin``).
 2. Lock (``runtime.fingerprint_lock``): a file lock per host plus, with a Prefect server, a global
    concurrency limit per fingerprint, so two identical runs never both train, on one host or on two;
    the second waits, then finds the first one's result in the cache.
-3. Resume: an unfinished run with the same fingerprint is reopened, and training continues from the
-   checkpoints in the fingerprint-keyed work dir (or the one uploaded with the run from another machine:
+3. Resume: an unfinished run with the same fingerprint, in any experiment (same fingerprint, same
+   work), is reopened where it is, and training continues from the checkpoints in the
+   fingerprint-keyed work dir (or the one uploaded with the run from another machine:
    ``runtime.checkpoint_sync``).
 4. Outputs are recorded (the cache record) only after the stage's work succeeded; a failure marks
    the run FAILED and registers nothing.
@@ -30,6 +33,7 @@ from runtime.stage_contract import (
     RunContext,
     StageBody,
     StageCall,
+    StageOrigin,
     StageOutcome,
     StageRun,
     stage_logger,
@@ -70,7 +74,7 @@ def _report_outcome(ctx: RunContext, outcome: StageOutcome) -> None:
     """The stage's markdown artifact (Prefect) and its 'finished' progress event."""
     try:
         markdown = stage_reports.stage_markdown(
-            outcome, ctx.experiment_id, tracking.ui_base_url(ctx.settings())
+            outcome, outcome.experiment_of_run(ctx.experiment_id), tracking.ui_base_url(ctx.settings())
         )
     except Exception as exc:  # noqa: BLE001 - a report must never fail a stage that succeeded
         stage_logger().warning("stage %s: could not render its report: %s", outcome.stage, exc)
@@ -107,10 +111,15 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
     resumable = interrupted is not None and latest_checkpoint(work_dir / "checkpoints") is not None
     if interrupted is not None and not resumable:
         stage_cache.mark_abandoned(interrupted)
+    origin = None
     if resumable:
         run_id = interrupted
+        origin = _origin_if_other(ctx, stage_cache.run_origin(run_id))
         tracking.reopen_run(run_id, {**tags, "rlhf.resumed": "true"})
-        stage_logger().info("stage %s: resuming interrupted run %s from %s", stage, run_id, work_dir)
+        elsewhere = f" of pipeline {origin.pipeline}" if origin else ""
+        stage_logger().info(
+            "stage %s: resuming interrupted run %s%s from %s", stage, run_id, elsewhere, work_dir
+        )
     else:
         run_id = tracking.start_stage_run(ctx.experiment_id, ctx.parent_run_id, stage, tags)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +155,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         metrics=run.key_metrics,
         registered=run.registered,
         seconds=time.perf_counter() - started,
+        origin=origin,
     )
 
 
@@ -173,14 +183,34 @@ def _run_body(ctx: RunContext, call: StageCall, body: StageBody, run: StageRun) 
     return run_in_processes(ctx, call, run)
 
 
+def _origin_if_other(ctx: RunContext, found: stage_cache.RunOrigin) -> StageOrigin | None:
+    """The run's pipeline when the run is in another experiment than the pipeline's; else None."""
+    if found.experiment_id == ctx.experiment_id:
+        return None
+    return StageOrigin(
+        pipeline=found.pipeline, experiment_id=found.experiment_id, pipeline_run_id=found.pipeline_run_id
+    )
+
+
 def cached_outcome(ctx: RunContext, call: StageCall, status: str = "cached") -> StageOutcome | None:
-    """The outcome of the finished run that produced ``call``'s fingerprint, if there is one."""
+    """The outcome of the finished run that produced ``call``'s fingerprint, if there is one (in any
+    experiment; ``origin`` says which pipeline when it is not this one)."""
     cached = stage_cache.find_cached_stage(ctx.experiment_id, call.fingerprint)
     if cached is None:
         return None
+    origin = _origin_if_other(ctx, cached.origin)
     if status == "cached":
+        where = (
+            f" of pipeline {origin.pipeline}, pipeline run {origin.pipeline_run_id or 'unknown'}"
+            if origin
+            else ""
+        )
         stage_logger().info(
-            "stage %s: cache hit (fingerprint %s, run %s)", call.name, call.fingerprint[:12], cached.run_id
+            "stage %s: cache hit (fingerprint %s, run %s%s)",
+            call.name,
+            call.fingerprint[:12],
+            cached.run_id,
+            where,
         )
     registered = next(
         (
@@ -202,6 +232,7 @@ def cached_outcome(ctx: RunContext, call: StageCall, status: str = "cached") -> 
         outputs=cached.outputs,
         metrics=key,
         registered=registered,
+        origin=origin,
     )
 
 

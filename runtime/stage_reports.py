@@ -2,7 +2,8 @@
 
 - Prefect: every stage (ran, resumed or cached) leaves one markdown artifact on its task run (key
   ``<pipeline>-<stage>-result``) with its status, fingerprint, key metrics, registered model and links
-  to its MLflow run and model version; the flow run gets one summary artifact (``<pipeline>-summary``).
+  to its MLflow run and model version (and, for a result another pipeline produced, that pipeline
+  and its pipeline run); the flow run gets one summary artifact (``<pipeline>-summary``).
 - MLflow: the parent run's description is the spec's description and its stage list, then the results.
 
 Links to MLflow pages are absolute in Prefect (``registry.tracking.ui_base_url``: ``rlhf ui``'s address
@@ -59,14 +60,21 @@ def stage_markdown(outcome, experiment_id: str, mlflow_base: str | None) -> str:
 
     seconds = f" in {outcome.seconds:.1f} s" if outcome.seconds else ""
     lines = [
-        f"### Stage `{outcome.stage}` ({outcome.kind}): {outcome.status}{seconds}",
+        f"### Stage `{outcome.stage}` ({outcome.kind}): {status_text(outcome)}{seconds}",
         "",
         "| | |",
         "|---|---|",
-        f"| status | **{outcome.status}**{' (from an earlier run)' if outcome.status == 'cached' else ''} |",
+        f"| status | **{outcome.status}**{_status_note(outcome)} |",
         f"| fingerprint | `{outcome.fingerprint[:16]}` |",
         f"| MLflow run | [{outcome.run_id}]({link(tracking.run_page(experiment_id, outcome.run_id))}) |",
     ]
+    if (origin := outcome.origin) is not None:
+        pipeline_run = (
+            f" · [pipeline run]({link(tracking.run_page(origin.experiment_id, origin.pipeline_run_id))})"
+            if origin.pipeline_run_id
+            else ""
+        )
+        lines.append(f"| produced by | pipeline `{_escape(origin.pipeline)}`{pipeline_run} |")
     for ref in registered_models(outcome.outputs):
         page = tracking.model_version_page(ref.registered_name, ref.registered_version)
         lines.append(
@@ -79,9 +87,20 @@ def stage_markdown(outcome, experiment_id: str, mlflow_base: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def status_text(outcome) -> str:
+    """'ran', 'resumed', 'cached', or with another pipeline's run 'cached from pipeline quickstart'."""
+    return f"{outcome.status} {outcome.origin_text()}".strip()
+
+
+def _status_note(outcome) -> str:
+    if outcome.origin is not None:
+        return f" ({outcome.origin_text()})"
+    return " (from an earlier run)" if outcome.status == "cached" else ""
+
+
 def stage_summary_line(outcome) -> str:
     """One line: 'sft: ran, final_train_loss=1.23, registered e2e-sft v1'."""
-    parts = [f"{outcome.stage}: {outcome.status}"]
+    parts = [f"{outcome.stage}: {status_text(outcome)}"]
     parts += [f"{k}={format_value(v)}" for k, v in list(outcome.metrics.items())[:3]]
     if outcome.registered:
         parts.append(f"registered {outcome.registered}")
@@ -110,8 +129,9 @@ def results_markdown(outcomes: Iterable, experiment_id: str, failure: str | None
             f"({tracking.model_version_page(r.registered_name, r.registered_version)})"
             for r in registered_models(o.outputs)
         )
-        run = f"[{o.run_id[:8]}]({tracking.run_page(experiment_id, o.run_id)})"
-        lines.append(f"| `{o.stage}` | {o.kind} | {o.status} | {metrics} | {run} | {models} |")
+        run = f"[{o.run_id[:8]}]({tracking.run_page(o.experiment_of_run(experiment_id), o.run_id)})"
+        status = _escape(status_text(o))
+        lines.append(f"| `{o.stage}` | {o.kind} | {status} | {metrics} | {run} | {models} |")
     if failure:
         lines += ["", f"**Failed**: {_escape(failure)}"]
     return "\n".join(lines) + "\n"

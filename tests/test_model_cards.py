@@ -65,6 +65,25 @@ def test_card_says_what_produced_the_version_and_links_its_lineage(registry_home
     assert load_text(f"runs:/{run}/model_card.md") == card
 
 
+def test_card_names_the_pipeline_run_that_finished_the_stage_in_its_own_experiment(registry_home):
+    """A pipeline that resumed another pipeline's interrupted run: the stage run stays in the first
+    experiment, and the card names (and links) the pipeline run that finished it, in its experiment."""
+    from registry import tracking
+    from registry.model_cards import model_card
+
+    experiment, parent, runs = registry_home
+    run, _, version = runs["base"]
+    other = tracking.client().create_experiment("card-resumer")
+    resumer = tracking.start_pipeline_run(other, "card-resumer", {})
+    tracking.set_tags(run, {"rlhf.pipeline_run_id": resumer})
+    try:
+        card = model_card("card-base", version)
+    finally:
+        tracking.set_tags(run, {"rlhf.pipeline_run_id": parent})
+    assert f"`card-resumer` ([pipeline run](#/experiments/{other}/runs/{resumer}))" in card
+    assert f"[{run}](#/experiments/{experiment}/runs/{run})" in card  # the stage run, where it is
+
+
 def test_card_shows_evaluation_figures_with_intervals_and_the_gate(registry_home):
     from registry.model_cards import refresh_model_card
     from registry.model_metrics import log_model_metrics
