@@ -204,6 +204,21 @@ def test_a_local_models_limit_is_followed_too(tmp_path, tiny_spec_dict):
     assert resolve_spec(parse_spec(tiny_spec_dict)).stages["eval"].max_length == 100
 
 
+def test_a_default_max_length_follows_a_limit_known_only_when_the_model_is_prepared(tiny_spec_dict):
+    """Hub and registry models: the limit is on the model's ref, when its stage ran; the call follows it."""
+    from flows.stage_calls import stage_call
+    from tests.test_stage_declarations import fake_outputs
+
+    spec = resolve_spec(parse_spec(tiny_spec_dict))
+    outputs = fake_outputs(spec)
+    for name in ("base", "sft"):
+        outputs[name]["model"] = outputs[name]["model"].model_copy(update={"max_positions": 200})
+    assert stage_call(spec, "eval", outputs).stage.max_length == 200  # the default 512, capped
+    tiny_spec_dict["stages"]["eval"]["max_length"] = 300
+    with pytest.raises(UserError, match="stage 'eval', field max_length: 300 is longer than model"):
+        stage_call(resolve_spec(parse_spec(tiny_spec_dict)), "eval", outputs)
+
+
 # --- promotion gates -------------------------------------------------------------------------------
 
 

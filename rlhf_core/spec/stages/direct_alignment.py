@@ -71,7 +71,14 @@ class PreferenceTrainSpec(OptimSpec):
             "chosen and rejected, in one forward pass); unpaired examples for KTO."
         ),
     )
-    max_length: int = Field(default=512, ge=8, description="Longest prompt + completion, in tokens.")
+    max_length: int = Field(
+        default=512,
+        ge=8,
+        description=(
+            "Longest prompt + completion, in tokens; left out: 512, or the model's position limit "
+            "when smaller."
+        ),
+    )
     on_overlong: Literal["truncate_prompt", "skip", "fail"] = Field(
         default="truncate_prompt",
         description=(

@@ -176,7 +176,14 @@ class EvaluateStage(StageSpec):
     )
     max_prompts: int = Field(default=200, ge=1, description="Evaluate on at most this many prompts.")
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
-    max_length: int = Field(default=512, ge=8, description="Longest eval conversation (tokens) for the loss.")
+    max_length: int = Field(
+        default=512,
+        ge=8,
+        description=(
+            "Longest eval conversation (tokens) for the loss; left out: 512, or the model's position limit "
+            "when smaller."
+        ),
+    )
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
     rewards: tuple[RewardSourceSpec, ...] = Field(
         default=(),
