@@ -180,6 +180,10 @@ def plan(
             p.stage, p.kind, p.action, p.reason, p.where, (p.fingerprint or "")[:12], p.run_id or ""
         )
     console.print(table)
+    for p in plans:
+        if p.filled:
+            values = ", ".join(f"{path}={value}" for path, value in p.filled.items())
+            console.print(f"{p.stage}: defaults in effect: {values}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -6,10 +6,11 @@ What it creates (the server is the one ``PREFECT_API_URL`` points at):
   set by ``--profile``): the stage-runner flow (:mod:`flows.stage_runner`) that the pipeline submits
   those stages to;
 - ``rlhf-pipeline/<pipeline name>`` on the pipeline's own pool (``--pool``, or the profile's
-  ``pipeline_pool``), with the resolved spec as its parameter, an optional cron schedule, and a
-  parameter form: the seed and every number or switch the spec file sets, typed, by path
-  (``stages.sft.train.lr``), plus the stages to force. A run started from the Prefect UI with other
-  values runs the spec with those values (:func:`rlhf_core.spec.loading.apply_spec_overrides`).
+  ``pipeline_pool``), with the spec as written (validated; each run fills in its defaults) as its
+  parameter, an optional cron schedule, and a parameter form: the seed and every number or switch
+  the spec file sets, typed, by path (``stages.sft.train.lr``), plus the stages to force. A run
+  started from the Prefect UI with other values runs the spec with those values
+  (:func:`rlhf_core.spec.loading.apply_spec_overrides`).
 
 Deployments name their flow by module path, so a worker runs the installed package (``pip install``
 of this project, or its image), not a copy of the repository. The pipeline's own pool may also run
@@ -107,7 +108,8 @@ def deploy_pipeline(
         entrypoint_type=EntrypointType.MODULE_PATH,
         description=spec.description or f"RLHF pipeline {spec.name}",
         tags=["rlhf", f"pipeline:{spec.name}"],
-        parameters={"spec": spec.model_dump(mode="json"), "home": home},
+        # what the file writes, so defaults that follow other fields still follow a run's overrides
+        parameters={"spec": spec.model_dump(mode="json", exclude_unset=True), "home": home},
         schedules=schedules,
         job_variables={"env": env} if env else None,
         enforce_parameter_schema=False,
@@ -191,7 +193,7 @@ def parameter_form(spec: PipelineSpec, raw_spec: dict[str, Any], home: str) -> d
             # Last: the UI shows an object without properties as a JSON editor as long as the spec.
             "spec": {
                 "title": "Spec",
-                "description": f"The resolved spec of pipeline '{spec.name}' (set by rlhf deploy).",
+                "description": f"The validated spec of pipeline '{spec.name}' (set by rlhf deploy).",
                 "type": "object",
                 "position": 3,
             },

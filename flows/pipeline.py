@@ -32,11 +32,12 @@ from prefect.runtime import flow_run
 
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
+from registry.lineage import check_registered_models
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec, load_spec
-from rlhf_core.spec.loading import apply_spec_overrides, find_profile_file, resolve_profile
+from rlhf_core.spec.loading import apply_spec_overrides, find_profile_file, resolve_profile, resolve_spec
 from runtime import stage_reports
 from runtime.stage_contract import RunContext, StageOutcome
 from runtime.stage_tasks import task_for_kind
@@ -108,9 +109,10 @@ def run_pipeline(
         spec = load_spec(spec)
     if profile is not None:
         spec = spec.with_profile(resolve_profile(profile, find_profile_file(spec_path)), profile)
-    spec = apply_spec_overrides(spec, overrides)
+    spec = resolve_spec(apply_spec_overrides(spec, overrides))  # the values that run and are logged
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
+    check_registered_models(spec)  # before any stage runs or registers anything
     experiment_id = tracking.ensure_experiment(spec.name, settings)
     commit = tracking.git_commit()
     spec_digest = spec.digest()

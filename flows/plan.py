@@ -4,19 +4,24 @@ Walks the DAG in order, computing each stage's fingerprint (with the same functi
 before it calls a task) from its upstream outputs as recorded in MLflow. A stage whose upstream is
 not cached cannot be fingerprinted yet: it will run. The cache is looked up as a run does: in every
 experiment of the tracking store, the pipeline's own first (``registry.stage_cache``); a result of
-another pipeline says so in ``reason`` and ``origin``.
+another pipeline says so in ``reason`` and ``origin``. Each stage also lists the defaults its spec
+leaves out with the values they take (a loss's beta, an algorithm's clip range, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flows.stage_calls import UpstreamNotReady, base_model_call, stage_call
 from registry import stage_cache, tracking
+from registry.lineage import check_registered_models
 from rlhf_core.refs import StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import PipelineSpec
+from rlhf_core.spec.loading import resolve_spec
+from rlhf_core.spec.pipeline import filled_defaults
 
 
 @dataclass
@@ -29,11 +34,14 @@ class PlannedStage:
     run_id: str | None = None
     where: str = "here"  # "here" (the pipeline's process) or "pool <name>"; "x N processes" when N > 1
     origin: str | None = None  # the pipeline whose run would be reused, when it is another pipeline
+    filled: dict[str, Any] = field(default_factory=dict)  # defaults the spec leaves out -> effective value
 
 
 def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[PlannedStage]:
+    written, spec = spec, resolve_spec(spec)  # fingerprints of the values that would run, as in the flow
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
+    check_registered_models(spec)
     experiment = tracking.client().get_experiment_by_name(spec.name)
     own = experiment.experiment_id if experiment else None  # none yet: other pipelines' runs still count
     outputs: dict[str, dict[str, StageOutput]] = {}  # only stages that would come from cache
@@ -61,6 +69,9 @@ def plan_pipeline(spec: PipelineSpec, force: set[str], home: str) -> list[Planne
                 )
             )
             outputs[name] = cached.outputs
+    for planned in plan:
+        if planned.stage in spec.stages:
+            planned.filled = filled_defaults(written.stages[planned.stage], spec.stages[planned.stage])
     return plan
 
 

@@ -13,7 +13,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.fingerprint import fingerprint_from_parts, fingerprint_parts
 from rlhf_core.refs import ModelRef, StageOutput
 from rlhf_core.spec import PipelineSpec, resolve_ref
-from rlhf_core.spec.pipeline import fields_named
+from rlhf_core.spec.pipeline import cap_unwritten, fields_named
 from runtime.stage_contract import StageCall
 
 BASE_MODEL_KIND = "base_model"
@@ -56,6 +56,7 @@ def stage_call(spec: PipelineSpec, name: str, outputs: Outputs) -> StageCall:
                 f"stage '{name}', field {path}: '{reference}' resolved to {ref!r}, not {expected}"
             )
         inputs[path] = ref
+    stage = follow_position_limits(stage, inputs)
     check_position_limits(name, stage, inputs)
     seed = spec.stage_seed(name)
     parts = fingerprint_parts(stage.kind, stage, inputs, seed)  # fingerprint_stage, parts kept
@@ -68,6 +69,13 @@ def stage_call(spec: PipelineSpec, name: str, outputs: Outputs) -> StageCall:
         inputs=inputs,
         fingerprint_parts=parts,
     )
+
+
+def follow_position_limits(stage, inputs: dict[str, StageOutput]):
+    """``stage`` with each ``max_length`` the spec leaves out capped at the smallest position limit of
+    the models it reads (hub and registry models: known once their base-model stage ran)."""
+    limits = [ref.max_positions for ref in inputs.values() if isinstance(ref, ModelRef) and ref.max_positions]
+    return cap_unwritten(stage, "max_length", min(limits)) if limits else stage
 
 
 def check_position_limits(name: str, stage, inputs: dict[str, StageOutput]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import mlflow
 import yaml
@@ -36,6 +37,9 @@ from registry.stage_cache import (
 from registry.tracking import client
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
+
+if TYPE_CHECKING:
+    from rlhf_core.spec import PipelineSpec
 
 UPSTREAM_TAG = "rlhf.upstream_models"
 UPSTREAM_URI_TAG = "rlhf.upstream_model_uri"
@@ -98,6 +102,47 @@ def resolve_version(ref: str) -> VersionRef:
             f"(registered models: {known})"
         ) from None
     return VersionRef(name, str(version))
+
+
+def check_registered_models(spec: PipelineSpec) -> None:
+    """UserError naming each ``models:`` entry whose ``registered`` version this home's registry lacks."""
+    references = {name: s.registered for name, s in spec.models.items() if s.registered is not None}
+    problems = missing_registered_models(references) if references else []
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def missing_registered_models(references: dict[str, str]) -> list[str]:
+    """A problem line for each ``models:`` entry -> ``registered`` reference that this home's registry
+    does not have, listing what the registry holds under that name (checked before any stage runs)."""
+    c = client()
+    problems = []
+    for entry, ref in references.items():
+        try:
+            resolve_version(ref)
+            continue
+        except UserError:
+            pass
+        name = parse_model_ref(ref)[0]
+        problems.append(
+            f"model '{entry}', field registered: {ref!r} is not in this home's registry ({_held(c, name)})"
+        )
+    return problems
+
+
+def _held(c: mlflow.MlflowClient, name: str) -> str:
+    """What the registry has under ``name``: its versions and aliases, or the registered names."""
+    try:
+        aliases = c.get_registered_model(name).aliases or {}
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = ", ".join(sorted(m.name for m in c.search_registered_models(max_results=50))) or "none"
+        return f"no registered model named '{name}'; registered models: {known}"
+    versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+    shown = ", ".join(str(v) for v in versions) or "none"
+    named = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+    return f"'{name}' has versions {shown}; aliases {named}"
 
 
 def related_models(text: str) -> list[VersionRef | str]:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
+from rlhf_core.spec import STAGE_CLASSES
 from rlhf_core.spec.compute import ComputeSpec
 from runtime.stage_contract import (
     STEP_LOG_MARK,
@@ -45,7 +46,8 @@ from runtime.stage_contract import (
     stage_logger,
 )
 
-SUPPORTED_KINDS = ("sft", "reward_model", "direct_alignment")  # trainers that share steps across ranks
+SUPPORTED_KINDS = tuple(kind for kind, spec in STAGE_CLASSES.items() if spec.trains_in_processes)
+"""Kinds whose trainers share steps across ranks, as their spec classes declare (``trains_in_processes``)."""
 # see data_parallel.py; FSDP with fsdp_version 2 is supported (training/loop.py)
 UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 JOB_FILE = "job.json"

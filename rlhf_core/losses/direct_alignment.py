@@ -18,8 +18,9 @@ needs averages, the completion's token count |y| (>= 1: an empty completion has 
 returns per-example losses (B,) (the caller reduces, usually by the mean) and detached implicit
 rewards for logging. Hyperparameters are
 keyword-only, defaulting to the book's companion configs (reference/rlhf-methods.md §9.4).
-``DIRECT_ALIGNMENT_LOSSES`` maps the names a stage accepts to the functions and says which need a
-reference model.
+``DIRECT_ALIGNMENT_LOSSES`` maps the names a stage accepts to the functions; the names, which need a
+reference model, beta and the other options with their defaults and ranges are declared once, in
+``rlhf_core.losses.direct_alignment_table`` (torch-free: the spec reads it).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_core.losses.direct_alignment_table import DIRECT_ALIGNMENT_TABLE
 
 
 @dataclass(frozen=True)
@@ -369,14 +372,7 @@ class LossSpec:
 
 
 DIRECT_ALIGNMENT_LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(dpo_loss, needs_reference=True),
-    "cdpo": LossSpec(cdpo_loss, needs_reference=True),
-    "ipo": LossSpec(ipo_loss, needs_reference=True),
-    "dpo_norm": LossSpec(dpo_norm_loss, needs_reference=True),
-    "simpo": LossSpec(simpo_loss, needs_reference=False),
-    "orpo": LossSpec(orpo_loss, needs_reference=False),
-    "kto": LossSpec(kto_loss, needs_reference=True, paired=False),
-    "apo_zero": LossSpec(apo_zero_loss, needs_reference=True),
-    "apo_down": LossSpec(apo_down_loss, needs_reference=True),
-    "dpo_nll": LossSpec(dpo_nll_loss, needs_reference=True),
+    name: LossSpec(globals()[loss.function], loss.needs_reference, loss.paired)
+    for name, loss in DIRECT_ALIGNMENT_TABLE.items()
 }
+"""Loss name -> function, built from the declarations in ``direct_alignment_table``."""

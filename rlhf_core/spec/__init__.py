@@ -5,6 +5,19 @@ those references form the DAG. Everything is validated before anything runs: unk
 types, names, unknown references, references of the wrong type, cycles, position limits, missing
 local paths, duplicate YAML keys. Errors name the stage and the field path (see ``SpecError``).
 
+Written and effective values. A validated ``PipelineSpec`` holds what the file wrote: a default that
+follows another field (a loss's beta and options, an algorithm's clip range, aggregation and KL
+estimator, a ``max_length`` that follows the model's position limit) is ``None`` or its plain default,
+and pydantic's ``model_fields_set`` says what was written. ``PipelineSpec.resolved(position_limits)``
+(``loading.resolve_spec`` finds the limits) is the effective spec: every such default filled in. The
+flow and ``rlhf plan`` resolve once, after overrides and profiles; the resolved spec is what runs,
+what ``resolved_spec.yaml``, the MLflow params, the model card and the fingerprints record, and what
+``rlhf plan`` lists ("defaults in effect"). Checks run on the written spec, against effective values,
+so an error can say a value was written. Whatever dumps a spec to validate it again dumps what was
+written (``model_dump(exclude_unset=True)``: deployment parameters, ``apply_spec_overrides``), so
+overriding ``loss: ipo`` on a DPO spec gives IPO's default beta; a resolved spec validates as
+written (``rlhf reproduce``) and resolves to itself.
+
 Layout: ``base`` (the StageSpec base class that registers kinds), ``references`` (typed reference
 fields), ``local_paths`` (fields naming local files), ``models`` (base models), shared settings
 (``training``, ``decoding``, ``reward_sources``), ``stages/`` (one module per family of stage kinds),

@@ -68,6 +68,11 @@ class StageSpec(Strict):
         """Output name -> type. Override when the outputs depend on the stage's fields."""
         return dict(self.outputs)
 
+    def resolved(self) -> StageSpec:
+        """This stage with every default that depends on its other fields filled in (the values that run,
+        are logged and fingerprinted; see ``rlhf_core.spec``). Kinds with such defaults override it."""
+        return self
+
     trains_in_processes: ClassVar[bool] = False
     """Whether the kind's training can run in several processes (``compute.processes`` > 1)."""
 

@@ -113,6 +113,12 @@ def expand_templates(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "stages": expanded}
 
 
+def resolve_spec(spec: PipelineSpec) -> PipelineSpec:
+    """The effective spec that runs: defaults filled in, model-dependent ones following the models whose
+    config is at hand (:meth:`PipelineSpec.resolved`)."""
+    return spec.resolved(_known_position_limits(spec))
+
+
 def _known_position_limits(spec: PipelineSpec) -> dict[str, int]:
     """Position limits of the base models whose config is at hand: tiny ones and local directories."""
     limits = {}
@@ -122,6 +128,8 @@ def _known_position_limits(spec: PipelineSpec) -> dict[str, int]:
         elif source.path is not None:
             try:
                 config = json.loads((Path(source.path) / "config.json").read_text())
+            except OSError:
+                continue  # not on this machine (a work-pool worker): the base-model stage says so
             except ValueError as exc:
                 raise SpecError(
                     [f"model '{name}', field path: {source.path}/config.json is not JSON: {exc}"]
@@ -209,18 +217,25 @@ def pipeline_json_schema() -> dict[str, Any]:
 
 def apply_spec_overrides(spec: PipelineSpec, overrides: dict[str, Any] | None) -> PipelineSpec:
     """``spec`` with each ``path -> value`` set (paths as in the deployment's form); SpecError naming
-    the path when it does not exist or the value does not fit."""
+    the path when it does not exist or the value does not fit.
+
+    The values are set on what the spec wrote (``exclude_unset``), so a default that follows another
+    field (a loss's beta, a model's position limit) follows it after the override too."""
     if not overrides:
         return spec
-    data = spec.model_dump(mode="json")
+    full = spec.model_dump(mode="json")
+    data = spec.model_dump(mode="json", exclude_unset=True)
     problems = []
     for path, value in overrides.items():
         parts = str(path).split(".")
-        parent = lookup_path(data, parts[:-1])
+        parent = lookup_path(full, parts[:-1])
         if not isinstance(parent, dict) or parts[-1] not in parent:
             problems.append(f"override {path}: no such field in pipeline '{spec.name}'")
             continue
-        parent[parts[-1]] = value
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
     if problems:
         raise SpecError(problems)
     try:

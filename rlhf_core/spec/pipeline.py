@@ -6,6 +6,7 @@ so adding a kind is defining its class in :mod:`rlhf_core.spec.stages`.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -39,6 +40,8 @@ class PipelineSpec(Strict):
         problems = list(_name_problems(self))
         if not problems:
             problems = list(_reference_problems(self)) or _cycle_problems(self)
+        if not problems:
+            problems = list(gate_problems(self))
         problems += processes_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -120,6 +123,19 @@ class PipelineSpec(Strict):
             raise SpecError(problems)
         return placed
 
+    def resolved(self, position_limits: dict[str, int] | None = None) -> PipelineSpec:
+        """The effective spec: every stage with its defaults filled in (``StageSpec.resolved``), and
+        ``max_length`` fields the file leaves out capped at the position limit of the models they read
+        (``position_limits``: ``models:`` entry -> limit, where known). Idempotent."""
+        stages = {}
+        for name, stage in self.stages.items():
+            stage = stage.resolved()
+            limit = stage_position_limit(self, name, position_limits or {})
+            if limit is not None:
+                stage = cap_unwritten(stage, "max_length", limit)
+            stages[name] = stage
+        return self.model_copy(update={"stages": stages})
+
     def compute_of(self, stage_name: str) -> ComputeSpec:
         """Where a stage runs (its ``compute`` block; in-process when it has none)."""
         return self.stages[stage_name].compute or ComputeSpec()
@@ -190,6 +206,53 @@ def _reference_problems(spec: PipelineSpec) -> Iterator[str]:
                 yield f"{where}: '{ref}' is {actual.describe()}, expected {expected.describe()}"
 
 
+def gate_problems(spec: PipelineSpec) -> Iterator[str]:
+    """A promote stage's candidate must be among the models its evaluation measures, and each gate
+    metric a figure that evaluation reports for it (else the gate could only fail, after everything ran)."""
+    for stage_name, stage in spec.stages.items():
+        if stage.kind != "promote":
+            continue
+        evaluation_name = parse_ref(stage.evaluation)[0]
+        evaluation = spec.stages[evaluation_name]
+        if not hasattr(evaluation, "measured_figures"):
+            continue  # not an evaluate stage: the reference check reports it
+        candidate = _model_key(spec, stage.model)
+        evaluated = {_model_key(spec, ref): ref for ref in evaluation.models}
+        if candidate not in evaluated:
+            yield (
+                f"stage '{stage_name}', field model: '{stage.model}' is not among the models stage "
+                f"'{evaluation_name}' evaluates ({', '.join(evaluation.models)}); add it to its models"
+            )
+            continue
+        figures = evaluation.measured_figures(evaluated[candidate])
+        names = {
+            *figures,
+            *(f"{n}{s}" for n, ci in figures.items() if ci for s in ("_ci_low", "_ci_high", "_n")),
+        }
+        for i, condition in enumerate(stage.gate):
+            metric = condition.metric.removeprefix("eval/")
+            if metric in names:
+                continue
+            close = difflib.get_close_matches(metric, names, n=1)
+            listed = ", ".join(
+                f"{n}{' (+ _ci_low, _ci_high, _n)' if ci else ''}" for n, ci in figures.items()
+            )
+            yield (
+                f"stage '{stage_name}', field gate[{i}].metric: stage '{evaluation_name}' measures no "
+                f"'{condition.metric}' for '{stage.model}'{f' (did you mean {close[0]}?)' if close else ''}; "
+                f"it measures: {listed or 'nothing'}"
+            )
+
+
+def _model_key(spec: PipelineSpec, ref: str) -> tuple[str, str | None]:
+    """A model reference as (name, output), with a stage's only output named (``sft`` == ``sft.model``)."""
+    name, output = parse_ref(ref)
+    if output is None and name in spec.stages:
+        outputs = spec.stages[name].output_types()
+        output = next(iter(outputs)) if len(outputs) == 1 else None
+    return name, output
+
+
 def _cycle_problems(spec: PipelineSpec) -> list[str]:
     state: dict[str, str] = {}
     path: list[str] = []
@@ -229,21 +292,72 @@ def lineage_root(spec: PipelineSpec, ref: str) -> str | None:
     return name
 
 
+def stage_position_limit(spec: PipelineSpec, stage_name: str, limits: dict[str, int]) -> int | None:
+    """The smallest known position limit of the base models a stage's model inputs descend from."""
+    stage = spec.stages[stage_name]
+    roots = {lineage_root(spec, ref) for ref, kind in stage.input_refs().values() if kind.output == "model"}
+    known = [limits[root] for root in roots if root in limits]
+    return min(known) if known else None
+
+
 def position_limit_problems(spec: PipelineSpec, limits: dict[str, int]) -> list[str]:
-    """``max_length`` fields longer than the position limit of the base model a stage's models descend
-    from; ``limits`` maps ``models:`` entries to their limits where known before anything runs."""
+    """``max_length`` fields written in the spec longer than the position limit of the base model a
+    stage's models descend from; ``limits`` maps ``models:`` entries to their limits where known before
+    anything runs. A default the file leaves out is no problem: it follows the model (``resolved``)."""
     problems: dict[str, None] = {}
     for stage_name, stage in spec.stages.items():
-        lengths = fields_named(stage, "max_length")
+        lengths = length_fields(stage, "max_length")
+        written = {path: value for path, (value, given) in lengths.items() if given}
         for ref, ref_kind in stage.input_refs().values():
             root = lineage_root(spec, ref) if ref_kind.output == "model" else None
-            for path, value in lengths.items():
+            for path, value in written.items():
                 if root in limits and value > limits[root]:
                     problems[
-                        f"stage '{stage_name}', field {path}: {value} is longer than model '{root}' "
-                        f"accepts (max_position_embeddings {limits[root]})"
+                        f"stage '{stage_name}', field {path}: {value}, as written in the spec, is longer "
+                        f"than model '{root}' accepts (max_position_embeddings {limits[root]}); lower it, "
+                        "or leave it out to use the model's limit"
                     ] = None
     return list(problems)
+
+
+def length_fields(model: BaseModel, field_name: str, prefix: str = "") -> dict[str, tuple[Any, bool]]:
+    """Field path -> (value, whether the spec wrote it) of every field ``field_name`` in ``model`` and its
+    nested models; a field the file leaves out holds its default."""
+    found: dict[str, tuple[Any, bool]] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name == field_name and value is not None:
+            found[f"{prefix}{name}"] = (value, name in model.model_fields_set)
+        elif isinstance(value, BaseModel):
+            found.update(length_fields(value, field_name, f"{prefix}{name}."))
+    return found
+
+
+def cap_unwritten(model: BaseModel, field_name: str, limit: int) -> Any:
+    """``model`` with every ``field_name`` it leaves to its default lowered to ``limit`` where larger."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if name == field_name and isinstance(value, int) and name not in model.model_fields_set:
+            if value > limit:
+                update[name] = limit
+        elif isinstance(value, BaseModel):
+            capped = cap_unwritten(value, field_name, limit)
+            if capped is not value:
+                update[name] = capped
+    return model.model_copy(update=update) if update else model
+
+
+def filled_defaults(written: BaseModel, resolved: BaseModel) -> dict[str, Any]:
+    """Field path -> effective value, for every field whose value ``resolved`` filled in (``rlhf plan``)."""
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(data, dict):
+            return {prefix[:-1]: data}
+        return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before, after = flat(written.model_dump(mode="json")), flat(resolved.model_dump(mode="json"))
+    return {path: value for path, value in after.items() if before.get(path) != value}
 
 
 def fields_named(model: BaseModel, field_name: str, prefix: str = "") -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from rlhf_core.losses.direct_alignment_table import DIRECT_ALIGNMENT_TABLE
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.monitor import MonitorSpec, check_monitor_proxy
 from rlhf_core.spec.references import (
@@ -17,21 +19,44 @@ from rlhf_core.spec.references import (
 )
 from rlhf_core.spec.training import LoraSpec, OptimSpec
 
-# Loss name -> (needs a reference model, takes paired data). The loss functions and their
-# hyperparameters live in rlhf_core.losses.direct_alignment (which imports torch; the spec does not);
-# a test keeps this table equal to that registry.
-PREFERENCE_LOSSES: dict[str, tuple[bool, bool]] = {
-    "dpo": (True, True),
-    "cdpo": (True, True),
-    "ipo": (True, True),
-    "dpo_norm": (True, True),
-    "simpo": (False, True),
-    "orpo": (False, True),
-    "kto": (True, False),
-    "apo_zero": (True, True),
-    "apo_down": (True, True),
-    "dpo_nll": (True, True),
-}
+PREFERENCE_LOSSES = DIRECT_ALIGNMENT_TABLE
+"""Loss name -> its declaration (function, reference, pairing, beta, options); the losses' own table."""
+
+
+def beta_problem(loss: str, beta: float | None) -> str | None:
+    """Why ``beta`` may not be given to ``loss`` (None: fine, or the loss is unknown)."""
+    declared = PREFERENCE_LOSSES.get(loss)
+    if beta is None or declared is None or declared.beta is not None:
+        return None
+    options = ", ".join(f"loss_options.{name}" for name in declared.options)
+    return f"loss '{loss}' takes no beta (its weight is {options}); remove beta"
+
+
+def loss_option_problems(loss: str, options: dict[str, float]) -> list[str]:
+    """Unknown names and out-of-range values in ``loss_options`` for ``loss`` (unknown loss: none)."""
+    declared = PREFERENCE_LOSSES.get(loss)
+    if declared is None:
+        return []
+    takes = ", ".join(f"{n} ({o.describe()})" for n, o in declared.options.items()) or "none"
+    problems = []
+    for name, value in options.items():
+        option = declared.options.get(name)
+        if name == "beta":
+            problems.append(f"{name}: give beta as the stage's own field `beta`, not in loss_options")
+        elif option is None:
+            close = difflib.get_close_matches(name, declared.options, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            problems.append(f"{name}: loss '{loss}' has no such option ({hint}it takes: {takes})")
+        elif problem := option.problem(value):
+            problems.append(f"{name}: {value:g} is out of range for loss '{loss}': {problem}")
+    return problems
+
+
+def resolved_loss_settings(loss: str, beta: float | None, options: dict[str, float]) -> dict[str, object]:
+    """``beta`` and ``loss_options`` with the loss's defaults filled in (beta stays None where not taken)."""
+    declared = PREFERENCE_LOSSES[loss]
+    filled = {name: option.default for name, option in declared.options.items()} | dict(options)
+    return {"beta": beta if beta is not None else declared.beta, "loss_options": filled}
 
 
 class PreferenceTrainSpec(OptimSpec):
@@ -46,7 +71,14 @@ class PreferenceTrainSpec(OptimSpec):
             "chosen and rejected, in one forward pass); unpaired examples for KTO."
         ),
     )
-    max_length: int = Field(default=512, ge=8, description="Longest prompt + completion, in tokens.")
+    max_length: int = Field(
+        default=512,
+        ge=8,
+        description=(
+            "Longest prompt + completion, in tokens; left out: 512, or the model's position limit "
+            "when smaller."
+        ),
+    )
     on_overlong: Literal["truncate_prompt", "skip", "fail"] = Field(
         default="truncate_prompt",
         description=(
@@ -99,14 +131,17 @@ class DirectAlignmentStage(StageSpec):
     beta: float | None = Field(
         default=None,
         gt=0,
-        description="beta of the loss; default: the loss's own (0.1; 2.0 for dpo_norm, simpo).",
+        description=(
+            "beta of the loss; default: the loss's own (0.1; 2.0 for dpo_norm, simpo); orpo takes none."
+        ),
     )
     loss_options: dict[str, float] = Field(
         default_factory=dict,
         description=(
             "Other hyperparameters of the loss by name, e.g. {label_smoothing: 0.1} (cdpo), "
             "{alpha: 1.0} (dpo_nll), {gamma_ratio: 0.5} (simpo), {odds_ratio_weight: 0.1} (orpo), "
-            "{desirable_weight: 1.0, undesirable_weight: 1.33} (kto); checked when the stage starts."
+            "{desirable_weight: 1.0, undesirable_weight: 1.33} (kto); names and ranges are checked when the "
+            "spec is read, and the loss's defaults fill the options not given."
         ),
     )
     train: PreferenceTrainSpec = Field(default_factory=PreferenceTrainSpec, description="Training settings.")
@@ -134,16 +169,31 @@ class DirectAlignmentStage(StageSpec):
             return "the over-optimization monitor runs in one process; remove the monitor or set it to 1"
         return super().processes_problem()
 
+    @field_validator("beta")
+    @classmethod
+    def _loss_takes_beta(cls, beta: float | None, info: ValidationInfo) -> float | None:
+        if problem := beta_problem(info.data.get("loss", ""), beta):
+            raise ValueError(problem)
+        return beta
+
+    @field_validator("loss_options")
+    @classmethod
+    def _loss_takes_options(cls, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        problems = loss_option_problems(info.data.get("loss", ""), options)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return options
+
     @model_validator(mode="after")
     def _known_loss(self) -> DirectAlignmentStage:
         check_monitor_proxy(self.monitor, "direct_alignment")
         if self.loss not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown loss '{self.loss}' (known: {', '.join(PREFERENCE_LOSSES)})")
-        if self.reference is not None and not PREFERENCE_LOSSES[self.loss][0]:
+        if self.reference is not None and not PREFERENCE_LOSSES[self.loss].needs_reference:
             raise ValueError(f"loss '{self.loss}' is reference-free: remove `reference`")
         if (self.data is None) == (self.unpaired_data is None):
             raise ValueError("give exactly one of `data` (preference pairs) or `unpaired_data` (for kto)")
-        if self.unpaired_data is not None and PREFERENCE_LOSSES[self.loss][1]:
+        if self.unpaired_data is not None and PREFERENCE_LOSSES[self.loss].paired:
             raise ValueError(
                 f"loss '{self.loss}' needs preference pairs (`data`); only kto takes `unpaired_data`"
             )
@@ -151,4 +201,8 @@ class DirectAlignmentStage(StageSpec):
 
     @property
     def needs_reference(self) -> bool:
-        return PREFERENCE_LOSSES[self.loss][0]
+        return PREFERENCE_LOSSES[self.loss].needs_reference
+
+    def resolved(self) -> DirectAlignmentStage:
+        """This stage with the loss's beta and option defaults filled in (see ``rlhf_core.spec``)."""
+        return self.model_copy(update=resolved_loss_settings(self.loss, self.beta, self.loss_options))

@@ -176,7 +176,14 @@ class EvaluateStage(StageSpec):
     )
     max_prompts: int = Field(default=200, ge=1, description="Evaluate on at most this many prompts.")
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
-    max_length: int = Field(default=512, ge=8, description="Longest eval conversation (tokens) for the loss.")
+    max_length: int = Field(
+        default=512,
+        ge=8,
+        description=(
+            "Longest eval conversation (tokens) for the loss; left out: 512, or the model's position limit "
+            "when smaller."
+        ),
+    )
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Decoding settings.")
     rewards: tuple[RewardSourceSpec, ...] = Field(
         default=(),
@@ -233,6 +240,29 @@ class EvaluateStage(StageSpec):
     def kl_reference(self) -> str | None:
         """The model the KL is measured to: ``reference``, else the baseline (None: no KL)."""
         return self.reference or self.baseline
+
+    def measured_figures(self, model: str) -> dict[str, bool]:
+        """Figure name (without ``eval/``) -> whether it comes with an interval (``<name>_ci_low``,
+        ``_ci_high``, ``_n``), for every figure this stage reports for ``model`` (one of ``models``).
+        Kept with ``rlhf_core.evaluation``, which produces them; a promote gate is checked against it."""
+        figures: dict[str, bool] = {}
+        if self.data is not None:
+            figures |= {"nll": True, "loss": False, "perplexity": False, "tokens": False}
+        if self.prompts is not None:
+            figures |= {"accuracy": True, "length/mean": True, "length/p50": True, "length/p90": True}
+            figures |= {f"reward/{source.name}": True for source in self.rewards}
+            if self.pass_at_k is not None:
+                figures |= {f"pass_at_{k}": True for k in self.pass_at_k.k}
+            if self.kl is not None and self.kl_reference is not None:
+                figures["kl_to_reference"] = True
+            if self.win_rate is not None and model != self.baseline:
+                for judge in self.win_rate.judges:
+                    figures |= {f"win_rate/{judge.name}": True, f"tie_rate/{judge.name}": True}
+                    figures[f"judge_unparseable/{judge.name}"] = False
+        if self.best_of_n is not None:
+            names = ("accuracy", "pass_at_1", "pass_at_n", "selected_reward_mean", "prompts")
+            figures |= {f"best_of_n/{name}": False for name in names}
+        return figures
 
     @model_validator(mode="after")
     def _needs_something_to_measure(self) -> EvaluateStage:

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from rlhf_core.spec.base import StageTemplate
 from rlhf_core.spec.decoding import SamplingSpec
 from rlhf_core.spec.monitor import MonitorSpec, check_monitor_proxy
 from rlhf_core.spec.references import PolicyModel, PromptsData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
-from rlhf_core.spec.stages.direct_alignment import PREFERENCE_LOSSES, PreferenceTrainSpec
+from rlhf_core.spec.stages.direct_alignment import (
+    PREFERENCE_LOSSES,
+    PreferenceTrainSpec,
+    beta_problem,
+    loss_option_problems,
+)
 from rlhf_core.spec.stages.sampling import PolicyJudgeSpec
 
 
@@ -69,18 +74,33 @@ class IterativeDPOTemplate(StageTemplate):
         ),
     )
 
+    @field_validator("beta")
+    @classmethod
+    def _loss_takes_beta(cls, beta: float | None, info: ValidationInfo) -> float | None:
+        if problem := beta_problem(info.data.get("loss", ""), beta):
+            raise ValueError(problem)
+        return beta
+
+    @field_validator("loss_options")
+    @classmethod
+    def _loss_takes_options(cls, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        problems = loss_option_problems(info.data.get("loss", ""), options)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return options
+
     @model_validator(mode="after")
     def _paired_loss(self) -> IterativeDPOTemplate:
         check_monitor_proxy(self.monitor, "iterative_dpo")
-        if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss][1]:
-            paired = [name for name, (_, is_paired) in PREFERENCE_LOSSES.items() if is_paired]
+        if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss].paired:
+            paired = [name for name, loss in PREFERENCE_LOSSES.items() if loss.paired]
             raise ValueError(f"loss '{self.loss}' is not a pairwise loss (one of: {', '.join(paired)})")
         return self
 
     def expand(self, name: str, pipeline_seed: int) -> dict[str, dict[str, Any]]:
         """The rounds as ordinary stages (raw spec dicts), in order."""
         seed = self.seed if self.seed is not None else pipeline_seed
-        needs_reference = PREFERENCE_LOSSES[self.loss][0]
+        needs_reference = PREFERENCE_LOSSES[self.loss].needs_reference
         stages: dict[str, dict[str, Any]] = {}
         policy = self.policy
         for r in range(1, self.rounds + 1):
@@ -89,7 +109,7 @@ class IterativeDPOTemplate(StageTemplate):
             stages[samples] = {
                 "kind": "sample", "policy": policy, "prompts": self.prompts, "split": self.split,
                 "n": self.n, "max_prompts": self.max_prompts, "seed": seed + r - 1,
-                "generation": self.generation.model_dump(), "rewards": _dump(self.judge),
+                "generation": self.generation.model_dump(exclude_unset=True), "rewards": _dump(self.judge),
             }  # fmt: skip
             stages[pairs] = {
                 "kind": "label_preferences", "completions": samples, "pairing": self.pairing,
@@ -100,7 +120,7 @@ class IterativeDPOTemplate(StageTemplate):
             stages[model] = {
                 "kind": "direct_alignment", "policy": policy, "data": f"{pairs}.preferences",
                 "loss": self.loss, "beta": self.beta, "loss_options": dict(self.loss_options),
-                "train": self.train.model_dump(), "seed": seed,
+                "train": self.train.model_dump(exclude_unset=True), "seed": seed,
                 **({"reference": self.policy} if needs_reference and self.reference == "initial" else {}),
                 **({"monitor": self._round_monitor()} if self.monitor is not None else {}),
             }  # fmt: skip

@@ -268,6 +268,36 @@ class PolicyGradientStage(StageSpec):
     def needs_reference(self) -> bool:
         return self.beta > 0
 
+    def resolved(self) -> PolicyGradientStage:
+        """This stage with the algorithm's defaults filled in (the book's table above; ``rlhf_core.spec``)."""
+        d, kl = self.defaults, self.kl
+        unclipped = d.loss == "reinforce"
+        placement = kl.placement or d.kl_placement
+        filled_kl = kl.model_copy(
+            update={
+                "beta": self.beta,
+                "placement": placement,
+                "estimator": kl.estimator or ("k1" if placement == "reward" else "k3"),
+            }
+        )
+        overlong = self.overlong_cache
+        if overlong is None and self.algorithm == "dapo":  # DAPO's soft penalty: a quarter of the budget
+            overlong = max(1, self.generation.max_new_tokens // 4)
+        return self.model_copy(
+            update={
+                "group_size": self.effective_group_size,
+                # reinforce and rloo clip nothing: no clip range to show
+                "clip_low": self.clip_low if self.clip_low is not None or unclipped else d.clip[0],
+                "clip_high": self.clip_high if self.clip_high is not None or unclipped else d.clip[1],
+                "aggregation": self.aggregation or d.aggregation,
+                "kl": filled_kl,
+                "dynamic_sampling": (
+                    self.dynamic_sampling if self.dynamic_sampling is not None else self.algorithm == "dapo"
+                ),
+                "overlong_cache": overlong,
+            }
+        )
+
     @property
     def monitor_proxy(self) -> tuple[RewardSourceSpec, ...]:
         """The monitor's proxy reward: its own ``proxy``, else the stage's ``rewards``."""

@@ -18,7 +18,14 @@ class RewardTrainSpec(OptimSpec):
     batch_size: int = Field(
         default=8, ge=1, description="Prompts per micro-batch (all pairs of a prompt together)."
     )
-    max_length: int = Field(default=256, ge=8, description="Longest prompt + completion, in tokens.")
+    max_length: int = Field(
+        default=256,
+        ge=8,
+        description=(
+            "Longest prompt + completion, in tokens; left out: 256, or the model's position limit "
+            "when smaller."
+        ),
+    )
     on_overlong: Literal["fail", "skip"] = Field(
         default="fail", description="A pair longer than max_length: stop with its row, or skip and count it."
     )

@@ -14,7 +14,14 @@ from rlhf_core.spec.training import LoraSpec, OptimSpec
 class SFTTrainSpec(OptimSpec):
     """Supervised fine-tuning hyperparameters (book ch.4)."""
 
-    max_length: int = Field(default=256, ge=8, description="Longest tokenized example; longer rows are cut.")
+    max_length: int = Field(
+        default=256,
+        ge=8,
+        description=(
+            "Longest tokenized example; longer rows are cut. Left out: 256, or the model's position limit "
+            "when smaller."
+        ),
+    )
     packing: bool = Field(
         default=True, description="Pack examples into rows; examples never attend across boundaries."
     )
