@@ -1,8 +1,8 @@
 """``rlhf reproduce`` and ``rlhf models lineage``: a registered model's history, read back from the registry.
 
 Reproduce, step by step:
-1. the model reference (``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``<name>:<version>``)
-   -> the version -> its stage run -> the pipeline run (tag ``rlhf.pipeline_run_id``) -> that run's
+1. the model reference (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``<name>:<version>``
+   or a bare ``<name>``: its champion, else its latest version) -> the version -> its stage run -> the pipeline run (tag ``rlhf.pipeline_run_id``) -> that run's
    ``resolved_spec.yaml`` and the record of every stage (fingerprint, its parts, output refs);
 2. the spec is rebuilt from that file and cut down to the stages the model descends from;
 3. each of those stages is fingerprinted again, with today's code, libraries and local files, from the
@@ -226,7 +226,11 @@ def fresh_home(into: Path | None, home: Path) -> Path:
 # ---- the commands -------------------------------------------------------------------------------
 
 RefArg = Annotated[
-    str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or <name>:<version>.")
+    str,
+    typer.Argument(
+        help="models:/<name>@<alias>, models:/<name>/<version>, <name>:<version>, or <name> (its champion, "
+        "else its latest version)."
+    ),
 ]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")]
 TracebackOpt = Annotated[
