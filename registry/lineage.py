@@ -1,7 +1,8 @@
 """Lineage of a registered model version, read back from what the Model Registry and the runs hold.
 
 A version is named by ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``<name>:<version>`` or
-a bare ``<name>``: its ``champion`` if it has one, else its latest version (as ``rlhf models list`` shows them).
+a bare ``<name>``: its ``champion`` if it has one, else its latest version (as ``rlhf models list``
+shows them).
 Its lineage tags (``rlhf.upstream_models``, ``rlhf.reward_models``, ...; see
 ``tasks.model_outputs.register_stage_model``) point at the versions it was built from, so the chain
 policy <- SFT <- base model (reward model <- its data digests) is walked version by version.
