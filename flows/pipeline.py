@@ -28,6 +28,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from flows.deploy import code_commit
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from rlhf_core.errors import UserError
@@ -126,7 +127,7 @@ def run_pipeline(
     settings = RLHFSettings(home=Path(home))
     tracking.configure(settings)
     experiment_id = tracking.ensure_experiment(spec.name, settings)
-    commit = tracking.git_commit()
+    commit = code_commit()  # a worker runs outside git: the deployment's version names the commit
     spec_digest = spec.digest()
     flow_run_id = str(flow_run.get_id() or "")
     _tag_flow_run(flow_run_tags(spec, spec_digest))

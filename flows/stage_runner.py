@@ -65,6 +65,7 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     The worker's ``RLHF_HOME`` (if set) is where its checkpoints and caches go; otherwise the
     pipeline's home, which machines then share (a network file system).
     """
+    from flows.deploy import UNKNOWN_COMMIT, code_commit
     from registry import tracking
     from rlhf_core.settings import apply_environment_defaults
     from runtime.stage_contract import RunContext
@@ -73,6 +74,8 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     context = RunContext.model_validate(ctx)
     if os.environ.get("RLHF_HOME"):
         context = context.model_copy(update={"home": os.environ["RLHF_HOME"]})
+    if context.git_commit == UNKNOWN_COMMIT:  # e.g. a pipeline run outside git: this deployment's version
+        context = context.model_copy(update={"git_commit": code_commit()})
     stage_call = rebuild_call(call)
     check_same_code(stage_call.name, stage_call.fingerprint_parts.get("code"))
     settings = context.settings()

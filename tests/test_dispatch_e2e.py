@@ -163,6 +163,13 @@ def test_pipeline_run_completes_with_training_on_the_gpu_pool(cluster, first_run
     rm_version = client.get_model_version(f"{PIPELINE}-rm", "1")
     assert sft_version.run_id == sft.info.run_id and rm_version.run_id == rm.info.run_id
     assert rm.data.tags["input.model"].startswith(f"{PIPELINE}-sft")
+    # workers run outside git: stage runs and cards carry the commit rlhf deploy gave the deployments
+    from registry.tracking import git_commit
+
+    commit = git_commit(cwd=REPO_ROOT)
+    assert commit != "unknown"
+    assert sft.data.tags["rlhf.git_commit"] == data.data.tags["rlhf.git_commit"] == commit
+    assert sft_version.tags["rlhf.git_commit"] == commit and f"`{commit}`" in sft_version.description
     # artifacts went through the server, not into a local mlartifacts folder of a home
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     assert not (cluster["root"] / "home" / "mlartifacts").exists()
