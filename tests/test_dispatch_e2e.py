@@ -262,6 +262,8 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     fingerprint = sft.data.tags["rlhf.fingerprint"]
     jobs = [r for r in _python(QUERY, env, "rlhf-stage") if r["name"].startswith(f"{PIPELINE}-fault-sft-")]
     assert sorted(r["state"] for r in jobs) == ["COMPLETED", "CRASHED"], jobs
+    names = {r["state"]: r["name"] for r in jobs}  # the resubmission is visible in the Prefect UI
+    assert names["COMPLETED"].endswith(" (attempt 2)") and "attempt" not in names["CRASHED"], jobs
     a, b = _final_weights(reference_home, fingerprint), _final_weights(Path(env["RLHF_HOME"]), fingerprint)
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
