@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test install install-test lint
+.PHONY: quickstart test install install-test install-server lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+
+# the shared MLflow tracking server on PostgreSQL (docs/scaling.md section 2): the project and psycopg
+install-server: $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[server]"
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"

@@ -9,8 +9,10 @@ each started with ``--limit 1`` and its own ``CUDA_VISIBLE_DEVICES``::
     CUDA_VISIBLE_DEVICES=0 prefect worker start --pool gpu --limit 1
     CUDA_VISIBLE_DEVICES=1 prefect worker start --pool gpu --limit 1
 
-(a pool with N such workers takes ``--concurrency N``). ``rlhf pools template docker`` prints a
-template for ``prefect work-pool create --base-job-template FILE`` instead.
+(a pool with N such workers takes ``--concurrency N``). A pool without a limit (``rlhf pools create
+cpu``) is shared: it may run pipelines, which hold a slot while they wait for their stages, so its
+workers take no ``--limit``; the printed advice follows the pool's limit. ``rlhf pools template
+docker`` prints a template for ``prefect work-pool create --base-job-template FILE`` instead.
 
 Prefect is imported inside the commands only, after the offline defaults are set (see ``cli.app``);
 ``flows.work_pools`` imports it lazily too.
@@ -68,11 +70,31 @@ GpuIdsOpt = Annotated[
         "count from GPU 0, so on a multi-GPU host make one pool per GPU (or GPU group).",
     ),
 ]
-WORKER_HINTS = {
-    "process": "CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {name} --limit 1   # one worker per GPU",
-    "docker": "pip install 'prefect-docker>=0.7'; prefect worker start --pool {name} --type docker --limit 1",
-    "kubernetes": "pip install prefect-kubernetes; prefect worker start --pool {name} --type kubernetes",
+WORKER_PACKAGES = {
+    "docker": "pip install 'prefect-docker>=0.7'",
+    "kubernetes": "pip install prefect-kubernetes",
 }
+
+
+def worker_hint(pool_type: str, name: str, concurrency: int | None) -> str:
+    """How to start the pool's workers, as docs/scaling.md section 3 says: a pool with a concurrency
+    limit holds GPUs (one worker per GPU, each ``--limit 1``); a pool without one is shared (it may run
+    the pipeline's own flow, which waits for its stages) and its workers take no ``--limit``."""
+    kind = "" if pool_type == "process" else f" --type {pool_type}"
+    install = f"{WORKER_PACKAGES[pool_type]}\n  " if pool_type in WORKER_PACKAGES else ""
+    if pool_type == "kubernetes":  # the cluster's scheduler hands out GPUs: no pinning, no limit needed
+        return f"{install}prefect worker start --pool {name}{kind}   # in the cluster"
+    if concurrency is None:
+        return (
+            f"{install}prefect worker start --pool {name}{kind}   # no --limit: a pool without a "
+            "concurrency limit is shared and may run pipelines, which wait for their stages"
+        )
+    if pool_type == "process":
+        return (
+            f"CUDA_VISIBLE_DEVICES=0 prefect worker start --pool {name} --limit 1   # one worker per GPU, "
+            f"{concurrency} in all (CUDA_VISIBLE_DEVICES=1 for the next)"
+        )
+    return f"{install}prefect worker start --pool {name}{kind} --limit 1   # one worker per GPU host"
 
 
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> None:
@@ -142,7 +164,7 @@ def create(
         console.print(f"work pool '{name}' exists already, left as it is (--overwrite replaces it)")
     else:
         console.print(f"work pool '{name}' ({pool_type.value}, {limit}) {outcome} on {api_url}")
-    console.print("start its worker(s) with:\n  " + WORKER_HINTS[pool_type.value].format(name=name))
+    console.print("start its worker(s) with:\n  " + worker_hint(pool_type.value, name, concurrency))
 
 
 @pools_app.command("template")

@@ -1,10 +1,12 @@
 """``rlhf reproduce`` and ``rlhf models lineage``: a registered model's history, read back from the registry.
 
 Reproduce, step by step:
-1. the model reference (``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``<name>:<version>``)
-   -> the version -> its stage run -> the pipeline run (tag ``rlhf.pipeline_run_id``) -> that run's
-   ``resolved_spec.yaml`` and the record of every stage (fingerprint, its parts, output refs);
-2. the spec is rebuilt from that file and cut down to the stages the model descends from;
+1. the model reference (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``<name>:<version>``
+   or a bare ``<name>``: its champion, else its latest version) -> the version -> its stage run -> the
+   pipeline run (tag ``rlhf.pipeline_run_id``) -> that run's ``resolved_spec.yaml`` and the record of
+   every stage (fingerprint, its parts, output refs);
+2. the spec is rebuilt from that file and cut down to the stages the model descends from; it is printed
+   as YAML (or written to ``--spec-out FILE``), ready for ``rlhf run``;
 3. each of those stages is fingerprinted again, with today's code, libraries and local files, from the
    upstream outputs as recorded, and compared with its recorded fingerprint; where they differ, the
    recorded parts (``fingerprint_parts.json``) name what changed: the code, a config field, a local file,
@@ -226,7 +228,11 @@ def fresh_home(into: Path | None, home: Path) -> Path:
 # ---- the commands -------------------------------------------------------------------------------
 
 RefArg = Annotated[
-    str, typer.Argument(help="models:/<name>@<alias>, models:/<name>/<version> or <name>:<version>.")
+    str,
+    typer.Argument(
+        help="models:/<name>@<alias>, models:/<name>/<version>, <name>:<version>, or <name> (its champion, "
+        "else its latest version)."
+    ),
 ]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State dir (default $RLHF_HOME or ./.rlhf).")]
 TracebackOpt = Annotated[
@@ -234,6 +240,13 @@ TracebackOpt = Annotated[
 ]
 RunOpt = Annotated[
     bool, typer.Option("--run", help="Also rebuild the model in a fresh home and compare its weights digest.")
+]
+SpecOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--spec-out",
+        help="Write the rebuilt spec (YAML, for rlhf run) to this file instead of printing it ('-': print).",
+    ),
 ]
 IntoOpt = Annotated[
     Path | None, typer.Option("--into", help="Fresh home for --run (default: a new temporary directory).")
@@ -245,14 +258,17 @@ def reproduce(
     home: HomeOpt = None,
     run: RunOpt = False,
     into: IntoOpt = None,
+    spec_out: SpecOutOpt = None,
     traceback_: TracebackOpt = False,
 ) -> None:
-    """Check that a registered model can be rebuilt from its lineage: stage by stage, do the fingerprints
-    (code, config, data) still match what the registry recorded? With --run, rebuild it and compare
-    its weights. Exit status 0: all match; 4: something differs."""
+    """Rebuild the spec that produced a registered model (printed as YAML, or --spec-out FILE) and check
+    it stage by stage: do the fingerprints (code, config, data) still match what the registry recorded?
+    With --run, rebuild the model too and compare its weights. Exit status 0: all match; 4: something
+    differs."""
     settings = settings_for(home)
     with exit_status(traceback_, f"reproduce {ref}: "):
         result, spec, record = check_reproduction(ref, str(settings.resolved_home()))
+        write_spec(spec, spec_out)
         print_checks(console, result)
         if run:
             from cli.prefect_database import initialize_temporary_server_database
@@ -263,6 +279,23 @@ def reproduce(
             result.rebuild = rebuild(spec, record, target)
     print_verdict(console, result)
     raise typer.Exit(0 if result.reproduced else EXIT_REPRODUCTION_DIFFERS)
+
+
+def spec_yaml(spec: PipelineSpec) -> str:
+    """The rebuilt spec as a spec file: ``rlhf run FILE`` runs it (every default resolved, as it ran)."""
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)  # as resolved_spec.yaml
+
+
+def write_spec(spec: PipelineSpec, target: Path | None) -> None:
+    text = spec_yaml(spec)
+    if target is None or str(target) == "-":
+        console.print(f"# rebuilt spec of pipeline '{spec.name}'", highlight=False, markup=False)
+        console.print(text, end="", soft_wrap=True, highlight=False, markup=False)
+        return
+    target.write_text(text)
+    console.print(f"rebuilt spec written to {target} (rlhf run {target} runs it)", highlight=False)
 
 
 def print_checks(console, result: Reproduction) -> None:

@@ -13,7 +13,9 @@ What it creates (the server is the one ``PREFECT_API_URL`` points at):
   (:func:`rlhf_core.spec.loading.apply_spec_overrides`).
 
 Deployments name their flow by module path, so a worker runs the installed package (``pip install``
-of this project, or its image), not a copy of the repository. The pipeline's own pool may also run
+of this project, or its image), not a copy of the repository. Their version is the git commit of the
+working tree ``rlhf deploy`` ran in: a worker runs outside git, so its runs record that commit in
+their lineage (:func:`code_commit`). The pipeline's own pool may also run
 stages only when it has no concurrency limit: the pipeline holds a slot while it waits for its stages
 (and its workers must not be started with ``--limit 1`` then).
 """
@@ -21,6 +23,7 @@ stages only when it has no concurrency limit: the pipeline holds a slot while it
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ from rlhf_core.spec import PipelineSpec
 from rlhf_core.spec.loading import MISSING, lookup_path
 
 OVERRIDABLE_TYPES = {bool: "boolean", int: "integer", float: "number"}
+UNKNOWN_COMMIT = "unknown"
+_COMMIT = re.compile(r"^[0-9a-f]{7,40}(\+dirty)?$")
 
 
 @dataclass
@@ -57,6 +62,24 @@ def require_prefect_server(what: str) -> str:
             "start one (prefect server start) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
         )
     return url
+
+
+def code_commit() -> str:
+    """The git commit of the code this process runs: the working tree's; outside git (a worker runs a
+    deployment from a temporary directory) the version ``rlhf deploy`` gave the running deployment;
+    else ``unknown``."""
+    from registry.tracking import git_commit
+
+    commit = git_commit()
+    if commit != UNKNOWN_COMMIT:
+        return commit
+    try:
+        from prefect.runtime import deployment
+
+        version = deployment.version  # None outside a deployment's run
+    except Exception:  # noqa: BLE001 - lineage falls back to 'unknown', it never stops a run
+        return commit
+    return version if isinstance(version, str) and _COMMIT.match(version) else commit
 
 
 def deploy_pipeline(
@@ -89,6 +112,10 @@ def deploy_pipeline(
             "the profile), or remove the pool's limit"
         )
     env = {"RLHF_TRACKING_URI": tracking_uri} if tracking_uri else {}
+    from registry.tracking import git_commit
+
+    version = git_commit()  # what code_commit() gives the runs of these deployments
+    versioned = {"version": version} if version != UNKNOWN_COMMIT else {}
     deployed = []
     for pool in pools:
         runner = run_stage.to_deployment(
@@ -99,6 +126,7 @@ def deploy_pipeline(
             tags=["rlhf", "stage-runner"],
             job_variables={"env": env} if env else None,
             enforce_parameter_schema=False,
+            **versioned,
         )
         deployed.append(Deployed(f"rlhf-stage/{pool}", str(runner.apply()), pool))
     schedules = [Cron(schedule, timezone=timezone or "UTC")] if schedule else None
@@ -113,6 +141,7 @@ def deploy_pipeline(
         schedules=schedules,
         job_variables={"env": env} if env else None,
         enforce_parameter_schema=False,
+        **versioned,
     )
     pipeline_id = pipeline.apply()
     with get_client(sync_client=True) as client:

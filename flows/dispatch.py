@@ -11,11 +11,14 @@ For such a stage the pipeline flow runs the :func:`dispatch_stage` task instead 
 4. Completed -> the outputs are read from MLflow by fingerprint (never from a Prefect result);
    Failed (the stage raised) -> the pipeline fails with the job's message; Crashed (killed worker,
    lost node) -> submitted again, up to ``compute.retries`` times: the stage resumes from its last
-   checkpoint. A job that Prefect still shows running is taken for dead (its process was killed with
-   its worker, or its machine was lost: nobody is left to report) and marked Crashed when its
-   fingerprint's lock, once held, stays free for ``RLHF_DISPATCH_DEAD_AFTER_SECONDS`` (300; the lock's
-   lease runs out when its holder stops renewing it), or was never taken within
-   ``RLHF_DISPATCH_STARTUP_GRACE_SECONDS`` (900) of the job starting to run.
+   checkpoint. Each new attempt shows in the Prefect UI: the dispatch task run is renamed
+   ``<stage> [<kind>] on <pool> (attempt 2 of 3, after a crash)`` and the job's flow run is named
+   ``<pipeline>-<stage>-<fingerprint[:8]> (attempt 2)``. A job that Prefect still shows running is taken
+   for dead (its process was killed with its worker, or its machine was lost: nobody is left to report)
+   and marked Crashed when its fingerprint's lock, once held, stays free for
+   ``RLHF_DISPATCH_DEAD_AFTER_SECONDS`` (300; the lock's lease runs out when its holder stops renewing
+   it), or was never taken within ``RLHF_DISPATCH_STARTUP_GRACE_SECONDS`` (900) of the job starting to
+   run.
 """
 
 from __future__ import annotations
@@ -49,7 +52,29 @@ def _task_run_name(parameters: dict[str, Any]) -> str:
     call, compute = parameters.get("call"), parameters.get("compute")
     if call is None or compute is None:
         return "dispatch"
-    return f"{call.name} [{call.kind}] on {compute.pool}"
+    return dispatch_run_name(call, compute.pool)
+
+
+def dispatch_run_name(call: StageCall, pool: str, attempt: int = 1, attempts: int = 1) -> str:
+    """``sft [sft] on gpu``; from the second attempt on ``... (attempt 2 of 3, after a crash)``."""
+    name = f"{call.name} [{call.kind}] on {pool}"
+    return f"{name} (attempt {attempt} of {attempts}, after a crash)" if attempt > 1 else name
+
+
+def _show_attempt(call: StageCall, compute: ComputeSpec, attempt: int) -> None:
+    """Rename the running dispatch task run so that the Prefect UI's graph shows a resubmission."""
+    from prefect import get_client
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is None:
+        return
+    name = dispatch_run_name(call, compute.pool, attempt, compute.retries + 1)
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_task_run_name(context.task_run.id, name)
+    except Exception as exc:  # noqa: BLE001 - a name helps reading the run; it never stops one
+        get_run_logger().warning("stage %s: could not rename the task run: %s", call.name, exc)
 
 
 @task(name="dispatch_stage", task_run_name=_task_run_name, cache_policy=NO_CACHE)
@@ -108,10 +133,12 @@ def _run_on_pool(
     deployment = stage_runner_deployment(compute.pool)
     last_message = ""
     for attempt in range(compute.retries + 1):
+        if attempt:
+            _show_attempt(call, compute, attempt + 1)
         try:
             job = run_deployment(
                 deployment,
-                parameters=call_parameters(ctx, call),
+                parameters=call_parameters(ctx, call, attempt + 1),
                 idempotency_key=f"{key_prefix}:{call.fingerprint}:{attempt}",
                 job_variables=job_variables,
                 timeout=0,  # returns once the job is created; waiting is ours (liveness, notices)

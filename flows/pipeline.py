@@ -1,8 +1,8 @@
 """The pipeline flow: a PipelineSpec compiled into Prefect tasks, one per stage, in DAG order.
 
 Walkthrough of one run:
-1. name the Prefect flow run after the pipeline (``<pipeline>-<spec digest[:8]>-<time>``) and tag it
-   ``pipeline:<name>`` and ``spec:<digest[:12]>``;
+1. name the Prefect flow run after the pipeline (``<pipeline>-<spec digest[:8]>-<time>-<run id[:8]>``)
+   and tag it ``pipeline:<name>`` and ``spec:<digest[:12]>``;
 2. open the MLflow experiment of the pipeline and a parent run (tags: Prefect flow run, spec digest,
    git commit; params: pipeline, seed, spec digest, stages and their kinds and seeds; the spec's
    description and stage list as its description); log the resolved spec;
@@ -30,6 +30,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from flows.deploy import code_commit
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from registry.lineage import check_registered_models
@@ -45,10 +46,25 @@ from tasks.prepare_base_model import prepare_base_model
 
 
 def flow_run_name() -> str:
-    """``<pipeline>-<spec digest[:8]>-<YYYYmmdd-HHMMSS>``: runs of one pipeline sort together by time."""
+    """The running flow's name (``pipeline_run_name`` of its spec, overrides and id)."""
     spec = _spec_parameter()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{spec.name}-{spec.digest()[:8]}-{stamp}" if spec else f"rlhf-pipeline-{stamp}"
+    if spec is None:
+        return f"rlhf-pipeline-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{str(flow_run.get_id() or '')[:8]}"
+    return pipeline_run_name(spec, flow_run.parameters.get("overrides"), flow_run.get_id(), datetime.now())
+
+
+def pipeline_run_name(
+    spec: PipelineSpec, overrides: dict[str, Any] | None, run_id: str | None, now: datetime
+) -> str:
+    """``<pipeline>-<spec digest[:8]>-<YYYYmmdd-HHMMSS>-<flow run id[:8]>``: runs of one pipeline sort
+    together by time. The digest is the spec's with the run's overrides applied (what runs), and the
+    flow run's short id keeps apart two runs of one deployment started in the same second."""
+    try:
+        digest = apply_spec_overrides(spec, overrides).digest()
+    except UserError:  # the flow itself reports a bad override; the name just shows the deployed spec
+        digest = spec.digest()
+    name = f"{spec.name}-{digest[:8]}-{now.strftime('%Y%m%d-%H%M%S')}"
+    return f"{name}-{str(run_id)[:8]}" if run_id else name
 
 
 def _spec_parameter() -> PipelineSpec | None:
@@ -114,7 +130,7 @@ def run_pipeline(
     tracking.configure(settings)
     check_registered_models(spec)  # before any stage runs or registers anything
     experiment_id = tracking.ensure_experiment(spec.name, settings)
-    commit = tracking.git_commit()
+    commit = code_commit()  # a worker runs outside git: the deployment's version names the commit
     spec_digest = spec.digest()
     flow_run_id = str(flow_run.get_id() or "")
     _tag_flow_run(flow_run_tags(spec, spec_digest))

@@ -33,9 +33,9 @@ def stage_runner_deployment(pool: str) -> str:
     return f"{STAGE_RUNNER_FLOW}/{pool}"
 
 
-def call_parameters(ctx: Any, call: Any) -> dict[str, Any]:
+def call_parameters(ctx: Any, call: Any, attempt: int = 1) -> dict[str, Any]:
     """The flow's parameters for one stage call (JSON): what :func:`run_stage` rebuilds them from."""
-    return {"ctx": ctx.model_dump(mode="json"), "call": call.model_dump(mode="json")}
+    return {"ctx": ctx.model_dump(mode="json"), "call": call.model_dump(mode="json"), "attempt": attempt}
 
 
 def rebuild_call(data: dict[str, Any]):
@@ -52,19 +52,29 @@ def rebuild_call(data: dict[str, Any]):
 
 
 def _run_name() -> str:
-    call = flow_run.parameters.get("call") or {}
-    ctx = flow_run.parameters.get("ctx") or {}
+    return stage_run_name(flow_run.parameters)
+
+
+def stage_run_name(parameters: dict[str, Any]) -> str:
+    """``<pipeline>-<stage>-<fingerprint[:8]>``, with `` (attempt N)`` when the pipeline resubmitted it."""
+    call = parameters.get("call") or {}
+    ctx = parameters.get("ctx") or {}
     fingerprint = str(call.get("fingerprint", ""))[:8]
-    return f"{ctx.get('pipeline', 'pipeline')}-{call.get('name', 'stage')}-{fingerprint}"
+    name = f"{ctx.get('pipeline', 'pipeline')}-{call.get('name', 'stage')}-{fingerprint}"
+    attempt = parameters.get("attempt") or 1
+    return f"{name} (attempt {attempt})" if attempt > 1 else name
 
 
 @flow(name=STAGE_RUNNER_FLOW, flow_run_name=_run_name, log_prints=True, persist_result=False)
-def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
+def run_stage(ctx: dict[str, Any], call: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
     """Run one stage of a pipeline here (a work-pool worker); returns its outcome as JSON.
+
+    ``attempt`` counts the pipeline's submissions of this stage (2 after a crash); it names the run.
 
     The worker's ``RLHF_HOME`` (if set) is where its checkpoints and caches go; otherwise the
     pipeline's home, which machines then share (a network file system).
     """
+    from flows.deploy import UNKNOWN_COMMIT, code_commit
     from registry import tracking
     from rlhf_core.settings import apply_environment_defaults
     from runtime.stage_contract import RunContext
@@ -73,6 +83,8 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
     context = RunContext.model_validate(ctx)
     if os.environ.get("RLHF_HOME"):
         context = context.model_copy(update={"home": os.environ["RLHF_HOME"]})
+    if context.git_commit == UNKNOWN_COMMIT:  # e.g. a pipeline run outside git: this deployment's version
+        context = context.model_copy(update={"git_commit": code_commit()})
     stage_call = rebuild_call(call)
     check_same_code(stage_call.name, stage_call.fingerprint_parts.get("code"))
     settings = context.settings()

@@ -1,6 +1,8 @@
 """Lineage of a registered model version, read back from what the Model Registry and the runs hold.
 
-A version is named by ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or ``<name>:<version>``.
+A version is named by ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``<name>:<version>`` or
+a bare ``<name>``: its ``champion`` if it has one, else its latest version (as ``rlhf models list``
+shows them).
 Its lineage tags (``rlhf.upstream_models``, ``rlhf.reward_models``, ...; see
 ``tasks.model_outputs.register_stage_model``) point at the versions it was built from, so the chain
 policy <- SFT <- base model (reward model <- its data digests) is walked version by version.
@@ -24,8 +26,10 @@ from typing import TYPE_CHECKING
 import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from pydantic import TypeAdapter
 
+from registry.promotion import CHAMPION
 from registry.stage_cache import (
     COMPLETE_TAG,
     FINGERPRINT_TAG,
@@ -52,10 +56,14 @@ RELATION_TAGS = {
     "rlhf.reward_models": "reward model",
     "rlhf.value_model_init": "value model init",
 }
-REF_FORMS = "models:/<name>@<alias>, models:/<name>/<version> or <name>:<version>"
+REF_FORMS = (
+    "models:/<name>@<alias>, models:/<name>/<version>, <name>:<version> or <name> (its champion, else its "
+    "latest version)"
+)
 _ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 _NAME_VERSION = re.compile(r"^(?P<name>[^/:@]+):(?P<version>\d+)$")
+_BARE_NAME = re.compile(r"^(?P<name>[^/:@\s'\"]+)$")
 _STAGE_RUN = re.compile(r"\brun=(?P<run>[0-9a-f]{32})\b")
 _OUTPUTS = TypeAdapter(dict[str, StageOutput])
 
@@ -78,7 +86,7 @@ class VersionRef:
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
     """(name, version, alias) of a model reference; UserError naming the accepted forms otherwise."""
     text = ref.strip()
-    for pattern in (_ALIAS_URI, _VERSION_URI, _NAME_VERSION):
+    for pattern in (_ALIAS_URI, _VERSION_URI, _NAME_VERSION, _BARE_NAME):
         if match := pattern.match(text):
             groups = match.groupdict()
             return groups["name"], groups.get("version"), groups.get("alias")
@@ -90,6 +98,8 @@ def resolve_version(ref: str) -> VersionRef:
     name, version, alias = parse_model_ref(ref)
     c = client()
     try:
+        if alias is None and version is None:
+            return _champion_or_latest(name)
         if alias is not None:
             return VersionRef(name, str(c.get_model_version_by_alias(name, alias).version))
         c.get_model_version(name, version)
@@ -143,6 +153,20 @@ def _held(c: mlflow.MlflowClient, name: str) -> str:
     shown = ", ".join(str(v) for v in versions) or "none"
     named = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
     return f"'{name}' has versions {shown}; aliases {named}"
+
+
+def _champion_or_latest(name: str) -> VersionRef:
+    """A bare name: the version holding ``champion``, else the newest version (MlflowException if none)."""
+    c = client()
+    try:
+        return VersionRef(name, str(c.get_model_version_by_alias(name, CHAMPION).version))
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    versions = [int(v.version) for v in c.search_model_versions(f"name = '{name}'")]
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no versions", RESOURCE_DOES_NOT_EXIST)
+    return VersionRef(name, str(max(versions)))
 
 
 def related_models(text: str) -> list[VersionRef | str]:

@@ -163,6 +163,13 @@ def test_pipeline_run_completes_with_training_on_the_gpu_pool(cluster, first_run
     rm_version = client.get_model_version(f"{PIPELINE}-rm", "1")
     assert sft_version.run_id == sft.info.run_id and rm_version.run_id == rm.info.run_id
     assert rm.data.tags["input.model"].startswith(f"{PIPELINE}-sft")
+    # workers run outside git: stage runs and cards carry the commit rlhf deploy gave the deployments
+    from registry.tracking import git_commit
+
+    commit = git_commit(cwd=REPO_ROOT)
+    assert commit != "unknown"
+    assert sft.data.tags["rlhf.git_commit"] == data.data.tags["rlhf.git_commit"] == commit
+    assert sft_version.tags["rlhf.git_commit"] == commit and f"`{commit}`" in sft_version.description
     # artifacts went through the server, not into a local mlartifacts folder of a home
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     assert not (cluster["root"] / "home" / "mlartifacts").exists()
@@ -255,6 +262,8 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     fingerprint = sft.data.tags["rlhf.fingerprint"]
     jobs = [r for r in _python(QUERY, env, "rlhf-stage") if r["name"].startswith(f"{PIPELINE}-fault-sft-")]
     assert sorted(r["state"] for r in jobs) == ["COMPLETED", "CRASHED"], jobs
+    names = {r["state"]: r["name"] for r in jobs}  # the resubmission is visible in the Prefect UI
+    assert names["COMPLETED"].endswith(" (attempt 2)") and "attempt" not in names["CRASHED"], jobs
     a, b = _final_weights(reference_home, fingerprint), _final_weights(Path(env["RLHF_HOME"]), fingerprint)
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)

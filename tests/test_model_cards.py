@@ -163,13 +163,37 @@ def test_lineage_walks_from_an_alias_to_the_base_model(registry_home):
     assert (base.label, base.relation, base.upstream) == ("card-base:1", "trained from", [])
 
 
-@pytest.mark.parametrize("ref", ["card-sft", "models:/card-sft", "models:/card-sft/x", "card-sft:one"])
+@pytest.mark.parametrize("ref", ["models:/card-sft", "models:/card-sft/x", "card-sft:one", "card sft"])
 def test_a_malformed_model_reference_is_a_user_error(registry_home, ref):
     from registry.lineage import resolve_version
     from rlhf_core.errors import UserError
 
     with pytest.raises(UserError, match="expected models:/<name>@<alias>"):
         resolve_version(ref)
+
+
+def test_a_bare_name_is_its_champion_else_its_latest_version(registry_home):
+    from registry.lineage import resolve_version
+    from registry.tracking import client
+
+    _, _, runs = registry_home
+    run, uri, _ = runs["sft"]
+    c = client()
+    c.create_registered_model("card-bare")
+    for _ in range(3):
+        c.create_model_version("card-bare", uri, run_id=run)
+    assert str(resolve_version("card-bare")) == "card-bare:3"  # no champion: the newest
+    c.set_registered_model_alias("card-bare", "champion", "2")
+    assert str(resolve_version("card-bare")) == "card-bare:2"
+    assert str(resolve_version("card-bare:1")) == "card-bare:1"
+
+
+def test_an_unknown_bare_name_is_a_user_error_naming_the_registered_models(registry_home):
+    from registry.lineage import resolve_version
+    from rlhf_core.errors import UserError
+
+    with pytest.raises(UserError, match=r"'card-nobody': no such registered version .*card-base"):
+        resolve_version("card-nobody")
 
 
 def test_an_unknown_version_is_a_user_error_naming_the_registered_models(registry_home):
