@@ -23,18 +23,16 @@ stages only when it has no concurrency limit: the pipeline holds a slot while it
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.code_version import UNKNOWN_COMMIT
 from rlhf_core.errors import UserError
 from rlhf_core.spec import PipelineSpec
 from rlhf_core.spec.loading import MISSING, lookup_path
 
 OVERRIDABLE_TYPES = {bool: "boolean", int: "integer", float: "number"}
-UNKNOWN_COMMIT = "unknown"
-_COMMIT = re.compile(r"^[0-9a-f]{7,40}(\+dirty)?$")
 
 
 @dataclass
@@ -62,24 +60,6 @@ def require_prefect_server(what: str) -> str:
             "start one (prefect server start) and set PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
         )
     return url
-
-
-def code_commit() -> str:
-    """The git commit of the code this process runs: the working tree's; outside git (a worker runs a
-    deployment from a temporary directory) the version ``rlhf deploy`` gave the running deployment;
-    else ``unknown``."""
-    from registry.tracking import git_commit
-
-    commit = git_commit()
-    if commit != UNKNOWN_COMMIT:
-        return commit
-    try:
-        from prefect.runtime import deployment
-
-        version = deployment.version  # None outside a deployment's run
-    except Exception:  # noqa: BLE001 - lineage falls back to 'unknown', it never stops a run
-        return commit
-    return version if isinstance(version, str) and _COMMIT.match(version) else commit
 
 
 def deploy_pipeline(

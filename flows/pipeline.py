@@ -30,7 +30,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
-from flows.deploy import code_commit
+from flows.code_version import code_commit
 from flows.stage_calls import base_model_call, stage_call
 from registry import tracking
 from registry.lineage import check_registered_models

@@ -74,7 +74,7 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any], attempt: int = 1) -> di
     The worker's ``RLHF_HOME`` (if set) is where its checkpoints and caches go; otherwise the
     pipeline's home, which machines then share (a network file system).
     """
-    from flows.deploy import UNKNOWN_COMMIT, code_commit
+    from flows.code_version import UNKNOWN_COMMIT, code_commit
     from registry import tracking
     from rlhf_core.settings import apply_environment_defaults
     from runtime.stage_contract import RunContext

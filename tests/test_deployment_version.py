@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import code_commit
+from flows.code_version import code_commit
 from registry.tracking import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
