@@ -14,7 +14,7 @@ There, instead of calling the body, :func:`run_in_processes`:
 
 Each rank (:func:`main`) calls the stage's own task function; ``execute_stage`` sees the job
 (:func:`rank_job`) and runs the body directly on the job's MLflow run. The trainers share each step
-between the ranks (``rlhf_core.training.data_parallel``); once training is done the other ranks stop
+between the ranks (``rlhf_core.training.engine.data_parallel``); once training is done the other ranks stop
 (``OtherRankFinished``) and the main rank alone evaluates, saves, registers and logs, so a stage
 registers exactly one model version however many processes trained it.
 """
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from rlhf_core.training.data_parallel import OtherRankFinished
+    from rlhf_core.training.engine.data_parallel import OtherRankFinished
     from runtime.stage_tasks import task_for_kind
 
     (job_path,) = argv if argv is not None else sys.argv[1:]

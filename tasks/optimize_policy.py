@@ -42,7 +42,8 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
-        from rlhf_core.training.policy_gradient import run_policy_gradient  # loads torch only when it runs
+        # loads torch only when it runs
+        from rlhf_core.training.policy_gradient.trainer import run_policy_gradient
 
         def log_samples(rows: list[dict], rollout: int) -> None:
             tracking.log_table(run.run_id, rows, f"samples/rollout_{rollout + 1:05d}.json")
@@ -108,8 +109,8 @@ def record_monitor(run: StageRun, summary: dict[str, Any] | None) -> dict[str, s
     run tags and key metrics; returns the tags for the registered version too."""
     if summary is None:
         return {}
-    from rlhf_core.training.overoptimization_history import Evaluation
-    from rlhf_core.training.overoptimization_plots import draw_monitor_plots
+    from rlhf_core.training.monitor.history import Evaluation
+    from rlhf_core.training.monitor.plots import draw_monitor_plots
 
     history = [Evaluation(**e) for e in summary["history"]]
     plots = run.work_dir / "monitor_plots"

@@ -181,7 +181,7 @@ def test_lengths_and_nll_in_the_report(models):
     assert len(sums) == len(SFT) and result.metrics["eval/tokens"] == sum(counts)
     assert result.metrics["eval/nll"] == result.metrics["eval/loss"] == pytest.approx(sum(sums) / sum(counts))
     # the per-example sums add up to the batch loss the trainer computes
-    from rlhf_core.training.sft import token_loss_sum
+    from rlhf_core.training.sft.trainer import token_loss_sum
     from rlhf_core.training.sft_data import collate, tokenize_sft_row, unpacked_rows
 
     batch = collate(unpacked_rows([tokenize_sft_row(r, tokenizer, 512) for r in SFT]), tokenizer.pad_token_id)

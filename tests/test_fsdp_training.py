@@ -67,7 +67,7 @@ def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None =
     """``_train`` of the data-parallel test, plus ``sft_bf16``: its SFT in bf16 autocast."""
     if kind != "sft_bf16":
         return _train(kind, policy_dir, work, stop_after)
-    from rlhf_core.training.sft import train_sft_from
+    from rlhf_core.training.sft.trainer import train_sft_from
 
     curve: list[float] = []
 
@@ -90,7 +90,7 @@ def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subp
 
 @pytest.mark.parametrize("n, world", [(3, 2), (1, 2), (2, 3), (7, 4), (4, 2)])
 def test_balanced_share_gives_every_rank_as_many_passes_each_real_micro_batch_once(n, world, monkeypatch):
-    from rlhf_core.training import data_parallel
+    from rlhf_core.training.engine import data_parallel
 
     items = list(range(n))
     monkeypatch.setattr(data_parallel, "_equal_passes", [True])

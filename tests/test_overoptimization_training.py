@@ -12,8 +12,8 @@ from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.overoptimization import MonitorInputs
-from rlhf_core.training.policy_gradient import train_policy_gradient
+from rlhf_core.training.monitor.overoptimization import MonitorInputs
+from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MONITOR_PROMPTS = synthetic_records("arithmetic", "prompts", n=40, seed=1)[:6]
@@ -143,7 +143,7 @@ def test_a_killed_run_resumes_with_the_same_evaluations(tiny, tmp_path):
 
 
 def test_direct_alignment_runs_the_monitor(tiny, tmp_path):
-    from rlhf_core.training.direct_alignment import run_direct_alignment
+    from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
 
     pairs = synthetic_records("arithmetic", "preference", n=24, seed=0)
     monitor = {"every": 2, "proxy": [{"function": "answer_format"}], "generation": {"max_new_tokens": 6},

@@ -15,7 +15,7 @@ from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.policy_gradient import reference_provider, train_policy_gradient
+from rlhf_core.training.policy_gradient.trainer import reference_provider, train_policy_gradient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -198,7 +198,7 @@ def test_no_eos_in_any_completion_stops_naming_the_stage(tiny, tmp_path):
 
 def test_a_reward_source_that_raises_names_the_stage_and_source(tiny, tmp_path):
     from rlhf_core.rewards.functions import REWARD_FUNCTIONS
-    from rlhf_core.training.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.rollouts import reward_function
 
     stage = _stage("grpo", rewards=[{"function": "arithmetic_exact"}])
     broken = reward_function(stage.rewards, {}, "rl")
@@ -222,7 +222,7 @@ def test_a_nan_loss_stops_naming_the_stage_and_step(tiny, tmp_path):
 
 def test_a_value_model_with_another_tokenizer_is_refused(tiny):
     from rlhf_core.modeling.models import build_tiny_model as build
-    from rlhf_core.training.policy_gradient import check_value_tokenizer
+    from rlhf_core.training.policy_gradient.trainer import check_value_tokenizer
 
     _, policy_tokenizer = tiny
     same_plus_pad = type(policy_tokenizer).from_pretrained(tiny[0])
@@ -254,8 +254,8 @@ def test_the_value_model_has_its_own_learning_rate(tiny, tmp_path):
 
 
 def test_the_prompt_stream_shuffles_each_epoch_and_resumes_at_its_cursor():
-    from rlhf_core.training.loop import epoch_order
-    from rlhf_core.training.rollouts import PromptStream
+    from rlhf_core.training.engine.loop import epoch_order
+    from rlhf_core.training.policy_gradient.rollouts import PromptStream
 
     stream = PromptStream(5, seed=3)
     taken = stream.take(7) + stream.take(8)

@@ -11,7 +11,7 @@ from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.modeling.tokenizer import IM_END
 from rlhf_core.spec import SFTTrainSpec, TinyModelSource
-from rlhf_core.training.sft import build_rows, token_loss_sum
+from rlhf_core.training.sft.trainer import build_rows, token_loss_sum
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
     Row,

@@ -17,7 +17,7 @@ from transformers import (
 from rlhf_core.losses.language_model import supports_shared_prefix_logprobs
 from rlhf_core.modeling.preference_tokens import CompletionTokens, PairTokens
 from rlhf_core.modeling.shared_prefix import completion_token_index, pack_shared_prefix
-from rlhf_core.training.direct_alignment import example_logprobs
+from rlhf_core.training.direct_alignment.reference import example_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB, PAD = 97, 0

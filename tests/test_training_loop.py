@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_core.spec import OptimSpec
-from rlhf_core.training.loop import BackwardFn, run_optimizer_steps
+from rlhf_core.training.engine.loop import BackwardFn, run_optimizer_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ This loop owns everything around it: accelerate, AdamW, warmup + decay schedule,
 metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps, and bf16
 autocast when ``precision: bf16``.
 
-With several processes (``compute.processes``; ``rlhf_core.training.data_parallel``) every rank runs
+With several processes (``compute.processes``; ``rlhf_core.training.engine.data_parallel``) every rank runs
 this loop on the same steps: ``step_fn`` runs only this rank's share of the step's micro-batches
 (``local_share``) with losses normalised by the whole step's count, and returns its share's sums;
 the loop sums gradients and metrics across ranks, logs and checkpoints from the main process, and
@@ -50,8 +50,14 @@ from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from rlhf_core.spec import OptimSpec
-from rlhf_core.training import PROGRESS_METRIC, data_parallel
-from rlhf_core.training.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_core.training import PROGRESS_METRIC
+from rlhf_core.training.engine import data_parallel
+from rlhf_core.training.engine.checkpoint import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 LogFn = Callable[[dict[str, float], int], None]
 BackwardFn = Callable[[torch.Tensor], None]

@@ -22,8 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.language_model import next_token_nll_sum
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
-from rlhf_core.training.data_parallel import balanced_share
-from rlhf_core.training.loop import (
+from rlhf_core.training.engine.data_parallel import balanced_share
+from rlhf_core.training.engine.loop import (
     TOKENS,
     BackwardFn,
     LogFn,
@@ -32,6 +32,7 @@ from rlhf_core.training.loop import (
     rows_of_step,
     run_optimizer_steps,
 )
+from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
     Row,
@@ -124,19 +125,6 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packe
         position_ids=batch["position_ids"],
         attention_mask=None if packed else batch["attention_mask"],
     )
-
-
-def apply_lora(model: PreTrainedModel, lora: LoraSpec) -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
 
 
 def train_sft(

@@ -40,7 +40,7 @@ from rlhf_core.losses.policy_gradient import (
     reinforce_loss,
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.rollouts import Rollout
+from rlhf_core.training.policy_gradient.rollouts import Rollout
 
 
 @dataclass(frozen=True)

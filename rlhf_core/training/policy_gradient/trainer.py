@@ -2,7 +2,7 @@
 updates; REINFORCE, RLOO, PPO, GRPO, Dr. GRPO, DAPO, GSPO and CISPO from one loop.
 
 Optimizer steps are numbered globally; step s belongs to rollout r = s // U with U = update_epochs x
-minibatches updates per rollout. The first update of a rollout collects it (:mod:`rollouts`): sample G
+minibatches updates per rollout. The first update of a rollout collects it (:mod:`.rollouts`): sample G
 completions per prompt, reward them at their end, record pi_old / pi_ref log-probs and PPO values per
 token, then compute advantages:
 
@@ -45,22 +45,23 @@ from rlhf_core.modeling.completion_scoring import (
     value_token_values,
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
-from rlhf_core.training.overoptimization import (
+from rlhf_core.training.engine.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
+from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
     OverOptimizationMonitor,
     load_monitor_inputs,
     starting_reference,
 )
-from rlhf_core.training.rl_algorithms import (
+from rlhf_core.training.policy_gradient.algorithms import (
     Settings,
     compute_advantages,
     kl_controller,
     policy_loss,
     rollout_metrics,
 )
-from rlhf_core.training.rollouts import (
+from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
     RewardFn,
     Rollout,
@@ -69,7 +70,6 @@ from rlhf_core.training.rollouts import (
     sample_and_reward,
     score_rollout,
 )
-from rlhf_core.training.sft import apply_lora
 
 SampleLogFn = Callable[[list[dict], int], None]
 
@@ -302,7 +302,8 @@ def train_policy_gradient(
     ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
     ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. With
     ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
-    and may stop training (:mod:`rlhf_core.training.overoptimization`); ``summary['monitor']`` says so.
+    and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``summary['monitor']``
+    says so.
     """
     torch.manual_seed(seed)
     if stage.algorithm == "ppo" and value_model is None:
@@ -400,7 +401,7 @@ def run_policy_gradient(
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.reward_model import build_reward_model
     from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-    from rlhf_core.training.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.rollouts import reward_function
 
     if not records:
         raise UserError(f"stage '{stage_name}': the prompts split '{stage.split}' has no rows")

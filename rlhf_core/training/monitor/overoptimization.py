@@ -10,7 +10,7 @@ before the first and after the last, the monitor
    the prompts; truncated answers are scored too, and their share is logged);
 3. estimates KL(pi || pi_ref) = E_{y ~ pi(.|x)}[log pi(y|x) - log pi_ref(y|x)] from ``kl_samples``
    completions per prompt sampled at temperature 1 (k1 summed over a completion's tokens, averaged;
-   book ch.15 §16.1), reading both log-probs with the rollouts' :func:`score_tokens`;
+   book ch.15 §16.1), reading both log-probs with :func:`rlhf_core.rollout.token_scoring.score_tokens`;
 4. logs ``monitor/proxy``, ``monitor/gold``, ``monitor/kl`` (and per source, ``monitor/proxy/<source>``,
    ``monitor/gold/<source>``, plus ``monitor/truncated_share``) at that optimizer step.
 
@@ -51,15 +51,15 @@ from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rollout.generation import decode_batch
+from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
-from rlhf_core.training.loop import TOKENS, LogFn, LoopResult, StepFn
-from rlhf_core.training.overoptimization_history import (
+from rlhf_core.training.engine.loop import TOKENS, LogFn, LoopResult, StepFn
+from rlhf_core.training.monitor.history import (
     Evaluation,
     best_evaluation,
     gold_fell_while_proxy_rose,
 )
-from rlhf_core.training.rollouts import encode_prompts, score_tokens
 
 KEPT_CHECKPOINTS = 2  # checkpoint.save_checkpoint keeps the newest two
 ReferenceProvider = Callable[[], contextlib.AbstractContextManager]

@@ -28,8 +28,8 @@ from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs,
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
-from rlhf_core.training.data_parallel import balanced_share
-from rlhf_core.training.loop import (
+from rlhf_core.training.engine.data_parallel import balanced_share
+from rlhf_core.training.engine.loop import (
     TOKENS,
     BackwardFn,
     LogFn,

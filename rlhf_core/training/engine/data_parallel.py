@@ -18,7 +18,7 @@ full (B, T, V) logits are never built). The explicit all-reduce gives the same a
 message per step instead of overlapped buckets.
 
 FSDP2 (accelerate ``fsdp_version: 2``) is supported by running each loss inside the FSDP root's
-forward (``rlhf_core.training.loop.forward``); its collectives run on every forward and backward
+forward (``rlhf_core.training.engine.loop.forward``); its collectives run on every forward and backward
 pass, so there every rank runs the same number of passes (:func:`balanced_share`). FSDP1 and
 DeepSpeed are refused (:func:`check_supported`).
 """
