@@ -263,3 +263,24 @@ def test_the_prompt_stream_shuffles_each_epoch_and_resumes_at_its_cursor():
     resumed = PromptStream(5, seed=3)
     resumed.load_state_dict({"cursor": 7})
     assert resumed.take(8) == taken[7:]
+
+
+def test_every_algorithm_dispatches_through_the_tables():
+    """Each entry of the spec's ALGORITHMS names an estimator and a loss the tables hold; only GAE reads a
+    value model, and only DAPO turns on dynamic sampling and the overlong penalty by default."""
+    from rlhf_core.losses.policy_gradient import POLICY_LOSSES
+    from rlhf_core.spec.stages.policy_gradient import ALGORITHMS
+    from rlhf_core.training.policy_gradient.algorithms import (
+        ADVANTAGE_ESTIMATORS,
+        Settings,
+        needs_value_model,
+    )
+    from rlhf_core.training.policy_gradient.rollouts import overlong_cache
+
+    for name, defaults in ALGORITHMS.items():
+        assert defaults.estimator in ADVANTAGE_ESTIMATORS, name
+        assert defaults.loss in POLICY_LOSSES, name
+    stages = {name: _stage(name) for name in ALGORITHMS}
+    assert [n for n, s in stages.items() if needs_value_model(s)] == ["ppo"]
+    assert [n for n, s in stages.items() if Settings.of(s).dynamic_sampling] == ["dapo"]
+    assert {n: overlong_cache(s) for n, s in stages.items() if overlong_cache(s)} == {"dapo": 1}  # 6 // 4

@@ -15,6 +15,7 @@ direction matters: at log pi_theta - log pi_ref = 1 this gives e^-1 ~ 0.368; the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,7 +23,22 @@ import torch
 from rlhf_core.losses.masking import zero_padding
 
 KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+def _k1(d: torch.Tensor) -> torch.Tensor:
+    return -d
+
+
+def _k2(d: torch.Tensor) -> torch.Tensor:
+    return 0.5 * d.square()
+
+
+def _k3(d: torch.Tensor) -> torch.Tensor:
+    return torch.expm1(d) - d
+
+
+# estimator name -> its value as a function of d = log pi_ref - log pi_theta (module docstring)
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
 
 
 def kl_per_token(
@@ -30,14 +46,9 @@ def kl_per_token(
 ) -> torch.Tensor:
     """(B, T) per-token KL estimate from the policy's and the reference's log-probs of the sampled
     tokens; 0 outside ``mask`` (padding values never reach the exponential)."""
-    d = zero_padding(ref_logps - logps, mask)
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator == "k3":
-        return torch.expm1(d) - d
-    raise ValueError(f"unknown KL estimator '{estimator}' (known: {', '.join(KL_ESTIMATORS)})")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator '{estimator}' (known: {', '.join(KL_ESTIMATORS)})")
+    return KL_ESTIMATORS[estimator](zero_padding(ref_logps - logps, mask))
 
 
 class AdaptiveKLController:

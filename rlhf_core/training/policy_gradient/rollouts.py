@@ -193,10 +193,31 @@ def reward_completions(
     return rewards, per_source
 
 
+@dataclass(frozen=True)
+class RolloutDefaults:
+    """What an algorithm turns on at the rollout unless the stage says otherwise."""
+
+    dynamic_sampling: bool = False  # drop groups of equal rewards and sample more prompts (DAPO)
+    overlong_penalty: bool = False  # a soft overlong penalty, cache max_new_tokens // 4 (DAPO)
+
+
+# algorithm -> its rollout defaults; an algorithm not listed turns nothing on
+ROLLOUT_DEFAULTS: dict[str, RolloutDefaults] = {
+    "dapo": RolloutDefaults(dynamic_sampling=True, overlong_penalty=True),
+}
+
+
+def rollout_defaults(stage: PolicyGradientStage) -> RolloutDefaults:
+    return ROLLOUT_DEFAULTS.get(stage.algorithm, RolloutDefaults())
+
+
 def overlong_cache(stage: PolicyGradientStage) -> int | None:
+    """The soft overlong penalty's cache length (tokens), or None for no penalty."""
     if stage.overlong_cache is not None:
         return stage.overlong_cache
-    return max(1, stage.generation.max_new_tokens // 4) if stage.algorithm == "dapo" else None
+    if rollout_defaults(stage).overlong_penalty:
+        return max(1, stage.generation.max_new_tokens // 4)
+    return None
 
 
 def sample_and_reward(

@@ -58,6 +58,7 @@ from rlhf_core.training.policy_gradient.algorithms import (
     Settings,
     compute_advantages,
     kl_controller,
+    needs_value_model,
     policy_loss,
     rollout_metrics,
 )
@@ -306,8 +307,8 @@ def train_policy_gradient(
     says so.
     """
     torch.manual_seed(seed)
-    if stage.algorithm == "ppo" and value_model is None:
-        raise ValueError("ppo needs a value model")
+    if needs_value_model(stage) and value_model is None:
+        raise ValueError(f"{stage.algorithm} needs a value model")
     if stage.lora is not None:
         policy = apply_lora(policy, stage.lora)
     reference = reference_provider(policy, stage, reference_model)
@@ -410,7 +411,7 @@ def run_policy_gradient(
     if (stage.needs_reference or stage.monitor is not None) and reference_dir is not None:
         reference = load_model(reference_dir, revision=reference_revision)[0].eval().requires_grad_(False)
     value_model = None
-    if stage.algorithm == "ppo":
+    if needs_value_model(stage):
         if value_init_dir is not None:
             check_value_tokenizer(tokenizer, AutoTokenizer.from_pretrained(value_init_dir), stage_name)
             value_model = AutoModelForSequenceClassification.from_pretrained(value_init_dir)
