@@ -156,11 +156,11 @@ def test_kto_on_unpaired_data_and_a_single_label_fails(policy_dir, tmp_path):
 def test_heldout_kl_from_samples_is_zero_for_the_reference_and_grows(policy_dir, pairs, tmp_path):
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.preference_tokens import tokenize_preference_rows
-    from rlhf_core.training.direct_alignment.trainer import sampled_kl
+    from rlhf_core.training.direct_alignment.trainer import heldout_kl
 
     reference, tokenizer = load_model(policy_dir)
     tokens, _ = tokenize_preference_rows(pairs[32:], tokenizer, max_length=64, on_overlong="skip")
     prompts = [t.prompt for t in tokens]
-    assert sampled_kl(reference, reference, prompts, tokenizer, 16, seed=0) == pytest.approx(0, abs=1e-9)
+    assert heldout_kl(reference, reference, prompts, tokenizer, 16, seed=0) == pytest.approx(0, abs=1e-9)
     trained, _, result = _run(policy_dir, pairs, _stage("dpo", max_steps=6), tmp_path)
     assert result.heldout["eval/kl_to_reference"] > 0.01  # sampled from the trained policy: it moved away

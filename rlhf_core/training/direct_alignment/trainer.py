@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import NonFiniteLossError, UserError
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
+from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.models import load_model
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import (
@@ -288,7 +289,7 @@ def evaluate_direct_alignment(
 
 
 @torch.no_grad()
-def sampled_kl(
+def heldout_kl(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     prompts: list[list[int]],
@@ -296,8 +297,9 @@ def sampled_kl(
     max_new_tokens: int,
     seed: int,
 ) -> float:
-    """KL(pi || pi_ref) ~ mean over y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x) (the k1 estimator, one
-    sample at temperature 1 per prompt; book ch.15), on token-id prompts."""
+    """KL(pi || pi_ref) ~ mean over y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x) (the k1 estimator,
+    :func:`~rlhf_core.losses.kl.sampled_kl`, one sample at temperature 1 per prompt; book ch.15), on
+    token-id prompts."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(policy), eval_mode(reference):
@@ -321,7 +323,7 @@ def sampled_kl(
         ids = list(range(len(kept)))
         policy_logps, _ = example_logprobs(policy, kept, ids, tokenizer.pad_token_id)
         reference_logps, _ = example_logprobs(reference, kept, ids, tokenizer.pad_token_id)
-    return float((policy_logps[0] - reference_logps[0]).mean())
+    return float(sampled_kl(policy_logps[0], reference_logps[0]).mean())
 
 
 def run_direct_alignment(
@@ -409,7 +411,7 @@ def run_direct_alignment(
             reference_model, _ = load_model(  # the starting weights: the policy has trained since
                 reference_dir or policy_dir, revision=reference_revision if reference_dir else revision
             )
-            heldout["eval/kl_to_reference"] = sampled_kl(
+            heldout["eval/kl_to_reference"] = heldout_kl(
                 trained,
                 reference_model,
                 [list(p) for p in prompts],

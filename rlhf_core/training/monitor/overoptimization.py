@@ -47,6 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.data.schemas import prompt_key
 from rlhf_core.errors import UserError
+from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rewards.composite import ModelScorer, score_completions
@@ -281,7 +282,7 @@ class OverOptimizationMonitor:
         )  # fmt: skip
         lengths = torch.tensor([len(c) for c in completions])
         mask = torch.arange(policy_logps.shape[1])[None, :] < lengths[:, None]
-        kl = torch.where(mask, policy_logps - ref_logps, 0.0).sum(1).mean()
+        kl = sampled_kl(policy_logps, ref_logps, mask).mean()
         value = float(kl)
         if not math.isfinite(value):
             raise UserError(f"stage '{self.stage_name}': the monitor's KL estimate is {value} at step {step}")
