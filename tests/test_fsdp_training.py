@@ -93,16 +93,15 @@ def test_balanced_share_gives_every_rank_as_many_passes_each_real_micro_batch_on
     from rlhf_core.training.engine import data_parallel
 
     items = list(range(n))
-    monkeypatch.setattr(data_parallel, "_equal_passes", [True])
     shares = []
     for rank in range(world):
         monkeypatch.setattr(data_parallel, "rank_and_world", lambda rank=rank: (rank, world))
-        shares.append(data_parallel.balanced_share(items))
+        shares.append(data_parallel.balanced_share(items, equal_passes=True))
     assert {len(share) for share in shares} == {-(-n // world)}  # the same number of passes everywhere
     assert sorted(item for share in shares for item, counts in share if counts) == items  # each once
     assert all(item == items[0] for share in shares for item, counts in share if not counts)
-    monkeypatch.setattr(data_parallel, "_equal_passes", [])  # not sharded: the plain share
-    last = [item for item, counts in data_parallel.balanced_share(items) if counts]  # rank world - 1
+    # not sharded: the plain share (here of rank world - 1)
+    last = [item for item, counts in data_parallel.balanced_share(items) if counts]
     assert last == items[world - 1 :: world]
 
 

@@ -48,12 +48,11 @@ from rlhf_core.training.direct_alignment.reference import (
     example_sequences,
     tokenize_examples,
 )
-from rlhf_core.training.engine.data_parallel import balanced_share, main_process_first, rank_and_world
+from rlhf_core.training.engine.data_parallel import main_process_first, rank_and_world
 from rlhf_core.training.engine.loop import (
     TOKENS,
-    BackwardFn,
     LogFn,
-    forward,
+    StepContext,
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
@@ -201,7 +200,7 @@ def train_direct_alignment(
     length = [max(len(x) + len(y) for x, y in example_sequences(examples, [i])) for i in range(len(examples))]
     labels = torch.tensor([getattr(e, "label", True) for e in examples])
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         # the step's loss is the mean over its examples however they are split, so similar lengths share a
         # micro-batch (less padding) and the gradient is unchanged
         picked = [
@@ -211,12 +210,12 @@ def train_direct_alignment(
         totals: dict[str, float] = {TOKENS: 0.0}
         micro = [picked[start : start + cfg.batch_size] for start in range(0, len(picked), cfg.batch_size)]
         # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
-        for ids, counts in balanced_share(micro):
-            logps, lengths = forward(
+        for ids, counts in ctx.share(micro):
+            logps, lengths = ctx.forward(
                 example_logprobs, model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix
             )
-            ref = reference[ids].to(device) if reference is not None else None
-            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
+            ref = reference[ids].to(ctx.device) if reference is not None else None
+            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(ctx.device))
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -225,9 +224,9 @@ def train_direct_alignment(
                 )
             weight = len(ids) / len(picked)
             if not counts:
-                backward(loss * 0.0)
+                ctx.backward(loss * 0.0)
                 continue
-            backward(loss * weight)
+            ctx.backward(loss * weight)
             for key, value in {"loss": loss.detach(), **logged}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals[TOKENS] += float(sum(len(x) + len(y) for x, y in example_sequences(examples, ids)))

@@ -55,7 +55,7 @@ from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
-from rlhf_core.training.engine.loop import TOKENS, LogFn, LoopResult, StepFn
+from rlhf_core.training.engine.loop import TOKENS, LogFn, LoopResult, StepContext, StepFn
 from rlhf_core.training.monitor.history import (
     Evaluation,
     best_evaluation,
@@ -164,12 +164,12 @@ class OverOptimizationMonitor:
         """``step_fn`` preceded, every ``every`` steps, by an evaluation of the weights after ``step``
         optimizer steps; keeps the counts a stopped loop cannot return."""
 
-        def monitored(step: int, backward: Callable, device: torch.device) -> dict[str, float]:
+        def monitored(step: int, ctx: StepContext) -> dict[str, float]:
             if self._progress.resumed_from_step < 0:
                 self._progress.resumed_from_step, self._started = step, time.perf_counter()
             if step % self.spec.every == 0:
                 self.evaluate_and_check(step)
-            metrics = step_fn(step, backward, device)
+            metrics = step_fn(step, ctx)
             self._progress.tokens += int(metrics.get(TOKENS, 0))
             self._progress.last_metrics = {k: v for k, v in metrics.items() if k != TOKENS}
             return metrics

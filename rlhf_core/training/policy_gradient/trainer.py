@@ -45,7 +45,7 @@ from rlhf_core.modeling.completion_scoring import (
     value_token_values,
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.engine.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
+from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
@@ -175,7 +175,7 @@ class PolicyGradientTrainer:
         size = n // self.stage.minibatches
         return sorted(order[part * size : (part + 1) * size])
 
-    def step_fn(self, step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(self, step: int, ctx: StepContext) -> dict[str, float]:
         index, update = divmod(step, self.settings.updates_per_rollout)
         if self.buffer.index != index:
             self.collect(index, step)
@@ -187,7 +187,7 @@ class PolicyGradientTrainer:
         totals: dict[str, float] = {TOKENS: 0.0}
         for start in range(0, len(ids), self.stage.train.batch_size):
             part = ids[start : start + self.stage.train.batch_size]
-            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, device)
+            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, ctx.device)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
@@ -196,7 +196,7 @@ class PolicyGradientTrainer:
                 )
             token_share = sum(lengths[i] for i in part) / total_tokens
             weight = token_share if self.settings.aggregation == "token" else len(part) / len(ids)
-            backward(loss * weight)
+            ctx.backward(loss * weight)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
             totals[TOKENS] += float(real_tokens)

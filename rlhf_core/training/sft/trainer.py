@@ -22,12 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.losses.language_model import next_token_nll_sum
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
-from rlhf_core.training.engine.data_parallel import balanced_share
 from rlhf_core.training.engine.loop import (
     TOKENS,
-    BackwardFn,
     LogFn,
-    forward,
+    StepContext,
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
@@ -153,7 +151,7 @@ def train_sft(
 
     trained_tokens = 0  # label tokens trained by this process (after a resume: since the resume)
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         nonlocal trained_tokens
         micro = [
             collate(rows_, tokenizer.pad_token_id) for rows_ in micro_batches_of_step(plan, cfg, seed, step)
@@ -162,13 +160,13 @@ def train_sft(
         loss_sum, real_tokens = 0.0, 0
         # all of them, or this rank's share; normalised by the whole step (sharded: plus zero-weighted
         # repeats, so every rank runs as many passes)
-        for batch, counts in balanced_share(micro):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = forward(token_loss_sum, model, batch, cfg.packing) / max(step_tokens, 1)
+        for batch, counts in ctx.share(micro):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            loss = ctx.forward(token_loss_sum, model, batch, cfg.packing) / max(step_tokens, 1)
             if not counts:
-                backward(loss * 0.0)
+                ctx.backward(loss * 0.0)
                 continue
-            backward(loss)
+            ctx.backward(loss)
             loss_sum += loss.item()
             real_tokens += int(batch["attention_mask"].sum())
         trained_tokens += step_tokens
