@@ -285,7 +285,7 @@ def run_ours(model_dir: Path, s: BenchSettings, beta: float) -> RunResult:
     }
     name = "ours_beta" if beta > 0 else "ours_beta0"
     return tally.result(
-        name, s, beta, summary["seconds"], split, peak, rss_before, torch.get_num_threads(), background
+        name, s, beta, summary.seconds, split, peak, rss_before, torch.get_num_threads(), background
     )
 
 

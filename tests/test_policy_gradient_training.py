@@ -88,7 +88,7 @@ def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     stage = _stage(algorithm, **overrides)
     start = {k: v.clone() for k, v in _policy(tiny)[0].state_dict().items()}
     trained, logged, summary = _train(tiny, stage, tmp_path)
-    assert summary["steps"] == 12 * stage.update_epochs * stage.minibatches
+    assert summary.steps == 12 * stage.update_epochs * stage.minibatches
     rewards = [m["rollout/reward_mean"] for _, m in logged if "rollout/reward_mean" in m]
     assert statistics.fmean(rewards[-3:]) > statistics.fmean(rewards[:3]) + 0.05, (algorithm, rewards)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])]
@@ -157,7 +157,7 @@ def test_a_killed_run_resumes_exactly(tiny, tmp_path, algorithm):
         policy, tokenizer, _records(), stage, digit_share, seed=0, checkpoint_dir=tmp_path / "b",
         value_model=value,
     )  # fmt: skip
-    assert summary["resumed_from_step"] == 6
+    assert summary.resumed_from_step == 6
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 

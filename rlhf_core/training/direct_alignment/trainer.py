@@ -58,6 +58,7 @@ from rlhf_core.training.engine.loop import (
     run_optimizer_steps,
 )
 from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
 from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
@@ -67,17 +68,12 @@ from rlhf_core.training.monitor.overoptimization import (
 )
 
 
-@dataclass
-class DirectAlignmentResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class DirectAlignmentResult(TrainingResult):
     examples: int  # pairs, or unpaired completions for KTO
     truncated: int  # rows kept with their prompt cut from the left
     skipped: int  # rows dropped for their length
     reference_cached: bool
-    seconds: float
-    input_tokens: int
     heldout: dict[str, float] = field(default_factory=dict)
     monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
 
@@ -89,7 +85,7 @@ class DirectAlignmentResult:
             "skipped_rows": float(self.skipped),
             "truncated_prompts": float(self.truncated),
             "reference_logprobs_from_cache": float(self.reference_cached),
-            "tokens_per_second": self.input_tokens / self.seconds if self.seconds > 0 else 0.0,
+            "tokens_per_second": self.tokens_per_second,
         }
         shown |= {k.replace("eval/", "heldout_"): v for k, v in self.heldout.items() if k in HELDOUT_SHOWN}
         if self.resumed_from_step:

@@ -26,6 +26,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from rlhf_core.modeling.completion_scoring import (
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
 from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
@@ -73,6 +75,24 @@ from rlhf_core.training.policy_gradient.rollouts import (
 )
 
 SampleLogFn = Callable[[list[dict], int], None]
+HEADLINE_ROLLOUT = ("reward_mean", "kl", "completion_length", "truncated_share")
+
+
+@dataclass(kw_only=True)
+class PolicyGradientResult(TrainingResult):
+    rollouts: int  # rollouts the run's steps belong to
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the last optimizer step's
+    last_rollout_metrics: dict[str, float] = field(default_factory=dict)  # the last rollout's
+    monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
+
+    def summary(self) -> dict[str, float]:
+        """The run's headline numbers: reward, KL and lengths of the last step, and the work done."""
+        last = self.last_metrics
+        shown = {k: float(last[k]) for k in HEADLINE_ROLLOUT if k in last}
+        shown |= {"rollouts": float(self.rollouts), "steps": float(self.steps)}
+        if self.resumed_from_step:
+            shown["resumed_from_step"] = float(self.resumed_from_step)
+        return shown
 
 
 class PolicyGradientTrainer:
@@ -297,13 +317,13 @@ def train_policy_gradient(
     log: LogFn | None = None,
     log_samples: SampleLogFn | None = None,
     monitor_inputs: MonitorInputs | None = None,
-) -> tuple[PreTrainedModel, PreTrainedModel | None, dict]:
-    """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, summary).
+) -> tuple[PreTrainedModel, PreTrainedModel | None, PolicyGradientResult]:
+    """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, result).
 
     ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
     ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. With
     ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
-    and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``summary['monitor']``
+    and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``result.monitor``
     says so.
     """
     torch.manual_seed(seed)
@@ -345,18 +365,18 @@ def train_policy_gradient(
         policy = trained
     if stage.lora is not None:
         policy = policy.merge_and_unload()
-    summary = {
-        "steps": total_steps,
-        "rollouts": math.ceil(total_steps / updates),
-        "resumed_from_step": loop.resumed_from_step,
-        "seconds": loop.seconds,
-        "input_tokens": loop.tokens,
-        "last_metrics": loop.last_metrics,
-        "last_rollout_metrics": trainer.last_rollout_metrics,
-    }
-    if monitor_summary is not None:
-        summary["monitor"] = monitor_summary
-    return policy, value_model, summary
+    result = PolicyGradientResult(
+        steps=total_steps,
+        rollouts=math.ceil(total_steps / updates),
+        resumed_from_step=loop.resumed_from_step,
+        final_loss=loop.last_metrics.get("loss", math.nan),
+        seconds=loop.seconds,
+        input_tokens=loop.tokens,
+        last_metrics=loop.last_metrics,
+        last_rollout_metrics=trainer.last_rollout_metrics,
+        monitor=monitor_summary,
+    )
+    return policy, value_model, result
 
 
 def check_value_tokenizer(
@@ -392,7 +412,7 @@ def run_policy_gradient(
     log_samples: SampleLogFn | None = None,
     monitor_records: list[dict] | None = None,
     monitor_model_dirs: dict[str, str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PolicyGradientResult]:
     """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 or the
     monitor needs it, and one is given; otherwise the starting weights serve), PPO's value model and the
     reward models; train. ``monitor_records`` are the monitor's prompt rows, ``monitor_model_dirs`` its
@@ -425,9 +445,9 @@ def run_policy_gradient(
             stage.monitor, stage.monitor_proxy, monitor_records or [], monitor_model_dirs or {},
             checkpoint_dir / "monitor", stage_name, loaded=scorers,
         )  # fmt: skip
-    trained, _, summary = train_policy_gradient(
+    trained, _, result = train_policy_gradient(
         policy, tokenizer, records, stage, reward_fn, seed=seed, checkpoint_dir=checkpoint_dir,
         stage_name=stage_name, reference_model=reference, value_model=value_model, log=log,
         log_samples=log_samples, monitor_inputs=monitor_inputs,
     )  # fmt: skip
-    return trained, tokenizer, summary
+    return trained, tokenizer, result

@@ -36,25 +36,17 @@ from rlhf_core.training.engine.loop import (
     rows_of_step,
     run_optimizer_steps,
 )
+from rlhf_core.training.engine.result import TrainingResult
 
 HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
 
 
-@dataclass
-class RewardModelResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class RewardModelResult(TrainingResult):
     prompts: int
     pairs: int
     skipped_pairs: int
-    seconds: float
-    input_tokens: int
     heldout: dict[str, float] = field(default_factory=dict)  # evaluate_reward_model on held-out rows
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, float]:
         """Headline numbers: final train loss, steps, skipped pairs, held-out loss/accuracy/margin."""

@@ -31,6 +31,7 @@ from rlhf_core.training.engine.loop import (
     run_optimizer_steps,
 )
 from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
 from rlhf_core.training.sft_data import (
     IGNORE_INDEX,
     Row,
@@ -41,21 +42,12 @@ from rlhf_core.training.sft_data import (
 )
 
 
-@dataclass
-class SFTResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class SFTResult(TrainingResult):
     examples: int
     truncated_examples: int
     examples_without_labels: int
     trained_tokens: int
-    input_tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, float]:
         """The figures shown in the pipeline summary."""
