@@ -80,7 +80,7 @@ ALGORITHMS = ["reinforce", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "ci
 def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     """12 rollouts at a high learning rate for the tiny model, no KL term: the mean reward of the last
     three rollouts clearly exceeds that of the first three (measured: ~0.03 -> 0.3-0.6)."""
-    overrides = {"rollouts": 12, "kl": {"beta": 0.0}, "train": {"lr": 2e-2}}
+    overrides = {"rollouts": 12, "kl": {"beta": 0.0}, "train": {"lr": 2e-2, "log_every": 1}}
     if algorithm in ("ppo", "reinforce"):
         overrides |= {"prompts_per_rollout": 16}
     if algorithm == "ppo":
@@ -284,3 +284,17 @@ def test_every_algorithm_dispatches_through_the_tables():
     assert [n for n, s in stages.items() if needs_value_model(s)] == ["ppo"]
     assert [n for n, s in stages.items() if Settings.of(s).dynamic_sampling] == ["dapo"]
     assert {n: overlong_cache(s) for n, s in stages.items() if overlong_cache(s)} == {"dapo": 1}  # 6 // 4
+
+
+@pytest.mark.parametrize(
+    "updates, log_every, logged_rollouts",
+    [(1, 2, [2, 4, 5]), (1, 10, [5]), (2, 3, [2, 3, 5]), (3, 1, [1, 2, 3, 4, 5])],
+)
+def test_rollout_metrics_follow_log_every(tiny, tmp_path, updates, log_every, logged_rollouts):
+    """5 rollouts of ``updates`` steps: a rollout's metrics are logged when the loop logs one of its
+    steps (every ``log_every`` steps and the last), at the step after its collection; e.g. 2 updates,
+    log_every 3: steps 3 (rollout 2), 6 (rollout 3), 9 and 10 (rollout 5)."""
+    stage = _stage("grpo", rollouts=5, update_epochs=updates, train={"log_every": log_every})
+    _, logged, _ = _train(tiny, stage, tmp_path)
+    rollout_steps = [step for step, m in logged if "rollout/reward_mean" in m]
+    assert rollout_steps == [(r - 1) * updates + 1 for r in logged_rollouts]

@@ -15,6 +15,8 @@ token, then compute advantages:
 Each update takes a shuffled mini-batch of the rollout's completions, recomputes log pi with gradient
 and applies the algorithm's loss (:mod:`rlhf_core.losses.policy_gradient`), plus beta x KL (k3) when the
 KL goes in the loss, plus PPO's value loss, aggregated as configured (:mod:`rlhf_core.losses.masking`).
+A rollout's metrics (``rollout/...``: reward, KL, lengths, times) are logged with the step after its
+collection when the loop logs one of its updates (every ``train.log_every`` steps, and the last).
 The rollout buffer, the KL controller and the prompt cursor are checkpointed with the weights and the
 optimizer, so a killed run resumes exactly (the samples of a rollout are drawn from a generator seeded by
 the seed and the rollout index).
@@ -128,6 +130,20 @@ class PolicyGradientTrainer:
     def extra_state(self) -> list:
         return [self.prompts, self.buffer, self.controller]
 
+    @property
+    def total_steps(self) -> int:
+        """``rollouts`` x updates per rollout, or ``train.max_steps`` when that is fewer."""
+        total = self.stage.rollouts * self.settings.updates_per_rollout
+        return min(total, self.stage.train.max_steps) if self.stage.train.max_steps is not None else total
+
+    def logs_rollout(self, index: int) -> bool:
+        """Whether rollout ``index``'s metrics are logged: when the loop logs one of its updates (every
+        ``train.log_every`` steps, and the last), so the stage's log follows ``log_every`` as every
+        kind's does."""
+        updates, total = self.settings.updates_per_rollout, self.total_steps
+        done = range(index * updates + 1, min((index + 1) * updates, total) + 1)
+        return any(d % self.stage.train.log_every == 0 or d == total for d in done)
+
     def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
@@ -183,7 +199,8 @@ class PolicyGradientTrainer:
         self.buffer.index, self.buffer.rollout = index, rollout
         self.buffer.advantages, self.buffer.returns = advantages, returns
         self.last_rollout_metrics = rollout.metrics
-        self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
+        if self.logs_rollout(index):
+            self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
 
@@ -339,10 +356,7 @@ def train_policy_gradient(
     trained_modules: torch.nn.Module = policy
     if value_model is not None:
         trained_modules = torch.nn.ModuleDict({"policy": policy, "value": value_model})
-    updates = trainer.settings.updates_per_rollout
-    total_steps = stage.rollouts * updates
-    if stage.train.max_steps is not None:
-        total_steps = min(total_steps, stage.train.max_steps)
+    updates, total_steps = trainer.settings.updates_per_rollout, trainer.total_steps
     monitor, step_fn, extra_state = None, trainer.step_fn, trainer.extra_state
     if monitor_inputs is not None:
         monitor_reference = reference or starting_reference(policy, stage.lora is not None, reference_model)
