@@ -46,7 +46,7 @@ from runtime.stage_contract import (
 )
 
 SUPPORTED_KINDS = ("sft", "reward_model", "direct_alignment")  # trainers that share steps across ranks
-# see data_parallel.py; FSDP with fsdp_version 2 is supported (training/loop.py)
+# see training/engine/data_parallel.py; FSDP with fsdp_version 2 is supported (training/engine/loop.py)
 UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 JOB_FILE = "job.json"
 OUTPUT_FILE = "outputs.json"
@@ -149,7 +149,7 @@ def check_multiprocess_stage(call: StageCall) -> None:
         except (yaml.YAMLError, AttributeError) as exc:
             raise UserError(f"{where}: {config} is not an accelerate config file: {exc}") from None
         if kind.upper() == "FSDP" and fsdp_version == "2":
-            return  # FSDP2: the loop runs each loss inside the FSDP root's forward (training/loop.py)
+            return  # FSDP2: the loop runs each loss inside the FSDP root's forward (training/engine/loop.py)
         if kind.upper() in UNSUPPORTED_DISTRIBUTED_TYPES:
             raise UserError(
                 f"{where}: compute.accelerate_config {config} selects {kind}"
