@@ -164,7 +164,8 @@ def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool) -> RunResul
     import torch
 
     from rlhf_core.modeling.models import load_model
-    from rlhf_core.training.direct_alignment import cached_reference_logprobs, train_direct_alignment
+    from rlhf_core.training.direct_alignment.reference import cached_reference_logprobs
+    from rlhf_core.training.direct_alignment.trainer import train_direct_alignment
 
     model, tokenizer = load_model(str(model_dir))
     pairs = our_pairs(tokenizer, s)

@@ -35,8 +35,8 @@ from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_pr
 from rlhf_core.rewards.reward_model_scoring import score_sequences  # noqa: E402
 from rlhf_core.rollout.generation import generate  # noqa: E402
 from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec, TinyModelSource  # noqa: E402
-from rlhf_core.training.reward_model import train_reward_model  # noqa: E402
-from rlhf_core.training.sft import train_sft  # noqa: E402
+from rlhf_core.training.reward_model.trainer import train_reward_model  # noqa: E402
+from rlhf_core.training.sft.trainer import train_sft  # noqa: E402
 
 TASK = {"max_operand": 20, "operations": ("+", "-")}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to smoke-test this script

@@ -186,7 +186,7 @@ def prompt_rows(s: BenchSettings) -> list[dict]:
 
 def our_prompt_ids(tokenizer, rows: list[dict]) -> dict[str, list[int]]:
     """Prompt text -> the token ids our rollouts decode from (chat template + generation header)."""
-    from rlhf_core.training.rollouts import encode_prompts
+    from rlhf_core.rollout.token_scoring import encode_prompts
 
     texts = [r["prompt"] for r in rows]
     return dict(zip(texts, encode_prompts(tokenizer, texts), strict=True))
@@ -239,8 +239,8 @@ def run_ours(model_dir: Path, s: BenchSettings, beta: float) -> RunResult:
     import torch
 
     from rlhf_core.modeling.models import load_model
-    from rlhf_core.training.policy_gradient import train_policy_gradient
-    from rlhf_core.training.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
 
     model, tokenizer = load_model(str(model_dir))
     rows = prompt_rows(s)
@@ -285,7 +285,7 @@ def run_ours(model_dir: Path, s: BenchSettings, beta: float) -> RunResult:
     }
     name = "ours_beta" if beta > 0 else "ours_beta0"
     return tally.result(
-        name, s, beta, summary["seconds"], split, peak, rss_before, torch.get_num_threads(), background
+        name, s, beta, summary.seconds, split, peak, rss_before, torch.get_num_threads(), background
     )
 
 

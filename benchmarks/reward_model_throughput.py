@@ -113,7 +113,7 @@ def run_ours(model_dir: Path, s: BenchSettings, shared_prefix: bool = True) -> R
     from transformers import AutoTokenizer
 
     from rlhf_core.modeling.reward_model import build_reward_model
-    from rlhf_core.training.reward_model import train_reward_model
+    from rlhf_core.training.reward_model.trainer import train_reward_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_reward_model(str(model_dir))

@@ -21,7 +21,7 @@ def save_sft_policy(directory: Path, steps: int = 300, lr: float = 1e-3, batch_s
     from rlhf_core.data.synthetic import synthetic_records
     from rlhf_core.modeling.models import build_tiny_model, save_model
     from rlhf_core.spec import SFTTrainSpec, TinyModelSource
-    from rlhf_core.training.sft import train_sft
+    from rlhf_core.training.sft.trainer import train_sft
 
     model, tokenizer = build_tiny_model(
         TinyModelSource(hidden_size=128, layers=2, heads=4, vocab_size=512), seed=0

@@ -134,7 +134,7 @@ def run_ours(model_dir: Path, s: BenchSettings, packed: bool, probe: LoopProbe) 
 
     from rlhf_core.modeling.models import load_model
     from rlhf_core.spec import SFTTrainSpec
-    from rlhf_core.training.sft import train_sft
+    from rlhf_core.training.sft.trainer import train_sft
 
     model, tokenizer = load_model(str(model_dir))
     cfg = SFTTrainSpec(

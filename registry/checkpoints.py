@@ -1,6 +1,6 @@
 """Training checkpoints kept with the stage run, so that another machine can resume it.
 
-A stage's checkpoints are written to its local work dir (``rlhf_core.training.checkpoint``). When the
+A stage's checkpoints are written to its local work dir (``rlhf_core.training.engine.checkpoint``). When the
 stage runs on a work-pool worker, a crash may send the retry to another machine whose disk does not
 have them. So the newest checkpoint is also uploaded as artifacts of the stage run:
 
@@ -26,7 +26,7 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from registry.tracking import client
-from rlhf_core.training.checkpoint import STATE_FILE  # marks a complete checkpoint
+from rlhf_core.training.engine.checkpoint import STATE_FILE  # marks a complete checkpoint
 
 CHECKPOINT_TAG = "rlhf.checkpoint_step"
 ARTIFACT_DIR = "checkpoints"

@@ -34,7 +34,7 @@ from prefect.exceptions import MissingContextError
 from registry import checkpoints
 from registry.tracking import is_tracking_server
 from rlhf_core.settings import RLHFSettings
-from rlhf_core.training.checkpoint import STATE_FILE, latest_checkpoint
+from rlhf_core.training.engine.checkpoint import STATE_FILE, latest_checkpoint
 
 POLL_SECONDS = 2.0  # a listing of one small directory: cheap next to a training step
 UPLOAD_DIR_PREFIX = ".upload-"  # hard-linked snapshot beside the checkpoints (never named step-N)

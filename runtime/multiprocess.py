@@ -14,7 +14,7 @@ There, instead of calling the body, :func:`run_in_processes`:
 
 Each rank (:func:`main`) calls the stage's own task function; ``execute_stage`` sees the job
 (:func:`rank_job`) and runs the body directly on the job's MLflow run. The trainers share each step
-between the ranks (``rlhf_core.training.data_parallel``); once training is done the other ranks stop
+between the ranks (``rlhf_core.training.engine.data_parallel``); once training is done the other ranks stop
 (``OtherRankFinished``) and the main rank alone evaluates, saves, registers and logs, so a stage
 registers exactly one model version however many processes trained it.
 """
@@ -48,7 +48,7 @@ from runtime.stage_contract import (
 
 SUPPORTED_KINDS = tuple(kind for kind, spec in STAGE_CLASSES.items() if spec.trains_in_processes)
 """Kinds whose trainers share steps across ranks, as their spec classes declare (``trains_in_processes``)."""
-# see data_parallel.py; FSDP with fsdp_version 2 is supported (training/loop.py)
+# see training/engine/data_parallel.py; FSDP with fsdp_version 2 is supported (training/engine/loop.py)
 UNSUPPORTED_DISTRIBUTED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 JOB_FILE = "job.json"
 OUTPUT_FILE = "outputs.json"
@@ -151,7 +151,7 @@ def check_multiprocess_stage(call: StageCall) -> None:
         except (yaml.YAMLError, AttributeError) as exc:
             raise UserError(f"{where}: {config} is not an accelerate config file: {exc}") from None
         if kind.upper() == "FSDP" and fsdp_version == "2":
-            return  # FSDP2: the loop runs each loss inside the FSDP root's forward (training/loop.py)
+            return  # FSDP2: the loop runs each loss inside the FSDP root's forward (training/engine/loop.py)
         if kind.upper() in UNSUPPORTED_DISTRIBUTED_TYPES:
             raise UserError(
                 f"{where}: compute.accelerate_config {config} selects {kind}"
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
 
-    from rlhf_core.training.data_parallel import OtherRankFinished
+    from rlhf_core.training.engine.data_parallel import OtherRankFinished
     from runtime.stage_tasks import task_for_kind
 
     (job_path,) = argv if argv is not None else sys.argv[1:]

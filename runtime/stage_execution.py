@@ -24,7 +24,7 @@ import time
 
 from registry import stage_cache, tracking
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
-from rlhf_core.training.checkpoint import latest_checkpoint
+from rlhf_core.training.engine.checkpoint import latest_checkpoint
 from runtime import checkpoint_sync, progress, stage_reports
 from runtime.fingerprint_lock import fingerprint_lock
 from runtime.multiprocess import rank_job, run_in_processes

@@ -42,12 +42,13 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
-        from rlhf_core.training.policy_gradient import run_policy_gradient  # loads torch only when it runs
+        # loads torch only when it runs
+        from rlhf_core.training.policy_gradient.trainer import run_policy_gradient
 
         def log_samples(rows: list[dict], rollout: int) -> None:
             tracking.log_table(run.run_id, rows, f"samples/rollout_{rollout + 1:05d}.json")
 
-        trained, tokenizer, summary = run_policy_gradient(
+        trained, tokenizer, result = run_policy_gradient(
             run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), stage,
             reference_dir=run.model_dir(reference) if reference else None,
             reference_revision=reference.revision if reference else None,
@@ -58,8 +59,8 @@ def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
             monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
             monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
         )  # fmt: skip
-        run.key_metrics = summary_metrics(summary)
-        tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, summary.get("monitor"))}
+        run.key_metrics = result.summary()
+        tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, result.monitor)}
         if stage.needs_reference:
             tags["rlhf.reference_model"] = describe_model(reference or policy)
         if reward_models:
@@ -108,8 +109,8 @@ def record_monitor(run: StageRun, summary: dict[str, Any] | None) -> dict[str, s
     run tags and key metrics; returns the tags for the registered version too."""
     if summary is None:
         return {}
-    from rlhf_core.training.overoptimization_history import Evaluation
-    from rlhf_core.training.overoptimization_plots import draw_monitor_plots
+    from rlhf_core.training.monitor.history import Evaluation
+    from rlhf_core.training.monitor.plots import draw_monitor_plots
 
     history = [Evaluation(**e) for e in summary["history"]]
     plots = run.work_dir / "monitor_plots"
@@ -132,15 +133,3 @@ def record_monitor(run: StageRun, summary: dict[str, Any] | None) -> dict[str, s
     if stopped is not None:
         run.key_metrics["monitor_stopped_at_step"] = float(stopped)
     return tags
-
-
-def summary_metrics(summary: dict) -> dict[str, float]:
-    """The run's headline numbers: the last rollout's reward, KL and lengths, and the work done."""
-    last = summary["last_metrics"]
-    shown = {
-        k: float(last[k]) for k in ("reward_mean", "kl", "completion_length", "truncated_share") if k in last
-    }
-    shown |= {"rollouts": float(summary["rollouts"]), "steps": float(summary["steps"])}
-    if summary["resumed_from_step"]:
-        shown["resumed_from_step"] = float(summary["resumed_from_step"])
-    return shown

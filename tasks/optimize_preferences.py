@@ -28,15 +28,17 @@ def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, data, proxy)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
-        from rlhf_core.training import direct_alignment as da  # loads torch only when the stage runs
+        # loads torch only when the stage runs
+        from rlhf_core.training.direct_alignment.reference import reference_logprobs_key
+        from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
 
         ref_digest = (reference or policy).digest
         cache = {
             split: run.settings.resolved_home() / "cache" / "reference_logprobs"
-            / f"{da.reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
+            / f"{reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
             for split in data.splits
         }  # fmt: skip
-        trained, tokenizer, result = da.run_direct_alignment(
+        trained, tokenizer, result = run_direct_alignment(
             run.model_dir(policy), policy.revision, run.read_split(data, "train"),
             run.read_split(data, "eval") if "eval" in data.splits else None, stage,
             reference_dir=run.model_dir(reference) if reference else None,

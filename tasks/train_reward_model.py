@@ -19,7 +19,7 @@ def train_reward_model(ctx: RunContext, call: StageCall) -> StageOutcome:
 
     def body(run: StageRun) -> dict[str, ModelRef]:
         # torch and transformers load only when the stage really runs: cached re-runs skip them.
-        from rlhf_core.training.reward_model import train_and_evaluate_reward_model
+        from rlhf_core.training.reward_model.trainer import train_and_evaluate_reward_model
 
         trained, tokenizer, result = train_and_evaluate_reward_model(
             run.model_dir(model), model.revision, run.read_split(data, "train"),

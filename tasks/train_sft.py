@@ -17,7 +17,7 @@ def train_sft(ctx: RunContext, call: StageCall) -> StageOutcome:
     model, data = call.resolve(stage.model), call.resolve(stage.data)
 
     def body(run: StageRun) -> dict[str, ModelRef]:
-        from rlhf_core.training.sft import train_sft_from  # loads torch only when the stage runs
+        from rlhf_core.training.sft.trainer import train_sft_from  # loads torch only when the stage runs
 
         trained, tokenizer, result = train_sft_from(
             run.model_dir(model), model.revision, run.read_split(data, "train"), stage.train,

@@ -1,7 +1,7 @@
 """Checkpoints kept with the stage run (registry.checkpoints, runtime.checkpoint_sync), on a local store.
 
 No training here: a checkpoint is a ``step-<N>`` dir with ``trainer_state.json`` and a weights file,
-as ``rlhf_core.training.checkpoint`` writes it. The store is the home's SQLite store with file
+as ``rlhf_core.training.engine.checkpoint`` writes it. The store is the home's SQLite store with file
 artifacts; the tracking-server path is covered by ``test_checkpoint_sync_e2e.py``.
 """
 

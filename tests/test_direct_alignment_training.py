@@ -14,7 +14,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.direct_alignment import PREFERENCE_LOSSES, DirectAlignmentStage
-from rlhf_core.training.direct_alignment import run_direct_alignment
+from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +96,7 @@ def test_reference_free_losses_compute_no_reference(policy_dir, pairs, tmp_path)
 
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(policy_dir, pairs, tmp_path, monkeypatch):
-    from rlhf_core.training import direct_alignment as da
+    from rlhf_core.training.direct_alignment import trainer as da
 
     stage = _stage("dpo", max_steps=6, checkpoint_every=2)
     reference, _, _ = _run(policy_dir, pairs, stage, tmp_path, name="whole")
@@ -157,11 +157,11 @@ def test_kto_on_unpaired_data_and_a_single_label_fails(policy_dir, tmp_path):
 def test_heldout_kl_from_samples_is_zero_for_the_reference_and_grows(policy_dir, pairs, tmp_path):
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.preference_tokens import tokenize_preference_rows
-    from rlhf_core.training.direct_alignment import sampled_kl
+    from rlhf_core.training.direct_alignment.trainer import heldout_kl
 
     reference, tokenizer = load_model(policy_dir)
     tokens, _ = tokenize_preference_rows(pairs[32:], tokenizer, max_length=64, on_overlong="skip")
     prompts = [t.prompt for t in tokens]
-    assert sampled_kl(reference, reference, prompts, tokenizer, 16, seed=0) == pytest.approx(0, abs=1e-9)
+    assert heldout_kl(reference, reference, prompts, tokenizer, 16, seed=0) == pytest.approx(0, abs=1e-9)
     trained, _, result = _run(policy_dir, pairs, _stage("dpo", max_steps=6), tmp_path)
     assert result.heldout["eval/kl_to_reference"] > 0.01  # sampled from the trained policy: it moved away

@@ -182,7 +182,7 @@ def test_lengths_and_nll_in_the_report(models):
     assert result.metrics["eval/nll"] == result.metrics["eval/loss"] == pytest.approx(sum(sums) / sum(counts))
     # the per-example sums add up to the batch loss the trainer computes
     from rlhf_core.modeling.sft_tokens import collate, tokenize_sft_row, unpacked_rows
-    from rlhf_core.training.sft import token_loss_sum
+    from rlhf_core.training.sft.trainer import token_loss_sum
 
     batch = collate(unpacked_rows([tokenize_sft_row(r, tokenizer, 512) for r in SFT]), tokenizer.pad_token_id)
     with torch.no_grad():

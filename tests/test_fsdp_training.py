@@ -67,7 +67,7 @@ def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None =
     """``_train`` of the data-parallel test, plus ``sft_bf16``: its SFT in bf16 autocast."""
     if kind != "sft_bf16":
         return _train(kind, policy_dir, work, stop_after)
-    from rlhf_core.training.sft import train_sft_from
+    from rlhf_core.training.sft.trainer import train_sft_from
 
     curve: list[float] = []
 
@@ -90,19 +90,18 @@ def _launch(out: Path, policy_dir: str, kinds: str, stop_after: int = 0) -> subp
 
 @pytest.mark.parametrize("n, world", [(3, 2), (1, 2), (2, 3), (7, 4), (4, 2)])
 def test_balanced_share_gives_every_rank_as_many_passes_each_real_micro_batch_once(n, world, monkeypatch):
-    from rlhf_core.training import data_parallel
+    from rlhf_core.training.engine import data_parallel
 
     items = list(range(n))
-    monkeypatch.setattr(data_parallel, "_equal_passes", [True])
     shares = []
     for rank in range(world):
         monkeypatch.setattr(data_parallel, "rank_and_world", lambda rank=rank: (rank, world))
-        shares.append(data_parallel.balanced_share(items))
+        shares.append(data_parallel.balanced_share(items, equal_passes=True))
     assert {len(share) for share in shares} == {-(-n // world)}  # the same number of passes everywhere
     assert sorted(item for share in shares for item, counts in share if counts) == items  # each once
     assert all(item == items[0] for share in shares for item, counts in share if not counts)
-    monkeypatch.setattr(data_parallel, "_equal_passes", [])  # not sharded: the plain share
-    last = [item for item, counts in data_parallel.balanced_share(items) if counts]  # rank world - 1
+    # not sharded: the plain share (here of rank world - 1)
+    last = [item for item, counts in data_parallel.balanced_share(items) if counts]
     assert last == items[world - 1 :: world]
 
 

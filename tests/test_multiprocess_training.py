@@ -28,7 +28,7 @@ import torch
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
-from rlhf_core.training.data_parallel import OtherRankFinished, shard
+from rlhf_core.training.engine.data_parallel import OtherRankFinished, shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Measured on a 2-core CPU (fp32, gloo): loss curves within 1.7e-7 relative, weights within 3.6e-7
@@ -64,19 +64,19 @@ def _train(kind: str, policy_dir: str, work: Path, stop_after: int | None = None
             os._exit(17)
 
     if kind == "sft":
-        from rlhf_core.training.sft import train_sft_from
+        from rlhf_core.training.sft.trainer import train_sft_from
 
         records = synthetic_records("arithmetic", "sft", n=24, seed=0)
         model, _, _ = train_sft_from(policy_dir, None, records, SFT_CFG, lora=None, seed=0,
                                      checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
     elif kind == "reward_model":
-        from rlhf_core.training.reward_model import train_and_evaluate_reward_model
+        from rlhf_core.training.reward_model.trainer import train_and_evaluate_reward_model
 
         pairs = synthetic_records("arithmetic", "preference", n=24, seed=0, max_operand=9)
         model, _, _ = train_and_evaluate_reward_model(policy_dir, None, pairs, None, RM_CFG, seed=0,
                                                       checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
     else:
-        from rlhf_core.training.direct_alignment import run_direct_alignment
+        from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
 
         pairs = synthetic_records("arithmetic", "preference", n=24, seed=1, max_operand=9)
         model, _, _ = run_direct_alignment(

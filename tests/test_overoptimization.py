@@ -8,12 +8,12 @@ import copy
 import pytest
 
 from rlhf_core.spec import SpecError, parse_spec
-from rlhf_core.training.overoptimization_history import (
+from rlhf_core.training.monitor.history import (
     Evaluation,
     best_evaluation,
     gold_fell_while_proxy_rose,
 )
-from rlhf_core.training.overoptimization_plots import draw_monitor_plots, frontier
+from rlhf_core.training.monitor.plots import draw_monitor_plots, frontier
 
 
 def history(gold: list[float], proxy: list[float]) -> list[Evaluation]:

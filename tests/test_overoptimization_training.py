@@ -12,8 +12,8 @@ from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.overoptimization import MonitorInputs
-from rlhf_core.training.policy_gradient import train_policy_gradient
+from rlhf_core.training.monitor.overoptimization import MonitorInputs
+from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MONITOR_PROMPTS = synthetic_records("arithmetic", "prompts", n=40, seed=1)[:6]
@@ -74,7 +74,7 @@ def test_the_monitor_logs_proxy_gold_and_kl_and_leaves_training_unchanged(tiny, 
         assert torch.equal(a, b), name  # evaluations draw from their own generators, never the global RNG
     evaluations = {step: m for step, m in logged if "monitor/gold" in m}
     assert sorted(evaluations) == [0, 2, 4, 6]  # 6 rollouts of one update: 0, every 2, the end
-    history = summary["monitor"]["history"]
+    history = summary.monitor["history"]
     assert [e["step"] for e in history] == [0, 2, 4, 6]
     first = evaluations[0]
     assert first["monitor/kl"] == pytest.approx(0.0, abs=1e-6)  # pi is pi_ref before any update
@@ -82,8 +82,8 @@ def test_the_monitor_logs_proxy_gold_and_kl_and_leaves_training_unchanged(tiny, 
                           "monitor/gold/arithmetic_exact", "monitor/truncated_share"}  # fmt: skip
     assert 0.0 <= first["monitor/gold"] <= 1.0
     assert any(abs(evaluations[s]["monitor/kl"]) > 1e-4 for s in (2, 4, 6))  # lr 2e-2 moves the policy
-    assert summary["monitor"]["stopped_at_step"] is None
-    assert summary["monitor"]["registered_step"] == 6  # no early_stop: the last weights
+    assert summary.monitor["stopped_at_step"] is None
+    assert summary.monitor["registered_step"] == 6  # no early_stop: the last weights
 
 
 def counting_scorer(sign: float):
@@ -107,9 +107,9 @@ def test_gold_falling_while_proxy_rises_stops_and_registers_the_best_gold_weight
     scorers = {"rm:proxy_rm": counting_scorer(+1.0), "rm:gold_rm": counting_scorer(-1.0)}
     start = {k: v.clone() for k, v in load_model(tiny)[0].state_dict().items()}
     trained, logged, summary = _train(tiny, stage, tmp_path / "ckpt", _inputs(stage, tmp_path, scorers))
-    assert summary["steps"] == 2 and summary["monitor"]["stopped_at_step"] == 2
-    assert summary["monitor"]["best_step"] == 0 and summary["monitor"]["registered_step"] == 0
-    assert "gold fell 2 evaluations in a row" in summary["monitor"]["reason"]
+    assert summary.steps == 2 and summary.monitor["stopped_at_step"] == 2
+    assert summary.monitor["best_step"] == 0 and summary.monitor["registered_step"] == 0
+    assert "gold fell 2 evaluations in a row" in summary.monitor["reason"]
     assert max(step for step, m in logged if "train/loss" in m) == 2  # no update after the stop
     assert (2, {"monitor/stopped_at_step": 2.0, "monitor/best_step": 0.0}) in logged
     for name, value in trained.state_dict().items():
@@ -135,15 +135,15 @@ def test_a_killed_run_resumes_with_the_same_evaluations(tiny, tmp_path):
     with pytest.raises(Crash):
         _train(tiny, stage, tmp_path / "b", _inputs(stage, tmp_path / "b"), log=crash_at_step_5)
     resumed, logged, summary = _train(tiny, stage, tmp_path / "b", _inputs(stage, tmp_path / "b"))
-    assert summary["resumed_from_step"] == 4
+    assert summary.resumed_from_step == 4
     assert [s for s, m in logged if "monitor/gold" in m] == [6]  # 0 and 3 came back with the checkpoint
-    assert summary["monitor"] == expected["monitor"]
+    assert summary.monitor == expected.monitor
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
 def test_direct_alignment_runs_the_monitor(tiny, tmp_path):
-    from rlhf_core.training.direct_alignment import run_direct_alignment
+    from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
 
     pairs = synthetic_records("arithmetic", "preference", n=24, seed=0)
     monitor = {"every": 2, "proxy": [{"function": "answer_format"}], "generation": {"max_new_tokens": 6},

@@ -17,7 +17,7 @@ from rlhf_core.losses.advantages import (
     sequence_rewards_to_tokens,
     whiten,
 )
-from rlhf_core.losses.kl import AdaptiveKLController, kl_per_token
+from rlhf_core.losses.kl import AdaptiveKLController, kl_per_token, sampled_kl
 from rlhf_core.losses.masking import aggregate_loss
 from rlhf_core.losses.policy_gradient import (
     cispo_loss,
@@ -308,3 +308,14 @@ def test_value_loss_clipping():
 def test_dapo_soft_overlong_penalty():
     lengths = torch.tensor([100, 384, 448, 512, 513])
     assert soft_overlong_penalty(lengths, 512, 128).tolist() == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
+
+
+def test_sampled_kl_sums_each_completions_log_ratios_over_its_tokens():
+    """Completion 0: log-ratios 0.5 and -0.25 -> 0.25; completion 1: one token, 1.0 (its padding, whatever
+    its values, counts for nothing). Whole-completion log-probs (no mask) give their difference."""
+    logps = torch.tensor([[-1.0, -2.0], [-0.5, 7.0]])
+    ref = torch.tensor([[-1.5, -1.75], [-1.5, -9.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    assert sampled_kl(logps, ref, mask).tolist() == [0.25, 1.0]
+    assert sampled_kl(logps.sum(1), ref.sum(1)).tolist() == [0.25, 17.0]
+    assert sampled_kl(ref, ref, mask).tolist() == [0.0, 0.0]  # pi = pi_ref

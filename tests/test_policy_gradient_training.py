@@ -15,7 +15,7 @@ from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.policy_gradient import reference_provider, train_policy_gradient
+from rlhf_core.training.policy_gradient.trainer import reference_provider, train_policy_gradient
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,7 +80,7 @@ ALGORITHMS = ["reinforce", "rloo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "ci
 def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     """12 rollouts at a high learning rate for the tiny model, no KL term: the mean reward of the last
     three rollouts clearly exceeds that of the first three (measured: ~0.03 -> 0.3-0.6)."""
-    overrides = {"rollouts": 12, "kl": {"beta": 0.0}, "train": {"lr": 2e-2}}
+    overrides = {"rollouts": 12, "kl": {"beta": 0.0}, "train": {"lr": 2e-2, "log_every": 1}}
     if algorithm in ("ppo", "reinforce"):
         overrides |= {"prompts_per_rollout": 16}
     if algorithm == "ppo":
@@ -88,7 +88,7 @@ def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     stage = _stage(algorithm, **overrides)
     start = {k: v.clone() for k, v in _policy(tiny)[0].state_dict().items()}
     trained, logged, summary = _train(tiny, stage, tmp_path)
-    assert summary["steps"] == 12 * stage.update_epochs * stage.minibatches
+    assert summary.steps == 12 * stage.update_epochs * stage.minibatches
     rewards = [m["rollout/reward_mean"] for _, m in logged if "rollout/reward_mean" in m]
     assert statistics.fmean(rewards[-3:]) > statistics.fmean(rewards[:3]) + 0.05, (algorithm, rewards)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])]
@@ -157,7 +157,7 @@ def test_a_killed_run_resumes_exactly(tiny, tmp_path, algorithm):
         policy, tokenizer, _records(), stage, digit_share, seed=0, checkpoint_dir=tmp_path / "b",
         value_model=value,
     )  # fmt: skip
-    assert summary["resumed_from_step"] == 6
+    assert summary.resumed_from_step == 6
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
@@ -198,7 +198,7 @@ def test_no_eos_in_any_completion_stops_naming_the_stage(tiny, tmp_path):
 
 def test_a_reward_source_that_raises_names_the_stage_and_source(tiny, tmp_path):
     from rlhf_core.rewards.functions import REWARD_FUNCTIONS
-    from rlhf_core.training.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.rollouts import reward_function
 
     stage = _stage("grpo", rewards=[{"function": "arithmetic_exact"}])
     broken = reward_function(stage.rewards, {}, "rl")
@@ -222,7 +222,7 @@ def test_a_nan_loss_stops_naming_the_stage_and_step(tiny, tmp_path):
 
 def test_a_value_model_with_another_tokenizer_is_refused(tiny):
     from rlhf_core.modeling.models import build_tiny_model as build
-    from rlhf_core.training.policy_gradient import check_value_tokenizer
+    from rlhf_core.training.policy_gradient.trainer import check_value_tokenizer
 
     _, policy_tokenizer = tiny
     same_plus_pad = type(policy_tokenizer).from_pretrained(tiny[0])
@@ -254,8 +254,8 @@ def test_the_value_model_has_its_own_learning_rate(tiny, tmp_path):
 
 
 def test_the_prompt_stream_shuffles_each_epoch_and_resumes_at_its_cursor():
-    from rlhf_core.training.loop import epoch_order
-    from rlhf_core.training.rollouts import PromptStream
+    from rlhf_core.training.engine.loop import epoch_order
+    from rlhf_core.training.policy_gradient.rollouts import PromptStream
 
     stream = PromptStream(5, seed=3)
     taken = stream.take(7) + stream.take(8)
@@ -263,3 +263,38 @@ def test_the_prompt_stream_shuffles_each_epoch_and_resumes_at_its_cursor():
     resumed = PromptStream(5, seed=3)
     resumed.load_state_dict({"cursor": 7})
     assert resumed.take(8) == taken[7:]
+
+
+def test_every_algorithm_dispatches_through_the_tables():
+    """Each entry of the spec's ALGORITHMS names an estimator and a loss the tables hold; only GAE reads a
+    value model, and only DAPO turns on dynamic sampling and the overlong penalty by default."""
+    from rlhf_core.losses.policy_gradient import POLICY_LOSSES
+    from rlhf_core.spec.stages.policy_gradient import ALGORITHMS
+    from rlhf_core.training.policy_gradient.algorithms import (
+        ADVANTAGE_ESTIMATORS,
+        Settings,
+        needs_value_model,
+    )
+    from rlhf_core.training.policy_gradient.rollouts import overlong_cache
+
+    for name, defaults in ALGORITHMS.items():
+        assert defaults.estimator in ADVANTAGE_ESTIMATORS, name
+        assert defaults.loss in POLICY_LOSSES, name
+    stages = {name: _stage(name) for name in ALGORITHMS}
+    assert [n for n, s in stages.items() if needs_value_model(s)] == ["ppo"]
+    assert [n for n, s in stages.items() if Settings.of(s).dynamic_sampling] == ["dapo"]
+    assert {n: overlong_cache(s) for n, s in stages.items() if overlong_cache(s)} == {"dapo": 1}  # 6 // 4
+
+
+@pytest.mark.parametrize(
+    "updates, log_every, logged_rollouts",
+    [(1, 2, [2, 4, 5]), (1, 10, [5]), (2, 3, [2, 3, 5]), (3, 1, [1, 2, 3, 4, 5])],
+)
+def test_rollout_metrics_follow_log_every(tiny, tmp_path, updates, log_every, logged_rollouts):
+    """5 rollouts of ``updates`` steps: a rollout's metrics are logged when the loop logs one of its
+    steps (every ``log_every`` steps and the last), at the step after its collection; e.g. 2 updates,
+    log_every 3: steps 3 (rollout 2), 6 (rollout 3), 9 and 10 (rollout 5)."""
+    stage = _stage("grpo", rollouts=5, update_epochs=updates, train={"log_every": log_every})
+    _, logged, _ = _train(tiny, stage, tmp_path)
+    rollout_steps = [step for step, m in logged if "rollout/reward_mean" in m]
+    assert rollout_steps == [(r - 1) * updates + 1 for r in logged_rollouts]

@@ -13,7 +13,7 @@ from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.modeling.preference_tokens import OverlongPairError
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.spec import RewardTrainSpec, TinyModelSource
-from rlhf_core.training.reward_model import train_reward_model
+from rlhf_core.training.reward_model.trainer import train_reward_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,7 +43,7 @@ def test_heldout_loss_is_the_training_estimator_with_margins_and_k_completions(p
 
     from rlhf_core.modeling.preference_tokens import group_pairs
     from rlhf_core.rewards.reward_model_scoring import score_pairs
-    from rlhf_core.training.reward_model import pairs_loss
+    from rlhf_core.training.reward_model.trainer import pairs_loss
 
     directory, tokenizer = policy_dir
     model = build_reward_model(str(directory))

@@ -21,7 +21,7 @@ from rlhf_core.modeling.sft_tokens import (
 )
 from rlhf_core.modeling.tokenizer import IM_END
 from rlhf_core.spec import SFTTrainSpec, TinyModelSource
-from rlhf_core.training.sft import build_rows, token_loss_sum
+from rlhf_core.training.sft.trainer import build_rows, token_loss_sum
 
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}

@@ -1,4 +1,4 @@
-"""Tests for rlhf_core.training.sft: learning, gradient accumulation, LoRA, and exact resume."""
+"""Tests for rlhf_core.training.sft.trainer: learning, gradient accumulation, LoRA, and exact resume."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-import rlhf_core.training.sft as sft
+import rlhf_core.training.sft.trainer as sft
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.modeling.sft_tokens import IGNORE_INDEX, Row, tokenize_conversation
 from rlhf_core.spec import LoraSpec, SFTTrainSpec, TinyModelSource
-from rlhf_core.training.checkpoint import STATE_FILE
-from rlhf_core.training.sft import apply_lora, micro_batches_of_step, plan_steps, train_sft
+from rlhf_core.training.engine.checkpoint import STATE_FILE
+from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.sft.trainer import micro_batches_of_step, plan_steps, train_sft
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
@@ -267,7 +268,7 @@ from safetensors.torch import save_file
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import load_model
 from rlhf_core.spec import SFTTrainSpec
-from rlhf_core.training.sft import train_sft
+from rlhf_core.training.sft.trainer import train_sft
 
 mode, model_dir, checkpoint_dir, out = sys.argv[1:5]
 cfg = SFTTrainSpec.model_validate_json(sys.argv[5])

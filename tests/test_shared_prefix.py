@@ -12,7 +12,7 @@ from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
 from rlhf_core.rewards.reward_model_scoring import score_pairs, score_sequences
 from rlhf_core.spec import RewardTrainSpec, TinyModelSource
-from rlhf_core.training.reward_model import train_reward_model
+from rlhf_core.training.reward_model.trainer import train_reward_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,7 +20,7 @@ from rlhf_core.modeling.shared_prefix import (
     pack_shared_prefix,
     supports_shared_prefix_logprobs,
 )
-from rlhf_core.training.direct_alignment import example_logprobs
+from rlhf_core.training.direct_alignment.reference import example_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB, PAD = 97, 0

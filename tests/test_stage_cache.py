@@ -18,7 +18,7 @@ def test_code_digest_changes_when_any_rlhf_core_file_changes(tmp_path):
     shutil.copytree(PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = code_digest(copy)
     assert before == code_digest.__wrapped__(PACKAGE_ROOT)  # same files, same digest
-    loss_file = copy / "training" / "sft.py"
+    loss_file = copy / "training" / "sft" / "trainer.py"
     loss_file.write_text(loss_file.read_text() + "\n# a changed loss\n")
     assert code_digest.__wrapped__(copy) != before
 

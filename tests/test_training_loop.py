@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf_core.spec import OptimSpec
-from rlhf_core.training.loop import BackwardFn, run_optimizer_steps
+from rlhf_core.training.engine.loop import StepContext, run_optimizer_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,14 +37,14 @@ def _train(checkpoint_dir, counter: Counter, crash_at: int | None = None, ran: l
     model = torch.nn.Linear(3, 1)
     x = torch.arange(6.0).reshape(2, 3)
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         if step == crash_at:
             raise Crash
         (ran if ran is not None else []).append(step)
         counter.value = 2 * counter.value + step  # depends on the whole history, not on step alone
         counter.seen.append(step)
-        loss = (model(x.to(device)) - counter.value % 5).pow(2).mean()
-        backward(loss)
+        loss = (model(x.to(ctx.device)) - counter.value % 5).pow(2).mean()
+        ctx.backward(loss)
         return {"loss": loss.item()}
 
     trained, _ = run_optimizer_steps(
@@ -76,13 +76,13 @@ def _train_two(checkpoint_dir, crash_at: int | None = None, ran: list | None = N
     models = torch.nn.ModuleDict({"policy": torch.nn.Linear(3, 2), "value": torch.nn.Linear(3, 1)})
     x = torch.arange(6.0).reshape(2, 3)
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         if step == crash_at:
             raise Crash
         (ran if ran is not None else []).append(step)
         target = float(step % 3)
         loss = (models["policy"](x) - target).pow(2).mean() + (models["value"](x) + target).pow(2).mean()
-        backward(loss)
+        ctx.backward(loss)
         return {"loss": loss.item()}
 
     trained, _ = run_optimizer_steps(

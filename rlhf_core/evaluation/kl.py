@@ -2,12 +2,13 @@
 
     KL(pi || pi_ref) = E_{x, y ~ pi(.|x)} [ sum_t log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) ]
 
-The k1 estimator (Schulman's note, book §16.2): sample completions y from pi itself (temperature 1,
-no nucleus cut, no processors: the native decoding loop samples the model's own softmax), and average
-the summed per-token log-ratios. It is unbiased only for samples drawn from pi: completions decoded
-greedily or at another temperature would estimate something else, and a single estimate can be
-negative. Completions stop at EOS or after ``max_new_tokens``, so the figure is the KL of the first
-``max_new_tokens`` tokens (the sequence KL when every sample ends before the cap).
+The k1 estimator (:func:`rlhf_core.losses.kl.sampled_kl`; Schulman's note, book §16.2): sample
+completions y from pi itself (temperature 1, no nucleus cut, no processors: the native decoding loop
+samples the model's own softmax), and average the summed per-token log-ratios. It is unbiased only
+for samples drawn from pi: completions decoded greedily or at another temperature would estimate
+something else, and a single estimate can be negative. Completions stop at EOS or after
+``max_new_tokens``, so the figure is the KL of the first ``max_new_tokens`` tokens (the sequence KL
+when every sample ends before the cap).
 
 The interval is the percentile bootstrap over prompts of each prompt's mean over its samples.
 """
@@ -18,7 +19,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.evaluation.statistics import figure_with_interval
-from rlhf_core.modeling.completion_scoring import can_share_prefix, pack_completions, policy_token_logprobs
+from rlhf_core.losses.kl import sampled_kl
+from rlhf_core.modeling.completion_scoring import (
+    can_share_prefix,
+    completion_mask,
+    pack_completions,
+    policy_token_logprobs,
+    to_grid,
+)
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rollout.generation import chat_prompt, decode_batch
 
@@ -83,11 +91,9 @@ def sequence_log_ratios(
         with eval_mode(policy), eval_mode(reference):
             logp, _ = policy_token_logprobs(policy, packed)  # (N,) over all completion tokens
             logp_ref, _ = policy_token_logprobs(reference, packed)
-        per_token = (logp.double() - logp_ref.double()).cpu()
-        sums = torch.zeros(packed.count, dtype=torch.float64).index_add(
-            0, packed.index.owner.cpu(), per_token
-        )
-        out += sums.tolist()
+        mask = completion_mask([len(c) for c in completion_ids[part]], packed.width)
+        grids = [to_grid(x.double(), packed).cpu() for x in (logp, logp_ref)]  # (B, T) each
+        out += sampled_kl(*grids, mask).tolist()
     return out
 
 

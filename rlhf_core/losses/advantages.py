@@ -21,6 +21,7 @@ last completion token; the value targets are A_t + V(s_t).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -31,6 +32,27 @@ GroupEstimator = Literal["grpo", "dr_grpo", "rloo"]
 GRPO_STD_EPS = 1e-4
 
 
+def _grpo(grouped: torch.Tensor, centered: torch.Tensor, eps: float) -> torch.Tensor:
+    return centered / (grouped.std(dim=1, keepdim=True) + eps)
+
+
+def _dr_grpo(grouped: torch.Tensor, centered: torch.Tensor, eps: float) -> torch.Tensor:
+    return centered
+
+
+def _rloo(grouped: torch.Tensor, centered: torch.Tensor, eps: float) -> torch.Tensor:
+    group_size = grouped.shape[1]
+    return centered * group_size / (group_size - 1)
+
+
+# estimator name -> fn((P, G) rewards, (P, G) rewards minus their group mean, eps) -> (P, G) advantages
+GROUP_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "grpo": _grpo,
+    "dr_grpo": _dr_grpo,
+    "rloo": _rloo,
+}
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, estimator: GroupEstimator, eps: float = GRPO_STD_EPS
 ) -> torch.Tensor:
@@ -39,17 +61,11 @@ def group_advantages(
         raise ValueError(f"{estimator} compares the completions of a prompt: it needs group_size >= 2")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"unknown group estimator '{estimator}' (known: {', '.join(GROUP_ESTIMATORS)})")
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        advantages = centered / (grouped.std(dim=1, keepdim=True) + eps)
-    elif estimator == "dr_grpo":
-        advantages = centered
-    elif estimator == "rloo":
-        advantages = centered * group_size / (group_size - 1)
-    else:
-        raise ValueError(f"unknown group estimator '{estimator}'")
-    return advantages.reshape(-1)
+    return GROUP_ESTIMATORS[estimator](grouped, centered, eps).reshape(-1)
 
 
 def all_equal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

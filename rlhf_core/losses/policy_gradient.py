@@ -23,6 +23,7 @@ rho = 1 and the clipped loss has the gradient of -A log pi.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,27 @@ def cispo_loss(
     weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = zero_padding(-weight * advantages * logps, mask)
     return PolicyLoss(per_token, (weight != ratio) & mask.bool(), log_ratio)
+
+
+def _reinforce_from_ratio_args(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> PolicyLoss:
+    """:func:`reinforce_loss` behind the common signature (it reads no pi_old and no clip)."""
+    return reinforce_loss(logps, advantages, mask)
+
+
+# loss name (``AlgorithmDefaults.loss``) -> fn(logps, old_logps, advantages, mask, clip_low, clip_high)
+POLICY_LOSSES: dict[str, Callable[..., PolicyLoss]] = {
+    "reinforce": _reinforce_from_ratio_args,
+    "clipped": clipped_surrogate_loss,
+    "gspo": gspo_loss,
+    "cispo": cispo_loss,
+}
 
 
 def clipped_value_loss(

@@ -1,5 +1,7 @@
-"""Rollout: batched, KV-cached generation from chat prompts, and N scored samples per prompt.
+"""Rollout: batched, KV-cached generation from chat prompts, N scored samples per prompt
+(``sampling``), and G completions per prompt with per-token log-probs, entropy and values
+(``token_scoring``).
 
-Used by the ``sample`` and ``evaluate`` stages and by on-policy training loops; generation leaves the
-policy in the train/eval mode it found it in.
+Used by the ``sample`` and ``evaluate`` stages, by on-policy training loops and by the over-optimization
+monitor; generation leaves the policy in the train/eval mode it found it in.
 """

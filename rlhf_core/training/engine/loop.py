@@ -1,29 +1,32 @@
 """The optimizer-step loop shared by every offline trainer (SFT, reward model, ...).
 
-A trainer supplies ``step_fn(step, backward, device)``: it runs the forward/backward passes of the
-micro-batches of global step ``step`` (calling ``backward(loss)``) and returns that step's metrics.
+A trainer supplies ``step_fn(step, ctx)``: it runs the forward/backward passes of the micro-batches of
+global step ``step`` through the :class:`StepContext` the loop hands it (``ctx.share`` of the
+micro-batches, ``ctx.forward`` for each loss, ``ctx.backward(loss)``, tensors on ``ctx.device``) and
+returns that step's metrics. Everything a step may touch is in that object: no module state changes
+what a step does.
 This loop owns everything around it: accelerate, AdamW, warmup + decay schedule, gradient clipping,
 metrics every ``log_every`` steps, resumable checkpoints every ``checkpoint_every`` steps, and bf16
 autocast when ``precision: bf16``.
 
-With several processes (``compute.processes``; ``rlhf_core.training.data_parallel``) every rank runs
+With several processes (``compute.processes``; ``rlhf_core.training.engine.data_parallel``) every rank runs
 this loop on the same steps: ``step_fn`` runs only this rank's share of the step's micro-batches
-(``local_share``) with losses normalised by the whole step's count, and returns its share's sums;
+(``ctx.share``) with losses normalised by the whole step's count, and returns its share's sums;
 the loop sums gradients and metrics across ranks, logs and checkpoints from the main process, and
 ends the other ranks with ``OtherRankFinished`` once training is done.
 
 Sharded training (an accelerate config with ``distributed_type: FSDP`` and ``fsdp_version: 2``): the
 trained model goes into FSDP2 behind a small root module whose forward runs a callable, and trainers
-compute each micro-batch's loss through :func:`forward`. The losses call the backbone and the LM head
-(or score head) directly, never the model's own forward; run inside the root's forward, every FSDP
-hook still fires: the root unshards its parameters (embeddings, final norm, heads: whatever no layer
-unit holds) before the loss and keeps them until its backward, and the layer units gather theirs as
-the backbone calls them. FSDP reduce-scatters gradients after each backward pass, a collective, so
-every rank must run the same number of forward/backward passes per step: trainers iterate over
-``data_parallel.balanced_share`` (ranks short of a pass repeat a micro-batch with its loss multiplied
-by zero). Gradients are sums (divide factor 1), as with the all-reduce of the data-parallel path, so
-nothing else changes: clipping sees the sharded gradients (DTensors) and computes the global norm,
-checkpoints are accelerate's (sharded when the config says so), and the trained model comes back
+compute each micro-batch's loss through :meth:`StepContext.forward`. The losses call the backbone and
+the LM head (or score head) directly, never the model's own forward; run inside the root's forward,
+every FSDP hook still fires: the root unshards its parameters (embeddings, final norm, heads: whatever
+no layer unit holds) before the loss and keeps them until its backward, and the layer units gather
+theirs as the backbone calls them. FSDP reduce-scatters gradients after each backward pass, a
+collective, so every rank must run the same number of forward/backward passes per step: trainers
+iterate over ``ctx.share(micro_batches)`` (ranks short of a pass repeat a micro-batch with its loss
+multiplied by zero). Gradients are sums (divide factor 1), as with the all-reduce of the data-parallel
+path, so nothing else changes: clipping sees the sharded gradients (DTensors) and computes the global
+norm, checkpoints are accelerate's (sharded when the config says so), and the trained model comes back
 unsharded, on the main process only.
 
 Exact resume relies on the trainer's batches being a pure function of (seed, step), or on the trainer
@@ -42,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -50,12 +53,18 @@ from accelerate.utils import DistributedType
 from transformers import get_scheduler
 
 from rlhf_core.spec import OptimSpec
-from rlhf_core.training import PROGRESS_METRIC, data_parallel
-from rlhf_core.training.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_core.training import PROGRESS_METRIC
+from rlhf_core.training.engine import data_parallel
+from rlhf_core.training.engine.checkpoint import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
+T = TypeVar("T")
 LogFn = Callable[[dict[str, float], int], None]
 BackwardFn = Callable[[torch.Tensor], None]
-StepFn = Callable[[int, BackwardFn, torch.device], dict[str, float]]
 
 TOKENS = "tokens"  # step_fn metric: real (non-padding) input tokens processed in the step
 
@@ -79,15 +88,32 @@ class _LossRoot(torch.nn.Module):
             self.model.tie_weights(*args, **kwargs)
 
 
-_sharded_root: list[torch.nn.Module] = []  # the FSDP root while a sharded run is in its steps
+@dataclass(frozen=True)
+class StepContext:
+    """What one optimizer step may touch, created by the loop and handed to ``step_fn(step, ctx)``.
+
+    ``sharded_root`` is the FSDP root while a sharded run is in its steps (None otherwise): losses then
+    run inside its forward, and every rank runs as many passes.
+    """
+
+    device: torch.device  # where this rank's tensors go
+    backward: BackwardFn  # adds a micro-batch loss's gradient (outside autocast)
+    sharded_root: torch.nn.Module | None = None
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``: a micro-batch's loss. In sharded training it runs inside the FSDP
+        root's forward (see the module docstring); otherwise it is a call."""
+        if self.sharded_root is not None:
+            return self.sharded_root(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def share(self, micro_batches: Sequence[T]) -> list[tuple[T, bool]]:
+        """This rank's share of the step's micro-batches as (micro-batch, counts) pairs
+        (:func:`data_parallel.balanced_share`; sharded: plus zero-weighted repeats)."""
+        return data_parallel.balanced_share(micro_batches, equal_passes=self.sharded_root is not None)
 
 
-def forward(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``: a micro-batch's loss, computed by a trainer's ``step_fn``. In sharded
-    training it runs inside the FSDP root's forward (see the module docstring); otherwise it is a call."""
-    if _sharded_root:
-        return _sharded_root[-1](fn, *args, **kwargs)
-    return fn(*args, **kwargs)
+StepFn = Callable[[int, StepContext], dict[str, float]]
 
 
 class Stateful(Protocol):
@@ -160,17 +186,10 @@ def run_optimizer_steps(
         _sum_sharded_gradients(model)
         # fully_shard replaced every parameter by a sharded one (the optimizer holds the new ones)
         params = [p for p in model.parameters() if p.requires_grad]
-        _sharded_root.append(model)
-        data_parallel._equal_passes.append(True)
     else:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    try:
-        result = _steps(accelerator, model, optimizer, scheduler, params, cfg, total_steps, steps_per_epoch,
-                        seed, checkpoint_dir, step_fn, log, extra_state, sharded)  # fmt: skip
-    finally:
-        if sharded:
-            _sharded_root.remove(model)
-            data_parallel._equal_passes.pop()
+    result = _steps(accelerator, model, optimizer, scheduler, params, cfg, total_steps, steps_per_epoch,
+                    seed, checkpoint_dir, step_fn, log, extra_state, sharded)  # fmt: skip
     if sharded:
         full = _full_state_dict(model)  # a collective: every rank takes part, the main one gets it
         del model, optimizer, scheduler
@@ -252,9 +271,10 @@ def _steps(
             # A fresh cast per micro-batch keeps every weight gradient inside its layer's backward.
             torch.clear_autocast_cache()
 
+    ctx = StepContext(accelerator.device, backward, sharded_root=model if sharded else None)
     for step in range(start_step, total_steps):
         with autocast():
-            metrics = step_fn(step, backward, accelerator.device)
+            metrics = step_fn(step, ctx)
         if processes > 1:  # the step's gradient and metrics: sums over every rank's share
             if not sharded:  # FSDP has reduce-scattered the sums already
                 data_parallel.sum_gradients(params)

@@ -30,33 +30,24 @@ from rlhf_core.modeling.sft_tokens import (
     unpacked_rows,
 )
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
-from rlhf_core.training.data_parallel import balanced_share
-from rlhf_core.training.loop import (
+from rlhf_core.training.engine.loop import (
     TOKENS,
-    BackwardFn,
     LogFn,
-    forward,
+    StepContext,
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
 )
+from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
 
 
-@dataclass
-class SFTResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class SFTResult(TrainingResult):
     examples: int
     truncated_examples: int
     examples_without_labels: int
     trained_tokens: int
-    input_tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, float]:
         """The figures shown in the pipeline summary."""
@@ -126,19 +117,6 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], packe
     )
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraSpec) -> PreTrainedModel:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
 def train_sft(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -165,7 +143,7 @@ def train_sft(
 
     trained_tokens = 0  # label tokens trained by this process (after a resume: since the resume)
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         nonlocal trained_tokens
         micro = [
             collate(rows_, tokenizer.pad_token_id) for rows_ in micro_batches_of_step(plan, cfg, seed, step)
@@ -174,13 +152,13 @@ def train_sft(
         loss_sum, real_tokens = 0.0, 0
         # all of them, or this rank's share; normalised by the whole step (sharded: plus zero-weighted
         # repeats, so every rank runs as many passes)
-        for batch, counts in balanced_share(micro):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = forward(token_loss_sum, model, batch, cfg.packing) / max(step_tokens, 1)
+        for batch, counts in ctx.share(micro):
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            loss = ctx.forward(token_loss_sum, model, batch, cfg.packing) / max(step_tokens, 1)
             if not counts:
-                backward(loss * 0.0)
+                ctx.backward(loss * 0.0)
                 continue
-            backward(loss)
+            ctx.backward(loss)
             loss_sum += loss.item()
             real_tokens += int(batch["attention_mask"].sum())
         trained_tokens += step_tokens

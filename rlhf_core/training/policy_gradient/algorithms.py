@@ -11,17 +11,23 @@
 
 With the KL in the reward, beta x KL is subtracted per token (ppo) or per completion (reinforce, rloo)
 before the advantages; with the KL in the loss the trainer adds beta x k3 per token.
+
+Dispatch goes through tables, never through the algorithm's name: ``ADVANTAGE_ESTIMATORS`` (estimator ->
+function, and whether it needs a value model), ``POLICY_LOSSES`` (:mod:`rlhf_core.losses.policy_gradient`)
+and the rollout defaults of :mod:`.rollouts`, all keyed by the entries of the spec's ``ALGORITHMS``.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from rlhf_core.losses.advantages import (
+    GROUP_ESTIMATORS,
     all_equal_groups,
     batch_baseline_advantages,
     generalized_advantages,
@@ -32,15 +38,9 @@ from rlhf_core.losses.advantages import (
 )
 from rlhf_core.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token
 from rlhf_core.losses.masking import masked_mean
-from rlhf_core.losses.policy_gradient import (
-    PolicyLoss,
-    cispo_loss,
-    clipped_surrogate_loss,
-    gspo_loss,
-    reinforce_loss,
-)
+from rlhf_core.losses.policy_gradient import POLICY_LOSSES, PolicyLoss
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.rollouts import Rollout
+from rlhf_core.training.policy_gradient.rollouts import Rollout, rollout_defaults
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ class Settings:
             clip_high=stage.clip_high if stage.clip_high is not None else d.clip[1],
             group_size=stage.effective_group_size,
             dynamic_sampling=(
-                stage.dynamic_sampling if stage.dynamic_sampling is not None else stage.algorithm == "dapo"
+                stage.dynamic_sampling
+                if stage.dynamic_sampling is not None
+                else rollout_defaults(stage).dynamic_sampling
             ),
             updates_per_rollout=updates,
             need_old_pass=updates > 1 or kl_at_rollout,
@@ -88,40 +90,95 @@ def kl_controller(stage: PolicyGradientStage) -> AdaptiveKLController | FixedKLC
     return FixedKLController(stage.beta)
 
 
+AdvantageResult = tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]
+KLPenalty = tuple[float, torch.Tensor]  # (beta, (N, T) per-token KL) when the KL goes in the reward
+
+
+def gae_advantages(
+    rollout: Rollout, settings: Settings, stage: PolicyGradientStage, kl_penalty: KLPenalty | None
+) -> AdvantageResult:
+    """PPO: per-token rewards (the score on the last token, minus beta x KL_t on every token when the KL
+    goes in the reward), GAE on the value model's values, whitened when configured."""
+    mask = rollout.mask
+    token_rewards = sequence_rewards_to_tokens(rollout.samples.rewards.float(), mask)
+    if kl_penalty is not None:
+        beta, kl_tokens = kl_penalty
+        token_rewards = token_rewards - beta * kl_tokens
+    advantages, returns = generalized_advantages(
+        token_rewards, rollout.values, mask, stage.ppo.gamma, stage.ppo.lam
+    )
+    if stage.ppo.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    residual = torch.where(mask, returns - rollout.values, 0.0)
+    variance = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
+    residual_var = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
+    explained = float(1 - residual_var / variance) if variance > 0 else math.nan
+    return advantages, returns, {"explained_variance": explained}
+
+
+def _penalized_rewards(
+    rollout: Rollout, stage: PolicyGradientStage, kl_penalty: KLPenalty | None
+) -> torch.Tensor:
+    """(N,) one reward per completion, minus beta x its KL when the KL goes in the reward."""
+    rewards = rollout.samples.rewards.float()
+    if kl_penalty is not None:
+        beta, kl_tokens = kl_penalty
+        rewards = rewards - beta * sequence_kl(kl_tokens, rollout.mask, stage.kl.reduce)
+    return rewards
+
+
+def batch_mean_advantages(
+    rollout: Rollout, settings: Settings, stage: PolicyGradientStage, kl_penalty: KLPenalty | None
+) -> AdvantageResult:
+    """REINFORCE: each completion's reward minus the batch mean."""
+    return batch_baseline_advantages(_penalized_rewards(rollout, stage, kl_penalty)), None, {}
+
+
+def group_estimator_advantages(
+    rollout: Rollout, settings: Settings, stage: PolicyGradientStage, kl_penalty: KLPenalty | None
+) -> AdvantageResult:
+    """RLOO, GRPO, Dr. GRPO: each reward against its prompt's group (``GROUP_ESTIMATORS``)."""
+    rewards = _penalized_rewards(rollout, stage, kl_penalty)
+    return group_advantages(rewards, settings.group_size, settings.estimator), None, {}
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """How one estimator turns a rollout into advantages, and what it needs."""
+
+    compute: Callable[[Rollout, Settings, PolicyGradientStage, KLPenalty | None], AdvantageResult]
+    needs_value_model: bool = False  # values per token at the rollout, a value loss in every update
+
+
+# ``AlgorithmDefaults.estimator`` -> its estimator
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": AdvantageEstimator(gae_advantages, needs_value_model=True),
+    "batch_mean": AdvantageEstimator(batch_mean_advantages),
+    **{name: AdvantageEstimator(group_estimator_advantages) for name in GROUP_ESTIMATORS},
+}
+
+
+def needs_value_model(stage: PolicyGradientStage) -> bool:
+    """Whether the stage's estimator reads a value model (PPO's GAE)."""
+    return ADVANTAGE_ESTIMATORS[stage.defaults.estimator].needs_value_model
+
+
 def compute_advantages(
     rollout: Rollout, settings: Settings, stage: PolicyGradientStage, beta: float
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+) -> AdvantageResult:
     """Advantages ((N,) per completion, or (N, T) for PPO), PPO's value targets, and rollout metrics."""
-    samples, mask = rollout.samples, rollout.mask
-    rewards = samples.rewards.float()
+    mask = rollout.mask
     metrics: dict[str, float] = {}
     kl_tokens = None
     if rollout.ref_logps is not None and rollout.old_logps is not None:
         kl_tokens = kl_per_token(rollout.old_logps, rollout.ref_logps, mask, settings.kl_estimator)
         metrics["kl"] = float(kl_per_token(rollout.old_logps, rollout.ref_logps, mask, "k1").sum(1).mean())
     in_reward = kl_tokens is not None and beta > 0 and settings.kl_placement == "reward"
-    returns = None
-    if settings.estimator == "gae":
-        token_rewards = sequence_rewards_to_tokens(rewards, mask)
-        if in_reward:
-            token_rewards = token_rewards - beta * kl_tokens
-        advantages, returns = generalized_advantages(
-            token_rewards, rollout.values, mask, stage.ppo.gamma, stage.ppo.lam
-        )
-        if stage.ppo.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        residual = torch.where(mask, returns - rollout.values, 0.0)
-        variance = masked_mean((returns - masked_mean(returns, mask)).square(), mask)
-        residual_var = masked_mean((residual - masked_mean(residual, mask)).square(), mask)
-        metrics["explained_variance"] = float(1 - residual_var / variance) if variance > 0 else math.nan
-        return advantages, returns, metrics
-    if in_reward:
-        rewards = rewards - beta * sequence_kl(kl_tokens, mask, stage.kl.reduce)
-    if settings.estimator == "batch_mean":
-        advantages = batch_baseline_advantages(rewards)
-    else:
-        advantages = group_advantages(rewards, settings.group_size, settings.estimator)
-    return advantages, None, metrics
+    penalty = (beta, kl_tokens) if in_reward else None
+    advantages, returns, estimator_metrics = ADVANTAGE_ESTIMATORS[settings.estimator].compute(
+        rollout, settings, stage, penalty
+    )
+    return advantages, returns, {**metrics, **estimator_metrics}
 
 
 def rollout_metrics(rollout: Rollout, settings: Settings) -> dict[str, float]:
@@ -152,11 +209,6 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
 ) -> PolicyLoss:
-    if settings.loss == "reinforce":
-        return reinforce_loss(logps, advantages, mask)
-    clip = (settings.clip_low, settings.clip_high)
-    if settings.loss == "clipped":
-        return clipped_surrogate_loss(logps, old_logps, advantages, mask, *clip)
-    if settings.loss == "gspo":
-        return gspo_loss(logps, old_logps, advantages, mask, *clip)
-    return cispo_loss(logps, old_logps, advantages, mask, *clip)
+    """The algorithm's policy loss (``POLICY_LOSSES``) with its clip range."""
+    loss = POLICY_LOSSES[settings.loss]
+    return loss(logps, old_logps, advantages, mask, settings.clip_low, settings.clip_high)

@@ -28,35 +28,25 @@ from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs,
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
-from rlhf_core.training.data_parallel import balanced_share
-from rlhf_core.training.loop import (
+from rlhf_core.training.engine.loop import (
     TOKENS,
-    BackwardFn,
     LogFn,
-    forward,
+    StepContext,
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
 )
+from rlhf_core.training.engine.result import TrainingResult
 
 HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
 
 
-@dataclass
-class RewardModelResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class RewardModelResult(TrainingResult):
     prompts: int
     pairs: int
     skipped_pairs: int
-    seconds: float
-    input_tokens: int
     heldout: dict[str, float] = field(default_factory=dict)  # evaluate_reward_model on held-out rows
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.input_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, float]:
         """Headline numbers: final train loss, steps, skipped pairs, held-out loss/accuracy/margin."""
@@ -142,7 +132,7 @@ def train_reward_model(
 
     longest = [max(len(s) for s in g.chosen + g.rejected) for g in groups]
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         # The step's loss is the mean over all its prompts, however they are split into micro-batches,
         # so the step's prompts are regrouped by length: similar lengths share a micro-batch (less
         # padding), and the gradient is the same.
@@ -152,13 +142,15 @@ def train_reward_model(
         n_step = len(ids)
         totals = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, TOKENS: 0.0, "processed_tokens": 0.0}
         # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
-        for part, counts in balanced_share(micro):
-            loss, stats = forward(pairs_loss, model, part, tokenizer.pad_token_id, device, cfg.shared_prefix)
+        for part, counts in ctx.share(micro):
+            loss, stats = ctx.forward(
+                pairs_loss, model, part, tokenizer.pad_token_id, ctx.device, cfg.shared_prefix
+            )
             weight = len(part) / n_step  # each prompt weighs the same across micro-batches
             if not counts:
-                backward(loss * 0.0)
+                ctx.backward(loss * 0.0)
                 continue
-            backward(loss * weight)
+            ctx.backward(loss * weight)
             totals["loss"] += loss.item() * weight
             totals["accuracy"] += stats["accuracy"] * weight
             totals["margin"] += stats["margin"] * weight

@@ -10,7 +10,7 @@ before the first and after the last, the monitor
    the prompts; truncated answers are scored too, and their share is logged);
 3. estimates KL(pi || pi_ref) = E_{y ~ pi(.|x)}[log pi(y|x) - log pi_ref(y|x)] from ``kl_samples``
    completions per prompt sampled at temperature 1 (k1 summed over a completion's tokens, averaged;
-   book ch.15 §16.1), reading both log-probs with the rollouts' :func:`score_tokens`;
+   book ch.15 §16.1), reading both log-probs with :func:`rlhf_core.rollout.token_scoring.score_tokens`;
 4. logs ``monitor/proxy``, ``monitor/gold``, ``monitor/kl`` (and per source, ``monitor/proxy/<source>``,
    ``monitor/gold/<source>``, plus ``monitor/truncated_share``) at that optimizer step.
 
@@ -47,19 +47,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.data.schemas import prompt_key
 from rlhf_core.errors import UserError
+from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rollout.generation import decode_batch
+from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
-from rlhf_core.training.loop import TOKENS, LogFn, LoopResult, StepFn
-from rlhf_core.training.overoptimization_history import (
+from rlhf_core.training.engine.loop import TOKENS, LogFn, LoopResult, StepContext, StepFn
+from rlhf_core.training.monitor.history import (
     Evaluation,
     best_evaluation,
     gold_fell_while_proxy_rose,
 )
-from rlhf_core.training.rollouts import encode_prompts, score_tokens
 
 KEPT_CHECKPOINTS = 2  # checkpoint.save_checkpoint keeps the newest two
 ReferenceProvider = Callable[[], contextlib.AbstractContextManager]
@@ -163,12 +164,12 @@ class OverOptimizationMonitor:
         """``step_fn`` preceded, every ``every`` steps, by an evaluation of the weights after ``step``
         optimizer steps; keeps the counts a stopped loop cannot return."""
 
-        def monitored(step: int, backward: Callable, device: torch.device) -> dict[str, float]:
+        def monitored(step: int, ctx: StepContext) -> dict[str, float]:
             if self._progress.resumed_from_step < 0:
                 self._progress.resumed_from_step, self._started = step, time.perf_counter()
             if step % self.spec.every == 0:
                 self.evaluate_and_check(step)
-            metrics = step_fn(step, backward, device)
+            metrics = step_fn(step, ctx)
             self._progress.tokens += int(metrics.get(TOKENS, 0))
             self._progress.last_metrics = {k: v for k, v in metrics.items() if k != TOKENS}
             return metrics
@@ -281,7 +282,7 @@ class OverOptimizationMonitor:
         )  # fmt: skip
         lengths = torch.tensor([len(c) for c in completions])
         mask = torch.arange(policy_logps.shape[1])[None, :] < lengths[:, None]
-        kl = torch.where(mask, policy_logps - ref_logps, 0.0).sum(1).mean()
+        kl = sampled_kl(policy_logps, ref_logps, mask).mean()
         value = float(kl)
         if not math.isfinite(value):
             raise UserError(f"stage '{self.stage_name}': the monitor's KL estimate is {value} at step {step}")

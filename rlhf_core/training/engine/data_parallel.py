@@ -18,9 +18,9 @@ full (B, T, V) logits are never built). The explicit all-reduce gives the same a
 message per step instead of overlapped buckets.
 
 FSDP2 (accelerate ``fsdp_version: 2``) is supported by running each loss inside the FSDP root's
-forward (``rlhf_core.training.loop.forward``); its collectives run on every forward and backward
-pass, so there every rank runs the same number of passes (:func:`balanced_share`). FSDP1 and
-DeepSpeed are refused (:func:`check_supported`).
+forward (``StepContext.forward`` in ``rlhf_core.training.engine.loop``); its collectives run on every
+forward and backward pass, so there every rank runs the same number of passes (:func:`balanced_share`
+with ``equal_passes``). FSDP1 and DeepSpeed are refused (:func:`check_supported`).
 """
 
 from __future__ import annotations
@@ -65,20 +65,17 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     return list(items[rank::world])
 
 
-_equal_passes: list[bool] = []  # set by the loop while every rank must run the same number of passes
-
-
-def balanced_share(items: Sequence[T]) -> list[tuple[T, bool]]:
+def balanced_share(items: Sequence[T], *, equal_passes: bool = False) -> list[tuple[T, bool]]:
     """This process's share of a step's micro-batches as (micro-batch, counts) pairs.
 
-    ``counts`` is True for the share itself. In sharded training every forward and backward pass is
-    a collective, so a rank with fewer micro-batches than ``ceil(len(items) / world)`` makes up the
-    difference with the step's first micro-batch and ``counts`` False: the trainer runs it with its loss
-    multiplied by zero (a zero gradient, the same passes) and leaves it out of its metrics. Otherwise
-    this is :func:`local_share`, every pair counting.
+    ``counts`` is True for the share itself. With ``equal_passes`` (sharded training: every forward and
+    backward pass is a collective) a rank with fewer micro-batches than ``ceil(len(items) / world)``
+    makes up the difference with the step's first micro-batch and ``counts`` False: the trainer runs it
+    with its loss multiplied by zero (a zero gradient, the same passes) and leaves it out of its metrics.
+    Otherwise this is :func:`local_share`, every pair counting.
     """
     share = [(item, True) for item in local_share(items)]
-    if _equal_passes and _equal_passes[-1] and items:
+    if equal_passes and items:
         _, world = rank_and_world()
         share += [(items[0], False)] * (-(-len(items) // world) - len(share))
     return share

@@ -3,8 +3,8 @@
 1. Pairs are tokenized as a sampled completion would follow its prompt (``tokenize_preference_rows``).
 2. The reference model's log-probs log pi_ref(y|x) of every chosen and rejected completion are computed
    once, before training, and cached in a file keyed by the reference's digest, the data's digest and
-   the tokenization settings (:func:`reference_logprobs_key`): training holds no reference model, and
-   a second stage on the same pairs and reference (another beta, another loss) reuses the file.
+   the tokenization settings (steps 1 and 2 live in :mod:`.reference`): training holds no reference
+   model, and a second stage on the same pairs and reference (another beta, another loss) reuses the file.
    Reference-free losses (SimPO, ORPO) compute none.
 3. Each optimizer step takes the step's pairs (a pure function of seed and step, so resume is exact),
    regroups them by length into micro-batches, and sends the chosen and the rejected sequences of a
@@ -23,9 +23,7 @@ the rest.
 from __future__ import annotations
 
 import math
-import os
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,54 +31,49 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import NonFiniteLossError, UserError
-from rlhf_core.fingerprint import stage_fingerprint
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES, LossSpec
-from rlhf_core.losses.language_model import IGNORE_INDEX, sequence_logprobs
-from rlhf_core.modeling.completion_scoring import can_share_prefix, pack_completions, policy_token_logprobs
+from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.models import load_model
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import (
     CompletionTokens,
-    LengthReport,
-    PairTokens,
-    tokenize_preference_rows,
-    tokenize_unpaired_rows,
 )
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
-from rlhf_core.training.data_parallel import balanced_share, main_process_first, rank_and_world
-from rlhf_core.training.loop import (
+from rlhf_core.training.direct_alignment.reference import (
+    REFERENCE_BATCH,
+    cached_reference_logprobs,
+    check_labels,
+    example_logprobs,
+    example_sequences,
+    tokenize_examples,
+)
+from rlhf_core.training.engine.data_parallel import main_process_first, rank_and_world
+from rlhf_core.training.engine.loop import (
     TOKENS,
-    BackwardFn,
     LogFn,
-    forward,
+    StepContext,
     plan_steps,
     rows_of_step,
     run_optimizer_steps,
 )
-from rlhf_core.training.overoptimization import (
+from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
+from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
     OverOptimizationMonitor,
     load_monitor_inputs,
     starting_reference,
 )
-from rlhf_core.training.sft import apply_lora
-
-REFERENCE_BATCH = 32  # pairs per forward pass of the reference (no gradients)
 
 
-@dataclass
-class DirectAlignmentResult:
-    steps: int
-    resumed_from_step: int
-    final_loss: float
+@dataclass(kw_only=True)
+class DirectAlignmentResult(TrainingResult):
     examples: int  # pairs, or unpaired completions for KTO
     truncated: int  # rows kept with their prompt cut from the left
     skipped: int  # rows dropped for their length
     reference_cached: bool
-    seconds: float
-    input_tokens: int
     heldout: dict[str, float] = field(default_factory=dict)
     monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
 
@@ -92,7 +85,7 @@ class DirectAlignmentResult:
             "skipped_rows": float(self.skipped),
             "truncated_prompts": float(self.truncated),
             "reference_logprobs_from_cache": float(self.reference_cached),
-            "tokens_per_second": self.input_tokens / self.seconds if self.seconds > 0 else 0.0,
+            "tokens_per_second": self.tokens_per_second,
         }
         shown |= {k.replace("eval/", "heldout_"): v for k, v in self.heldout.items() if k in HELDOUT_SHOWN}
         if self.resumed_from_step:
@@ -101,140 +94,6 @@ class DirectAlignmentResult:
 
 
 HELDOUT_SHOWN = ("eval/loss", "eval/accuracy", "eval/margin", "eval/kl_to_reference")
-
-
-def reference_logprobs_key(
-    reference_digest: str, data_digest: str, stage: DirectAlignmentStage, split: str
-) -> str:
-    """Identity of a reference log-prob cache: reference weights, rows, split and tokenization settings
-    (and, as for every fingerprint, the rlhf_core source and library versions)."""
-    settings = {
-        "max_length": stage.train.max_length,
-        "on_overlong": stage.train.on_overlong,
-        "shared_prefix": stage.train.shared_prefix,  # the same log-probs up to float rounding
-        "split": split,
-    }
-    inputs = {"reference": reference_digest, "data": data_digest}
-    return stage_fingerprint("reference_logprobs", settings, inputs, seed=0)
-
-
-Example = PairTokens | CompletionTokens
-
-
-def as_unpaired(pairs: list[PairTokens]) -> list[CompletionTokens]:
-    """KTO from preference pairs: the chosen completion is desirable, the rejected one is not."""
-    return [
-        CompletionTokens(p.prompt, completion, label, p.row)
-        for p in pairs
-        for completion, label in ((p.chosen, True), (p.rejected, False))
-    ]
-
-
-def example_sequences(examples: list, ids: list[int]) -> list[tuple[list[int], list[int]]]:
-    """The (prompt, completion) sequences of examples ``ids``: chosen then rejected of each pair, or
-    each unpaired completion then the mismatched (x_i, y_{i+1}) that KTO's reference point needs."""
-    if isinstance(examples[0], PairTokens):
-        return [(examples[i].prompt, examples[i].chosen) for i in ids] + [
-            (examples[i].prompt, examples[i].rejected) for i in ids
-        ]
-    n = len(examples)
-    return [(examples[i].prompt, examples[i].completion) for i in ids] + [
-        (examples[i].prompt, examples[(i + 1) % n].completion) for i in ids
-    ]
-
-
-def completion_batch(
-    sequences: list[tuple[list[int], list[int]]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded (prompt + completion) rows with labels on the completion only."""
-    width = max(len(prompt) + len(completion) for prompt, completion in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (prompt, completion) in enumerate(sequences):
-        n = len(prompt) + len(completion)
-        ids[row, :n] = torch.tensor(prompt + completion)
-        labels[row, len(prompt) : n] = torch.tensor(completion)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def example_logprobs(
-    model: PreTrainedModel, examples: list, ids: list[int], pad_token_id: int, shared_prefix: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2, n) summed completion log-probs and (2, n) lengths of examples ``ids``, in one forward pass:
-    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion).
-
-    With ``shared_prefix`` (and a model that supports it) each example is one row holding its prompt
-    once, followed by both completions; otherwise each sequence is its own right-padded row.
-    """
-    device = next(model.parameters()).device
-    sequences = example_sequences(examples, ids)
-    n = len(ids)
-    if shared_prefix and can_share_prefix(model):
-        # sequence k is chosen (k < n) or rejected (k >= n) of pair k % n: a pair shares one row
-        packed = pack_completions(
-            [x for x, _ in sequences], [y for _, y in sequences], [k % n for k in range(2 * n)],
-            pad_token_id, shared_prefix=True,
-        ).to(device)  # fmt: skip
-        token_logps, _ = policy_token_logprobs(model, packed)
-        owner = packed.index.owner
-        sums = token_logps.new_zeros(2 * n).index_add(0, owner, token_logps)
-        lengths = torch.zeros(2 * n, dtype=torch.long, device=device).index_add(
-            0, owner, torch.ones_like(owner)
-        )
-        return sums.view(2, n), lengths.view(2, n)
-    batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id).items()}
-    sums, lengths = sequence_logprobs(
-        model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
-    )
-    return sums.view(2, n), lengths.view(2, n)
-
-
-@torch.no_grad()
-def compute_reference_logprobs(
-    model: PreTrainedModel, examples: list, pad_token_id: int, shared_prefix: bool = True
-) -> torch.Tensor:
-    """(N, 2) reference log-probs per example: chosen and rejected, or completion and mismatched."""
-    out = torch.zeros(len(examples), 2, dtype=torch.float64)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
-    with eval_mode(model):
-        for start in range(0, len(order), REFERENCE_BATCH):
-            ids = order[start : start + REFERENCE_BATCH]
-            sums, _ = example_logprobs(model, examples, ids, pad_token_id, shared_prefix)
-            out[ids] = sums.double().cpu().T
-    return out
-
-
-def cached_reference_logprobs(
-    cache_file: Path,
-    reference: str | Callable[[], tuple[PreTrainedModel, int]],
-    revision: str | None,
-    examples: list,
-    shared_prefix: bool = True,
-) -> tuple[torch.Tensor, bool]:
-    """The reference log-probs of ``examples`` from ``cache_file``, computed (and written atomically) on a
-    miss; returns (log-probs, whether they came from the cache).
-
-    ``reference`` is a model directory (loaded only on a miss, freed after) or a function returning an
-    already loaded (model, pad token id).
-    """
-    if cache_file.exists():
-        cached = torch.load(cache_file)
-        if cached.shape[0] == len(examples):
-            return cached, True
-    if callable(reference):
-        model, pad_token_id = reference()
-    else:
-        model, tokenizer = load_model(reference, revision=revision)
-        pad_token_id = tokenizer.pad_token_id
-    logprobs = compute_reference_logprobs(model, examples, pad_token_id, shared_prefix)
-    del model
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    torch.save(logprobs, tmp)
-    os.replace(tmp, cache_file)
-    return logprobs, False
 
 
 def loss_options(stage: DirectAlignmentStage, spec: LossSpec) -> dict[str, float]:
@@ -337,7 +196,7 @@ def train_direct_alignment(
     length = [max(len(x) + len(y) for x, y in example_sequences(examples, [i])) for i in range(len(examples))]
     labels = torch.tensor([getattr(e, "label", True) for e in examples])
 
-    def step_fn(step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(step: int, ctx: StepContext) -> dict[str, float]:
         # the step's loss is the mean over its examples however they are split, so similar lengths share a
         # micro-batch (less padding) and the gradient is unchanged
         picked = [
@@ -347,12 +206,12 @@ def train_direct_alignment(
         totals: dict[str, float] = {TOKENS: 0.0}
         micro = [picked[start : start + cfg.batch_size] for start in range(0, len(picked), cfg.batch_size)]
         # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
-        for ids, counts in balanced_share(micro):
-            logps, lengths = forward(
+        for ids, counts in ctx.share(micro):
+            logps, lengths = ctx.forward(
                 example_logprobs, model, examples, ids, tokenizer.pad_token_id, cfg.shared_prefix
             )
-            ref = reference[ids].to(device) if reference is not None else None
-            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(device))
+            ref = reference[ids].to(ctx.device) if reference is not None else None
+            losses, logged = step_losses(spec, options, logps, lengths, ref, labels[ids].to(ctx.device))
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -361,9 +220,9 @@ def train_direct_alignment(
                 )
             weight = len(ids) / len(picked)
             if not counts:
-                backward(loss * 0.0)
+                ctx.backward(loss * 0.0)
                 continue
-            backward(loss * weight)
+            ctx.backward(loss * weight)
             for key, value in {"loss": loss.detach(), **logged}.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * weight
             totals[TOKENS] += float(sum(len(x) + len(y) for x, y in example_sequences(examples, ids)))
@@ -424,28 +283,8 @@ def evaluate_direct_alignment(
     return totals
 
 
-def tokenize_examples(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, stage: DirectAlignmentStage, source: str
-) -> tuple[list, LengthReport]:
-    """Rows as the examples the stage's loss trains on: pairs, or unpaired completions for KTO."""
-    cfg, spec = stage.train, DIRECT_ALIGNMENT_LOSSES[stage.loss]
-    options = {"max_length": cfg.max_length, "on_overlong": cfg.on_overlong, "source": source}
-    if stage.unpaired_data is not None:
-        return tokenize_unpaired_rows(rows, tokenizer, **options)
-    pairs, report = tokenize_preference_rows(rows, tokenizer, **options)
-    return (pairs if spec.paired else as_unpaired(pairs)), report
-
-
-def check_labels(examples: list, stage_name: str, source: str) -> None:
-    """KTO needs desirable and undesirable examples: its reference point compares the two."""
-    labels = {e.label for e in examples}
-    if len(labels) == 1:
-        which = "desirable" if labels == {True} else "undesirable"
-        raise UserError(f"stage '{stage_name}': every example of {source} is {which}; kto needs both labels")
-
-
 @torch.no_grad()
-def sampled_kl(
+def heldout_kl(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     prompts: list[list[int]],
@@ -453,8 +292,9 @@ def sampled_kl(
     max_new_tokens: int,
     seed: int,
 ) -> float:
-    """KL(pi || pi_ref) ~ mean over y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x) (the k1 estimator, one
-    sample at temperature 1 per prompt; book ch.15), on token-id prompts."""
+    """KL(pi || pi_ref) ~ mean over y ~ pi(.|x) of log pi(y|x) - log pi_ref(y|x) (the k1 estimator,
+    :func:`~rlhf_core.losses.kl.sampled_kl`, one sample at temperature 1 per prompt; book ch.15), on
+    token-id prompts."""
     device = next(policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(policy), eval_mode(reference):
@@ -478,7 +318,7 @@ def sampled_kl(
         ids = list(range(len(kept)))
         policy_logps, _ = example_logprobs(policy, kept, ids, tokenizer.pad_token_id)
         reference_logps, _ = example_logprobs(reference, kept, ids, tokenizer.pad_token_id)
-    return float((policy_logps[0] - reference_logps[0]).mean())
+    return float(sampled_kl(policy_logps[0], reference_logps[0]).mean())
 
 
 def run_direct_alignment(
@@ -501,7 +341,7 @@ def run_direct_alignment(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, DirectAlignmentResult]:
     """The ``direct_alignment`` stage's work: tokenize, cache reference log-probs, train, evaluate.
 
-    ``reference_cache`` maps split ('train', 'eval') -> cache file (see :func:`reference_logprobs_key`).
+    ``reference_cache`` maps split ('train', 'eval') -> cache file (see ``reference.reference_logprobs_key``).
     ``monitor_records``/``monitor_model_dirs``: the monitor's prompt rows and reward models by source.
     """
     if stage.monitor is not None and rank_and_world()[1] > 1:
@@ -566,7 +406,7 @@ def run_direct_alignment(
             reference_model, _ = load_model(  # the starting weights: the policy has trained since
                 reference_dir or policy_dir, revision=reference_revision if reference_dir else revision
             )
-            heldout["eval/kl_to_reference"] = sampled_kl(
+            heldout["eval/kl_to_reference"] = heldout_kl(
                 trained,
                 reference_model,
                 [list(p) for p in prompts],

@@ -9,6 +9,9 @@ first update), the reference's log-probs (when beta > 0) and PPO's values. Every
 :class:`RolloutBuffer`, which checkpoints save: a crash in the middle of a rollout's updates resumes
 with the very same samples.
 
+Generic sampling and per-token scoring on plain values live in :mod:`rlhf_core.rollout.token_scoring`;
+this module adds what on-policy RL keeps about a rollout.
+
 A completion that reaches ``max_new_tokens`` without EOS is not scored by the reward sources unless the
 stage says ``truncated: score``: a reward model never silently scores an unfinished answer.
 """
@@ -25,18 +28,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
 from rlhf_core.losses.policy_gradient import soft_overlong_penalty
-from rlhf_core.modeling.completion_scoring import (
-    pack_completions,
-    policy_token_logprobs,
-    to_grid,
-    value_token_values,
-)
-from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rewards.composite import ModelScorer, score_completions
-from rlhf_core.rollout.generation import chat_prompt, decode_batch
+from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups, score_tokens
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.loop import epoch_order
+from rlhf_core.training.engine.loop import epoch_order
 
 # rows (prompt, completion and the prompt record's fields) -> (composite rewards, per-source scores)
 RewardFn = Callable[[list[dict]], tuple[list[float], dict[str, list[float]]]]
@@ -172,33 +168,6 @@ def reward_function(
     return score
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[Any]) -> list[list[int]]:
-    """Token ids of each prompt rendered with the chat template and the assistant generation header."""
-    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-
-
-def sample_groups(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt_ids: list[list[int]],
-    stage: PolicyGradientStage,
-    seed: int,
-) -> list[list[int]]:
-    """G completions of each prompt (prompt-major), in eval mode, decoded in batches."""
-    g, gen = stage.effective_group_size, stage.generation
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    per_batch = max(1, gen.batch_size // g)
-    out: list[list[int]] = []
-    with eval_mode(policy), torch.no_grad():
-        for start in range(0, len(prompt_ids), per_batch):
-            out += decode_batch(
-                policy, prompt_ids[start : start + per_batch], g, gen.max_new_tokens, gen.temperature,
-                gen.top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
-            )  # fmt: skip
-    return out
-
-
 def reward_completions(
     rows: list[dict],
     truncated: list[bool],
@@ -224,54 +193,31 @@ def reward_completions(
     return rewards, per_source
 
 
+@dataclass(frozen=True)
+class RolloutDefaults:
+    """What an algorithm turns on at the rollout unless the stage says otherwise."""
+
+    dynamic_sampling: bool = False  # drop groups of equal rewards and sample more prompts (DAPO)
+    overlong_penalty: bool = False  # a soft overlong penalty, cache max_new_tokens // 4 (DAPO)
+
+
+# algorithm -> its rollout defaults; an algorithm not listed turns nothing on
+ROLLOUT_DEFAULTS: dict[str, RolloutDefaults] = {
+    "dapo": RolloutDefaults(dynamic_sampling=True, overlong_penalty=True),
+}
+
+
+def rollout_defaults(stage: PolicyGradientStage) -> RolloutDefaults:
+    return ROLLOUT_DEFAULTS.get(stage.algorithm, RolloutDefaults())
+
+
 def overlong_cache(stage: PolicyGradientStage) -> int | None:
+    """The soft overlong penalty's cache length (tokens), or None for no penalty."""
     if stage.overlong_cache is not None:
         return stage.overlong_cache
-    return max(1, stage.generation.max_new_tokens // 4) if stage.algorithm == "dapo" else None
-
-
-@torch.no_grad()
-def score_tokens(
-    policy: PreTrainedModel,
-    reference: Callable[[], Any] | None,
-    value_model: PreTrainedModel | None,
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    groups: list[int],
-    pad_token_id: int,
-    shared_prefix: bool,
-    batch_size: int,
-    need_old: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(N, T) old log-probs and entropy of the policy, the reference's log-probs (``reference()`` is a
-    context manager yielding the reference model), and the value model's values, in micro-batches.
-
-    Without ``need_old`` the policy pass is skipped (old log-probs and entropy are None): with one update
-    per rollout and the KL outside the reward, pi_old is the policy of that update's own forward pass."""
-    device = next(policy.parameters()).device
-    width = max(len(c) for c in completion_ids)
-    parts: dict[str, list[torch.Tensor]] = {"old": [], "entropy": [], "ref": [], "values": []}
-    for start in range(0, len(prompt_ids), batch_size):
-        part = slice(start, start + batch_size)
-        packed = pack_completions(
-            prompt_ids[part], completion_ids[part], groups[part], pad_token_id, shared_prefix
-        )
-        packed.width = width
-        packed = packed.to(device)
-        if need_old:
-            with eval_mode(policy):
-                logps, entropy = policy_token_logprobs(policy, packed, with_entropy=True)
-            parts["old"].append(to_grid(logps.float(), packed).cpu())
-            parts["entropy"].append(to_grid(entropy.float(), packed).cpu())
-        if reference is not None:
-            with reference() as ref_model, eval_mode(ref_model):
-                ref_logps, _ = policy_token_logprobs(ref_model, packed)
-            parts["ref"].append(to_grid(ref_logps.float(), packed).cpu())
-        if value_model is not None:
-            with eval_mode(value_model):
-                parts["values"].append(to_grid(value_token_values(value_model, packed), packed).cpu())
-    joined = {k: torch.cat(v) if v else None for k, v in parts.items()}
-    return joined["old"], joined["entropy"], joined["ref"], joined["values"]
+    if rollout_defaults(stage).overlong_penalty:
+        return max(1, stage.generation.max_new_tokens // 4)
+    return None
 
 
 def sample_and_reward(
@@ -286,7 +232,11 @@ def sample_and_reward(
     """G completions of each prompt ``records[i]``, decoded by the policy and rewarded."""
     prompts = [records[i]["prompt"] for i in prompt_indices]
     encoded = encode_prompts(tokenizer, prompts)
-    completions = sample_groups(policy, tokenizer, encoded, stage, seed)
+    gen = stage.generation
+    completions = sample_groups(
+        policy, tokenizer, encoded, stage.effective_group_size, max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed,
+    )  # fmt: skip
     groups = [k // stage.effective_group_size for k in range(len(completions))]
     truncated = [c[-1] != tokenizer.eos_token_id for c in completions]
     texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_core.training.overoptimization_history import Evaluation
+from rlhf_core.training.monitor.history import Evaluation
 
 PROXY_COLOR, GOLD_COLOR = "tab:blue", "tab:orange"
 

@@ -2,7 +2,7 @@
 updates; REINFORCE, RLOO, PPO, GRPO, Dr. GRPO, DAPO, GSPO and CISPO from one loop.
 
 Optimizer steps are numbered globally; step s belongs to rollout r = s // U with U = update_epochs x
-minibatches updates per rollout. The first update of a rollout collects it (:mod:`rollouts`): sample G
+minibatches updates per rollout. The first update of a rollout collects it (:mod:`.rollouts`): sample G
 completions per prompt, reward them at their end, record pi_old / pi_ref log-probs and PPO values per
 token, then compute advantages:
 
@@ -15,6 +15,8 @@ token, then compute advantages:
 Each update takes a shuffled mini-batch of the rollout's completions, recomputes log pi with gradient
 and applies the algorithm's loss (:mod:`rlhf_core.losses.policy_gradient`), plus beta x KL (k3) when the
 KL goes in the loss, plus PPO's value loss, aggregated as configured (:mod:`rlhf_core.losses.masking`).
+A rollout's metrics (``rollout/...``: reward, KL, lengths, times) are logged with the step after its
+collection when the loop logs one of its updates (every ``train.log_every`` steps, and the last).
 The rollout buffer, the KL controller and the prompt cursor are checkpointed with the weights and the
 optimizer, so a killed run resumes exactly (the samples of a rollout are drawn from a generator seeded by
 the seed and the rollout index).
@@ -26,6 +28,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,22 +48,25 @@ from rlhf_core.modeling.completion_scoring import (
     value_token_values,
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.loop import TOKENS, BackwardFn, LogFn, run_optimizer_steps
-from rlhf_core.training.overoptimization import (
+from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
+from rlhf_core.training.engine.lora import apply_lora
+from rlhf_core.training.engine.result import TrainingResult
+from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
     OverOptimizationMonitor,
     load_monitor_inputs,
     starting_reference,
 )
-from rlhf_core.training.rl_algorithms import (
+from rlhf_core.training.policy_gradient.algorithms import (
     Settings,
     compute_advantages,
     kl_controller,
+    needs_value_model,
     policy_loss,
     rollout_metrics,
 )
-from rlhf_core.training.rollouts import (
+from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
     RewardFn,
     Rollout,
@@ -69,9 +75,26 @@ from rlhf_core.training.rollouts import (
     sample_and_reward,
     score_rollout,
 )
-from rlhf_core.training.sft import apply_lora
 
 SampleLogFn = Callable[[list[dict], int], None]
+HEADLINE_ROLLOUT = ("reward_mean", "kl", "completion_length", "truncated_share")
+
+
+@dataclass(kw_only=True)
+class PolicyGradientResult(TrainingResult):
+    rollouts: int  # rollouts the run's steps belong to
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the last optimizer step's
+    last_rollout_metrics: dict[str, float] = field(default_factory=dict)  # the last rollout's
+    monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
+
+    def summary(self) -> dict[str, float]:
+        """The run's headline numbers: reward, KL and lengths of the last step, and the work done."""
+        last = self.last_metrics
+        shown = {k: float(last[k]) for k in HEADLINE_ROLLOUT if k in last}
+        shown |= {"rollouts": float(self.rollouts), "steps": float(self.steps)}
+        if self.resumed_from_step:
+            shown["resumed_from_step"] = float(self.resumed_from_step)
+        return shown
 
 
 class PolicyGradientTrainer:
@@ -106,6 +129,20 @@ class PolicyGradientTrainer:
     @property
     def extra_state(self) -> list:
         return [self.prompts, self.buffer, self.controller]
+
+    @property
+    def total_steps(self) -> int:
+        """``rollouts`` x updates per rollout, or ``train.max_steps`` when that is fewer."""
+        total = self.stage.rollouts * self.settings.updates_per_rollout
+        return min(total, self.stage.train.max_steps) if self.stage.train.max_steps is not None else total
+
+    def logs_rollout(self, index: int) -> bool:
+        """Whether rollout ``index``'s metrics are logged: when the loop logs one of its updates (every
+        ``train.log_every`` steps, and the last), so the stage's log follows ``log_every`` as every
+        kind's does."""
+        updates, total = self.settings.updates_per_rollout, self.total_steps
+        done = range(index * updates + 1, min((index + 1) * updates, total) + 1)
+        return any(d % self.stage.train.log_every == 0 or d == total for d in done)
 
     def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
@@ -162,7 +199,8 @@ class PolicyGradientTrainer:
         self.buffer.index, self.buffer.rollout = index, rollout
         self.buffer.advantages, self.buffer.returns = advantages, returns
         self.last_rollout_metrics = rollout.metrics
-        self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
+        if self.logs_rollout(index):
+            self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
 
@@ -174,7 +212,7 @@ class PolicyGradientTrainer:
         size = n // self.stage.minibatches
         return sorted(order[part * size : (part + 1) * size])
 
-    def step_fn(self, step: int, backward: BackwardFn, device: torch.device) -> dict[str, float]:
+    def step_fn(self, step: int, ctx: StepContext) -> dict[str, float]:
         index, update = divmod(step, self.settings.updates_per_rollout)
         if self.buffer.index != index:
             self.collect(index, step)
@@ -186,7 +224,7 @@ class PolicyGradientTrainer:
         totals: dict[str, float] = {TOKENS: 0.0}
         for start in range(0, len(ids), self.stage.train.batch_size):
             part = ids[start : start + self.stage.train.batch_size]
-            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, device)
+            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, ctx.device)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
@@ -195,7 +233,7 @@ class PolicyGradientTrainer:
                 )
             token_share = sum(lengths[i] for i in part) / total_tokens
             weight = token_share if self.settings.aggregation == "token" else len(part) / len(ids)
-            backward(loss * weight)
+            ctx.backward(loss * weight)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
             totals[TOKENS] += float(real_tokens)
@@ -296,17 +334,18 @@ def train_policy_gradient(
     log: LogFn | None = None,
     log_samples: SampleLogFn | None = None,
     monitor_inputs: MonitorInputs | None = None,
-) -> tuple[PreTrainedModel, PreTrainedModel | None, dict]:
-    """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, summary).
+) -> tuple[PreTrainedModel, PreTrainedModel | None, PolicyGradientResult]:
+    """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, result).
 
     ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
     ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. With
     ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
-    and may stop training (:mod:`rlhf_core.training.overoptimization`); ``summary['monitor']`` says so.
+    and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``result.monitor``
+    says so.
     """
     torch.manual_seed(seed)
-    if stage.algorithm == "ppo" and value_model is None:
-        raise ValueError("ppo needs a value model")
+    if needs_value_model(stage) and value_model is None:
+        raise ValueError(f"{stage.algorithm} needs a value model")
     if stage.lora is not None:
         policy = apply_lora(policy, stage.lora)
     reference = reference_provider(policy, stage, reference_model)
@@ -317,10 +356,7 @@ def train_policy_gradient(
     trained_modules: torch.nn.Module = policy
     if value_model is not None:
         trained_modules = torch.nn.ModuleDict({"policy": policy, "value": value_model})
-    updates = trainer.settings.updates_per_rollout
-    total_steps = stage.rollouts * updates
-    if stage.train.max_steps is not None:
-        total_steps = min(total_steps, stage.train.max_steps)
+    updates, total_steps = trainer.settings.updates_per_rollout, trainer.total_steps
     monitor, step_fn, extra_state = None, trainer.step_fn, trainer.extra_state
     if monitor_inputs is not None:
         monitor_reference = reference or starting_reference(policy, stage.lora is not None, reference_model)
@@ -343,18 +379,18 @@ def train_policy_gradient(
         policy = trained
     if stage.lora is not None:
         policy = policy.merge_and_unload()
-    summary = {
-        "steps": total_steps,
-        "rollouts": math.ceil(total_steps / updates),
-        "resumed_from_step": loop.resumed_from_step,
-        "seconds": loop.seconds,
-        "input_tokens": loop.tokens,
-        "last_metrics": loop.last_metrics,
-        "last_rollout_metrics": trainer.last_rollout_metrics,
-    }
-    if monitor_summary is not None:
-        summary["monitor"] = monitor_summary
-    return policy, value_model, summary
+    result = PolicyGradientResult(
+        steps=total_steps,
+        rollouts=math.ceil(total_steps / updates),
+        resumed_from_step=loop.resumed_from_step,
+        final_loss=loop.last_metrics.get("loss", math.nan),
+        seconds=loop.seconds,
+        input_tokens=loop.tokens,
+        last_metrics=loop.last_metrics,
+        last_rollout_metrics=trainer.last_rollout_metrics,
+        monitor=monitor_summary,
+    )
+    return policy, value_model, result
 
 
 def check_value_tokenizer(
@@ -390,7 +426,7 @@ def run_policy_gradient(
     log_samples: SampleLogFn | None = None,
     monitor_records: list[dict] | None = None,
     monitor_model_dirs: dict[str, str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PolicyGradientResult]:
     """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 or the
     monitor needs it, and one is given; otherwise the starting weights serve), PPO's value model and the
     reward models; train. ``monitor_records`` are the monitor's prompt rows, ``monitor_model_dirs`` its
@@ -400,7 +436,7 @@ def run_policy_gradient(
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.reward_model import build_reward_model
     from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-    from rlhf_core.training.rollouts import reward_function
+    from rlhf_core.training.policy_gradient.rollouts import reward_function
 
     if not records:
         raise UserError(f"stage '{stage_name}': the prompts split '{stage.split}' has no rows")
@@ -409,7 +445,7 @@ def run_policy_gradient(
     if (stage.needs_reference or stage.monitor is not None) and reference_dir is not None:
         reference = load_model(reference_dir, revision=reference_revision)[0].eval().requires_grad_(False)
     value_model = None
-    if stage.algorithm == "ppo":
+    if needs_value_model(stage):
         if value_init_dir is not None:
             check_value_tokenizer(tokenizer, AutoTokenizer.from_pretrained(value_init_dir), stage_name)
             value_model = AutoModelForSequenceClassification.from_pretrained(value_init_dir)
@@ -423,9 +459,9 @@ def run_policy_gradient(
             stage.monitor, stage.monitor_proxy, monitor_records or [], monitor_model_dirs or {},
             checkpoint_dir / "monitor", stage_name, loaded=scorers,
         )  # fmt: skip
-    trained, _, summary = train_policy_gradient(
+    trained, _, result = train_policy_gradient(
         policy, tokenizer, records, stage, reward_fn, seed=seed, checkpoint_dir=checkpoint_dir,
         stage_name=stage_name, reference_model=reference, value_model=value_model, log=log,
         log_samples=log_samples, monitor_inputs=monitor_inputs,
     )  # fmt: skip
-    return trained, tokenizer, summary
+    return trained, tokenizer, result

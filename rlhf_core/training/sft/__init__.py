@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (book ch.4)."""
