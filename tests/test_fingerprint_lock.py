@@ -30,7 +30,6 @@ from runtime.fingerprint_lock import (
     lock_is_held,
     renew_seconds,
 )
-from tests.prefect_servers import prefect_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEASE = 60  # the shortest lease the server accepts
@@ -70,17 +69,11 @@ with fingerprint_lock(RLHFSettings(home=Path(home)), fingerprint, "sft"):
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real server for the module; expired leases are looked for every second (default 15 s) and a
-    waiter retries at least every second (default: up to 30 s)."""
-    fast = {
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-    }
-    with prefect_server(tmp_path_factory.mktemp("lock-server"), env=fast) as running:
-        print(f"prefect server ready in {running.startup_seconds:.1f} s")
-        yield running
+@pytest.fixture
+def server(real_prefect_server):
+    """The session's real server (conftest): its repossessor looks for expired leases every second and
+    a waiter retries at least every second."""
+    return real_prefect_server.ensure_running()
 
 
 @pytest.fixture
