@@ -440,3 +440,21 @@ def _alive(pid: int) -> bool:
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
+
+
+def test_a_rank_leaves_its_process_group_before_exiting():
+    """A rank destroys its gloo group on the way out (no other rank needed): one left up at exit could
+    abort the process during interpreter teardown (runtime.multiprocess.leave_process_group)."""
+    import torch.distributed as dist
+
+    from runtime.multiprocess import leave_process_group
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        leave_process_group()
+        assert not dist.is_initialized()
+        leave_process_group()  # nothing to leave: a no-op
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
