@@ -12,10 +12,12 @@ locks, always in this order, so no two runs can wait on each other:
    taken strictly (a missing limit is an error, never "run unlocked") under a lease.
 
 The lease lasts ``RLHF_LOCK_LEASE_SECONDS`` (default 300; the server accepts 60 to 86400) and is
-renewed every half lease by a thread while the stage runs. A failed renewal is logged and retried
-every few seconds, never ending the stage: a server blip must not kill a run of several hours. Only
-an outage longer than the rest of the lease lets the lease lapse; the stage still goes on, and
-another run may then start the same fingerprint (a duplicate training, not a wrong result).
+renewed by a thread while the stage runs, every ``RLHF_LOCK_RENEW_SECONDS`` (default: half the lease;
+at most the lease minus 10 s, so a renewal never falls due after its lease). A failed renewal is
+logged and retried every few seconds, never ending the stage: a server blip must not kill a run of
+several hours. Only an outage longer than the rest of the lease lets the lease lapse; the stage still
+goes on, and another run may then start the same fingerprint (a duplicate training, not a wrong
+result).
 
 A holder that dies (SIGKILL, lost node) keeps its slot until its lease runs out and the server's
 repossessor service frees it (a pass every 15 s): a dead holder blocks the fingerprint for at most
@@ -65,6 +67,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.settings import RLHFSettings
 
 LEASE_SECONDS_ENV = "RLHF_LOCK_LEASE_SECONDS"
+RENEW_SECONDS_ENV = "RLHF_LOCK_RENEW_SECONDS"
 DEFAULT_LEASE_SECONDS = 300.0
 MIN_LEASE_SECONDS, MAX_LEASE_SECONDS = 60.0, 86400.0  # what the server accepts
 LIMIT_PREFIX = "rlhf-fingerprint-"
@@ -110,6 +113,25 @@ def lease_seconds() -> float:
     return seconds
 
 
+def renew_seconds(lease: float) -> float:
+    """How often a held lease is renewed, from ``RLHF_LOCK_RENEW_SECONDS``; default half the lease.
+
+    A shorter interval than the default only costs a request; tests use it to reach a renewal soon."""
+    text = os.environ.get(RENEW_SECONDS_ENV)
+    if text is None:
+        return lease / 2
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 1.0 <= seconds <= lease - 10:
+        raise UserError(
+            f"{RENEW_SECONDS_ENV}={text!r}: expected seconds between 1 and {lease - 10:.0f} (10 s less "
+            f"than the lease, {LEASE_SECONDS_ENV}={lease:.0f}, so each renewal comes before its lease ends)"
+        )
+    return seconds
+
+
 @contextmanager
 def file_lock(lock_dir: Path, fingerprint: str, stage: str) -> Iterator[None]:
     """Exclusive lock on ``fingerprint`` among the processes of one host and home (freed by the OS when
@@ -138,6 +160,7 @@ def server_lock(lock_dir: Path, fingerprint: str, stage: str) -> Iterator[None]:
     Called with the file lock held: a lease recorded in ``<fingerprint>.lease`` beside it belongs to a
     run of this home that died holding it, and is released at once instead of after its expiry."""
     name, seconds = limit_name(fingerprint), lease_seconds()
+    every = renew_seconds(seconds)
     record = lock_dir / f"{fingerprint}.lease"
     ensure_limit(name)
     _release_dead_lease(record, stage)
@@ -146,7 +169,7 @@ def server_lock(lock_dir: Path, fingerprint: str, stage: str) -> Iterator[None]:
     stop = threading.Event()
     renewer = threading.Thread(
         target=contextvars.copy_context().run,
-        args=(_renew_until, stop, lease_id, seconds, stage),
+        args=(_renew_until, stop, lease_id, seconds, stage, every),
         name=f"rlhf-lease-{fingerprint[:12]}",
         daemon=True,
     )
@@ -202,14 +225,18 @@ def _take_slot(name: str, seconds: float, stage: str, fingerprint: str) -> UUID:
             return granted.lease_id
 
 
-def _renew_until(stop: threading.Event, lease_id: UUID, seconds: float, stage: str) -> None:
-    """Renew every half lease until ``stop``; after a failure retry every few seconds, forever: a
-    server blip must neither end the stage nor give the slot away while the stage still runs.
+def _renew_until(
+    stop: threading.Event, lease_id: UUID, seconds: float, stage: str, every: float | None = None
+) -> None:
+    """Renew every ``every`` seconds (default half the lease) until ``stop``; after a failure retry
+    every few seconds, forever: a server blip must neither end the stage nor give the slot away while
+    the stage still runs.
 
     A fresh client per renewal: a client that has connected once retries a refused connection for about
     a minute on its own, which could let a short lease lapse before this loop tries again."""
     failing = False
-    while not stop.wait(RENEW_RETRY_SECONDS if failing else seconds / 2):
+    every = seconds / 2 if every is None else every
+    while not stop.wait(RENEW_RETRY_SECONDS if failing else every):
         try:
             with get_client(sync_client=True) as client:
                 client.renew_concurrency_lease(lease_id=lease_id, lease_duration=seconds)

@@ -312,7 +312,24 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         _RANK_JOB.reset(token)
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Shut this rank's process group down before the interpreter exits.
+
+    A rank that exits while another rank still has the gloo group up (here the other ranks leave as
+    soon as training is done, while the main one evaluates and saves) can die at exit with SIGABRT,
+    "terminate called without an active exception" and no traceback: a thread of the group is still
+    joinable when interpreter teardown destroys it. Measured with 2 gloo ranks, one all-reduce, one
+    rank leaving 2 s before the other: the first to leave aborted in 2 launches of 18; with the group
+    destroyed first, in none of 19. Destroying it needs no other rank (no collective).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

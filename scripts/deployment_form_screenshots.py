@@ -255,7 +255,8 @@ def open_custom_run(driver, overview: shots.Page, form: shots.Page, timeout_s: f
 
 
 def check_force_choices(driver, form: shots.Page, deployment: dict) -> None:
-    """The Force choice, opened, offers every stage and model name of the schema's enum."""
+    """The Force choice, opened, offers every stage and model name of the schema's enum; closed again
+    (Escape) before anything else is typed: an open list would take the keys and the clicks."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -269,7 +270,9 @@ def check_force_choices(driver, form: shots.Page, deployment: dict) -> None:
     while (absent := [n for n in names if n not in _popup_text(driver)]) and time.monotonic() < deadline:
         time.sleep(0.5)
     form.missing += [f"Force choice {n!r}" for n in absent]
-    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # the list's own input has the focus
+    if not _wait(lambda: not _popup_text(driver), 10):
+        form.missing.append("the Force choice closing on Escape")
 
 
 def _popup_text(driver) -> list[str]:
@@ -278,8 +281,23 @@ def _popup_text(driver) -> list[str]:
     return [e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, "[role=option]")]
 
 
-def submit_with_seed(driver, base: str, deployment: dict, seed: int) -> Submitted:
-    """Change ``seed`` in the open form, submit it, and check the flow run it made (through the API)."""
+def _wait(condition, timeout_s: float, every_s: float = 0.25) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every_s)
+    return True
+
+
+def submit_with_seed(driver, base: str, deployment: dict, seed: int, timeout_s: float = 120.0) -> Submitted:
+    """Change ``seed`` in the open form, submit it, and check the flow run it made (through the API).
+
+    Each step waits for what the page shows, not for a time: the input holding the new value, then,
+    after Submit, the form's own answer. On success the page goes back to the deployment (the run is
+    created by then); on failure it stays on the form with an error (a toast or a field's message),
+    which is quoted. ``timeout_s`` only bounds a page that never answers (a stalled server)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -292,14 +310,18 @@ def submit_with_seed(driver, base: str, deployment: dict, seed: int) -> Submitte
         raise Missing("the custom run form has no seed input")
     element.send_keys(Keys.CONTROL, "a")
     element.send_keys(str(seed))
+    if not _wait(lambda: element.get_attribute("value") == str(seed), 10):
+        raise Missing(f"the seed input shows {element.get_attribute('value')!r} after typing {seed}")
     shots.scroll_to(driver, "Submit")
-    driver.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
-    try:
-        run = _manual_run(base, deployment["id"], timeout_s=45.0)
-    except Missing:  # seen once in CI: no run 30 s after the click; one more click, then give up
-        shots.scroll_to(driver, "Submit")
-        driver.find_element(By.XPATH, "//button[normalize-space(.)='Submit']").click()
-        run = _manual_run(base, deployment["id"], timeout_s=45.0)
+    (button,) = driver.find_elements(By.XPATH, "//form//button[@type='submit'][normalize-space(.)='Submit']")
+    if not _wait(button.is_enabled, 10):
+        raise Missing("the custom run form's Submit button stays disabled")
+    button.click()
+    if not _wait(lambda: not _on_form(driver) or _form_errors(driver), timeout_s, every_s=0.5):
+        raise Missing(f"the custom run form did not answer its Submit within {timeout_s:.0f} s")
+    if _on_form(driver):
+        raise Missing(f"the custom run form refused its Submit: {_form_errors(driver)}")
+    run = _manual_run(base, deployment["id"])
     overrides = run["parameters"].get("overrides") or {}
     missing = []
     if overrides.get("seed") != seed:
@@ -313,8 +335,23 @@ def submit_with_seed(driver, base: str, deployment: dict, seed: int) -> Submitte
     return Submitted(run["name"], run["parameters"], missing)
 
 
-def _manual_run(base: str, deployment_id: str, timeout_s: float = 30.0) -> dict:
-    """The flow run of the deployment started from the form (not one of the schedule's)."""
+def _on_form(driver) -> bool:
+    return driver.current_url.split("?")[0].endswith("/run")
+
+
+def _form_errors(driver) -> list[str]:
+    """What the form shows as wrong: toasts (an API error) and fields' messages (validation)."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(
+        By.CSS_SELECTOR, "[data-sonner-toast][data-type='error'], [role=alert], .text-destructive"
+    )
+    return [text for e in found if (text := e.text.strip())]
+
+
+def _manual_run(base: str, deployment_id: str, timeout_s: float = 10.0) -> dict:
+    """The flow run of the deployment started from the form (not one of the schedule's). The form has
+    gone back to the deployment page: the run was created before, so it is there at once."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         runs = _call(f"{base}/api/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
@@ -322,7 +359,7 @@ def _manual_run(base: str, deployment_id: str, timeout_s: float = 30.0) -> dict:
         if manual:
             return manual[0]
         time.sleep(1.0)
-    raise Missing(f"submitting the custom run form made no flow run within {timeout_s:.0f} s")
+    raise Missing("the custom run form went back to the deployment, but the API shows no flow run of it")
 
 
 def check(out: Path, home: Path, submit: bool = True) -> tuple[list[shots.Page], Submitted | None]:

@@ -82,3 +82,23 @@ def prefect_api_url() -> str:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield prefect.settings.PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def real_prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` for the session (``prefect_servers.prefect_server``), for the
+    modules that need what only a real server runs: the repossessor of expired leases, a restart on the
+    same port and database. Its start (database migrations) costs 15-55 s on a 2-core machine, once.
+
+    Expired leases are looked for every second (default 15 s), and a waiter on a concurrency slot is
+    told to ask again within a second (default up to 30 s). A test that stops the server starts it again
+    (``ensure_running()`` does, should that test have failed while it was down)."""
+    from prefect_servers import prefect_server
+
+    fast = {
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    }
+    with prefect_server(tmp_path_factory.mktemp("prefect-server"), env=fast) as server:
+        print(f"prefect server ready in {server.startup_seconds:.1f} s")
+        yield server

@@ -6,7 +6,8 @@ an expired concurrency lease and the scheduler. Leases are kept on disk
 (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``), so they survive a server restart.
 
 Everything is stopped by process group in ``finally``: TERM, then KILL. A fresh server is ready in
-~15-25 s on a 2-core machine (database migrations): start one per module, not one per test.
+~15-25 s on a 2-core machine (database migrations): the tests share one per session
+(``real_prefect_server`` in conftest).
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ class PrefectServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop_group(self.proc)
+
+    def ensure_running(self) -> PrefectServer:
+        """This server, started again if it was stopped (a test of a restart that failed midway)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        return self
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:

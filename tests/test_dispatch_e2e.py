@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow_servers import mlflow_server
-from prefect_servers import prefect_server, prefect_worker
+from prefect_servers import prefect_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,12 @@ def _spec(tiny: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Prefect server + MLflow server (SQLite) + a `cpu` and a `gpu` process pool with one worker each."""
+def cluster(tmp_path_factory, real_prefect_server):
+    """The session's Prefect server (conftest: a killed job's expired lease is freed within a second) +
+    an MLflow server (SQLite) + a `cpu` and a `gpu` process pool with one worker each."""
     root = tmp_path_factory.mktemp("cluster")
-    with (
-        prefect_server(root) as prefect,
-        mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as mlflow,
-    ):
+    prefect = real_prefect_server.ensure_running()
+    with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as mlflow:
         env = {
             **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
             **prefect.env(),

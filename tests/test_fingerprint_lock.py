@@ -21,8 +21,15 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.errors import UserError
-from runtime.fingerprint_lock import LEASE_SECONDS_ENV, ensure_limit, lease_seconds, limit_name, lock_is_held
-from tests.prefect_servers import prefect_server
+from runtime.fingerprint_lock import (
+    LEASE_SECONDS_ENV,
+    RENEW_SECONDS_ENV,
+    ensure_limit,
+    lease_seconds,
+    limit_name,
+    lock_is_held,
+    renew_seconds,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEASE = 60  # the shortest lease the server accepts
@@ -54,23 +61,19 @@ with fingerprint_lock(RLHFSettings(home=Path(home)), fingerprint, "sft"):
         note("cached-after-lock")
     else:
         note("train-start")
-        time.sleep(float(train_seconds))
+        done = time.time() + float(train_seconds)  # or earlier, when the test says stop
+        while time.time() < done and not (shared / f"{label}.stop").exists():
+            time.sleep(0.1)
         marker.write_text(label)
         note("train-end")
 """
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One real server for the module; expired leases are looked for every second (default 15 s) and a
-    waiter retries at least every second (default: up to 30 s)."""
-    fast = {
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-    }
-    with prefect_server(tmp_path_factory.mktemp("lock-server"), env=fast) as running:
-        print(f"prefect server ready in {running.startup_seconds:.1f} s")
-        yield running
+@pytest.fixture
+def server(real_prefect_server):
+    """The session's real server (conftest): its repossessor looks for expired leases every second and
+    a waiter retries at least every second."""
+    return real_prefect_server.ensure_running()
 
 
 @pytest.fixture
@@ -217,34 +220,39 @@ def test_a_rerun_in_the_home_of_a_killed_holder_does_not_wait_for_its_lease(api,
 
 @pytest.mark.e2e
 def test_a_server_restart_during_a_renewal_neither_stops_training_nor_frees_the_slot(server, tmp_path):
-    """Two homes; the module's server is down when the holder's first renewal falls due (lease 120 s:
-    renewal at 60 s) and is started again. The holder keeps training, renews once the server is back
-    and so keeps the slot past its first lease (130 s of training); the waiter rides the outage out.
-    The slot is released at the end, which needs the lease to have survived the restart (releasing a
-    lease the server does not know frees nothing), and only then does the waiter get in."""
-    lease = 120
+    """Two homes; the module's server is stopped while the holder trains, so that a renewal falls due
+    while it is down (lease 70 s, renewed every 10 s), and is started again. The holder keeps training,
+    renews once the server is back and so keeps the slot past the lease it held when the server went
+    down (it trains until then, and the waiter is checked to be still waiting); the waiter rides the
+    outage out. The slot is released at the end, which needs the lease to have survived the restart
+    (releasing a lease the server does not know frees nothing), and only then does the waiter get in.
+    The server may take up to about 55 s to come back (lease - renewal interval - retry interval)."""
+    lease, renew = 70, 10
     fingerprint = "a7" * 32
-    env = client_env(server, lease=lease)
-    a = Contender(env, tmp_path / "home-a", fingerprint, tmp_path, "A", train_seconds=130)
+    env = {**client_env(server, lease=lease), RENEW_SECONDS_ENV: str(renew)}
+    a = Contender(env, tmp_path / "home-a", fingerprint, tmp_path, "A", train_seconds=600)
     b = Contender(env, tmp_path / "home-b", fingerprint, tmp_path, "B", train_seconds=1, after="A.locked")
     try:
         wait_for(lambda: when(tmp_path, "A", "locked") is not None, 120, "A to take the lock")
         wait_for(lambda: "being computed by another run" in b.stderr(), 60, "B to wait")
-        time.sleep(max(0.0, when(tmp_path, "A", "locked") + lease / 2 - 5 - time.time()))
         server.stop()
-        down = time.time()
+        down = time.time()  # every lease A held before this ends by down + lease unless renewed later
         wait_for(lambda: "could not renew the fingerprint lock" in a.stderr(), 30, "a failed renewal")
         server.start()
         print(f"server down {time.time() - down:.1f} s (restart {server.startup_seconds:.1f} s)")
-        assert a.wait(240) == 0, a.stderr()
+        wait_for(lambda: "fingerprint lock renewed again" in a.stderr(), 30, "a renewal after the restart")
+        time.sleep(max(0.0, down + lease + 3 - time.time()))  # + the repossessor's 1 s loop, with room
+        assert when(tmp_path, "B", "locked") is None, "the slot was given away while its holder trained"
+        (tmp_path / "A.stop").touch()
+        assert a.wait(60) == 0, a.stderr()
         assert b.wait(60) == 0, b.stderr()
     finally:
         a.kill()
         b.kill()
-    assert "fingerprint lock renewed again" in a.stderr()
     assert "expired" not in a.stderr()
     assert [e for e, _ in events(tmp_path)["A"]] == ["locked", "train-start", "train-end"]
     assert [e for e, _ in events(tmp_path)["B"]] == ["locked", "cached-after-lock"]
+    assert when(tmp_path, "A", "train-end") >= down + lease  # it held the slot past that lease
     assert when(tmp_path, "B", "locked") >= when(tmp_path, "A", "train-end")
 
 
@@ -306,6 +314,20 @@ def test_a_lease_the_server_would_refuse_is_a_user_error(monkeypatch, value):
     monkeypatch.setenv(LEASE_SECONDS_ENV, value)
     with pytest.raises(UserError, match=LEASE_SECONDS_ENV):
         lease_seconds()
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "61"])
+def test_a_renewal_interval_not_well_inside_the_lease_is_a_user_error(monkeypatch, value):
+    monkeypatch.setenv(RENEW_SECONDS_ENV, value)
+    with pytest.raises(UserError, match=RENEW_SECONDS_ENV):
+        renew_seconds(70.0)
+
+
+def test_renewals_come_every_half_lease_unless_set(monkeypatch):
+    monkeypatch.delenv(RENEW_SECONDS_ENV, raising=False)
+    assert renew_seconds(300.0) == 150.0
+    monkeypatch.setenv(RENEW_SECONDS_ENV, "10")
+    assert renew_seconds(70.0) == 10.0
 
 
 class FlakyClient:
