@@ -90,6 +90,10 @@ def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
     trained, logged, summary = _train(tiny, stage, tmp_path)
     assert summary.steps == 12 * stage.update_epochs * stage.minibatches
     rewards = [m["rollout/reward_mean"] for _, m in logged if "rollout/reward_mean" in m]
+    # the stage's headline numbers are the last rollout's (what `rlhf run` and the summary metrics show)
+    headline = summary.summary()
+    assert headline["reward_mean"] == rewards[-1]
+    assert {"completion_length", "truncated_share", "rollouts", "steps"} <= set(headline)
     assert statistics.fmean(rewards[-3:]) > statistics.fmean(rewards[:3]) + 0.05, (algorithm, rewards)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])]
     assert changed

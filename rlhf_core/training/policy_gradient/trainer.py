@@ -88,8 +88,9 @@ class PolicyGradientResult(TrainingResult):
     monitor: dict | None = None  # the over-optimization monitor's summary, when it ran
 
     def summary(self) -> dict[str, float]:
-        """The run's headline numbers: reward, KL and lengths of the last step, and the work done."""
-        last = self.last_metrics
+        """The run's headline numbers: reward, KL and lengths of the last rollout (the optimizer step's
+        metrics hold none of them but the loss's KL), and the work done."""
+        last = {**self.last_metrics, **self.last_rollout_metrics}
         shown = {k: float(last[k]) for k in HEADLINE_ROLLOUT if k in last}
         shown |= {"rollouts": float(self.rollouts), "steps": float(self.steps)}
         if self.resumed_from_step:
