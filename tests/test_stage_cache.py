@@ -66,7 +66,7 @@ def test_concurrent_identical_stages_train_once(run_context):
 
     calls = []
 
-    def body(run):
+    def body(call, run):
         calls.append(run.run_id)
         time.sleep(1.0)
         return {"out": _ref("s")}
@@ -90,7 +90,7 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     from registry import stage_cache, tracking
     from runtime.stage_execution import execute_stage
 
-    def failing(run):
+    def failing(call, run):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -99,7 +99,7 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     failed = stage_cache.find_interrupted_run(run_context.experiment_id, "e" * 64)
     assert tracking.client().get_run(failed).info.status == "FAILED"
 
-    outcome = execute_stage(run_context, _call("e" * 64), lambda run: {"out": _ref("s")})
+    outcome = execute_stage(run_context, _call("e" * 64), lambda call, run: {"out": _ref("s")})
     assert outcome.status == "ran"
     assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64).run_id == outcome.run_id
 
@@ -129,3 +129,49 @@ def test_only_transient_failures_are_retried(exc, retried):
     from runtime.stage_tasks import is_transient_failure
 
     assert is_transient_failure(None, None, _FailedState(exc)) is retried
+
+
+def test_a_kind_check_fails_before_any_stage_run_is_opened(run_context):
+    """The sample task's check: a prompts dataset without the stage's split fails naming the field, and
+    the experiment holds no stage run (only the pipeline's parent run)."""
+    from registry import tracking
+    from rlhf_core.errors import UserError
+    from rlhf_core.refs import ModelRef
+    from rlhf_core.spec import SampleStage
+    from runtime.stage_contract import StageCall
+    from runtime.stage_tasks import task_for_kind
+
+    stage = SampleStage(
+        kind="sample",
+        policy="sft",
+        prompts="data.prompts",
+        split="test",
+        rewards=[{"function": "answer_format"}],
+    )
+    prompts = DatasetRef(
+        uri="/nowhere", digest="p", kind="prompts", splits={"train": 1}, columns=("prompt",), stage="data"
+    )
+    policy = ModelRef(uri="/m", digest="m", tokenizer_digest="t", stage="sft", base_model="b")
+    call = StageCall(
+        name="samples", kind="sample", stage=stage, seed=0, fingerprint="c" * 64,
+        inputs={"policy": policy, "prompts": prompts},
+    )  # fmt: skip
+    expected = r"stage 'samples', field split: 'test' is not a split of data\.prompts \(it has: train\)"
+    with pytest.raises(UserError, match=expected):
+        task_for_kind("sample").fn(run_context, call)
+    runs = tracking.client().search_runs([run_context.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_context.parent_run_id]
+
+
+def test_a_rank_job_names_the_body_it_imports(run_context, tmp_path):
+    """A rank finds its stage's body by the name the parent wrote, no task function re-run."""
+    from runtime.multiprocess import RankJob
+    from runtime.stage_contract import StageRun
+    from tasks.train_sft import train_sft
+
+    call = _call("d" * 64)
+    run = StageRun("s", "run", call.fingerprint, tmp_path, False, run_context.settings(), run_context)
+    job = RankJob.of(run_context, call, run, train_sft, tmp_path / "outputs.json")
+    assert job.body == "tasks.train_sft:train_sft" and job.stage_body() is train_sft
+    with pytest.raises(TypeError, match="a rank cannot import the body"):
+        RankJob.of(run_context, call, run, lambda call, run: {}, tmp_path / "outputs.json")
