@@ -1,10 +1,11 @@
 """A stage's training in ``compute.processes`` processes, launched by ``accelerate launch``.
 
-The stage's task runs as usual up to its body (cache, lock, the MLflow stage run: ``execute_stage``).
-There, instead of calling the body, :func:`run_in_processes`:
+The stage's task runs as usual up to its body (check, cache, lock, the MLflow stage run:
+``execute_stage``). There, instead of calling the body, :func:`run_in_processes`:
 
 1. downloads the stage's inputs once (the ranks then find them in the home's cache);
-2. writes a job file: the run context, the stage call (inputs as refs) and the MLflow run to write to;
+2. writes a job file: the run context, the stage call (inputs as refs), the body's name
+   (``module:function``) and the MLflow run to write to;
 3. launches ``python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m runtime.multiprocess
    <job>``: NCCL on a GPU machine, gloo on CPU (``ACCELERATE_USE_CPU=true``; accelerate's ``--cpu`` would
    start one process only), or the user's ``compute.accelerate_config``;
