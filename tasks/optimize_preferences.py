@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rlhf_core.refs import ModelRef
+from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
@@ -56,5 +57,6 @@ def optimize_preferences(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     return {"model": ref}
 
 
-def _proxy(stage: DirectAlignmentStage):
+def _proxy(stage: DirectAlignmentStage) -> tuple[RewardSourceSpec, ...]:
+    """The monitor's proxy reward sources (none without a monitor)."""
     return stage.monitor.proxy if stage.monitor else ()
