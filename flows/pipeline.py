@@ -31,7 +31,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.code_version import code_commit
-from flows.stage_calls import base_model_call, stage_call
+from flows.stage_calls import BASE_MODEL_KIND, base_model_call, stage_call
 from registry import tracking
 from registry.lineage import check_registered_models
 from rlhf_core.errors import UserError
@@ -42,7 +42,6 @@ from rlhf_core.spec.loading import apply_spec_overrides, find_profile_file, reso
 from runtime import stage_reports
 from runtime.stage_contract import RunContext, StageOutcome
 from runtime.stage_tasks import task_for_kind
-from tasks.prepare_base_model import prepare_base_model
 
 
 def flow_run_name() -> str:
@@ -166,7 +165,7 @@ def run_pipeline(
     try:
         outputs: dict[str, dict[str, StageOutput]] = {}
         for name in spec.models:
-            outcome = prepare_base_model(ctx, base_model_call(spec, name))
+            outcome = task_for_kind(BASE_MODEL_KIND)(ctx, base_model_call(spec, name))
             outputs[name] = outcome.outputs
             outcomes.append(outcome)
         run_stages(ctx, spec, outputs, outcomes, key_prefix=flow_run_id or parent)

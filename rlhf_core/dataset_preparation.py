@@ -3,8 +3,9 @@
 Stage code: it reads the stage's spec (its source, splits and ``on_error``), so it sits above the
 spec, over the plain-value helpers of :mod:`rlhf_core.data`.
 
-Output layout: ``<out_dir>/<output name>/<split>.jsonl`` for each output of the source. A file or hub
-source has one output, named after its format (``sft``, ``preferences``, ``prompts``,
+Entry point: :func:`prepare_dataset` (``run(stage, inputs, env)``; the stage reads no inputs).
+Output layout: ``<env.work_dir>/data/<output name>/<split>.jsonl`` for each output of the source. A file
+or hub source has one output, named after its format (``sft``, ``preferences``, ``prompts``,
 ``unpaired_preferences``); synthetic sources emit ``sft``, ``preferences`` and ``prompts`` from the same
 problems, so their splits line up: the eval prompts are the eval conversations' questions. Rows are
 written in the shape they came in (see :mod:`rlhf_core.data.schemas` for the accepted shapes).
@@ -20,6 +21,8 @@ from rlhf_core.data.schemas import validate_records
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage
+from rlhf_core.stage_environment import NoInputs, StageEnvironment
+from rlhf_core.stage_results import StageResult
 
 
 @dataclass
@@ -32,9 +35,14 @@ class PreparedOutput:
 
 
 @dataclass
-class PreparedData:
+class PreparedData(StageResult):
     outputs: dict[str, PreparedOutput]
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # one line per rejected row
+
+    def summary(self) -> dict[str, float]:
+        """Rows per output (all splits) and the rows rejected."""
+        rows = {f"{name}_rows": float(sum(out.splits.values())) for name, out in self.outputs.items()}
+        return rows | {"rejected_rows": float(len(self.problems))}
 
 
 def read_source_rows(stage: DatasetStage, seed: int) -> dict[str, tuple[str, list[dict]]]:
@@ -65,8 +73,10 @@ def read_source_rows(stage: DatasetStage, seed: int) -> dict[str, tuple[str, lis
     return {name: (kind, rows) for name, kind in source.outputs().items()}
 
 
-def prepare_dataset(stage_name: str, stage: DatasetStage, seed: int, out_dir: Path) -> PreparedData:
-    """Validate and split every output of the stage's source into ``out_dir``; returns digests and counts."""
+def prepare_dataset(stage: DatasetStage, inputs: NoInputs, env: StageEnvironment) -> PreparedData:
+    """Validate and split every output of the stage's source into ``<env.work_dir>/data``; returns
+    digests and counts."""
+    stage_name, seed, out_dir = env.stage, env.seed, env.work_dir / "data"
     result = PreparedData(outputs={})
     for name, (kind, rows) in read_source_rows(stage, seed).items():
         valid, problems = validate_records(

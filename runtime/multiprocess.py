@@ -1,10 +1,11 @@
 """A stage's training in ``compute.processes`` processes, launched by ``accelerate launch``.
 
-The stage's task runs as usual up to its body (cache, lock, the MLflow stage run: ``execute_stage``).
-There, instead of calling the body, :func:`run_in_processes`:
+The stage's task runs as usual up to its body (check, cache, lock, the MLflow stage run:
+``execute_stage``). There, instead of calling the body, :func:`run_in_processes`:
 
 1. downloads the stage's inputs once (the ranks then find them in the home's cache);
-2. writes a job file: the run context, the stage call (inputs as refs) and the MLflow run to write to;
+2. writes a job file: the run context, the stage call (inputs as refs), the body's name
+   (``module:function``) and the MLflow run to write to;
 3. launches ``python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m runtime.multiprocess
    <job>``: NCCL on a GPU machine, gloo on CPU (``ACCELERATE_USE_CPU=true``; accelerate's ``--cpu`` would
    start one process only), or the user's ``compute.accelerate_config``;
@@ -12,8 +13,8 @@ There, instead of calling the body, :func:`run_in_processes`:
    the stage with the last lines of that output;
 5. reads the outputs (refs) that the main rank wrote.
 
-Each rank (:func:`main`) calls the stage's own task function; ``execute_stage`` sees the job
-(:func:`rank_job`) and runs the body directly on the job's MLflow run. The trainers share each step
+Each rank (:func:`main`) calls the stage's body (named in the job as ``module:function``) directly with
+a ``StageRun`` built from the job, on the job's MLflow run. The trainers share each step
 between the ranks (``rlhf_core.training.engine.data_parallel``); once training is done the other ranks stop
 (``OtherRankFinished``) and the main rank alone evaluates, saves, registers and logs, so a stage
 registers exactly one model version however many processes trained it.
@@ -22,12 +23,12 @@ registers exactly one model version however many processes trained it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-from contextvars import ContextVar
 from pathlib import Path
 
 from pydantic import BaseModel, Field, TypeAdapter
@@ -56,8 +57,6 @@ LOG_TAIL = 40  # lines of the ranks' output quoted in a launch failure
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = TypeAdapter(dict[str, StageOutput])
 
-_RANK_JOB: ContextVar[RankJob | None] = ContextVar("rlhf_rank_job", default=None)
-
 
 class MultiProcessLaunchError(RuntimeError):
     """The accelerate launch of a stage's training processes failed."""
@@ -74,19 +73,31 @@ class RankJob(BaseModel):
     fingerprint: str
     inputs: dict[str, StageOutput] = Field(default_factory=dict)
     fingerprint_parts: dict[str, str] = Field(default_factory=dict)
+    body: str = Field(description="The stage kind's body, 'module:function' (a top-level function).")
     run_id: str = Field(description="The stage's MLflow run, opened by the parent.")
     work_dir: str
     resumed: bool
     output_file: str
 
     @classmethod
-    def of(cls, ctx: RunContext, call: StageCall, run: StageRun, output_file: Path) -> RankJob:
+    def of(
+        cls, ctx: RunContext, call: StageCall, run: StageRun, body: StageBody, output_file: Path
+    ) -> RankJob:
+        if "<locals>" in body.__qualname__:
+            raise TypeError(f"stage '{call.name}': a rank cannot import the body {body.__qualname__}")
         return cls(
             context=ctx, name=call.name, kind=call.kind, stage=call.stage.model_dump(mode="json"),
             seed=call.seed, fingerprint=call.fingerprint, inputs=call.inputs,
-            fingerprint_parts=call.fingerprint_parts, run_id=run.run_id, work_dir=str(run.work_dir),
-            resumed=run.resumed, output_file=str(output_file),
+            fingerprint_parts=call.fingerprint_parts, body=f"{body.__module__}:{body.__qualname__}",
+            run_id=run.run_id, work_dir=str(run.work_dir), resumed=run.resumed, output_file=str(output_file),
         )  # fmt: skip
+
+    def stage_body(self) -> StageBody:
+        """The stage kind's body, imported by its name."""
+        import importlib
+
+        module, _, name = self.body.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def call(self) -> StageCall:
         from rlhf_core.spec import STAGE_CLASSES
@@ -103,9 +114,9 @@ class RankJob(BaseModel):
             raise RuntimeError(f"rank job is for {self.name} {self.fingerprint[:12]}, not {call.name}")
         run = StageRun(
             call.name, self.run_id, call.fingerprint, Path(self.work_dir), self.resumed,
-            self.context.settings(), pipeline=self.context.pipeline, kind=call.kind,
+            self.context.settings(), self.context, kind=call.kind,
         )  # fmt: skip
-        outputs = body(run)  # the other ranks leave with OtherRankFinished after training
+        outputs = body(call, run)  # the other ranks leave with OtherRankFinished after training
         record = {
             "outputs": {name: ref.model_dump(mode="json") for name, ref in outputs.items()},
             "key_metrics": run.key_metrics,
@@ -119,11 +130,6 @@ class RankJob(BaseModel):
             fingerprint=call.fingerprint, run_id=self.run_id, outputs=outputs, metrics=run.key_metrics,
             registered=run.registered,
         )  # fmt: skip
-
-
-def rank_job() -> RankJob | None:
-    """The job of this rank process, when ``execute_stage`` runs inside one (else None)."""
-    return _RANK_JOB.get()
 
 
 def check_multiprocess_stage(call: StageCall) -> None:
@@ -162,8 +168,10 @@ def check_multiprocess_stage(call: StageCall) -> None:
             )
 
 
-def run_in_processes(ctx: RunContext, call: StageCall, run: StageRun) -> dict[str, StageOutput]:
-    """Run the stage's body in ``compute.processes`` processes (see the module docstring)."""
+def run_in_processes(
+    ctx: RunContext, call: StageCall, run: StageRun, body: StageBody
+) -> dict[str, StageOutput]:
+    """Run the stage's ``body`` in ``compute.processes`` processes (see the module docstring)."""
     check_multiprocess_stage(call)
     _materialize_inputs(run, call.inputs)
     job_dir = run.work_dir / "multiprocess"
@@ -171,7 +179,7 @@ def run_in_processes(ctx: RunContext, call: StageCall, run: StageRun) -> dict[st
     output_file = job_dir / OUTPUT_FILE
     output_file.unlink(missing_ok=True)  # never read a previous attempt's outputs
     job_file = job_dir / JOB_FILE
-    job_file.write_text(RankJob.of(ctx, call, run, output_file).model_dump_json())
+    job_file.write_text(RankJob.of(ctx, call, run, body, output_file).model_dump_json())
 
     import torch  # the stage trains anyway; only asked whether there is a GPU
 
@@ -288,7 +296,7 @@ def _die_with_launcher() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A rank: run the stage's task function with the job set, so ``execute_stage`` runs only its body."""
+    """A rank: run the stage kind's body on the job's MLflow run (the parent opened it, and records it)."""
     _die_with_launcher()
     import logging
 
@@ -296,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     from rlhf_core.training.engine.data_parallel import OtherRankFinished
-    from runtime.stage_tasks import task_for_kind
 
     (job_path,) = argv if argv is not None else sys.argv[1:]
     job = RankJob.model_validate_json(Path(job_path).read_text())
@@ -305,13 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"[rank {state.process_index}] %(levelname)s %(message)s", force=True
     )
-    token = _RANK_JOB.set(job)
-    try:
-        task_for_kind(job.kind).fn(job.context, job.call())
-    except OtherRankFinished:
-        pass
-    finally:
-        _RANK_JOB.reset(token)
+    with contextlib.suppress(OtherRankFinished):  # the other ranks leave once training is done
+        job.run_body(job.call(), job.stage_body())
     leave_process_group()
     return 0
 
@@ -333,8 +335,4 @@ def leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    # run as ``python -m runtime.multiprocess``: this module is __main__, and execute_stage would see another
-    # copy (runtime.multiprocess) whose job is unset; the rank runs the imported module's main
-    from runtime.multiprocess import main as rank_main
-
-    sys.exit(rank_main())
+    sys.exit(main())

@@ -2,7 +2,10 @@
 
 - ``RunContext``: the pipeline run a stage belongs to (experiment, parent run, home, forced stages);
 - ``StageCall``: what the flow hands a stage's task (the stage, its inputs as refs, its fingerprint);
-- ``StageRun``: the handle a stage's body works with (work dir, settings, logging, inputs as files);
+- ``StageRun``: the handle a stage's body works with (work dir, settings, the run context, logging,
+  inputs as files);
+- ``StageBody``: a stage kind's work, ``(call, run) -> outputs``; ``StageCheck``: its pre-run checks,
+  ``(call) -> None``, raising before any MLflow stage run is opened;
 - ``StageOutcome``: what happened to the stage (ran, resumed, cached) and what it produced.
 """
 
@@ -24,6 +27,7 @@ from rlhf_core.data.loading import read_jsonl
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.settings import RLHFSettings
 from rlhf_core.spec import reference_fields
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training import PROGRESS_METRIC
 from runtime import progress
 
@@ -96,7 +100,7 @@ class StageOutcome(BaseModel):
 
 @dataclass
 class StageRun:
-    """Handle given to a stage's body: where to write, how to log."""
+    """Handle given to a stage's body: where to write, how to log, the pipeline run it belongs to."""
 
     stage: str
     run_id: str
@@ -104,11 +108,15 @@ class StageRun:
     work_dir: Path
     resumed: bool
     settings: RLHFSettings
+    context: RunContext  # the pipeline run (name, commit, spec digest): handed over, never a global
     key_metrics: dict[str, float] = field(default_factory=dict)  # shown in the summary; logged as summary/*
     registered: str | None = None
-    pipeline: str = ""
     kind: str = ""
     _progress_artifact: Any = field(default=None, repr=False)
+
+    @property
+    def pipeline(self) -> str:
+        return self.context.pipeline
 
     def model_dir(self, ref: ModelRef) -> str:
         """A local directory (or hub name) holding the model of ``ref``, downloaded once per digest."""
@@ -123,6 +131,18 @@ class StageRun:
         return read_jsonl(
             materialize_dataset(ref, self.settings.resolved_home() / "cache" / "datasets") / f"{split}.jsonl"
         )
+
+    def environment(self, seed: int) -> StageEnvironment:
+        """What a stage kind's ``rlhf_core`` entry point gets: this run's directories, its per-step log
+        and its tables as artifacts of the run."""
+        return StageEnvironment(
+            self.stage, seed, self.work_dir, self.settings.resolved_home() / "cache",
+            self.work_dir / "checkpoints", log=self.log, log_table=self.log_table,
+        )  # fmt: skip
+
+    def log_table(self, rows: list[dict], name: str) -> None:
+        """A table (rows of a JSON object) as the artifact ``name`` of the run."""
+        tracking.log_table(self.run_id, rows, name)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Per-step metrics to MLflow, one line in the Prefect log, the stage's progress artifact and a
@@ -161,9 +181,6 @@ class StageRun:
             stage_logger().warning("stage %s: could not update the progress artifact: %s", self.stage, exc)
 
 
-StageBody = Callable[[StageRun], dict[str, StageOutput]]
-
-
 class StageCall(BaseModel):
     """What the flow hands a stage's task: the stage, its inputs resolved to refs, and its fingerprint.
 
@@ -191,6 +208,10 @@ class StageCall(BaseModel):
             if text == reference:
                 return self.inputs[path]
         raise KeyError(f"stage '{self.name}' has no input named {reference!r}")
+
+
+StageBody = Callable[[StageCall, StageRun], dict[str, StageOutput]]
+StageCheck = Callable[[StageCall], None]
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -1,6 +1,7 @@
 """The life cycle every stage shares: cache -> lock -> MLflow stage run -> outputs.
 
-The flow hands each task a ``StageCall`` whose fingerprint it has already computed.
+The flow hands each task a ``StageCall`` whose fingerprint it has already computed; the task (built by
+``runtime.stage_tasks``) runs its kind's pre-run check, then :func:`execute_stage` with its kind's body.
 
 1. Cache: a finished MLflow run tagged with the stage's fingerprint, in any experiment of the tracking
    store (the pipeline's own first: ``registry.stage_cache``) -> reuse its outputs, run nothing; a run
@@ -27,7 +28,7 @@ from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.training.engine.checkpoint import latest_checkpoint
 from runtime import checkpoint_sync, progress, stage_reports
 from runtime.fingerprint_lock import fingerprint_lock
-from runtime.multiprocess import rank_job, run_in_processes
+from runtime.multiprocess import run_in_processes
 from runtime.stage_contract import (
     SUMMARY_PREFIX,
     RunContext,
@@ -46,10 +47,9 @@ def execute_stage(ctx: RunContext, call: StageCall, body: StageBody) -> StageOut
     """Run ``body`` for a stage unless its fingerprint is cached; see the module docstring.
 
     Whatever happened (ran, resumed, cached), the stage leaves a markdown artifact with its results in
-    Prefect and a progress event for a live view.
+    Prefect and a progress event for a live view. (A rank of a multi-process stage calls its kind's body
+    directly: ``runtime.multiprocess.main``.)
     """
-    if (job := rank_job()) is not None:  # a training process of a multi-process stage: the body only
-        return job.run_body(call, body)
     try:
         outcome = _execute_stage(ctx, call, body)
     except BaseException as exc:
@@ -123,9 +123,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
     else:
         run_id = tracking.start_stage_run(ctx.experiment_id, ctx.parent_run_id, stage, tags)
     work_dir.mkdir(parents=True, exist_ok=True)
-    run = StageRun(
-        stage, run_id, fingerprint, work_dir, resumable, settings, pipeline=ctx.pipeline, kind=call.kind
-    )
+    run = StageRun(stage, run_id, fingerprint, work_dir, resumable, settings, ctx, kind=call.kind)
     progress.publish(
         progress.StageEvent(stage, call.kind, progress.STARTED, "resuming" if resumable else "running")
     )
@@ -179,8 +177,8 @@ def _run_body(ctx: RunContext, call: StageCall, body: StageBody, run: StageRun) 
     """The stage's work: here, or in ``compute.processes`` processes launched through accelerate."""
     compute = getattr(call.stage, "compute", None)
     if compute is None or compute.processes == 1:
-        return body(run)
-    return run_in_processes(ctx, call, run)
+        return body(call, run)
+    return run_in_processes(ctx, call, run, body)
 
 
 def _origin_if_other(ctx: RunContext, found: stage_cache.RunOrigin) -> StageOrigin | None:

@@ -11,21 +11,12 @@ from registry import model_metrics, tracking
 from registry.model_cards import refresh_model_card
 from rlhf_core.refs import EvalReportRef, ModelRef
 from rlhf_core.spec import EvaluateStage
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
+from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
-
-KEY_METRICS = (
-    "eval/loss",
-    "eval/perplexity",
-    "eval/accuracy",
-    "eval/best_of_n/accuracy",
-    "eval/kl_to_reference",
-)
 
 
 @stage_task(EvaluateStage)
-def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
+def evaluate_models(call: StageCall, run: StageRun) -> dict[str, EvalReportRef]:
     """Evaluate every model on the eval splits and compare each with the baseline.
 
     Metrics are logged per model as ``<model>/<metric>`` on the stage run and, for registered models,
@@ -33,51 +24,39 @@ def evaluate_models(ctx: RunContext, call: StageCall) -> StageOutcome:
     report.md (the table), samples.json and plots/*.png; in a Prefect run also a markdown artifact with
     the table (key ``<pipeline>-<stage>-report``).
     """
+    from rlhf_core.evaluation.comparison import EvaluationInputs, compare_models  # loads torch when it runs
+    from rlhf_core.evaluation.report_table import report_markdown
+
     stage: EvaluateStage = call.stage
-
-    def body(run: StageRun) -> dict[str, EvalReportRef]:
-        from rlhf_core.evaluation.comparison import compare_models  # loads torch only when the stage runs
-        from rlhf_core.evaluation.report_table import report_markdown
-
-        data, prompts = (call.resolve(r) if r else None for r in (stage.data, stage.prompts))
-        eval_rows = run.read_split(data, "eval") if data else []
-        prompt_rows = run.read_split(prompts, "eval") if prompts else []
-        refs: dict[str, ModelRef] = {name: call.resolve(name) for name in stage.models}
-        result = compare_models(
-            {name: (run.model_dir(ref), ref.revision) for name, ref in refs.items()},
-            eval_rows, prompt_rows, stage, _reward_model_dirs(run, call), call.seed,
-            judge_models=_judge_models(run, call), reference=_location(run, call, stage.kl_reference),
-            stage_name=call.name,
-            prompts_source=f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts",
-        )  # fmt: skip
-        report = result.report
-        for name, metrics in report.items():
-            keyed = {f"{name}/{k}": v for k, v in metrics.items()}
-            if not model_metrics.log_model_metrics(run.run_id, refs[name].uri, keyed):  # not registered
-                tracking.log_metrics(run.run_id, keyed, step=0)
-            elif refs[name].registered_name:  # the version's card shows its evaluation figures
-                refresh_model_card(refs[name].registered_name, refs[name].registered_version)
-            run.key_metrics |= {f"{name}.{k.removeprefix('eval/')}": v for k, v in _key(metrics).items()}
-        table = report_markdown(
-            report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
-        )
-        tracking.log_table(run.run_id, result.samples, "samples.json")
-        tracking.log_dict(run.run_id, report, "report.json")
-        tracking.log_text(run.run_id, table, "report.md")
-        _log_plots(run, report, stage.baseline)
-        _publish_table(run, table)
-        return {"report": EvalReportRef(stage=call.name, metrics=report, run_id=run.run_id)}
-
-    return execute_stage(ctx, call, body)
-
-
-def _key(metrics: dict[str, float]) -> dict[str, float]:
-    """The figures shown in the pipeline summary: KEY_METRICS and the first judge's win rate."""
-    shown = {k: metrics[k] for k in KEY_METRICS if k in metrics}
-    win_rates = [
-        k for k in metrics if k.startswith("eval/win_rate/") and not k.endswith(("_low", "_high", "_n"))
-    ]
-    return shown | ({win_rates[0]: metrics[win_rates[0]]} if win_rates else {})
+    data, prompts = (call.resolve(r) if r else None for r in (stage.data, stage.prompts))
+    refs: dict[str, ModelRef] = {name: call.resolve(name) for name in stage.models}
+    inputs = EvaluationInputs(
+        models={name: (run.model_dir(ref), ref.revision) for name, ref in refs.items()},
+        eval_rows=run.read_split(data, "eval") if data else [],
+        prompt_rows=run.read_split(prompts, "eval") if prompts else [],
+        reward_model_dirs=_reward_model_dirs(run, call),
+        judge_models=_judge_models(run, call),
+        reference=_location(run, call, stage.kl_reference),
+        prompts_source=f"{prompts.stage}.{prompts.kind} (eval split)" if prompts else "prompts",
+    )
+    result = compare_models(stage, inputs, run.environment(call.seed))
+    report = result.report
+    for name, metrics in report.items():
+        keyed = {f"{name}/{k}": v for k, v in metrics.items()}
+        if not model_metrics.log_model_metrics(run.run_id, refs[name].uri, keyed):  # not registered
+            tracking.log_metrics(run.run_id, keyed, step=0)
+        elif refs[name].registered_name:  # the version's card shows its evaluation figures
+            refresh_model_card(refs[name].registered_name, refs[name].registered_version)
+    run.key_metrics = result.summary()
+    table = report_markdown(
+        report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
+    )
+    tracking.log_table(run.run_id, result.samples, "samples.json")
+    tracking.log_dict(run.run_id, report, "report.json")
+    tracking.log_text(run.run_id, table, "report.md")
+    _log_plots(run, report, stage.baseline)
+    _publish_table(run, table)
+    return {"report": EvalReportRef(stage=call.name, metrics=report, run_id=run.run_id)}
 
 
 def _location(run: StageRun, call: StageCall, name: str | None) -> tuple[str, str | None] | None:

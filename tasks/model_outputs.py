@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlhf_core.refs import DatasetRef, ModelRef
-from runtime.stage_contract import RunContext, StageRun
+from runtime.stage_contract import StageRun
 
 
 def describe_model(ref: ModelRef) -> str:
@@ -12,7 +12,6 @@ def describe_model(ref: ModelRef) -> str:
 
 
 def register_stage_model(
-    ctx: RunContext,
     run: StageRun,
     model,
     tokenizer,
@@ -42,8 +41,8 @@ def register_stage_model(
         "rlhf.stage": run.stage,
         "rlhf.role": role,
         "rlhf.fingerprint": run.fingerprint,
-        "rlhf.git_commit": ctx.git_commit,
-        "rlhf.spec_digest": ctx.spec_digest,
+        "rlhf.git_commit": run.context.git_commit,
+        "rlhf.spec_digest": run.context.spec_digest,
         "rlhf.base_model": base_model,
         **(extra_tags or {}),
     }

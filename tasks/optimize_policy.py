@@ -12,68 +12,71 @@ from rlhf_core.rewards import VERIFIERS
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
+from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
+from tasks.input_checks import check_reference_tokenizer, check_split
 from tasks.model_outputs import describe_model, register_stage_model
 
 
-@stage_task(PolicyGradientStage)
-def optimize_policy(ctx: RunContext, call: StageCall) -> StageOutcome:
-    """Train the policy on its own samples of the prompts' ``split``, rewarded by the reward sources."""
+def check_policy_gradient(call: StageCall) -> None:
+    """The prompts have ``split``; the reference tokenizes like the policy; the monitor's prompts have
+    its split (and answers)."""
     stage: PolicyGradientStage = call.stage
     policy, prompts = call.resolve(stage.policy), call.resolve(stage.prompts)
-    if stage.split not in prompts.splits:
-        raise UserError(
-            f"stage '{call.name}', field split: '{stage.split}' is not a split of "
-            f"{prompts.stage}.{prompts.kind} (it has: {', '.join(prompts.splits)})"
-        )
-    needs_reference = stage.needs_reference or stage.monitor is not None
-    reference = call.resolve(stage.reference) if stage.reference and needs_reference else None
-    if reference is not None and reference.tokenizer_digest != policy.tokenizer_digest:
-        raise UserError(
-            f"stage '{call.name}', field reference: '{stage.reference}' has another tokenizer or chat "
-            f"template than the policy '{stage.policy}'; log-probs of the same tokens would not compare"
-        )
+    check_split(call, prompts, stage.split)
+    check_reference_tokenizer(call, _reference(call), policy)
+    monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
+
+
+@stage_task(PolicyGradientStage, check=check_policy_gradient)
+def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
+    """Train the policy on its own samples of the prompts' ``split``, rewarded by the reward sources."""
+    # loads torch only when it runs
+    from rlhf_core.training.policy_gradient.trainer import run_policy_gradient
+
+    stage: PolicyGradientStage = call.stage
+    policy, prompts = call.resolve(stage.policy), call.resolve(stage.prompts)
+    reference = _reference(call)
     value_init = (
         call.resolve(stage.ppo.value_model) if stage.algorithm == "ppo" and stage.ppo.value_model else None
     )
     reward_models = {s.name: call.resolve(s.model) for s in stage.rewards if s.model}
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
 
-    def body(run: StageRun) -> dict[str, ModelRef]:
-        # loads torch only when it runs
-        from rlhf_core.training.policy_gradient.trainer import run_policy_gradient
+    def log_samples(rows: list[dict], rollout: int) -> None:
+        tracking.log_table(run.run_id, rows, f"samples/rollout_{rollout + 1:05d}.json")
 
-        def log_samples(rows: list[dict], rollout: int) -> None:
-            tracking.log_table(run.run_id, rows, f"samples/rollout_{rollout + 1:05d}.json")
+    trained, tokenizer, result = run_policy_gradient(
+        run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), stage,
+        reference_dir=run.model_dir(reference) if reference else None,
+        reference_revision=reference.revision if reference else None,
+        value_init_dir=run.model_dir(value_init) if value_init else None,
+        reward_model_dirs={name: run.model_dir(ref) for name, ref in reward_models.items()},
+        seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name, log=run.log,
+        log_samples=log_samples,
+        monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+        monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
+    )  # fmt: skip
+    run.key_metrics = result.summary()
+    tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, result.monitor)}
+    if stage.needs_reference:
+        tags["rlhf.reference_model"] = describe_model(reference or policy)
+    if reward_models:
+        tags["rlhf.reward_models"] = ",".join(describe_model(r) for r in reward_models.values())
+    if value_init is not None:
+        tags["rlhf.value_model_init"] = describe_model(value_init)
+    ref = register_stage_model(
+        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        role="policy", base_model=policy.base_model, upstream=policy, data=prompts, extra_tags=tags,
+    )  # fmt: skip
+    return {"model": ref}
 
-        trained, tokenizer, result = run_policy_gradient(
-            run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), stage,
-            reference_dir=run.model_dir(reference) if reference else None,
-            reference_revision=reference.revision if reference else None,
-            value_init_dir=run.model_dir(value_init) if value_init else None,
-            reward_model_dirs={name: run.model_dir(ref) for name, ref in reward_models.items()},
-            seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name, log=run.log,
-            log_samples=log_samples,
-            monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
-            monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
-        )  # fmt: skip
-        run.key_metrics = result.summary()
-        tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, result.monitor)}
-        if stage.needs_reference:
-            tags["rlhf.reference_model"] = describe_model(reference or policy)
-        if reward_models:
-            tags["rlhf.reward_models"] = ",".join(describe_model(r) for r in reward_models.values())
-        if value_init is not None:
-            tags["rlhf.value_model_init"] = describe_model(value_init)
-        ref = register_stage_model(
-            ctx, run, trained, tokenizer, registered_name=stage.register_as or f"{ctx.pipeline}-{call.name}",
-            role="policy", base_model=policy.base_model, upstream=policy, data=prompts, extra_tags=tags,
-        )  # fmt: skip
-        return {"model": ref}
 
-    return execute_stage(ctx, call, body)
+def _reference(call: StageCall) -> ModelRef | None:
+    """The reference model, when the algorithm or the monitor needs one and the stage names one."""
+    stage: PolicyGradientStage = call.stage
+    needs_reference = stage.needs_reference or stage.monitor is not None
+    return call.resolve(stage.reference) if stage.reference and needs_reference else None
 
 
 def monitor_inputs(

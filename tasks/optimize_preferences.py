@@ -2,61 +2,63 @@
 
 from __future__ import annotations
 
-from rlhf_core.errors import UserError
 from rlhf_core.refs import ModelRef
+from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
+from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
+from tasks.input_checks import check_reference_tokenizer
 from tasks.model_outputs import describe_model, register_stage_model
 from tasks.optimize_policy import monitor_inputs, record_monitor
 
 
-@stage_task(DirectAlignmentStage)
-def optimize_preferences(ctx: RunContext, call: StageCall) -> StageOutcome:
+def check_direct_alignment(call: StageCall) -> None:
+    """The reference tokenizes like the policy; the monitor's prompts have its split (and answers)."""
+    stage: DirectAlignmentStage = call.stage
+    policy = call.resolve(stage.policy)
+    check_reference_tokenizer(call, call.resolve(stage.reference) if stage.reference else None, policy)
+    monitor_inputs(call, stage.monitor, call.resolve(stage.data or stage.unpaired_data), _proxy(stage))
+
+
+@stage_task(DirectAlignmentStage, check=check_direct_alignment)
+def optimize_preferences(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Optimise the policy on the train split of the preference data; held-out metrics on its eval split."""
+    # loads torch only when the stage runs
+    from rlhf_core.training.direct_alignment.reference import reference_logprobs_key
+    from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
+
     stage: DirectAlignmentStage = call.stage
     policy, data = call.resolve(stage.policy), call.resolve(stage.data or stage.unpaired_data)
     reference = call.resolve(stage.reference) if stage.reference else None
-    if reference is not None and reference.tokenizer_digest != policy.tokenizer_digest:
-        raise UserError(
-            f"stage '{call.name}', field reference: '{stage.reference}' has another tokenizer or chat "
-            f"template than the policy '{stage.policy}'; log-probs of the same text would not compare"
-        )
+    monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, data, _proxy(stage))
+    ref_digest = (reference or policy).digest
+    cache = {
+        split: run.settings.resolved_home() / "cache" / "reference_logprobs"
+        / f"{reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
+        for split in data.splits
+    }  # fmt: skip
+    trained, tokenizer, result = run_direct_alignment(
+        run.model_dir(policy), policy.revision, run.read_split(data, "train"),
+        run.read_split(data, "eval") if "eval" in data.splits else None, stage,
+        reference_dir=run.model_dir(reference) if reference else None,
+        reference_revision=reference.revision if reference else None, reference_cache=cache,
+        seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name,
+        source=f"stage '{call.name}' ({data.stage}.{data.kind})", log=run.log,
+        monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+        monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
+    )  # fmt: skip
+    if result.heldout:
+        run.log(result.heldout, result.steps)
+    run.key_metrics = result.summary()
+    monitor_tags = record_monitor(run, result.monitor)
+    ref = register_stage_model(
+        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        role="policy", base_model=policy.base_model, upstream=policy, data=data,
+        extra_tags={"rlhf.reference_model": describe_model(reference or policy), **monitor_tags},
+    )  # fmt: skip
+    return {"model": ref}
 
-    proxy = stage.monitor.proxy if stage.monitor else ()
-    monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, data, proxy)
 
-    def body(run: StageRun) -> dict[str, ModelRef]:
-        # loads torch only when the stage runs
-        from rlhf_core.training.direct_alignment.reference import reference_logprobs_key
-        from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
-
-        ref_digest = (reference or policy).digest
-        cache = {
-            split: run.settings.resolved_home() / "cache" / "reference_logprobs"
-            / f"{reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
-            for split in data.splits
-        }  # fmt: skip
-        trained, tokenizer, result = run_direct_alignment(
-            run.model_dir(policy), policy.revision, run.read_split(data, "train"),
-            run.read_split(data, "eval") if "eval" in data.splits else None, stage,
-            reference_dir=run.model_dir(reference) if reference else None,
-            reference_revision=reference.revision if reference else None, reference_cache=cache,
-            seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name,
-            source=f"stage '{call.name}' ({data.stage}.{data.kind})", log=run.log,
-            monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
-            monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
-        )  # fmt: skip
-        if result.heldout:
-            run.log(result.heldout, result.steps)
-        run.key_metrics = result.summary()
-        monitor_tags = record_monitor(run, result.monitor)
-        ref = register_stage_model(
-            ctx, run, trained, tokenizer, registered_name=stage.register_as or f"{ctx.pipeline}-{call.name}",
-            role="policy", base_model=policy.base_model, upstream=policy, data=data,
-            extra_tags={"rlhf.reference_model": describe_model(reference or policy), **monitor_tags},
-        )  # fmt: skip
-        return {"model": ref}
-
-    return execute_stage(ctx, call, body)
+def _proxy(stage: DirectAlignmentStage) -> tuple[RewardSourceSpec, ...]:
+    """The monitor's proxy reward sources (none without a monitor)."""
+    return stage.monitor.proxy if stage.monitor else ()

@@ -3,41 +3,34 @@ download a registered version)."""
 
 from __future__ import annotations
 
-from prefect import task
-
 from rlhf_core.errors import UserError
 from rlhf_core.modeling.digests import model_digest, tokenizer_digest
 from rlhf_core.modeling.position_limits import max_positions
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import ModelSource
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
-from runtime.stage_tasks import STAGE_TASK_OPTIONS
+from runtime.stage_contract import StageCall, StageRun
+from runtime.stage_tasks import stage_task
 from tasks.model_outputs import register_stage_model
 
 
-@task(name="prepare_base_model", **STAGE_TASK_OPTIONS)
-def prepare_base_model(ctx: RunContext, call: StageCall) -> StageOutcome:
+@stage_task(ModelSource, kind="base_model")  # flows.stage_calls.BASE_MODEL_KIND: ModelSource has no kind
+def prepare_base_model(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """A tiny model is built, logged and registered (``<pipeline>-<name>``); local and hub models are
     referenced in place (their weights are not copied into MLflow); a registered version is downloaded
     into the home's model cache and keeps its registry name and version (lineage, promotion)."""
+    # torch and transformers load only when the stage really runs: cached re-runs skip them.
+    from rlhf_core.modeling.models import build_tiny_model
+
     source: ModelSource = call.stage
-
-    def body(run: StageRun) -> dict[str, ModelRef]:
-        # torch and transformers load only when the stage really runs: cached re-runs skip them.
-        from rlhf_core.modeling.models import build_tiny_model
-
-        if source.tiny is None:
-            return {"model": _external_model_ref(call.name, source, run)}
-        model, tokenizer = build_tiny_model(source.tiny, call.seed)
-        ref = register_stage_model(
-            ctx, run, model, tokenizer, registered_name=f"{ctx.pipeline}-{call.name}", role="policy",
-            base_model=call.name, extra_tags={"rlhf.source": "tiny"},
-        )  # fmt: skip
-        run.key_metrics = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
-        return {"model": ref}
-
-    return execute_stage(ctx, call, body)
+    if source.tiny is None:
+        return {"model": _external_model_ref(call.name, source, run)}
+    model, tokenizer = build_tiny_model(source.tiny, call.seed)
+    ref = register_stage_model(
+        run, model, tokenizer, registered_name=f"{run.pipeline}-{call.name}", role="policy",
+        base_model=call.name, extra_tags={"rlhf.source": "tiny"},
+    )  # fmt: skip
+    run.key_metrics = {"parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    return {"model": ref}
 
 
 def _external_model_ref(name: str, source: ModelSource, run: StageRun) -> ModelRef:

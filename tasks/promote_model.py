@@ -6,16 +6,15 @@ from registry import promotion, tracking
 from registry.model_cards import refresh_model_card
 from registry.model_metrics import version_metrics
 from rlhf_core.errors import UserError
-from rlhf_core.evaluation.gate import evaluate_gate
+from rlhf_core.evaluation.gate import PromotionInputs, decide_promotion
 from rlhf_core.refs import EvalReportRef, ModelRef, PromotionRef
 from rlhf_core.spec.stages.promotion import PromoteStage
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
+from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
 
 
 @stage_task(PromoteStage)
-def promote_model(ctx: RunContext, call: StageCall) -> StageOutcome:
+def promote_model(call: StageCall, run: StageRun) -> dict[str, PromotionRef]:
     """Check the gate on the candidate's figures; on a pass move ``alias``, else tag the version why not.
 
     The champion's figures for ``max_drop_vs_champion`` are the metrics of the champion version's
@@ -24,60 +23,51 @@ def promote_model(ctx: RunContext, call: StageCall) -> StageOutcome:
     """
     stage: PromoteStage = call.stage
 
-    def body(run: StageRun) -> dict[str, PromotionRef]:
-        model: ModelRef = call.resolve(stage.model)
-        report: EvalReportRef = call.resolve(stage.evaluation)
-        name, version = _registered(call.name, stage.model, model)
-        if stage.model not in report.metrics:
-            evaluated = ", ".join(report.metrics) or "none"
-            raise UserError(
-                f"stage '{call.name}', field evaluation: the report of stage '{report.stage}' has no "
-                f"figures for model '{stage.model}' (it evaluated: {evaluated}); add it to its models"
-            )
-        champion = promotion.alias_version(name, stage.alias)
-        champion_figures = version_metrics(name, champion) if champion is not None else None
-        decision = evaluate_gate(
-            stage.gate, report.metrics[stage.model], champion_figures,
-            stage=call.name, champion_label=f"{stage.alias} v{champion}",
-        )  # fmt: skip
-        tags = {
-            promotion.GATE_DECISION_TAG: "passed" if decision.passed else "failed",
-            promotion.GATE_REASON_TAG: decision.reason,
-            promotion.GATE_FIGURES_TAG: decision.figures,
-            promotion.GATE_STAGE_TAG: f"{ctx.pipeline}.{call.name} (run {run.run_id})",
-        }
-        previous = None
-        if decision.passed:
-            previous = promotion.promote(
-                name,
-                version,
-                alias=stage.alias,
-                previous_alias=stage.previous_alias,
-                by=f"{ctx.pipeline}.{call.name}",
-                tags=tags,
-            )
-        else:
-            promotion.record_rejection(name, version, tags)
-        for touched in (version, previous):
-            if touched is not None:
-                refresh_model_card(name, touched)  # the cards show aliases and the gate's decision
-        tracking.set_tags(run.run_id, {**tags, "rlhf.candidate": f"{name} v{version}"})
-        tracking.log_text(run.run_id, _decision_text(name, version, stage, decision, previous), "decision.md")
-        run.key_metrics["promoted"] = float(decision.passed)
-        return {
-            "decision": PromotionRef(
-                stage=call.name,
-                registered_name=name,
-                registered_version=version,
-                alias=stage.alias,
-                passed=decision.passed,
-                reason=decision.reason,
-                previous_version=previous,
-                run_id=run.run_id,
-            )
-        }
-
-    return execute_stage(ctx, call, body)
+    model: ModelRef = call.resolve(stage.model)
+    report: EvalReportRef = call.resolve(stage.evaluation)
+    name, version = _registered(call.name, stage.model, model)
+    champion = promotion.alias_version(name, stage.alias)
+    inputs = PromotionInputs(
+        report.metrics, report.stage, version_metrics(name, champion) if champion is not None else None,
+        champion_label=f"{stage.alias} v{champion}",
+    )  # fmt: skip
+    decision = decide_promotion(stage, inputs, run.environment(call.seed))
+    tags = {
+        promotion.GATE_DECISION_TAG: "passed" if decision.passed else "failed",
+        promotion.GATE_REASON_TAG: decision.reason,
+        promotion.GATE_FIGURES_TAG: decision.figures,
+        promotion.GATE_STAGE_TAG: f"{run.pipeline}.{call.name} (run {run.run_id})",
+    }
+    previous = None
+    if decision.passed:
+        previous = promotion.promote(
+            name,
+            version,
+            alias=stage.alias,
+            previous_alias=stage.previous_alias,
+            by=f"{run.pipeline}.{call.name}",
+            tags=tags,
+        )
+    else:
+        promotion.record_rejection(name, version, tags)
+    for touched in (version, previous):
+        if touched is not None:
+            refresh_model_card(name, touched)  # the cards show aliases and the gate's decision
+    tracking.set_tags(run.run_id, {**tags, "rlhf.candidate": f"{name} v{version}"})
+    tracking.log_text(run.run_id, _decision_text(name, version, stage, decision, previous), "decision.md")
+    run.key_metrics = decision.summary()
+    return {
+        "decision": PromotionRef(
+            stage=call.name,
+            registered_name=name,
+            registered_version=version,
+            alias=stage.alias,
+            passed=decision.passed,
+            reason=decision.reason,
+            previous_version=previous,
+            run_id=run.run_id,
+        )
+    }
 
 
 def _registered(stage_name: str, reference: str, model: ModelRef) -> tuple[str, str]:

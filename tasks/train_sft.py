@@ -4,30 +4,25 @@ from __future__ import annotations
 
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import SFTStage
-from runtime.stage_contract import RunContext, StageCall, StageOutcome, StageRun
-from runtime.stage_execution import execute_stage
+from runtime.stage_contract import StageCall, StageRun
 from runtime.stage_tasks import stage_task
 from tasks.model_outputs import register_stage_model
 
 
 @stage_task(SFTStage)
-def train_sft(ctx: RunContext, call: StageCall) -> StageOutcome:
+def train_sft(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Fine-tune ``model`` on the train split of ``data``; register the result as ``candidate``."""
+    from rlhf_core.training.sft.trainer import train_sft_from  # loads torch only when the stage runs
+
     stage: SFTStage = call.stage
     model, data = call.resolve(stage.model), call.resolve(stage.data)
-
-    def body(run: StageRun) -> dict[str, ModelRef]:
-        from rlhf_core.training.sft.trainer import train_sft_from  # loads torch only when the stage runs
-
-        trained, tokenizer, result = train_sft_from(
-            run.model_dir(model), model.revision, run.read_split(data, "train"), stage.train,
-            lora=stage.lora, seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", log=run.log,
-        )  # fmt: skip
-        run.key_metrics = result.summary()
-        ref = register_stage_model(
-            ctx, run, trained, tokenizer, registered_name=stage.register_as or f"{ctx.pipeline}-{call.name}",
-            role="policy", base_model=model.base_model, upstream=model, data=data,
-        )  # fmt: skip
-        return {"model": ref}
-
-    return execute_stage(ctx, call, body)
+    trained, tokenizer, result = train_sft_from(
+        run.model_dir(model), model.revision, run.read_split(data, "train"), stage.train,
+        lora=stage.lora, seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", log=run.log,
+    )  # fmt: skip
+    run.key_metrics = result.summary()
+    ref = register_stage_model(
+        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        role="policy", base_model=model.base_model, upstream=model, data=data,
+    )  # fmt: skip
+    return {"model": ref}

@@ -246,7 +246,7 @@ def test_a_stage_retried_on_another_machine_resumes_from_the_uploaded_checkpoint
 
     seen = {}
 
-    def dies_after_an_upload(run):
+    def dies_after_an_upload(call, run):
         seen["a"] = run.run_id
         _checkpoint(run.work_dir / "checkpoints", 2, b"trained on A")
         _wait_for(lambda: checkpoints.recorded_step(run.run_id) == 2)
@@ -255,7 +255,7 @@ def test_a_stage_retried_on_another_machine_resumes_from_the_uploaded_checkpoint
     with pytest.raises(ConnectionError):
         execute_stage(machine("a"), call, dies_after_an_upload)
 
-    def resumes(run):
+    def resumes(call, run):
         assert run.resumed and run.run_id == seen["a"]
         assert (run.work_dir / "checkpoints" / "step-2" / "model.safetensors").read_bytes() == b"trained on A"
         _checkpoint(run.work_dir / "checkpoints", 4)

@@ -35,6 +35,7 @@ from rlhf_core.data import (
 from rlhf_core.dataset_preparation import prepare_dataset
 from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage
+from rlhf_core.stage_environment import NoInputs, StageEnvironment
 
 # --- synthetic arithmetic -------------------------------------------------------------------
 
@@ -360,7 +361,7 @@ def test_dataset_stage_prepares_a_question_answer_file(tmp_path: Path) -> None:
     theirs = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)]
     theirs[3]["answer"] = ""  # skipped and reported
     path.write_text("".join(json.dumps(r) + "\n" for r in theirs), encoding="utf-8")
-    prepared = prepare_dataset("data", _qa_stage(path), seed=0, out_dir=tmp_path / "out")
+    prepared = prepare_dataset(_qa_stage(path), NoInputs(), StageEnvironment.local("data", 0, tmp_path))
     out = prepared.outputs["sft"]
     assert (
         out.kind == "sft"
@@ -368,6 +369,8 @@ def test_dataset_stage_prepares_a_question_answer_file(tmp_path: Path) -> None:
         and out.splits == {"train": 8, "eval": 1}
     )
     assert len(prepared.problems) == 1 and "row 3 (0-based), field 'completion'" in prepared.problems[0]
+    assert out.directory == tmp_path / "data" / "sft"
+    assert prepared.summary() == {"sft_rows": 9.0, "rejected_rows": 1.0}
     rows = read_jsonl(out.directory / "train.jsonl") + read_jsonl(out.directory / "eval.jsonl")
     assert sorted(r["completion"] for r in rows) == sorted(str(i + 1) for i in range(10) if i != 3)
 
@@ -376,7 +379,7 @@ def test_dataset_stage_without_a_valid_row_is_a_user_error(tmp_path: Path) -> No
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "2 + 2?", "answer": ""}) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"^stage 'data': no valid sft rows left \(1 rejected\)$"):
-        prepare_dataset("data", _qa_stage(path), seed=0, out_dir=tmp_path / "out")
+        prepare_dataset(_qa_stage(path), NoInputs(), StageEnvironment.local("data", 0, tmp_path))
 
 
 def test_missing_mapped_column_lists_available(tmp_path: Path) -> None:

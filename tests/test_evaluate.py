@@ -93,10 +93,11 @@ def test_reward_sources_need_prompts():
         )
 
 
-def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir):
+def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir, tmp_path):
     """Two names for the same weights: every answer identical, so every judge ties (win rate exactly 0.5,
     tie rate 1, a policy judge never asked) and the KL estimate is 0; the baseline gets no win rate."""
-    from rlhf_core.evaluation.comparison import compare_models
+    from rlhf_core.evaluation.comparison import EvaluationInputs, compare_models
+    from rlhf_core.stage_environment import StageEnvironment
 
     judges = [
         "verifier",
@@ -107,10 +108,11 @@ def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir):
         models=["base", "copy"], baseline="base", win_rate={"judges": judges}, samples_in_table=2,
         kl={"samples_per_prompt": 2, "max_new_tokens": 4},
     )  # fmt: skip
-    result = compare_models(
-        {"base": (model_dir, None), "copy": (model_dir, None)}, SFT, PROMPTS, stage, {}, seed=0,
-        judge_models={"policy:judge": (model_dir, None)}, reference=(model_dir, None), stage_name="eval",
+    inputs = EvaluationInputs(
+        {"base": (model_dir, None), "copy": (model_dir, None)}, SFT, PROMPTS,
+        judge_models={"policy:judge": (model_dir, None)}, reference=(model_dir, None),
     )  # fmt: skip
+    result = compare_models(stage, inputs, StageEnvironment.local("eval", 0, tmp_path))
     base, copy = result.report["base"], result.report["copy"]
     for judge in ("verifier", "length_penalty", "policy:judge"):
         assert copy[f"eval/win_rate/{judge}"] == 0.5 and copy[f"eval/tie_rate/{judge}"] == 1.0
@@ -121,3 +123,6 @@ def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir):
     assert copy["eval/kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # estimated from samples
     assert [s["model"] for s in result.samples] == ["base", "base", "copy", "copy"]
     assert base["eval/accuracy"] == copy["eval/accuracy"] and base["eval/nll"] == copy["eval/nll"]
+    summary = result.summary()
+    assert summary["copy.win_rate/verifier"] == 0.5 and summary["base.kl_to_reference"] == 0.0
+    assert "base.win_rate/verifier" not in summary

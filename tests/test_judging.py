@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from rlhf_core.errors import UserError
-from rlhf_core.judging.labeling import label_preferences
+from rlhf_core.judging.labeling import LabelingInputs, label_preferences
 from rlhf_core.modeling.models import build_tiny_model, save_model
 from rlhf_core.spec import LabelPreferencesStage, TinyModelSource
+from rlhf_core.stage_environment import StageEnvironment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,10 +32,19 @@ def _stage(**fields) -> LabelPreferencesStage:
     return LabelPreferencesStage(kind="label_preferences", completions="sample", **fields)
 
 
-def test_a_verifier_judge_pairs_correct_over_wrong_and_counts_what_it_drops():
+def _env(tmp_path) -> StageEnvironment:
+    return StageEnvironment.local("prefs", 0, tmp_path)
+
+
+def test_a_verifier_judge_pairs_correct_over_wrong_and_counts_what_it_drops(tmp_path):
     stage = _stage(judge=[{"function": "arithmetic_exact"}], pairing="all_pairs")
-    report, problems = label_preferences(ROWS, stage, {}, stage_name="prefs")
-    assert problems == []
+    labeling = label_preferences(stage, LabelingInputs(ROWS), _env(tmp_path))
+    report = labeling.report
+    assert labeling.problems == []
+    assert labeling.summary() == {"pairs": 3.0, "invalid_scores": 0.0, "dropped_tie": 1.0}
+    assert sorted(p["prompt"] for rows in labeling.splits.values() for p in rows) == sorted(
+        p["prompt"] for p in report.pairs
+    )
     assert sorted((p["chosen"], p["rejected"]) for p in report.pairs) == [
         ("The answer is 2.", "The answer is 3."),
         ("The answer is 5.", "The answer is 6."),
@@ -54,7 +64,7 @@ def test_a_reward_model_judge_is_loaded_from_its_directory(policy_dir, tmp_path)
     torch.nn.init.normal_(reward_model.score.weight, generator=torch.Generator().manual_seed(0))
     rm_dir = str(save_model(reward_model, tokenizer, tmp_path / "rm"))
     stage = _stage(judge=[{"model": "rm"}], pairing="best_vs_worst")
-    report, _ = label_preferences(ROWS, stage, {"rm:rm": rm_dir}, stage_name="prefs")
+    report = label_preferences(stage, LabelingInputs(ROWS, {"rm:rm": rm_dir}), _env(tmp_path)).report
     score = dict(
         zip(
             [r["completion"] for r in ROWS],
@@ -68,7 +78,9 @@ def test_a_reward_model_judge_is_loaded_from_its_directory(policy_dir, tmp_path)
         assert pair["margin"] > 0
 
 
-def test_a_policy_judge_that_never_answers_leaves_no_pair_and_says_so(policy_dir):
+def test_a_policy_judge_that_never_answers_leaves_no_pair_and_says_so(policy_dir, tmp_path):
     judge = {"model": "base", "principles": ["Prefer the correct answer."], "max_new_tokens": 3}
     with pytest.raises(UserError, match=r"stage 'prefs': no preference pair left.*judge_unparseable"):
-        label_preferences(ROWS, _stage(judge_policy=judge), {"policy": policy_dir}, stage_name="prefs")
+        label_preferences(
+            _stage(judge_policy=judge), LabelingInputs(ROWS, {"policy": policy_dir}), _env(tmp_path)
+        )

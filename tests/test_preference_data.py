@@ -32,6 +32,7 @@ from rlhf_core.modeling.preference_tokens import (
 from rlhf_core.modeling.tokenizer import CHATML_TEMPLATE, IM_END
 from rlhf_core.rollout.generation import chat_prompt
 from rlhf_core.spec import DatasetStage, TinyModelSource
+from rlhf_core.stage_environment import NoInputs, StageEnvironment
 
 
 def _chat(*turns: tuple[str, str]) -> list[dict]:
@@ -278,7 +279,7 @@ def test_dataset_stage_prepares_an_unpaired_file(tmp_path: Path) -> None:
     assert {name: str(t) for name, t in stage.output_types().items()} == {
         "unpaired_preferences": "dataset:unpaired_preference"
     }
-    prepared = prepare_dataset("kto_data", stage, seed=0, out_dir=tmp_path / "out")
+    prepared = prepare_dataset(stage, NoInputs(), StageEnvironment.local("kto_data", 0, tmp_path))
     out = prepared.outputs["unpaired_preferences"]
     assert out.kind == "unpaired_preference" and out.columns == ("completion", "label", "prompt")
     assert out.splits == {"train": 8, "eval": 1}

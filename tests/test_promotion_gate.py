@@ -104,3 +104,19 @@ def test_spec_errors(fields, message):
     }
     with pytest.raises(ValidationError, match=message):
         PromoteStage(**{**stage, **fields})
+
+
+def test_the_stage_decision_reads_its_model_in_the_report_and_names_what_was_evaluated(tmp_path):
+    from rlhf_core.errors import UserError
+    from rlhf_core.evaluation.gate import PromotionInputs, decide_promotion
+    from rlhf_core.stage_environment import StageEnvironment
+
+    stage = PromoteStage(
+        kind="promote", model="sft", evaluation="eval.report", gate=[{"metric": "accuracy", "min": 0.85}]
+    )
+    env = StageEnvironment.local("promote", 0, tmp_path)
+    decision = decide_promotion(stage, PromotionInputs({"sft": FIGURES, "base": {}}, "eval"), env)
+    assert not decision.passed and decision.summary() == {"promoted": 0.0}
+    with pytest.raises(UserError, match=r"stage 'promote', field evaluation: .* stage 'eval' has no figures "
+                       r"for model 'sft' \(it evaluated: base\)"):  # fmt: skip
+        decide_promotion(stage, PromotionInputs({"base": FIGURES}, "eval"), env)

@@ -101,15 +101,16 @@ def test_select_completions_reproduces_the_worked_example():
     ]
 
 
-def test_rejection_sampling_stage_selects_sft_rows_and_fails_when_nothing_is_kept():
+def test_rejection_sampling_stage_selects_sft_rows_and_fails_when_nothing_is_kept(tmp_path):
     from rlhf_core.errors import UserError
-    from rlhf_core.selection.rejection_sampling import select_sft_records
+    from rlhf_core.selection.rejection_sampling import SelectionInputs, select_sft_records
     from rlhf_core.spec import RejectionSamplingStage
+    from rlhf_core.stage_environment import StageEnvironment
 
     stage = RejectionSamplingStage(kind="rejection_sampling", completions="sample", min_reward=0.75)
-    records, summary = select_sft_records(
-        _rows(R), stage.strategy, k=stage.k, min_reward=stage.min_reward, stage_name="rs"
-    )
+    env = StageEnvironment.local("rs", 0, tmp_path)
+    selection = select_sft_records(stage, SelectionInputs(_rows(R)), env)
+    records, summary = selection.records, selection.summary()
     # top per prompt is c00, c11, c20, c32, c43 (0.7, 0.8, 0.9, 0.8, 0.6); three reach 0.75
     assert [r["messages"][1]["content"] for r in records] == ["c11", "c20", "c32"]
     assert summary == {
@@ -119,7 +120,7 @@ def test_rejection_sampling_stage_selects_sft_rows_and_fails_when_nothing_is_kep
         "all_reward_mean": pytest.approx(sum(map(sum, R)) / 20),
     }
     with pytest.raises(UserError, match=r"stage 'rs': the selection kept no completion \(min_reward 0.95\)"):
-        select_sft_records(_rows(R), stage.strategy, k=stage.k, min_reward=0.95, stage_name="rs")
+        select_sft_records(stage.model_copy(update={"min_reward": 0.95}), SelectionInputs(_rows(R)), env)
 
 
 def test_best_of_n_on_the_worked_example():

@@ -6,8 +6,9 @@ import pytest
 
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, save_model
-from rlhf_core.rollout.sampling import sample_and_score
+from rlhf_core.rollout.sampling import SampleInputs, sample_and_score
 from rlhf_core.spec import SampleStage, TinyModelSource
+from rlhf_core.stage_environment import StageEnvironment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,10 +27,8 @@ def test_sample_and_score_keeps_prompt_order_and_the_weighted_sum(tmp_path):
     )
     prompts = synthetic_records("arithmetic", "prompts", n=6, seed=0, max_operand=9)
     result = sample_and_score(
-        policy_dir, None, prompts, {}, seed=0, n=stage.n, max_prompts=stage.max_prompts,
-        sampling=stage.generation, rewards=stage.rewards, on_invalid=stage.on_invalid_reward,
-        stage_name="sample",
-    )  # fmt: skip
+        stage, SampleInputs(policy_dir, None, prompts), StageEnvironment.local("sample", 0, tmp_path)
+    )
     assert [(r["prompt_index"], r["completion_index"]) for r in result.rows] == [
         (i, j) for i in range(4) for j in range(3)
     ]

@@ -66,7 +66,7 @@ def test_concurrent_identical_stages_train_once(run_context):
 
     calls = []
 
-    def body(run):
+    def body(call, run):
         calls.append(run.run_id)
         time.sleep(1.0)
         return {"out": _ref("s")}
@@ -90,7 +90,7 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     from registry import stage_cache, tracking
     from runtime.stage_execution import execute_stage
 
-    def failing(run):
+    def failing(call, run):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
@@ -99,7 +99,7 @@ def test_failed_stage_records_no_output_and_is_not_cached(run_context):
     failed = stage_cache.find_interrupted_run(run_context.experiment_id, "e" * 64)
     assert tracking.client().get_run(failed).info.status == "FAILED"
 
-    outcome = execute_stage(run_context, _call("e" * 64), lambda run: {"out": _ref("s")})
+    outcome = execute_stage(run_context, _call("e" * 64), lambda call, run: {"out": _ref("s")})
     assert outcome.status == "ran"
     assert stage_cache.find_cached_stage(run_context.experiment_id, "e" * 64).run_id == outcome.run_id
 
@@ -161,7 +161,7 @@ def test_a_fingerprint_finished_in_another_pipeline_is_reused_with_its_origin(sh
 
     a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
     assert a.experiment_id != b.experiment_id
-    ran = execute_stage(a, _call("c" * 64), lambda run: {"out": _ref("s")})
+    ran = execute_stage(a, _call("c" * 64), lambda call, run: {"out": _ref("s")})
     assert ran.status == "ran" and ran.origin is None
 
     found = stage_cache.find_cached_stage(b.experiment_id, "c" * 64)
@@ -170,7 +170,7 @@ def test_a_fingerprint_finished_in_another_pipeline_is_reused_with_its_origin(sh
     assert found.origin.pipeline_run_id == a.parent_run_id
     assert stage_cache.find_cached_stage(None, "c" * 64).run_id == ran.run_id  # a pipeline with no experiment
 
-    def must_not_run(run):
+    def must_not_run(call, run):
         raise AssertionError("a stage finished in another pipeline ran again")
 
     reused = execute_stage(b, _call("c" * 64), must_not_run)
@@ -195,9 +195,9 @@ def test_the_pipelines_own_run_of_a_fingerprint_wins_over_a_newer_one_elsewhere(
     from runtime.stage_execution import execute_stage
 
     a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
-    older = execute_stage(a, _call("d" * 64), lambda run: {"out": _ref("s")})
+    older = execute_stage(a, _call("d" * 64), lambda call, run: {"out": _ref("s")})
     forced_b = b.model_copy(update={"forced": ("s",)})
-    newer = execute_stage(forced_b, _call("d" * 64), lambda run: {"out": _ref("s")})
+    newer = execute_stage(forced_b, _call("d" * 64), lambda call, run: {"out": _ref("s")})
     assert newer.status == "ran" and newer.run_id != older.run_id
     assert stage_cache.find_cached_stage(a.experiment_id, "d" * 64).run_id == older.run_id
     assert stage_cache.find_cached_stage(b.experiment_id, "d" * 64).run_id == newer.run_id
@@ -213,7 +213,7 @@ def test_an_interrupted_run_of_another_pipeline_is_resumed_where_it_is(shared_st
 
     a, b = _pipeline_context(shared_store, "a"), _pipeline_context(shared_store, "b")
 
-    def crashes_after_a_checkpoint(run):
+    def crashes_after_a_checkpoint(call, run):
         checkpoint = run.work_dir / "checkpoints" / "step-4"
         checkpoint.mkdir(parents=True)
         (checkpoint / "trainer_state.json").write_text('{"step": 4}')
@@ -226,7 +226,7 @@ def test_an_interrupted_run_of_another_pipeline_is_resumed_where_it_is(shared_st
 
     resumed_from = []
     outcome = execute_stage(
-        b, _call("b" * 64), lambda run: resumed_from.append(run.resumed) or {"out": _ref("s")}
+        b, _call("b" * 64), lambda call, run: resumed_from.append(run.resumed) or {"out": _ref("s")}
     )
     assert resumed_from == [True]
     assert (outcome.status, outcome.run_id) == ("resumed", interrupted)
@@ -272,3 +272,49 @@ def test_recipes_that_say_they_share_stages_have_equal_fingerprints():
     assert _recipe_fingerprints("instructgpt_ppo.yaml", ("sft", "rm")) == rm_recipe
     assert _recipe_fingerprints("goodhart_monitor.yaml", ("sft", "rm")) == rm_recipe
     assert _recipe_fingerprints("quickstart.yaml", ("sft",)) != _recipe_fingerprints("dpo.yaml", ("sft",))
+
+
+def test_a_kind_check_fails_before_any_stage_run_is_opened(run_context):
+    """The sample task's check: a prompts dataset without the stage's split fails naming the field, and
+    the experiment holds no stage run (only the pipeline's parent run)."""
+    from registry import tracking
+    from rlhf_core.errors import UserError
+    from rlhf_core.refs import ModelRef
+    from rlhf_core.spec import SampleStage
+    from runtime.stage_contract import StageCall
+    from runtime.stage_tasks import task_for_kind
+
+    stage = SampleStage(
+        kind="sample",
+        policy="sft",
+        prompts="data.prompts",
+        split="test",
+        rewards=[{"function": "answer_format"}],
+    )
+    prompts = DatasetRef(
+        uri="/nowhere", digest="p", kind="prompts", splits={"train": 1}, columns=("prompt",), stage="data"
+    )
+    policy = ModelRef(uri="/m", digest="m", tokenizer_digest="t", stage="sft", base_model="b")
+    call = StageCall(
+        name="samples", kind="sample", stage=stage, seed=0, fingerprint="c" * 64,
+        inputs={"policy": policy, "prompts": prompts},
+    )  # fmt: skip
+    expected = r"stage 'samples', field split: 'test' is not a split of data\.prompts \(it has: train\)"
+    with pytest.raises(UserError, match=expected):
+        task_for_kind("sample").fn(run_context, call)
+    runs = tracking.client().search_runs([run_context.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_context.parent_run_id]
+
+
+def test_a_rank_job_names_the_body_it_imports(run_context, tmp_path):
+    """A rank finds its stage's body by the name the parent wrote, no task function re-run."""
+    from runtime.multiprocess import RankJob
+    from runtime.stage_contract import StageRun
+    from tasks.train_sft import train_sft
+
+    call = _call("d" * 64)
+    run = StageRun("s", "run", call.fingerprint, tmp_path, False, run_context.settings(), run_context)
+    job = RankJob.of(run_context, call, run, train_sft, tmp_path / "outputs.json")
+    assert job.body == "tasks.train_sft:train_sft" and job.stage_body() is train_sft
+    with pytest.raises(TypeError, match="a rank cannot import the body"):
+        RankJob.of(run_context, call, run, lambda call, run: {}, tmp_path / "outputs.json")

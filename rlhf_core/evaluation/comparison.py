@@ -10,6 +10,7 @@ compared with the baseline.
    The baseline gets no win rate.
 
 The report is {model: {metric: value}}; every figure comes with ``_ci_low``, ``_ci_high`` and ``_n``.
+Entry point: :func:`compare_models` (``run(stage, inputs, env)``).
 """
 
 from __future__ import annotations
@@ -28,48 +29,79 @@ from rlhf_core.modeling.models import load_model
 from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.spec import EvaluateStage
 from rlhf_core.spec.stages.evaluation import WinRateJudgeSpec
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.stage_results import StageResult
 
 ModelLocation = tuple[str, str | None]  # local directory (or hub name), revision
+KEY_FIGURES = (  # shown in the pipeline summary, with the first judge's win rate
+    "eval/loss",
+    "eval/perplexity",
+    "eval/accuracy",
+    "eval/best_of_n/accuracy",
+    "eval/kl_to_reference",
+)
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """The ``evaluate`` stage's resolved inputs.
+
+    ``models``: name -> location, in the stage's order; ``eval_rows`` / ``prompt_rows``: the eval splits
+    of ``data`` and ``prompts`` (empty without them); ``reward_model_dirs``: reward models by source name
+    (``rm:<stage>``); ``judge_models``: the policy judges by judge name (``policy:<model>``);
+    ``reference``: the location of ``stage.kl_reference``; ``prompts_source``: the prompts' dataset, in
+    words, for errors.
+    """
+
+    models: dict[str, ModelLocation]
+    eval_rows: list[dict] = field(default_factory=list)
+    prompt_rows: list[dict] = field(default_factory=list)
+    reward_model_dirs: dict[str, str] = field(default_factory=dict)
+    judge_models: dict[str, ModelLocation] = field(default_factory=dict)
+    reference: ModelLocation | None = None
+    prompts_source: str = "prompts"
 
 
 @dataclass
-class ComparisonReport:
+class ComparisonReport(StageResult):
     """Figures per model (``report``), the table of sample answers, and each model's answers."""
 
     report: dict[str, dict[str, float]] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
     answers: dict[str, list[dict]] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, float]:
+        """Each model's key figures, as ``<model>.<figure>`` (``eval/`` left out)."""
+        return {
+            f"{name}.{k.removeprefix('eval/')}": v
+            for name, metrics in self.report.items()
+            for k, v in key_figures(metrics).items()
+        }
 
-def compare_models(
-    models: dict[str, ModelLocation],
-    eval_rows: list[dict],
-    prompt_rows: list[dict],
-    stage: EvaluateStage,
-    reward_model_dirs: dict[str, str],
-    seed: int,
-    *,
-    judge_models: dict[str, ModelLocation] | None = None,
-    reference: ModelLocation | None = None,
-    stage_name: str = "evaluate",
-    prompts_source: str = "prompts",
-) -> ComparisonReport:
-    """Evaluate ``models`` (name -> location, in the stage's order) and compare them with the baseline.
 
-    ``reward_model_dirs`` holds reward models by source name (``rm:<stage>``), ``judge_models`` the
-    policy judges by judge name (``policy:<model>``), ``reference`` the location of
-    ``stage.kl_reference``.
-    """
+def key_figures(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures of one model shown in the pipeline summary: KEY_FIGURES and the first judge's win rate."""
+    shown = {k: metrics[k] for k in KEY_FIGURES if k in metrics}
+    win_rates = [
+        k for k in metrics if k.startswith("eval/win_rate/") and not k.endswith(("_low", "_high", "_n"))
+    ]
+    return shown | ({win_rates[0]: metrics[win_rates[0]]} if win_rates else {})
+
+
+def compare_models(stage: EvaluateStage, inputs: EvaluationInputs, env: StageEnvironment) -> ComparisonReport:
+    """Evaluate the models (in the stage's order) and compare them with the baseline."""
+    eval_rows, prompt_rows, reference = inputs.eval_rows, inputs.prompt_rows, inputs.reference
     out = ComparisonReport()
     ref_name = stage.kl_reference if stage.kl is not None and prompt_rows else None
     loaded: Reference | None = None
-    for name, (model_dir, revision) in models.items():
+    for name, (model_dir, revision) in inputs.models.items():
         needs_kl = ref_name is not None and name != ref_name and reference is not None
         if needs_kl and loaded is None:
             loaded = Reference(ref_name, *load_model(reference[0], revision=reference[1]))
         evaluation = evaluate_model(
-            model_dir, revision, eval_rows, prompt_rows, stage, reward_model_dirs, seed,
-            stage_name=stage_name, prompts_source=prompts_source, reference=loaded if needs_kl else None,
+            model_dir, revision, eval_rows, prompt_rows, stage, inputs.reward_model_dirs, env.seed,
+            stage_name=env.stage, prompts_source=inputs.prompts_source,
+            reference=loaded if needs_kl else None,
         )  # fmt: skip
         if ref_name == name and evaluation.rows:
             evaluation.metrics |= reference_itself(len(evaluation.rows))
@@ -77,7 +109,8 @@ def compare_models(
         out.samples += [{"model": name, **row} for row in evaluation.samples]
     if stage.win_rate is not None and stage.baseline is not None:
         for judge in stage.win_rate.judges:
-            for name, metrics in judged_candidates(out, stage, judge, judge_models or {}, seed, stage_name):
+            judged = judged_candidates(out, stage, judge, inputs.judge_models, env.seed, env.stage)
+            for name, metrics in judged:
                 out.report[name] |= metrics
     return out
 

@@ -1,7 +1,8 @@
 """The promotion gate: a candidate's evaluation figures checked against declared conditions.
 
-Pure logic, no registry: the ``promote`` task hands in the candidate's figures (from the evaluation
-report) and the current champion's (from the registry), and acts on the ``GateDecision``. A figure is
+Pure logic, no registry: the ``promote`` task hands in the evaluation report and the current champion's
+figures (from the registry) to :func:`decide_promotion` (``run(stage, inputs, env)``), and acts on the
+``GateDecision``. A figure is
 shown with its bootstrap interval when the report has one (``<metric>_ci_low`` / ``_ci_high``).
 """
 
@@ -12,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from rlhf_core.errors import UserError
-from rlhf_core.spec.stages.promotion import GateCondition
+from rlhf_core.spec.stages.promotion import GateCondition, PromoteStage
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.stage_results import StageResult
 
 REPORT_PREFIX = "eval/"
 
@@ -32,9 +35,23 @@ class ConditionCheck:
 
 
 @dataclass(frozen=True)
-class GateDecision:
+class PromotionInputs:
+    """The evaluation report (model -> figures) of stage ``report_stage``, and the figures of the current
+    champion (None: there is none), called ``champion_label`` in the decision's words."""
+
+    report: Mapping[str, Mapping[str, float]]
+    report_stage: str
+    champion: Mapping[str, float] | None = None
+    champion_label: str = "champion"
+
+
+@dataclass(frozen=True)
+class GateDecision(StageResult):
     passed: bool
     checks: tuple[ConditionCheck, ...]
+
+    def summary(self) -> dict[str, float]:
+        return {"promoted": float(self.passed)}
 
     @property
     def reason(self) -> str:
@@ -53,6 +70,21 @@ def figure(figures: Mapping[str, float], metric: str) -> float | None:
         if key in figures:
             return float(figures[key])
     return None
+
+
+def decide_promotion(stage: PromoteStage, inputs: PromotionInputs, env: StageEnvironment) -> GateDecision:
+    """The ``promote`` stage's decision: its gate checked on the figures the report has for
+    ``stage.model`` (a UserError naming the field when it has none)."""
+    if stage.model not in inputs.report:
+        evaluated = ", ".join(inputs.report) or "none"
+        raise UserError(
+            f"stage '{env.stage}', field evaluation: the report of stage '{inputs.report_stage}' has no "
+            f"figures for model '{stage.model}' (it evaluated: {evaluated}); add it to its models"
+        )
+    return evaluate_gate(
+        stage.gate, inputs.report[stage.model], inputs.champion, stage=env.stage,
+        champion_label=inputs.champion_label,
+    )  # fmt: skip
 
 
 def evaluate_gate(

@@ -6,10 +6,16 @@ Two kinds of judge (the stage has exactly one):
   by score (:func:`~rlhf_core.judging.preferences.label_pairs`);
 - a policy model judges pairs of completions against written principles, in both orders
   (:mod:`~rlhf_core.judging.policy_judge`).
+
+Entry point: :func:`label_preferences` (``run(stage, inputs, env)``): the pairs, split by the stage's
+``splits``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
 from rlhf_core.judging.policy_judge import judge_pairs
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
@@ -18,32 +24,54 @@ from rlhf_core.rewards.composite import score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.spec import LabelPreferencesStage
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.stage_results import StageResult
 
 POLICY_JUDGE = "policy"  # key of the judging policy among the judge models
+PAIR_COLUMNS = ("chosen", "margin", "prompt", "rejected")
+
+
+@dataclass(frozen=True)
+class LabelingInputs:
+    """Completion rows (``prompt``, ``completion``, what the reward functions read) and the judge models:
+    reward-model sources by source name (``rm:<stage>``) and the judging policy under ``"policy"`` (a
+    local directory or a hub name, at ``revisions["policy"]``)."""
+
+    rows: list[dict]
+    judge_dirs: dict[str, str] = field(default_factory=dict)
+    revisions: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class Labeling(StageResult):
+    """The pairs with what was dropped, the pairs split by the stage's ``splits``, and the completions
+    dropped for an invalid score."""
+
+    report: PairingReport
+    splits: dict[str, list[dict]]
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "pairs": float(len(self.report.pairs)),
+            "invalid_scores": float(len(self.problems)),
+            **{f"dropped_{k}": float(v) for k, v in self.report.dropped.items()},
+        }
 
 
 def label_preferences(
-    rows: list[dict],
-    stage: LabelPreferencesStage,
-    judge_dirs: dict[str, str],
-    *,
-    stage_name: str,
-    revisions: dict[str, str | None] | None = None,
-) -> tuple[PairingReport, list[str]]:
-    """Preference pairs from completion rows (``prompt``, ``completion``, what the reward functions read).
-
-    ``judge_dirs`` locates the judge models: reward-model sources by source name (``rm:<stage>``) and
-    the judging policy under ``"policy"`` (a local directory or a hub name, at ``revisions["policy"]``).
-    Returns the pairs with what was dropped, and the completions dropped for an invalid score.
-    """
+    stage: LabelPreferencesStage, inputs: LabelingInputs, env: StageEnvironment
+) -> Labeling:
+    """Preference pairs from the completion rows, judged by the stage's judge, split by its ``splits``."""
+    rows, judge_dirs, stage_name = inputs.rows, inputs.judge_dirs, env.stage
     if stage.judge_policy is not None:
-        revision = (revisions or {}).get(POLICY_JUDGE)
+        revision = inputs.revisions.get(POLICY_JUDGE)
         report, problems = judge_with_policy(rows, stage, judge_dirs[POLICY_JUDGE], revision, stage_name), []
     else:
         report, problems = judge_with_rewards(rows, stage, judge_dirs, stage_name)
     if not report.pairs:
         raise UserError(f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})")
-    return report, problems
+    return Labeling(report, split_records(report.pairs, dict(stage.splits), env.seed), problems)
 
 
 def judge_with_rewards(

@@ -3,8 +3,9 @@
 Rows: ``prompt_index``, ``prompt``, ``answer`` (when the prompt has one), ``completion_index``,
 ``completion`` and ``new_tokens``; the reward sources add ``scores`` (source name -> r_s) and the
 composite ``reward`` sum_s w_s * r_s (:func:`rlhf_core.rewards.composite.score_completions`).
-``sample_and_score`` is the ``sample`` stage's work, model loading included; it takes the stage's
-settings as plain values, so the spec stays above this package.
+``sample_and_score`` is the ``sample`` stage's work (``run(stage, inputs, env)``), model loading
+included; it reads the stage through :class:`SampleSettings` (the spec's ``SampleStage`` is one), so
+the spec stays above this package.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import RewardSource, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.generation import Engine, generate
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.stage_results import StageResult
 
 
 class SamplingSettings(Protocol):
@@ -38,8 +41,34 @@ class SamplingSettings(Protocol):
     def engine(self) -> Engine: ...
 
 
+class SampleSettings(Protocol):
+    """What the ``sample`` stage's work reads of the stage (the spec's ``SampleStage`` is one)."""
+
+    @property
+    def n(self) -> int: ...  # completions per prompt
+    @property
+    def max_prompts(self) -> int | None: ...  # None: every prompt row
+    @property
+    def generation(self) -> SamplingSettings: ...
+    @property
+    def rewards(self) -> Sequence[RewardSource]: ...
+    @property
+    def on_invalid_reward(self) -> str: ...  # 'fail' or 'skip'
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    """The ``sample`` stage's resolved inputs: the policy, the prompt rows of its split, and the reward
+    models by source name (``rm:<stage>``)."""
+
+    policy_dir: str  # a local directory or a hub name
+    policy_revision: str | None
+    prompt_rows: list[dict]
+    reward_model_dirs: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
-class SampleResult:
+class SampleResult(StageResult):
     rows: list[dict]  # scored completion rows, the dropped ones left out
     generated_tokens: int
     generation_seconds: float
@@ -63,29 +92,17 @@ class SampleResult:
         }
 
 
-def sample_and_score(
-    policy_dir: str,
-    revision: str | None,
-    prompt_rows: list[dict],
-    reward_model_dirs: dict[str, str],
-    seed: int,
-    *,
-    n: int,
-    max_prompts: int | None,
-    sampling: SamplingSettings,
-    rewards: Sequence[RewardSource],
-    on_invalid: str,
-    stage_name: str,
-) -> SampleResult:
-    """The ``sample`` stage's work: ``n`` completions of each of the first ``max_prompts`` prompt rows
-    (all when None) from the policy at ``policy_dir``, scored by the ``rewards`` sources
-    (``reward_model_dirs`` holds the reward models by source name, ``rm:<stage>``); a completion with a
-    non-finite reward fails the stage or is dropped and reported (``on_invalid``: 'fail', 'skip')."""
-    rows = prompt_rows[:max_prompts] if max_prompts else prompt_rows
-    model, tokenizer = load_model(policy_dir, revision=revision)
-    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, n, sampling, seed)
-    scorers = load_reward_model_scorers(reward_model_dirs)
-    kept, problems = score_completions(sampled, rewards, scorers, on_invalid=on_invalid, stage=stage_name)
+def sample_and_score(stage: SampleSettings, inputs: SampleInputs, env: StageEnvironment) -> SampleResult:
+    """The ``sample`` stage's work: ``stage.n`` completions of each of the first ``stage.max_prompts``
+    prompt rows (all when None) from the policy, scored by the ``stage.rewards`` sources; a completion
+    with a non-finite reward fails the stage or is dropped and reported (``stage.on_invalid_reward``)."""
+    rows = inputs.prompt_rows[: stage.max_prompts] if stage.max_prompts else inputs.prompt_rows
+    model, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
+    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, stage.n, stage.generation, env.seed)
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs)
+    kept, problems = score_completions(
+        sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=env.stage
+    )
     return SampleResult(kept, tokens, seconds, problems)
 
 

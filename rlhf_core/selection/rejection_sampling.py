@@ -8,14 +8,50 @@ Prompts x_1..x_M, N completions each, rewards R in R^{M x N} with r_ij = reward(
 
 Ties: a stable descending sort, so among equal rewards the earlier (lower flat index) wins. This is the
 convention that reproduces the book's worked example order [8, 5, 14, 0, 11].
+
+The ``rejection_sampling`` stage's work is :func:`select_sft_records` (``run(stage, inputs, env)``); it
+reads the stage through :class:`SelectionSettings` (the spec's ``RejectionSamplingStage`` is one).
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from rlhf_core.errors import UserError
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.stage_results import StageResult
+
+
+class SelectionSettings(Protocol):
+    """What the ``rejection_sampling`` stage's work reads of the stage."""
+
+    @property
+    def strategy(self) -> str: ...  # 'top_per_prompt' or 'top_k_overall'
+    @property
+    def k(self) -> int | None: ...
+    @property
+    def min_reward(self) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """The scored completion rows (``prompt_index``, ``completion_index``, ``reward``, ...)."""
+
+    rows: list[dict]
+
+
+@dataclass
+class Selection(StageResult):
+    """The selected completions as SFT rows, and the numbers that describe the selection."""
+
+    records: list[dict]
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        return dict(self.figures)
 
 
 def top_per_prompt(rewards: Sequence[Sequence[float]]) -> list[int]:
@@ -84,19 +120,18 @@ def to_sft_records(selected: list[dict]) -> list[dict]:
     ]
 
 
-def select_sft_records(
-    rows: list[dict], strategy: str, *, k: int | None, min_reward: float | None, stage_name: str
-) -> tuple[list[dict], dict[str, float]]:
-    """The ``rejection_sampling`` stage's work: the completions ``strategy`` selects (see
+def select_sft_records(stage: SelectionSettings, inputs: SelectionInputs, env: StageEnvironment) -> Selection:
+    """The ``rejection_sampling`` stage's work: the completions ``stage.strategy`` selects (see
     :func:`select_completions`) as SFT rows, and the numbers that describe the selection (selected,
     candidates, mean reward of the selection and of all rows)."""
-    picked = select_completions(rows, strategy, k=k, min_reward=min_reward)
+    rows, min_reward = inputs.rows, stage.min_reward
+    picked = select_completions(rows, stage.strategy, k=stage.k, min_reward=min_reward)
     if not picked:
-        raise UserError(f"stage '{stage_name}': the selection kept no completion (min_reward {min_reward})")
-    summary = {
+        raise UserError(f"stage '{env.stage}': the selection kept no completion (min_reward {min_reward})")
+    figures = {
         "selected": float(len(picked)),
         "candidates": float(len(rows)),
         "selected_reward_mean": statistics.fmean(r["reward"] for r in picked),
         "all_reward_mean": statistics.fmean(r["reward"] for r in rows),
     }
-    return to_sft_records(picked), summary
+    return Selection(to_sft_records(picked), figures)
