@@ -126,3 +126,30 @@ def test_a_model_compared_with_itself_is_at_parity_and_at_zero_kl(model_dir, tmp
     summary = result.summary()
     assert summary["copy.win_rate/verifier"] == 0.5 and summary["base.kl_to_reference"] == 0.0
     assert "base.win_rate/verifier" not in summary
+
+
+def test_the_figures_a_gate_may_name_are_those_the_stage_reports(model_dir, tmp_path):
+    """``EvaluateStage.measured_figures`` (what the spec lets a promote gate name) lists exactly what the
+    evaluation writes for each model, with an interval (``_ci_low``, ``_ci_high``, ``_n``) where it says
+    so: every kind of figure switched on, a baseline (no win rate) and a candidate."""
+    from rlhf_core.evaluation.comparison import EvaluationInputs, compare_models
+    from rlhf_core.stage_environment import StageEnvironment
+
+    policy_judge = {"policy": {"model": "judge", "principles": ["Be right."], "max_new_tokens": 4}}
+    stage = _stage(
+        models=["base", "copy"], baseline="base", rewards=[{"function": "answer_format"}],
+        win_rate={"judges": ["verifier", {"function": "length_penalty"}, policy_judge]},
+        kl={"samples_per_prompt": 2, "max_new_tokens": 4}, pass_at_k={"n": 2, "k": [1, 2]},
+        best_of_n={"n": 2, "rewards": [{"function": "answer_format"}], "generation": {"max_new_tokens": 4}},
+    )  # fmt: skip
+    inputs = EvaluationInputs(
+        {"base": (model_dir, None), "copy": (model_dir, None)}, SFT, PROMPTS,
+        judge_models={"policy:judge": (model_dir, None)}, reference=(model_dir, None),
+    )  # fmt: skip
+    report = compare_models(stage, inputs, StageEnvironment.local("eval", 0, tmp_path)).report
+    interval = ("_ci_low", "_ci_high", "_n")
+    for model in ("base", "copy"):
+        declared = stage.measured_figures(model)
+        expected = {f"eval/{name}" for name in declared}
+        expected |= {f"eval/{name}{part}" for name, has in declared.items() if has for part in interval}
+        assert set(report[model]) == expected, (model, set(report[model]) ^ expected)

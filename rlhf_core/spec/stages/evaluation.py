@@ -258,7 +258,8 @@ class EvaluateStage(StageSpec):
             if self.win_rate is not None and model != self.baseline:
                 for judge in self.win_rate.judges:
                     figures |= {f"win_rate/{judge.name}": True, f"tie_rate/{judge.name}": True}
-                    figures[f"judge_unparseable/{judge.name}"] = False
+                    if judge.policy is not None:  # only a policy's verdict can fail to parse
+                        figures[f"judge_unparseable/{judge.name}"] = False
         if self.best_of_n is not None:
             names = ("accuracy", "pass_at_1", "pass_at_n", "selected_reward_mean", "prompts")
             figures |= {f"best_of_n/{name}": False for name in names}
