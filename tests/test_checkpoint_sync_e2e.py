@@ -3,8 +3,8 @@
 Three homes stand for three machines (nothing shared between them but the tracking server):
 
 - C runs the spec uninterrupted against its own SQLite store: the reference weights.
-- A runs it against the server and is SIGKILLed once its SFT run has a checkpoint stored with it
-  (tag ``rlhf.checkpoint_step``).
+- A runs it against the server, held after its first checkpoint (``hold_after_first_checkpoint.py``),
+  and is SIGKILLed once that checkpoint is stored with its SFT run (tag ``rlhf.checkpoint_step``).
 - B runs the same spec against the same server from an empty home (no local checkpoint): it must
   download A's checkpoint, say it resumed A's run, and end with C's weights to within 1e-5. Once it
   finished, no checkpoint is left on the server.
@@ -40,15 +40,19 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
     stages = tiny_spec_dict["stages"]
     del stages["rm"], stages["eval"]
     stages["data"]["source"]["synthetic"]["n"] = 60
-    # Long enough that A is still training when its first upload is recorded (~2 s after step 10).
+    # Steps enough that B, resuming from A's step-10 checkpoint, has most of the training left to do.
     stages["sft"]["train"].update(max_steps=200, checkpoint_every=10, log_every=20, batch_size=16)
     path = tmp_path / "ckptsync.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
     return path
 
 
-def _command(spec: Path, home: Path) -> list[str]:
-    return [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(home)]
+def _command(spec: Path, home: Path, *, hold_after_first_checkpoint: bool = False) -> list[str]:
+    """``rlhf run``; held after its first checkpoint (``tests/hold_after_first_checkpoint.py``) for the
+    run the test kills, so it cannot finish the stage before the kill however loaded the machine is."""
+    held = [str(REPO_ROOT / "tests" / "hold_after_first_checkpoint.py")]
+    entry = held if hold_after_first_checkpoint else ["-m", "cli.app"]
+    return [sys.executable, *entry, "run", str(spec), "--home", str(home)]
 
 
 def _env(tracking_uri: str | None, prefect_api_url: str | None, home: Path) -> dict[str, str]:
@@ -110,7 +114,7 @@ def test_killed_stage_resumes_on_another_machine_from_the_checkpoint_stored_with
 
     with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}") as server:
         proc = subprocess.Popen(
-            _command(spec, home_a),
+            _command(spec, home_a, hold_after_first_checkpoint=True),
             env=_env(server.url, None, home_a),
             cwd=REPO_ROOT,
             stdout=subprocess.DEVNULL,
