@@ -1,13 +1,16 @@
-"""What every trainer returns with its trained model: one base type, extended by each family."""
+"""What every trainer returns with its trained model: one base type, extended by each family, itself a
+``rlhf_core.stage_results.StageResult`` like the results of the other stage kinds."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from rlhf_core.stage_results import StageResult
+
 
 @dataclass(kw_only=True)
-class TrainingResult:
+class TrainingResult(StageResult):
     """The run's size, where it resumed, its last loss and its pace; ``summary()`` gives the headline
     numbers a stage records as its key metrics (each family adds its own)."""
 
