@@ -52,6 +52,20 @@ def loss_option_problems(loss: str, options: dict[str, float]) -> list[str]:
     return problems
 
 
+def check_beta_of_loss(cls: type, beta: float | None, info: ValidationInfo) -> float | None:
+    """Field validator of ``beta`` for a class with a ``loss`` field declared before it."""
+    if problem := beta_problem(info.data.get("loss", ""), beta):
+        raise ValueError(problem)
+    return beta
+
+
+def check_options_of_loss(cls: type, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+    """Field validator of ``loss_options`` for a class with a ``loss`` field declared before it."""
+    if problems := loss_option_problems(info.data.get("loss", ""), options):
+        raise ValueError("\n".join(problems))
+    return options
+
+
 def resolved_loss_settings(loss: str, beta: float | None, options: dict[str, float]) -> dict[str, object]:
     """``beta`` and ``loss_options`` with the loss's defaults filled in (beta stays None where not taken)."""
     declared = PREFERENCE_LOSSES[loss]
@@ -169,20 +183,8 @@ class DirectAlignmentStage(StageSpec):
             return "the over-optimization monitor runs in one process; remove the monitor or set it to 1"
         return super().processes_problem()
 
-    @field_validator("beta")
-    @classmethod
-    def _loss_takes_beta(cls, beta: float | None, info: ValidationInfo) -> float | None:
-        if problem := beta_problem(info.data.get("loss", ""), beta):
-            raise ValueError(problem)
-        return beta
-
-    @field_validator("loss_options")
-    @classmethod
-    def _loss_takes_options(cls, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
-        problems = loss_option_problems(info.data.get("loss", ""), options)
-        if problems:
-            raise ValueError("\n".join(problems))
-        return options
+    _loss_takes_beta = field_validator("beta")(check_beta_of_loss)
+    _loss_takes_options = field_validator("loss_options")(check_options_of_loss)
 
     @model_validator(mode="after")
     def _known_loss(self) -> DirectAlignmentStage:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf_core.spec.base import StageTemplate
 from rlhf_core.spec.decoding import SamplingSpec
@@ -27,8 +27,8 @@ from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.direct_alignment import (
     PREFERENCE_LOSSES,
     PreferenceTrainSpec,
-    beta_problem,
-    loss_option_problems,
+    check_beta_of_loss,
+    check_options_of_loss,
 )
 from rlhf_core.spec.stages.sampling import PolicyJudgeSpec
 
@@ -74,20 +74,8 @@ class IterativeDPOTemplate(StageTemplate):
         ),
     )
 
-    @field_validator("beta")
-    @classmethod
-    def _loss_takes_beta(cls, beta: float | None, info: ValidationInfo) -> float | None:
-        if problem := beta_problem(info.data.get("loss", ""), beta):
-            raise ValueError(problem)
-        return beta
-
-    @field_validator("loss_options")
-    @classmethod
-    def _loss_takes_options(cls, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
-        problems = loss_option_problems(info.data.get("loss", ""), options)
-        if problems:
-            raise ValueError("\n".join(problems))
-        return options
+    _loss_takes_beta = field_validator("beta")(check_beta_of_loss)
+    _loss_takes_options = field_validator("loss_options")(check_options_of_loss)
 
     @model_validator(mode="after")
     def _paired_loss(self) -> IterativeDPOTemplate:
