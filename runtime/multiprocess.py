@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -295,9 +296,12 @@ def _die_with_launcher() -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """A rank: run the stage kind's body on the job's MLflow run (the parent opened it, and records it)."""
+def main(argv: list[str] | None = None) -> NoReturn:
+    """A rank: run the stage kind's body on the job's MLflow run (the parent opened it, and records it).
+
+    A rank that finished ends with :func:`exit_rank`, not by returning: see there why."""
     _die_with_launcher()
+    import faulthandler
     import logging
 
     import torch
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rlhf_core.training.engine.data_parallel import OtherRankFinished
 
+    faulthandler.enable()  # a rank killed by a fatal signal prints every thread's Python stack first
     (job_path,) = argv if argv is not None else sys.argv[1:]
     job = RankJob.model_validate_json(Path(job_path).read_text())
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo or NCCL)
@@ -314,25 +319,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     with contextlib.suppress(OtherRankFinished):  # the other ranks leave once training is done
         job.run_body(job.call(), job.stage_body())
-    leave_process_group()
-    return 0
+    exit_rank()
 
 
 def leave_process_group() -> None:
-    """Shut this rank's process group down before the interpreter exits.
+    """Shut this rank's process group down (no other rank needed: it is not a collective)."""
+    import gc
 
-    A rank that exits while another rank still has the gloo group up (here the other ranks leave as
-    soon as training is done, while the main one evaluates and saves) can die at exit with SIGABRT,
-    "terminate called without an active exception" and no traceback: a thread of the group is still
-    joinable when interpreter teardown destroys it. Measured with 2 gloo ranks, one all-reduce, one
-    rank leaving 2 s before the other: the first to leave aborted in 2 launches of 18; with the group
-    destroyed first, in none of 19. Destroying it needs no other rank (no collective).
-    """
     import torch.distributed as dist
 
+    gc.collect()  # the wrapped model and its reducer hold the group: let them go first
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+def exit_rank(status: int = 0) -> NoReturn:
+    """End a rank that has done its part: leave the process group, flush, and exit without interpreter
+    teardown.
+
+    A rank that exits while another rank still has the gloo group up (the other ranks leave as soon as
+    training is done, while the main one evaluates, saves and registers) can die at exit with SIGABRT,
+    "terminate called without an active exception" and no traceback: a native thread (of the group,
+    of a thread pool) is still joinable when teardown destroys it, and the launcher then kills the main
+    rank too. Measured with 2 gloo ranks, one leaving 2 s before the other: the first to leave aborted
+    in 2 launches of 18; with the group destroyed first, in none of 19 -- but a 2-process ``rlhf run``
+    still aborted once in a full test run. Nothing a rank owns needs teardown (the parent owns the MLflow
+    run and reads the outputs file, written and closed before this), so the rank skips it: its streams
+    and log handlers are flushed, then ``os._exit``.
+    """
+    import logging
+
+    leave_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

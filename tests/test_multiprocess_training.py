@@ -106,7 +106,7 @@ def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str, train=Non
     rank saves curves and weights."""
     from accelerate import PartialState
 
-    from runtime.multiprocess import leave_process_group
+    from runtime.multiprocess import exit_rank
 
     train = train or _train
     torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def _rank_main(out: str, policy_dir: str, kinds: str, stop_after: str, train=Non
             continue
         assert state.is_main_process
         _save(Path(out), kind, curve, model)
-    leave_process_group()  # what runtime.multiprocess's ranks do: no SIGABRT at exit
+    exit_rank()  # what runtime.multiprocess's ranks do: no interpreter teardown, so no SIGABRT in it
 
 
 DDP_SETTINGS = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -444,7 +444,7 @@ if __name__ == "__main__":
 
 def test_a_rank_leaves_its_process_group_before_exiting():
     """A rank destroys its gloo group on the way out (no other rank needed): one left up at exit could
-    abort the process during interpreter teardown (runtime.multiprocess.leave_process_group)."""
+    abort the process during interpreter teardown (runtime.multiprocess.exit_rank)."""
     import torch.distributed as dist
 
     from runtime.multiprocess import leave_process_group
@@ -458,3 +458,24 @@ def test_a_rank_leaves_its_process_group_before_exiting():
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_a_finished_rank_flushes_its_output_and_exits_without_teardown():
+    """``exit_rank``: the group is left, what the rank printed or logged reaches its stream, the exit
+    status is the one given, and no exit handler runs (interpreter teardown, where a native thread still
+    joinable aborts the process, is skipped)."""
+    script = """
+import atexit, logging, sys
+import torch.distributed as dist
+from runtime.multiprocess import exit_rank
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+atexit.register(lambda: print("teardown ran", flush=True))
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+logging.info("a logged line")
+print("unflushed tail", end="")
+exit_rank(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout == "a logged line\nunflushed tail", done.stdout
