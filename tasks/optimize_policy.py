@@ -32,7 +32,7 @@ def check_policy_gradient(call: StageCall) -> None:
 def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Train the policy on its own samples of the prompts' ``split``, rewarded by the reward sources."""
     # loads torch only when it runs
-    from rlhf_core.training.policy_gradient.trainer import run_policy_gradient
+    from rlhf_core.training.policy_gradient.trainer import PolicyGradientInputs, optimize_on_rollouts
 
     stage: PolicyGradientStage = call.stage
     policy, prompts = call.resolve(stage.policy), call.resolve(stage.prompts)
@@ -42,21 +42,16 @@ def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     )
     reward_models = {s.name: call.resolve(s.model) for s in stage.rewards if s.model}
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
-
-    def log_samples(rows: list[dict], rollout: int) -> None:
-        tracking.log_table(run.run_id, rows, f"samples/rollout_{rollout + 1:05d}.json")
-
-    trained, tokenizer, result = run_policy_gradient(
-        run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split), stage,
+    inputs = PolicyGradientInputs(
+        run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split),
         reference_dir=run.model_dir(reference) if reference else None,
         reference_revision=reference.revision if reference else None,
         value_init_dir=run.model_dir(value_init) if value_init else None,
         reward_model_dirs={name: run.model_dir(ref) for name, ref in reward_models.items()},
-        seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name, log=run.log,
-        log_samples=log_samples,
-        monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+        monitor_rows=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
         monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
     )  # fmt: skip
+    result = optimize_on_rollouts(stage, inputs, run.environment(call.seed))
     run.key_metrics = result.summary()
     tags = {"rlhf.algorithm": stage.algorithm, **record_monitor(run, result.monitor)}
     if stage.needs_reference:
@@ -66,7 +61,8 @@ def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     if value_init is not None:
         tags["rlhf.value_model_init"] = describe_model(value_init)
     ref = register_stage_model(
-        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        run, result.model, result.tokenizer,
+        registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
         role="policy", base_model=policy.base_model, upstream=policy, data=prompts, extra_tags=tags,
     )  # fmt: skip
     return {"model": ref}

@@ -24,35 +24,30 @@ def check_direct_alignment(call: StageCall) -> None:
 def optimize_preferences(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Optimise the policy on the train split of the preference data; held-out metrics on its eval split."""
     # loads torch only when the stage runs
-    from rlhf_core.training.direct_alignment.reference import reference_logprobs_key
-    from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
+    from rlhf_core.training.direct_alignment.trainer import DirectAlignmentInputs, optimize_on_preferences
 
     stage: DirectAlignmentStage = call.stage
     policy, data = call.resolve(stage.policy), call.resolve(stage.data or stage.unpaired_data)
     reference = call.resolve(stage.reference) if stage.reference else None
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, data, _proxy(stage))
-    ref_digest = (reference or policy).digest
-    cache = {
-        split: run.settings.resolved_home() / "cache" / "reference_logprobs"
-        / f"{reference_logprobs_key(ref_digest, data.digest, stage, split)}.pt"
-        for split in data.splits
-    }  # fmt: skip
-    trained, tokenizer, result = run_direct_alignment(
+    inputs = DirectAlignmentInputs(
         run.model_dir(policy), policy.revision, run.read_split(data, "train"),
-        run.read_split(data, "eval") if "eval" in data.splits else None, stage,
+        run.read_split(data, "eval") if "eval" in data.splits else None,
+        reference_digest=(reference or policy).digest, data_digest=data.digest,
+        data_name=f"{data.stage}.{data.kind}",
         reference_dir=run.model_dir(reference) if reference else None,
-        reference_revision=reference.revision if reference else None, reference_cache=cache,
-        seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", stage_name=call.name,
-        source=f"stage '{call.name}' ({data.stage}.{data.kind})", log=run.log,
-        monitor_records=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
+        reference_revision=reference.revision if reference else None,
+        monitor_rows=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
         monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
     )  # fmt: skip
+    result = optimize_on_preferences(stage, inputs, run.environment(call.seed))
     if result.heldout:
         run.log(result.heldout, result.steps)
     run.key_metrics = result.summary()
     monitor_tags = record_monitor(run, result.monitor)
     ref = register_stage_model(
-        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        run, result.model, result.tokenizer,
+        registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
         role="policy", base_model=policy.base_model, upstream=policy, data=data,
         extra_tags={"rlhf.reference_model": describe_model(reference or policy), **monitor_tags},
     )  # fmt: skip

@@ -12,17 +12,17 @@ from tasks.model_outputs import register_stage_model
 @stage_task(SFTStage)
 def train_sft(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Fine-tune ``model`` on the train split of ``data``; register the result as ``candidate``."""
-    from rlhf_core.training.sft.trainer import train_sft_from  # loads torch only when the stage runs
+    # loads torch only when the stage runs
+    from rlhf_core.training.sft.trainer import SFTInputs, supervised_fine_tune
 
     stage: SFTStage = call.stage
     model, data = call.resolve(stage.model), call.resolve(stage.data)
-    trained, tokenizer, result = train_sft_from(
-        run.model_dir(model), model.revision, run.read_split(data, "train"), stage.train,
-        lora=stage.lora, seed=call.seed, checkpoint_dir=run.work_dir / "checkpoints", log=run.log,
-    )  # fmt: skip
+    inputs = SFTInputs(run.model_dir(model), model.revision, run.read_split(data, "train"))
+    result = supervised_fine_tune(stage, inputs, run.environment(call.seed))
     run.key_metrics = result.summary()
     ref = register_stage_model(
-        run, trained, tokenizer, registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
+        run, result.model, result.tokenizer,
+        registered_name=stage.register_as or f"{run.pipeline}-{call.name}",
         role="policy", base_model=model.base_model, upstream=model, data=data,
     )  # fmt: skip
     return {"model": ref}

@@ -14,7 +14,8 @@ from rlhf_core.errors import UserError
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.direct_alignment import PREFERENCE_LOSSES, DirectAlignmentStage
-from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.training.direct_alignment.trainer import DirectAlignmentInputs, optimize_on_preferences
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,26 +38,43 @@ def _stage(loss: str, **train) -> DirectAlignmentStage:
     )
 
 
+def _env(tmp_path, name, log=None):
+    """Stage 'dpo' with its checkpoints in ``name``; the reference log-prob cache shared under tmp_path."""
+    log = log or (lambda metrics, step: None)
+    return StageEnvironment("dpo", 0, tmp_path / name, tmp_path / "cache", tmp_path / name / "ckpt", log=log)
+
+
+def _inputs(policy_dir, train_rows, eval_rows):
+    return DirectAlignmentInputs(
+        policy_dir,
+        None,
+        train_rows,
+        eval_rows,
+        reference_digest="policy",
+        data_digest="pairs",
+        data_name="prefs",
+    )
+
+
+def _reference_cache_files(tmp_path):
+    return sorted((tmp_path / "cache" / "reference_logprobs").glob("*.pt"))
+
+
 def _run(policy_dir, pairs, stage, tmp_path, name="run", logged=None):
     log = (lambda metrics, step: logged.append((step, metrics))) if logged is not None else None
-    cache = {"train": tmp_path / "refcache" / "train.pt", "eval": tmp_path / "refcache" / "eval.pt"}
-    return run_direct_alignment(
-        policy_dir, None, pairs[:32], pairs[32:], stage, reference_dir=None, reference_revision=None,
-        reference_cache=cache, seed=0, checkpoint_dir=tmp_path / name / "ckpt", stage_name="dpo",
-        source="prefs", log=log,
-    )  # fmt: skip
+    result = optimize_on_preferences(
+        stage, _inputs(policy_dir, pairs[:32], pairs[32:]), _env(tmp_path, name, log)
+    )
+    return result.model, result.tokenizer, result
 
 
 @pytest.mark.parametrize("loss", sorted(PREFERENCE_LOSSES))
 def test_every_loss_trains(loss, policy_dir, pairs, tmp_path):
     logged: list = []
     stage = _stage(loss, log_every=1, max_steps=8, batch_size=8 if loss == "kto" else 4)
-    cache = {"train": tmp_path / "ref-train.pt", "eval": tmp_path / "ref-eval.pt"}
-    trained, _, result = run_direct_alignment(
-        policy_dir, None, pairs[:32], pairs[:32], stage, reference_dir=None, reference_revision=None,
-        reference_cache=cache, seed=0, checkpoint_dir=tmp_path / "ckpt", stage_name="dpo", source="prefs",
-        log=lambda metrics, step: logged.append(metrics),
-    )  # fmt: skip
+    env = _env(tmp_path, "run", log=lambda metrics, step: logged.append(metrics))
+    result = optimize_on_preferences(stage, _inputs(policy_dir, pairs[:32], pairs[:32]), env)
+    trained = result.model
     losses = [m["train/loss"] for m in logged]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
     if loss == "kto":
@@ -83,7 +101,7 @@ def test_dpo_starts_at_ln2_and_logs_the_implicit_rewards(policy_dir, pairs, tmp_
 
 def test_reference_logprobs_are_cached_and_reused(policy_dir, pairs, tmp_path):
     first = _run(policy_dir, pairs, _stage("dpo"), tmp_path, name="a")
-    assert not first[2].reference_cached and (tmp_path / "refcache" / "train.pt").exists()
+    assert not first[2].reference_cached and len(_reference_cache_files(tmp_path)) == 2  # train and eval
     second = _run(policy_dir, pairs, _stage("dpo"), tmp_path, name="b")
     assert second[2].reference_cached
     for a, b in zip(first[0].parameters(), second[0].parameters(), strict=True):
@@ -92,7 +110,7 @@ def test_reference_logprobs_are_cached_and_reused(policy_dir, pairs, tmp_path):
 
 def test_reference_free_losses_compute_no_reference(policy_dir, pairs, tmp_path):
     _run(policy_dir, pairs, _stage("simpo"), tmp_path)
-    assert not (tmp_path / "refcache").exists()
+    assert not _reference_cache_files(tmp_path)
 
 
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(policy_dir, pairs, tmp_path, monkeypatch):
@@ -149,7 +167,8 @@ def test_kto_on_unpaired_data_and_a_single_label_fails(policy_dir, tmp_path):
     assert result.examples == 32 and "eval/kl" in result.heldout
     desirable_only = [r for r in rows if r["label"]]
     with pytest.raises(
-        UserError, match="every example of prefs \\(train split\\) is desirable; kto needs both"
+        UserError,
+        match="every example of stage 'dpo' \\(prefs\\) \\(train split\\) is desirable; kto needs both",
     ):
         _run(policy_dir, desirable_only, stage, tmp_path, name="one-label")
 

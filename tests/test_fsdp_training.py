@@ -29,9 +29,11 @@ import pytest
 import torch
 
 from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.stage_environment import StageEnvironment
 from tests.test_multiprocess_training import (
     LOSS_RTOL,
     SFT_CFG,
+    SFT_STAGE,
     WEIGHT_ATOL,
     _initial_weights,
     _load,
@@ -44,6 +46,7 @@ from tests.test_multiprocess_training import (
 )
 
 BF16_SFT_CFG = SFT_CFG.model_copy(update={"precision": "bf16"})
+BF16_SFT_STAGE = SFT_STAGE.model_copy(update={"train": BF16_SFT_CFG})
 KINDS = "sft,reward_model,direct_alignment,sft_bf16"
 FSDP2_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -67,7 +70,7 @@ def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None =
     """``_train`` of the data-parallel test, plus ``sft_bf16``: its SFT in bf16 autocast."""
     if kind != "sft_bf16":
         return _train(kind, policy_dir, work, stop_after)
-    from rlhf_core.training.sft.trainer import train_sft_from
+    from rlhf_core.training.sft.trainer import SFTInputs, supervised_fine_tune
 
     curve: list[float] = []
 
@@ -76,8 +79,8 @@ def _train_kind(kind: str, policy_dir: str, work: Path, stop_after: int | None =
             curve.append(metrics["train/loss"])
 
     records = synthetic_records("arithmetic", "sft", n=24, seed=0)
-    model, _, _ = train_sft_from(policy_dir, None, records, BF16_SFT_CFG, lora=None, seed=0,
-                                 checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
+    env = StageEnvironment(kind, 0, work, work / "cache", work / "ckpt", log=log)
+    model = supervised_fine_tune(BF16_SFT_STAGE, SFTInputs(policy_dir, None, records), env).model
     return curve, model
 
 

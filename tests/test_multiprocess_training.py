@@ -25,8 +25,9 @@ import pytest
 import torch
 
 from rlhf_core.data.synthetic import synthetic_records
-from rlhf_core.spec import RewardTrainSpec, SFTTrainSpec
+from rlhf_core.spec import RewardModelStage, RewardTrainSpec, SFTStage, SFTTrainSpec
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.data_parallel import OtherRankFinished, shard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,8 @@ SFT_CFG = SFTTrainSpec(max_steps=4, batch_size=2, grad_accum=3, lr=3e-3, warmup_
                        log_every=1, checkpoint_every=2)  # fmt: skip
 RM_CFG = RewardTrainSpec(max_steps=3, batch_size=2, grad_accum=3, lr=1e-2, warmup_ratio=0.0, max_length=64,
                          log_every=1)  # fmt: skip
+SFT_STAGE = SFTStage(kind="sft", model="p", data="d.sft", train=SFT_CFG)
+RM_STAGE = RewardModelStage(kind="reward_model", model="p", data="d.preferences", train=RM_CFG)
 DPO_STAGE = DirectAlignmentStage(
     kind="direct_alignment", policy="p", data="d.preferences", loss="dpo",
     train={"max_steps": 3, "batch_size": 2, "grad_accum": 3, "lr": 5e-3, "warmup_ratio": 0.0,
@@ -62,27 +65,25 @@ def _train(kind: str, policy_dir: str, work: Path, stop_after: int | None = None
         if step == stop_after:
             os._exit(17)
 
+    env = StageEnvironment(kind, 0, work, work / "cache", work / "ckpt", log=log)
     if kind == "sft":
-        from rlhf_core.training.sft.trainer import train_sft_from
+        from rlhf_core.training.sft.trainer import SFTInputs, supervised_fine_tune
 
         records = synthetic_records("arithmetic", "sft", n=24, seed=0)
-        model, _, _ = train_sft_from(policy_dir, None, records, SFT_CFG, lora=None, seed=0,
-                                     checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
+        model = supervised_fine_tune(SFT_STAGE, SFTInputs(policy_dir, None, records), env).model
     elif kind == "reward_model":
-        from rlhf_core.training.reward_model.trainer import train_and_evaluate_reward_model
+        from rlhf_core.training.reward_model.trainer import RewardModelInputs, fit_reward_model
 
         pairs = synthetic_records("arithmetic", "preference", n=24, seed=0, max_operand=9)
-        model, _, _ = train_and_evaluate_reward_model(policy_dir, None, pairs, None, RM_CFG, seed=0,
-                                                      checkpoint_dir=work / "ckpt", log=log)  # fmt: skip
+        model = fit_reward_model(RM_STAGE, RewardModelInputs(policy_dir, None, pairs), env).model
     else:
-        from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
+        from rlhf_core.training.direct_alignment.trainer import DirectAlignmentInputs, optimize_on_preferences
 
         pairs = synthetic_records("arithmetic", "preference", n=24, seed=1, max_operand=9)
-        model, _, _ = run_direct_alignment(
-            policy_dir, None, pairs, None, DPO_STAGE, reference_dir=None, reference_revision=None,
-            reference_cache={"train": work / "reference.pt"}, seed=0, checkpoint_dir=work / "ckpt",
-            stage_name="dpo", source="prefs", log=log,
-        )  # fmt: skip
+        inputs = DirectAlignmentInputs(
+            policy_dir, None, pairs, None, reference_digest="policy", data_digest="prefs"
+        )
+        model = optimize_on_preferences(DPO_STAGE, inputs, env).model
     return curve, model
 
 

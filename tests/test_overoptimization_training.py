@@ -143,7 +143,10 @@ def test_a_killed_run_resumes_with_the_same_evaluations(tiny, tmp_path):
 
 
 def test_direct_alignment_runs_the_monitor(tiny, tmp_path):
-    from rlhf_core.training.direct_alignment.trainer import run_direct_alignment
+    from dataclasses import replace
+
+    from rlhf_core.stage_environment import StageEnvironment
+    from rlhf_core.training.direct_alignment.trainer import DirectAlignmentInputs, optimize_on_preferences
 
     pairs = synthetic_records("arithmetic", "preference", n=24, seed=0)
     monitor = {"every": 2, "proxy": [{"function": "answer_format"}], "generation": {"max_new_tokens": 6},
@@ -158,12 +161,11 @@ def test_direct_alignment_runs_the_monitor(tiny, tmp_path):
         }  # fmt: skip
     )
     logged: list[tuple[int, dict]] = []
-    _, _, result = run_direct_alignment(
-        tiny, None, pairs, None, stage, reference_dir=None, reference_revision=None,
-        reference_cache={"train": tmp_path / "ref.pt"}, seed=0, checkpoint_dir=tmp_path / "ckpt",
-        stage_name="dpo", source="pairs", log=lambda m, s: logged.append((s, m)),
-        monitor_records=MONITOR_PROMPTS, monitor_model_dirs={},
-    )  # fmt: skip
+    inputs = DirectAlignmentInputs(
+        tiny, None, pairs, None, reference_digest="policy", data_digest="pairs", monitor_rows=MONITOR_PROMPTS
+    )
+    env = replace(StageEnvironment.local("dpo", 0, tmp_path), log=lambda m, s: logged.append((s, m)))
+    result = optimize_on_preferences(stage, inputs, env)
     assert [e["step"] for e in result.monitor["history"]] == [0, 2, 3]
     assert [s for s, m in logged if "monitor/kl" in m] == [0, 2, 3]
     assert result.monitor["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -50,6 +50,15 @@ def reference_logprobs_key(
     return stage_fingerprint("reference_logprobs", settings, inputs, seed=0)
 
 
+def reference_logprobs_file(
+    cache_dir: Path, reference_digest: str, data_digest: str, stage: DirectAlignmentStage, split: str
+) -> Path:
+    """The file caching one split's reference log-probs under the shared ``cache_dir``: every stage and
+    run on the same reference, rows and tokenization settings reads it."""
+    key = reference_logprobs_key(reference_digest, data_digest, stage, split)
+    return cache_dir / "reference_logprobs" / f"{key}.pt"
+
+
 Example = PairTokens | CompletionTokens
 
 

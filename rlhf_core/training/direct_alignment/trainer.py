@@ -40,12 +40,14 @@ from rlhf_core.modeling.preference_tokens import (
 )
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.direct_alignment.reference import (
     REFERENCE_BATCH,
     cached_reference_logprobs,
     check_labels,
     example_logprobs,
     example_sequences,
+    reference_logprobs_file,
     tokenize_examples,
 )
 from rlhf_core.training.engine.data_parallel import main_process_first, rank_and_world
@@ -321,47 +323,54 @@ def heldout_kl(
     return float(sampled_kl(policy_logps[0], reference_logps[0]).mean())
 
 
-def run_direct_alignment(
-    policy_dir: str,
-    revision: str | None,
-    train_rows: list[dict],
-    eval_rows: list[dict] | None,
-    stage: DirectAlignmentStage,
-    *,
-    reference_dir: str | None,
-    reference_revision: str | None,
-    reference_cache: dict[str, Path],
-    seed: int,
-    checkpoint_dir: Path,
-    stage_name: str,
-    source: str,
-    log: LogFn | None = None,
-    monitor_records: list[dict] | None = None,
-    monitor_model_dirs: dict[str, str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, DirectAlignmentResult]:
-    """The ``direct_alignment`` stage's work: tokenize, cache reference log-probs, train, evaluate.
+@dataclass(frozen=True)
+class DirectAlignmentInputs:
+    """The ``direct_alignment`` stage's resolved inputs: the policy, the (optional) reference, the rows of
+    the preference data's train and eval splits, and the monitor's prompt rows and reward models."""
 
-    ``reference_cache`` maps split ('train', 'eval') -> cache file (see ``reference.reference_logprobs_key``).
-    ``monitor_records``/``monitor_model_dirs``: the monitor's prompt rows and reward models by source.
+    policy_dir: str  # a local directory or a hub name
+    policy_revision: str | None
+    train_rows: list[dict]
+    eval_rows: list[dict] | None  # None: no held-out evaluation
+    # what identifies the reference log-probs in the shared cache (the policy's digest when no reference)
+    reference_digest: str
+    data_digest: str
+    data_name: str = "preferences"  # the preference data as the pipeline names it, for errors
+    reference_dir: str | None = None  # None: the policy's starting weights are the reference
+    reference_revision: str | None = None
+    monitor_rows: list[dict] | None = None  # the over-optimization monitor's prompt rows
+    monitor_model_dirs: dict[str, str] = field(default_factory=dict)  # its reward models by source name
+
+
+def optimize_on_preferences(
+    stage: DirectAlignmentStage, inputs: DirectAlignmentInputs, env: StageEnvironment
+) -> DirectAlignmentResult:
+    """The ``direct_alignment`` stage's work: tokenize, cache reference log-probs, train, evaluate; the
+    result carries the trained policy and its tokenizer.
+
+    The reference log-probs of each split are cached under ``env.cache_dir``
+    (:func:`~.reference.reference_logprobs_file`), so a second stage on the same pairs and reference
+    reuses them; the monitor keeps its best weights in ``env.checkpoint_dir``.
     """
+    source = f"stage '{env.stage}' ({inputs.data_name})"
     if stage.monitor is not None and rank_and_world()[1] > 1:
         raise UserError(
-            f"stage '{stage_name}': the over-optimization monitor runs in a single process; set "
+            f"stage '{env.stage}': the over-optimization monitor runs in a single process; set "
             "compute.processes to 1 for a stage with monitor"
         )
-    model, tokenizer = load_model(policy_dir, revision=revision)
+    model, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
     spec = DIRECT_ALIGNMENT_LOSSES[stage.loss]
     loss_options(stage, spec)  # bad options fail before any work
-    splits = {"train": train_rows, **({"eval": eval_rows} if eval_rows else {})}
+    splits = {"train": inputs.train_rows, **({"eval": inputs.eval_rows} if inputs.eval_rows else {})}
     examples, reports = {}, {}
     for split, rows in splits.items():
         examples[split], reports[split] = tokenize_examples(
             rows, tokenizer, stage, f"{source} ({split} split)"
         )
     if not examples["train"]:
-        raise UserError(f"stage '{stage_name}': no example fits in max_length {stage.train.max_length}")
+        raise UserError(f"stage '{env.stage}': no example fits in max_length {stage.train.max_length}")
     if not spec.paired:
-        check_labels(examples["train"], stage_name, f"{source} (train split)")
+        check_labels(examples["train"], env.stage, f"{source} (train split)")
     references: dict[str, torch.Tensor | None] = {split: None for split in examples}
     from_cache = False
     loaded: dict[str, PreTrainedModel] = {}
@@ -369,31 +378,34 @@ def run_direct_alignment(
     def starting_reference() -> tuple[PreTrainedModel, int]:
         """The reference, loaded at most once for all splits; by default the policy itself, which is
         still at its starting weights here (no second copy is loaded)."""
-        if reference_dir is None:
+        if inputs.reference_dir is None:
             return model, tokenizer.pad_token_id
         if "reference" not in loaded:
-            loaded["reference"] = load_model(reference_dir, revision=reference_revision)[0]
+            loaded["reference"] = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
         return loaded["reference"], tokenizer.pad_token_id
 
     if spec.needs_reference:
         with main_process_first():  # with several processes, one computes the cache and the others read it
             for split, items in examples.items():
                 if items:
+                    cache_file = reference_logprobs_file(
+                        env.cache_dir, inputs.reference_digest, inputs.data_digest, stage, split
+                    )
                     references[split], from_cache = cached_reference_logprobs(
-                        reference_cache[split], starting_reference, None, items, stage.train.shared_prefix
+                        cache_file, starting_reference, None, items, stage.train.shared_prefix
                     )
     loaded.clear()  # training holds no reference model (the monitor's KL estimate needs one)
     monitor_inputs, monitor_reference = None, None
     if stage.monitor is not None:
         monitor_inputs = load_monitor_inputs(
-            stage.monitor, stage.monitor.proxy, monitor_records or [], monitor_model_dirs or {},
-            checkpoint_dir / "monitor", stage_name,
+            stage.monitor, stage.monitor.proxy, inputs.monitor_rows or [], inputs.monitor_model_dirs,
+            env.checkpoint_dir / "monitor", env.stage,
         )  # fmt: skip
-        if reference_dir is not None:
-            monitor_reference = load_model(reference_dir, revision=reference_revision)[0]
+        if inputs.reference_dir is not None:
+            monitor_reference = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
     trained, loop = train_direct_alignment(
-        model, tokenizer, examples["train"], references["train"], stage, seed=seed,
-        checkpoint_dir=checkpoint_dir, stage_name=stage_name, log=log, monitor_inputs=monitor_inputs,
+        model, tokenizer, examples["train"], references["train"], stage, seed=env.seed,
+        checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, log=env.log, monitor_inputs=monitor_inputs,
         monitor_reference=monitor_reference,
     )  # fmt: skip
     heldout = {}
@@ -404,7 +416,8 @@ def run_direct_alignment(
                 : stage.heldout_kl.prompts
             ]
             reference_model, _ = load_model(  # the starting weights: the policy has trained since
-                reference_dir or policy_dir, revision=reference_revision if reference_dir else revision
+                inputs.reference_dir or inputs.policy_dir,
+                revision=inputs.reference_revision if inputs.reference_dir else inputs.policy_revision,
             )
             heldout["eval/kl_to_reference"] = heldout_kl(
                 trained,
@@ -412,7 +425,7 @@ def run_direct_alignment(
                 [list(p) for p in prompts],
                 tokenizer,
                 stage.heldout_kl.max_new_tokens,
-                seed,
+                env.seed,
             )
     report = reports["train"]
     result = DirectAlignmentResult(
@@ -427,5 +440,7 @@ def run_direct_alignment(
         input_tokens=loop["input_tokens"],
         heldout=heldout,
         monitor=loop.get("monitor"),
+        model=trained,
+        tokenizer=tokenizer,
     )
-    return trained, tokenizer, result
+    return result

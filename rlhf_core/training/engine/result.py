@@ -1,12 +1,17 @@
-"""What every trainer returns with its trained model: one base type, extended by each family, itself a
-``rlhf_core.stage_results.StageResult`` like the results of the other stage kinds."""
+"""What every trainer returns: one base type, extended by each family, itself a
+``rlhf_core.stage_results.StageResult`` like the results of the other stage kinds; a training kind's
+entry point (``run(stage, inputs, env)``) hands back the trained model and its tokenizer in it."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rlhf_core.stage_results import StageResult
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(kw_only=True)
@@ -19,6 +24,9 @@ class TrainingResult(StageResult):
     final_loss: float = math.nan  # the training loss of the last step
     seconds: float = 0.0  # in the optimizer-step loop (this process, since the resume)
     input_tokens: int = 0  # real (non-padding) input tokens processed in that time
+    # what the stage registers; set by the kind's entry point, never part of the summary
+    model: PreTrainedModel | None = field(default=None, repr=False, compare=False)
+    tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokens_per_second(self) -> float:

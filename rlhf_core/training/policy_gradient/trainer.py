@@ -48,6 +48,7 @@ from rlhf_core.modeling.completion_scoring import (
     value_token_values,
 )
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.engine.result import TrainingResult
@@ -410,28 +411,30 @@ def check_value_tokenizer(
         )
 
 
-def run_policy_gradient(
-    policy_dir: str,
-    revision: str | None,
-    records: list[dict],
-    stage: PolicyGradientStage,
-    *,
-    reference_dir: str | None,
-    reference_revision: str | None,
-    value_init_dir: str | None,
-    reward_model_dirs: dict[str, str],
-    seed: int,
-    checkpoint_dir: Path,
-    stage_name: str,
-    log: LogFn | None = None,
-    log_samples: SampleLogFn | None = None,
-    monitor_records: list[dict] | None = None,
-    monitor_model_dirs: dict[str, str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PolicyGradientResult]:
+@dataclass(frozen=True)
+class PolicyGradientInputs:
+    """The ``policy_gradient`` stage's resolved inputs: the policy, the prompt rows of its split, and the
+    models around it (reference, PPO's value model's start, the reward models and the monitor's)."""
+
+    policy_dir: str  # a local directory or a hub name
+    policy_revision: str | None
+    prompt_rows: list[dict]
+    reference_dir: str | None = None  # None: the policy's starting weights are the reference
+    reference_revision: str | None = None
+    value_init_dir: str | None = None  # PPO's value model; None: the policy's backbone with a zero head
+    reward_model_dirs: dict[str, str] = field(default_factory=dict)  # by reward source name
+    monitor_rows: list[dict] | None = None  # the over-optimization monitor's prompt rows
+    monitor_model_dirs: dict[str, str] = field(default_factory=dict)  # its reward models by source name
+
+
+def optimize_on_rollouts(
+    stage: PolicyGradientStage, inputs: PolicyGradientInputs, env: StageEnvironment
+) -> PolicyGradientResult:
     """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 or the
     monitor needs it, and one is given; otherwise the starting weights serve), PPO's value model and the
-    reward models; train. ``monitor_records`` are the monitor's prompt rows, ``monitor_model_dirs`` its
-    reward models by source name."""
+    reward models; train. A few completions of every ``stage.sample_table_every``-th rollout go to
+    ``env.log_table`` as ``samples/rollout_<n>.json``. The result carries the trained policy and its
+    tokenizer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_core.modeling.models import load_model
@@ -439,30 +442,43 @@ def run_policy_gradient(
     from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
     from rlhf_core.training.policy_gradient.rollouts import reward_function
 
-    if not records:
-        raise UserError(f"stage '{stage_name}': the prompts split '{stage.split}' has no rows")
-    policy, tokenizer = load_model(policy_dir, revision=revision)
+    if not inputs.prompt_rows:
+        raise UserError(f"stage '{env.stage}': the prompts split '{stage.split}' has no rows")
+    policy, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
     reference = None
-    if (stage.needs_reference or stage.monitor is not None) and reference_dir is not None:
-        reference = load_model(reference_dir, revision=reference_revision)[0].eval().requires_grad_(False)
+    if (stage.needs_reference or stage.monitor is not None) and inputs.reference_dir is not None:
+        reference = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
+        reference = reference.eval().requires_grad_(False)
     value_model = None
     if needs_value_model(stage):
-        if value_init_dir is not None:
-            check_value_tokenizer(tokenizer, AutoTokenizer.from_pretrained(value_init_dir), stage_name)
-            value_model = AutoModelForSequenceClassification.from_pretrained(value_init_dir)
-        else:
-            value_model = build_reward_model(policy_dir, revision=revision)  # policy backbone, zero head
-    scorers = load_reward_model_scorers(reward_model_dirs)
-    reward_fn = reward_function(stage.rewards, scorers, stage_name)
+        if inputs.value_init_dir is not None:
+            value_tokenizer = AutoTokenizer.from_pretrained(inputs.value_init_dir)
+            check_value_tokenizer(tokenizer, value_tokenizer, env.stage)
+            value_model = AutoModelForSequenceClassification.from_pretrained(inputs.value_init_dir)
+        else:  # the policy's backbone, zero head
+            value_model = build_reward_model(inputs.policy_dir, revision=inputs.policy_revision)
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs)
+    reward_fn = reward_function(stage.rewards, scorers, env.stage)
     monitor_inputs = None
     if stage.monitor is not None:
         monitor_inputs = load_monitor_inputs(
-            stage.monitor, stage.monitor_proxy, monitor_records or [], monitor_model_dirs or {},
-            checkpoint_dir / "monitor", stage_name, loaded=scorers,
+            stage.monitor, stage.monitor_proxy, inputs.monitor_rows or [], inputs.monitor_model_dirs,
+            env.checkpoint_dir / "monitor", env.stage, loaded=scorers,
         )  # fmt: skip
     trained, _, result = train_policy_gradient(
-        policy, tokenizer, records, stage, reward_fn, seed=seed, checkpoint_dir=checkpoint_dir,
-        stage_name=stage_name, reference_model=reference, value_model=value_model, log=log,
-        log_samples=log_samples, monitor_inputs=monitor_inputs,
+        policy, tokenizer, inputs.prompt_rows, stage, reward_fn, seed=env.seed,
+        checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
+        value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
+        monitor_inputs=monitor_inputs,
     )  # fmt: skip
-    return trained, tokenizer, result
+    result.model, result.tokenizer = trained, tokenizer
+    return result
+
+
+def sample_table_logger(env: StageEnvironment) -> SampleLogFn | None:
+    """Each logged rollout's sample rows as the table ``samples/rollout_<n>.json`` (n from 1) of
+    ``env.log_table``; None when the environment keeps no tables."""
+    log_table = env.log_table
+    if log_table is None:
+        return None
+    return lambda rows, rollout: log_table(rows, f"samples/rollout_{rollout + 1:05d}.json")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,6 +29,7 @@ from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs,
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import (
     TOKENS,
     LogFn,
@@ -59,32 +61,44 @@ class RewardModelResult(TrainingResult):
         return shown | held
 
 
-def train_and_evaluate_reward_model(
-    policy_dir: str,
-    revision: str | None,
-    train_rows: list[dict],
-    eval_rows: list[dict] | None,
-    cfg: RewardTrainSpec,
-    *,
-    seed: int,
-    checkpoint_dir: Path,
-    source: str = "preferences",
-    log: LogFn | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, RewardModelResult]:
-    """The ``reward_model`` stage's work: a reward model on the policy at ``policy_dir``, trained on
-    ``train_rows`` and, when given, evaluated on ``eval_rows`` (``result.heldout``).
+class RewardModelSettings(Protocol):
+    """What the ``reward_model`` stage's work reads of the stage (the spec's ``RewardModelStage`` is one)."""
+
+    @property
+    def train(self) -> RewardTrainSpec: ...
+
+
+@dataclass(frozen=True)
+class RewardModelInputs:
+    """The ``reward_model`` stage's resolved inputs: the policy whose backbone the reward model starts
+    from, and the preference rows of the train and (when the data has one) eval splits."""
+
+    policy_dir: str  # a local directory or a hub name
+    revision: str | None
+    train_rows: list[dict]
+    eval_rows: list[dict] | None = None  # None: no held-out evaluation
+    data_name: str = "preferences"  # the preference data as the pipeline names it, for errors
+
+
+def fit_reward_model(
+    stage: RewardModelSettings, inputs: RewardModelInputs, env: StageEnvironment
+) -> RewardModelResult:
+    """The ``reward_model`` stage's work: a reward model on the policy at ``inputs.policy_dir``, trained
+    on the train rows and, when given, evaluated on the eval rows (``result.heldout``).
 
     The policy's weights load once (into the classifier); its tokenizer may gain a pad token
-    (``build_reward_model``) and is returned to be saved with the model.
+    (``build_reward_model``) and comes back in the result, to be saved with the model.
     """
-    tokenizer = load_tokenizer(policy_dir, revision=revision)
-    model = build_reward_model(policy_dir, tokenizer, revision=revision)
+    tokenizer = load_tokenizer(inputs.policy_dir, revision=inputs.revision)
+    model = build_reward_model(inputs.policy_dir, tokenizer, revision=inputs.revision)
     trained, result = train_reward_model(
-        model, tokenizer, train_rows, cfg, seed=seed, checkpoint_dir=checkpoint_dir, source=source, log=log
-    )
-    if eval_rows is not None:
-        result.heldout = evaluate_reward_model(trained, tokenizer, eval_rows, cfg)
-    return trained, tokenizer, result
+        model, tokenizer, inputs.train_rows, stage.train, seed=env.seed, checkpoint_dir=env.checkpoint_dir,
+        source=f"stage '{env.stage}' ({inputs.data_name} train split)", log=env.log,
+    )  # fmt: skip
+    if inputs.eval_rows is not None:
+        result.heldout = evaluate_reward_model(trained, tokenizer, inputs.eval_rows, stage.train)
+    result.model, result.tokenizer = trained, tokenizer
+    return result
 
 
 def pairs_loss(

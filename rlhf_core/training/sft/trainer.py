@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,6 +31,7 @@ from rlhf_core.modeling.sft_tokens import (
     unpacked_rows,
 )
 from rlhf_core.spec import LoraSpec, SFTTrainSpec
+from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import (
     TOKENS,
     LogFn,
@@ -190,22 +192,33 @@ def train_sft(
     return trained, result
 
 
-def train_sft_from(
-    model_dir: str,
-    revision: str | None,
-    records: list[dict],
-    cfg: SFTTrainSpec,
-    *,
-    lora: LoraSpec | None,
-    seed: int,
-    checkpoint_dir: Path,
-    log: LogFn | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, SFTResult]:
-    """The ``sft`` stage's work: load the model at ``model_dir`` and fine-tune it on ``records``."""
+class SFTSettings(Protocol):
+    """What the ``sft`` stage's work reads of the stage (the spec's ``SFTStage`` is one)."""
+
+    @property
+    def train(self) -> SFTTrainSpec: ...
+    @property
+    def lora(self) -> LoraSpec | None: ...  # None: all weights train
+
+
+@dataclass(frozen=True)
+class SFTInputs:
+    """The ``sft`` stage's resolved inputs: the model to fine-tune and the rows of its train split."""
+
+    model_dir: str  # a local directory or a hub name
+    revision: str | None
+    rows: list[dict]
+
+
+def supervised_fine_tune(stage: SFTSettings, inputs: SFTInputs, env: StageEnvironment) -> SFTResult:
+    """The ``sft`` stage's work: load the model at ``inputs.model_dir`` and fine-tune it on the rows;
+    the result carries the trained model and its tokenizer."""
     from rlhf_core.modeling.models import load_model
 
-    model, tokenizer = load_model(model_dir, revision=revision)
+    model, tokenizer = load_model(inputs.model_dir, revision=inputs.revision)
     trained, result = train_sft(
-        model, tokenizer, records, cfg, seed=seed, checkpoint_dir=checkpoint_dir, lora=lora, log=log
-    )
-    return trained, tokenizer, result
+        model, tokenizer, inputs.rows, stage.train, seed=env.seed, checkpoint_dir=env.checkpoint_dir,
+        lora=stage.lora, log=env.log,
+    )  # fmt: skip
+    result.model, result.tokenizer = trained, tokenizer
+    return result
