@@ -59,3 +59,18 @@ def test_command_modules_import_no_heavy_library_nor_the_spec_package():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], result["heavy"]
     assert result["spec"] is False, "a cli module imports rlhf_core.spec at module level"
+
+
+def test_a_models_command_gives_the_garbage_collector_back_to_an_in_process_caller():
+    """``rlhf models ...`` runs without cyclic GC (see ``cli.model_commands``); a caller in the same
+    process (a test, a notebook) has it on again afterwards."""
+    import gc
+
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    assert gc.isenabled()
+    result = CliRunner().invoke(app, ["models", "list", "--help"])
+    assert result.exit_code == 0
+    assert gc.isenabled()
