@@ -31,7 +31,7 @@ PreviousOpt = Annotated[
 
 
 @models_app.callback()
-def _short_lived(ctx: typer.Context) -> None:
+def _run_without_cyclic_gc(ctx: typer.Context) -> None:
     # Importing MLflow makes ~300k objects the cyclic GC tracks; it walks them again and again while
     # they load (~0.5 s here), then once more at interpreter exit (~0.7 s), for a command that lives
     # a few seconds and makes little cyclic garbage. So no collection while a models command runs (peak
