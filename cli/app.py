@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -23,8 +23,10 @@ from cli.console import console, error, exit_status, settings_for
 from cli.console_tracebacks import configure_console_tracebacks
 from rlhf_core.errors import EXIT_GATE_FAILED, EXIT_USER_ERROR, UserError
 from rlhf_core.refs import PromotionRef
-from rlhf_core.settings import RLHFSettings
-from rlhf_core.spec import PipelineSpec, SpecError, load_spec
+
+if TYPE_CHECKING:  # the spec package loads in the commands that read a spec, not for --help or models
+    from rlhf_core.settings import RLHFSettings
+    from rlhf_core.spec import PipelineSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -63,6 +65,12 @@ ProfilesOpt = Annotated[
 ]
 
 
+def load_spec(spec_path: Path, overrides: list[str]) -> PipelineSpec:
+    from rlhf_core.spec import load_spec as load
+
+    return load(spec_path, overrides)
+
+
 def _load(
     spec_path: Path,
     overrides: list[str] | None,
@@ -95,6 +103,7 @@ def _check_sources(spec: PipelineSpec) -> None:
     """Fail before running when a local data file lacks the columns its format needs."""
     from rlhf_core.data.loading import load_records
     from rlhf_core.data.schemas import DataValidationError
+    from rlhf_core.spec import SpecError
 
     problems = []
     for name, stage in spec.stages.items():

@@ -31,7 +31,6 @@ from cli.console import console
 from flows.work_pools import DEFAULT_IMAGE, base_job_template, ensure_work_pool
 from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
-from rlhf_core.spec.compute import ENV_NAME
 
 pools_app = typer.Typer(
     no_args_is_help=True,
@@ -108,6 +107,8 @@ def _gpu_ids(text: str | None) -> list[str] | None:
 
 
 def _environment(pairs: list[str] | None) -> dict[str, str]:
+    from rlhf_core.spec.compute import ENV_NAME
+
     env = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

@@ -31,12 +31,11 @@ import typer
 
 from cli.console import console, exit_status, settings_for
 from rlhf_core.errors import EXIT_REPRODUCTION_DIFFERS, UserError
-from rlhf_core.fingerprint import config_changes, config_dict, describe_part_changes
 from rlhf_core.refs import ModelRef, StageOutput
-from rlhf_core.spec import PipelineSpec, parse_spec
 
 if TYPE_CHECKING:  # Prefect and MLflow load inside the commands, after the CLI's environment defaults
     from registry.lineage import LineageNode, PipelineRecord, VersionRef
+    from rlhf_core.spec import PipelineSpec  # loaded by the commands that rebuild a spec, not for --help
 
 MATCH, DIFFERS, UNRECORDED = "match", "differs", "not recorded"
 
@@ -108,6 +107,8 @@ def check_reproduction(ref: str, home: str) -> tuple[Reproduction, PipelineSpec,
 def rebuilt_spec(record: PipelineRecord) -> PipelineSpec:
     """The resolved spec of the pipeline run, cut down to the model's stage and what it descends from."""
     raw = record.resolved_spec
+    from rlhf_core.spec import parse_spec
+
     where = f"model {record.model} (pipeline run {record.pipeline_run_id})"
     if record.stage not in {**raw.get("models", {}), **raw.get("stages", {})}:
         raise UserError(f"{where}: its stage '{record.stage}' is not in the pipeline's resolved spec")
@@ -156,6 +157,7 @@ def compare_fingerprints(spec: PipelineSpec, record: PipelineRecord) -> list[Sta
 
 def _check_stage(spec: PipelineSpec, name: str, record: PipelineRecord, outputs) -> StageCheck:
     from flows.stage_calls import UpstreamNotReady, base_model_call, stage_call
+    from rlhf_core.fingerprint import config_changes, config_dict, describe_part_changes
 
     kind = spec.stages[name].kind if name in spec.stages else "base_model"
     recorded = record.stages.get(name)

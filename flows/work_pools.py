@@ -37,10 +37,12 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rlhf_core.errors import UserError
-from rlhf_core.spec.compute import ComputeSpec
+
+if TYPE_CHECKING:  # an annotation only: `rlhf pools ...` and `rlhf --help` need not load the spec package
+    from rlhf_core.spec.compute import ComputeSpec
 
 POOL_TYPES = ("process", "docker", "kubernetes")
 DEFAULT_IMAGE = "rlhf-pipelines:cpu"  # the Dockerfile's image: docker build -t rlhf-pipelines:cpu .
