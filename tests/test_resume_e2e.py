@@ -1,8 +1,10 @@
 """Exact resume through the real command: SIGKILL ``rlhf run`` mid-training, run it again, compare weights.
 
-Home A runs the pipeline uninterrupted. Home B runs the same spec, is killed with SIGKILL once a
-checkpoint of the stage under test (SFT, or DPO or GRPO after a short SFT) exists, and is run again with the
-same command: it must say the stage resumed, and its final weights must match home A's to within 1e-5.
+Home A runs the pipeline uninterrupted. Home B runs the same spec held after the first checkpoint of the
+stage under test (SFT, or DPO or GRPO after a short SFT; ``hold_after_first_checkpoint.py``), so it can
+never finish that stage before the kill, is killed with SIGKILL once that checkpoint exists, and is run
+again with the plain command: it must say the stage resumed, and its final weights must match home A's to
+within 1e-5. Half of the stage's steps come after the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
     tiny_spec_dict["name"] = "resume"
     stages = tiny_spec_dict["stages"]
     del stages["eval"], stages["rm"]
-    long_run = {"max_steps": 100, "checkpoint_every": 10, "log_every": 10, "batch_size": 16}
+    long_run = {"max_steps": 20, "checkpoint_every": 10, "log_every": 10, "batch_size": 16}
     if stage == "sft":
         stages["sft"]["train"].update(long_run)
     elif stage == "grpo":  # 3 updates per rollout: the checkpoint at step 10 lands inside rollout 4
@@ -36,7 +38,7 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
             "prompts": "data.prompts",
             "rewards": [{"function": "arithmetic_exact"}, {"function": "answer_format", "weight": 0.5}],
             "kl": {"beta": 0.05, "target": 1.0, "horizon": 100},
-            "rollouts": 15,
+            "rollouts": 7,
             "prompts_per_rollout": 4,
             "group_size": 4,
             "update_epochs": 3,
@@ -49,15 +51,19 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict, stage: str) -> Path:
             "kind": "direct_alignment",
             "policy": "sft",
             "data": "data.preferences",
-            "train": {**long_run, "max_steps": 60, "batch_size": 8, "lr": 1e-3, "max_length": 64},
+            "train": {**long_run, "batch_size": 8, "lr": 1e-3, "max_length": 64},
         }
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
     return path
 
 
-def _rlhf(spec: Path, home: Path, api_url: str) -> list[str]:
-    return [sys.executable, "-m", "cli.app", "run", str(spec), "--home", str(home)]
+HOLD = Path(__file__).resolve().parent / "hold_after_first_checkpoint.py"
+
+
+def _rlhf(spec: Path, home: Path, api_url: str, *, held: bool = False) -> list[str]:
+    entry = [str(HOLD)] if held else ["-m", "cli.app"]
+    return [sys.executable, *entry, "run", str(spec), "--home", str(home)]
 
 
 def _env(api_url: str) -> dict[str, str]:
@@ -93,9 +99,9 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches_uninterrupted(
     subprocess.run(_rlhf(spec, home_a, prefect_api_url), env=env, cwd=cwd, check=True, capture_output=True)
 
     home_b = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _rlhf(spec, home_b, prefect_api_url),
-        env=env,
+    proc = subprocess.Popen(  # held after the stage's first checkpoint: the kill lands before its end
+        _rlhf(spec, home_b, prefect_api_url, held=True),
+        env={**env, "HOLD_AFTER_FIRST_CHECKPOINT_OF": stage},
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
