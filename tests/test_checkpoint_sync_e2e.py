@@ -40,8 +40,8 @@ def _spec(tmp_path: Path, tiny_spec_dict: dict) -> Path:
     stages = tiny_spec_dict["stages"]
     del stages["rm"], stages["eval"]
     stages["data"]["source"]["synthetic"]["n"] = 60
-    # Steps enough that B, resuming from A's step-10 checkpoint, has most of the training left to do.
-    stages["sft"]["train"].update(max_steps=200, checkpoint_every=10, log_every=20, batch_size=16)
+    # A is held after its step-10 checkpoint: B, resuming from it, has most of the training left to do.
+    stages["sft"]["train"].update(max_steps=30, checkpoint_every=10, log_every=10, batch_size=16)
     path = tmp_path / "ckptsync.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
     return path
