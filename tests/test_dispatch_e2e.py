@@ -32,6 +32,47 @@ PROFILES = {
         "kinds": {"sft": {"pool": "gpu", "env": {"RLHF_LOG_LEVEL": "INFO"}}, "reward_model": {"pool": "gpu"}},
     }
 }
+HOLD_ARM = "hold-after-next-checkpoint"
+# The training thread of the first process to save a checkpoint while the arm file exists takes the arm
+# (rename: only one process can) before saving, then waits after the save until it is killed; the
+# checkpoint uploader goes on. A test can then SIGKILL a stage mid-training at a point it controls, and
+# never see the stage finish first. Loaded by every Python process of the cluster (its PYTHONPATH); costs
+# one stat per start while unarmed.
+HOLD_HOOK = """
+import importlib.abc, importlib.util, os, sys, threading
+
+ARM = ARM_FILE
+
+
+class _HoldAfterCheckpoint(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "rlhf_core.training.engine.loop":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            save = module.save_checkpoint
+
+            def save_then_hold(*args, **kwargs):
+                try:
+                    os.rename(ARM, ARM + ".taken")
+                except FileNotFoundError:
+                    return save(*args, **kwargs)
+                save(*args, **kwargs)
+                threading.Event().wait()
+
+            module.save_checkpoint = save_then_hold
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+if os.path.exists(ARM):
+    sys.meta_path.insert(0, _HoldAfterCheckpoint())
+"""
 
 
 def _spec(tiny: dict) -> dict:
@@ -48,10 +89,16 @@ def cluster(tmp_path_factory, real_prefect_server):
     an MLflow server (SQLite) + a `cpu` and a `gpu` process pool with one worker each."""
     root = tmp_path_factory.mktemp("cluster")
     prefect = real_prefect_server.ensure_running()
+    hooks = root / "hooks"  # every process of the cluster can be held after a checkpoint (HOLD_HOOK)
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOLD_HOOK.replace("ARM_FILE", repr(str(root / HOLD_ARM))))
     with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as mlflow:
         env = {
             **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
             **prefect.env(),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "RLHF_DISPATCH_POLL_SECONDS": "1",
             "RLHF_TRACKING_URI": mlflow.url,
             "RLHF_HOME": str(root / "home"),
             "OMP_NUM_THREADS": "1",
@@ -93,7 +140,7 @@ with get_client(sync_client=True) as client:
 RUN_DEPLOYMENT = """
 import json, sys
 from prefect.deployments import run_deployment
-run = run_deployment(sys.argv[1], timeout=900, poll_interval=2)
+run = run_deployment(sys.argv[1], timeout=900, poll_interval=1)
 print(json.dumps({"id": str(run.id), "state": run.state.type.value, "message": run.state.message}))
 """
 
@@ -203,7 +250,7 @@ def test_second_identical_run_is_served_from_cache(cluster, first_run):
 def _fault_spec(tiny: dict) -> dict:
     spec = {**tiny, "name": f"{PIPELINE}-fault"}
     spec["stages"] = {name: tiny["stages"][name] for name in ("data", "sft")}
-    spec["stages"]["sft"]["train"].update(max_steps=60, checkpoint_every=6, log_every=6, batch_size=16)
+    spec["stages"]["sft"]["train"].update(max_steps=6, checkpoint_every=2, log_every=2)
     return spec
 
 
@@ -217,10 +264,13 @@ def _final_weights(home: Path, fingerprint: str) -> dict:
 def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     cluster, deployed, tiny_spec_module
 ):
-    """SIGKILL the gpu worker and the flow run it started, mid-SFT: the pipeline sees the job is dead
-    (nobody holds its fingerprint's lock any more), marks it Crashed, submits it again; a new worker
-    resumes from the last checkpoint (the workers share the home), and the weights match an
-    uninterrupted run within 1e-5."""
+    """SIGKILL the gpu worker and the flow run it started, mid-SFT (held after its first checkpoint: steps
+    3-6 are left): the pipeline sees the job is dead (nobody holds its fingerprint's lock any more),
+    marks it Crashed, submits it again; a new worker resumes from the last checkpoint (the workers share
+    the home), and the weights match an uninterrupted run within 1e-5.
+
+    The lock's lease (60 s, the server's minimum) has to run out before the job looks dead; the
+    uninterrupted reference trains meanwhile."""
     import signal
     import time
 
@@ -229,14 +279,11 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
     root, env = cluster["root"], cluster["env"]
     spec_path = root / "fault.yaml"
     spec_path.write_text(yaml.safe_dump(_fault_spec(tiny_spec_module)))
-    # the uninterrupted reference: in-process, on a store of its own
-    reference_home = root / "reference"
-    local_env = {k: v for k, v in env.items() if k not in ("RLHF_TRACKING_URI", "RLHF_HOME")}
-    _run([RLHF, "run", str(spec_path), "--home", str(reference_home)], local_env)
-
-    fast = {**env, "RLHF_DISPATCH_DEAD_AFTER_SECONDS": "30", "RLHF_DISPATCH_POLL_SECONDS": "1"}
+    # dead 10 s after the lease ran out: a finished job's lock is free a moment before it is Completed
+    fast = {**env, "RLHF_DISPATCH_DEAD_AFTER_SECONDS": "10"}
     command = [RLHF, "run", str(spec_path), "--profile", "cluster", "--home", env["RLHF_HOME"]]
     log_path = root / "fault-run.log"
+    (root / HOLD_ARM).touch()  # the first attempt's training waits after its first checkpoint
     with open(log_path, "w") as log:
         parent = subprocess.Popen(command, env=fast, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -246,11 +293,16 @@ def test_killed_worker_stage_is_resubmitted_and_resumes_to_the_same_weights(
             assert parent.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "no SFT checkpoint in time"
             time.sleep(0.2)
+        assert not (root / HOLD_ARM).exists()  # taken by the training that is now held
         experiment = client.get_experiment_by_name(f"{PIPELINE}-fault")
         (sft,) = client.search_runs([experiment.experiment_id], "tags.`mlflow.runName` = 'sft'")
         os.killpg(os.getpgid(int(sft.data.tags["rlhf.pid"])), signal.SIGKILL)  # the flow run's process
         cluster["workers"][1].kill()  # and its worker
+        reference_home = root / "reference"
+        local_env = {k: v for k, v in env.items() if k not in ("RLHF_TRACKING_URI", "RLHF_HOME")}
         with prefect_worker(cluster["prefect"], "gpu", env=env, limit=1, cwd=root):
+            # the uninterrupted reference, while the lease runs out: in-process, on a store of its own
+            _run([RLHF, "run", str(spec_path), "--home", str(reference_home)], local_env)
             assert parent.wait(timeout=900) == 0, log_path.read_text()[-4000:]
     finally:
         if parent.poll() is None:

@@ -221,13 +221,14 @@ def test_a_rerun_in_the_home_of_a_killed_holder_does_not_wait_for_its_lease(api,
 @pytest.mark.e2e
 def test_a_server_restart_during_a_renewal_neither_stops_training_nor_frees_the_slot(server, tmp_path):
     """Two homes; the module's server is stopped while the holder trains, so that a renewal falls due
-    while it is down (lease 70 s, renewed every 10 s), and is started again. The holder keeps training,
-    renews once the server is back and so keeps the slot past the lease it held when the server went
-    down (it trains until then, and the waiter is checked to be still waiting); the waiter rides the
-    outage out. The slot is released at the end, which needs the lease to have survived the restart
-    (releasing a lease the server does not know frees nothing), and only then does the waiter get in.
-    The server may take up to about 55 s to come back (lease - renewal interval - retry interval)."""
-    lease, renew = 70, 10
+    while it is down (the shortest lease, 60 s, renewed every 2 s), and is started again. The holder
+    keeps training, renews once the server is back and so keeps the slot past the lease it held when
+    the server went down (it trains until then, and the waiter is checked to be still waiting); the
+    waiter rides the outage out. The slot is released at the end, which needs the lease to have
+    survived the restart (releasing a lease the server does not know frees nothing), and only then
+    does the waiter get in. The server may take up to about 53 s to come back (lease - renewal interval
+    - retry interval)."""
+    lease, renew = LEASE, 2
     fingerprint = "a7" * 32
     env = {**client_env(server, lease=lease), RENEW_SECONDS_ENV: str(renew)}
     a = Contender(env, tmp_path / "home-a", fingerprint, tmp_path, "A", train_seconds=600)
