@@ -12,6 +12,11 @@ run SPEC --home HOME``.
 other processes (the ranks of ``compute.processes``), ``write_sitecustomize(folder)`` writes a
 ``sitecustomize.py`` that installs the hold in every Python process started with ``folder`` on its
 ``PYTHONPATH`` and the variable set: each rank holds after its own ``save_checkpoint`` returned.
+
+``HOLD_AFTER_FIRST_CHECKPOINT_ARM=<file>`` holds only the first process to save a checkpoint while
+``file`` exists: it takes the file (a rename, which only one process can win) before it saves, so a
+test that sees the checkpoint also sees the file gone, and a later attempt of the same stage (the
+resumed run) trains through. Either variable installs the hold through ``write_sitecustomize``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 LOOP = "rlhf_core.training.engine.loop"
 STAGE_VARIABLE = "HOLD_AFTER_FIRST_CHECKPOINT_OF"
+ARM_VARIABLE = "HOLD_AFTER_FIRST_CHECKPOINT_ARM"
 
 
 def _held_stage(directory) -> bool:
@@ -32,13 +38,26 @@ def _held_stage(directory) -> bool:
     return not stage or Path(directory).parent.name.startswith(f"{stage}-")
 
 
+def _took_the_arm() -> bool:
+    """True without an arm file named; else whether this process took it (renamed it away) first."""
+    arm = os.environ.get(ARM_VARIABLE)
+    if not arm:
+        return True
+    try:
+        os.rename(arm, arm + ".taken")
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def install(loop) -> None:
     """Replace ``loop.save_checkpoint`` by one that never returns after a checkpoint of the held stage."""
     save_checkpoint = loop.save_checkpoint
 
     def save_then_hold(accelerator, directory, *args, **kwargs):
+        hold = _held_stage(directory) and _took_the_arm()
         path = save_checkpoint(accelerator, directory, *args, **kwargs)
-        if _held_stage(directory):
+        if hold:
             threading.Event().wait()  # never set: the test kills this process
         return path
 
@@ -70,11 +89,11 @@ def install_on_import() -> None:
 
 def write_sitecustomize(folder: Path) -> Path:
     """A ``sitecustomize.py`` in ``folder`` that installs the hold on import of the training loop in a
-    process with ``STAGE_VARIABLE`` set; put ``folder`` first on ``PYTHONPATH``."""
+    process with ``STAGE_VARIABLE`` or ``ARM_VARIABLE`` set; put ``folder`` first on ``PYTHONPATH``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(
         "import os, sys\n"
-        f"if os.environ.get({STAGE_VARIABLE!r}):\n"
+        f"if os.environ.get({STAGE_VARIABLE!r}) or os.environ.get({ARM_VARIABLE!r}):\n"
         f"    sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "    import hold_after_first_checkpoint\n"
         "    sys.path.pop(0)\n"

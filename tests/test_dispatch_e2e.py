@@ -21,6 +21,8 @@ import yaml
 from mlflow_servers import mlflow_server
 from prefect_servers import prefect_worker
 
+from tests import hold_after_first_checkpoint
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,47 +34,7 @@ PROFILES = {
         "kinds": {"sft": {"pool": "gpu", "env": {"RLHF_LOG_LEVEL": "INFO"}}, "reward_model": {"pool": "gpu"}},
     }
 }
-HOLD_ARM = "hold-after-next-checkpoint"
-# The training thread of the first process to save a checkpoint while the arm file exists takes the arm
-# (rename: only one process can) before saving, then waits after the save until it is killed; the
-# checkpoint uploader goes on. A test can then SIGKILL a stage mid-training at a point it controls, and
-# never see the stage finish first. Loaded by every Python process of the cluster (its PYTHONPATH); costs
-# one stat per start while unarmed.
-HOLD_HOOK = """
-import importlib.abc, importlib.util, os, sys, threading
-
-ARM = ARM_FILE
-
-
-class _HoldAfterCheckpoint(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "rlhf_core.training.engine.loop":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        exec_module = spec.loader.exec_module
-
-        def exec_then_patch(module):
-            exec_module(module)
-            save = module.save_checkpoint
-
-            def save_then_hold(*args, **kwargs):
-                try:
-                    os.rename(ARM, ARM + ".taken")
-                except FileNotFoundError:
-                    return save(*args, **kwargs)
-                save(*args, **kwargs)
-                threading.Event().wait()
-
-            module.save_checkpoint = save_then_hold
-
-        spec.loader.exec_module = exec_then_patch
-        return spec
-
-
-if os.path.exists(ARM):
-    sys.meta_path.insert(0, _HoldAfterCheckpoint())
-"""
+HOLD_ARM = "hold-after-next-checkpoint"  # see tests/hold_after_first_checkpoint.py, ARM_VARIABLE
 
 
 def _spec(tiny: dict) -> dict:
@@ -89,9 +51,8 @@ def cluster(tmp_path_factory, real_prefect_server):
     an MLflow server (SQLite) + a `cpu` and a `gpu` process pool with one worker each."""
     root = tmp_path_factory.mktemp("cluster")
     prefect = real_prefect_server.ensure_running()
-    hooks = root / "hooks"  # every process of the cluster can be held after a checkpoint (HOLD_HOOK)
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(HOLD_HOOK.replace("ARM_FILE", repr(str(root / HOLD_ARM))))
+    # every process of the cluster can be held after a checkpoint, once the test arms the hold
+    hooks = hold_after_first_checkpoint.write_sitecustomize(root / "hooks")
     with mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as mlflow:
         env = {
             **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
@@ -103,6 +64,7 @@ def cluster(tmp_path_factory, real_prefect_server):
             "RLHF_HOME": str(root / "home"),
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
+            hold_after_first_checkpoint.ARM_VARIABLE: str(root / HOLD_ARM),
             "RLHF_LOCK_LEASE_SECONDS": "60",  # a killed holder frees its fingerprint within ~75 s
         }
         for pool, extra in (("cpu", []), ("gpu", ["--concurrency", "1"])):
