@@ -24,8 +24,11 @@ install-test: $(BIN)/python
 quickstart: install
 	$(BIN)/rlhf run recipes/quickstart.yaml
 
+# Two workers, each taking whole test modules (module fixtures are set up once); TEST_WORKERS=0 runs
+# the suite in this one process.
+TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install-test
 	$(BIN)/ruff check .

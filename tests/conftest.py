@@ -102,3 +102,23 @@ def real_prefect_server(tmp_path_factory):
     with prefect_server(tmp_path_factory.mktemp("prefect-server"), env=fast) as server:
         print(f"prefect server ready in {server.startup_seconds:.1f} s")
         yield server
+
+
+def pytest_collection_modifyitems(config, items):
+    """End-to-end modules first, each module's tests kept together and in order.
+
+    ``make test`` runs the suite on two pytest-xdist workers, one module at a time per worker
+    (``--dist loadfile``), handing out modules in collection order. The e2e modules take 20-190 s
+    each and the unit modules a few seconds, so starting with the long ones lets the short ones fill
+    the end and both workers finish close together (the longest-first rule of list scheduling)."""
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    first_seen: dict[str, int] = {}
+    e2e_modules: set[str] = set()
+    for i, item in enumerate(items):
+        first_seen.setdefault(module(item), i)
+        if item.get_closest_marker("e2e") is not None:
+            e2e_modules.add(module(item))
+    # a stable sort: within a module the tests keep their order
+    items.sort(key=lambda item: (module(item) not in e2e_modules, first_seen[module(item)]))
