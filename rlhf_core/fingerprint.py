@@ -2,7 +2,8 @@
 
 fingerprint = sha256 of its *parts* (:func:`fingerprint_parts`): the stage kind, a digest of the fully
 resolved config (defaults filled in), the digest of every input ref by the field path that names it, the
-content digest of every local file or directory the config names, the digest of the rlhf_core source,
+content digest of every local file or directory the config names, the code digest of every reward
+function the config names by reference (``rewards.py:score``), the digest of the rlhf_core source,
 the versions of the libraries that shape the numbers, and the seed. A stage's ``compute`` block
 (pool, processes, job variables) is left out: where a stage runs does not change its identity. The
 parts are recorded with each stage run, so ``rlhf reproduce`` can say which of them changed
@@ -30,6 +31,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from rlhf_core.refs import StageOutput
+from rlhf_core.rewards.user_functions import parse_reference, reference_digest
+from rlhf_core.spec.function_references import function_reference_fields
 from rlhf_core.spec.local_paths import LocalContent, local_content_fields
 
 FINGERPRINT_SCHEMA = 3  # 3: the hash of the recorded parts
@@ -78,11 +81,14 @@ def fingerprint_parts(
 
     Keys: ``schema``, ``kind``, ``config`` (sha256 of the resolved config), ``input:<field path>`` (the
     digest of each input ref), ``local:<field path>`` (the content digest of each local file or
-    directory the config names), ``code`` (the rlhf_core source), ``library:<name>`` and ``seed``.
+    directory the config names), ``function:<field path>`` (the code of each reward function named by
+    reference), ``code`` (the rlhf_core source), ``library:<name>`` and ``seed``.
     """
     digests = {path: ref.digest for path, ref in inputs.items()}
     for path, (location, marker) in local_content_fields(config).items():
         digests[f"{LOCAL_PREFIX}{path}"] = local_content_digest(Path(location), marker)
+    for path, reference in function_reference_fields(config).items():
+        digests[f"{FUNCTION_PREFIX}{path}"] = reference_digest(parse_reference(reference))
     return parts_of(kind, config, digests, seed)
 
 
@@ -95,6 +101,7 @@ def stage_fingerprint(
 
 INPUT_PREFIX = "input:"
 LOCAL_PREFIX = "local:"
+FUNCTION_PREFIX = "function:"
 LIBRARY_PREFIX = "library:"
 
 
@@ -110,7 +117,8 @@ def parts_of(
         "seed": json.dumps(seed),
     }
     for name, digest in sorted(input_digests.items()):
-        parts[name if name.startswith(LOCAL_PREFIX) else f"{INPUT_PREFIX}{name}"] = digest
+        named = name.startswith((LOCAL_PREFIX, FUNCTION_PREFIX))
+        parts[name if named else f"{INPUT_PREFIX}{name}"] = digest
     for name, version in library_versions().items():
         parts[f"{LIBRARY_PREFIX}{name}"] = version
     return parts
@@ -150,7 +158,9 @@ def describe_part_changes(before: Mapping[str, str], after: Mapping[str, str]) -
 
 
 def _part_order(key: str) -> tuple[int, str]:
-    order = ("schema", "kind", "code", "config", LOCAL_PREFIX, INPUT_PREFIX, LIBRARY_PREFIX, "seed")
+    order = (
+        "schema", "kind", "code", "config", FUNCTION_PREFIX, LOCAL_PREFIX, INPUT_PREFIX, LIBRARY_PREFIX, "seed"
+    )  # fmt: skip
     return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key
 
 
@@ -165,7 +175,9 @@ def _describe_part(key: str, old: str | None, new: str | None, kind: str) -> str
         return f"seed {old} -> {new}"
     if key.startswith(LIBRARY_PREFIX):
         return f"library {key.removeprefix(LIBRARY_PREFIX)} {old} -> {new}"
-    if key.startswith(LOCAL_PREFIX):
+    if key.startswith(FUNCTION_PREFIX):
+        what = f"reward function {key.removeprefix(FUNCTION_PREFIX)}"
+    elif key.startswith(LOCAL_PREFIX):
         local = "local model directory" if kind == "base_model" else "local file"
         what = f"{local} {key.removeprefix(LOCAL_PREFIX)}"
     else:

@@ -162,22 +162,17 @@ def test_one_registry_of_reward_functions_marks_the_verifiers():
     from rlhf_core.errors import UserError
     from rlhf_core.rewards import REGISTRY, REWARD_FUNCTIONS, VERIFIERS, verifier_function
 
-    assert set(REWARD_FUNCTIONS) == set(REGISTRY)
-    assert sorted(VERIFIERS) == ["arithmetic_exact"]
+    assert set(REWARD_FUNCTIONS) <= set(REGISTRY)
+    assert "arithmetic_exact" in VERIFIERS and "answer_format" not in VERIFIERS
     # the evaluate stage's `verifier: arithmetic` is the registered arithmetic_exact reward
-    assert (
-        verifier_function("arithmetic")
-        is verifier_function("arithmetic_exact")
-        is REWARD_FUNCTIONS["arithmetic_exact"]
-    )
     record = {"prompt": "What is 2 + 3?", "answer": "5"}
-    assert [verifier_function("arithmetic")(c, record) for c in ("The answer is 5.", "The answer is 6.")] == [
-        1.0,
-        0.0,
-    ]
-    with pytest.raises(UserError, match="verifier 'answer_format' is a reward function but not a verifier"):
+    for completion, expected in (("The answer is 5.", 1.0), ("The answer is 6.", 0.0)):
+        assert verifier_function("arithmetic")(completion, record) == expected
+        assert verifier_function("arithmetic_exact")(completion, record) == expected
+        assert REWARD_FUNCTIONS["arithmetic_exact"](completion, record) == expected
+    with pytest.raises(UserError, match="'answer_format' is a reward function but not a verifier"):
         verifier_function("answer_format")
-    with pytest.raises(UserError, match="verifier 'exact' is not registered.*verifiers: arithmetic_exact"):
+    with pytest.raises(UserError, match="unknown verifier 'exact' .built-in: .*arithmetic_exact"):
         verifier_function("exact")
 
 

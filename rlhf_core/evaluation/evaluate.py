@@ -27,7 +27,8 @@ from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
 from rlhf_core.evaluation.statistics import interval_metrics
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, score_completions
-from rlhf_core.rewards.functions import RewardFunction, verifier_function
+from rlhf_core.rewards.functions import RewardFunction
+from rlhf_core.rewards.scorers import reads_columns, verifier_function
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.sampling import sample_completions
 from rlhf_core.selection.best_of_n import best_of_n
@@ -85,8 +86,9 @@ def evaluate_model(
     ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)".
     """
     prompt_rows = prompt_rows[: stage.max_prompts]
-    check_answers(prompt_rows, stage_name=stage_name, source=prompts_source)
-    verifier = verifier_function(stage.verifier)
+    if "answer" in reads_columns(stage.verifier):
+        check_answers(prompt_rows, stage_name=stage_name, source=prompts_source)
+    verifier = verifier_function(stage.verifier, stage.verifier_options)
     model, tokenizer = load_model(model_dir, revision=revision)
     result = ModelEvaluation({})
     metrics = result.metrics

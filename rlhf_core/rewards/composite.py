@@ -1,8 +1,12 @@
 """Scoring completions with several reward sources and combining them (book ch.7, ch.9).
 
-Each source is a registered reward function or a reward model; the composite reward is the weighted
-sum  R(x, y) = sum_s w_s * r_s(x, y).  A source that returns NaN or infinity is an error naming the row,
-or (``on_invalid='skip'``) drops the row and reports it; a row is never dropped silently.
+Each source is a reward function (a built-in or a user's, :mod:`rlhf_core.rewards.scorers`) or a reward
+model; the composite reward is the weighted sum  R(x, y) = sum_s w_s * r_s(x, y).  A source that returns
+NaN, infinity or a non-number is an error naming the source and the row, or (``on_invalid='skip'``)
+drops the row and reports it; a row is never dropped silently. A function that raises fails the stage
+naming the source (and the row, when the function scores one row at a time), unless its
+``on_error: zero`` turns a raising row into a score of 0, counted in the ``errors`` metric.
+Extra metrics a function returns are kept per row in ``reward_metrics`` (``<source>/<metric>``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from rlhf_core.errors import UserError
-from rlhf_core.rewards.functions import REWARD_FUNCTIONS
+from rlhf_core.rewards.reward_batch import RewardBatch
+from rlhf_core.rewards.scorers import reward_scorer
 
 # scores (prompt, completion) pairs in batches, e.g. a reward model (see reward_model_scoring)
 ModelScorer = Callable[[list[tuple[str, str]]], list[float]]
@@ -24,7 +29,11 @@ class RewardSource(Protocol):
     @property
     def name(self) -> str: ...  # the key of its score in ``scores``, and of its model scorer
     @property
-    def function(self) -> str | None: ...  # a name in REWARD_FUNCTIONS; None: a reward model
+    def function(self) -> str | None: ...  # a registered name or a reference; None: a reward model
+    @property
+    def options(self) -> dict: ...  # keyword options of the function
+    @property
+    def on_error(self) -> str: ...  # 'fail' or 'zero': what a raising function does to its row
     @property
     def weight(self) -> float: ...  # w_s
 
@@ -63,18 +72,20 @@ def score_completions(
     problems).
     """
     per_source: dict[str, list[float]] = {}
+    extra: dict[str, list[float]] = {}
     for source in sources:
         try:
             if source.function is not None:
-                fn = REWARD_FUNCTIONS[source.function]
-                per_source[source.name] = [fn(row["completion"], row) for row in rows]
+                batch = score_with_function(source, rows, stage)
+                per_source[source.name] = batch.scores
+                extra |= {f"{source.name}/{name}": values for name, values in batch.metrics.items()}
             else:
                 per_source[source.name] = model_scorers[source.name](
                     [(r["prompt"], r["completion"]) for r in rows]
                 )
         except UserError:
             raise
-        except Exception as exc:  # a reward function's own failure: name the stage and the source
+        except Exception as exc:  # a reward model's own failure: name the stage and the source
             raise RewardSourceError(
                 f"stage '{stage}': reward source '{source.name}' raised {type(exc).__name__}: {exc}"
             ) from exc
@@ -88,5 +99,41 @@ def score_completions(
                 raise RewardValueError(f"stage '{stage}': {exc}") from None
             problems.append(f"stage '{stage}': {exc}; completion dropped")
             continue
-        kept.append({**row, "scores": scores, "reward": composite_reward(scores, weights)})
+        reward = composite_reward(scores, weights)
+        kept.append({**row, "scores": scores, "reward": reward, "reward_metrics": _row(extra, i)})
     return kept, problems
+
+
+def score_with_function(source: RewardSource, rows: list[dict], stage: str) -> RewardBatch:
+    """The function's batch on ``rows``; on a raise, ``on_error: zero`` scores row by row, a raising row
+    0 (counted in ``errors``), and ``fail`` names the source (and the row, found the same way)."""
+    scorer = reward_scorer(source.function or "", source.options)
+    completions = [row["completion"] for row in rows]
+    try:
+        return scorer(completions, rows)
+    except UserError as exc:
+        raise UserError(f"stage '{stage}': reward source '{source.name}': {exc}") from None
+    except Exception:
+        scores, errors, first = [], [], None
+        for i, row in enumerate(rows):
+            try:
+                scores.append(scorer([row["completion"]], [row]).scores[0])
+                errors.append(0.0)
+            except Exception as exc:
+                first = first if first is not None else (i, exc)
+                scores.append(0.0)
+                errors.append(1.0)
+        if first is None:  # the batch raised, yet every row scores on its own
+            return RewardBatch(scores)
+        if source.on_error == "zero":
+            return RewardBatch(scores, {"errors": errors})
+        i, exc = first
+        where = f" on row {i} (0-based)"
+        raise RewardSourceError(
+            f"stage '{stage}': reward source '{source.name}' raised {type(exc).__name__}{where}: {exc} "
+            "(set on_error: zero on the source to score such rows 0 and count them)"
+        ) from exc
+
+
+def _row(extra: dict[str, list[float]], i: int) -> dict[str, float]:
+    return {name: values[i] for name, values in extra.items()}

@@ -1,8 +1,14 @@
-"""Reward functions by name: the one registry behind the spec's ``function:`` sources and verifiers.
+"""Reward functions by name: the registry behind the spec's ``function: <name>`` sources and verifiers.
 
-Verifiable rewards (RLVR, book ch.7) are plain functions ``(completion, record) -> float`` where
-``record`` is the prompt row (it may carry the reference ``answer``). They are registered by name so a
-spec can refer to them declaratively; an unknown name fails spec validation.
+Verifiable rewards (RLVR, book ch.7) are functions of the completion and the prompt row (it may carry
+the reference ``answer``, test cases, a schema). Built-ins are registered here by name so a spec can
+refer to them declaratively; a user's own function is named by reference instead
+(:mod:`rlhf_core.rewards.user_functions`). Two shapes are registered:
+
+- a plain function ``(completion, record) -> float`` (the arithmetic task's rewards);
+- a batched verifier ``(completions, rows, options) -> RewardBatch`` with a pydantic options model,
+  given as ``"module:attribute"`` strings so that the spec can name them without importing their
+  libraries (math-verify, the sandbox) until a stage scores with them.
 
 A verifier is a registered function marked ``verifier=True``: it returns 1.0 for a correct completion
 and 0.0 otherwise, so it can serve as a reward (sample, label_preferences) and as the check of accuracy
@@ -38,29 +44,43 @@ def length_penalty(completion: str, record: dict, target_chars: int = 40) -> flo
 
 @dataclass(frozen=True)
 class RegisteredReward:
-    """A named reward function; ``verifier`` when it returns 1.0 for a correct completion, else 0.0."""
+    """A named reward function; ``verifier`` when it returns 1.0 for a correct completion, else 0.0.
 
-    function: RewardFunction
+    ``options``: for a batched built-in, the ``"module:Model"`` of its options (``function`` is then a
+    ``"module:function"`` taking ``(completions, rows, options)``). ``reads``: the row columns a plain
+    function needs (checked before scoring)."""
+
+    function: RewardFunction | str
     verifier: bool = False
+    options: str | None = None
+    reads: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, RegisteredReward] = {
-    "arithmetic_exact": RegisteredReward(arithmetic_exact, verifier=True),
+    "arithmetic_exact": RegisteredReward(arithmetic_exact, verifier=True, reads=("answer",)),
     "answer_format": RegisteredReward(answer_format),  # 1/0 too, but it checks the form, not correctness
     "length_penalty": RegisteredReward(length_penalty),
 }
-REWARD_FUNCTIONS: dict[str, RewardFunction] = {name: entry.function for name, entry in REGISTRY.items()}
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {  # the plain built-ins, callable as (completion, record)
+    name: entry.function for name, entry in REGISTRY.items() if callable(entry.function)
+}
 VERIFIERS: frozenset[str] = frozenset(name for name, entry in REGISTRY.items() if entry.verifier)
 VERIFIER_ALIASES = {"arithmetic": "arithmetic_exact"}  # the evaluate stage's original `verifier: arithmetic`
 
 
-def verifier_function(name: str) -> RewardFunction:
-    """The registered verifier ``name`` (or a legacy alias of one); a UserError for anything else."""
-    resolved = VERIFIER_ALIASES.get(name, name)
-    if resolved not in VERIFIERS:
-        what = "is a reward function but not a verifier" if resolved in REGISTRY else "is not registered"
+def registered(name: str, *, verifier: bool = False) -> RegisteredReward:
+    """The registry entry ``name`` (a verifier alias too); a UserError listing the known names."""
+    resolved = VERIFIER_ALIASES.get(name, name) if verifier else name
+    if resolved not in REGISTRY:
+        known = ", ".join(sorted(VERIFIERS if verifier else REGISTRY))
+        what = "verifier" if verifier else "reward function"
         raise UserError(
-            f"verifier '{name}' {what}; a verifier returns 1.0 for a correct completion and 0.0 otherwise "
-            f"(verifiers: {', '.join(sorted(VERIFIERS))})"
+            f"unknown {what} '{name}' (built-in: {known}; "
+            "or your own as 'file.py:function' or 'package.module:function')"
         )
-    return REGISTRY[resolved].function
+    if verifier and not REGISTRY[resolved].verifier:
+        raise UserError(
+            f"'{name}' is a reward function but not a verifier; a verifier returns 1.0 for a correct "
+            f"completion and 0.0 otherwise (built-in verifiers: {', '.join(sorted(VERIFIERS))})"
+        )
+    return REGISTRY[resolved]

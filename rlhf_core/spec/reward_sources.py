@@ -1,22 +1,40 @@
-"""Reward sources in a spec: a registered reward function or a reward-model stage, with a weight."""
+"""Reward sources in a spec: a reward function (built-in or the user's own) or a reward-model stage."""
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field, model_validator
 
-from rlhf_core.rewards import REWARD_FUNCTIONS
+from rlhf_core.errors import UserError
+from rlhf_core.rewards.scorers import check_scorer
+from rlhf_core.rewards.user_functions import is_reference, parse_reference
 from rlhf_core.spec.base import Strict
+from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import RewardModel
 
 
 class RewardSourceSpec(Strict):
-    """One scorer of completions: a registered reward function or a reward-model stage, with a weight."""
+    """One scorer of completions: a reward function or a reward-model stage, with a weight."""
 
-    function: str | None = Field(
-        default=None, description="Registered reward function, e.g. arithmetic_exact."
+    function: RewardFunctionName | None = Field(
+        default=None,
+        description="A built-in (arithmetic_exact, math_answer, code_tests, ...) or your own function: "
+        "'rewards.py:score' (a file next to the spec) or 'my_pkg.rewards:score'. It gets the completion "
+        "and the prompt row (every column) and returns a float (or is batched: lists).",
     )
     model: RewardModel | None = Field(
         default=None, description="Reward-model reference (a reward_model stage)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of the function: a built-in's documented options (defaults filled in), or "
+        "keyword arguments of your function.",
+    )
+    on_error: Literal["fail", "zero"] = Field(
+        default="fail",
+        description="A function that raises on a row: fail the stage naming the row, or score the row 0 "
+        "and count it (metric <source>/errors).",
     )
     weight: float = Field(default=1.0, description="Weight w_s in the composite sum_s w_s * r_s(x, y).")
 
@@ -24,12 +42,21 @@ class RewardSourceSpec(Strict):
     def _exactly_one(self) -> RewardSourceSpec:
         if (self.function is None) == (self.model is None):
             raise ValueError("give exactly one of function or model")
-        if self.function is not None and self.function not in REWARD_FUNCTIONS:
-            raise ValueError(
-                f"unknown reward function '{self.function}' (known: {', '.join(REWARD_FUNCTIONS)})"
-            )
+        if self.function is None:
+            if self.options:
+                raise ValueError("options are for a function; a reward model takes none")
+            return self
+        try:
+            filled = check_scorer(self.function, self.options)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        object.__setattr__(self, "options", filled)  # the effective options, defaults included
         return self
 
     @property
     def name(self) -> str:
-        return self.function or f"rm:{self.model}"
+        """The source's key in scores and metric names: the built-in's name, ``rewards.py:fn`` for a
+        user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model."""
+        if self.function is None:
+            return f"rm:{self.model}"
+        return parse_reference(self.function).short if is_reference(self.function) else self.function

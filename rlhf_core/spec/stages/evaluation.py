@@ -8,9 +8,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rlhf_core.rewards import REWARD_FUNCTIONS, VERIFIERS
+from rlhf_core.errors import UserError
+from rlhf_core.rewards.scorers import check_scorer
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import GenerationSpec, SamplingSpec
+from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, RewardModel, SFTData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.sampling import PolicyJudgeSpec
@@ -53,9 +55,11 @@ class WinRateJudgeSpec(Strict):
     """One judge of the pairwise comparison with the baseline; give exactly one of function, model,
     verifier or policy."""
 
-    function: str | None = Field(
-        default=None, description="Registered reward function: the higher score wins."
+    function: RewardFunctionName | None = Field(
+        default=None,
+        description="A reward function (built-in, or yours as 'rewards.py:score'): the higher score wins.",
     )
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the function.")
     model: RewardModel | None = Field(
         default=None, description="Reward-model reference (a reward_model stage): the higher score wins."
     )
@@ -81,10 +85,8 @@ class WinRateJudgeSpec(Strict):
                 "a win-rate judge is exactly one of function, model, verifier or policy"
                 + (f" (got {', '.join(given)})" if given else "")
             )
-        if self.function is not None and self.function not in REWARD_FUNCTIONS:
-            raise ValueError(
-                f"unknown reward function '{self.function}' (known: {', '.join(REWARD_FUNCTIONS)})"
-            )
+        if self.options and self.function is None:
+            raise ValueError("options are for a function judge")
         if self.tie_margin and self.reward_source() is None:
             raise ValueError("tie_margin applies to reward judges (function or model) only")
         return self
@@ -104,7 +106,7 @@ class WinRateJudgeSpec(Strict):
         """The judge as a reward source (function or reward model); None for the verifier and a policy."""
         if self.function is None and self.model is None:
             return None
-        return RewardSourceSpec(function=self.function, model=self.model)
+        return RewardSourceSpec(function=self.function, model=self.model, options=self.options)
 
 
 def _verifier_shorthand_schema(schema: dict[str, Any]) -> None:
@@ -170,9 +172,13 @@ class EvaluateStage(StageSpec):
     prompts: PromptsData | None = Field(
         default=None, description="Prompts dataset with answers for accuracy."
     )
-    verifier: str = Field(
+    verifier: RewardFunctionName = Field(
         default="arithmetic_exact",
-        description="Registered verifier (a reward function giving 1 for a correct answer, else 0).",
+        description="The check of a correct answer: a built-in verifier (arithmetic_exact, math_answer, "
+        "code_tests, ...) or your own function ('rewards.py:correct') giving 1 for a correct answer, else 0.",
+    )
+    verifier_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the verifier (a built-in's defaults filled in)."
     )
     max_prompts: int = Field(default=200, ge=1, description="Evaluate on at most this many prompts.")
     samples_in_table: int = Field(default=8, ge=0, description="Generations shown in the samples table.")
@@ -283,7 +289,9 @@ class EvaluateStage(StageSpec):
             raise ValueError("win_rate compares the models' answers to the prompts: give `prompts`")
         if self.win_rate is not None and len(set(self.models)) < 2:
             raise ValueError("win_rate needs a candidate besides the baseline in `models`")
-        if self.verifier not in VERIFIERS:
-            known = ", ".join(sorted(VERIFIERS))
-            raise ValueError(f"unknown verifier '{self.verifier}' (registered verifiers: {known})")
+        try:
+            filled = check_scorer(self.verifier, self.verifier_options, verifier=True)
+        except UserError as exc:
+            raise ValueError(f"verifier: {exc}") from None
+        object.__setattr__(self, "verifier_options", filled)
         return self
