@@ -16,6 +16,7 @@ fingerprint.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -23,7 +24,9 @@ from prefect.runtime import flow_run
 
 from rlhf_core.errors import UserError
 from rlhf_core.fingerprint import code_digest
+from rlhf_core.rewards.user_functions import code_bundle, unpack_bundle
 from rlhf_core.spec import STAGE_CLASSES
+from rlhf_core.spec.function_references import function_reference_fields
 
 STAGE_RUNNER_FLOW = "rlhf-stage"
 
@@ -34,8 +37,32 @@ def stage_runner_deployment(pool: str) -> str:
 
 
 def call_parameters(ctx: Any, call: Any, attempt: int = 1) -> dict[str, Any]:
-    """The flow's parameters for one stage call (JSON): what :func:`run_stage` rebuilds them from."""
-    return {"ctx": ctx.model_dump(mode="json"), "call": call.model_dump(mode="json"), "attempt": attempt}
+    """The flow's parameters for one stage call (JSON): what :func:`run_stage` rebuilds them from.
+
+    ``functions`` carries the code of every reward function the stage names by file
+    (``rewards.py:score``): the worker may not have the pipeline's files."""
+    functions = {ref: code_bundle(ref) for ref in function_reference_fields(call.stage).values()}
+    return {
+        "ctx": ctx.model_dump(mode="json"),
+        "call": call.model_dump(mode="json"),
+        "attempt": attempt,
+        "functions": {ref: files for ref, files in functions.items() if files},
+    }
+
+
+def with_local_functions(call: dict[str, Any], functions: dict[str, dict[str, str]], cache_dir: Path) -> dict:
+    """The call's JSON with each shipped reward file's reference pointing at a copy here (written under
+    ``cache_dir``) when this machine lacks the file or has another version of it."""
+    moved = {ref: unpack_bundle(ref, files, cache_dir) for ref, files in functions.items()}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return moved.get(value, value) if isinstance(value, str) else value
+
+    return {**call, "stage": rewrite(call["stage"])}
 
 
 def rebuild_call(data: dict[str, Any]):
@@ -66,10 +93,13 @@ def stage_run_name(parameters: dict[str, Any]) -> str:
 
 
 @flow(name=STAGE_RUNNER_FLOW, flow_run_name=_run_name, log_prints=True, persist_result=False)
-def run_stage(ctx: dict[str, Any], call: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
+def run_stage(
+    ctx: dict[str, Any], call: dict[str, Any], attempt: int = 1, functions: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one stage of a pipeline here (a work-pool worker); returns its outcome as JSON.
 
     ``attempt`` counts the pipeline's submissions of this stage (2 after a crash); it names the run.
+    ``functions``: the code of the reward files the stage names (:func:`call_parameters`).
 
     The worker's ``RLHF_HOME`` (if set) is where its checkpoints and caches go; otherwise the
     pipeline's home, which machines then share (a network file system).
@@ -85,9 +115,11 @@ def run_stage(ctx: dict[str, Any], call: dict[str, Any], attempt: int = 1) -> di
         context = context.model_copy(update={"home": os.environ["RLHF_HOME"]})
     if context.git_commit == UNKNOWN_COMMIT:  # e.g. a pipeline run outside git: this deployment's version
         context = context.model_copy(update={"git_commit": code_commit()})
+    settings = context.settings()
+    if functions:
+        call = with_local_functions(call, functions, settings.resolved_home() / "cache")
     stage_call = rebuild_call(call)
     check_same_code(stage_call.name, stage_call.fingerprint_parts.get("code"))
-    settings = context.settings()
     apply_environment_defaults(settings)
     tracking.configure(settings)
     outcome = task_for_kind(stage_call.kind)(context, stage_call)

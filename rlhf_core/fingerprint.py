@@ -158,9 +158,8 @@ def describe_part_changes(before: Mapping[str, str], after: Mapping[str, str]) -
 
 
 def _part_order(key: str) -> tuple[int, str]:
-    order = (
-        "schema", "kind", "code", "config", FUNCTION_PREFIX, LOCAL_PREFIX, INPUT_PREFIX, LIBRARY_PREFIX, "seed"
-    )  # fmt: skip
+    order = ("schema", "kind", "code", "config", FUNCTION_PREFIX, LOCAL_PREFIX, INPUT_PREFIX)
+    order += (LIBRARY_PREFIX, "seed")
     return next((i for i, p in enumerate(order) if key.startswith(p)), len(order)), key
 
 

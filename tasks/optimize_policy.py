@@ -8,7 +8,7 @@ from typing import Any
 from registry import tracking
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef
-from rlhf_core.rewards import VERIFIERS
+from rlhf_core.rewards.scorers import reads_columns
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
@@ -92,7 +92,8 @@ def monitor_inputs(
             f"{prompts.stage}.{prompts.kind} (it has: {', '.join(prompts.splits)}); the monitor needs "
             "held-out prompts: set monitor.prompts / monitor.split"
         )
-    verifiers = [s.function for s in (*proxy, *monitor.gold) if s.function in VERIFIERS]
+    sources = (*proxy, *monitor.gold)
+    verifiers = [s.function for s in sources if s.function and "answer" in reads_columns(s.function)]
     if verifiers and "answer" not in prompts.columns:
         raise UserError(
             f"stage '{call.name}', field monitor.prompts: the verifier {verifiers[0]} needs prompts with an "

@@ -197,3 +197,36 @@ def test_a_helper_module_the_file_imports_from_its_folder_is_fingerprinted_too(t
     sys.modules.pop("answer_parsing", None)
     after = fingerprint_parts("sample", _sample_stage(task_dir, tiny_spec_dict), {}, 0)
     assert before["function:rewards[0].function"] != after["function:rewards[0].function"]
+
+
+def test_a_reward_file_travels_with_a_stage_to_a_worker_without_it(
+    task_dir, tiny_spec_dict, tmp_path_factory
+):
+    """The stage runner's parameters carry the file and the helpers it imports; a worker that lacks them
+    writes them into its cache and runs the same code (same digest), never another version."""
+    from flows.stage_runner import call_parameters, rebuild_call, with_local_functions
+    from rlhf_core.rewards.user_functions import parse_reference, reference_digest
+    from runtime.stage_contract import RunContext, StageCall
+
+    (task_dir / "answer_parsing.py").write_text("def last(words):\n    return words[-1]\n")
+    (task_dir / "rewards.py").write_text(REWARDS + "\nfrom answer_parsing import last\n")
+    stage = _sample_stage(task_dir, tiny_spec_dict)
+    call = StageCall(name="sample", kind="sample", stage=stage, seed=0, fingerprint="f" * 64)
+    ctx = RunContext(pipeline="p", experiment="p", experiment_id="1", parent_run_id="r", home=str(task_dir))
+    params = call_parameters(ctx, call)
+    reference = stage.rewards[0].function
+    assert set(params["functions"][reference]) == {"rewards.py", "answer_parsing.py"}
+
+    same_machine = with_local_functions(params["call"], params["functions"], tmp_path_factory.mktemp("c"))
+    assert same_machine["stage"]["rewards"][0]["function"] == reference  # the file is here: used as is
+
+    worker_cache = tmp_path_factory.mktemp("worker-cache")
+    (task_dir / "rewards.py").write_text(REWARDS.replace("1.0 + bonus", "3.0 + bonus"))  # not what was sent
+    moved = with_local_functions(params["call"], params["functions"], worker_cache)
+    shipped = moved["stage"]["rewards"][0]["function"]
+    assert shipped.startswith(str(worker_cache / "reward-functions"))
+    rebuilt = rebuild_call(moved)
+    kept, _ = score_completions(_rows()[:1], rebuilt.stage.rewards, {}, on_invalid="fail", stage="sample")
+    assert kept[0]["reward"] == 1.0  # the code that was sent, not the edited file
+    (task_dir / "rewards.py").write_text(REWARDS + "\nfrom answer_parsing import last\n")
+    assert reference_digest(parse_reference(shipped)) == reference_digest(parse_reference(reference))

@@ -28,8 +28,8 @@ from rlhf_core.evaluation.statistics import interval_metrics
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rewards.functions import RewardFunction
-from rlhf_core.rewards.scorers import reads_columns, verifier_function
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
+from rlhf_core.rewards.scorers import reads_columns, verifier_function
 from rlhf_core.rollout.sampling import sample_completions
 from rlhf_core.selection.best_of_n import best_of_n
 from rlhf_core.spec import BestOfNSpec, EvaluateStage, RewardSourceSpec

@@ -22,12 +22,14 @@ function, a module that fails to import (its error in one line), a function that
 takes the wrong parameters, an option it does not take.
 
 The function is part of the stage's fingerprint (:func:`reference_digest`): the file's content and the
-files of the spec's folder it imported, or the source files of the module's top-level package. Editing a
+modules of its folder it imports (found in the source, :func:`local_helpers`), or the source files of
+the module's top-level package. Editing a
 reward re-runs exactly the stages that use it and everything downstream.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -90,11 +92,44 @@ def parse_reference(text: str, base_dir: str | Path = ".") -> FunctionReference:
 
 
 _modules_lock = threading.Lock()
-_loaded_files: dict[tuple[Path, str], tuple[ModuleType, tuple[Path, ...]]] = {}
+_loaded_files: dict[tuple[Path, str], ModuleType] = {}
 
 
-def _load_file_module(path: Path) -> tuple[ModuleType, tuple[Path, ...]]:
-    """Import a .py file (once per content): its module and the files of its folder it imported too."""
+def local_helpers(path: Path) -> tuple[Path, ...]:
+    """The modules of ``path``'s folder that it imports (``import helpers``, ``from parsing import x``),
+    found in its source and theirs, so they are fingerprinted and shipped with it."""
+    root, found, todo = path.parent, set(), [path]
+    while todo:
+        current = todo.pop()
+        try:
+            tree = ast.parse(current.read_text(), filename=str(current))
+        except SyntaxError:
+            continue  # reported when the file is imported
+        for name in _imported_top_level_names(tree):
+            module_file, package = root / f"{name}.py", root / name
+            files = [module_file] if module_file.is_file() else []
+            if (package / "__init__.py").is_file():
+                files = sorted(package.rglob("*.py"))
+            for file in files:
+                if file != path and file not in found:
+                    found.add(file)
+                    todo.append(file)
+    return tuple(sorted(found))
+
+
+def _imported_top_level_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _load_file_module(path: Path) -> ModuleType:
+    """Import a .py file, once per content; the helpers of its folder it imports are imported afresh
+    from that folder (another folder's module of the same name is not reused)."""
     if not path.is_file():
         raise UserError(f"reward file {path} does not exist")
     digest = _file_digest(path)
@@ -105,7 +140,10 @@ def _load_file_module(path: Path) -> tuple[ModuleType, tuple[Path, ...]]:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        before = set(sys.modules)
+        for helper in local_helpers(path):
+            top = helper.relative_to(path.parent).parts[0].removesuffix(".py")
+            for loaded in [m for m in sys.modules if m == top or m.startswith(f"{top}.")]:
+                del sys.modules[loaded]
         sys.path.insert(0, str(path.parent))  # its sibling modules import as they would next to it
         try:
             sys.modules[name] = module
@@ -115,16 +153,8 @@ def _load_file_module(path: Path) -> tuple[ModuleType, tuple[Path, ...]]:
             raise UserError(f"reward file {path} failed to import: {_one_line(exc)}") from None
         finally:
             sys.path.remove(str(path.parent))
-        helpers = tuple(
-            sorted(
-                Path(file)
-                for added in set(sys.modules) - before - {name}
-                if (file := getattr(sys.modules[added], "__file__", None))
-                and Path(file).resolve().is_relative_to(path.parent)
-            )
-        )
-        _loaded_files[(path, digest)] = (module, helpers)
-        return module, helpers
+        _loaded_files[(path, digest)] = module
+        return module
 
 
 def _import_module(name: str) -> ModuleType:
@@ -136,7 +166,7 @@ def _import_module(name: str) -> ModuleType:
 
 def load_function(ref: FunctionReference) -> Callable:
     """The referenced callable; a UserError naming what is missing."""
-    module = _load_file_module(ref.file)[0] if ref.file is not None else _import_module(ref.module or "")
+    module = _load_file_module(ref.file) if ref.file is not None else _import_module(ref.module or "")
     where = ref.file if ref.file is not None else f"module {ref.module}"
     if not hasattr(module, ref.attribute):
         functions = sorted(
@@ -243,8 +273,7 @@ def reference_digest(ref: FunctionReference) -> str:
     """sha256 of the code a reference runs: the file and the helper files of its folder it imported, or
     every ``.py`` file of the module's top-level package (a lone module: its file)."""
     if ref.file is not None:
-        _, helpers = _load_file_module(ref.file)
-        files = [ref.file, *helpers]
+        files = [ref.file, *local_helpers(ref.file)]
         root = ref.file.parent
     else:
         module = _import_module(ref.module or "")
@@ -273,3 +302,34 @@ def _file_digest(path: Path) -> str:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def code_bundle(reference: str) -> dict[str, str]:
+    """The files a file reference runs (relative name -> source), to send with a stage to a worker that
+    may not have them; {} for a module reference (the module must be installed where the stage runs)."""
+    ref = parse_reference(reference)
+    if ref.file is None:
+        return {}
+    root = ref.file.parent
+    return {str(p.relative_to(root)): p.read_text() for p in (ref.file, *local_helpers(ref.file))}
+
+
+def unpack_bundle(reference: str, files: dict[str, str], cache_dir: Path) -> str:
+    """Write a bundle under ``cache_dir/reward-functions/<digest>/`` (unless the referenced file is here
+    with the same content) and return the reference to use here; the code, hence its digest, is the same.
+    """
+    ref = parse_reference(reference)
+    assert ref.file is not None
+    main = ref.file.name
+    if ref.file.is_file() and ref.file.read_text() == files.get(main):
+        return reference
+    digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / "reward-functions" / digest
+    for name, text in files.items():
+        target = folder / name
+        if not target.is_file() or target.read_text() != text:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_text(text)
+            partial.replace(target)
+    return f"{folder / main}:{ref.attribute}"

@@ -109,7 +109,10 @@ class Samples:
             groups,
             [x for p in parts for x in p.truncated],
             torch.cat([p.rewards for p in parts]),
-            {name: [x for p in parts for x in p.source_scores[name]] for name in parts[0].source_scores},
+            {  # a metric one part lacks (none of its rows was scored) is NaN there
+                name: [x for p in parts for x in p.source_scores.get(name, [math.nan] * len(p.texts))]
+                for name in dict.fromkeys(n for p in parts for n in p.source_scores)
+            },
             [x for p in parts for x in p.texts],
             [x for p in parts for x in p.prompts],
         )
@@ -163,7 +166,10 @@ def reward_function(
 
     def score(rows: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
         kept, _ = score_completions(rows, sources, model_scorers, on_invalid="fail", stage=stage_name)
-        return [r["reward"] for r in kept], {s.name: [r["scores"][s.name] for r in kept] for s in sources}
+        per_source = {s.name: [r["scores"][s.name] for r in kept] for s in sources}
+        names = kept[0]["reward_metrics"] if kept else {}
+        extra = {name: [r["reward_metrics"][name] for r in kept] for name in names}
+        return [r["reward"] for r in kept], per_source | extra
 
     return score
 
