@@ -103,6 +103,9 @@ def _provenance(tags: dict[str, str], run) -> str:
         ("fingerprint", _code(tags.get("rlhf.fingerprint"))),
         ("seed", _code(_seed(run))),
     ]
+    functions = run_tags.get("rlhf.reward_functions", "")
+    if functions:  # each user reward function by reference, with the digest of its code
+        rows.append(("reward functions", "<br>".join(_code(line) for line in functions.splitlines())))
     return "## What produced it\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 

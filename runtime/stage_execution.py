@@ -24,7 +24,10 @@ import shutil
 import time
 
 from registry import stage_cache, tracking
+from rlhf_core.fingerprint import FUNCTION_PREFIX
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
+from rlhf_core.rewards.user_functions import parse_reference
+from rlhf_core.spec.function_references import function_reference_fields
 from rlhf_core.training.engine.checkpoint import latest_checkpoint
 from runtime import checkpoint_sync, progress, stage_reports
 from runtime.fingerprint_lock import fingerprint_lock
@@ -104,6 +107,7 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         "rlhf.spec_digest": ctx.spec_digest,
         "rlhf.pipeline_run_id": ctx.parent_run_id,
         **where_it_runs(),
+        **reward_function_tags(call),
     }
     interrupted = None if forced else stage_cache.find_interrupted_run(ctx.experiment_id, fingerprint)
     if interrupted is not None:  # trained on another machine: its checkpoint is stored with the run
@@ -155,6 +159,20 @@ def _run_stage(ctx: RunContext, call: StageCall, body: StageBody, forced: bool) 
         seconds=time.perf_counter() - started,
         origin=origin,
     )
+
+
+REWARD_FUNCTIONS_TAG = "rlhf.reward_functions"
+
+
+def reward_function_tags(call: StageCall) -> dict[str, str]:
+    """``rlhf.reward_functions``: each reward function named by reference and its code digest, e.g.
+    ``rewards[0].function=rewards.py:score@1a2b3c4d5e6f`` (one per line), for lineage and model cards."""
+    parts = call.fingerprint_parts
+    lines = [
+        f"{path}={parse_reference(ref).short}@{parts.get(FUNCTION_PREFIX + path, '')[:12]}"
+        for path, ref in function_reference_fields(call.stage).items()
+    ]
+    return {REWARD_FUNCTIONS_TAG: "\n".join(lines)} if lines else {}
 
 
 def where_it_runs() -> dict[str, str]:
