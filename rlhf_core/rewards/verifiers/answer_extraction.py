@@ -74,7 +74,7 @@ def after_hashes(text: str) -> str | None:
 
 
 def after_answer_is(text: str) -> str | None:
-    """"The answer is 42." / "Final answer: $\\frac12$": the last such statement, to the sentence's end."""
+    """ "The answer is 42." / "Final answer: $\\frac12$": the last such statement, to the sentence's end."""
     answers = []
     for match in _ANSWER_IS.finditer(text):
         answer = _SENTENCE_END.split(match.group(1), maxsplit=1)[0].strip()
@@ -85,10 +85,8 @@ def after_answer_is(text: str) -> str | None:
 
 def last_number(text: str) -> str | None:
     """The last number: integer, decimal, thousands-separated, a fraction a/b, or a percentage."""
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return last.group(0) if last else None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
 
 
 FINDERS: dict[ExtractionMethod, Callable[[str], str | None]] = {
@@ -99,7 +97,9 @@ FINDERS: dict[ExtractionMethod, Callable[[str], str | None]] = {
 }
 
 
-def extract_final_answer(text: str, methods: Sequence[ExtractionMethod]) -> tuple[ExtractionMethod, str] | None:
+def extract_final_answer(
+    text: str, methods: Sequence[ExtractionMethod]
+) -> tuple[ExtractionMethod, str] | None:
     """The first method in ``methods`` that finds an answer, and that answer's text; None if none does."""
     for method in methods:
         answer = FINDERS[method](text)

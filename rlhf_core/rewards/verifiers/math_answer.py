@@ -53,8 +53,9 @@ class MathAnswerOptions(BaseModel):
     answer_column: str = Field("answer", description="Row column holding the reference answer or solution.")
     answer_format: Literal["auto", "plain", "gsm8k", "boxed"] = Field(
         "auto",
-        description="How the reference is written: 'gsm8k' a solution ending in '#### N', 'boxed' a solution "
-        "with \\boxed{...} (the last one counts), 'plain' the bare answer; 'auto' picks per row, in that order.",
+        description="How the reference is written: 'gsm8k' a solution ending in '#### N', 'boxed' a "
+        "solution with \\boxed{...} (the last one counts), 'plain' the bare answer; 'auto' picks per row, "
+        "in that order.",
     )
     extraction: tuple[ExtractionMethod, ...] = Field(
         ("boxed", "hash", "answer_is", "last_number"),
@@ -80,7 +81,7 @@ class MathAnswerOptions(BaseModel):
     )
     float_rounding: int = Field(6, ge=0, le=15, description="Decimal places kept when comparing decimals.")
     max_answer_chars: int = Field(
-        1000, ge=1, description="An extracted answer longer than this is not parsed (scores 0, a parse error)."
+        1000, ge=1, description="An extracted answer longer than this is not parsed (score 0, a parse error)."
     )
 
     @field_validator("extraction")
@@ -108,7 +109,8 @@ def reference_answer(row: dict, row_index: int, options: MathAnswerOptions) -> s
     text = str(row[column]).strip()
     answer_format = options.answer_format
     if answer_format == "auto":
-        answer_format = "gsm8k" if "####" in text else "boxed" if "\\boxed" in text or "\\fbox" in text else "plain"
+        has_box = "\\boxed" in text or "\\fbox" in text
+        answer_format = "gsm8k" if "####" in text else "boxed" if has_box else "plain"
     answer = {"gsm8k": after_hashes, "boxed": last_boxed, "plain": lambda t: t or None}[answer_format](text)
     if answer is None:
         expected = {"gsm8k": "a line '#### <answer>'", "boxed": "a \\boxed{<answer>}", "plain": "an answer"}
@@ -186,8 +188,9 @@ def _completion_answer(completion: str, options: MathAnswerOptions) -> str | Non
     if found is None:
         return None
     method, answer = found
-    if method == "boxed" and options.several_boxed == "zero":
-        if len({" ".join(box.split()) for box in boxed_contents(completion)}) > 1:
+    if options.several_boxed == "zero" and method == "boxed":
+        distinct_boxes = {" ".join(box.split()) for box in boxed_contents(completion)}
+        if len(distinct_boxes) > 1:
             return ""  # found, but disqualified: several different boxed answers
     return answer
 
@@ -196,7 +199,9 @@ def math_answer(completions: list[str], rows: list[dict], options: MathAnswerOpt
     """1.0 where completion i's final answer equals rows[i]'s reference (math-verify), else 0.0."""
     if len(completions) != len(rows):
         raise ValueError(f"math_answer got {len(completions)} completions for {len(rows)} rows")
-    references = [answer_latex(reference_answer(row, i, options), options.percentages) for i, row in enumerate(rows)]
+    references = [
+        answer_latex(reference_answer(row, i, options), options.percentages) for i, row in enumerate(rows)
+    ]
     answers = [_completion_answer(completion, options) for completion in completions]
     n = len(completions)
     extracted, correct, timeouts, parse_errors = [0.0] * n, [0.0] * n, [0.0] * n, [0.0] * n
@@ -209,7 +214,10 @@ def math_answer(completions: list[str], rows: list[dict], options: MathAnswerOpt
             parse_errors[i] = 1.0
         elif answer:
             to_compare.append(i)
-    calls = [(answer_latex(answers[i], options.percentages), references[i], options.float_rounding) for i in to_compare]
+    calls = [
+        (answer_latex(answers[i], options.percentages), references[i], options.float_rounding)
+        for i in to_compare
+    ]
     pool = shared_pool(POOL_NAME, preload=("math_verify",))
     for i, outcome in zip(to_compare, pool.map(compare_answers, calls, options.timeout_seconds), strict=True):
         if outcome.status == "timeout":
