@@ -55,7 +55,7 @@ def cached_generate(client: EndpointClient, cache: VerdictCache, system: str | N
 
     def generate(prompts: list[str]) -> list[str]:
         outputs = cache.lookup(identity, system, prompts)
-        missing = sorted({p for p, out in zip(prompts, outputs, strict=True) if out is None})
+        missing = list(dict.fromkeys(p for p, out in zip(prompts, outputs, strict=True) if out is None))
         if missing:
             answers = dict(zip(missing, client.complete(missing, system=system), strict=True))
             cache.store(identity, system, missing, [answers[p] for p in missing])
