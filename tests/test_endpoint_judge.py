@@ -26,7 +26,9 @@ from prefect_servers import free_port
 from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
 from rlhf_core.judging.endpoint_judge import (
+    STORE_EVERY,
     ScoreScale,
+    cached_generate,
     judge_digest,
     judge_pairs_on_endpoint,
     parse_score,
@@ -52,15 +54,15 @@ def judge_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JudgeServ
 
 class ScriptedServer:
     """A threaded stdlib HTTP server answering POSTs from a script of (status, headers, body), then
-    with 200 and ``answer(user turn)`` (default ``echo: <user turn>``) after ``delay_s``; it records
-    every request and the most requests it had in flight at once."""
+    with ``answer(user turn)`` after ``delay_s``: the text of a 200 (default ``echo: <user turn>``) or
+    a whole (status, headers, body). It records every request and the most it had in flight at once."""
 
     def __init__(
         self,
         script: list[tuple[int, dict[str, str], dict]] | None = None,
         *,
         delay_s: float = 0.0,
-        answer: Callable[[str], str] = lambda prompt: "echo: " + prompt,
+        answer: Callable[[str], str | tuple[int, dict[str, str], dict]] = lambda prompt: "echo: " + prompt,
     ) -> None:
         self.script, self.delay_s, self.answer = list(script or []), delay_s, answer
         self.requests: list[dict] = []
@@ -99,8 +101,10 @@ class ScriptedServer:
             if step is not None:
                 return step
             time.sleep(self.delay_s)
-            text = self.answer(body["messages"][-1]["content"])
-            return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+            reply = self.answer(body["messages"][-1]["content"])
+            if isinstance(reply, tuple):
+                return reply
+            return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -292,6 +296,24 @@ def test_pairwise_verdicts_from_both_orders(tmp_path: Path) -> None:
     assert verdicts[:2] == ["first", "tie"]  # pair 1: both orders said A, position bias -> tie
     assert isinstance(verdicts[2], JudgeParseError)
     assert len(server.requests) == 2 * len(PAIRS)
+
+
+def test_answers_before_a_failure_stay_cached(tmp_path: Path) -> None:
+    """Prompts go out STORE_EVERY at a time and each batch is stored when it is back, so a run that
+    fails in its second batch is resumed by asking only that batch again."""
+    prompts = [f"q{i}" for i in range(STORE_EVERY + 10)]
+
+    def refuse_last(prompt: str) -> str | tuple[int, dict[str, str], dict]:
+        return (400, {}, {"error": {"message": "too long"}}) if prompt == prompts[-1] else "ok " + prompt
+
+    with ScriptedServer(answer=refuse_last) as server:
+        generate = cached_generate(EndpointClient(settings_for(server.base_url)), VerdictCache(tmp_path))
+        with pytest.raises(UserError, match="too long"):
+            generate(prompts)
+    with ScriptedServer() as healed:  # the same model name, served again at another address
+        client, sent = counting_client(settings_for(healed.base_url))
+        outputs = cached_generate(client, VerdictCache(tmp_path))(prompts)
+    assert len(sent) == 10 and outputs[:2] == ["ok q0", "ok q1"] and outputs[-1] == f"echo: {prompts[-1]}"
 
 
 # --- pure parts: scores, digests, the cache across processes -----------------------------------------

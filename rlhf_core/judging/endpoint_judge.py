@@ -31,6 +31,7 @@ from rlhf_core.judging.verdict_cache import VerdictCache
 PAIRWISE_TEMPLATE_VERSION = "pairwise-v1"  # policy_judge.judge_prompt
 POINTWISE_TEMPLATE_VERSION = "pointwise-v1"  # score_prompt below
 
+STORE_EVERY = 256  # prompts sent between two writes to the verdict cache
 SCORE = re.compile(r"\[\[\s*score\s*:\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
 
 
@@ -56,11 +57,13 @@ def cached_generate(client: EndpointClient, cache: VerdictCache, system: str | N
     def generate(prompts: list[str]) -> list[str]:
         outputs = cache.lookup(identity, system, prompts)
         missing = list(dict.fromkeys(p for p, out in zip(prompts, outputs, strict=True) if out is None))
-        if missing:
-            answers = dict(zip(missing, client.complete(missing, system=system), strict=True))
-            cache.store(identity, system, missing, [answers[p] for p in missing])
-            outputs = [answers[p] if out is None else out for p, out in zip(prompts, outputs, strict=True)]
-        return outputs  # type: ignore[return-value]  # every None was filled above
+        answers: dict[str, str] = {}
+        for start in range(0, len(missing), STORE_EVERY):  # stored as they come: a failure keeps the rest
+            batch = missing[start : start + STORE_EVERY]
+            batch_answers = client.complete(batch, system=system)
+            cache.store(identity, system, batch, batch_answers)
+            answers.update(zip(batch, batch_answers, strict=True))
+        return [answers[p] if out is None else out for p, out in zip(prompts, outputs, strict=True)]
 
     return generate
 
