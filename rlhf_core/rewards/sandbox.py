@@ -109,19 +109,21 @@ def run_python(
     stdin: str = "",
     limits: SandboxLimits = SandboxLimits(),
     allow_unsandboxed: bool = False,
+    sandbox: bool = True,
 ) -> RunResult:
     """Run ``source`` as a Python program, ``stdin`` as its standard input, under ``limits``.
 
     Sandboxed with bubblewrap when ``available_sandbox()``; otherwise raises ``UserError`` (how to
-    install it), unless ``allow_unsandboxed=True``: then it runs as a plain subprocess with the same
+    install it), unless ``allow_unsandboxed=True``. ``sandbox=False`` (the user's explicit choice)
+    skips bubblewrap even where it works. Unsandboxed, it runs as a plain subprocess with the same
     rlimits, timeout, output cap, empty environment and a fresh temporary working directory, but with
     NO isolation: the program can read and write every file the caller can (home, project, /tmp),
     open network connections, signal the caller's processes (``os.kill(os.getppid(), 9)`` kills the
     caller), escape the timeout by starting a new session, and, when the caller is root, fork
     without the process limit. Use it only for code you trust.
     """
-    sandboxed = available_sandbox()
-    if not sandboxed and not allow_unsandboxed:
+    sandboxed = sandbox and available_sandbox()
+    if sandbox and not sandboxed and not allow_unsandboxed:
         raise UserError(f"cannot run untrusted code: {INSTALL_HINT}")
     with tempfile.TemporaryDirectory(prefix="rlhf-sandbox-") as scratch:
         program_dir, work_dir = Path(scratch, "program"), Path(scratch, "work")
@@ -129,14 +131,14 @@ def run_python(
         work_dir.mkdir()
         (program_dir / "limits.py").write_text(_WRAPPER)
         (program_dir / "main.py").write_text(source)
-        (program_dir / "stdin.txt").write_text(stdin)
-        for path in (Path(scratch), program_dir):
-            path.chmod(0o755)  # readable by the sandbox's unprivileged uid
+        program_dir.chmod(0o755)  # readable by the sandbox's unprivileged uid
+        stdin_path = Path(scratch, "stdin.txt")  # outside /program: the program sees it only as fd 0
+        stdin_path.write_bytes(stdin.encode())
         if sandboxed:
             command = _bwrap_command(program_dir, limits)
         else:
             command = _plain_command(program_dir, limits)
-        with open(program_dir / "stdin.txt", "rb") as stdin_file:
+        with open(stdin_path, "rb") as stdin_file:
             process = subprocess.Popen(
                 command,
                 stdin=stdin_file,
@@ -210,7 +212,7 @@ def _bwrap_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
         if Path("/", link).is_symlink():
             filesystem += ["--symlink", os.readlink(Path("/", link)), f"/{link}"]
     filesystem += ["--ro-bind", str(prefix), "/python", "--ro-bind", str(program_dir), "/program"]
-    filesystem += ["--proc", "/proc", "--dev-bind", "/dev/null", "/dev/null"]
+    filesystem += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev", "--dev-bind", "/dev/null", "/dev/null"]
     filesystem += ["--size", str(limits.workdir_mb << 20), "--perms", "1777", "--tmpfs", "/sandbox"]
     return [
         "bwrap",
