@@ -34,6 +34,7 @@ budget) before it execs the program. As any other user, bwrap runs with ``--unsh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -134,10 +135,8 @@ def run_python(
         program_dir.chmod(0o755)  # readable by the sandbox's unprivileged uid
         stdin_path = Path(scratch, "stdin.txt")  # outside /program: the program sees it only as fd 0
         stdin_path.write_bytes(stdin.encode())
-        if sandboxed:
-            command = _bwrap_command(program_dir, limits)
-        else:
-            command = _plain_command(program_dir, limits)
+        build_command = _bwrap_command if sandboxed else _plain_command
+        command = build_command(program_dir, limits)
         with open(stdin_path, "rb") as stdin_file:
             process = subprocess.Popen(
                 command,
@@ -212,7 +211,8 @@ def _bwrap_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
         if Path("/", link).is_symlink():
             filesystem += ["--symlink", os.readlink(Path("/", link)), f"/{link}"]
     filesystem += ["--ro-bind", str(prefix), "/python", "--ro-bind", str(program_dir), "/program"]
-    filesystem += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev", "--dev-bind", "/dev/null", "/dev/null"]
+    filesystem += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev"]  # bwrap's default: 0700
+    filesystem += ["--dev-bind", "/dev/null", "/dev/null"]
     filesystem += ["--size", str(limits.workdir_mb << 20), "--perms", "1777", "--tmpfs", "/sandbox"]
     return [
         "bwrap",
@@ -238,9 +238,7 @@ def _plain_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
     return [str(prefix / executable), "-I", "-S", *wrapper, str(program_dir / "main.py")]
 
 
-def _collect_output(
-    process: subprocess.Popen, limits: SandboxLimits
-) -> tuple[bytes, bytes, bool, bool]:
+def _collect_output(process: subprocess.Popen, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool]:
     """Read stdout and stderr as they come until both close, the deadline passes or the output
     exceeds the cap; then make sure nothing of the run is left. Returns (stdout, stderr, timed_out,
     truncated)."""
@@ -277,8 +275,6 @@ def _collect_output(
 
 def _kill_group(process: subprocess.Popen) -> None:
     """SIGKILL the run's process group (bwrap, and through --die-with-parent its pid namespace)."""
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone
     process.wait()

@@ -18,7 +18,8 @@ its stdin, so a program that exits early with status 0 (``sys.exit(0)``) or prin
 scores 0. A program that deliberately digs the secret out of the harness's own stack frames could
 still forge it: the sandbox contains what it can do, not what it reports. Stdin/stdout tests run one
 sandboxed run per test; after a test times out the completion's remaining tests are not run (they
-count as failed) so that an endless loop costs one timeout, not one per test.
+count as failed) so that an endless loop costs one timeout, not one per test; assertion tests after
+one that timed out are skipped alike.
 
 Completions run concurrently, at most ``max_concurrency`` at a time (threads waiting on sandboxed
 processes).
@@ -114,12 +115,10 @@ def code_tests(completions: list[str], rows: list[dict], options: CodeTestsOptio
     codes = [code for code, _ in extracted]
     workers = min(options.max_concurrency or os.cpu_count() or 1, max(1, len(completions)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-tests") as pool:
-        outcomes = list(pool.map(lambda pair: _run_tests(*pair, options), zip(codes, row_tests)))
-    shares = [outcome.passed / len(tests) for outcome, tests in zip(outcomes, row_tests)]
-    if options.reward == "fraction":
-        scores = shares
-    else:
-        scores = [1.0 if share == 1.0 else 0.0 for share in shares]
+        outcomes = list(pool.map(lambda pair: _run_tests(*pair, options), zip(codes, row_tests, strict=True)))
+    shares = [outcome.passed / len(tests) for outcome, tests in zip(outcomes, row_tests, strict=True)]
+    all_passed = [1.0 if share == 1.0 else 0.0 for share in shares]
+    scores = shares if options.reward == "fraction" else all_passed
     return RewardBatch(
         scores=scores,
         metrics={
@@ -157,7 +156,10 @@ def _row_tests(index: int, row: dict, options: CodeTestsOptions) -> _Tests:
         except json.JSONDecodeError:
             tests = [tests]  # one block of assertions
     if isinstance(tests, dict) and {"inputs", "outputs"} <= tests.keys():
-        tests = [{"input": i, "output": o} for i, o in zip(tests["inputs"], tests["outputs"])]
+        if len(tests["inputs"]) != len(tests["outputs"]):
+            raise UserError(f"{where}: {len(tests['inputs'])} inputs but {len(tests['outputs'])} outputs")
+        pairs = zip(tests["inputs"], tests["outputs"], strict=True)
+        tests = [{"input": stdin, "output": stdout} for stdin, stdout in pairs]
     if isinstance(tests, list) and tests and all(isinstance(test, str) for test in tests):
         return _Tests(list(tests), [], setup or "")
     if isinstance(tests, list) and tests and all(_is_io_pair(test) for test in tests):
@@ -238,6 +240,7 @@ _ready = _step({code!r}, _namespace)
 _ready = _step({setup!r}, _namespace) if _ready == "pass" else _ready
 for _index, _test in enumerate({tests!r}):
     _status = _step(_test, _namespace) if _ready == "pass" else _ready
+    _ready = "skipped" if _status == "timeout" else _ready  # one endless loop costs one timeout
     sys.__stdout__.write(f"\\n{{_secret}} {{_index}} {{_status}}\\n")
     sys.__stdout__.flush()
 """
@@ -255,9 +258,7 @@ def _run_asserts(code: str, tests: _Tests, options: CodeTestsOptions) -> _Outcom
         limits=_limits(options, options.timeout_seconds * steps + 2.0),
         sandbox=options.sandbox == "bubblewrap",
     )
-    statuses = dict(
-        line.split()[1:] for line in result.stdout.splitlines() if line.startswith(secret + " ")
-    )
+    statuses = dict(line.split()[1:] for line in result.stdout.splitlines() if line.startswith(secret + " "))
     passed = sum(statuses.get(str(index)) == "pass" for index in range(len(tests.asserts)))
     timeouts = sum(statuses.get(str(index)) == "timeout" for index in range(len(tests.asserts)))
     if result.timed_out:
