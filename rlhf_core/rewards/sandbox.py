@@ -9,7 +9,8 @@ program under ``bwrap`` with:
 - a minimal read-only filesystem: ``/usr`` and the interpreter's own install (bound at ``/python``),
   the program's files at ``/program``, ``/proc`` and ``/dev/null``. Not mounted: ``/etc``, ``/home``,
   ``/root``, ``/tmp``, the project's checkout, anything of the caller's. The only writable place is
-  the working directory ``/sandbox``, a fresh tmpfs capped at ``SandboxLimits.workdir_mb``;
+  the working directory ``/sandbox``, a fresh tmpfs capped at ``SandboxLimits.workdir_mb`` (with
+  bubblewrap >= 0.7; older ones leave only the per-file size limit);
 - an unprivileged uid (no capabilities, ``no_new_privs``), so RLIMIT_NPROC holds and a fork bomb stops
   at ``max_processes``;
 - rlimits set by a small wrapper before it execs the program: CPU seconds, address space (memory),
@@ -20,10 +21,12 @@ program under ``bwrap`` with:
 
 What it does NOT protect against: kernel exploits (it shares the host kernel; namespaces and rlimits
 are not a VM), CPU side channels (Spectre-style attacks on other processes' memory), the program
-reading the files it is given read-only (all of ``/usr`` and the interpreter's install: it can see
-which software is installed), resource use outside rlimits (memory bandwidth, CPU share: a program
-can keep a core busy until its timeout), and a program that spends its own run trying to forge the
-result its harness prints (see ``code_tests``).
+reading the files it is given read-only (all of ``/usr`` and the interpreter's install, even where
+that lives under a home directory, as pyenv's does; ``/proc``'s host-wide files such as ``cpuinfo`` and
+``meminfo``), resource use outside rlimits (memory bandwidth, CPU share: a program
+can keep a core busy until its timeout; the memory limit holds per process, so a program that forks
+can hold up to ``max_processes`` x ``memory_mb``; no cgroup caps the total), and a program that
+spends its own run trying to forge the result its harness prints (see ``code_tests``).
 
 When run as root, bwrap does not create a user namespace: inside one, the sandbox uid maps back to
 root, whom the kernel exempts from RLIMIT_NPROC. It then keeps only CAP_SETUID/CAP_SETGID for the
@@ -53,8 +56,9 @@ from rlhf_core.errors import UserError
 
 INSTALL_HINT = (
     "the code sandbox needs bubblewrap (`bwrap`): install it with `apt-get install bubblewrap` "
-    "(Debian/Ubuntu) or `dnf install bubblewrap` (Fedora), and make sure user namespaces are enabled; "
-    "or set `sandbox: none` to run untrusted code without isolation (not recommended)"
+    "(Debian/Ubuntu) or `dnf install bubblewrap` (Fedora); as a non-root user it also needs unprivileged "
+    "user namespaces (Ubuntu 24.04 restricts them through AppArmor). Or set `sandbox: none` to run "
+    "untrusted code without isolation (not recommended)"
 )
 _NOBODY = 65534
 _ROOT_UID_RANGE = (200_000, 4_000_000)  # uids no account owns; one drawn per run when we are root
@@ -84,7 +88,7 @@ class SandboxLimits:
     memory_mb: int = 512  # address space (RLIMIT_AS) of each process
     file_size_mb: int = 16  # largest file the program may write (RLIMIT_FSIZE)
     workdir_mb: int = 64  # size of the writable tmpfs working directory (sandboxed runs only)
-    max_processes: int = 32  # RLIMIT_NPROC for the sandbox uid (effective for a non-root uid only)
+    max_processes: int = 8  # RLIMIT_NPROC for the sandbox uid: a fork bomb stops there
     max_output_bytes: int = 64 * 1024  # stdout + stderr kept; the run is killed beyond it
 
 
@@ -213,7 +217,9 @@ def _bwrap_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
     filesystem += ["--ro-bind", str(prefix), "/python", "--ro-bind", str(program_dir), "/program"]
     filesystem += ["--proc", "/proc", "--perms", "0755", "--dir", "/dev"]  # bwrap's default: 0700
     filesystem += ["--dev-bind", "/dev/null", "/dev/null"]
-    filesystem += ["--size", str(limits.workdir_mb << 20), "--perms", "1777", "--tmpfs", "/sandbox"]
+    if _bwrap_supports_size():  # bubblewrap >= 0.7; before, only RLIMIT_FSIZE caps each file
+        filesystem += ["--size", str(limits.workdir_mb << 20)]
+    filesystem += ["--perms", "1777", "--tmpfs", "/sandbox"]
     return [
         "bwrap",
         *namespaces,
@@ -230,6 +236,12 @@ def _bwrap_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
         *_wrapper_args(limits, uid),
         "/program/main.py",
     ]
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap_supports_size() -> bool:
+    usage = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10)
+    return "--size" in usage.stdout + usage.stderr
 
 
 def _plain_command(program_dir: Path, limits: SandboxLimits) -> list[str]:
