@@ -56,10 +56,25 @@ class RegisteredReward:
     reads: tuple[str, ...] = ()
 
 
+_VERIFIERS = "rlhf_core.rewards.verifiers"
 REGISTRY: dict[str, RegisteredReward] = {
     "arithmetic_exact": RegisteredReward(arithmetic_exact, verifier=True, reads=("answer",)),
     "answer_format": RegisteredReward(answer_format),  # 1/0 too, but it checks the form, not correctness
     "length_penalty": RegisteredReward(length_penalty),
+    **{  # batched built-ins: rlhf_core.rewards.verifiers.<module>:<name> with its <Name>Options
+        name: RegisteredReward(
+            f"{_VERIFIERS}.{module}:{name}", verifier=verifier, options=f"{_VERIFIERS}.{module}:{options}"
+        )
+        for name, module, options, verifier in (
+            ("math_answer", "math_answer", "MathAnswerOptions", True),
+            ("code_tests", "code_tests", "CodeTestsOptions", True),
+            ("exact_match", "string_match", "ExactMatchOptions", True),
+            ("normalized_match", "string_match", "NormalizedMatchOptions", True),
+            ("multiple_choice", "string_match", "MultipleChoiceOptions", True),
+            ("regex_match", "string_match", "RegexMatchOptions", False),  # checks a form, not correctness
+            ("json_schema", "string_match", "JsonSchemaOptions", False),
+        )
+    },
 }
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {  # the plain built-ins, callable as (completion, record)
     name: entry.function for name, entry in REGISTRY.items() if callable(entry.function)
