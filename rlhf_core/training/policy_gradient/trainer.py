@@ -118,7 +118,8 @@ class PolicyGradientTrainer:
         log_samples: SampleLogFn | None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
-        self.reward_fn, self.seed, self.stage_name = reward_fn, seed, stage_name
+        self.reward_fn, self.seed, self.stage_name = self._timed(reward_fn), seed, stage_name
+        self.reward_seconds = 0.0  # of the rollout being collected
         self.reference, self.value_model, self.log_samples = reference, value_model, log_samples
         self.log = log or (lambda metrics, step: None)
         self.last_rollout_metrics: dict[str, float] = {}
@@ -146,10 +147,22 @@ class PolicyGradientTrainer:
         done = range(index * updates + 1, min((index + 1) * updates, total) + 1)
         return any(d % self.stage.train.log_every == 0 or d == total for d in done)
 
+    def _timed(self, reward_fn: RewardFn) -> RewardFn:
+        """``reward_fn`` adding its wall time to ``reward_seconds`` (logged as ``time/reward_s``)."""
+
+        def timed(rows: list[dict]) -> tuple[list[float], dict[str, list[float]]]:
+            started = time.perf_counter()
+            try:
+                return reward_fn(rows)
+            finally:
+                self.reward_seconds += time.perf_counter() - started
+
+        return timed
+
     def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
-        started = time.perf_counter()
+        started, self.reward_seconds = time.perf_counter(), 0.0
         kept: list[Samples] = []
         wanted, rounds, dropped = stage.prompts_per_rollout, 0, 0
         while wanted > 0 and rounds < stage.max_sampling_rounds:
@@ -193,7 +206,8 @@ class PolicyGradientTrainer:
         advantages, returns, kl_metrics = compute_advantages(rollout, settings, stage, beta)
         rollout.metrics = {
             **rollout_metrics(rollout, settings), **kl_metrics, "beta": beta,
-            "time/sample_and_reward_s": sampled - started, "time/scoring_s": scored - sampled,
+            "time/sample_and_reward_s": sampled - started, "time/reward_s": self.reward_seconds,
+            "time/scoring_s": scored - sampled,
             "sampling_rounds": float(rounds), "dropped_groups": float(dropped),
         }  # fmt: skip
         if "kl" in kl_metrics:
