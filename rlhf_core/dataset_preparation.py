@@ -52,7 +52,12 @@ def _read_options(source: FileSource | HubSource) -> dict:
     """Keyword arguments of :func:`read_rows` for the source: a hub dataset's split, config and limit."""
     if isinstance(source, FileSource):
         return {}
-    return {"split": source.split, "hub_config": source.config, "revision": source.revision, "limit": source.limit}
+    return {
+        "split": source.split,
+        "hub_config": source.config,
+        "revision": source.revision,
+        "limit": source.limit,
+    }
 
 
 def _source_name(source: FileSource | HubSource) -> str:

@@ -154,7 +154,12 @@ TASK_PRESETS: dict[str, TaskPreset] = {
         optional=frozenset({"setup"}),
     ),
     "humaneval": TaskPreset(
-        {"prompt": "prompt", "tests": "test", "entry_point": "entry_point", "completion": "canonical_solution"},
+        {
+            "prompt": "prompt",
+            "tests": "test",
+            "entry_point": "entry_point",
+            "completion": "canonical_solution",
+        },
         humaneval_fields,
     ),
 }

@@ -71,7 +71,9 @@ class _TaskOrFormat(Strict):
                 raise ValueError(f"give a format ({', '.join(OUTPUT_NAME_OF_FORMAT)}) or a task")
             return self
         if self.format not in (None, "prompts", "sft"):
-            raise ValueError(f"task {self.task!r} emits prompts and sft rows; format {self.format!r} is not one")
+            raise ValueError(
+                f"task {self.task!r} emits prompts and sft rows; format {self.format!r} is not one"
+            )
         preset_columns(self.task, self.columns)  # unknown roles: ValueError naming the preset's roles
         return self
 
