@@ -5,10 +5,12 @@ spec, over the plain-value helpers of :mod:`rlhf_core.data`.
 
 Entry point: :func:`prepare_dataset` (``run(stage, inputs, env)``; the stage reads no inputs).
 Output layout: ``<env.work_dir>/data/<output name>/<split>.jsonl`` for each output of the source. A file
-or hub source has one output, named after its format (``sft``, ``preferences``, ``prompts``,
-``unpaired_preferences``); synthetic sources emit ``sft``, ``preferences`` and ``prompts`` from the same
-problems, so their splits line up: the eval prompts are the eval conversations' questions. Rows are
-written in the shape they came in (see :mod:`rlhf_core.data.schemas` for the accepted shapes).
+or hub source read in a ``format`` has one output, named after it (``sft``, ``preferences``, ``prompts``,
+``unpaired_preferences``); one read as a ``task`` (:mod:`rlhf_core.data.task_presets`) emits ``prompts``
+and ``sft`` from the same rows, and synthetic sources emit ``sft``, ``preferences`` and ``prompts`` from
+the same problems: their splits line up (one seed, the same rows), so the eval prompts are the eval
+conversations' questions. Rows are written in the shape they came in, every source column kept (see
+:mod:`rlhf_core.data.schemas` for the accepted shapes).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_core.data.loading import directory_digest, load_records, split_records, write_jsonl
+from rlhf_core.data.loading import directory_digest, load_records, read_rows, split_records, write_jsonl
 from rlhf_core.data.schemas import validate_records
 from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.data.task_presets import task_rows
 from rlhf_core.errors import UserError
-from rlhf_core.spec import DatasetStage
+from rlhf_core.spec import DatasetStage, FileSource, HubSource
 from rlhf_core.stage_environment import NoInputs, StageEnvironment
 from rlhf_core.stage_results import StageResult
 
@@ -45,46 +48,64 @@ class PreparedData(StageResult):
         return rows | {"rejected_rows": float(len(self.problems))}
 
 
-def read_source_rows(stage: DatasetStage, seed: int) -> dict[str, tuple[str, list[dict]]]:
-    """Output name -> (kind, rows) before validation and splitting."""
+def _read_options(source: FileSource | HubSource) -> dict:
+    """Keyword arguments of :func:`read_rows` for the source: a hub dataset's split, config and limit."""
+    if isinstance(source, FileSource):
+        return {}
+    return {
+        "split": source.split,
+        "hub_config": source.config,
+        "revision": source.revision,
+        "limit": source.limit,
+    }
+
+
+def _source_name(source: FileSource | HubSource) -> str:
+    return str(source.path) if isinstance(source, FileSource) else source.hub
+
+
+def read_source_rows(
+    stage: DatasetStage, seed: int, *, stage_name: str = "dataset"
+) -> tuple[dict[str, tuple[str, list[dict]]], list[str]]:
+    """Output name -> (kind, rows) before validation and splitting, and the rows a task preset
+    rejected (one line each; with ``on_error: fail`` the first one raises instead)."""
     source = stage.source
     if source.synthetic is not None:
         syn = source.synthetic
         kwargs = {"max_operand": syn.max_operand, "operations": tuple(syn.operations)}
-        return {
+        outputs = {
             name: (kind, synthetic_records(syn.task, kind, syn.n, seed, **kwargs))
             for name, kind in source.outputs().items()
         }
-    if source.file is not None:
-        f = source.file
-        rows = load_records(f.path, fmt=f.format, column_map=f.columns)
-        return {name: (kind, rows) for name, kind in source.outputs().items()}
-    hub = source.hub
-    assert hub is not None
-    rows = load_records(
-        hub.hub,
-        fmt=hub.format,
-        column_map=hub.columns,
-        split=hub.split,
-        hub_config=hub.config,
-        revision=hub.revision,
-        limit=hub.limit,
-    )
-    return {name: (kind, rows) for name, kind in source.outputs().items()}
+        return outputs, []
+    chosen = source.file or source.hub
+    assert chosen is not None
+    name, options = _source_name(chosen), _read_options(chosen)
+    if chosen.task is None:
+        rows = load_records(name, fmt=chosen.format, column_map=chosen.columns, **options)
+        return {output: (kind, rows) for output, kind in source.outputs().items()}, []
+    rows, columns = read_rows(name, **options)
+    by_kind, problems = task_rows(
+        rows, chosen.task, columns=chosen.columns, on_error=stage.on_error, available=columns,
+        source=f"stage '{stage_name}' ({name}, task {chosen.task})",
+    )  # fmt: skip
+    return {output: (kind, by_kind[kind]) for output, kind in source.outputs().items()}, problems
 
 
 def prepare_dataset(stage: DatasetStage, inputs: NoInputs, env: StageEnvironment) -> PreparedData:
     """Validate and split every output of the stage's source into ``<env.work_dir>/data``; returns
     digests and counts."""
     stage_name, seed, out_dir = env.stage, env.seed, env.work_dir / "data"
-    result = PreparedData(outputs={})
-    for name, (kind, rows) in read_source_rows(stage, seed).items():
+    outputs, rejected = read_source_rows(stage, seed, stage_name=stage_name)
+    result = PreparedData(outputs={}, problems=rejected)
+    for name, (kind, rows) in outputs.items():
         valid, problems = validate_records(
             rows, kind, source=f"stage '{stage_name}' ({name})", on_error=stage.on_error
         )
         result.problems += problems
         if not valid:
-            raise UserError(f"stage '{stage_name}': no valid {kind} rows left ({len(problems)} rejected)")
+            rejected_rows = len(result.problems)
+            raise UserError(f"stage '{stage_name}': no valid {kind} rows left ({rejected_rows} rejected)")
         splits = split_records(valid, dict(stage.splits), seed)
         directory = out_dir / name
         for split, split_rows in splits.items():

@@ -1,10 +1,12 @@
 """Datasets for the pipeline: row schemas and validation, loading and splitting, synthetic tasks."""
 
+from rlhf_core.data.column_paths import column_value
 from rlhf_core.data.loading import (
     directory_digest,
     file_digest,
     load_records,
     read_jsonl,
+    read_rows,
     split_records,
     write_jsonl,
 )
@@ -36,16 +38,19 @@ from rlhf_core.data.synthetic import (
     to_sft_record,
     to_unpaired_record,
 )
+from rlhf_core.data.task_presets import TASK_PRESETS, task_rows
 
 __all__ = [
     "REQUIRED_COLUMNS",
     "SYNTHETIC_TASKS",
+    "TASK_PRESETS",
     "ArithmeticProblem",
     "DataValidationError",
     "DatasetFormat",
     "PreferenceParts",
     "UnpairedParts",
     "arithmetic_corpus",
+    "column_value",
     "directory_digest",
     "extract_answer",
     "file_digest",
@@ -57,10 +62,12 @@ __all__ = [
     "prompt_key",
     "prompt_messages",
     "read_jsonl",
+    "read_rows",
     "reply_text",
     "sft_messages",
     "split_records",
     "synthetic_records",
+    "task_rows",
     "to_preference_record",
     "to_prompt_record",
     "to_sft_record",

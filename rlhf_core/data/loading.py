@@ -14,9 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rlhf_core.data.column_paths import MissingColumn, column_value, is_nested, path_steps
 from rlhf_core.data.schemas import REQUIRED_COLUMNS, DatasetFormat, DataValidationError
 
 _CHUNK = 1 << 20
+_SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
 
 
 def read_jsonl(path: Path | str) -> list[dict]:
@@ -112,12 +114,25 @@ def _columns_of(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(key for row in rows for key in row))
 
 
-def _rename_columns(
-    rows: list[dict], columns: list[str], column_map: dict[str, str], source: str
-) -> tuple[list[dict], list[str]]:
-    """Rename THEIR column to OUR name, as ``column_map`` (ours -> theirs) says."""
+def _source_column(theirs: str, columns: list[str]) -> str | None:
+    """The source column ``theirs`` reads: itself, or the first step of a nested path; None if absent."""
+    if theirs in columns:
+        return theirs
+    if is_nested(theirs):
+        first = path_steps(theirs)[0]
+        return first if isinstance(first, str) and first in columns else None
+    return None
+
+
+def check_column_map(columns: list[str], column_map: dict[str, str], source: str) -> None:
+    """Every mapped column (or the column a nested path starts in) exists, and no column of ours is
+    both mapped and already present under its own name."""
     for ours, theirs in column_map.items():
-        if theirs not in columns:
+        try:
+            found = _source_column(theirs, columns)
+        except ValueError as e:
+            raise DataValidationError(source, f"a column name or path for {ours!r} ({e})", field=ours) from e
+        if found is None:
             raise DataValidationError(
                 source, f"column {theirs!r} (mapped to {ours!r}); available columns: {columns}", field=theirs
             )
@@ -127,9 +142,33 @@ def _rename_columns(
                 f"one column for {ours!r}, but both {ours!r} and {theirs!r} exist; drop one",
                 field=ours,
             )
-    to_ours = {theirs: ours for ours, theirs in column_map.items()}
-    renamed = [{to_ours.get(key, key): value for key, value in row.items()} for row in rows]
-    return renamed, [to_ours.get(c, c) for c in columns]
+
+
+def map_row(row: dict, column_map: dict[str, str]) -> dict:
+    """The row with each of OUR columns set from THEIR column or path (ours -> theirs).
+
+    A top-level column mapped once is renamed; one mapped to several of our names, or a path into a
+    nested column, is copied, and the source column stays. A path a row lacks gives None (absent), so
+    the format's validation names the row.
+    """
+    uses = [theirs for theirs in column_map.values() if theirs in row]
+    renamed = {theirs for theirs in uses if uses.count(theirs) == 1 and theirs not in column_map}
+    out = {key: value for key, value in row.items() if key not in renamed}
+    for ours, theirs in column_map.items():
+        try:
+            out[ours] = column_value(row, theirs)
+        except MissingColumn:
+            out[ours] = None
+    return out
+
+
+def _rename_columns(
+    rows: list[dict], columns: list[str], column_map: dict[str, str], source: str
+) -> tuple[list[dict], list[str]]:
+    """Map THEIR columns (or paths into them) to OUR names, as ``column_map`` (ours -> theirs) says."""
+    check_column_map(columns, column_map, source)
+    mapped = [map_row(row, column_map) for row in rows]
+    return mapped, list(map_row(dict.fromkeys(columns), column_map))
 
 
 def _check_required(columns: list[str], fmt: DatasetFormat, source: str) -> None:
@@ -161,35 +200,53 @@ def _check_prompt_column(rows: list[dict], columns: list[str], fmt: DatasetForma
         )
 
 
-def load_records(
+def read_rows(
     source: str,
     *,
-    fmt: DatasetFormat,
-    column_map: dict[str, str] | None = None,
     split: str = "train",
     hub_config: str | None = None,
     revision: str | None = None,
     limit: int | None = None,
-) -> list[dict]:
-    """Rows from a local ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` directory,
-    or else a Hub dataset name, with columns renamed by ``column_map`` (ours -> theirs).
-
-    Checks that the columns required by ``fmt`` exist (and, for preference rows without a prompt column,
-    that the first row's ``chosen`` is a conversation); rows themselves are not validated.
-    """
+) -> tuple[list[dict], list[str]]:
+    """Rows as the source has them, and its column names: a local ``.jsonl``/``.json``/``.parquet``
+    file, a ``save_to_disk`` directory, or else ``datasets.load_dataset(source)``: a Hub dataset name, or
+    a local folder holding a dataset repository's files (e.g. ``main/train-*.parquet``, ``train.jsonl``)."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = Path(source)
     if path.is_file():
         rows, columns = _read_local_file(path)
         rows = rows[:limit] if limit is not None else rows
-    elif path.is_dir():
+    elif path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_MARKERS):
         rows, columns = _read_saved_dataset(path, split, limit)
-    else:
+    else:  # a hub name, or a local folder laid out like a hub repository (data files, splits by name)
         rows, columns = _read_hub(source, hub_config, split, revision, limit)
-    columns = columns if columns is not None else _columns_of(rows)
+    return rows, columns if columns is not None else _columns_of(rows)
+
+
+def load_records(
+    source: str,
+    *,
+    fmt: DatasetFormat | None,
+    column_map: dict[str, str] | None = None,
+    split: str = "train",
+    hub_config: str | None = None,
+    revision: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
+    """Rows from :func:`read_rows`, with columns mapped by ``column_map`` (ours -> theirs: a column
+    name, or a path into a nested or list column such as ``answers.text[0]``, see
+    :mod:`rlhf_core.data.column_paths`). Every other column of the source is kept.
+
+    Checks that the columns required by ``fmt`` exist (and, for preference rows without a prompt column,
+    that the first row's ``chosen`` is a conversation); ``fmt=None`` checks only the mapped columns.
+    Rows themselves are not validated.
+    """
+    rows, columns = read_rows(source, split=split, hub_config=hub_config, revision=revision, limit=limit)
     if column_map:
         rows, columns = _rename_columns(rows, columns, column_map, source)
+    if fmt is None:
+        return rows
     _check_required(columns, fmt, source)
     _check_prompt_column(rows, columns, fmt, source)
     return rows

@@ -22,7 +22,9 @@
 - ``unpaired_preference`` (KTO, book ch.8): ``prompt`` x as above, one ``completion`` y (a string or
   one assistant message) and a ``label``: True/1 if y is desirable, False/0 if not (thumbs up/down).
   :func:`unpaired_parts` normalises a row.
-- ``prompts``: ``prompt`` x, optionally a reference ``answer`` for verifiable rewards.
+- ``prompts``: ``prompt`` x, optionally a reference ``answer`` (text, or a list of accepted answers)
+  for verifiable rewards. Every other column (test cases, a schema, a rubric) is kept: reward
+  functions and verifiers receive the whole row.
 """
 
 from __future__ import annotations
@@ -292,9 +294,16 @@ def unpaired_parts(row: dict) -> UnpairedParts:
 def _check_prompts(row: dict) -> Problem | None:
     if not _is_nonempty_str(row.get("prompt")):
         return "prompt", f"a non-empty string, got {row.get('prompt')!r}"
-    if "answer" in row and not isinstance(row["answer"], str):
-        return "answer", f"a string when present, got {type(row['answer']).__name__}"
+    if _has(row, "answer") and not _is_answer(row["answer"]):  # null: no answer, as if absent
+        return "answer", f"a string or a list of strings when present, got {row['answer']!r:.80}"
     return None
+
+
+def _is_answer(value: Any) -> bool:
+    """A reference answer: text, or a non-empty list of acceptable answers (aliases) as text."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(item, str) for item in value)
+    return isinstance(value, str)
 
 
 _CHECKS = {

@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_core.data.task_presets import TaskName, preset_columns
 from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
 from rlhf_core.spec.local_paths import LocalDataPath
 from rlhf_core.spec.references import RefType, dataset_output
@@ -28,28 +29,78 @@ class SyntheticSource(Strict):
     operations: tuple[Literal["+", "-", "*"], ...] = Field(default=("+", "-"), description="Operators used.")
 
 
-class FileSource(Strict):
+_TASK_DESCRIPTION = (
+    "A public dataset's own format, read with its standard columns; emits both a `prompts` output "
+    "(every source column, plus `prompt` and what a verifier reads) and an `sft` output (the same rows "
+    "plus the reference solution as `completion`). "
+    "gsm8k reads question, answer ('...#### 72'): writes prompt, answer '72' (math_answer), solution, "
+    "and as completion the worked solution without its <<48/2=24>> notes. "
+    "math reads problem, solution (with \\boxed{}): writes prompt, answer (the last box's content), "
+    "solution; completion: the solution. "
+    "mbpp reads text, test_list, test_setup_code (optional), code: writes prompt (the text, then 'Your "
+    "code should pass these tests:' and the asserts), tests, setup (code_tests: "
+    "{setup_column: setup}); completion: the code in a ```python fence. "
+    "humaneval reads prompt (the stub), test, entry_point, canonical_solution: writes prompt (an "
+    "instruction and the stub in a fence), stub, tests, entry_point (code_tests: {entry_point_column: "
+    "entry_point}); completion: stub + solution in a ```python fence. "
+    "A row without '####' or \\boxed{}, or with an empty test list, is a bad row (on_error)."
+)
+_FORMAT_DESCRIPTION = (
+    "Record schema of the rows. With `task`: optional, and `prompts` or `sft` keeps only that output."
+)
+_COLUMNS_DESCRIPTION = (
+    "Our column name -> theirs, e.g. {prompt: question}; theirs may be a path into a nested or list "
+    "column, e.g. {answer: 'answers.text[0]'} (keys joined by dots, list items in brackets). A column "
+    "mapped once is renamed, a path is copied; every other source column is kept. With `task`: the keys "
+    "are the preset's roles (prompt, answer, tests, setup, entry_point, completion) and override single "
+    "entries of its standard columns."
+)
+
+
+class _TaskOrFormat(Strict):
+    """A file or hub source is read in a record ``format`` or as a public ``task``'s own rows."""
+
+    format: RecordFormat | None = Field(default=None, description=_FORMAT_DESCRIPTION)
+    task: TaskName | None = Field(default=None, description=_TASK_DESCRIPTION)
+    columns: dict[str, str] = Field(default_factory=dict, description=_COLUMNS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _format_or_task(self) -> _TaskOrFormat:
+        if self.task is None:
+            if self.format is None:
+                raise ValueError(f"give a format ({', '.join(OUTPUT_NAME_OF_FORMAT)}) or a task")
+            return self
+        if self.format not in (None, "prompts", "sft"):
+            raise ValueError(
+                f"task {self.task!r} emits prompts and sft rows; format {self.format!r} is not one"
+            )
+        preset_columns(self.task, self.columns)  # unknown roles: ValueError naming the preset's roles
+        return self
+
+    def outputs(self) -> dict[str, str]:
+        """Output name -> dataset kind."""
+        if self.task is not None:
+            kinds = (self.format,) if self.format else ("prompts", "sft")
+            return {kind: kind for kind in kinds}
+        assert self.format is not None
+        return {OUTPUT_NAME_OF_FORMAT[self.format]: self.format}
+
+
+class FileSource(_TaskOrFormat):
     """Rows from a local JSONL, JSON or Parquet file (or a datasets save_to_disk directory)."""
 
     path: LocalDataPath = Field(
         description="Path of the file, relative to the spec file's directory or absolute."
     )
-    format: RecordFormat = Field(description="Record schema of the rows.")
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Our column name -> the file's column name, e.g. {prompt: question}.",
-    )
 
 
-class HubSource(Strict):
+class HubSource(_TaskOrFormat):
     """Rows from a Hugging Face hub dataset through ``datasets.load_dataset``."""
 
-    hub: str = Field(description="Dataset name on the hub.")
-    config: str | None = Field(default=None, description="Dataset configuration name.")
+    hub: str = Field(description="Dataset name on the hub, e.g. openai/gsm8k.")
+    config: str | None = Field(default=None, description="Dataset configuration name, e.g. main.")
     split: str = Field(default="train", description="Split to read.")
     revision: str | None = Field(default=None, description="Dataset revision.")
-    format: RecordFormat = Field(description="Record schema of the rows.")
-    columns: dict[str, str] = Field(default_factory=dict, description="Our column name -> their column name.")
     limit: int | None = Field(default=None, ge=1, description="Read at most this many rows.")
 
 
@@ -71,8 +122,7 @@ class DataSourceChoice(Strict):
         """Output name -> dataset kind this source provides."""
         if self.synthetic:
             return {"sft": "sft", "preferences": "preference", "prompts": "prompts"}
-        fmt = (self.file or self.hub).format  # type: ignore[union-attr]
-        return {OUTPUT_NAME_OF_FORMAT[fmt]: fmt}
+        return (self.file or self.hub).outputs()  # type: ignore[union-attr]
 
 
 class DatasetStage(StageSpec):
