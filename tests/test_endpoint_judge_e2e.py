@@ -101,10 +101,11 @@ def test_recipe_labels_with_the_served_judge_counts_unparseable_and_reruns_from_
 
 
 def test_recipe_win_rate_with_the_endpoint_judge_reports_unparseable_verdicts(
-    judge_server, home, prefect_api_url, one_torch_thread
+    judge_server, home, prefect_api_url, one_torch_thread, monkeypatch
 ):
     from flows.pipeline import run_pipeline
 
+    monkeypatch.setenv(KEY_ENV, SECRET)
     raw = recipe(judge_server.base_url, judge_server.model, ("data", "sft", "eval"))
     raw["stages"]["eval"].update(models=["base", "sft"], baseline="base")
     outcomes = {o.stage: o for o in run_pipeline(parse_spec(raw), home=str(home))}
