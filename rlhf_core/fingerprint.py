@@ -28,10 +28,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.rewards.user_functions import parse_reference, reference_digest
+from rlhf_core.spec.base import STAGE_CLASSES
 from rlhf_core.spec.function_references import function_reference_fields
 from rlhf_core.spec.local_paths import LocalContent, local_content_fields
 
@@ -133,9 +135,57 @@ NOT_FINGERPRINTED = ("compute",)  # where a stage runs does not change what it p
 
 
 def config_dict(config: BaseModel | dict[str, Any]) -> dict[str, Any]:
-    """The config a fingerprint hashes: every resolved field except ``compute`` (where it runs)."""
-    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    """The config a fingerprint hashes: every resolved field except ``compute`` (where it runs) and,
+    at any depth, the fields marked ``json_schema_extra={"fingerprinted": False}`` (where a judge is
+    served and how it is reached: :data:`rlhf_core.spec.endpoints.NOT_FINGERPRINTED_FIELD`).
+
+    A plain dict (a recorded config) has no field markers; it is pruned by the marked field paths of
+    the stage kind it names, so a recorded config and today's compare alike."""
+    if isinstance(config, BaseModel):
+        data = _drop_unfingerprinted(config, config.model_dump(mode="json"))
+    else:
+        model = _as_stage_spec(config)
+        data = config if model is None else _drop_unfingerprinted(model, config)
     return {k: v for k, v in data.items() if k not in NOT_FINGERPRINTED}
+
+
+def _as_stage_spec(config: dict[str, Any]) -> BaseModel | None:
+    """A recorded stage config as its stage kind's spec (the guide to its field markers), when it
+    still validates; else None."""
+    stage_class = STAGE_CLASSES.get(str(config.get("kind")))
+    if stage_class is None:
+        return None
+    try:
+        return stage_class.model_validate(config)
+    except (ValidationError, UserError):  # recorded by another version of the spec: compare as is
+        return None
+
+
+def _is_fingerprinted(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("fingerprinted") is False)
+
+
+def _drop_unfingerprinted(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``model``'s JSON dump) without its marked fields, walking nested models, lists and
+    dicts of models alongside their dumps."""
+    out = {}
+    for name, value in dumped.items():
+        field = type(model).model_fields.get(name)
+        if field is not None and not _is_fingerprinted(field):
+            continue
+        out[name] = _prune_value(getattr(model, name, None), value)
+    return out
+
+
+def _prune_value(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        return _drop_unfingerprinted(value, dumped)
+    if isinstance(value, list | tuple) and isinstance(dumped, list):
+        return [_prune_value(v, d) for v, d in zip(value, dumped, strict=True)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: _prune_value(value.get(k), d) for k, d in dumped.items()}
+    return dumped
 
 
 def config_digest(config: BaseModel | dict[str, Any]) -> str:

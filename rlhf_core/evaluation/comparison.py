@@ -6,8 +6,8 @@ compared with the baseline.
    lengths, and the KL to the reference (``stage.reference``, by default the baseline; the reference
    itself is at KL 0 by definition).
 2. With a ``baseline`` and ``win_rate``, every other model's answer to each prompt is judged against
-   the baseline's answer to the same prompt, by each judge (:mod:`rlhf_core.evaluation.win_rate`).
-   The baseline gets no win rate.
+   the baseline's answer to the same prompt, by each judge (:mod:`rlhf_core.evaluation.win_rate`;
+   an endpoint judge: :mod:`rlhf_core.judging.endpoint_stage_judges`). The baseline gets no win rate.
 
 The report is {model: {metric: value}}; every figure comes with ``_ci_low``, ``_ci_high`` and ``_n``.
 Entry point: :func:`compare_models` (``run(stage, inputs, env)``).
@@ -21,10 +21,12 @@ from rlhf_core.evaluation.evaluate import Reference, evaluate_model
 from rlhf_core.evaluation.win_rate import (
     Verdict,
     policy_verdicts,
+    question_text,
     reward_verdicts,
     verifier_verdicts,
     win_rate_metrics,
 )
+from rlhf_core.judging.endpoint_stage_judges import endpoint_win_verdicts, judge_cache
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.spec import EvaluateStage
@@ -109,7 +111,7 @@ def compare_models(stage: EvaluateStage, inputs: EvaluationInputs, env: StageEnv
         out.samples += [{"model": name, **row} for row in evaluation.samples]
     if stage.win_rate is not None and stage.baseline is not None:
         for judge in stage.win_rate.judges:
-            judged = judged_candidates(out, stage, judge, inputs.judge_models, env.seed, env.stage)
+            judged = judged_candidates(out, stage, judge, inputs.judge_models, env)
             for name, metrics in judged:
                 out.report[name] |= metrics
     return out
@@ -126,10 +128,10 @@ def judged_candidates(
     stage: EvaluateStage,
     judge: WinRateJudgeSpec,
     judge_models: dict[str, ModelLocation],
-    seed: int,
-    stage_name: str,
+    env: StageEnvironment,
 ) -> list[tuple[str, dict[str, float]]]:
-    """Win-rate figures of one judge for every candidate (every model but the baseline)."""
+    """Win-rate figures of one judge for every candidate (every model but the baseline); an endpoint
+    judge's answers are cached in ``<home>/cache/judge``."""
     baseline = out.answers[stage.baseline]
     candidates = [name for name in out.answers if name != stage.baseline]
     generate = None
@@ -149,6 +151,11 @@ def judged_candidates(
             verdicts = list(
                 verifier_verdicts([r["correct"] for r in answers], [r["correct"] for r in baseline])
             )
+        elif judge.endpoint is not None:
+            verdicts = endpoint_win_verdicts(  # type: ignore[assignment]
+                judge.endpoint, judge_cache(env.cache_dir), [question_text(r["prompt"]) for r in answers],
+                [r["completion"] for r in answers], [r["completion"] for r in baseline], judge.tie_margin,
+            )  # fmt: skip
         elif judge.policy is not None and generate is not None:
             verdicts = policy_verdicts(
                 generate, judge.policy.principles, [r["prompt"] for r in answers],
@@ -158,9 +165,10 @@ def judged_candidates(
             key = judge.name
             scores = [r["scores"][key] for r in answers], [r["scores"][key] for r in baseline]
             verdicts = list(reward_verdicts(*scores, tie_margin=judge.tie_margin))
-        on_unparseable = judge.policy.on_unparseable if judge.policy else "skip"
+        judge_model = judge.policy or judge.endpoint  # only a judge model's answer can fail to parse
+        on_unparseable = judge_model.on_unparseable if judge_model is not None else "skip"
         metrics = win_rate_metrics(
-            judge.name, verdicts, seed, on_unparseable=on_unparseable, stage=stage_name,
+            judge.name, verdicts, env.seed, on_unparseable=on_unparseable, stage=env.stage,
             prompts=[r["prompt"] for r in answers],
         )  # fmt: skip
         results.append((name, metrics))

@@ -27,9 +27,9 @@ from rlhf_core.judging.endpoint_client import EndpointClient
 from rlhf_core.judging.policy_judge import GenerateFn, JudgeParseError, judge_pairs
 from rlhf_core.judging.verdict_cache import VerdictCache
 
-# Bump when a prompt's wording changes: the digest (and so every fingerprint using it) changes with it.
-PAIRWISE_TEMPLATE_VERSION = "pairwise-v1"  # policy_judge.judge_prompt
-POINTWISE_TEMPLATE_VERSION = "pointwise-v1"  # score_prompt below
+# The prompt versions live with the spec, whose stage configs record the version that ran: bump one when
+# policy_judge.judge_prompt (pairwise) or score_prompt below (pointwise) is reworded.
+from rlhf_core.spec.endpoints import PAIRWISE_TEMPLATE_VERSION, POINTWISE_TEMPLATE_VERSION
 
 STORE_EVERY = 256  # prompts sent between two writes to the verdict cache
 SCORE = re.compile(r"\[\[\s*score\s*:\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)

@@ -1,11 +1,13 @@
 """The ``label_preferences`` stage's work: judge sampled completions, pair them per prompt.
 
-Two kinds of judge (the stage has exactly one):
+Three kinds of judge (the stage has exactly one):
 
-- reward sources (verifiers, reward models, a weighted mix) score every completion; pairs are ranked
-  by score (:func:`~rlhf_core.judging.preferences.label_pairs`);
+- reward sources (verifiers, reward models, endpoint judges, a weighted mix) score every completion;
+  pairs are ranked by score (:func:`~rlhf_core.judging.preferences.label_pairs`);
 - a policy model judges pairs of completions against written principles, in both orders
-  (:mod:`~rlhf_core.judging.policy_judge`).
+  (:mod:`~rlhf_core.judging.policy_judge`);
+- a judge model behind an OpenAI-compatible endpoint, pairwise or pointwise
+  (:mod:`~rlhf_core.judging.endpoint_stage_judges`), its answers cached in ``<home>/cache/judge``.
 
 Entry point: :func:`label_preferences` (``run(stage, inputs, env)``): the pairs, split by the stage's
 ``splits``.
@@ -14,9 +16,11 @@ Entry point: :func:`label_preferences` (``run(stage, inputs, env)``): the pairs,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
+from rlhf_core.judging.endpoint_stage_judges import judge_cache, label_with_endpoint, reward_scorers
 from rlhf_core.judging.policy_judge import judge_pairs
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
 from rlhf_core.modeling.models import load_model
@@ -67,18 +71,24 @@ def label_preferences(
     if stage.judge_policy is not None:
         revision = inputs.revisions.get(POLICY_JUDGE)
         report, problems = judge_with_policy(rows, stage, judge_dirs[POLICY_JUDGE], revision, stage_name), []
+    elif stage.judge_endpoint is not None:
+        report, problems = label_with_endpoint(rows, stage, judge_cache(env.cache_dir), stage_name), []
     else:
-        report, problems = judge_with_rewards(rows, stage, judge_dirs, stage_name)
+        report, problems = judge_with_rewards(rows, stage, judge_dirs, env.cache_dir, stage_name)
     if not report.pairs:
         raise UserError(f"stage '{stage_name}': no preference pair left (dropped: {dict(report.dropped)})")
     return Labeling(report, split_records(report.pairs, dict(stage.splits), env.seed), problems)
 
 
 def judge_with_rewards(
-    rows: list[dict], stage: LabelPreferencesStage, judge_dirs: dict[str, str], stage_name: str
+    rows: list[dict],
+    stage: LabelPreferencesStage,
+    judge_dirs: dict[str, str],
+    cache_dir: Path,
+    stage_name: str,
 ) -> tuple[PairingReport, list[str]]:
     """Score every completion with the stage's reward sources, then pair by score."""
-    scorers = load_reward_model_scorers(judge_dirs)
+    scorers = load_reward_model_scorers(judge_dirs) | reward_scorers(stage.judge, cache_dir, stage_name)
     judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
     scored = [{**r, "judge_score": r["reward"]} for r in judged]
     report = label_pairs(

@@ -1,11 +1,13 @@
 """Scoring completions with several reward sources and combining them (book ch.7, ch.9).
 
-Each source is a reward function (a built-in or a user's, :mod:`rlhf_core.rewards.scorers`) or a reward
-model; the composite reward is the weighted sum  R(x, y) = sum_s w_s * r_s(x, y).  A source that returns
-NaN, infinity or a non-number is an error naming the source and the row, or (``on_invalid='skip'``)
-drops the row and reports it; a row is never dropped silently. A function that raises fails the stage
-naming the source (and the row, when the function scores one row at a time), unless its
-``on_error: zero`` turns a raising row into a score of 0, counted in the ``errors`` metric.
+Each source is a reward function (a built-in or a user's, :mod:`rlhf_core.rewards.scorers`), a reward
+model or a judge behind an endpoint (the last two scored by the ``model_scorers`` the caller built, e.g.
+with :func:`rlhf_core.judging.endpoint_stage_judges.reward_scorers`); the composite reward is the
+weighted sum  R(x, y) = sum_s w_s * r_s(x, y).  A source that returns NaN, infinity or a non-number is
+an error naming the source and the row, or (``on_invalid='skip'``) drops the row and reports it; a row
+is never dropped silently. A function that raises fails the stage naming the source (and the row, when
+the function scores one row at a time), unless its ``on_error: zero`` turns a raising row into a score
+of 0, counted in the ``errors`` metric.
 Extra metrics a function returns are kept per row in ``reward_metrics`` (``<source>/<metric>``).
 """
 
@@ -19,7 +21,8 @@ from rlhf_core.errors import UserError
 from rlhf_core.rewards.reward_batch import RewardBatch
 from rlhf_core.rewards.scorers import reward_scorer
 
-# scores (prompt, completion) pairs in batches, e.g. a reward model (see reward_model_scoring)
+# scores (prompt, completion) pairs in batches: a reward model (see reward_model_scoring) or an endpoint
+# judge, whose unparseable answers score NaN
 ModelScorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
@@ -80,7 +83,7 @@ def score_completions(
                 per_source[source.name] = batch.scores
                 extra |= {f"{source.name}/{name}": values for name, values in batch.metrics.items()}
             else:
-                per_source[source.name] = model_scorers[source.name](
+                per_source[source.name] = _model_scorer(source, model_scorers, stage)(
                     [(r["prompt"], r["completion"]) for r in rows]
                 )
         except UserError:
@@ -95,6 +98,7 @@ def score_completions(
         try:
             scores = {name: check_finite(values[i], name, i) for name, values in per_source.items()}
         except RewardValueError as exc:
+            exc = RewardValueError(f"{exc}{_why_invalid(sources, exc)}")
             if on_invalid == "fail":
                 raise RewardValueError(f"stage '{stage}': {exc}") from None
             problems.append(f"stage '{stage}': {exc}; completion dropped")
@@ -102,6 +106,28 @@ def score_completions(
         reward = composite_reward(scores, weights)
         kept.append({**row, "scores": scores, "reward": reward, "reward_metrics": _row(extra, i)})
     return kept, problems
+
+
+def _model_scorer(source: RewardSource, model_scorers: dict[str, ModelScorer], stage: str) -> ModelScorer:
+    """The caller's scorer of a reward-model or endpoint source; a missing one is the caller's bug, named."""
+    if source.name not in model_scorers:
+        raise UserError(
+            f"stage '{stage}': reward source '{source.name}' has no scorer in this stage "
+            f"(scorers given: {sorted(model_scorers) or 'none'}); endpoint judges need the stage to build "
+            "theirs with rlhf_core.judging.endpoint_stage_judges.reward_scorers"
+        )
+    return model_scorers[source.name]
+
+
+def _why_invalid(sources: Sequence[RewardSource], exc: RewardValueError) -> str:
+    """For an endpoint judge's NaN: what it means and how to change what happens."""
+    endpoints = [s.name for s in sources if getattr(s, "endpoint", None) is not None]
+    if not any(f"'{name}' returned nan" in str(exc) for name in endpoints):
+        return ""
+    return (
+        " (the judge's answer had no parseable [[score: N]]; set the endpoint's on_unparseable: fail to "
+        "stop with its answer, or let this stage skip invalid rewards)"
+    )
 
 
 def score_with_function(source: RewardSource, rows: list[dict], stage: str) -> RewardBatch:

@@ -1,4 +1,5 @@
-"""Reward sources in a spec: a reward function (built-in or the user's own) or a reward-model stage."""
+"""Reward sources in a spec: a reward function (built-in or the user's own), a reward-model stage, or a
+judge model behind an OpenAI-compatible endpoint scoring each completion on a rubric."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from rlhf_core.errors import UserError
 from rlhf_core.rewards.scorers import check_scorer
 from rlhf_core.rewards.user_functions import is_reference, parse_reference
 from rlhf_core.spec.base import Strict
+from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import RewardModel
 
 
 class RewardSourceSpec(Strict):
-    """One scorer of completions: a reward function or a reward-model stage, with a weight."""
+    """One scorer of completions: a reward function, a reward-model stage or an endpoint judge, with a
+    weight."""
 
     function: RewardFunctionName | None = Field(
         default=None,
@@ -25,6 +28,11 @@ class RewardSourceSpec(Strict):
     )
     model: RewardModel | None = Field(
         default=None, description="Reward-model reference (a reward_model stage)."
+    )
+    endpoint: EndpointJudgeSpec | None = Field(
+        default=None,
+        description="A judge model behind an OpenAI-compatible endpoint scoring each completion by a "
+        "rubric (pointwise); its score on `scale` is mapped to [0, 1].",
     )
     options: dict[str, Any] = Field(
         default_factory=dict,
@@ -40,11 +48,20 @@ class RewardSourceSpec(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RewardSourceSpec:
-        if (self.function is None) == (self.model is None):
-            raise ValueError("give exactly one of function or model")
+        given = [f for f in ("function", "model", "endpoint") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of function, model or endpoint"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.endpoint is not None and self.endpoint.mode != "pointwise":
+            raise ValueError(
+                "endpoint: a reward scores each completion alone; give a rubric (mode pointwise), "
+                "not principles"
+            )
         if self.function is None:
             if self.options:
-                raise ValueError("options are for a function; a reward model takes none")
+                raise ValueError("options are for a function; a reward model or endpoint takes none")
             return self
         try:
             filled = check_scorer(self.function, self.options)
@@ -56,7 +73,10 @@ class RewardSourceSpec(Strict):
     @property
     def name(self) -> str:
         """The source's key in scores and metric names: the built-in's name, ``rewards.py:fn`` for a
-        user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model."""
+        user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model, ``endpoint:<name>`` for
+        an endpoint judge (its ``name``, else its model)."""
+        if self.endpoint is not None:
+            return self.endpoint.judge_name
         if self.function is None:
             return f"rm:{self.model}"
         return parse_reference(self.function).short if is_reference(self.function) else self.function

@@ -12,6 +12,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.rewards.scorers import check_scorer
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import GenerationSpec, SamplingSpec
+from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, RewardModel, SFTData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
@@ -53,7 +54,7 @@ class PassAtKSpec(Strict):
 
 class WinRateJudgeSpec(Strict):
     """One judge of the pairwise comparison with the baseline; give exactly one of function, model,
-    verifier or policy."""
+    verifier, policy or endpoint."""
 
     function: RewardFunctionName | None = Field(
         default=None,
@@ -72,30 +73,44 @@ class WinRateJudgeSpec(Strict):
         description="A policy judging against a rubric (principles), asked in both orders; disagreement "
         "between the orders is a tie.",
     )
+    endpoint: EndpointJudgeSpec | None = Field(
+        default=None,
+        description="A judge model behind an OpenAI-compatible endpoint: pairwise (principles, both "
+        "orders) or pointwise (a rubric: the higher score wins).",
+    )
     tie_margin: float = Field(
-        default=0.0, ge=0, description="Reward judges: scores closer than this (|difference| <= margin) tie."
+        default=0.0,
+        ge=0,
+        description="Reward and pointwise endpoint judges: scores closer than this (|difference| <= margin) "
+        "tie.",
     )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> WinRateJudgeSpec:
-        given = [f for f in ("function", "model", "policy") if getattr(self, f) is not None]
+        given = [f for f in ("function", "model", "policy", "endpoint") if getattr(self, f) is not None]
         given += ["verifier"] * self.verifier
         if len(given) != 1:
             raise ValueError(
-                "a win-rate judge is exactly one of function, model, verifier or policy"
+                "a win-rate judge is exactly one of function, model, verifier, policy or endpoint"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.options and self.function is None:
             raise ValueError("options are for a function judge")
-        if self.tie_margin and self.reward_source() is None:
-            raise ValueError("tie_margin applies to reward judges (function or model) only")
+        pointwise = self.endpoint is not None and self.endpoint.mode == "pointwise"
+        if self.tie_margin and self.reward_source() is None and not pointwise:
+            raise ValueError(
+                "tie_margin applies to reward judges (function or model) and pointwise endpoints only"
+            )
         return self
 
     @property
     def name(self) -> str:
-        """The judge's name in metric names: the reward source's name, ``verifier`` or ``policy:<model>``."""
+        """The judge's name in metric names: the reward source's name, ``verifier``, ``policy:<model>``
+        or ``endpoint:<name or model>``."""
         if self.verifier:
             return "verifier"
+        if self.endpoint is not None:
+            return self.endpoint.judge_name
         if self.policy is not None:
             return f"policy:{self.policy.model}"
         source = self.reward_source()
@@ -103,7 +118,8 @@ class WinRateJudgeSpec(Strict):
         return source.name
 
     def reward_source(self) -> RewardSourceSpec | None:
-        """The judge as a reward source (function or reward model); None for the verifier and a policy."""
+        """The judge as a reward source (function or reward model); None for the verifier, a policy and
+        an endpoint."""
         if self.function is None and self.model is None:
             return None
         return RewardSourceSpec(function=self.function, model=self.model, options=self.options)
@@ -120,7 +136,8 @@ class WinRateSpec(Strict):
 
     judges: tuple[WinRateJudgeSpec, ...] = Field(
         description="Judges, each reported on its own (eval/win_rate/<judge>): reward functions or reward "
-        "models ({function: ...} / {model: ...}), `verifier`, or {policy: {model, principles}}.",
+        "models ({function: ...} / {model: ...}), `verifier`, {policy: {model, principles}}, or "
+        "{endpoint: {base_url, model, principles or rubric}}.",
         json_schema_extra=_verifier_shorthand_schema,
     )
 
@@ -132,8 +149,8 @@ class WinRateSpec(Strict):
         for judge in judges:
             if isinstance(judge, str) and judge != "verifier":
                 raise ValueError(
-                    f"unknown judge {judge!r}: give `verifier`, {{function: ...}}, {{model: ...}} or "
-                    "{policy: {model: ..., principles: [...]}}"
+                    f"unknown judge {judge!r}: give `verifier`, {{function: ...}}, {{model: ...}}, "
+                    "{policy: {model: ..., principles: [...]}} or {endpoint: {base_url: ..., model: ...}}"
                 )
         return tuple({"verifier": True} if j == "verifier" else j for j in judges)
 
@@ -264,7 +281,7 @@ class EvaluateStage(StageSpec):
             if self.win_rate is not None and model != self.baseline:
                 for judge in self.win_rate.judges:
                     figures |= {f"win_rate/{judge.name}": True, f"tie_rate/{judge.name}": True}
-                    if judge.policy is not None:  # only a policy's verdict can fail to parse
+                    if judge.policy is not None or judge.endpoint is not None:  # judge models only
                         figures[f"judge_unparseable/{judge.name}"] = False
         if self.best_of_n is not None:
             names = ("accuracy", "pass_at_1", "pass_at_n", "selected_reward_mean", "prompts")

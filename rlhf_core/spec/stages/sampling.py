@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.references import (
     CompletionsData,
     PolicyModel,
@@ -86,6 +87,11 @@ class LabelPreferencesStage(StageSpec):
     judge_policy: PolicyJudgeSpec | None = Field(
         default=None, description="Or: a policy model judging pairs against written principles."
     )
+    judge_endpoint: EndpointJudgeSpec | None = Field(
+        default=None,
+        description="Or: a judge model behind an OpenAI-compatible endpoint; pairwise (principles, asked "
+        "in both orders like judge_policy) or pointwise (a rubric: scores, then `pairing`).",
+    )
     pairing: Literal["best_vs_worst", "all_pairs"] = Field(
         default="best_vs_worst",
         description="One pair per prompt, or every ordered pair of distinct completions.",
@@ -104,7 +110,8 @@ class LabelPreferencesStage(StageSpec):
 
     @model_validator(mode="after")
     def _one_judge_and_valid_splits(self) -> LabelPreferencesStage:
-        if bool(self.judge) == (self.judge_policy is not None):
-            raise ValueError("give exactly one of judge (reward sources) or judge_policy")
+        given = [bool(self.judge), self.judge_policy is not None, self.judge_endpoint is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of judge (reward sources), judge_policy or judge_endpoint")
         check_split_fractions(self.splits)
         return self
