@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from registry import tracking
+from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.refs import DatasetRef
 from rlhf_core.spec import SampleStage
 from runtime.stage_contract import StageCall, StageRun
@@ -25,11 +26,13 @@ def sample_completions(call: StageCall, run: StageRun) -> dict[str, DatasetRef]:
 
     stage: SampleStage = call.stage
     policy, prompts = call.resolve(stage.policy), call.resolve(stage.prompts)
+    env = run.environment(call.seed)
     inputs = SampleInputs(
         run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split),
         {s.name: run.model_dir(call.resolve(s.model)) for s in stage.rewards if s.model},
+        reward_scorers(stage.rewards, env.cache_dir, call.name),
     )  # fmt: skip
-    result = sample_and_score(stage, inputs, run.environment(call.seed))
+    result = sample_and_score(stage, inputs, env)
     if result.problems:
         tracking.log_text(run.run_id, "\n".join(result.problems), "invalid_rewards.txt")
     splits = {stage.split: result.rows}

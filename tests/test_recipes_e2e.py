@@ -16,10 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # online_dpo pairs only completions a verifier tells apart: a policy trained for two steps gets every
 # answer wrong, so its rounds find no pair. tests/test_online_dpo_e2e.py runs the template instead.
 NEEDS_A_TRAINED_POLICY = {"online_dpo"}
+# a judge behind an endpoint: tests/test_endpoint_judge_e2e.py runs it against a real test server
+NEEDS_A_SERVER = {"endpoint_judge_labeling"}
 RECIPES = sorted(
     p
     for p in (REPO_ROOT / "recipes").glob("*.yaml")
-    if p.stem not in NEEDS_A_TRAINED_POLICY and p.name != PROFILE_FILE
+    if p.stem not in NEEDS_A_TRAINED_POLICY | NEEDS_A_SERVER and p.name != PROFILE_FILE
 )
 
 # Field name -> small value, applied wherever the field appears in a recipe (no per-kind knowledge).

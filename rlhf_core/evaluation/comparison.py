@@ -103,7 +103,7 @@ def compare_models(stage: EvaluateStage, inputs: EvaluationInputs, env: StageEnv
         evaluation = evaluate_model(
             model_dir, revision, eval_rows, prompt_rows, stage, inputs.reward_model_dirs, env.seed,
             stage_name=env.stage, prompts_source=inputs.prompts_source,
-            reference=loaded if needs_kl else None,
+            reference=loaded if needs_kl else None, cache_dir=env.cache_dir,
         )  # fmt: skip
         if ref_name == name and evaluation.rows:
             evaluation.metrics |= reference_itself(len(evaluation.rows))

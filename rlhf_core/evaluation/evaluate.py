@@ -17,6 +17,7 @@ Every figure comes with a seeded 95% bootstrap interval and its sample count (``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -25,6 +26,7 @@ from rlhf_core.evaluation.kl import kl_to_reference
 from rlhf_core.evaluation.metrics import heldout_loss, length_metrics, verifiable_accuracy
 from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
 from rlhf_core.evaluation.statistics import interval_metrics
+from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, score_completions
 from rlhf_core.rewards.functions import RewardFunction
@@ -76,6 +78,7 @@ def evaluate_model(
     stage_name: str = "evaluate",
     prompts_source: str = "prompts",
     reference: Reference | None = None,
+    cache_dir: Path | None = None,
 ) -> ModelEvaluation:
     """Figures (``eval/...``), table samples and answers of one model.
 
@@ -83,7 +86,8 @@ def evaluate_model(
     ``answer``, of which the first ``stage.max_prompts`` are used (may be empty); ``reward_model_dirs``
     holds the reward models of ``stage.rewards``, of best-of-N and of the win-rate judges by source name
     (``rm:<stage>``). With ``reference``, the KL to it is measured on the prompts.
-    ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)".
+    ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)". ``cache_dir`` holds
+    the verdict cache of endpoint judges among the reward sources (they need one).
     """
     prompt_rows = prompt_rows[: stage.max_prompts]
     if "answer" in reads_columns(stage.verifier):
@@ -95,6 +99,9 @@ def evaluate_model(
     if eval_rows:
         metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length, seed=seed))
     scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
+    if cache_dir is not None:  # judges behind endpoints among the reward sources (verdicts cached there)
+        sources = (*answer_sources(stage), *(stage.best_of_n.rewards if stage.best_of_n else ()))
+        scorers |= reward_scorers(sources, cache_dir, stage_name)
     if prompt_rows:
         gen = stage.generation
         accuracy = verifiable_accuracy(

@@ -101,7 +101,7 @@ def win_rate_metrics(
         )
     judged = [v for v in verdicts if not isinstance(v, Exception)]
     metrics: dict[str, float] = {}
-    if failed or judge.startswith("policy:"):
+    if failed or judge.startswith(("policy:", "endpoint:")):
         metrics[f"eval/judge_unparseable/{judge}"] = float(len(failed))
     if not judged:
         return metrics | {f"eval/win_rate/{judge}_n": 0.0, f"eval/tie_rate/{judge}_n": 0.0}

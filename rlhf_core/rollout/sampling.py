@@ -19,7 +19,7 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import RewardSource, score_completions
+from rlhf_core.rewards.composite import ModelScorer, RewardSource, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.generation import Engine, generate
 from rlhf_core.stage_environment import StageEnvironment
@@ -65,6 +65,8 @@ class SampleInputs:
     policy_revision: str | None
     prompt_rows: list[dict]
     reward_model_dirs: dict[str, str] = field(default_factory=dict)
+    # scorers the caller built for reward sources that are not reward models (judges behind endpoints)
+    other_scorers: dict[str, ModelScorer] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +101,7 @@ def sample_and_score(stage: SampleSettings, inputs: SampleInputs, env: StageEnvi
     rows = inputs.prompt_rows[: stage.max_prompts] if stage.max_prompts else inputs.prompt_rows
     model, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
     sampled, tokens, seconds = sample_completions(model, tokenizer, rows, stage.n, stage.generation, env.seed)
-    scorers = load_reward_model_scorers(inputs.reward_model_dirs)
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs) | inputs.other_scorers
     kept, problems = score_completions(
         sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=env.stage
     )
@@ -114,7 +116,8 @@ def sample_completions(
     cfg: SamplingSettings,
     seed: int,
 ) -> tuple[list[dict], int, float]:
-    """N completions per prompt row; returns (rows without scores, generated tokens, seconds)."""
+    """N completions per prompt row, each row carrying every column of its prompt row; returns (rows
+    without scores, generated tokens, seconds)."""
     started = time.perf_counter()
     out = generate(  # prompt-major: the N samples of prompt i at i*N .. i*N+N-1
         model,
@@ -133,14 +136,7 @@ def sample_completions(
     for flat, (text, length) in enumerate(zip(out.texts, out.new_tokens, strict=True)):
         i, j = divmod(flat, n)
         record = prompt_rows[i]
-        row = {
-            "prompt_index": i,
-            "prompt": record["prompt"],
-            "completion_index": j,
-            "completion": text,
-            "new_tokens": length,
-        }
-        if "answer" in record:
-            row["answer"] = record["answer"]
-        rows.append(row)
+        # every column of the prompt row travels with its completions: verifiers read answers, tests
+        row = {"prompt_index": i, "completion_index": j, "completion": text, "new_tokens": length}
+        rows.append({**record, **row})
     return rows, sum(out.new_tokens), seconds

@@ -35,6 +35,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import NonFiniteLossError, UserError
+from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.losses.advantages import all_equal_groups
 from rlhf_core.losses.kl import kl_per_token
 from rlhf_core.losses.masking import aggregate_loss, masked_mean
@@ -471,7 +472,10 @@ def optimize_on_rollouts(
             value_model = AutoModelForSequenceClassification.from_pretrained(inputs.value_init_dir)
         else:  # the policy's backbone, zero head
             value_model = build_reward_model(inputs.policy_dir, revision=inputs.policy_revision)
-    scorers = load_reward_model_scorers(inputs.reward_model_dirs)
+    monitored = (*stage.monitor_proxy, *stage.monitor.gold) if stage.monitor is not None else ()
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs) | reward_scorers(
+        (*stage.rewards, *monitored), env.cache_dir, env.stage
+    )  # reward models and judges behind endpoints, by source name
     reward_fn = reward_function(stage.rewards, scorers, env.stage)
     monitor_inputs = None
     if stage.monitor is not None:
