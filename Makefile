@@ -24,11 +24,12 @@ install-test: $(BIN)/python
 quickstart: install
 	$(BIN)/rlhf run recipes/quickstart.yaml
 
-# Two workers, each taking whole test modules (module fixtures are set up once); TEST_WORKERS=0 runs
-# the suite in this one process.
+# Two workers, each taking whole test modules (module fixtures are set up once), in collection order
+# (tests/conftest.py puts the long end-to-end modules first); TEST_WORKERS=0 runs the suite in this one
+# process.
 TEST_WORKERS ?= 2
 test: install-test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -145,7 +145,10 @@ def mlflow_server(settings: RLHFSettings, port: int) -> Server:
         "--default-artifact-root", settings.resolved_artifact_location(),
     ]  # fmt: skip
     log = settings.resolved_home() / "logs" / "mlflow-server.log"
-    return Server("MLflow", command, dict(os.environ), f"http://{HOST}:{port}/health", log)
+    # MLflow's job runner (six huey consumer processes, ~1.7 GB) serves GenAI features a training
+    # pipeline does not use; set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to have it anyway.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    return Server("MLflow", command, env, f"http://{HOST}:{port}/health", log)
 
 
 def mlflow_page(base: str, page: str = "#/experiments") -> str:

@@ -48,25 +48,23 @@ def test_pass_at_k_averages_the_closed_form_over_prompts():
     assert metrics["eval/pass_at_2_ci_low"] <= 11 / 18 <= metrics["eval/pass_at_2_ci_high"]
 
 
-def test_pass_at_k_in_the_report_is_the_closed_form_of_the_stages_own_samples(models, monkeypatch):
+def test_pass_at_k_in_the_report_is_the_closed_form_of_the_stages_own_samples(models, tmp_path):
     """The report's pass@k equals mean_i [1 - C(n - c_i, k) / C(n, k)] over the same seeded samples.
 
     The random model is never right, so a stand-in verifier accepts completions of even length: some
     prompts then have a few correct samples out of n = 6."""
-    from rlhf_core.evaluation import evaluate as evaluate_module
-
-    def even(completion: str, row: dict) -> float:
-        return float(len(completion) % 2 == 0)
-
-    monkeypatch.setattr(evaluate_module, "verifier_function", lambda name: even)
+    (tmp_path / "verifiers.py").write_text(  # a verifier of the user's own, named by reference
+        "def even(completion, row):\n    return float(len(completion) % 2 == 0)\n"
+    )
     stage = EvaluateStage(
         kind="evaluate", models=["m"], prompts="data.prompts", generation={"max_new_tokens": 4},
         pass_at_k={"n": 6, "k": [1, 3, 6], "generation": {"max_new_tokens": 4}},
+        verifier=f"{tmp_path / 'verifiers.py'}:even",
     )  # fmt: skip
     metrics = evaluate_model(models[0], None, [], PROMPTS, stage, {}, seed=5, stage_name="ev").metrics
     model, tokenizer = load_model(models[0])
     rows, _, _ = sample_completions(model, tokenizer, PROMPTS, 6, stage.pass_at_k.generation, 5)
-    counts = [sum(even(r["completion"], {}) == 1.0 for r in rows if r["prompt_index"] == i)
+    counts = [sum(len(r["completion"]) % 2 == 0 for r in rows if r["prompt_index"] == i)
               for i in range(len(PROMPTS))]  # fmt: skip
     assert len(set(counts)) > 1 and 0 < sum(counts) < 36  # not a trivial case
     for k in (1, 3, 6):
