@@ -101,18 +101,22 @@ def _forced(spec: PipelineSpec, force: list[str] | None) -> set[str]:
 
 def _check_sources(spec: PipelineSpec) -> None:
     """Fail before running when a local data file lacks the columns its format needs."""
-    from rlhf_core.data.loading import load_records
+    from rlhf_core.data.loading import load_records, read_rows
     from rlhf_core.data.schemas import DataValidationError
+    from rlhf_core.data.task_presets import task_rows
     from rlhf_core.spec import SpecError
 
     problems = []
     for name, stage in spec.stages.items():
         source = getattr(stage, "source", None)
         if source is not None and source.file is not None:
+            file = source.file
             try:
-                load_records(
-                    source.file.path, fmt=source.file.format, column_map=source.file.columns, limit=1
-                )
+                if file.task is not None:  # the preset's columns, on the first row
+                    rows, columns = read_rows(file.path, limit=1)
+                    task_rows(rows, file.task, columns=file.columns, available=columns, source=file.path)
+                else:
+                    load_records(file.path, fmt=file.format, column_map=file.columns, limit=1)
             except (DataValidationError, OSError, ValueError) as exc:
                 problems.append(f"stage '{name}', field source.file: {exc}")
     if problems:

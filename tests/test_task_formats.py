@@ -323,3 +323,29 @@ def test_no_valid_row_left_counts_the_preset_rejections(tmp_path: Path) -> None:
             _stage({"file": {"path": str(path), "task": "gsm8k"}}, on_error="skip"), NoInputs(),
             StageEnvironment.local("data", 0, tmp_path),
         )  # fmt: skip
+
+
+def test_rlhf_validate_checks_a_task_sources_columns_before_anything_runs(tmp_path):
+    """`rlhf validate` reads the first row of a task source: a column the preset needs and the file lacks
+    is a spec error naming stage, field, the column and how to map it; mapping it makes the spec valid."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    (tmp_path / "mine.jsonl").write_text('{"q": "What is 2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}\n')
+    spec = {
+        "name": "own-gsm8k",
+        "models": {"base": {"tiny": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 320}}},
+        "stages": {"data": {"kind": "dataset", "source": {"file": {"path": "mine.jsonl", "task": "gsm8k"}}}},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    failed = CliRunner().invoke(app, ["validate", str(path)])
+    assert failed.exit_code == 2
+    assert "stage 'data', field source.file" in failed.output
+    assert "expected column 'question'" in failed.output
+    spec["stages"]["data"]["source"]["file"]["columns"] = {"prompt": "q"}
+    path.write_text(yaml.safe_dump(spec))
+    passed = CliRunner().invoke(app, ["validate", str(path)])
+    assert passed.exit_code == 0, passed.output
