@@ -230,3 +230,15 @@ def test_a_reward_file_travels_with_a_stage_to_a_worker_without_it(
     assert kept[0]["reward"] == 1.0  # the code that was sent, not the edited file
     (task_dir / "rewards.py").write_text(REWARDS + "\nfrom answer_parsing import last\n")
     assert reference_digest(parse_reference(shipped)) == reference_digest(parse_reference(reference))
+
+
+def test_extra_metrics_are_averaged_for_the_stage_summaries_leaving_out_rows_without_them(task_dir):
+    from rlhf_core.rewards.composite import reward_metric_means
+    from rlhf_core.rollout.sampling import SampleResult
+
+    source = _source(task_dir, "rewards.py:gsm8k_correct")
+    kept, _ = score_completions(_rows()[:2], [source], {}, on_invalid="fail", stage="s")
+    kept.append({**kept[0], "reward_metrics": {"rewards.py:gsm8k_correct/has_number": float("nan")}})
+    assert reward_metric_means(kept) == {"rewards.py:gsm8k_correct/has_number": 1.0}
+    summary = SampleResult(kept, generated_tokens=6, generation_seconds=1.0).summary()
+    assert summary["reward/rewards.py:gsm8k_correct/has_number"] == 1.0

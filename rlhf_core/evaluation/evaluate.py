@@ -28,7 +28,7 @@ from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
 from rlhf_core.evaluation.statistics import interval_metrics
 from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rewards.composite import ModelScorer, reward_metric_means, score_completions
 from rlhf_core.rewards.functions import RewardFunction
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rewards.scorers import reads_columns, verifier_function
@@ -155,16 +155,23 @@ def score_answers(
     """The answer rows with ``scores`` (source name -> score) from every source."""
     joined = [{**record, **row} for record, row in zip(prompt_rows, rows, strict=True)]
     scored, _ = score_completions(joined, sources, scorers, on_invalid="fail", stage=stage_name)
-    return [{**row, "scores": s["scores"]} for row, s in zip(rows, scored, strict=True)]
+    return [
+        {**row, "scores": s["scores"], "reward_metrics": s["reward_metrics"]}
+        for row, s in zip(rows, scored, strict=True)
+    ]
 
 
 def completion_rewards(rows: list[dict], stage: EvaluateStage, seed: int) -> dict[str, float]:
-    """Mean score of each of ``stage.rewards`` over the model's answers (scored ``rows``, one per prompt)."""
+    """Mean score of each of ``stage.rewards`` over the model's answers (scored ``rows``, one per prompt),
+    and of each extra metric their functions returned (``eval/reward/<source>/<metric>``)."""
     metrics: dict[str, float] = {}
     for source in stage.rewards:
         scores = [r["scores"][source.name] for r in rows]
         metrics[f"eval/reward/{source.name}"] = sum(scores) / len(scores)
         metrics |= interval_metrics(f"eval/reward/{source.name}", scores, seed)
+    own = {s.name for s in stage.rewards}  # the extra metrics of those sources' functions
+    means = reward_metric_means(rows)
+    metrics |= {f"eval/reward/{name}": v for name, v in means.items() if name.split("/")[0] in own}
     return metrics
 
 

@@ -161,5 +161,16 @@ def score_with_function(source: RewardSource, rows: list[dict], stage: str) -> R
         ) from exc
 
 
+def reward_metric_means(rows: list[dict]) -> dict[str, float]:
+    """Mean of each extra metric the reward functions returned (``<source>/<metric>``) over ``rows``,
+    NaN values (a row the function gave no such metric) left out."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for name, value in row.get("reward_metrics", {}).items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                values.setdefault(name, []).append(float(value))
+    return {name: sum(v) / len(v) for name, v in values.items() if v}
+
+
 def _row(extra: dict[str, list[float]], i: int) -> dict[str, float]:
     return {name: values[i] for name, values in extra.items()}

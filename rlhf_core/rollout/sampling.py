@@ -19,7 +19,7 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import ModelScorer, RewardSource, score_completions
+from rlhf_core.rewards.composite import ModelScorer, RewardSource, reward_metric_means, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.generation import Engine, generate
 from rlhf_core.stage_environment import StageEnvironment
@@ -82,7 +82,8 @@ class SampleResult(StageResult):
         return tuple(sorted(set.intersection(*(set(r) for r in self.rows)))) if self.rows else ()
 
     def summary(self) -> dict[str, float]:
-        """Headline numbers: completions kept and dropped, reward mean/std, decoding throughput."""
+        """Headline numbers: completions kept and dropped, reward mean/std, decoding throughput, and the
+        mean of each extra metric the reward functions returned (``reward/<source>/<metric>``)."""
         rewards = [r["reward"] for r in self.rows]
         seconds = self.generation_seconds
         return {
@@ -91,6 +92,7 @@ class SampleResult(StageResult):
             "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
             "reward_std": statistics.pstdev(rewards) if rewards else float("nan"),
             "new_tokens_per_second": self.generated_tokens / seconds if seconds else 0.0,
+            **{f"reward/{name}": mean for name, mean in reward_metric_means(self.rows).items()},
         }
 
 
