@@ -194,3 +194,52 @@ def test_an_unparseable_endpoint_reward_is_an_invalid_reward_for_the_stage(tmp_p
                 on_invalid="skip",
                 stage="sample",
             )
+
+
+def test_an_endpoint_reward_scores_in_sample_policy_gradient_and_evaluate_through_the_flow(
+    tmp_path, prefect_api_url
+):
+    """A rubric judge as a reward source of three stage kinds in one pipeline run: every stage asks it
+    (its answers are scripted: [[score: 7]] -> 2/3) and reports the score; a second run is cached."""
+    from conftest import TINY_SPEC
+    from mlflow import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    with ScriptedServer(answer=lambda prompt: "Fine. [[score: 7]]") as server:
+        judge = {"endpoint": {"base_url": server.base_url, "model": "scripted", "rubric": "Be correct."}}
+        spec = copy.deepcopy({k: TINY_SPEC[k] for k in ("seed", "models")})
+        sft = copy.deepcopy(TINY_SPEC["stages"]["sft"])
+        sft["train"].update(max_steps=2, checkpoint_every=2)
+        spec |= {
+            "name": "endpoint-rewards",
+            "stages": {
+                "data": {"kind": "dataset", "source": {"synthetic": {"n": 40, "max_operand": 9}}},
+                "sft": sft,
+                "sample": {
+                    "kind": "sample", "policy": "sft", "prompts": "data.prompts", "max_prompts": 3, "n": 2,
+                    "rewards": [judge], "generation": {"max_new_tokens": 4},
+                },
+                "grpo": {
+                    "kind": "policy_gradient", "algorithm": "grpo", "policy": "sft",
+                    "prompts": "data.prompts", "rewards": [judge], "kl": {"beta": 0.0}, "rollouts": 1,
+                    "prompts_per_rollout": 2, "group_size": 2, "truncated": "score",
+                    "generation": {"max_new_tokens": 4}, "train": {"batch_size": 4},
+                },
+                "eval": {
+                    "kind": "evaluate", "models": ["sft"], "prompts": "data.prompts", "max_prompts": 3,
+                    "rewards": [judge], "generation": {"max_new_tokens": 4},
+                },
+            },
+        }  # fmt: skip
+        home = str(tmp_path / "home")
+        outcomes = {o.stage: o for o in run_pipeline(parse_spec(spec), home=home)}
+        asked = len(server.requests)
+        again = {o.stage: o.status for o in run_pipeline(parse_spec(spec), home=home)}
+    assert {s: o.status for s, o in outcomes.items()} == dict.fromkeys(outcomes, "ran")
+    assert asked == 3 * 2 + 2 * 2 + 3  # sample 3 x 2, one rollout of 2 x 2, evaluate 3 answers
+    assert len(server.requests) == asked and set(again.values()) == {"cached"}
+    runs = {s: MlflowClient().get_run(outcomes[s].run_id).data.metrics for s in ("sample", "grpo", "eval")}
+    assert runs["grpo"]["rollout/reward/endpoint:scripted"] == pytest.approx(2 / 3)
+    assert runs["eval"]["eval/reward/endpoint:scripted"] == pytest.approx(2 / 3)
+    assert any(v == pytest.approx(2 / 3) for k, v in runs["sample"].items() if "reward_mean" in k)
