@@ -241,5 +241,5 @@ def test_an_endpoint_reward_scores_in_sample_policy_gradient_and_evaluate_throug
     assert len(server.requests) == asked and set(again.values()) == {"cached"}
     runs = {s: MlflowClient().get_run(outcomes[s].run_id).data.metrics for s in ("sample", "grpo", "eval")}
     assert runs["grpo"]["rollout/reward/endpoint:scripted"] == pytest.approx(2 / 3)
-    assert runs["eval"]["eval/reward/endpoint:scripted"] == pytest.approx(2 / 3)
+    assert runs["eval"]["sft/eval/reward/endpoint:scripted"] == pytest.approx(2 / 3)  # per model
     assert any(v == pytest.approx(2 / 3) for k, v in runs["sample"].items() if "reward_mean" in k)
