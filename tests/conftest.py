@@ -104,35 +104,13 @@ def real_prefect_server(tmp_path_factory):
         yield server
 
 
-# The longest modules, longest first (seconds per module on a 2-core machine, fresh-clone run of
-# 2026-12-07; a hint for the order of work only: if it goes stale, the suite gets slower, not wrong).
-# The lease-bound fingerprint-lock module mostly waits, so it is paired with the busiest one.
-LONGEST_MODULES = (
-    "tests/test_dispatch_e2e.py",  # ~200
-    "tests/test_fingerprint_lock.py",  # ~157, mostly waiting out 60 s leases
-    "tests/test_multiprocess_training.py",  # ~171
-    "tests/test_resume_e2e.py",  # ~164
-    "tests/test_fsdp_training.py",  # ~108
-    "tests/test_checkpoint_sync_e2e.py",  # ~98
-    "tests/test_recipes_e2e.py",  # ~97
-    "tests/test_promotion_e2e.py",  # ~91
-    "tests/test_tracking_server_e2e.py",  # ~76
-    "tests/test_ui_screenshots.py",  # ~67
-)
-_renamed = [name for name in LONGEST_MODULES if not (REPO_ROOT / name).is_file()]
-assert not _renamed, f"LONGEST_MODULES names modules that are gone: {_renamed}"
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first (``LONGEST_MODULES``), then the other end-to-end modules, then the unit
-    modules; each module's tests kept together and in order.
+    """End-to-end modules first, each module's tests kept together and in order.
 
     ``make test`` runs the suite on two pytest-xdist workers, one module at a time per worker
-    (``--dist loadfile``), handing out modules in collection order (``--no-loadscope-reorder``). The
-    e2e modules take 10-200 s each and the unit modules a few seconds, so starting with the long ones
-    lets the short ones fill the end and both workers finish close together (the longest-first rule of
-    list scheduling)."""
-
+    (``--dist loadfile``), handing out modules in collection order. The e2e modules take 20-190 s
+    each and the unit modules a few seconds, so starting with the long ones lets the short ones fill
+    the end and both workers finish close together (the longest-first rule of list scheduling)."""
     def module(item) -> str:
         return item.nodeid.split("::")[0]
 
@@ -142,10 +120,5 @@ def pytest_collection_modifyitems(config, items):
         first_seen.setdefault(module(item), i)
         if item.get_closest_marker("e2e") is not None:
             e2e_modules.add(module(item))
-
-    def rank(item) -> tuple[int, int, int]:
-        name = module(item)
-        longest = LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
-        return longest, name not in e2e_modules, first_seen[name]
-
-    items.sort(key=rank)  # a stable sort: within a module the tests keep their order
+    # a stable sort: within a module the tests keep their order
+    items.sort(key=lambda item: (module(item) not in e2e_modules, first_seen[module(item)]))
