@@ -242,3 +242,16 @@ def test_extra_metrics_are_averaged_for_the_stage_summaries_leaving_out_rows_wit
     assert reward_metric_means(kept) == {"rewards.py:gsm8k_correct/has_number": 1.0}
     summary = SampleResult(kept, generated_tokens=6, generation_seconds=1.0).summary()
     assert summary["reward/rewards.py:gsm8k_correct/has_number"] == 1.0
+
+
+def test_an_edit_in_a_long_lived_process_scores_with_the_edited_code(task_dir):
+    """The scorer is cached by the code's digest: the code that scores is the code the fingerprint
+    names, also when a worker process lives on across an edit of the file or of a helper it imports."""
+    (task_dir / "parsing.py").write_text("FACTOR = 1.0\n")
+    scaled = "from parsing import FACTOR\n\ndef score(c, row):\n    return FACTOR\n"
+    (task_dir / "scaled.py").write_text(scaled)
+    source = _source(task_dir, "scaled.py:score")
+    first, _ = score_completions(_rows()[:1], [source], {}, on_invalid="fail", stage="s")
+    (task_dir / "parsing.py").write_text("FACTOR = 2.0\n")
+    again, _ = score_completions(_rows()[:1], [source], {}, on_invalid="fail", stage="s")
+    assert (first[0]["reward"], again[0]["reward"]) == (1.0, 2.0)

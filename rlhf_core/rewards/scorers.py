@@ -28,6 +28,7 @@ from rlhf_core.rewards.user_functions import (
     is_reference,
     load_function,
     parse_reference,
+    reference_digest,
 )
 
 
@@ -35,12 +36,16 @@ def reward_scorer(
     function: str, options: Mapping[str, Any] | None = None, *, verifier: bool = False
 ) -> BatchScorer:
     """The scorer ``function`` names (a registered name, ``file.py:fn`` with an absolute file, or
-    ``module:fn``), with ``options`` bound."""
-    return _scorer(function, json.dumps(dict(options or {}), sort_keys=True), verifier)
+    ``module:fn``), with ``options`` bound. A file's scorer is cached by the digest of its code (the
+    file and its local helpers), so an edit in a long-lived process scores with the edited code, the
+    code its fingerprint names."""
+    ref = parse_reference(function) if is_reference(function) else None
+    code = reference_digest(ref) if ref is not None and ref.file is not None and ref.file.is_file() else ""
+    return _scorer(function, json.dumps(dict(options or {}), sort_keys=True), verifier, code)
 
 
 @lru_cache(maxsize=256)
-def _scorer(function: str, options_json: str, verifier: bool) -> BatchScorer:
+def _scorer(function: str, options_json: str, verifier: bool, code: str) -> BatchScorer:
     options = json.loads(options_json)
     if is_reference(function):
         ref = parse_reference(function)

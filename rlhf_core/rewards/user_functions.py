@@ -128,11 +128,12 @@ def _imported_top_level_names(tree: ast.AST) -> set[str]:
 
 
 def _load_file_module(path: Path) -> ModuleType:
-    """Import a .py file, once per content; the helpers of its folder it imports are imported afresh
-    from that folder (another folder's module of the same name is not reused)."""
+    """Import a .py file, once per content of it and its local helpers (an edited helper is imported
+    again too); the helpers are imported afresh from its folder (another folder's module of the same
+    name is not reused)."""
     if not path.is_file():
         raise UserError(f"reward file {path} does not exist")
-    digest = _file_digest(path)
+    digest = _files_digest([path, *local_helpers(path)], path.parent)
     with _modules_lock:
         if (path, digest) in _loaded_files:
             return _loaded_files[(path, digest)]
@@ -287,16 +288,17 @@ def reference_digest(ref: FunctionReference) -> str:
             files = sorted(root.rglob("*.py"))
         else:
             root, files = top_path.parent, [top_path]
+    return _files_digest(files, root)
+
+
+def _files_digest(files: list[Path], root: Path) -> str:
+    """sha256 over (path relative to ``root``, content) of each file, in the order given."""
     h = hashlib.sha256()
     for path in files:
         h.update(str(path.resolve().relative_to(root)).encode())
         h.update(b"\0")
         h.update(path.read_bytes())
     return h.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
