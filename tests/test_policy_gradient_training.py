@@ -179,8 +179,11 @@ def test_settings_that_do_not_apply_are_refused():
     with pytest.raises(ValueError, match="epochs: not used by on-policy RL"):
         _stage("grpo", train={"epochs": 3})
     assert _stage("grpo", train={"max_steps": 2}).train.max_steps == 2  # caps rollouts x updates
-    with pytest.raises(ValueError, match="rollouts use the native decoding loop"):
+    with pytest.raises(ValueError, match="which engine transformers does not return; use native or vllm"):
         _stage("grpo", generation={"engine": "transformers"})
+    with pytest.raises(ValueError, match="with generation.engine: native there is none"):
+        _stage("grpo", tis_cap=2.0)
+    assert _stage("grpo", tis_cap=2.0, generation={"engine": "vllm"}).tis_cap == 2.0
     with pytest.raises(ValueError, match="do not split into 3 minibatches"):
         _stage("grpo", minibatches=3)  # 4 prompts x 8 = 32 completions
 

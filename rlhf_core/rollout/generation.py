@@ -34,9 +34,10 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.data.schemas import prompt_messages
 from rlhf_core.modeling.modes import eval_mode
+from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest
 
 logger = logging.getLogger(__name__)
-Engine = Literal["native", "transformers"]
+Engine = Literal["native", "transformers", "vllm"]
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is done
 
 
@@ -63,19 +64,39 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
-    engine: Engine = "native",
+    engine: Engine | RolloutEngine = "native",
+    top_k: int = 0,
 ) -> Generations:
     """``samples_per_prompt`` completions of each prompt (rendered with the chat template), prompt-major.
 
     ``batch_size`` counts sequences being decoded together (prompts x samples). Generation stops at
     the tokenizer's EOS or after ``max_new_tokens``. The model decodes in eval mode and is handed back
-    in the mode it came in.
+    in the mode it came in. ``engine`` names an in-process loop, or is an open rollout engine (vLLM:
+    :mod:`rlhf_core.rollout.engines`), which decodes with the weights it was last given.
     """
+    if not isinstance(engine, str):
+        request = SamplingRequest(max_new_tokens, temperature, top_p, top_k, tokenizer.eos_token_id)
+        return generate_with_engine(engine, tokenizer, prompts, samples_per_prompt, request, seed)
     with eval_mode(model):
         return _generate(
-            model, tokenizer, prompts, max_new_tokens, samples_per_prompt, temperature, top_p, batch_size,
-            seed, engine,
+            model, tokenizer, prompts, max_new_tokens, samples_per_prompt, temperature, top_p, top_k,
+            batch_size, seed, engine,
         )  # fmt: skip
+
+
+def generate_with_engine(
+    engine: RolloutEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list,
+    n: int,
+    request: SamplingRequest,
+    seed: int,
+) -> Generations:
+    """``generate`` through a rollout engine: the same prompts (chat template), texts and lengths."""
+    encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    out = engine.generate(encoded, n, request, seed)
+    texts = tokenizer.batch_decode(out.token_ids, skip_special_tokens=True)
+    return Generations([t.strip() for t in texts], [len(c) for c in out.token_ids])
 
 
 def _generate(
@@ -86,6 +107,7 @@ def _generate(
     n: int,
     temperature: float,
     top_p: float,
+    top_k: int,
     batch_size: int,
     seed: int,
     engine: Engine,
@@ -94,8 +116,12 @@ def _generate(
     if engine == "transformers":
         return _generate_with_transformers(
             model, tokenizer, [p for p in prompts for _ in range(n)], max_new_tokens, temperature, top_p,
-            batch_size, seed,
+            top_k, batch_size, seed,
         )  # fmt: skip
+    if engine != "native":
+        raise ValueError(
+            f"engine {engine!r} decodes out of process: open it first (rlhf_core.rollout.engines)"
+        )
     _warn_about_ignored_generation_config(model)
     device = next(model.parameters()).device
     encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -110,7 +136,7 @@ def _generate(
         )
         rows = decode_batch(
             model, [encoded[i] for i in batch], n, max_new_tokens, temperature, top_p,
-            tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+            tokenizer.eos_token_id, tokenizer.pad_token_id, generator, top_k,
         )  # fmt: skip
         for k, i in enumerate(batch):
             completions[i * n : (i + 1) * n] = rows[k * n : (k + 1) * n]
@@ -128,6 +154,7 @@ def decode_batch(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator,
+    top_k: int = 0,
 ) -> list[list[int]]:
     """New token ids (up to and including EOS) for ``n`` samples of each tokenized prompt, prompt-major."""
     device = next(model.parameters()).device
@@ -154,7 +181,7 @@ def decode_batch(
     finished = torch.zeros(len(row_of), dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in row_of]
     for step in range(max_new_tokens):
-        tokens = pick_tokens(logits, temperature, top_p, generator)  # (A,)
+        tokens = pick_tokens(logits, temperature, top_p, generator, top_k)  # (A,)
         for a, (token, done) in enumerate(zip(tokens.tolist(), finished.tolist(), strict=True)):
             if not done:
                 out[row_of[a]].append(token)
@@ -177,12 +204,18 @@ def decode_batch(
 
 
 def pick_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator, top_k: int = 0
 ) -> torch.Tensor:
-    """(A,) next tokens from (A, V) logits: greedy at T = 0, else nucleus sampling at temperature T."""
+    """(A,) next tokens from (A, V) logits: greedy at T = 0; else sampled from softmax(logits / T)
+    restricted to the ``top_k`` likeliest tokens (0: all), then to the smallest set whose mass reaches
+    ``top_p`` (renormalized after the top-k cut, the order vLLM applies them in)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]  # (A, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this token already >= p
@@ -198,6 +231,7 @@ def _generate_with_transformers(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    top_k: int,
     batch_size: int,
     seed: int,
 ) -> Generations:
@@ -213,7 +247,7 @@ def _generate_with_transformers(
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             sampling = {"do_sample": False}
             if temperature > 0:
-                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=seeds)))
             out = model.generate(
                 **enc,

@@ -21,6 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import ModelScorer, RewardSource, reward_metric_means, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
+from rlhf_core.rollout.engines.base import RolloutEngine
+from rlhf_core.rollout.engines.opening import VLLMSettings, open_engine
 from rlhf_core.rollout.generation import Engine, generate
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.stage_results import StageResult
@@ -36,9 +38,13 @@ class SamplingSettings(Protocol):
     @property
     def top_p(self) -> float: ...
     @property
+    def top_k(self) -> int: ...
+    @property
     def batch_size(self) -> int: ...  # sequences decoded together (prompts x samples)
     @property
     def engine(self) -> Engine: ...
+    @property
+    def vllm(self) -> VLLMSettings: ...
 
 
 class SampleSettings(Protocol):
@@ -102,7 +108,10 @@ def sample_and_score(stage: SampleSettings, inputs: SampleInputs, env: StageEnvi
     with a non-finite reward fails the stage or is dropped and reported (``stage.on_invalid_reward``)."""
     rows = inputs.prompt_rows[: stage.max_prompts] if stage.max_prompts else inputs.prompt_rows
     model, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
-    sampled, tokens, seconds = sample_completions(model, tokenizer, rows, stage.n, stage.generation, env.seed)
+    with open_engine(stage.generation, model, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
+        sampled, tokens, seconds = sample_completions(
+            model, tokenizer, rows, stage.n, stage.generation, env.seed, engine=engine
+        )
     scorers = load_reward_model_scorers(inputs.reward_model_dirs) | inputs.other_scorers
     kept, problems = score_completions(
         sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=env.stage
@@ -117,9 +126,11 @@ def sample_completions(
     n: int,
     cfg: SamplingSettings,
     seed: int,
+    engine: str | RolloutEngine | None = None,
 ) -> tuple[list[dict], int, float]:
     """N completions per prompt row, each row carrying every column of its prompt row; returns (rows
-    without scores, generated tokens, seconds)."""
+    without scores, generated tokens, seconds). ``engine``: an open rollout engine (default: the
+    in-process loop ``cfg.engine`` names)."""
     started = time.perf_counter()
     out = generate(  # prompt-major: the N samples of prompt i at i*N .. i*N+N-1
         model,
@@ -129,9 +140,10 @@ def sample_completions(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
+        top_k=cfg.top_k,
         batch_size=cfg.batch_size,
         seed=seed,
-        engine=cfg.engine,
+        engine=engine or cfg.engine,
     )
     seconds = time.perf_counter() - started
     rows = []

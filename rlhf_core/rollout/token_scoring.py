@@ -40,6 +40,7 @@ def sample_groups(
     top_p: float,
     batch_size: int,
     seed: int,
+    top_k: int = 0,
 ) -> list[list[int]]:
     """``group_size`` completions of each prompt (prompt-major), in eval mode, decoded in batches of about
     ``batch_size`` sequences."""
@@ -52,7 +53,7 @@ def sample_groups(
         for start in range(0, len(prompt_ids), per_batch):
             out += decode_batch(
                 policy, prompt_ids[start : start + per_batch], g, max_new_tokens, temperature, top_p,
-                tokenizer.eos_token_id, tokenizer.pad_token_id, generator,
+                tokenizer.eos_token_id, tokenizer.pad_token_id, generator, top_k,
             )  # fmt: skip
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from rlhf_core.errors import UserError
 
@@ -46,8 +46,8 @@ class RolloutEngine(Protocol):
         """``n`` samples of each prompt (token ids, chat template already applied)."""
         ...
 
-    def sync_weights(self) -> None:
-        """Make the engine decode with the policy's current weights."""
+    def sync_weights(self, model: Any) -> None:
+        """Make the engine decode with ``model``'s current weights (a PeftModel's adapters merged)."""
         ...
 
     def release_memory(self) -> None:

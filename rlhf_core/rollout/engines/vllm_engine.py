@@ -38,7 +38,7 @@ MAX_IN_FLIGHT = 256  # requests sent together; the engine's own scheduler batche
 
 
 class VLLMEngine:
-    """``with VLLMEngine(...) as engine: engine.generate(...)``; the policy object is read at each sync."""
+    """``with VLLMEngine(...) as engine: engine.generate(...)``; started from ``policy``'s weights."""
 
     name = "vllm"
 
@@ -77,8 +77,9 @@ class VLLMEngine:
             self._recover(error)
             return self._generate(prompt_ids, n, request, seed)
 
-    def sync_weights(self) -> None:
-        """The engine decodes with the policy's weights as they are now."""
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        """The engine decodes with ``model``'s weights as they are now (a PeftModel's merged)."""
+        write_engine_weights(model, self.checkpoint_dir)
         self._wake()
         try:
             self._reload()
@@ -134,7 +135,7 @@ class VLLMEngine:
         return [(list(c["token_ids"]), [float(x) for x in c["logprobs"]["token_logprobs"]]) for c in choices]
 
     def _reload(self) -> None:
-        write_engine_weights(self.policy, self.checkpoint_dir)
+        """The engine re-reads the weights file (which holds the last weights written)."""
         self.server.post(
             "/collective_rpc",
             {"method": "reload_weights", "kwargs": {"weights_path": str(self.checkpoint_dir)}},
@@ -157,7 +158,6 @@ class VLLMEngine:
                 f"{self.what}: the vLLM server died again after a restart. {self.server.diagnosis()}"
             ) from error
         self.restarted = True
-        write_engine_weights(self.policy, self.checkpoint_dir)
         self.server.restart()
         self.asleep = False
 

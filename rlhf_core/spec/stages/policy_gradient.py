@@ -191,6 +191,15 @@ class PolicyGradientStage(StageSpec):
             "(default: a quarter of max_new_tokens for dapo, off otherwise)."
         ),
     )
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Truncated importance sampling (book ch.6): weight each token's loss by min(pi_train / "
+            "pi_engine, C) to correct the engine/trainer mismatch; C here (2 in Open Instruct). Needs "
+            "generation.engine: vllm. The mismatch itself is logged whenever the engine is vllm."
+        ),
+    )
     truncated: Literal["penalty", "zero", "score"] = Field(
         default="penalty",
         description=(
@@ -234,10 +243,15 @@ class PolicyGradientStage(StageSpec):
             )
         if self.algorithm == "ppo" and self.kl.placement == "loss":
             raise ValueError("ppo puts the KL penalty in the per-token reward: remove kl.placement: loss")
-        if self.generation.engine != "native":
+        if self.generation.engine == "transformers":
             raise ValueError(
-                "generation.engine: rollouts use the native decoding loop (it returns the sampled token ids "
-                "the update trains on); remove engine: transformers"
+                "generation.engine: rollouts need the sampled token ids the update trains on, which "
+                "engine transformers does not return; use native or vllm"
+            )
+        if self.tis_cap is not None and self.generation.engine != "vllm":
+            raise ValueError(
+                "tis_cap corrects the mismatch between a separate rollout engine and the trainer; with "
+                f"generation.engine: {self.generation.engine} there is none: set engine: vllm or drop tis_cap"
             )
         if self.overlong_cache is not None and self.overlong_cache > self.generation.max_new_tokens:
             raise ValueError("overlong_cache must not exceed generation.max_new_tokens")

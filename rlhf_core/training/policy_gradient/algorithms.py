@@ -80,7 +80,8 @@ class Settings:
                 else rollout_defaults(stage).dynamic_sampling
             ),
             updates_per_rollout=updates,
-            need_old_pass=updates > 1 or kl_at_rollout,
+            # a separate engine's mismatch is measured against pi_old at the rollout
+            need_old_pass=updates > 1 or kl_at_rollout or stage.generation.engine != "native",
         )
 
 

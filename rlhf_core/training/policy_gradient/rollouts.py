@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.errors import UserError
 from rlhf_core.losses.policy_gradient import soft_overlong_penalty
 from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest
 from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups, score_tokens
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
@@ -77,6 +78,7 @@ class Samples:
     source_scores: dict[str, list[float]]  # NaN where a source did not score the completion
     texts: list[str]
     prompts: list[Any]
+    engine_logps: list[list[float]] | None = None  # the rollout engine's log pi per sampled token
 
     @property
     def lengths(self) -> list[int]:
@@ -95,6 +97,7 @@ class Samples:
             {name: [scores[i] for i in rows] for name, scores in self.source_scores.items()},
             [self.texts[i] for i in rows],
             [self.prompts[i] for i in rows],
+            None if self.engine_logps is None else [self.engine_logps[i] for i in rows],
         )
 
     @staticmethod
@@ -115,6 +118,9 @@ class Samples:
             },
             [x for p in parts for x in p.texts],
             [x for p in parts for x in p.prompts],
+            None
+            if any(p.engine_logps is None for p in parts)
+            else [x for p in parts for x in p.engine_logps],
         )
 
 
@@ -129,6 +135,7 @@ class Rollout:
     ref_logps: torch.Tensor | None  # (N, T)
     values: torch.Tensor | None  # (N, T) PPO value model
     metrics: dict[str, float] = field(default_factory=dict)
+    engine_logps: torch.Tensor | None = None  # (N, T) the rollout engine's log-probs (None: native loop)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -234,15 +241,25 @@ def sample_and_reward(
     stage: PolicyGradientStage,
     reward_fn: RewardFn,
     seed: int,
+    engine: RolloutEngine | None = None,
 ) -> Samples:
-    """G completions of each prompt ``records[i]``, decoded by the policy and rewarded."""
+    """G completions of each prompt ``records[i]``, decoded by the policy (in-process) or by the rollout
+    ``engine`` (which keeps its own log-probs of the sampled tokens), and rewarded."""
     prompts = [records[i]["prompt"] for i in prompt_indices]
     encoded = encode_prompts(tokenizer, prompts)
-    gen = stage.generation
-    completions = sample_groups(
-        policy, tokenizer, encoded, stage.effective_group_size, max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed,
-    )  # fmt: skip
+    gen, engine_logps = stage.generation, None
+    if engine is None:
+        completions = sample_groups(
+            policy, tokenizer, encoded, stage.effective_group_size, max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size, seed=seed,
+            top_k=gen.top_k,
+        )  # fmt: skip
+    else:
+        request = SamplingRequest(
+            gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, tokenizer.eos_token_id
+        )
+        out = engine.generate(encoded, stage.effective_group_size, request, seed)
+        completions, engine_logps = out.token_ids, out.logprobs
     groups = [k // stage.effective_group_size for k in range(len(completions))]
     truncated = [c[-1] != tokenizer.eos_token_id for c in completions]
     texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
@@ -253,7 +270,7 @@ def sample_and_reward(
     rewards, per_source = reward_completions(rows, truncated, stage, reward_fn)
     return Samples(
         [encoded[k] for k in groups], completions, groups, truncated, rewards, per_source, texts,
-        [prompts[k] for k in groups],
+        [prompts[k] for k in groups], engine_logps,
     )  # fmt: skip
 
 
@@ -273,4 +290,8 @@ def score_rollout(
         policy, reference, value_model, samples.prompt_ids, samples.completion_ids, samples.groups,
         pad_token_id, shared_prefix, batch_size, need_old,
     )  # fmt: skip
-    return Rollout(samples, old, entropy, ref, values)
+    engine_logps = None
+    if samples.engine_logps is not None:
+        width = max(samples.lengths)
+        engine_logps = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in samples.engine_logps])
+    return Rollout(samples, old, entropy, ref, values, engine_logps=engine_logps)

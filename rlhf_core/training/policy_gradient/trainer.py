@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.errors import NonFiniteLossError, UserError
 from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.losses.advantages import all_equal_groups
+from rlhf_core.losses.importance_correction import mismatch_metrics, truncated_importance_weights
 from rlhf_core.losses.kl import kl_per_token
 from rlhf_core.losses.masking import aggregate_loss, masked_mean
 from rlhf_core.losses.policy_gradient import clipped_value_loss
@@ -48,6 +49,8 @@ from rlhf_core.modeling.completion_scoring import (
     to_grid,
     value_token_values,
 )
+from rlhf_core.rollout.engines.base import RolloutEngine
+from rlhf_core.rollout.engines.opening import open_engine
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
@@ -117,8 +120,11 @@ class PolicyGradientTrainer:
         value_model: PreTrainedModel | None,
         log: LogFn | None,
         log_samples: SampleLogFn | None,
+        engine: RolloutEngine | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
+        self.engine = engine  # None: the native loop decodes with the policy itself
+        self.engine_weights_step: int | None = None  # the optimizer step whose weights the engine holds
         self.reward_fn, self.seed, self.stage_name = self._timed(reward_fn), seed, stage_name
         self.reward_seconds = 0.0  # of the rollout being collected
         self.reference, self.value_model, self.log_samples = reference, value_model, log_samples
@@ -163,6 +169,7 @@ class PolicyGradientTrainer:
     def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
+        sync_seconds = self.sync_engine(step)
         started, self.reward_seconds = time.perf_counter(), 0.0
         kept: list[Samples] = []
         wanted, rounds, dropped = stage.prompts_per_rollout, 0, 0
@@ -170,7 +177,7 @@ class PolicyGradientTrainer:
             take = self.prompts.take(wanted if rounds == 0 else stage.prompts_per_rollout)
             samples = sample_and_reward(
                 self.policy, self.tokenizer, self.records, take, stage, self.reward_fn,
-                seed=self.seed * 1_000_003 + index * 1_009 + rounds,
+                seed=self.seed * 1_000_003 + index * 1_009 + rounds, engine=self.engine,
             )  # fmt: skip
             rounds += 1
             if not settings.dynamic_sampling:
@@ -211,6 +218,10 @@ class PolicyGradientTrainer:
             "time/scoring_s": scored - sampled,
             "sampling_rounds": float(rounds), "dropped_groups": float(dropped),
         }  # fmt: skip
+        if self.engine is not None:
+            rollout.metrics["time/weight_sync_s"] = sync_seconds
+            rollout.metrics |= engine_mismatch_metrics(rollout, stage.tis_cap)
+            self.engine.release_memory()  # the device is the trainer's until the next rollout
         if "kl" in kl_metrics:
             self.controller.update(kl_metrics["kl"], len(samples.lengths))
         self.buffer.index, self.buffer.rollout = index, rollout
@@ -220,6 +231,15 @@ class PolicyGradientTrainer:
             self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
+
+    def sync_engine(self, step: int) -> float:
+        """Hand the rollout engine the policy's weights unless it holds this step's already; seconds."""
+        if self.engine is None or self.engine_weights_step == step:
+            return 0.0
+        started = time.perf_counter()
+        self.engine.sync_weights(self.policy)  # LoRA adapters merged
+        self.engine_weights_step = step
+        return time.perf_counter() - started
 
     def minibatch(self, rollout_index: int, update: int) -> list[int]:
         n = len(self.buffer.rollout.samples.lengths)
@@ -277,6 +297,9 @@ class PolicyGradientTrainer:
             advantages = advantages[:, :width]
         result = policy_loss(settings, logps, old, advantages, mask)
         per_token = result.per_token
+        if stage.tis_cap is not None and rollout.engine_logps is not None:  # pi_old / pi_engine, capped
+            engine_logps = rollout.engine_logps[ids, :width].to(device)
+            per_token = per_token * truncated_importance_weights(old, engine_logps, mask, stage.tis_cap)
         beta = self.controller.beta
         kl_k1 = None
         if rollout.ref_logps is not None:
@@ -308,6 +331,16 @@ class PolicyGradientTrainer:
         stats["loss"] = float(loss.detach())
         real_tokens = sum(len(samples.prompt_ids[i]) + samples.lengths[i] for i in ids)
         return loss, stats, real_tokens
+
+
+def engine_mismatch_metrics(rollout: Rollout, tis_cap: float | None) -> dict[str, float]:
+    """``mismatch/...`` of a rollout the engine sampled: how far its log-probs are from pi_old's."""
+    if rollout.engine_logps is None or rollout.old_logps is None:
+        return {}
+    width = rollout.old_logps.shape[1]
+    engine = torch.nn.functional.pad(rollout.engine_logps, (0, width - rollout.engine_logps.shape[1]))
+    metrics = mismatch_metrics(rollout.old_logps, engine, rollout.mask[:, :width], tis_cap)
+    return {f"mismatch/{k}": v for k, v in metrics.items()}
 
 
 def sample_rows(rollout: Rollout, index: int, limit: int = 16) -> list[dict]:
@@ -351,11 +384,13 @@ def train_policy_gradient(
     log: LogFn | None = None,
     log_samples: SampleLogFn | None = None,
     monitor_inputs: MonitorInputs | None = None,
+    engine: RolloutEngine | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel | None, PolicyGradientResult]:
     """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, result).
 
     ``records`` are prompt rows (``prompt`` and whatever the reward functions read, e.g. ``answer``).
-    ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. With
+    ``value_model`` (PPO) is a one-output sequence classifier trained with the policy. ``engine``: an
+    open rollout engine that samples the rollouts (given the policy's weights before each one). With
     ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
     and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``result.monitor``
     says so.
@@ -368,7 +403,7 @@ def train_policy_gradient(
     reference = reference_provider(policy, stage, reference_model)
     trainer = PolicyGradientTrainer(
         policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
-        reference=reference, value_model=value_model, log=log, log_samples=log_samples,
+        reference=reference, value_model=value_model, log=log, log_samples=log_samples, engine=engine,
     )  # fmt: skip
     trained_modules: torch.nn.Module = policy
     if value_model is not None:
@@ -483,12 +518,13 @@ def optimize_on_rollouts(
             stage.monitor, stage.monitor_proxy, inputs.monitor_rows or [], inputs.monitor_model_dirs,
             env.checkpoint_dir / "monitor", env.stage, loaded=scorers,
         )  # fmt: skip
-    trained, _, result = train_policy_gradient(
-        policy, tokenizer, inputs.prompt_rows, stage, reward_fn, seed=env.seed,
-        checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
-        value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
-        monitor_inputs=monitor_inputs,
-    )  # fmt: skip
+    with open_engine(stage.generation, policy, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
+        trained, _, result = train_policy_gradient(
+            policy, tokenizer, inputs.prompt_rows, stage, reward_fn, seed=env.seed,
+            checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
+            value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
+            monitor_inputs=monitor_inputs, engine=None if isinstance(engine, str) else engine,
+        )  # fmt: skip
     result.model, result.tokenizer = trained, tokenizer
     return result
 
