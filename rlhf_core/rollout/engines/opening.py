@@ -69,6 +69,7 @@ def server_settings(vllm: VLLMSettings) -> ServerSettings:
         cpu_kv_cache_gib=vllm.cpu_kv_cache_gib,
         max_num_seqs=vllm.max_num_seqs,
         enable_sleep_mode=cuda and vllm.placement == "colocated",
+        chunked_prefill=cuda,
         cpu_threads=vllm.cpu_threads,
         devices=vllm.devices if vllm.placement == "server" else None,
         extra_args=tuple(vllm.extra_args),

@@ -42,6 +42,9 @@ class ServerSettings:
     cpu_kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE, on CPU only
     max_num_seqs: int | None = None
     enable_sleep_mode: bool = False
+    # vLLM 0.32 on CPU crashes a seeded request whose prefill is split across steps ("CPU Generator does
+    # not use offset", when it rewinds the request's generator): prefills are never split there
+    chunked_prefill: bool = True
     host: str = "127.0.0.1"
     port: int | None = None  # None: a free port
     cpu_threads: int | None = None  # OMP threads of a CPU engine; None: vLLM's choice
@@ -94,6 +97,8 @@ class VLLMServer:
             args += ["--max-num-seqs", str(s.max_num_seqs)]
         if s.enable_sleep_mode:
             args.append("--enable-sleep-mode")
+        if not s.chunked_prefill:
+            args.append("--no-enable-chunked-prefill")
         return args + list(s.extra_args)
 
     def environment(self) -> dict[str, str]:

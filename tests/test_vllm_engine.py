@@ -1,0 +1,224 @@
+"""The vLLM rollout engine against the native loop, with one real vLLM server for the module.
+
+What must hold (issue 19): greedy decoding equals the native loop token for token (fp32); sampled tokens
+follow the model's distribution after temperature, top-k and top-p; a weight sync makes the engine decode
+with the new weights (output changes, and equals native on them); EOS ends a completion and is kept;
+max_new_tokens caps it; the engine's log-probs are the trainer's to float rounding, and perturbed engine
+weights show up in the mismatch metrics and the TIS weights; a dead server is restarted once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+
+import pytest
+import torch
+from scipy import stats
+
+from rlhf_core.losses.importance_correction import mismatch_metrics, truncated_importance_weights
+from rlhf_core.modeling.completion_scoring import completion_mask
+from rlhf_core.modeling.models import build_tiny_model
+from rlhf_core.rollout.engines.base import EngineError, SamplingRequest
+from rlhf_core.rollout.engines.opening import server_settings
+from rlhf_core.rollout.engines.vllm_engine import VLLMEngine, check_head_size
+from rlhf_core.rollout.engines.vllm_environment import vllm_python
+from rlhf_core.rollout.generation import decode_batch
+from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
+from rlhf_core.spec import TinyModelSource
+from rlhf_core.spec.engines import VLLMSpec
+from tests.engine_environment import TEST_VLLM, require_vllm
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny(one_torch_thread):
+    model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=64, heads=2, layers=2), seed=0)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def started(tiny, tmp_path_factory):
+    require_vllm()
+    model, tokenizer = tiny
+    settings = server_settings(VLLMSpec(**TEST_VLLM))
+    log = tmp_path_factory.mktemp("engine") / "vllm-server.log"
+    with VLLMEngine(
+        model, tokenizer, vllm_python(), settings, what="stage 't', engine vllm", log_path=log
+    ) as e:
+        yield e
+
+
+@pytest.fixture
+def engine(started, tiny):
+    """The module's engine holding the tiny model's own weights at the start of each test."""
+    started.sync_weights(tiny[0])
+    return started
+
+
+PROMPTS = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 9), (2, 2), (7, 1), (6, 3), (8, 8), (4, 0)]]
+
+
+def _native_greedy(model, tokenizer, prompt_ids, max_new_tokens):
+    g = torch.Generator().manual_seed(0)
+    return decode_batch(model, prompt_ids, 1, max_new_tokens, 0.0, 1.0, tokenizer.eos_token_id,
+                        tokenizer.pad_token_id, g)  # fmt: skip
+
+
+def _greedy(max_new_tokens, eos):
+    return SamplingRequest(max_new_tokens, 0.0, eos_token_id=eos)
+
+
+def test_greedy_decoding_equals_the_native_loop_token_for_token(engine, tiny):
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS)
+    out = engine.generate(ids, 1, _greedy(24, tokenizer.eos_token_id), seed=0)
+    assert out.token_ids == _native_greedy(model, tokenizer, ids, 24)
+    assert [len(lp) for lp in out.logprobs] == [len(t) for t in out.token_ids]
+
+
+def test_the_engines_logprobs_are_the_trainers_to_float_rounding(engine, tiny):
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS)
+    out = engine.generate(ids, 2, SamplingRequest(16, 1.0, eos_token_id=tokenizer.eos_token_id), seed=3)
+    prompts = [p for p in ids for _ in range(2)]
+    old, *_ = score_tokens(model, None, None, prompts, out.token_ids, list(range(len(prompts))),
+                           tokenizer.pad_token_id, False, 16)  # fmt: skip
+    engine_grid = _grid(out.logprobs, old.shape[1])
+    mask = completion_mask([len(t) for t in out.token_ids], old.shape[1], "cpu")
+    assert float((old - engine_grid).abs()[mask].max()) < 1e-4
+    metrics = mismatch_metrics(old, engine_grid, mask, cap=2.0)
+    assert abs(metrics["kl_k1"]) < 1e-5 and metrics["kl_k3"] < 1e-8
+    assert metrics["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["tis_capped_share"] == 0
+
+
+def _grid(rows, width):
+    return torch.tensor([r + [float("nan")] * (width - len(r)) for r in rows])  # garbage in the padding
+
+
+def test_a_weight_sync_changes_the_output_to_what_native_decodes_from_the_new_weights(engine, tiny):
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS)
+    before = engine.generate(ids, 1, _greedy(24, tokenizer.eos_token_id), seed=0).token_ids
+    updated = _perturbed(model, scale=0.5, seed=1)
+    engine.sync_weights(updated)
+    after = engine.generate(ids, 1, _greedy(24, tokenizer.eos_token_id), seed=0).token_ids
+    assert after != before
+    assert after == _native_greedy(updated, tokenizer, ids, 24)
+
+
+def _perturbed(model, scale, seed):
+    """A copy of ``model`` with every weight moved by N(0, (scale * its std)^2)."""
+    copied = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    return copied
+
+
+def test_perturbed_engine_weights_show_in_the_mismatch_and_the_importance_weights(engine, tiny):
+    """The trainer keeps the true weights; the engine samples from perturbed ones (a stand-in for a
+    sampler whose numerics differ): the logged KL and the TIS weights must react, growing with the
+    perturbation, and the cap must bound every weight."""
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS)
+    prompts = [p for p in ids for _ in range(4)]
+    found = []
+    for scale in (0.0, 0.1, 3.0):
+        engine.sync_weights(_perturbed(model, scale, seed=2))
+        out = engine.generate(ids, 4, SamplingRequest(16, 1.0, eos_token_id=tokenizer.eos_token_id), seed=5)
+        old, *_ = score_tokens(model, None, None, prompts, out.token_ids, list(range(len(prompts))),
+                               tokenizer.pad_token_id, False, 32)  # fmt: skip
+        engine_grid = _grid(out.logprobs, old.shape[1])
+        mask = completion_mask([len(t) for t in out.token_ids], old.shape[1], "cpu")
+        weights = truncated_importance_weights(old, engine_grid, mask, cap=2.0)
+        assert float(weights.max()) <= 2.0 and float(weights[~mask].abs().max()) == 0.0
+        found.append(mismatch_metrics(old, engine_grid, mask, cap=2.0))
+    kl = [m["kl_k3"] for m in found]
+    assert kl[0] < 1e-8 < kl[1] < kl[2], kl
+    assert found[2]["kl_k1"] > 1e-3 and found[2]["tis_capped_share"] > 0
+    assert abs(found[2]["tis_weight_mean"] - 1.0) > abs(found[0]["tis_weight_mean"] - 1.0)
+
+
+def test_eos_ends_a_completion_and_is_kept_and_max_new_tokens_caps_it(engine, tiny):
+    model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    ids = encode_prompts(tokenizer, PROMPTS)
+    out = engine.generate(ids, 2, SamplingRequest(12, 1.0, eos_token_id=eos), seed=0)
+    for tokens in out.token_ids:
+        assert 1 <= len(tokens) <= 12
+        assert eos not in tokens[:-1]  # nothing after an EOS
+        assert tokens[-1] == eos or len(tokens) == 12
+    short = engine.generate(ids, 2, SamplingRequest(3, 1.0, eos_token_id=eos), seed=0)
+    assert all(len(t) <= 3 for t in short.token_ids)
+    engine.sync_weights(_always(model, eos))
+    assert engine.generate(ids, 1, _greedy(12, eos), seed=0).token_ids == [[eos]] * len(ids)
+    engine.sync_weights(_always(model, 7))  # a policy that never says EOS
+    assert engine.generate(ids, 1, _greedy(5, eos), seed=0).token_ids == [[7] * 5] * len(ids)
+
+
+def _always(model, token_id):
+    """A copy of ``model`` whose greedy next token is always ``token_id``: the blocks add nothing to the
+    residual stream, every embedding is all ones, and only ``token_id``'s output row is non-zero."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in copied.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        copied.model.embed_tokens.weight.fill_(1.0)
+        copied.model.norm.weight.fill_(1.0)
+        copied.lm_head.weight.zero_()
+        copied.lm_head.weight[token_id] = 1.0
+    return copied
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 6, 1.0), (0.7, 0, 0.5), (1.3, 10, 0.8)])
+def test_sampled_tokens_follow_the_models_distribution(engine, tiny, temperature, top_k, top_p):
+    """4000 one-token samples of one prompt against softmax(logits / T) restricted by top-k, then top-p
+    (renormalized): a chi-square test at significance 1e-4 (a correct engine fails it once in 10,000
+    runs), and no sample outside the allowed set."""
+    model, tokenizer = tiny
+    (prompt,) = encode_prompts(tokenizer, ["What is 3 + 5?"])
+    expected = _allowed_distribution(model, prompt, temperature, top_k, top_p)
+    request = SamplingRequest(1, temperature, top_p, top_k)  # no EOS: every sample is one token
+    out = engine.generate([prompt] * 40, 100, request, seed=11)
+    counts = torch.bincount(torch.tensor([t[0] for t in out.token_ids]), minlength=len(expected)).double()
+    allowed = expected > 0
+    assert counts[~allowed].sum() == 0, "sampled a token outside the top-k / top-p set"
+    _, p_value = stats.chisquare(counts[allowed].numpy(), (expected[allowed] * counts.sum()).numpy())
+    assert p_value > 1e-4, f"p = {p_value:.2e} over {int(allowed.sum())} tokens"
+
+
+@torch.no_grad()
+def _allowed_distribution(model, prompt, temperature, top_k, top_p):
+    logits = model(input_ids=torch.tensor([prompt])).logits[0, -1].double() / temperature
+    if top_k:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(0) - ordered < top_p
+    probs = torch.zeros_like(probs).scatter(0, order, ordered * keep)
+    return probs / probs.sum()
+
+
+def test_a_dead_server_is_restarted_once_then_the_stage_fails(engine, tiny):
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS[:2])
+    expected = engine.generate(ids, 1, _greedy(8, tokenizer.eos_token_id), seed=0).token_ids
+    os.killpg(engine.server.process.pid, signal.SIGKILL)
+    assert engine.generate(ids, 1, _greedy(8, tokenizer.eos_token_id), seed=0).token_ids == expected
+    assert engine.restarted
+    os.killpg(engine.server.process.pid, signal.SIGKILL)
+    with pytest.raises(EngineError, match=r"stage 't', engine vllm: the vLLM server died again"):
+        engine.generate(ids, 1, _greedy(8, tokenizer.eos_token_id), seed=0)
+    engine.restarted = False  # give the module's engine back alive for any test after this one
+    engine.server.restart()
+
+
+def test_a_head_size_the_cpu_engine_cannot_run_is_refused_before_starting(one_torch_thread):
+    model, _ = build_tiny_model(TinyModelSource(hidden_size=64, heads=4, layers=1), seed=0)  # head size 16
+    with pytest.raises(EngineError, match=r"stage 'x', engine vllm: the model's attention head size is 16"):
+        check_head_size(model, "stage 'x', engine vllm")
