@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test install install-test install-server lint
+.PHONY: quickstart test install install-test install-server install-engine lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install-server: $(BIN)/python
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 
+# the vLLM rollout engine in its own environment (engine: vllm; its pins conflict with prefect's), under
+# the user cache; a no-op when it is there already
+install-engine: install
+	$(BIN)/rlhf engine install vllm
+
 quickstart: install
 	$(BIN)/rlhf run recipes/quickstart.yaml
 
@@ -28,7 +33,7 @@ quickstart: install
 # (tests/conftest.py puts the long end-to-end modules first); TEST_WORKERS=0 runs the suite in this one
 # process.
 TEST_WORKERS ?= 2
-test: install-test
+test: install-test install-engine
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install-test

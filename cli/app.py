@@ -366,6 +366,9 @@ app.command()(reproduce)
 from cli.pool_commands import pools_app  # noqa: E402  (rlhf pools create/template)
 
 app.add_typer(pools_app, name="pools")
+from cli.engine_commands import engine_app  # noqa: E402  (rlhf engine install/status)
+
+app.add_typer(engine_app, name="engine")
 # --- (end) ---
 
 

@@ -222,3 +222,44 @@ def test_a_head_size_the_cpu_engine_cannot_run_is_refused_before_starting(one_to
     model, _ = build_tiny_model(TinyModelSource(hidden_size=64, heads=4, layers=1), seed=0)  # head size 16
     with pytest.raises(EngineError, match=r"stage 'x', engine vllm: the model's attention head size is 16"):
         check_head_size(model, "stage 'x', engine vllm")
+
+
+def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mismatch(engine, tiny, tmp_path):
+    """The on-policy trainer with the engine: one weight sync per rollout (the policy changed in between),
+    the mismatch to pi_old at float-rounding level (same weights, fp32), TIS weights of 1, and training
+    that moves the weights."""
+    from rlhf_core.data.synthetic import synthetic_records
+    from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+    from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model).train()
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    stage = PolicyGradientStage.model_validate({
+        "kind": "policy_gradient", "algorithm": "grpo", "policy": "p", "prompts": "data.prompts",
+        "rewards": [{"function": "answer_format"}], "rollouts": 3, "prompts_per_rollout": 4, "group_size": 4,
+        "truncated": "score", "tis_cap": 2.0, "train": {"lr": 1e-2, "log_every": 1},
+        "generation": {"max_new_tokens": 6, "temperature": 1.0, "engine": "vllm", "vllm": TEST_VLLM},
+    })  # fmt: skip
+    logged: dict[int, dict] = {}
+    syncs = engine.syncs
+
+    def digit_share(rows):
+        rewards = [sum(ch.isdigit() for ch in r["completion"]) / max(1, len(r["completion"])) for r in rows]
+        return rewards, {"digits": rewards}
+
+    trained, _, result = train_policy_gradient(
+        policy, tokenizer, synthetic_records("arithmetic", "prompts", n=16, seed=0), stage, digit_share,
+        seed=0, checkpoint_dir=tmp_path, log=lambda m, step: logged.setdefault(step, {}).update(m),
+        engine=engine,
+    )  # fmt: skip
+    assert engine.syncs - syncs == 3
+    rollouts = [m for m in logged.values() if "rollout/mismatch/kl_k3" in m]
+    assert len(rollouts) == 3
+    for metrics in rollouts:
+        assert metrics["rollout/mismatch/kl_k3"] < 1e-8
+        assert abs(metrics["rollout/mismatch/kl_k1"]) < 1e-5
+        assert metrics["rollout/mismatch/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert metrics["rollout/time/weight_sync_s"] > 0
+    moved = max(float((trained.state_dict()[k] - v).abs().max()) for k, v in start.items())
+    assert moved > 0 and result.rollouts == 3

@@ -21,6 +21,7 @@ the same quantity the trainer computes (so their difference is the train/inferen
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +56,9 @@ class VLLMEngine:
         weights_root: Path | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.what, self.sleeps = policy, tokenizer, what, sleeps
-        root = weights_root or shared_memory_dir()
-        self.checkpoint_dir = Path(tempfile.mkdtemp(prefix="rlhf-engine-", dir=root))
+        root = weights_root or shared_memory_dir() or Path(tempfile.gettempdir())
+        remove_stale_checkpoints(root)
+        self.checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-", dir=root))
         self.server = VLLMServer(python, self.checkpoint_dir, settings, log_path, what=what)
         self.asleep = False
         self.restarted = False
@@ -191,6 +193,28 @@ def check_head_size(model: PreTrainedModel, what: str) -> None:
 
 
 CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
+
+
+CHECKPOINT_PREFIX = "rlhf-engine-"  # rlhf-engine-<pid of the stage's process>-<random>
+
+
+def remove_stale_checkpoints(root: Path) -> None:
+    """Remove the engine checkpoints of processes that are gone (a killed stage cannot clean up; under
+    /dev/shm each holds a model's weights in memory)."""
+    for directory in root.glob(f"{CHECKPOINT_PREFIX}*-*"):
+        pid = directory.name.removeprefix(CHECKPOINT_PREFIX).split("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shared_memory_dir() -> Path | None:
