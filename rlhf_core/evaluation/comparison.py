@@ -4,10 +4,12 @@ compared with the baseline.
 1. Each model in ``stage.models`` is evaluated on its own
    (:func:`~rlhf_core.evaluation.evaluate.evaluate_model`): NLL, accuracy, pass@k, reward means,
    lengths, and the KL to the reference (``stage.reference``, by default the baseline; the reference
-   itself is at KL 0 by definition).
+   itself is at KL 0 by definition). A model's generating parts with ``engine: vllm`` share one vLLM
+   engine started from that model (its log: ``<work dir>/vllm-server.log``).
 2. With a ``baseline`` and ``win_rate``, every other model's answer to each prompt is judged against
    the baseline's answer to the same prompt, by each judge (:mod:`rlhf_core.evaluation.win_rate`;
    an endpoint judge: :mod:`rlhf_core.judging.endpoint_stage_judges`). The baseline gets no win rate.
+   A policy judge decodes with the native loop (its spec has no engine setting).
 
 The report is {model: {metric: value}}; every figure comes with ``_ci_low``, ``_ci_high`` and ``_n``.
 Entry point: :func:`compare_models` (``run(stage, inputs, env)``).
@@ -103,7 +105,7 @@ def compare_models(stage: EvaluateStage, inputs: EvaluationInputs, env: StageEnv
         evaluation = evaluate_model(
             model_dir, revision, eval_rows, prompt_rows, stage, inputs.reward_model_dirs, env.seed,
             stage_name=env.stage, prompts_source=inputs.prompts_source,
-            reference=loaded if needs_kl else None, cache_dir=env.cache_dir,
+            reference=loaded if needs_kl else None, cache_dir=env.cache_dir, log_dir=env.work_dir,
         )  # fmt: skip
         if ref_name == name and evaluation.rows:
             evaluation.metrics |= reference_itself(len(evaluation.rows))

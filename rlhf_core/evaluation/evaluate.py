@@ -12,16 +12,21 @@ means, response lengths, KL to the reference, best-of-N, samples.
   reward models), the top one checked by the verifier (``rlhf_core.selection.best_of_n``).
 
 Every figure comes with a seeded 95% bootstrap interval and its sample count (``interval_metrics``).
+The answers, pass@k and best-of-N decode with the engine their settings name, one vLLM engine per model
+serving all of them (:mod:`rlhf_core.evaluation.engine_choice`); the held-out loss and the KL need the
+model's own forward and always run in process.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
+from rlhf_core.evaluation.engine_choice import Decoder, decoder_of, open_evaluation_engine
 from rlhf_core.evaluation.kl import kl_to_reference
 from rlhf_core.evaluation.metrics import heldout_loss, length_metrics, verifiable_accuracy
 from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
@@ -79,6 +84,7 @@ def evaluate_model(
     prompts_source: str = "prompts",
     reference: Reference | None = None,
     cache_dir: Path | None = None,
+    log_dir: Path | None = None,
 ) -> ModelEvaluation:
     """Figures (``eval/...``), table samples and answers of one model.
 
@@ -87,7 +93,9 @@ def evaluate_model(
     holds the reward models of ``stage.rewards``, of best-of-N and of the win-rate judges by source name
     (``rm:<stage>``). With ``reference``, the KL to it is measured on the prompts.
     ``prompts_source`` names the prompts in errors, e.g. "data.prompts (eval split)". ``cache_dir`` holds
-    the verdict cache of endpoint judges among the reward sources (they need one).
+    the verdict cache of endpoint judges among the reward sources (they need one). The parts that
+    generate share one engine (:mod:`rlhf_core.evaluation.engine_choice`); a vLLM engine writes its log
+    into ``log_dir`` (default: the temporary directory).
     """
     prompt_rows = prompt_rows[: stage.max_prompts]
     if "answer" in reads_columns(stage.verifier):
@@ -96,43 +104,72 @@ def evaluate_model(
     model, tokenizer = load_model(model_dir, revision=revision)
     result = ModelEvaluation({})
     metrics = result.metrics
-    if eval_rows:
+    if eval_rows:  # the model's own forward: never through an engine
         metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length, seed=seed))
     scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
     if cache_dir is not None:  # judges behind endpoints among the reward sources (verdicts cached there)
         sources = (*answer_sources(stage), *(stage.best_of_n.rewards if stage.best_of_n else ()))
         scorers |= reward_scorers(sources, cache_dir, stage_name)
-    if prompt_rows:
-        gen = stage.generation
-        accuracy = verifiable_accuracy(
-            model, tokenizer, prompt_rows, verifier, max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature, batch_size=gen.batch_size, seed=seed, engine=gen.engine,
-        )  # fmt: skip
-        metrics["eval/accuracy"] = accuracy.accuracy
-        metrics |= interval_metrics("eval/accuracy", [float(r["correct"]) for r in accuracy.rows], seed)
-        metrics |= length_metrics([int(r["new_tokens"]) for r in accuracy.rows], seed)
-        result.rows, result.samples = accuracy.rows, accuracy.rows[: stage.samples_in_table]
-        sources = answer_sources(stage)
-        if sources:
-            result.rows = score_answers(accuracy.rows, prompt_rows, sources, scorers, stage_name)
-            metrics |= completion_rewards(result.rows, stage, seed)
-    if stage.pass_at_k is not None and prompt_rows:
-        correct = sample_and_verify(model, tokenizer, prompt_rows, stage.pass_at_k, verifier, seed)
-        metrics |= pass_at_k_metrics(correct, stage.pass_at_k.k, seed)
+    with open_evaluation_engine(
+        stage, model, tokenizer, generates=bool(prompt_rows), stage_name=stage_name,
+        log_dir=log_dir or Path(tempfile.gettempdir()),
+    ) as engine:  # fmt: skip
+        if prompt_rows:
+            answer_prompts(
+                result, model, tokenizer, prompt_rows, stage, verifier, scorers, seed, stage_name, engine
+            )
+        if stage.pass_at_k is not None and prompt_rows:
+            correct = sample_and_verify(
+                model, tokenizer, prompt_rows, stage.pass_at_k, verifier, seed,
+                engine=decoder_of(stage.pass_at_k.generation.engine, engine),
+            )  # fmt: skip
+            metrics |= pass_at_k_metrics(correct, stage.pass_at_k.k, seed)
+        if stage.best_of_n is not None:
+            spec = stage.best_of_n
+            metrics |= best_of_n_metrics(
+                model, tokenizer, prompt_rows, spec, verifier, scorers, seed, stage_name,
+                engine=decoder_of(spec.generation.engine, engine),
+            )  # fmt: skip
     if reference is not None and stage.kl is not None and prompt_rows:
         check_same_tokenizer(tokenizer, reference, stage_name)
         kl = stage.kl
-        metrics |= kl_to_reference(
+        metrics |= kl_to_reference(  # samples and log-probs from the model's own forward (native loop)
             model, reference.model, tokenizer, [r["prompt"] for r in prompt_rows],
             samples_per_prompt=kl.samples_per_prompt, max_new_tokens=kl.max_new_tokens,
             batch_size=kl.batch_size, seed=seed,
         )  # fmt: skip
-    if stage.best_of_n is not None:
-        spec = stage.best_of_n
-        metrics.update(
-            best_of_n_metrics(model, tokenizer, prompt_rows, spec, verifier, scorers, seed, stage_name)
-        )
     return result
+
+
+def answer_prompts(
+    result: ModelEvaluation,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_rows: list[dict],
+    stage: EvaluateStage,
+    verifier: RewardFunction,
+    scorers: dict[str, ModelScorer],
+    seed: int,
+    stage_name: str,
+    engine: Decoder,
+) -> None:
+    """One answer per prompt (``stage.generation``): accuracy, lengths and reward means into
+    ``result.metrics``, the answers (scored by the answer sources) into ``result.rows`` and ``samples``."""
+    gen = stage.generation
+    accuracy = verifiable_accuracy(
+        model, tokenizer, prompt_rows, verifier, max_new_tokens=gen.max_new_tokens,
+        temperature=gen.temperature, batch_size=gen.batch_size, seed=seed,
+        engine=decoder_of(gen.engine, engine),
+    )  # fmt: skip
+    metrics = result.metrics
+    metrics["eval/accuracy"] = accuracy.accuracy
+    metrics |= interval_metrics("eval/accuracy", [float(r["correct"]) for r in accuracy.rows], seed)
+    metrics |= length_metrics([int(r["new_tokens"]) for r in accuracy.rows], seed)
+    result.rows, result.samples = accuracy.rows, accuracy.rows[: stage.samples_in_table]
+    sources = answer_sources(stage)
+    if sources:
+        result.rows = score_answers(accuracy.rows, prompt_rows, sources, scorers, stage_name)
+        metrics |= completion_rewards(result.rows, stage, seed)
 
 
 def answer_sources(stage: EvaluateStage) -> tuple[RewardSourceSpec, ...]:
@@ -202,8 +239,12 @@ def best_of_n_metrics(
     scorers: dict[str, ModelScorer],
     seed: int,
     stage_name: str,
+    engine: Decoder | None = None,
 ) -> dict[str, float]:
-    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it."""
-    rows, _, _ = sample_completions(model, tokenizer, prompt_rows, spec.n, spec.generation, seed)
+    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it.
+    ``engine``: an open rollout engine holding the model's weights (default: ``spec.generation``'s loop)."""
+    rows, _, _ = sample_completions(
+        model, tokenizer, prompt_rows, spec.n, spec.generation, seed, engine=engine
+    )
     scored, _ = score_completions(rows, spec.rewards, scorers, on_invalid="fail", stage=stage_name)
     return best_of_n(scored, lambda row: verifier(row["completion"], row) == 1.0).metrics()

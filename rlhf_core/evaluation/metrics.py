@@ -13,6 +13,7 @@ from rlhf_core.losses.language_model import sequence_logprobs
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.sft_tokens import collate, tokenize_sft_row, unpacked_rows
 from rlhf_core.rewards.functions import RewardFunction
+from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.rollout.generation import generate
 
 
@@ -100,10 +101,11 @@ def verifiable_accuracy(
     temperature: float = 0.0,
     batch_size: int = 32,
     seed: int = 0,
-    engine: str = "native",
+    engine: str | RolloutEngine = "native",
 ) -> AccuracyReport:
     """Fraction of prompts whose completion the verifier accepts (scores 1.0); rows keep
-    prompt/answer/completion/verdict and the completion's length in tokens (``new_tokens``)."""
+    prompt/answer/completion/verdict and the completion's length in tokens (``new_tokens``). ``engine``:
+    an in-process loop by name, or an open rollout engine holding the model's weights."""
     prompts = [r["prompt"] for r in records]
     out = generate(
         model,

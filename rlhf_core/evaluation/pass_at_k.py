@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.evaluation.statistics import figure_with_interval, pass_at_k
+from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.rollout.sampling import sample_completions
 from rlhf_core.spec.stages.evaluation import PassAtKSpec
 
@@ -34,9 +35,13 @@ def sample_and_verify(
     spec: PassAtKSpec,
     verifier: Callable[[str, dict], float],
     seed: int,
+    engine: str | RolloutEngine | None = None,
 ) -> list[list[bool]]:
-    """``spec.n`` samples per prompt row, each checked by the verifier (1.0 = correct)."""
-    rows, _, _ = sample_completions(model, tokenizer, prompt_rows, spec.n, spec.generation, seed)
+    """``spec.n`` samples per prompt row, each checked by the verifier (1.0 = correct). ``engine``: an
+    open rollout engine holding the model's weights (default: the loop ``spec.generation`` names)."""
+    rows, _, _ = sample_completions(
+        model, tokenizer, prompt_rows, spec.n, spec.generation, seed, engine=engine
+    )
     correct: list[list[bool]] = [[] for _ in prompt_rows]
     for row in rows:
         correct[row["prompt_index"]].append(

@@ -13,6 +13,7 @@ from rlhf_core.rewards.scorers import check_scorer
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import GenerationSpec, SamplingSpec
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
+from rlhf_core.spec.engines import VLLMSpec
 from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, RewardModel, SFTData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
@@ -287,6 +288,46 @@ class EvaluateStage(StageSpec):
             names = ("accuracy", "pass_at_1", "pass_at_n", "selected_reward_mean", "prompts")
             figures |= {f"best_of_n/{name}": False for name in names}
         return figures
+
+    def generating_parts(self) -> dict[str, GenerationSpec | SamplingSpec]:
+        """Field path -> decoding settings of each part that generates from the evaluated model: the
+        answers (accuracy), pass@k and best-of-N. The KL part samples with the native loop (it needs the
+        model's own forward for the log-probs), so it is not one of them."""
+        parts: dict[str, GenerationSpec | SamplingSpec] = {"generation": self.generation}
+        if self.pass_at_k is not None:
+            parts["pass_at_k.generation"] = self.pass_at_k.generation
+        if self.best_of_n is not None:
+            parts["best_of_n.generation"] = self.best_of_n.generation
+        return parts
+
+    def vllm_settings(self) -> VLLMSpec | None:
+        """The settings of the one vLLM engine the stage starts per model for all its parts with
+        ``engine: vllm`` (None: no part uses it): the ``vllm`` block one of them gives (they must agree,
+        see ``_one_vllm_block``), else the defaults. A part that gives none runs with this one."""
+        using = [part for part in self.generating_parts().values() if part.engine == "vllm"]
+        if not using:
+            return None
+        given = [part.vllm for part in using if "vllm" in part.model_fields_set]
+        return given[0] if given else using[0].vllm
+
+    @model_validator(mode="after")
+    def _one_vllm_block(self) -> EvaluateStage:
+        """One engine serves every part of a model (a start costs ~25 s on a CPU), so the ``vllm``
+        blocks of the parts using it must not disagree."""
+        given = {
+            path: part.vllm
+            for path, part in self.generating_parts().items()
+            if part.engine == "vllm" and "vllm" in part.model_fields_set
+        }
+        first = next(iter(given), None)
+        for path, settings in given.items():
+            if settings != given[first]:
+                raise ValueError(
+                    f"{path}.vllm differs from {first}.vllm: the stage starts one vLLM engine per model "
+                    "for all its parts with engine: vllm, so give the vllm block once (the other parts "
+                    "use it) or the same in each"
+                )
+        return self
 
     @model_validator(mode="after")
     def _needs_something_to_measure(self) -> EvaluateStage:

@@ -11,6 +11,13 @@ so every round is cached by its own fingerprint, a crash in round k resumes in r
 lists the rounds, and each round's model is registered with its lineage to the previous round. The
 last round's model is the stage ``<name>`` itself (refer to it as ``<name>``; round k's as
 ``<name>-rk``).
+
+Engines: with ``generation.engine: vllm`` each round's sample stage starts the engine from that round's
+policy (the previous round's model), so every round samples with the current weights and no weight sync
+is needed between rounds; the engine stops when its sample stage ends, freeing its memory before the
+round trains. A cached round starts none. Round r samples with seed ``seed + r - 1``, a pure function of
+the stage seed and the round. A ``judge_policy`` and the ``monitor`` decode with the native loop (their
+settings have no engine).
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ class IterativeDPOTemplate(StageTemplate):
     split: str = Field(default="train", description="Split of the prompts dataset to sample from.")
     max_prompts: int | None = Field(default=None, ge=1, description="Prompts sampled per round at most.")
     n: int = Field(default=4, ge=2, description="Completions per prompt and round.")
-    generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings.")
+    generation: SamplingSpec = Field(
+        default_factory=SamplingSpec,
+        description="Sampling settings of every round; engine: vllm starts the engine in each round's "
+        "sample stage from that round's policy.",
+    )
     judge: tuple[RewardSourceSpec, ...] = Field(
         min_length=1,
         description="Reward sources that score the samples (verifier, reward model, mix); they label "
