@@ -9,7 +9,6 @@ the spec is read. Three engine starts in all (~25 s each on a CPU).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from rlhf_core.evaluation.evaluate import evaluate_model
 from rlhf_core.judging.labeling import LabelingInputs, label_preferences
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.modeling.preference_tokens import encode_completion
-from rlhf_core.rollout.engines.vllm_environment import vllm_python
 from rlhf_core.rollout.sampling import SampleInputs, sample_and_score, sample_completions
 from rlhf_core.rollout.token_scoring import encode_prompts
 from rlhf_core.spec import EvaluateStage, TinyModelSource
@@ -30,23 +28,12 @@ from rlhf_core.spec.stages.online_dpo import IterativeDPOTemplate
 from rlhf_core.spec.stages.sampling import LabelPreferencesStage, SampleStage
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.direct_alignment.trainer import DirectAlignmentInputs, optimize_on_preferences
+from tests.engine_environment import TEST_VLLM, require_vllm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# fp32 (equality with the native loop), no compilation (a faster start), one thread (2-core machines)
-TEST_VLLM = {"dtype": "float32", "enforce_eager": True, "cpu_threads": 1, "max_model_len": 256}
 PROMPTS = synthetic_records("arithmetic", "prompts", n=8, seed=1, max_operand=9)
 SERVER_STARTED = "Application startup complete."  # uvicorn's line, once per server start
-
-
-def require_vllm() -> None:
-    """Skip when no engine environment exists (fail instead under RLHF_REQUIRE_VLLM=1, as in CI)."""
-    if vllm_python() is not None:
-        return
-    reason = "the vLLM engine environment is not installed (`rlhf engine install vllm`, or RLHF_VLLM_PYTHON)"
-    if os.environ.get("RLHF_REQUIRE_VLLM") == "1":
-        pytest.fail(reason + " and RLHF_REQUIRE_VLLM=1")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
