@@ -366,6 +366,9 @@ app.command()(reproduce)
 from cli.pool_commands import pools_app  # noqa: E402  (rlhf pools create/template)
 
 app.add_typer(pools_app, name="pools")
+from cli.serve_command import serve  # noqa: E402  (rlhf serve: an OpenAI-compatible endpoint for a model)
+
+app.command()(serve)
 # --- (end) ---
 
 
