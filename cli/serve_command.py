@@ -32,8 +32,8 @@ import typer
 
 from cli.console import exit_status, settings_for
 from rlhf_core.errors import UserError
-from rlhf_core.settings import OFFLINE_DEFAULTS
 from rlhf_core.serving.listening import base_url, bind_socket, check_port_free
+from rlhf_core.settings import OFFLINE_DEFAULTS
 
 REGISTRY_PREFIX = "models:/"
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")  # a MODEL written like this is a path, never a hub name
