@@ -183,7 +183,8 @@ def serve_with_vllm(
             f"{server.process.returncode}. {server.diagnosis()}"
         )
     finally:
-        server.__exit__(None, None, None)  # stops the process group and closes the HTTP client
+        server.stop()  # the whole process group
+        server.client.close()
 
 
 def announce_ready(name: str, host: str, port: int, engine: str) -> None:

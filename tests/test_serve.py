@@ -227,6 +227,21 @@ def test_a_bad_request_is_refused_naming_the_field(native, body, status, named, 
     assert says in answer["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("prompt", "named", "says"),
+    [
+        ([5] * 200, "prompt", "the prompt has 200 tokens, but this model's context is 128 tokens"),
+        ([5, 99999], "prompt", "token id 99999 is outside the vocabulary"),
+        ([[5], []], "prompt[1]", "field 'prompt[1]' is empty"),
+    ],
+)
+def test_a_bad_completions_prompt_is_refused_naming_it(native, prompt, named, says):
+    code, answer = post(f"{native.base_url}/completions", {"prompt": prompt, "max_tokens": 4})
+    assert code == 400, answer
+    assert answer["error"]["param"] == named
+    assert says in answer["error"]["message"]
+
+
 def test_a_judge_client_gets_the_served_models_answers(native, tiny_model_dir):
     from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
 

@@ -59,6 +59,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(
         default=None,
         ge=0,
+        le=2**64 - 1,  # what torch.Generator.manual_seed takes
         description="Seed of the sampling generator; the same seed gives the same choices.",
     )
 

@@ -48,6 +48,7 @@ from rlhf_core.serving.openai_schemas import (
 )
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+UNBOUNDED_DEFAULT = 256  # chat max_tokens for a model whose config states no context length
 ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
 
 
@@ -138,8 +139,14 @@ def token_budget(
     """``max_tokens`` as asked, else the default, else the rest of the context; 400 when it cannot fit."""
     longest = max(len(p) for p in prompts)
     context = served.context_length
-    if asked is None:
-        asked = default if default is not None else (context - longest if context else 256)
+    if context is not None and longest >= context:
+        raise RequestError(
+            f"{route}: the prompt has {longest} tokens, but this model's context is {context} tokens; "
+            "shorten the prompt",
+            "messages" if "chat" in route else "prompt",
+        )
+    if asked is None:  # a config without a position limit (rare): a bounded default all the same
+        asked = default if default is not None else (context - longest if context else UNBOUNDED_DEFAULT)
     if context is not None and longest + asked > context:
         raise RequestError(
             f"{route}: this model's context is {context} tokens, but the prompt has {longest} and "
