@@ -369,6 +369,9 @@ app.add_typer(pools_app, name="pools")
 from cli.engine_commands import engine_app  # noqa: E402  (rlhf engine install/status)
 
 app.add_typer(engine_app, name="engine")
+from cli.serve_command import serve  # noqa: E402  (rlhf serve: an OpenAI-compatible endpoint for a model)
+
+app.command()(serve)
 # --- (end) ---
 
 

@@ -131,6 +131,7 @@ RLHF_CORE_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("modeling: models, tokens, log-probs", ("rlhf_core.modeling",)),
     ("rewards", ("rlhf_core.rewards",)),
     ("rollout", ("rlhf_core.rollout",)),
+    ("serving", ("rlhf_core.serving",)),
     ("selection", ("rlhf_core.selection",)),
     # the declarations, then what identifies a stage's result by them
     ("spec", ("rlhf_core.spec",)),
