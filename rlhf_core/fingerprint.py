@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from rlhf_core.errors import UserError
 from rlhf_core.refs import StageOutput
 from rlhf_core.rewards.user_functions import parse_reference, reference_digest
+from rlhf_core.rollout.engines.vllm_environment import installed_vllm_version
 from rlhf_core.spec.base import STAGE_CLASSES
 from rlhf_core.spec.function_references import function_reference_fields
 from rlhf_core.spec.local_paths import LocalContent, local_content_fields
@@ -84,14 +85,26 @@ def fingerprint_parts(
     Keys: ``schema``, ``kind``, ``config`` (sha256 of the resolved config), ``input:<field path>`` (the
     digest of each input ref), ``local:<field path>`` (the content digest of each local file or
     directory the config names), ``function:<field path>`` (the code of each reward function named by
-    reference), ``code`` (the rlhf_core source), ``library:<name>`` and ``seed``.
+    reference), ``code`` (the rlhf_core source), ``library:<name>`` (``library:vllm`` too, the engine
+    environment's version, when decoding settings name engine vllm) and ``seed``.
     """
     digests = {path: ref.digest for path, ref in inputs.items()}
     for path, (location, marker) in local_content_fields(config).items():
         digests[f"{LOCAL_PREFIX}{path}"] = local_content_digest(Path(location), marker)
     for path, reference in function_reference_fields(config).items():
         digests[f"{FUNCTION_PREFIX}{path}"] = reference_digest(parse_reference(reference))
+    if uses_engine(config.model_dump(mode="json"), "vllm"):  # the engine's version shapes its samples
+        digests[f"{LIBRARY_PREFIX}vllm"] = installed_vllm_version()
     return parts_of(kind, config, digests, seed)
+
+
+def uses_engine(node: Any, engine: str) -> bool:
+    """Whether any decoding settings in a dumped config name ``engine``."""
+    if isinstance(node, dict):
+        return node.get("engine") == engine or any(uses_engine(v, engine) for v in node.values())
+    if isinstance(node, list):
+        return any(uses_engine(v, engine) for v in node)
+    return False
 
 
 def stage_fingerprint(
@@ -119,7 +132,7 @@ def parts_of(
         "seed": json.dumps(seed),
     }
     for name, digest in sorted(input_digests.items()):
-        named = name.startswith((LOCAL_PREFIX, FUNCTION_PREFIX))
+        named = name.startswith((LOCAL_PREFIX, FUNCTION_PREFIX, LIBRARY_PREFIX))
         parts[name if named else f"{INPUT_PREFIX}{name}"] = digest
     for name, version in library_versions().items():
         parts[f"{LIBRARY_PREFIX}{name}"] = version

