@@ -32,7 +32,7 @@ def check_policy_gradient(call: StageCall) -> None:
 def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     """Train the policy on its own samples of the prompts' ``split``, rewarded by the reward sources."""
     # loads torch only when it runs
-    from rlhf_core.training.policy_gradient.trainer import PolicyGradientInputs, optimize_on_rollouts
+    from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
 
     stage: PolicyGradientStage = call.stage
     policy, prompts = call.resolve(stage.policy), call.resolve(stage.prompts)

@@ -23,7 +23,7 @@ from rlhf_core.spec.engines import VLLMSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.lora import apply_lora
-from rlhf_core.training.policy_gradient.trainer import PolicyGradientInputs, optimize_on_rollouts
+from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
 from tests.engine_environment import require_vllm
 
 

@@ -229,7 +229,7 @@ def test_a_nan_loss_stops_naming_the_stage_and_step(tiny, tmp_path):
 
 def test_a_value_model_with_another_tokenizer_is_refused(tiny):
     from rlhf_core.modeling.models import build_tiny_model as build
-    from rlhf_core.training.policy_gradient.trainer import check_value_tokenizer
+    from rlhf_core.training.policy_gradient.stage import check_value_tokenizer
 
     _, policy_tokenizer = tiny
     same_plus_pad = type(policy_tokenizer).from_pretrained(tiny[0])

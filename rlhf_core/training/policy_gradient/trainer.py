@@ -35,7 +35,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import NonFiniteLossError, UserError
-from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.losses.advantages import all_equal_groups
 from rlhf_core.losses.importance_correction import mismatch_metrics, truncated_importance_weights
 from rlhf_core.losses.kl import kl_per_token
@@ -50,9 +49,7 @@ from rlhf_core.modeling.completion_scoring import (
     value_token_values,
 )
 from rlhf_core.rollout.engines.base import RolloutEngine
-from rlhf_core.rollout.engines.opening import open_engine
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.engine.result import TrainingResult
@@ -60,7 +57,6 @@ from rlhf_core.training.monitor.overoptimization import (
     MonitorInputs,
     MonitorStop,
     OverOptimizationMonitor,
-    load_monitor_inputs,
     starting_reference,
 )
 from rlhf_core.training.policy_gradient.algorithms import (
@@ -443,96 +439,3 @@ def train_policy_gradient(
         monitor=monitor_summary,
     )
     return policy, value_model, result
-
-
-def check_value_tokenizer(
-    policy_tokenizer: PreTrainedTokenizerBase, value_tokenizer: PreTrainedTokenizerBase, stage_name: str
-) -> None:
-    """A value model initialised from a reward model must read the policy's token ids as the same tokens
-    (its tokenizer may only add tokens, e.g. a pad token)."""
-    policy_vocab, value_vocab = policy_tokenizer.get_vocab(), value_tokenizer.get_vocab()
-    differing = [t for t, i in policy_vocab.items() if value_vocab.get(t) != i]
-    if differing or policy_tokenizer.chat_template != value_tokenizer.chat_template:
-        what = f"{len(differing)} tokens have other ids" if differing else "the chat template differs"
-        raise UserError(
-            f"stage '{stage_name}', field ppo.value_model: its tokenizer is not the policy's ({what}); "
-            "initialise the value model from a reward model trained on this policy, or drop "
-            "ppo.value_model to start it from the policy"
-        )
-
-
-@dataclass(frozen=True)
-class PolicyGradientInputs:
-    """The ``policy_gradient`` stage's resolved inputs: the policy, the prompt rows of its split, and the
-    models around it (reference, PPO's value model's start, the reward models and the monitor's)."""
-
-    policy_dir: str  # a local directory or a hub name
-    policy_revision: str | None
-    prompt_rows: list[dict]
-    reference_dir: str | None = None  # None: the policy's starting weights are the reference
-    reference_revision: str | None = None
-    value_init_dir: str | None = None  # PPO's value model; None: the policy's backbone with a zero head
-    reward_model_dirs: dict[str, str] = field(default_factory=dict)  # by reward source name
-    monitor_rows: list[dict] | None = None  # the over-optimization monitor's prompt rows
-    monitor_model_dirs: dict[str, str] = field(default_factory=dict)  # its reward models by source name
-
-
-def optimize_on_rollouts(
-    stage: PolicyGradientStage, inputs: PolicyGradientInputs, env: StageEnvironment
-) -> PolicyGradientResult:
-    """The ``policy_gradient`` stage's work: load the policy, the reference (only when beta > 0 or the
-    monitor needs it, and one is given; otherwise the starting weights serve), PPO's value model and the
-    reward models; train. A few completions of every ``stage.sample_table_every``-th rollout go to
-    ``env.log_table`` as ``samples/rollout_<n>.json``. The result carries the trained policy and its
-    tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from rlhf_core.modeling.models import load_model
-    from rlhf_core.modeling.reward_model import build_reward_model
-    from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-    from rlhf_core.training.policy_gradient.rollouts import reward_function
-
-    if not inputs.prompt_rows:
-        raise UserError(f"stage '{env.stage}': the prompts split '{stage.split}' has no rows")
-    policy, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
-    reference = None
-    if (stage.needs_reference or stage.monitor is not None) and inputs.reference_dir is not None:
-        reference = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
-        reference = reference.eval().requires_grad_(False)
-    value_model = None
-    if needs_value_model(stage):
-        if inputs.value_init_dir is not None:
-            value_tokenizer = AutoTokenizer.from_pretrained(inputs.value_init_dir)
-            check_value_tokenizer(tokenizer, value_tokenizer, env.stage)
-            value_model = AutoModelForSequenceClassification.from_pretrained(inputs.value_init_dir)
-        else:  # the policy's backbone, zero head
-            value_model = build_reward_model(inputs.policy_dir, revision=inputs.policy_revision)
-    monitored = (*stage.monitor_proxy, *stage.monitor.gold) if stage.monitor is not None else ()
-    scorers = load_reward_model_scorers(inputs.reward_model_dirs) | reward_scorers(
-        (*stage.rewards, *monitored), env.cache_dir, env.stage
-    )  # reward models and judges behind endpoints, by source name
-    reward_fn = reward_function(stage.rewards, scorers, env.stage)
-    monitor_inputs = None
-    if stage.monitor is not None:
-        monitor_inputs = load_monitor_inputs(
-            stage.monitor, stage.monitor_proxy, inputs.monitor_rows or [], inputs.monitor_model_dirs,
-            env.checkpoint_dir / "monitor", env.stage, loaded=scorers,
-        )  # fmt: skip
-    with open_engine(stage.generation, policy, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
-        trained, _, result = train_policy_gradient(
-            policy, tokenizer, inputs.prompt_rows, stage, reward_fn, seed=env.seed,
-            checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
-            value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
-            monitor_inputs=monitor_inputs, engine=None if isinstance(engine, str) else engine,
-        )  # fmt: skip
-    result.model, result.tokenizer = trained, tokenizer
-    return result
-
-
-def sample_table_logger(env: StageEnvironment) -> SampleLogFn | None:
-    """Each logged rollout's sample rows as the table ``samples/rollout_<n>.json`` (n from 1) of
-    ``env.log_table``; None when the environment keeps no tables."""
-    log_table = env.log_table
-    if log_table is None:
-        return None
-    return lambda rows, rollout: log_table(rows, f"samples/rollout_{rollout + 1:05d}.json")
