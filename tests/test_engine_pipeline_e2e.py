@@ -59,17 +59,43 @@ def _command(spec: Path, home: Path, *, held: bool = False) -> list[str]:
     return [sys.executable, *entry, "run", str(spec), "--home", str(home)]
 
 
-def _engine_processes(owner_pid: int) -> list[str]:
-    """Command lines of live vLLM servers started by the stage in process ``owner_pid``."""
+def _engine_processes(owner_pid: int) -> list[int]:
+    """PIDs of the vLLM servers started by the stage in process ``owner_pid``, and of every process in
+    their sessions (the server starts its own session; its engine-core and worker processes stay in it)."""
+    servers = [pid for pid, cmdline, _ in _processes() if f"rlhf-engine-{owner_pid}-" in cmdline]
+    sessions = {sid for pid, _, sid in _processes() if pid in servers}
+    return sorted({pid for pid, _, sid in _processes() if sid in sessions} | set(servers))
+
+
+def _processes() -> list[tuple[int, str, int]]:
+    """(pid, command line, session id) of every live process."""
     found = []
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+            session = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, IndexError, ValueError):
             continue
-        if f"rlhf-engine-{owner_pid}-" in cmdline:
-            found.append(cmdline)
+        found.append((int(proc.name), cmdline, session))
     return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    live = {pid for pid, _, _ in _processes()}
+    return [pid for pid in pids if pid in live and "zombie" not in _state(pid)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return (
+            "zombie"
+            if (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            else ""
+        )
+    except OSError:
+        return ""
 
 
 def _final_weights(home: Path) -> dict:
@@ -113,13 +139,14 @@ def test_grpo_with_the_vllm_engine_runs_registers_and_resumes_after_a_sigkill(tm
         assert proc.poll() is None, f"rlhf run exited ({proc.returncode}) before a grpo checkpoint"
         assert time.monotonic() < deadline, "no grpo checkpoint in time"
         time.sleep(0.1)
-    assert _engine_processes(proc.pid), "the engine should be up while the stage is held"
+    engine = _engine_processes(proc.pid)
+    assert len(engine) >= 2, "the engine (server and engine core) should be up while the stage is held"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 60
-    while _engine_processes(proc.pid) and time.monotonic() < deadline:
+    while _alive(engine) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _engine_processes(proc.pid), "the engine outlived the killed stage"
+    assert not _alive(engine), "the engine outlived the killed stage"
 
     rerun = subprocess.run(_command(spec, home_b), env=env, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
