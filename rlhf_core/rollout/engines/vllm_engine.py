@@ -36,6 +36,11 @@ from rlhf_core.rollout.engines.vllm_server import ServerSettings, VLLMServer
 from rlhf_core.rollout.engines.weight_export import write_engine_checkpoint, write_engine_weights
 
 MAX_IN_FLIGHT = 256  # requests sent together; the engine's own scheduler batches them
+ENGINE_EXIT_WAIT_S = 15.0  # after a 5xx, how long the server may take to exit if its engine died
+
+
+class EngineFailed(Exception):
+    """The server answered 5xx: its engine failed (it may be dying)."""
 
 
 class VLLMEngine:
@@ -75,7 +80,7 @@ class VLLMEngine:
         self._wake()
         try:
             return self._generate(prompt_ids, n, request, seed)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, EngineFailed) as error:
             self._recover(error)
             return self._generate(prompt_ids, n, request, seed)
 
@@ -129,7 +134,9 @@ class VLLMEngine:
     ) -> list[tuple[list[int], list[float]]]:
         body = completion_body(self.server.model_name, prompt, n, request, seed)
         response = self.server.client.post(f"{self.server.url}/v1/completions", json=body)
-        if response.status_code >= 300:
+        if response.status_code >= 500:  # the engine itself failed: maybe dead (restarted once)
+            raise EngineFailed(f"{response.status_code}: {response.text[:1000]}")
+        if response.status_code >= 300:  # the request itself was refused (e.g. longer than max_model_len)
             raise EngineError(
                 f"{self.what}: the engine refused a request ({response.status_code}): {response.text[:1000]}"
             )
@@ -153,8 +160,12 @@ class VLLMEngine:
     def _recover(self, error: Exception) -> None:
         """Restart a dead server once (it loads the weights file, which holds the last sync); re-raise
         anything else."""
+        if isinstance(error, EngineFailed):
+            self.server.wait_for_exit(ENGINE_EXIT_WAIT_S)  # vLLM's server exits once its engine core died
         if self.server.alive():
-            raise EngineError(f"{self.what}: a request to the engine failed: {error!r}") from error
+            raise EngineError(
+                f"{self.what}: a request to the engine failed ({error}). {self.server.diagnosis()}"
+            ) from error
         if self.restarted:
             raise EngineError(
                 f"{self.what}: the vLLM server died again after a restart. {self.server.diagnosis()}"

@@ -146,6 +146,12 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None and self.healthy()
 
+    def wait_for_exit(self, seconds: float) -> None:
+        """Give a failing server up to ``seconds`` to exit (no-op when it keeps running)."""
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(seconds)
+
     def restart(self) -> None:
         self.stop()
         self.start()
