@@ -87,10 +87,12 @@ class VLLMEngine:
     def sync_weights(self, model: PreTrainedModel) -> None:
         """The engine decodes with ``model``'s weights as they are now (a PeftModel's merged)."""
         write_engine_weights(model, self.checkpoint_dir)
-        self._wake()
         try:
-            self._reload()
-        except httpx.HTTPError as error:
+            if self.asleep:
+                self._wake()  # wakes it and reloads the file just written
+            else:
+                self._reload()
+        except (httpx.HTTPError, EngineFailed) as error:
             self._recover(error)  # the restarted server starts from the file just written
         self.syncs += 1
 
