@@ -20,7 +20,9 @@ for the engine (vLLM binds its worker to one core). CPU use of the engine's proc
 apart from that of other processes; a sampling run that other processes disturbed is redone.
 
     OMP_NUM_THREADS=1 RLHF_VLLM_PYTHON=/work/vllm-env/bin/python \\
-        .venv/bin/python benchmarks/rollout_engines.py --repeats 3
+        .venv/bin/python benchmarks/rollout_engines.py --sizes 34m --vllm-modes eager compiled
+
+Results and a reading of them: docs/benchmarks.md (rollout engines).
 """
 
 from __future__ import annotations

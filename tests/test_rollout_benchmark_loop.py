@@ -33,7 +33,8 @@ def test_grpo_step_updates_the_policy_and_times_every_part():
     settings = StepSettings(
         group_size=4, max_new_tokens=12, temperature=1.0, batch_size=8, micro_batch=1, score=True
     )
-    times, new_tokens = grpo_step(policy, optimizer, tokenizer, encode_prompts(tokenizer, PROMPTS), settings, 0)
+    prompt_ids = encode_prompts(tokenizer, PROMPTS)
+    times, new_tokens = grpo_step(policy, optimizer, tokenizer, prompt_ids, settings, seed=0)
     assert set(times) == {"generation", "reward", "scoring", "update"}  # no engine: no sync, no release
     assert all(seconds > 0 for seconds in times.values())
     assert 8 <= new_tokens <= 8 * 12  # 2 prompts x 4 samples, each 1..max_new_tokens tokens
