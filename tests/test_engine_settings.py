@@ -126,3 +126,16 @@ def test_a_model_the_cpu_engine_cannot_run_fails_the_stage_naming_stage_and_engi
     ):
         optimize_on_rollouts(_stage(engine="vllm"), inputs, env)
     assert not env.checkpoint_dir.exists() or not any(env.checkpoint_dir.iterdir())
+
+
+def test_an_engine_in_bf16_is_handed_bf16_weights(tmp_path, one_torch_thread):
+    from rlhf_core.rollout.engines.weight_export import write_engine_weights
+
+    model, _ = build_tiny_model(TinyModelSource(hidden_size=64, heads=2, layers=1), seed=0)
+    (tmp_path / "w").mkdir()
+    write_engine_weights(model, tmp_path / "w", torch.bfloat16)
+    written = load_file(tmp_path / "w" / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    reference = plain_state_dict(model)
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, reference[name].to(torch.bfloat16))

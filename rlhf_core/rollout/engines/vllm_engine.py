@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.rollout.engines.base import EngineError, EngineOutput, SamplingRequest, prompt_seeds
@@ -36,6 +37,7 @@ from rlhf_core.rollout.engines.vllm_server import ServerSettings, VLLMServer
 from rlhf_core.rollout.engines.weight_export import write_engine_checkpoint, write_engine_weights
 
 MAX_IN_FLIGHT = 256  # requests sent together; the engine's own scheduler batches them
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINE_EXIT_WAIT_S = 15.0  # after a 5xx, how long the server may take to exit if its engine died
 
 
@@ -65,13 +67,14 @@ class VLLMEngine:
         remove_stale_checkpoints(root)
         self.checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-", dir=root))
         self.server = VLLMServer(python, self.checkpoint_dir, settings, log_path, what=what)
+        self.weights_dtype = HALF_DTYPES.get(settings.dtype)  # None: as the policy holds them
         self.asleep = False
         self.restarted = False
         self.syncs = 0
 
     def start(self) -> None:
         check_head_size(self.policy, self.what)
-        write_engine_checkpoint(self.policy, self.tokenizer, self.checkpoint_dir)
+        write_engine_checkpoint(self.policy, self.tokenizer, self.checkpoint_dir, self.weights_dtype)
         self.server.start()
 
     def generate(
@@ -86,7 +89,7 @@ class VLLMEngine:
 
     def sync_weights(self, model: PreTrainedModel) -> None:
         """The engine decodes with ``model``'s weights as they are now (a PeftModel's merged)."""
-        write_engine_weights(model, self.checkpoint_dir)
+        write_engine_weights(model, self.checkpoint_dir, self.weights_dtype)
         try:
             if self.asleep:
                 self._wake()  # wakes it and reloads the file just written

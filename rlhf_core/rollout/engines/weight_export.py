@@ -18,7 +18,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def write_engine_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    dtype: torch.dtype | None = None,
 ) -> None:
     """Config, generation config, tokenizer and weights of ``model`` (a PeftModel is written merged)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -26,14 +29,18 @@ def write_engine_checkpoint(
     plain.config.save_pretrained(directory)
     plain.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    write_engine_weights(model, directory)
+    write_engine_weights(model, directory, dtype)
 
 
 @torch.no_grad()
-def write_engine_weights(model: PreTrainedModel, directory: Path) -> None:
-    """``model``'s current weights into ``directory/model.safetensors`` (atomically)."""
+def write_engine_weights(model: PreTrainedModel, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """``model``'s current weights into ``directory/model.safetensors`` (atomically); floating-point
+    tensors cast to ``dtype`` when given (an engine that runs in bf16 reads half the bytes of fp32)."""
+    state = plain_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(plain_state_dict(model), str(tmp), metadata={"format": "pt"})
+    save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_FILE)
 
 
