@@ -243,10 +243,14 @@ def test_a_head_size_the_cpu_engine_cannot_run_is_refused_before_starting(one_to
         check_head_size(model, "stage 'x', engine vllm")
 
 
-def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mismatch(engine, tiny, tmp_path):
+@pytest.mark.parametrize("update_epochs", [1, 2])
+def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mismatch(
+    engine, tiny, tmp_path, update_epochs
+):
     """The on-policy trainer with the engine: one weight sync per rollout (the policy changed in between),
     the mismatch to pi_old at float-rounding level (same weights, fp32), TIS weights of 1, and training
-    that moves the weights."""
+    that moves the weights. pi_old comes from the update's own forward pass with one update per rollout,
+    from a pass at the rollout with two: both are measured."""
     from rlhf_core.data.synthetic import synthetic_records
     from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
     from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
@@ -258,6 +262,7 @@ def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mis
         "kind": "policy_gradient", "algorithm": "grpo", "policy": "p", "prompts": "data.prompts",
         "rewards": [{"function": "answer_format"}], "rollouts": 3, "prompts_per_rollout": 4, "group_size": 4,
         "truncated": "score", "tis_cap": 2.0, "train": {"lr": 1e-2, "log_every": 1},
+        "update_epochs": update_epochs,
         "generation": {"max_new_tokens": 6, "temperature": 1.0, "engine": "vllm", "vllm": TEST_VLLM},
     })  # fmt: skip
     logged: dict[int, dict] = {}
@@ -274,7 +279,7 @@ def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mis
     )  # fmt: skip
     assert engine.syncs - syncs == 3
     rollouts = [m for m in logged.values() if "rollout/mismatch/kl_k3" in m]
-    assert len(rollouts) == 3
+    assert len(rollouts) == 3 and result.steps == 3 * update_epochs
     for metrics in rollouts:
         assert metrics["rollout/mismatch/kl_k3"] < 1e-8
         assert abs(metrics["rollout/mismatch/kl_k1"]) < 1e-5

@@ -80,8 +80,7 @@ class Settings:
                 else rollout_defaults(stage).dynamic_sampling
             ),
             updates_per_rollout=updates,
-            # a separate engine's mismatch is measured against pi_old at the rollout
-            need_old_pass=updates > 1 or kl_at_rollout or stage.generation.engine != "native",
+            need_old_pass=updates > 1 or kl_at_rollout,
         )
 
 

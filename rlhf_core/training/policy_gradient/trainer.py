@@ -216,7 +216,7 @@ class PolicyGradientTrainer:
         }  # fmt: skip
         if self.engine is not None:
             rollout.metrics["time/weight_sync_s"] = sync_seconds
-            rollout.metrics |= engine_mismatch_metrics(rollout, stage.tis_cap)
+            rollout.metrics |= engine_mismatch_metrics(rollout, stage.tis_cap)  # {} until the update
             self.engine.release_memory()  # the device is the trainer's until the next rollout
         if "kl" in kl_metrics:
             self.controller.update(kl_metrics["kl"], len(samples.lengths))
@@ -255,9 +255,14 @@ class PolicyGradientTrainer:
         lengths = rollout.samples.lengths
         total_tokens = sum(lengths[i] for i in ids)
         totals: dict[str, float] = {TOKENS: 0.0}
+        # the engine's mismatch to pi_old, when pi_old is this update's own forward pass (one update per
+        # rollout: no separate pass at the rollout), measured per micro-batch: (metrics, tokens)
+        mismatch: list[tuple[dict[str, float], int]] | None = None
+        if rollout.engine_logps is not None and rollout.old_logps is None:
+            mismatch = []
         for start in range(0, len(ids), self.stage.train.batch_size):
             part = ids[start : start + self.stage.train.batch_size]
-            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, ctx.device)
+            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, ctx.device, mismatch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
@@ -271,10 +276,34 @@ class PolicyGradientTrainer:
                 totals[key] = totals.get(key, 0.0) + value * weight
             totals[TOKENS] += float(real_tokens)
         totals["time/update_s"] = time.perf_counter() - update_started
+        if mismatch:
+            self.record_mismatch(rollout, index, step, mismatch)
         return totals
 
+    def record_mismatch(
+        self, rollout: Rollout, index: int, step: int, parts: list[tuple[dict[str, float], int]]
+    ) -> None:
+        """The rollout's ``mismatch/...`` from its micro-batches (token-weighted means, the max of the
+        maxima), added to its metrics and logged with them."""
+        tokens = sum(n for _, n in parts)
+        metrics = {
+            key: max(m[key] for m, _ in parts)
+            if key.startswith("max_")
+            else sum(m[key] * n for m, n in parts) / tokens
+            for key in parts[0][0]
+        }
+        shown = {f"mismatch/{k}": v for k, v in metrics.items()}
+        rollout.metrics |= shown
+        self.last_rollout_metrics = rollout.metrics
+        if self.logs_rollout(index):
+            self.log({f"rollout/{k}": v for k, v in shown.items()}, step + 1)
+
     def micro_batch_loss(
-        self, rollout: Rollout, ids: list[int], device: torch.device
+        self,
+        rollout: Rollout,
+        ids: list[int],
+        device: torch.device,
+        mismatch: list[tuple[dict[str, float], int]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float], int]:
         samples, settings, stage = rollout.samples, self.settings, self.stage
         packed = pack_completions(
@@ -293,9 +322,12 @@ class PolicyGradientTrainer:
             advantages = advantages[:, :width]
         result = policy_loss(settings, logps, old, advantages, mask)
         per_token = result.per_token
-        if stage.tis_cap is not None and rollout.engine_logps is not None:  # pi_old / pi_engine, capped
+        if rollout.engine_logps is not None:
             engine_logps = rollout.engine_logps[ids, :width].to(device)
-            per_token = per_token * truncated_importance_weights(old, engine_logps, mask, stage.tis_cap)
+            if mismatch is not None:
+                mismatch.append((mismatch_metrics(old, engine_logps, mask, stage.tis_cap), int(mask.sum())))
+            if stage.tis_cap is not None:  # pi_old / pi_engine, capped
+                per_token = per_token * truncated_importance_weights(old, engine_logps, mask, stage.tis_cap)
         beta = self.controller.beta
         kl_k1 = None
         if rollout.ref_logps is not None:
@@ -330,7 +362,9 @@ class PolicyGradientTrainer:
 
 
 def engine_mismatch_metrics(rollout: Rollout, tis_cap: float | None) -> dict[str, float]:
-    """``mismatch/...`` of a rollout the engine sampled: how far its log-probs are from pi_old's."""
+    """``mismatch/...`` of a rollout the engine sampled, how far its log-probs are from pi_old's, when
+    pi_old was computed at the rollout (several updates per rollout, or the KL at the rollout); else
+    ``{}`` and the rollout's first update measures it on its own forward pass (``record_mismatch``)."""
     if rollout.engine_logps is None or rollout.old_logps is None:
         return {}
     width = rollout.old_logps.shape[1]
