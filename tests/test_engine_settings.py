@@ -139,3 +139,13 @@ def test_an_engine_in_bf16_is_handed_bf16_weights(tmp_path, one_torch_thread):
     reference = plain_state_dict(model)
     for name, tensor in written.items():
         torch.testing.assert_close(tensor, reference[name].to(torch.bfloat16))
+
+
+def test_a_running_server_needs_placement_server_and_a_shared_weights_directory():
+    with pytest.raises(ValueError, match="vllm.url: a running server needs placement: server and weights_dir"):
+        VLLMSpec(url="http://gpu-box:8000/v1", placement="server")
+    with pytest.raises(ValueError, match="placement: server"):
+        VLLMSpec(url="http://gpu-box:8000/v1", weights_dir="/shared/w")  # colocated by default
+    remote = {"placement": "server", "url": "http://gpu-box:8000/v1", "weights_dir": "/shared/w"}
+    parts = fingerprint_parts("policy_gradient", _stage(engine="vllm", vllm=remote), {}, 0)
+    assert parts["config"] == fingerprint_parts("policy_gradient", _stage(engine="vllm"), {}, 0)["config"]

@@ -295,9 +295,57 @@ def test_vllm_engine_answers_as_the_native_loop_does(tiny_model_dir, native, tmp
     with rlhf_serve(*args, timeout_s=VLLM_STARTUP_TIMEOUT_S, env={"OMP_NUM_THREADS": "1"}) as engine:
         assert get(f"{engine.base_url}/models")["data"][0]["id"] == name
         answer = chat(engine, name, max_tokens=12, temperature=0)
-    expected = chat(native, name, max_tokens=12, temperature=0)
-    assert answer["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
-    assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+        expected = chat(native, name, max_tokens=12, temperature=0)
+        assert answer["choices"][0]["message"]["content"] == expected["choices"][0]["message"]["content"]
+        assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+        _a_stage_uses_the_running_server_with_its_policys_weights(engine.base_url, tiny_model_dir, tmp_path)
+
+
+def _a_stage_uses_the_running_server_with_its_policys_weights(base_url, model_dir, tmp_path):
+    """``vllm: {placement: server, url, weights_dir}``: the stage connects to a server it did not start,
+    hands it the policy's weights (here perturbed, so the served checkpoint's answers would differ) and
+    decodes with them; then a sync after an update; closing the stage leaves the server running."""
+    import torch
+
+    from rlhf_core.modeling.models import load_model
+    from rlhf_core.rollout.engines.base import SamplingRequest
+    from rlhf_core.rollout.engines.opening import open_engine
+    from rlhf_core.rollout.generation import decode_batch
+    from rlhf_core.rollout.token_scoring import encode_prompts
+    from rlhf_core.spec import SamplingSpec
+
+    served, tokenizer = load_model(str(model_dir))
+    policy = _moved(served, seed=1)
+    spec = SamplingSpec(
+        engine="vllm", vllm={"placement": "server", "url": base_url, "weights_dir": str(tmp_path / "shared")}
+    )
+    ids = encode_prompts(tokenizer, ["What is 2 + 3?", "What is 7 - 4?"])
+    greedy = SamplingRequest(10, 0.0, eos_token_id=tokenizer.eos_token_id)
+
+    def native_greedy(model):
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        return decode_batch(model.eval(), ids, 1, 10, 0.0, 1.0, eos, pad, torch.Generator().manual_seed(0))
+
+    assert native_greedy(policy) != native_greedy(served)  # the test can tell whose weights decode
+    with open_engine(spec, policy, tokenizer, stage="grpo", log_dir=tmp_path) as engine:
+        assert engine.generate(ids, 1, greedy, seed=0).token_ids == native_greedy(policy)
+        updated = _moved(policy, seed=2)
+        engine.sync_weights(updated)
+        assert engine.generate(ids, 1, greedy, seed=0).token_ids == native_greedy(updated)
+    assert get(f"{base_url}/models")["data"], "the stage must not stop a server it did not start"
+
+
+def _moved(model, seed):
+    import copy
+
+    import torch
+
+    moved = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    return moved
 
 
 def test_auto_picks_native_without_an_engine_environment_and_vllm_asked_for_is_a_user_error(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import Strict
 from rlhf_core.spec.endpoints import NOT_FINGERPRINTED_FIELD
@@ -46,9 +46,29 @@ class VLLMSpec(Strict):
     cpu_kv_cache_gib: float = _where(1.0, "KV cache of an engine on CPU (VLLM_CPU_KVCACHE_SPACE).", gt=0)
     cpu_threads: int | None = _where(None, "Compute threads of an engine on CPU; default vLLM's.", ge=1)
     startup_timeout_s: float = _where(900.0, "How long the engine may take to start.", gt=0)
+    url: str | None = _where(
+        None,
+        "A running vLLM server to use instead of starting one (placement server), e.g. the base URL that "
+        "`rlhf serve MODEL --engine vllm` printed on another machine; it must serve the policy's "
+        "architecture and reach `weights_dir`.",
+    )
+    weights_dir: str | None = _where(
+        None,
+        "With url: a directory this stage and that server both see at this path (a shared filesystem), "
+        "where the policy's weights are written for each sync.",
+    )
     extra_args: tuple[str, ...] = Field(
         default=(), description="More `vllm serve` arguments, e.g. ['--quantization', 'fp8']."
     )
+
+    @model_validator(mode="after")
+    def _url_needs_a_shared_directory(self) -> VLLMSpec:
+        if self.url is not None and (self.placement != "server" or self.weights_dir is None):
+            raise ValueError(
+                "vllm.url: a running server needs placement: server and weights_dir (a directory it reads "
+                "the policy's weights from, at the same path)"
+            )
+        return self
 
     def memory_share(self) -> float:
         return self.gpu_memory_utilization or PLACEMENT_MEMORY_SHARE[self.placement]

@@ -47,6 +47,10 @@ class VLLMSettings(Protocol):
     def startup_timeout_s(self) -> float: ...
     @property
     def extra_args(self) -> tuple[str, ...]: ...
+    @property
+    def url(self) -> str | None: ...  # a running server to use instead of starting one
+    @property
+    def weights_dir(self) -> str | None: ...  # with url: where that server reads the weights
     def memory_share(self) -> float: ...
 
 
@@ -90,10 +94,14 @@ def open_engine(
     if choice.engine != "vllm":
         yield choice.engine
         return
-    settings = server_settings(choice.vllm)
+    vllm = choice.vllm
+    settings = server_settings(vllm)
+    running = vllm.url is not None  # someone else's server: no local engine environment needed
     engine = VLLMEngine(
-        policy, tokenizer, require_vllm_python(stage), settings, what=f"stage '{stage}', engine vllm",
-        log_path=Path(log_dir) / SERVER_LOG, sleeps=settings.enable_sleep_mode,
+        policy, tokenizer, Path("-") if running else require_vllm_python(stage), settings,
+        what=f"stage '{stage}', engine vllm", log_path=Path(log_dir) / SERVER_LOG,
+        sleeps=settings.enable_sleep_mode and not running, url=vllm.url,
+        weights_root=Path(vllm.weights_dir) if running else None,
     )  # fmt: skip
     with engine:
         yield engine

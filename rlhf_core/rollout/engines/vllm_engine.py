@@ -33,7 +33,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.rollout.engines.base import EngineError, EngineOutput, SamplingRequest, prompt_seeds
-from rlhf_core.rollout.engines.vllm_server import ServerSettings, VLLMServer
+from rlhf_core.rollout.engines.vllm_server import RunningServer, ServerSettings, VLLMServer
 from rlhf_core.rollout.engines.weight_export import write_engine_checkpoint, write_engine_weights
 
 MAX_IN_FLIGHT = 256  # requests sent together; the engine's own scheduler batches them
@@ -61,21 +61,31 @@ class VLLMEngine:
         log_path: Path,
         sleeps: bool = False,
         weights_root: Path | None = None,
+        url: str | None = None,
     ) -> None:
+        """``url``: a running server to use (``RunningServer``) instead of starting one; the weights are
+        then written under ``weights_root``, a directory the server sees at the same path."""
         self.policy, self.tokenizer, self.what, self.sleeps = policy, tokenizer, what, sleeps
         root = weights_root or shared_memory_dir() or Path(tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
         remove_stale_checkpoints(root)
         self.checkpoint_dir = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}-", dir=root))
-        self.server = VLLMServer(python, self.checkpoint_dir, settings, log_path, what=what)
+        if url is None:
+            self.server = VLLMServer(python, self.checkpoint_dir, settings, log_path, what=what)
+        else:
+            self.server = RunningServer(url, settings, what=what)
         self.weights_dtype = HALF_DTYPES.get(settings.dtype)  # None: as the policy holds them
         self.asleep = False
         self.restarted = False
         self.syncs = 0
 
     def start(self) -> None:
-        check_head_size(self.policy, self.what)
+        if not isinstance(self.server, RunningServer):  # a server elsewhere may be on a GPU
+            check_head_size(self.policy, self.what)
         write_engine_checkpoint(self.policy, self.tokenizer, self.checkpoint_dir, self.weights_dtype)
         self.server.start()
+        if isinstance(self.server, RunningServer):  # it serves other weights: hand it the policy's
+            self._reload()
 
     def generate(
         self, prompt_ids: list[list[int]], n: int, request: SamplingRequest, seed: int

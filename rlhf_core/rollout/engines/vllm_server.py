@@ -224,3 +224,46 @@ def _die_with_parent() -> None:
     """In the child, before exec: ask Linux to send SIGTERM when the parent process dies."""
     pr_set_pdeathsig = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class RunningServer(VLLMServer):
+    """A vLLM server someone else started (e.g. ``rlhf serve MODEL --engine vllm`` on another machine,
+    which runs it with the weight-reload route on): the stage connects to it, never starts, restarts or
+    stops it. Its served model name is read from ``/v1/models``."""
+
+    def __init__(self, url: str, settings: ServerSettings, *, what: str) -> None:
+        super().__init__(Path("-"), Path("-"), settings, Path("-"), what=what)
+        self.base = url.rstrip("/").removesuffix("/v1")
+        self.served_name = ""
+
+    @property
+    def url(self) -> str:
+        return self.base
+
+    @property
+    def model_name(self) -> str:
+        return self.served_name
+
+    def start(self) -> None:
+        try:
+            models = self.client.get(f"{self.base}/v1/models", timeout=30).json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            raise EngineError(f"{self.what}: no vLLM server answers at {self.base} ({error!r})") from error
+        self.served_name = models[0]["id"]
+
+    def alive(self) -> bool:
+        return self.healthy()
+
+    def restart(self) -> None:
+        raise EngineError(
+            f"{self.what}: the vLLM server at {self.base} stopped answering (it is not ours to restart)"
+        )
+
+    def stop(self) -> None:
+        return None
+
+    def wait_for_exit(self, seconds: float) -> None:
+        return None
+
+    def diagnosis(self, lines: int = 25) -> str:
+        return f"The server at {self.base} runs elsewhere: see its own log."
