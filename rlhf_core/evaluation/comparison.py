@@ -9,7 +9,8 @@ compared with the baseline.
 2. With a ``baseline`` and ``win_rate``, every other model's answer to each prompt is judged against
    the baseline's answer to the same prompt, by each judge (:mod:`rlhf_core.evaluation.win_rate`;
    an endpoint judge: :mod:`rlhf_core.judging.endpoint_stage_judges`). The baseline gets no win rate.
-   A policy judge decodes with the native loop (its spec has no engine setting).
+   A policy judge decodes greedily with the engine its ``engine`` names (``vllm``: one engine started
+   from the judge model, for every candidate).
 
 The report is {model: {metric: value}}; every figure comes with ``_ci_low``, ``_ci_high`` and ``_n``.
 Entry point: :func:`compare_models` (``run(stage, inputs, env)``).
@@ -29,8 +30,8 @@ from rlhf_core.evaluation.win_rate import (
     win_rate_metrics,
 )
 from rlhf_core.judging.endpoint_stage_judges import endpoint_win_verdicts, judge_cache
+from rlhf_core.judging.policy_judge import GenerateFn, open_policy_judge
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.spec import EvaluateStage
 from rlhf_core.spec.stages.evaluation import WinRateJudgeSpec
 from rlhf_core.stage_environment import StageEnvironment
@@ -133,18 +134,27 @@ def judged_candidates(
     env: StageEnvironment,
 ) -> list[tuple[str, dict[str, float]]]:
     """Win-rate figures of one judge for every candidate (every model but the baseline); an endpoint
-    judge's answers are cached in ``<home>/cache/judge``."""
+    judge's answers are cached in ``<home>/cache/judge``; a policy judge decodes with its ``engine``
+    (one engine start per judge, for all candidates)."""
+    if judge.policy is None:
+        return judge_candidates(out, stage, judge, None, env)
+    judge_dir, judge_revision = judge_models[judge.name]
+    with open_policy_judge(
+        judge.policy, judge_dir, judge_revision, stage=env.stage, log_dir=env.work_dir
+    ) as generate:
+        return judge_candidates(out, stage, judge, generate, env)
+
+
+def judge_candidates(
+    out: ComparisonReport,
+    stage: EvaluateStage,
+    judge: WinRateJudgeSpec,
+    generate: GenerateFn | None,
+    env: StageEnvironment,
+) -> list[tuple[str, dict[str, float]]]:
+    """:func:`judged_candidates`' work; ``generate``: the open policy judge, if the judge is one."""
     baseline = out.answers[stage.baseline]
     candidates = [name for name in out.answers if name != stage.baseline]
-    generate = None
-    if judge.policy is not None:
-        judge_dir, judge_revision = judge_models[judge.name]
-        model, tokenizer = load_model(judge_dir, revision=judge_revision)
-        spec = judge.policy
-
-        def generate(prompts: list[str]) -> list[str]:
-            return generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens)
-
     results = []
     for name in candidates:
         answers = out.answers[name]

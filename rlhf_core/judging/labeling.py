@@ -5,7 +5,8 @@ Three kinds of judge (the stage has exactly one):
 - reward sources (verifiers, reward models, endpoint judges, a weighted mix) score every completion;
   pairs are ranked by score (:func:`~rlhf_core.judging.preferences.label_pairs`);
 - a policy model judges pairs of completions against written principles, in both orders
-  (:mod:`~rlhf_core.judging.policy_judge`);
+  (:mod:`~rlhf_core.judging.policy_judge`), decoding with the engine its ``engine`` names (``vllm``:
+  one engine started from the judge model for the stage, its log ``<work dir>/vllm-server.log``);
 - a judge model behind an OpenAI-compatible endpoint, pairwise or pointwise
   (:mod:`~rlhf_core.judging.endpoint_stage_judges`), its answers cached in ``<home>/cache/judge``.
 
@@ -21,12 +22,10 @@ from pathlib import Path
 from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_stage_judges import judge_cache, label_with_endpoint, reward_scorers
-from rlhf_core.judging.policy_judge import judge_pairs
+from rlhf_core.judging.policy_judge import judge_pairs, open_policy_judge
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
-from rlhf_core.modeling.models import load_model
 from rlhf_core.rewards.composite import score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
-from rlhf_core.rollout.generation import generate_completions
 from rlhf_core.spec import LabelPreferencesStage
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.stage_results import StageResult
@@ -68,11 +67,12 @@ def label_preferences(
 ) -> Labeling:
     """Preference pairs from the completion rows, judged by the stage's judge, split by its ``splits``."""
     rows, judge_dirs, stage_name = inputs.rows, inputs.judge_dirs, env.stage
+    problems: list[str] = []
     if stage.judge_policy is not None:
-        revision = inputs.revisions.get(POLICY_JUDGE)
-        report, problems = judge_with_policy(rows, stage, judge_dirs[POLICY_JUDGE], revision, stage_name), []
+        judge = judge_dirs[POLICY_JUDGE], inputs.revisions.get(POLICY_JUDGE)
+        report = judge_with_policy(rows, stage, *judge, stage_name, env.work_dir)
     elif stage.judge_endpoint is not None:
-        report, problems = label_with_endpoint(rows, stage, judge_cache(env.cache_dir), stage_name), []
+        report = label_with_endpoint(rows, stage, judge_cache(env.cache_dir), stage_name)
     else:
         report, problems = judge_with_rewards(rows, stage, judge_dirs, env.cache_dir, stage_name)
     if not report.pairs:
@@ -98,17 +98,19 @@ def judge_with_rewards(
 
 
 def judge_with_policy(
-    rows: list[dict], stage: LabelPreferencesStage, model_dir: str, revision: str | None, stage_name: str
+    rows: list[dict],
+    stage: LabelPreferencesStage,
+    model_dir: str,
+    revision: str | None,
+    stage_name: str,
+    log_dir: Path,
 ) -> PairingReport:
-    """Ask the judging policy (greedy) about each candidate pair, in both orders."""
+    """Ask the judging policy (greedy, with the engine ``judge_policy.engine`` names) about each candidate
+    pair, in both orders."""
     spec = stage.judge_policy
-    model, tokenizer = load_model(model_dir, revision=revision)
     pairs = candidate_pairs(rows, stage.pairing)
-    verdicts = judge_pairs(
-        lambda prompts: generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens),
-        spec.principles,
-        pairs,
-    )
+    with open_policy_judge(spec, model_dir, revision, stage=stage_name, log_dir=log_dir) as generate:
+        verdicts = judge_pairs(generate, spec.principles, pairs)
     return pairs_from_verdicts(
         pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name
     )

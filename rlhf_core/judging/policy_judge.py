@@ -4,14 +4,23 @@ The judge reads the principles, the user's question and two responses, and must 
 ``[[A]]``, ``[[B]]`` or ``[[C]]`` (tie), as in the MT-Bench judge prompt. Position bias is controlled by
 asking twice with the responses swapped: the pair is labelled only when both verdicts agree; otherwise
 it is a tie. A verdict without a parseable label is a parse failure, which the caller fails on or skips.
+
+The judge model answers greedily through the engine its spec names (:func:`open_policy_judge`): the
+native loop, ``model.generate``, or a vLLM engine started from the judge model (issue 19).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from rlhf_core.errors import UserError
+from rlhf_core.modeling.models import load_model
+from rlhf_core.rollout.engines.opening import open_engine
+from rlhf_core.rollout.generation import generate_completions
+from rlhf_core.spec import PolicyJudgeSpec
 
 VERDICT = re.compile(r"\[\[([ABC])\]\]")
 
@@ -68,3 +77,20 @@ def judge_pairs(
         else:
             verdicts.append("tie")
     return verdicts
+
+
+@contextmanager
+def open_policy_judge(
+    spec: PolicyJudgeSpec, model_dir: str, revision: str | None, *, stage: str, log_dir: Path
+) -> Iterator[GenerateFn]:
+    """The judge model of ``spec``, loaded and decoding with ``spec.engine`` for the ``with`` block, as a
+    greedy judge prompts -> outputs function; a vLLM engine logs to ``<log_dir>/vllm-server.log``."""
+    model, tokenizer = load_model(model_dir, revision=revision)
+    with open_engine(spec, model, tokenizer, stage=stage, log_dir=log_dir) as engine:
+
+        def generate(prompts: list[str]) -> list[str]:
+            return generate_completions(
+                model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, engine=engine
+            )
+
+        yield generate

@@ -11,6 +11,8 @@ evaluations in a row and registers the evaluated weights with the best gold.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import Strict
@@ -21,12 +23,26 @@ DEFAULT_MONITOR_SPLIT = "eval"
 
 
 class MonitorGenerationSpec(Strict):
-    """How the policy answers the monitor's prompts (the KL estimate always samples at temperature 1)."""
+    """How the policy answers the monitor's prompts (the KL estimate always samples at temperature 1).
+
+    The decoder is fixed for the whole run, so every evaluation is comparable with the others: by
+    default the monitor follows the stage, decoding through the stage's rollout engine when it keeps
+    one open (``policy_gradient`` with ``generation.engine: vllm``; the engine is handed the policy's
+    weights of the evaluated step first) and with the native loop otherwise (``direct_alignment``, and
+    ``iterative_dpo``'s rounds, train without an engine). ``engine: native`` keeps the native loop even
+    then, e.g. to compare the monitors of runs whose rollouts used different engines."""
 
     max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per answer at most.")
     temperature: float = Field(default=0.0, ge=0, description="0: greedy answers (the default).")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (temperature > 0).")
     batch_size: int = Field(default=64, ge=1, description="Sequences decoded together.")
+    engine: Literal["stage", "native"] = Field(
+        default="stage",
+        description=(
+            "'stage': the stage's open rollout engine where it has one (policy_gradient with "
+            "generation.engine: vllm), else the native loop; 'native': always the native loop."
+        ),
+    )
 
 
 class EarlyStopSpec(Strict):

@@ -8,8 +8,9 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
-from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.decoding import DecodingEngine, SamplingSpec, engine_field
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
+from rlhf_core.spec.engines import VLLMSpec
 from rlhf_core.spec.references import (
     CompletionsData,
     PolicyModel,
@@ -64,7 +65,11 @@ class RejectionSamplingStage(StageSpec):
 
 
 class PolicyJudgeSpec(Strict):
-    """A policy model as pairwise judge, prompted with a rubric or constitution (LLM-as-a-judge)."""
+    """A policy model as pairwise judge, prompted with a rubric or constitution (LLM-as-a-judge).
+
+    Its verdicts are greedy, so every engine gives the same ones up to numerics (equal in fp32): with
+    ``engine: vllm`` one vLLM engine is started from the judge model for the stage (for ``evaluate``, per
+    judge) and answers every judge prompt."""
 
     model: PolicyModel = Field(description="Policy model that judges (a stage or a `models:` entry).")
     principles: tuple[str, ...] = Field(
@@ -73,6 +78,10 @@ class PolicyJudgeSpec(Strict):
     max_new_tokens: int = Field(default=64, ge=1, description="Length of the judge's answer.")
     on_unparseable: Literal["skip", "fail"] = Field(
         default="skip", description="A verdict without [[A]]/[[B]]/[[C]]: drop and count, or stop."
+    )
+    engine: DecodingEngine = engine_field()
+    vllm: VLLMSpec = Field(
+        default_factory=VLLMSpec, description="The vLLM engine's settings (started from the judge model)."
     )
 
 

@@ -5,7 +5,8 @@ Reward over-optimization: the proxy reward keeps rising while the true objective
 before the first and after the last, the monitor
 
 1. lets the current policy answer a fixed list of held-out prompts (greedy by default) with the same
-   KV-cached decoding the rollouts use (:func:`rlhf_core.rollout.generation.decode_batch`);
+   KV-cached decoding the rollouts use (:func:`rlhf_core.rollout.generation.decode_batch`), or through
+   the stage's rollout engine (below);
 2. scores the answers with the proxy and the gold reward sources (their weighted sums, averaged over
    the prompts; truncated answers are scored too, and their share is logged);
 3. estimates KL(pi || pi_ref) = E_{y ~ pi(.|x)}[log pi(y|x) - log pi_ref(y|x)] from ``kl_samples``
@@ -13,6 +14,13 @@ before the first and after the last, the monitor
    book ch.15 §16.1), reading both log-probs with :func:`rlhf_core.rollout.token_scoring.score_tokens`;
 4. logs ``monitor/proxy``, ``monitor/gold``, ``monitor/kl`` (and per source, ``monitor/proxy/<source>``,
    ``monitor/gold/<source>``, plus ``monitor/truncated_share``) at that optimizer step.
+
+Engine: a ``policy_gradient`` stage with ``generation.engine: vllm`` hands the monitor ``engine_at``
+(step -> the trainer's engine, synced to the weights after ``step`` optimizer steps, the trainer's
+bookkeeping kept so the rollout at that step does not sync again). The monitor then decodes its answers
+and its KL samples there at every evaluation, before the first step and after the last too, so the
+evaluations share one decoding rule; the log-probs of the KL estimate stay the trainer's own (native
+forward passes). ``monitor.generation.engine: native`` keeps the native loop instead.
 
 Early stop (``early_stop.patience = k``): when gold fell at each of the last k evaluations while proxy
 rose over the same span (:func:`gold_fell_while_proxy_rose`), training stops (:class:`MonitorStop`)
@@ -51,6 +59,7 @@ from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
 from rlhf_core.spec.monitor import MonitorSpec
@@ -64,6 +73,7 @@ from rlhf_core.training.monitor.history import (
 
 KEPT_CHECKPOINTS = 2  # checkpoint.save_checkpoint keeps the newest two
 ReferenceProvider = Callable[[], contextlib.AbstractContextManager]
+EngineAt = Callable[[int], RolloutEngine]  # optimizer step -> an engine holding the weights of that step
 
 
 @dataclass
@@ -136,8 +146,10 @@ class OverOptimizationMonitor:
         seed: int,
         stage_name: str,
         log: LogFn | None,
+        engine_at: EngineAt | None = None,
     ) -> None:
         self.inputs, self.spec, self.policy, self.tokenizer = inputs, inputs.spec, policy, tokenizer
+        self.engine_at = engine_at if self.spec.generation.engine == "stage" else None
         self.reference, self.seed, self.stage_name = reference, seed, stage_name
         self.log = log or (lambda metrics, step: None)
         self.prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in inputs.records])
@@ -225,7 +237,8 @@ class OverOptimizationMonitor:
     @torch.no_grad()
     def evaluate(self, step: int) -> Evaluation:
         gen, records = self.spec.generation, self.inputs.records
-        answers = self._decode(1, gen.temperature, gen.top_p, self.seed * 7_333 + step)
+        engine = self.engine_at(step) if self.engine_at is not None else None
+        answers = self._decode(engine, 1, gen.temperature, gen.top_p, self.seed * 7_333 + step)
         texts = [t.strip() for t in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
         rows = [
             {**record, "completion": text, "completion_tokens": len(ids)}
@@ -235,8 +248,10 @@ class OverOptimizationMonitor:
         gold, gold_sources = self._score(rows, self.spec.gold, "gold")
         truncated = statistics.fmean(float(a[-1] != self.tokenizer.eos_token_id) for a in answers)
         evaluation = Evaluation(
-            step, self._kl(step), proxy, gold, {**proxy_sources, **gold_sources}, truncated
+            step, self._kl(engine, step), proxy, gold, {**proxy_sources, **gold_sources}, truncated
         )
+        if engine is not None:
+            engine.release_memory()  # the device is the trainer's again
         if not self.history or evaluation.gold > best_evaluation(self.history).gold:
             evaluation.checkpoint = self._save_weights(step)
         self.history.append(evaluation)
@@ -245,8 +260,14 @@ class OverOptimizationMonitor:
         self.log({**metrics, "monitor/truncated_share": truncated}, step)
         return evaluation
 
-    def _decode(self, n: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
-        """``n`` completions of every prompt (prompt-major), decoded in batches."""
+    def _decode(
+        self, engine: RolloutEngine | None, n: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[int]]:
+        """``n`` completions of every prompt (prompt-major), by ``engine`` or natively in batches."""
+        max_new_tokens, eos = self.spec.generation.max_new_tokens, self.tokenizer.eos_token_id
+        if engine is not None:
+            request = SamplingRequest(max_new_tokens, temperature, top_p, eos_token_id=eos)
+            return engine.generate(self.prompt_ids, n, request, seed).token_ids
         device = next(self.policy.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         per_batch = max(1, self.spec.generation.batch_size // n)
@@ -255,8 +276,7 @@ class OverOptimizationMonitor:
             for start in range(0, len(self.prompt_ids), per_batch):
                 out += decode_batch(
                     self.policy, self.prompt_ids[start : start + per_batch], n,
-                    self.spec.generation.max_new_tokens, temperature, top_p, self.tokenizer.eos_token_id,
-                    self.tokenizer.pad_token_id, generator,
+                    max_new_tokens, temperature, top_p, eos, self.tokenizer.pad_token_id, generator,
                 )  # fmt: skip
         return out
 
@@ -270,10 +290,11 @@ class OverOptimizationMonitor:
         means = {f"{role}/{s.name}": statistics.fmean(r["scores"][s.name] for r in scored) for s in sources}
         return statistics.fmean(r["reward"] for r in scored), means
 
-    def _kl(self, step: int) -> float:
-        """sum_t (log pi - log pi_ref) per sampled completion, averaged (k1; samples from the policy)."""
+    def _kl(self, engine: RolloutEngine | None, step: int) -> float:
+        """sum_t (log pi - log pi_ref) per sampled completion, averaged (k1; samples from the policy, or
+        from the engine holding its weights; both log-probs from native forward passes)."""
         n = self.spec.kl_samples
-        completions = self._decode(n, 1.0, 1.0, self.seed * 7_919 + step + 1)
+        completions = self._decode(engine, n, 1.0, 1.0, self.seed * 7_919 + step + 1)
         prompts = [p for p in self.prompt_ids for _ in range(n)]
         groups = [k // n for k in range(len(completions))]
         policy_logps, _, ref_logps, _ = score_tokens(

@@ -237,6 +237,12 @@ class PolicyGradientTrainer:
         self.engine_weights_step = step
         return time.perf_counter() - started
 
+    def engine_at(self, step: int) -> RolloutEngine:
+        """The rollout engine, holding the weights after ``step`` optimizer steps (the monitor's decoder)."""
+        assert self.engine is not None
+        self.sync_engine(step)
+        return self.engine
+
     def minibatch(self, rollout_index: int, update: int) -> list[int]:
         n = len(self.buffer.rollout.samples.lengths)
         epoch, part = divmod(update, self.stage.minibatches)
@@ -443,8 +449,9 @@ def train_policy_gradient(
     if monitor_inputs is not None:
         monitor_reference = reference or starting_reference(policy, stage.lora is not None, reference_model)
         monitor = OverOptimizationMonitor(
-            monitor_inputs, policy, tokenizer, monitor_reference, seed=seed, stage_name=stage_name, log=log
-        )
+            monitor_inputs, policy, tokenizer, monitor_reference, seed=seed, stage_name=stage_name, log=log,
+            engine_at=trainer.engine_at if engine is not None else None,
+        )  # fmt: skip
         step_fn, extra_state = monitor.wrap(trainer.step_fn), [*extra_state, monitor]
     try:
         trained, loop = run_optimizer_steps(
