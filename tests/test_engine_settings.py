@@ -142,7 +142,7 @@ def test_an_engine_in_bf16_is_handed_bf16_weights(tmp_path, one_torch_thread):
 
 
 def test_a_running_server_needs_placement_server_and_a_shared_weights_directory():
-    with pytest.raises(ValueError, match="vllm.url: a running server needs placement: server and weights_dir"):
+    with pytest.raises(ValueError, match="a running server needs placement: server and weights_dir"):
         VLLMSpec(url="http://gpu-box:8000/v1", placement="server")
     with pytest.raises(ValueError, match="placement: server"):
         VLLMSpec(url="http://gpu-box:8000/v1", weights_dir="/shared/w")  # colocated by default

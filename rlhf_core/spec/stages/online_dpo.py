@@ -16,8 +16,9 @@ Engines: with ``generation.engine: vllm`` each round's sample stage starts the e
 policy (the previous round's model), so every round samples with the current weights and no weight sync
 is needed between rounds; the engine stops when its sample stage ends, freeing its memory before the
 round trains. A cached round starts none. Round r samples with seed ``seed + r - 1``, a pure function of
-the stage seed and the round. A ``judge_policy`` and the ``monitor`` decode with the native loop (their
-settings have no engine).
+the stage seed and the round. A ``judge_policy`` decodes with the engine its own ``engine`` names
+(``vllm``: one engine started from the judge model in each round's pairs stage); the ``monitor`` decodes
+with the native loop (the rounds' direct_alignment stages have no engine).
 """
 
 from __future__ import annotations
