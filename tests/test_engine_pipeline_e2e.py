@@ -116,11 +116,16 @@ def test_grpo_with_the_vllm_engine_runs_registers_and_resumes_after_a_sigkill(tm
     require_vllm()
     spec = _spec(tmp_path)
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "COLUMNS": "200"}
+    # the held run on its own temporary Prefect server: on a shared one the two runs' stages, having the
+    # same fingerprints, share a lock, and the held run would keep it from the run the test waits for
+    own_server = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect")
+    }
 
     home_b = tmp_path / "killed"  # started first: it is held, so the two runs overlap until the kill
     proc = subprocess.Popen(
         _command(spec, home_b, held=True),
-        env={**env, "HOLD_AFTER_FIRST_CHECKPOINT_OF": "grpo"},
+        env={**own_server, "HOLD_AFTER_FIRST_CHECKPOINT_OF": "grpo"},
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     home_a = tmp_path / "uninterrupted"
