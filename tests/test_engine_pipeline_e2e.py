@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = ROOT / "tests" / "hold_after_first_checkpoint.py"
+RUN_TIMEOUT_S = 600
 
 
 def _spec(tmp_path: Path) -> Path:
@@ -131,7 +132,12 @@ def test_grpo_with_the_vllm_engine_runs_registers_and_resumes_after_a_sigkill(tm
     home_a = tmp_path / "uninterrupted"
     run = subprocess.Popen(_command(spec, home_a), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    stdout, stderr = run.communicate()
+    try:  # a hang (e.g. a lock the held run keeps) fails the test instead of stalling the suite
+        stdout, stderr = run.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the uninterrupted run did not finish in {RUN_TIMEOUT_S} s")
     assert run.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "grpo" in stdout and "registered" in stdout
     mismatch = _mismatch_metrics(home_a)
@@ -153,7 +159,9 @@ def test_grpo_with_the_vllm_engine_runs_registers_and_resumes_after_a_sigkill(tm
         time.sleep(0.5)
     assert not _alive(engine), "the engine outlived the killed stage"
 
-    rerun = subprocess.run(_command(spec, home_b), env=env, cwd=ROOT, capture_output=True, text=True)
+    rerun = subprocess.run(
+        _command(spec, home_b), env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resumed_from_step" in rerun.stdout
     a, b = _final_weights(home_a), _final_weights(home_b)
