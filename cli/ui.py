@@ -31,6 +31,7 @@ from typing import Annotated
 
 import typer
 
+from rlhf_core.child_processes import parent_death_signal
 from rlhf_core.errors import EXIT_CRASH, EXIT_USER_ERROR, UserError
 from rlhf_core.settings import RLHFSettings, apply_environment_defaults
 
@@ -61,7 +62,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=parent_death_signal(),  # SIGTERM the server if `rlhf ui` itself is killed
             )
 
     def answers(self) -> bool:
@@ -94,15 +95,6 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: on Linux, SIGTERM the server if ``rlhf ui`` itself is killed."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:

@@ -26,7 +26,6 @@ import collections
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import NoReturn
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from rlhf_core.child_processes import free_port, parent_death_signal
 from rlhf_core.errors import UserError
 from rlhf_core.refs import DatasetRef, ModelRef, StageOutput
 from rlhf_core.spec import STAGE_CLASSES
@@ -227,12 +227,6 @@ def launch_command(compute: ComputeSpec, job_file: Path, port: int, *, gpu: bool
     return [*command, "-m", "runtime.multiprocess", str(job_file)]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _materialize_inputs(run: StageRun, inputs: dict[str, StageOutput]) -> None:
     """Download the stage's models and datasets into the home's cache once, before the ranks start
     (the download is not safe for several processes at once)."""
@@ -251,7 +245,9 @@ def _run_streaming(command: list[str], env: dict[str, str], stage: str) -> tuple
     logger = stage_logger()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1,
-        preexec_fn=_parent_death_signal() if sys.platform == "linux" else None,
+        # SIGTERM when the stage's process dies (even by SIGKILL); the launcher passes it on to its ranks,
+        # so no orphaned training keeps writing to the stage's run
+        preexec_fn=parent_death_signal(),
     )  # fmt: skip
     try:
         for line in process.stdout:
@@ -268,17 +264,6 @@ def _run_streaming(command: list[str], env: dict[str, str], stage: str) -> tuple
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _parent_death_signal():
-    """For the launcher's child side of fork: ask for SIGTERM when the stage's process dies (even by
-    SIGKILL); the launcher passes it on to its ranks, so no orphaned training keeps writing to the
-    stage's run. libc's prctl is looked up here, in the parent: the forked child only calls it."""
-    import ctypes
-    import signal
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def _die_with_launcher() -> None:

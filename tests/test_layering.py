@@ -124,7 +124,8 @@ def _module_imports(
 RLHF_CORE_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # bottom to top; a module may import from its own layer and the layers below it, never above
     ("ground", ("rlhf_core", "rlhf_core.errors", "rlhf_core.refs", "rlhf_core.settings",
-                "rlhf_core.locked_initialization", "rlhf_core.stage_environment", "rlhf_core.stage_results")),
+                "rlhf_core.locked_initialization", "rlhf_core.stage_environment", "rlhf_core.stage_results",
+                "rlhf_core.child_processes")),
     # library code on plain values (tensors, rows, models, numbers): it never sees a spec object
     ("losses: tensors in, tensors out", ("rlhf_core.losses",)),
     ("data: rows, schemas, files", ("rlhf_core.data",)),

@@ -12,12 +12,9 @@ the native loop does, instead of applying the processors a checkpoint's generati
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from rlhf_core.child_processes import free_port, parent_death_signal
 from rlhf_core.rollout.engines.base import EngineError
 
 READY_POLL_S = 0.5
@@ -119,7 +117,7 @@ class VLLMServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                start_new_session=True, preexec_fn=parent_death_signal(),
             )  # fmt: skip
         deadline = time.monotonic() + self.settings.startup_timeout_s
         while time.monotonic() < deadline:
@@ -209,21 +207,9 @@ def log_tail(path: Path, lines: int) -> str:
         return "(no log)"
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the parent process dies."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class RunningServer(VLLMServer):
