@@ -103,8 +103,8 @@ def test_every_algorithm_raises_an_easy_reward(tiny, tmp_path, algorithm):
 def test_the_kl_term_holds_the_policy_near_the_reference(tiny, tmp_path, algorithm):
     """Same run with and without a KL penalty (in the reward for ppo, in the loss for grpo): the KL to the
     reference at the end is smaller with it."""
-    kl_at_end = {}
-    for beta in (0.0, 0.3):
+    kl_at_end = {}  # beta 0.6: the KL ends 0.13-0.33 of the unpenalised one on grpo over seeds 0-3
+    for beta in (0.0, 0.6):
         overrides = {"rollouts": 10, "kl": {"beta": beta}, "train": {"lr": 2e-2}}
         if algorithm == "ppo":
             overrides |= {"prompts_per_rollout": 16}
@@ -115,7 +115,7 @@ def test_the_kl_term_holds_the_policy_near_the_reference(tiny, tmp_path, algorit
                 tiny, _stage(algorithm, **{**overrides, "kl": {"beta": 1e-9}}), tmp_path / "tiny"
             )
         kl_at_end[beta] = statistics.fmean([m["train/kl"] for _, m in logged if "train/kl" in m][-3:])
-    assert kl_at_end[0.3] < 0.7 * kl_at_end[0.0], kl_at_end
+    assert kl_at_end[0.6] < 0.7 * kl_at_end[0.0], kl_at_end
 
 
 def test_ratio_is_one_at_the_first_update_of_each_rollout(tiny, tmp_path):

@@ -226,6 +226,18 @@ class PolicyGradientStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+    trains_in_processes: ClassVar[bool] = True
+
+    def processes_problem(self) -> str | None:
+        if self.compute is not None and self.compute.processes > 1:
+            if self.generation.engine == "vllm":
+                return (
+                    "policy_gradient with generation.engine: vllm trains in one process for now (one "
+                    "engine per rank is not wired yet); set it to 1, or use engine: native"
+                )
+            if self.monitor is not None:
+                return "the over-optimization monitor runs in a single process; set it to 1"
+        return super().processes_problem()
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyGradientStage:

@@ -50,6 +50,7 @@ from rlhf_core.modeling.completion_scoring import (
 )
 from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.training.engine.data_parallel import rank_and_world
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.engine.result import TrainingResult
@@ -67,14 +68,20 @@ from rlhf_core.training.policy_gradient.algorithms import (
     policy_loss,
     rollout_metrics,
 )
+from rlhf_core.training.policy_gradient.rank_sharing import (
+    gather_objects,
+    gather_samples,
+    my_chunks,
+    score_across_ranks,
+)
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
     RewardFn,
     Rollout,
     RolloutBuffer,
     Samples,
+    round_chunks,
     sample_and_reward,
-    score_rollout,
 )
 
 SampleLogFn = Callable[[list[dict], int], None]
@@ -123,8 +130,10 @@ class PolicyGradientTrainer:
         self.engine_weights_step: int | None = None  # the optimizer step whose weights the engine holds
         self.reward_fn, self.seed, self.stage_name = self._timed(reward_fn), seed, stage_name
         self.reward_seconds = 0.0  # of the rollout being collected
-        self.reference, self.value_model, self.log_samples = reference, value_model, log_samples
-        self.log = log or (lambda metrics, step: None)
+        self.reference, self.value_model = reference, value_model
+        self.main_process = rank_and_world()[0] == 0  # with several processes, the main one logs
+        self.log_samples = log_samples if self.main_process else None
+        self.log = log if log is not None and self.main_process else (lambda metrics, step: None)
         self.last_rollout_metrics: dict[str, float] = {}
         self.settings = Settings.of(stage)
         self.prompts = PromptStream(len(records), seed)
@@ -171,10 +180,12 @@ class PolicyGradientTrainer:
         wanted, rounds, dropped = stage.prompts_per_rollout, 0, 0
         while wanted > 0 and rounds < stage.max_sampling_rounds:
             take = self.prompts.take(wanted if rounds == 0 else stage.prompts_per_rollout)
-            samples = sample_and_reward(
-                self.policy, self.tokenizer, self.records, take, stage, self.reward_fn,
+            chunks = round_chunks(take, settings.group_size, stage.generation.batch_size)
+            local = sample_and_reward(
+                self.policy, self.tokenizer, self.records, my_chunks(chunks), stage, self.reward_fn,
                 seed=self.seed * 1_000_003 + index * 1_009 + rounds, engine=self.engine,
             )  # fmt: skip
+            samples = gather_samples(local, chunks)
             rounds += 1
             if not settings.dynamic_sampling:
                 kept.append(samples)
@@ -200,7 +211,7 @@ class PolicyGradientTrainer:
                 "`truncated: score` scores unfinished completions anyway"
             )
         sampled = time.perf_counter()
-        rollout = score_rollout(
+        rollout = score_across_ranks(
             samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
             shared_prefix=self.shared_prefix, batch_size=stage.train.batch_size,
             need_old=settings.need_old_pass,
@@ -266,9 +277,9 @@ class PolicyGradientTrainer:
         mismatch: list[tuple[dict[str, float], int]] | None = None
         if rollout.engine_logps is not None and rollout.old_logps is None:
             mismatch = []
-        for start in range(0, len(ids), self.stage.train.batch_size):
-            part = ids[start : start + self.stage.train.batch_size]
-            loss, stats, real_tokens = self.micro_batch_loss(rollout, part, ctx.device, mismatch)
+        size = self.stage.train.batch_size
+        for part, counts in ctx.share([ids[start : start + size] for start in range(0, len(ids), size)]):
+            loss, stats, real_tokens = ctx.forward(self.micro_batch_loss, rollout, part, ctx.device, mismatch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"stage '{self.stage_name}': the {self.stage.algorithm} loss is {loss.item()} at step "
@@ -277,13 +288,16 @@ class PolicyGradientTrainer:
                 )
             token_share = sum(lengths[i] for i in part) / total_tokens
             weight = token_share if self.settings.aggregation == "token" else len(part) / len(ids)
-            ctx.backward(loss * weight)
+            ctx.backward(loss * (weight if counts else 0.0))
+            if not counts:  # a sharded rank's repeated pass (see StepContext.share)
+                continue
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value * weight
             totals[TOKENS] += float(real_tokens)
-        totals["time/update_s"] = time.perf_counter() - update_started
-        if mismatch:
-            self.record_mismatch(rollout, index, step, mismatch)
+        if self.main_process:  # the loop sums every rank's metrics: one rank's clock
+            totals["time/update_s"] = time.perf_counter() - update_started
+        if mismatch is not None:
+            self.record_mismatch(rollout, index, step, [m for part in gather_objects(mismatch) for m in part])
         return totals
 
     def record_mismatch(
@@ -291,6 +305,8 @@ class PolicyGradientTrainer:
     ) -> None:
         """The rollout's ``mismatch/...`` from its micro-batches (token-weighted means, the max of the
         maxima), added to its metrics and logged with them."""
+        if not parts:
+            return
         tokens = sum(n for _, n in parts)
         metrics = {
             key: max(m[key] for m, _ in parts)
