@@ -178,6 +178,8 @@ def test_settings_that_do_not_apply_are_refused():
         _stage("grpo", group_size=1)
     with pytest.raises(ValueError, match="epochs: not used by on-policy RL"):
         _stage("grpo", train={"epochs": 3})
+    stage = _stage("ppo")  # read again from its JSON, as a rank's job or a work pool's call does
+    assert PolicyGradientStage.model_validate(stage.model_dump(mode="json")) == stage
     assert _stage("grpo", train={"max_steps": 2}).train.max_steps == 2  # caps rollouts x updates
     with pytest.raises(ValueError, match="which engine transformers does not return; use native or vllm"):
         _stage("grpo", generation={"engine": "transformers"})

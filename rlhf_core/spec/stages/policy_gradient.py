@@ -136,7 +136,12 @@ class RLTrainSpec(OptimSpec):
 
     @model_validator(mode="after")
     def _no_offline_step_counts(self) -> RLTrainSpec:
-        given = sorted({"epochs", "grad_accum"} & self.model_fields_set)
+        # a value other than the default: the defaults themselves come back when a stage's JSON is read
+        # again (a rank's job, a work pool's call), and mean nothing here either
+        fields = type(self).model_fields
+        given = sorted(
+            name for name in ("epochs", "grad_accum") if getattr(self, name) != fields[name].default
+        )
         if given:
             raise ValueError(
                 f"{', '.join(given)}: not used by on-policy RL; set the stage's rollouts, update_epochs and "
