@@ -43,8 +43,8 @@ WEIGHT_ATOL = 2e-4
 
 COMMON = {
     "kind": "policy_gradient", "policy": "p", "prompts": "d.prompts",
-    "rewards": [{"function": "tests.test_multiprocess_policy_gradient:digit_share"}], "truncated": "score", "rollouts": 3,
-    "prompts_per_rollout": 6, "group_size": 4, "update_epochs": 2, "minibatches": 2,
+    "rewards": [{"function": "tests.test_multiprocess_policy_gradient:digit_share"}], "truncated": "score",
+    "rollouts": 3,    "prompts_per_rollout": 6, "group_size": 4, "update_epochs": 2, "minibatches": 2,
     "generation": {"max_new_tokens": 8, "temperature": 1.0, "batch_size": 8},
     "train": {"lr": 5e-3, "batch_size": 5, "log_every": 1, "checkpoint_every": 2},
 }  # fmt: skip
@@ -165,7 +165,8 @@ def test_what_runs_in_one_process_says_so(extra, message):
     spec["generation"] = {**COMMON["generation"], **extra.get("generation", {})}
     stage = PolicyGradientStage.model_validate(spec)
     assert message in (stage.processes_problem() or "")
-    assert PolicyGradientStage.model_validate({**spec, "compute": {"processes": 1}}).processes_problem() is None
+    one_process = PolicyGradientStage.model_validate({**spec, "compute": {"processes": 1}})
+    assert one_process.processes_problem() is None
 
 
 if __name__ == "__main__":

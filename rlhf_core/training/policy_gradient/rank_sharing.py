@@ -6,7 +6,7 @@ advantages, KL controller update and prompt cursor (the state a checkpoint saves
 rank, and the main rank's copy restores them all):
 
 1. **Sampling**: the round's prompts are cut into chunks of one decoding batch each
-   (:func:`~.rollouts.round_chunks`), each with its own seed; rank r samples and rewards chunks r,
+   (:func:`~.rollout_sampling.round_chunks`), each with its own seed; rank r samples and rewards chunks r,
    r + N, r + 2N, ... A chunk holds whole groups, so the G completions of a prompt are drawn together,
    and since a chunk's completions depend on its seed only, N ranks sample exactly what one process
    does. :func:`gather_samples` gives every rank the round's samples in chunk order.
@@ -23,12 +23,15 @@ small next to the model).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf_core.training.engine.data_parallel import rank_and_world
-from rlhf_core.training.policy_gradient.rollouts import Rollout, Samples, SamplingChunk, score_rollout
+from rlhf_core.training.policy_gradient.rollouts import Rollout, Samples, score_rollout
+
+if TYPE_CHECKING:
+    from rlhf_core.training.policy_gradient.rollout_sampling import SamplingChunk
 
 
 def gather_objects(value: Any) -> list[Any]:

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from rlhf_core.errors import UserError
 from rlhf_core.losses.policy_gradient import soft_overlong_penalty
 from rlhf_core.rewards.composite import ModelScorer, score_completions
-from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest, prompt_seeds
-from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups, score_tokens
+from rlhf_core.rollout.token_scoring import score_tokens
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.engine.loop import epoch_order
@@ -79,6 +78,7 @@ class Samples:
     texts: list[str]
     prompts: list[Any]
     engine_logps: list[list[float]] | None = None  # the rollout engine's log pi per sampled token
+    versions: list[int] | None = None  # the policy version (rollout index) that sampled each completion
 
     @property
     def lengths(self) -> list[int]:
@@ -98,6 +98,7 @@ class Samples:
             [self.texts[i] for i in rows],
             [self.prompts[i] for i in rows],
             None if self.engine_logps is None else [self.engine_logps[i] for i in rows],
+            None if self.versions is None else [self.versions[i] for i in rows],
         )
 
     @staticmethod
@@ -121,6 +122,7 @@ class Samples:
             None
             if any(p.engine_logps is None for p in parts)
             else [x for p in parts for x in p.engine_logps],
+            None if any(p.versions is None for p in parts) else [x for p in parts for x in p.versions],
         )
 
 
@@ -231,77 +233,6 @@ def overlong_cache(stage: PolicyGradientStage) -> int | None:
     if rollout_defaults(stage).overlong_penalty:
         return max(1, stage.generation.max_new_tokens // 4)
     return None
-
-
-@dataclass(frozen=True)
-class SamplingChunk:
-    """A slice of a sampling round's prompts decoded as one batch by the native loop, with a seed of its
-    own (:func:`chunk_seed`): which process samples it does not change its completions."""
-
-    index: int  # position in the round
-    prompt_indices: list[int]  # rows of the prompt records
-
-
-def round_chunks(prompt_indices: list[int], group_size: int, batch_size: int) -> list[SamplingChunk]:
-    """The round's prompts in chunks of ``batch_size // group_size`` prompts (at least one): one decoding
-    batch of the native loop each, and the unit the processes of a multi-process stage share."""
-    per_chunk = max(1, batch_size // group_size)
-    starts = range(0, len(prompt_indices), per_chunk)
-    return [SamplingChunk(k, prompt_indices[s : s + per_chunk]) for k, s in enumerate(starts)]
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed of chunk ``chunk`` of a round whose seed is ``seed``."""
-    return prompt_seeds(seed, chunk + 1)[chunk]
-
-
-def sample_and_reward(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    records: list[dict],
-    chunks: list[SamplingChunk],
-    stage: PolicyGradientStage,
-    reward_fn: RewardFn,
-    seed: int,
-    engine: RolloutEngine | None = None,
-) -> Samples:
-    """G completions of each prompt of ``chunks`` (in their order), decoded by the policy (in-process:
-    chunk by chunk, each from its own seed) or by the rollout ``engine`` (one call for all of them, seeded
-    from the first chunk's seed; the engine keeps its own log-probs of the sampled tokens), and rewarded."""
-    prompt_indices = [i for chunk in chunks for i in chunk.prompt_indices]
-    prompts = [records[i]["prompt"] for i in prompt_indices]
-    encoded = encode_prompts(tokenizer, prompts)
-    gen, engine_logps, g = stage.generation, None, stage.effective_group_size
-    if not chunks:
-        completions: list[list[int]] = []
-    elif engine is None:
-        completions, start = [], 0
-        for chunk in chunks:
-            end = start + len(chunk.prompt_indices)
-            completions += sample_groups(
-                policy, tokenizer, encoded[start:end], g, max_new_tokens=gen.max_new_tokens,
-                temperature=gen.temperature, top_p=gen.top_p, batch_size=gen.batch_size,
-                seed=chunk_seed(seed, chunk.index), top_k=gen.top_k,
-            )  # fmt: skip
-            start = end
-    else:
-        request = SamplingRequest(
-            gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, tokenizer.eos_token_id
-        )
-        out = engine.generate(encoded, g, request, chunk_seed(seed, chunks[0].index))
-        completions, engine_logps = out.token_ids, out.logprobs
-    groups = [k // g for k in range(len(completions))]
-    truncated = [c[-1] != tokenizer.eos_token_id for c in completions]
-    texts = [t.strip() for t in tokenizer.batch_decode(completions, skip_special_tokens=True)]
-    rows = [
-        {**records[prompt_indices[k]], "completion": text, "completion_tokens": len(c)}
-        for k, text, c in zip(groups, texts, completions, strict=True)
-    ]
-    rewards, per_source = reward_completions(rows, truncated, stage, reward_fn)
-    return Samples(
-        [encoded[k] for k in groups], completions, groups, truncated, rewards, per_source, texts,
-        [prompts[k] for k in groups], engine_logps,
-    )  # fmt: skip
 
 
 def score_rollout(

@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.errors import NonFiniteLossError, UserError
-from rlhf_core.losses.advantages import all_equal_groups
+from rlhf_core.errors import NonFiniteLossError
 from rlhf_core.losses.importance_correction import mismatch_metrics, truncated_importance_weights
 from rlhf_core.losses.kl import kl_per_token
 from rlhf_core.losses.masking import aggregate_loss, masked_mean
@@ -68,20 +67,13 @@ from rlhf_core.training.policy_gradient.algorithms import (
     policy_loss,
     rollout_metrics,
 )
-from rlhf_core.training.policy_gradient.rank_sharing import (
-    gather_objects,
-    gather_samples,
-    my_chunks,
-    score_across_ranks,
-)
+from rlhf_core.training.policy_gradient.rank_sharing import gather_objects, score_across_ranks
+from rlhf_core.training.policy_gradient.rollout_sampling import RoundSource, SynchronousRounds, sample_rollout
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
     RewardFn,
     Rollout,
     RolloutBuffer,
-    Samples,
-    round_chunks,
-    sample_and_reward,
 )
 
 SampleLogFn = Callable[[list[dict], int], None]
@@ -140,6 +132,9 @@ class PolicyGradientTrainer:
         self.buffer = RolloutBuffer()
         self.controller = kl_controller(stage)
         self.shared_prefix = can_share_prefix(policy, value_model)
+        self.rounds: RoundSource = SynchronousRounds(
+            policy, tokenizer, records, stage, self.reward_fn, seed, engine=engine
+        )
 
     @property
     def extra_state(self) -> list:
@@ -176,40 +171,11 @@ class PolicyGradientTrainer:
         stage, settings = self.stage, self.settings
         sync_seconds = self.sync_engine(step)
         started, self.reward_seconds = time.perf_counter(), 0.0
-        kept: list[Samples] = []
-        wanted, rounds, dropped = stage.prompts_per_rollout, 0, 0
-        while wanted > 0 and rounds < stage.max_sampling_rounds:
-            take = self.prompts.take(wanted if rounds == 0 else stage.prompts_per_rollout)
-            chunks = round_chunks(take, settings.group_size, stage.generation.batch_size)
-            local = sample_and_reward(
-                self.policy, self.tokenizer, self.records, my_chunks(chunks), stage, self.reward_fn,
-                seed=self.seed * 1_000_003 + index * 1_009 + rounds, engine=self.engine,
-            )  # fmt: skip
-            samples = gather_samples(local, chunks)
-            rounds += 1
-            if not settings.dynamic_sampling:
-                kept.append(samples)
-                break
-            equal = all_equal_groups(samples.rewards, settings.group_size).tolist()
-            informative = [g for g, same in enumerate(equal) if not same][:wanted]
-            dropped += sum(equal)
-            if informative:
-                kept.append(samples.select_groups(informative))
-                wanted -= len(informative)
-        if not kept:
-            raise UserError(
-                f"stage '{self.stage_name}': rollout {index + 1}: every group of {settings.group_size} "
-                f"completions in {rounds} sampling rounds got equal rewards, so there is nothing to learn "
-                "from (dynamic sampling); raise max_sampling_rounds or check the reward sources"
-            )
-        samples = Samples.concat(kept)
-        if all(samples.truncated) and stage.truncated != "score":  # every reward would be the same
-            raise UserError(
-                f"stage '{self.stage_name}': rollout {index + 1}: no completion ended with EOS within "
-                f"generation.max_new_tokens = {stage.generation.max_new_tokens}; raise max_new_tokens, or "
-                "check that the policy was trained to end its turn (its chat template's end-of-turn token); "
-                "`truncated: score` scores unfinished completions anyway"
-            )
+        sampled_rollout = sample_rollout(
+            self.rounds, self.prompts, stage, dynamic_sampling=settings.dynamic_sampling, index=index,
+            stage_name=self.stage_name,
+        )  # fmt: skip
+        samples = sampled_rollout.samples
         sampled = time.perf_counter()
         rollout = score_across_ranks(
             samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
@@ -223,7 +189,8 @@ class PolicyGradientTrainer:
             **rollout_metrics(rollout, settings), **kl_metrics, "beta": beta,
             "time/sample_and_reward_s": sampled - started, "time/reward_s": self.reward_seconds,
             "time/scoring_s": scored - sampled,
-            "sampling_rounds": float(rounds), "dropped_groups": float(dropped),
+            "sampling_rounds": float(sampled_rollout.rounds),
+            "dropped_groups": float(sampled_rollout.dropped_groups),
         }  # fmt: skip
         if self.engine is not None:
             rollout.metrics["time/weight_sync_s"] = sync_seconds
