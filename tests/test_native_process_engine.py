@@ -210,12 +210,27 @@ def test_a_worker_killed_during_a_generate_is_an_engine_error(tiny):
         assert time.monotonic() - started < 30
 
 
-def test_no_worker_after_close(tiny):
+def test_no_worker_after_close_even_with_a_generate_in_flight(tiny):
+    """close() from another thread lets the generate in flight end (answered, or an EngineError)."""
     model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS * 8)
     engine = NativeProcessEngine(model, tokenizer, what=WHAT)
+    outcome: list = []
+
+    def generate() -> None:
+        try:
+            outcome.append(engine.generate(ids, 4, _request(tokenizer, 1.0, 64), seed=0))
+        except EngineError as error:
+            outcome.append(error)
+
     with engine:
         pid = engine.pid
         assert _running(pid)
+        in_flight = threading.Thread(target=generate)
+        in_flight.start()
+        time.sleep(0.2)
+    in_flight.join(timeout=15)
+    assert not in_flight.is_alive() and len(outcome) == 1
     assert not _running(pid)
     with pytest.raises(EngineError, match="not running"):
         engine.generate([[1]], 1, _request(tokenizer, 0.0), seed=0)
@@ -223,7 +238,8 @@ def test_no_worker_after_close(tiny):
 
 
 PARENT = """
-import os, signal, sys, torch
+import os, signal, threading, time, torch
+from rlhf_core.rollout.engines.base import SamplingRequest
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.rollout.engines.native_process import NativeProcessEngine
 from rlhf_core.spec import TinyModelSource
@@ -231,15 +247,24 @@ torch.set_num_threads(1)
 model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, heads=2, layers=1), seed=0)
 engine = NativeProcessEngine(model, tokenizer, what="stage 'p'").__enter__()
 print(engine.pid, flush=True)
+request = SamplingRequest(max_new_tokens=400, temperature=1.0)  # decoding for many seconds
+threading.Thread(target=engine.generate, args=([[5, 6, 7]] * 256, 8, request, 0), daemon=True).start()
+time.sleep(0.5)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_the_worker_dies_with_a_killed_parent():
+def test_the_worker_dies_with_a_killed_parent_even_while_generating(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", PARENT], capture_output=True, text=True, env=env, timeout=180
-    )
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    pid = int(done.stdout.split()[0])
-    assert _wait_gone(pid, within_s=5), f"worker {pid} outlived its parent"
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+        pid = int(parent.stdout.readline() or 0)  # the worker inherits the pipe: read one line only
+        assert parent.wait(timeout=180) == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
+    try:
+        assert pid and _wait_gone(pid, within_s=5), f"worker {pid} outlived its parent"
+    finally:
+        if pid and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+        parent.stdout.close()

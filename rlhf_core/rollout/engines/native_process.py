@@ -48,7 +48,8 @@ class NativeProcessEngine:
 
     ``what`` names the stage in errors; ``threads``: the worker's torch threads (default 1);
     ``batch_size``: sequences per decoding batch, as ``sample_groups`` takes it (and per scoring pass).
-    Open it with ``with`` (or :meth:`start` / :meth:`close`) from a process that lives as long as it.
+    Open it with ``with`` (or :meth:`start` / :meth:`close`). As with any spawned process, the main module
+    is imported again in the worker: a script that opens the engine needs ``if __name__ == "__main__":``.
     """
 
     name = "native_process"
@@ -84,14 +85,22 @@ class NativeProcessEngine:
 
     def start(self) -> None:
         """Spawn the worker with the policy's current weights; returns once it is ready to generate."""
+        if self._process is not None:
+            return
         context = mp.get_context("spawn")
-        self._weights = {k: v.share_memory_() for k, v in plain_state_dict(self.policy).items()}
+        try:
+            self._weights = {k: v.share_memory_() for k, v in plain_state_dict(self.policy).items()}
+        except (RuntimeError, OSError) as error:
+            raise EngineError(
+                f"{self.what}: the rollout engine {self.name} could not put the policy's weights in shared "
+                f"memory ({error}); /dev/shm must hold a copy of the weights"
+            ) from error
         self._lock = context.Lock()  # held by the worker for a whole generate, by the parent for a sync
         self._version = context.Value("q", 0, lock=False)  # guarded by self._lock
         self._conn, child = context.Pipe()
         plain = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
         worker = _Worker(plain.config, self._weights, self._lock, self._version, self.threads,
-                         self.batch_size, self.pad_token_id, os.getpid())  # fmt: skip
+                         self.batch_size, self.eos_token_id, self.pad_token_id, os.getpid())  # fmt: skip
         self._process = context.Process(target=worker.serve, args=(child,), daemon=True, name=self.name)
         self._process.start()
         child.close()
@@ -129,11 +138,10 @@ class NativeProcessEngine:
         seed and batch size, with log pi(token) of the weights that generated them (T = 1)."""
         with self._calls:
             self._check_alive()
-            assert self._conn is not None
             try:
-                self._conn.send(("generate", prompt_ids, n, request, seed))
-            except OSError:
-                raise self._died() from None
+                self._conn.send(("generate", prompt_ids, n, request, seed))  # type: ignore[union-attr]
+            except (AttributeError, OSError):  # closed meanwhile, or the worker is gone
+                raise self._stopped() from None
             token_ids, logprobs, self.generated_version = self._reply("generate", None)
         return EngineOutput(token_ids, logprobs)
 
@@ -164,13 +172,14 @@ class NativeProcessEngine:
     def _reply(self, action: str, deadline: float | None) -> Any:
         """The worker's answer to ``action``: its value, or an EngineError if it failed, died or (with a
         ``deadline``) did not answer in time."""
-        assert self._conn is not None
+        conn = self._conn
+        if conn is None:
+            raise self._stopped()
         while True:
             try:
-                ready = self._conn.poll(POLL_S)
-                message = self._conn.recv() if ready else None
-            except (EOFError, OSError):
-                raise self._died() from None
+                message = conn.recv() if conn.poll(POLL_S) else None
+            except (EOFError, OSError):  # the worker's end (or ours, closed meanwhile) is gone
+                raise self._stopped() from None
             if message is not None:
                 break
             self._check_alive()
@@ -182,14 +191,16 @@ class NativeProcessEngine:
         return value
 
     def _check_alive(self) -> None:
-        if self._process is None:
-            raise EngineError(f"{self.what}: the rollout engine {self.name} is not running (closed)")
-        if not self._process.is_alive():
-            raise self._died()
+        if self._process is None or not self._process.is_alive():
+            raise self._stopped()
 
-    def _died(self) -> EngineError:
-        self._process.join(timeout=1)  # the exit code is known once the process is reaped
-        code = self._process.exitcode
+    def _stopped(self) -> EngineError:
+        """The error for a worker that is not there: closed, or died (how, where the exit code says)."""
+        process = self._process
+        if process is None:
+            return EngineError(f"{self.what}: the rollout engine {self.name} is not running (closed)")
+        process.join(timeout=1)  # the exit code is known once the process is reaped
+        code = process.exitcode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
         memory = " (SIGKILL often means out of memory)" if code == -signal.SIGKILL else ""
         return EngineError(
@@ -223,6 +234,7 @@ class _Worker:
     version: Any
     threads: int
     batch_size: int
+    eos_token_id: int | None
     pad_token_id: int | None
     parent_pid: int
 
@@ -261,7 +273,7 @@ class _Worker:
         self, model: PreTrainedModel, prompt_ids: list[list[int]], n: int, request: SamplingRequest, seed: int
     ) -> tuple[list[list[int]], list[list[float]], int]:
         """(token ids, their log-probs, the weights' version), all under the lock: one set of weights."""
-        eos = request.eos_token_id if request.eos_token_id is not None else model.config.eos_token_id
+        eos = request.eos_token_id if request.eos_token_id is not None else self.eos_token_id
         tokens = _SpecialTokens(eos, self.pad_token_id)
         with self.lock:
             version = int(self.version.value)
