@@ -25,6 +25,7 @@ from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.rollout.engines.base import EngineError, SamplingRequest
 from rlhf_core.rollout.engines.native_process import NativeProcessEngine
+from rlhf_core.rollout.engines.weight_export import plain_state_dict
 from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups, score_tokens
 from rlhf_core.spec import TinyModelSource
 
@@ -111,6 +112,15 @@ def test_after_a_sync_the_worker_samples_with_the_new_weights(engine, tiny):
     assert after == _in_process(other, tokenizer, ids, 2, 1.0, seed=5)
     assert after != before
     assert engine.last_sync_s > 0
+
+
+def test_a_plain_state_dict_syncs_like_its_model(engine, tiny):
+    model, tokenizer = tiny
+    ids = encode_prompts(tokenizer, PROMPTS)
+    other = _perturbed(model, seed=3)
+    engine.sync_weights(plain_state_dict(other))
+    out = engine.generate(ids, 2, _request(tokenizer, 1.0), seed=5).token_ids
+    assert out == _in_process(other, tokenizer, ids, 2, 1.0, seed=5)
 
 
 def test_a_lora_policy_is_synced_with_its_adapters_merged(engine, tiny):
@@ -242,6 +252,7 @@ import os, signal, threading, time, torch
 from rlhf_core.rollout.engines.base import SamplingRequest
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.rollout.engines.native_process import NativeProcessEngine
+from rlhf_core.rollout.engines.weight_export import plain_state_dict
 from rlhf_core.spec import TinyModelSource
 torch.set_num_threads(1)
 model, tokenizer = build_tiny_model(TinyModelSource(hidden_size=32, heads=2, layers=1), seed=0)

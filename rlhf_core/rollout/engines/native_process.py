@@ -146,12 +146,13 @@ class NativeProcessEngine:
         return EngineOutput(token_ids, logprobs)
 
     @torch.no_grad()
-    def sync_weights(self, model: Any) -> None:
+    def sync_weights(self, model: PreTrainedModel | dict[str, torch.Tensor]) -> None:
         """Copy ``model``'s weights (LoRA merged) into the worker's shared tensors; the worker decodes
-        with them from its next generate on (one in flight finishes with the old weights first)."""
+        with them from its next generate on (one in flight finishes with the old weights first).
+        ``model`` may also be its ``plain_state_dict`` (a cheap snapshot to hand a background producer)."""
         started = time.perf_counter()
         self._check_alive()
-        state = plain_state_dict(model)
+        state = model if isinstance(model, dict) else plain_state_dict(model)
         self._check_same_tensors(state)
         while not self._lock.acquire(timeout=POLL_S):  # a generate in flight holds it
             self._check_alive()
