@@ -97,8 +97,9 @@ class VLLMEngine:
             self._recover(error)
             return self._generate(prompt_ids, n, request, seed)
 
-    def sync_weights(self, model: PreTrainedModel) -> None:
-        """The engine decodes with ``model``'s weights as they are now (a PeftModel's merged)."""
+    def sync_weights(self, model: PreTrainedModel | dict[str, torch.Tensor]) -> None:
+        """The engine decodes with ``model``'s weights as they are now (a PeftModel's merged), or with a
+        snapshot of them (``weight_export.plain_state_dict``)."""
         write_engine_weights(model, self.checkpoint_dir, self.weights_dtype)
         try:
             if self.asleep:

@@ -33,10 +33,13 @@ def write_engine_checkpoint(
 
 
 @torch.no_grad()
-def write_engine_weights(model: PreTrainedModel, directory: Path, dtype: torch.dtype | None = None) -> None:
-    """``model``'s current weights into ``directory/model.safetensors`` (atomically); floating-point
-    tensors cast to ``dtype`` when given (an engine that runs in bf16 reads half the bytes of fp32)."""
-    state = plain_state_dict(model)
+def write_engine_weights(
+    model: PreTrainedModel | dict[str, torch.Tensor], directory: Path, dtype: torch.dtype | None = None
+) -> None:
+    """``model``'s current weights (or its :func:`plain_state_dict`, a snapshot) into
+    ``directory/model.safetensors`` (atomically); floating-point tensors cast to ``dtype`` when given (an
+    engine that runs in bf16 reads half the bytes of fp32)."""
+    state = model if isinstance(model, dict) else plain_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")

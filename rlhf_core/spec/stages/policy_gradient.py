@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from rlhf_core.spec.async_rollouts import DEFAULT_ASYNC_TIS_CAP, AsyncRolloutsSpec
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import SamplingSpec
 from rlhf_core.spec.monitor import MonitorSpec
@@ -202,8 +203,14 @@ class PolicyGradientStage(StageSpec):
         description=(
             "Truncated importance sampling (book ch.6): weight each token's loss by min(pi_train / "
             "pi_engine, C) to correct the engine/trainer mismatch; C here (2 in Open Instruct). Needs "
-            "generation.engine: vllm. The mismatch itself is logged whenever the engine is vllm."
+            "generation.engine: vllm or async_rollouts (whose default is 2). The mismatch itself is logged "
+            "whenever the engine is vllm."
         ),
+    )
+    async_rollouts: AsyncRolloutsSpec | None = Field(
+        default=None,
+        description="Generate the next rollouts while training on the current one (e.g. {max_staleness: "
+        "1}); with engine native they are decoded by a copy of the policy in a background process.",
     )
     truncated: Literal["penalty", "zero", "score"] = Field(
         default="penalty",
@@ -233,8 +240,25 @@ class PolicyGradientStage(StageSpec):
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
     trains_in_processes: ClassVar[bool] = True
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether rollouts are generated ahead (async_rollouts with max_staleness > 0)."""
+        return self.async_rollouts is not None and self.async_rollouts.max_staleness > 0
+
+    @property
+    def effective_tis_cap(self) -> float | None:
+        """The truncated importance weight's cap C that applies: the stage's, else 2 when asynchronous."""
+        if self.tis_cap is None and self.asynchronous:
+            return DEFAULT_ASYNC_TIS_CAP
+        return self.tis_cap
+
     def processes_problem(self) -> str | None:
         if self.compute is not None and self.compute.processes > 1:
+            if self.asynchronous:
+                return (
+                    "asynchronous rollouts run with one training process for now; set it to 1, or "
+                    "async_rollouts.max_staleness to 0"
+                )
             if self.generation.engine == "vllm":
                 return (
                     "policy_gradient with generation.engine: vllm trains in one process for now (one "
@@ -265,10 +289,11 @@ class PolicyGradientStage(StageSpec):
                 "generation.engine: rollouts need the sampled token ids the update trains on, which "
                 "engine transformers does not return; use native or vllm"
             )
-        if self.tis_cap is not None and self.generation.engine != "vllm":
+        if self.tis_cap is not None and self.generation.engine != "vllm" and not self.asynchronous:
             raise ValueError(
                 "tis_cap corrects the mismatch between a separate rollout engine and the trainer; with "
-                f"generation.engine: {self.generation.engine} there is none: set engine: vllm or drop tis_cap"
+                f"generation.engine: {self.generation.engine} there is none: set engine: vllm or "
+                "async_rollouts, or drop tis_cap"
             )
         if self.overlong_cache is not None and self.overlong_cache > self.generation.max_new_tokens:
             raise ValueError("overlong_cache must not exceed generation.max_new_tokens")

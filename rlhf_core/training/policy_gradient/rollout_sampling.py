@@ -25,8 +25,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from rlhf_core.errors import UserError
 from rlhf_core.losses.advantages import all_equal_groups
 from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest, prompt_seeds
+from rlhf_core.rollout.engines.weight_export import plain_state_dict
 from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.training.policy_gradient.async_rollouts import AsyncRolloutProducer, RoundRequest
 from rlhf_core.training.policy_gradient.rank_sharing import gather_samples, my_chunks
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
@@ -172,6 +174,7 @@ class RolloutSamples:
     samples: Samples
     rounds: int  # sampling rounds it took
     dropped_groups: int  # groups of equal rewards left out (dynamic sampling)
+    dropped_stale: int = 0  # completions left out for being more than max_staleness versions old
 
 
 def sample_rollout(
@@ -182,16 +185,24 @@ def sample_rollout(
     dynamic_sampling: bool,
     index: int,
     stage_name: str,
+    max_staleness: int | None = None,
 ) -> RolloutSamples:
     """Rollout ``index``'s completions: one round of ``prompts_per_rollout`` prompts, or, with dynamic
     sampling, rounds until that many groups with differing rewards are kept (at most
-    ``max_sampling_rounds``). Rounds are numbered over the whole run by the prompt stream's cursor."""
+    ``max_sampling_rounds``). Rounds are numbered over the whole run by the prompt stream's cursor.
+
+    With ``max_staleness`` K, a round sampled by a policy more than K versions older than ``index`` is
+    dropped (counted in ``dropped_stale``) and the next round taken instead; it does not count as a
+    sampling round. (A producer that keeps its own bound never hands one over; this is the check.)"""
     per_round, g = stage.prompts_per_rollout, stage.effective_group_size
     kept: list[Samples] = []
-    wanted, rounds, dropped = per_round, 0, 0
+    wanted, rounds, dropped, stale = per_round, 0, 0, 0
     while wanted > 0 and rounds < stage.max_sampling_rounds:
         round_index = prompts.cursor // per_round
         samples = source.sample_round(round_index, prompts.take(per_round), index)
+        if max_staleness is not None and samples.versions and index - min(samples.versions) > max_staleness:
+            stale += len(samples.lengths)
+            continue
         rounds += 1
         if not dynamic_sampling:
             kept.append(samples)
@@ -216,4 +227,72 @@ def sample_rollout(
             "check that the policy was trained to end its turn (its chat template's end-of-turn token); "
             "`truncated: score` scores unfinished completions anyway"
         )
-    return RolloutSamples(samples, rounds, dropped)
+    return RolloutSamples(samples, rounds, dropped, stale)
+
+
+class AsynchronousRounds:
+    """Rounds generated ahead by ``engine`` in a background producer (:mod:`.async_rollouts`), at most
+    ``max_staleness`` rounds ahead of the trainer, from the newest weights the trainer published.
+
+    Round j's prompts are the stream's positions ``j * P .. j * P + P - 1`` (P = prompts_per_rollout), the
+    same the trainer's :func:`sample_rollout` takes for it, so the producer needs no message from the
+    trainer to plan a round. The completions come with the generating weights' log-probs
+    (``Samples.engine_logps``: pi_behaviour of the importance correction) and version. The producer starts
+    at the first :meth:`publish` (after a resume: at the round the restored cursor points to) and rounds
+    in flight are never checkpointed: a resumed run generates them again from the restored weights.
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: PreTrainedTokenizerBase,
+        records: list[dict],
+        prompts: PromptStream,
+        stage: PolicyGradientStage,
+        reward_fn: RewardFn,
+        seed: int,
+        stage_name: str,
+    ) -> None:
+        assert stage.async_rollouts is not None
+        self.engine, self.tokenizer, self.records, self.prompts = engine, tokenizer, records, prompts
+        self.stage, self.reward_fn, self.seed, self.stage_name = stage, reward_fn, seed, stage_name
+        self.max_staleness = stage.async_rollouts.max_staleness
+        self.producer: AsyncRolloutProducer | None = None
+        self.wait_s = 0.0  # seconds the trainer waited for rounds (cumulative)
+
+    def plan(self, round_index: int) -> RoundRequest:
+        per_round, gen = self.stage.prompts_per_rollout, self.stage.generation
+        indices = self.prompts.at(round_index * per_round, per_round)
+        encoded = encode_prompts(self.tokenizer, [self.records[i]["prompt"] for i in indices])
+        request = SamplingRequest(
+            gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, self.tokenizer.eos_token_id
+        )
+        seed = chunk_seed(round_seed(self.seed, round_index), 0)
+        return RoundRequest(encoded, self.stage.effective_group_size, request, seed)
+
+    def publish(self, version: int, policy: PreTrainedModel) -> None:
+        """Hand the producer a snapshot of ``policy`` (LoRA merged, on CPU) as version ``version``."""
+        if self.producer is None:
+            first_round = self.prompts.cursor // self.stage.prompts_per_rollout
+            self.producer = AsyncRolloutProducer(
+                self.engine, self.plan, max_staleness=self.max_staleness, first_round=first_round,
+                what=f"stage '{self.stage_name}'",
+            )  # fmt: skip
+            self.producer.start()
+        self.producer.publish(version, plain_state_dict(policy))
+
+    def sample_round(self, round_index: int, prompt_indices: list[int], version: int) -> Samples:
+        assert self.producer is not None, "publish the policy's weights before taking rounds"
+        got = self.producer.take(round_index)
+        self.wait_s += got.wait_s
+        encoded = encode_prompts(self.tokenizer, [self.records[i]["prompt"] for i in prompt_indices])
+        samples = reward_samples(
+            self.tokenizer, self.records, prompt_indices, encoded, got.output.token_ids,
+            got.output.logprobs, self.stage, self.reward_fn,
+        )  # fmt: skip
+        samples.versions = [got.version] * len(samples.lengths)
+        return samples
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()

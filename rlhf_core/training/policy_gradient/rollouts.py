@@ -49,13 +49,20 @@ class PromptStream:
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its order), computed once per epoch
 
     def take(self, count: int) -> list[int]:
-        out = []
-        for position in range(self.cursor, self.cursor + count):
-            epoch, i = divmod(position, self.n)
-            if self._order[0] != epoch:
-                self._order = (epoch, epoch_order(self.n, self.seed, epoch))
-            out.append(self._order[1][i])
+        out = self.at(self.cursor, count)
         self.cursor += count
+        return out
+
+    def at(self, position: int, count: int) -> list[int]:
+        """The prompts at stream positions ``position .. position + count - 1`` (the cursor stays; safe to
+        call from a second thread: the cached order is read and replaced whole)."""
+        out = []
+        order = self._order
+        for at in range(position, position + count):
+            epoch, i = divmod(at, self.n)
+            if order[0] != epoch:
+                order = self._order = (epoch, epoch_order(self.n, self.seed, epoch))
+            out.append(order[1][i])
         return out
 
     def state_dict(self) -> dict[str, int]:

@@ -5,12 +5,15 @@ reference, PPO's value model and the reward sources, open the rollout engine the
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_stage_judges import reward_scorers
+from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.rollout.engines.opening import open_engine
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.stage_environment import StageEnvironment
@@ -102,7 +105,7 @@ def optimize_on_rollouts(
             stage.monitor, stage.monitor_proxy, inputs.monitor_rows or [], inputs.monitor_model_dirs,
             env.checkpoint_dir / "monitor", env.stage, loaded=scorers,
         )  # fmt: skip
-    with open_engine(stage.generation, policy, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
+    with rollout_engine(stage, policy, tokenizer, env) as engine:
         trained, _, result = train_policy_gradient(
             policy, tokenizer, inputs.prompt_rows, stage, reward_fn, seed=env.seed,
             checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
@@ -111,6 +114,32 @@ def optimize_on_rollouts(
         )  # fmt: skip
     result.model, result.tokenizer = trained, tokenizer
     return result
+
+
+@contextmanager
+def rollout_engine(
+    stage: PolicyGradientStage,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    env: StageEnvironment,
+) -> Iterator[RolloutEngine | str]:
+    """The engine the stage's rollouts come from: its ``generation.engine`` (a name for an in-process
+    loop, or an open vLLM engine); with asynchronous rollouts and the native loop, that loop in a
+    background process, on half this process's torch threads."""
+    if stage.asynchronous and stage.generation.engine == "native":
+        import torch
+
+        from rlhf_core.rollout.engines.native_process import NativeProcessEngine
+
+        threads = max(1, torch.get_num_threads() // 2)
+        what = f"stage '{env.stage}'"
+        with NativeProcessEngine(
+            policy, tokenizer, what=what, threads=threads, batch_size=stage.generation.batch_size
+        ) as engine:
+            yield engine
+        return
+    with open_engine(stage.generation, policy, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
+        yield engine
 
 
 def sample_table_logger(env: StageEnvironment) -> SampleLogFn | None:

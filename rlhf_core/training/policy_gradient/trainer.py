@@ -68,7 +68,13 @@ from rlhf_core.training.policy_gradient.algorithms import (
     rollout_metrics,
 )
 from rlhf_core.training.policy_gradient.rank_sharing import gather_objects, score_across_ranks
-from rlhf_core.training.policy_gradient.rollout_sampling import RoundSource, SynchronousRounds, sample_rollout
+from rlhf_core.training.policy_gradient.rollout_pipeline_metrics import IdleClock, staleness_metrics
+from rlhf_core.training.policy_gradient.rollout_sampling import (
+    AsynchronousRounds,
+    RoundSource,
+    SynchronousRounds,
+    sample_rollout,
+)
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
     RewardFn,
@@ -118,7 +124,8 @@ class PolicyGradientTrainer:
         engine: RolloutEngine | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
-        self.engine = engine  # None: the native loop decodes with the policy itself
+        # None: the native loop decodes with the policy itself; asynchronous: the producer owns the engine
+        self.engine = None if stage.asynchronous else engine
         self.engine_weights_step: int | None = None  # the optimizer step whose weights the engine holds
         self.reward_fn, self.seed, self.stage_name = self._timed(reward_fn), seed, stage_name
         self.reward_seconds = 0.0  # of the rollout being collected
@@ -132,9 +139,18 @@ class PolicyGradientTrainer:
         self.buffer = RolloutBuffer()
         self.controller = kl_controller(stage)
         self.shared_prefix = can_share_prefix(policy, value_model)
+        self.tis_cap = stage.effective_tis_cap
         self.rounds: RoundSource = SynchronousRounds(
             policy, tokenizer, records, stage, self.reward_fn, seed, engine=engine
         )
+        if stage.asynchronous:
+            if engine is None:
+                raise ValueError("asynchronous rollouts need a rollout engine to generate in the background")
+            self.rounds = AsynchronousRounds(
+                engine, tokenizer, records, self.prompts, stage, self.reward_fn, seed, stage_name
+            )
+        self.generation_s = 0.0  # synchronous rollouts: seconds spent generating (the trainer waiting)
+        self.cycle = IdleClock()
 
     @property
     def extra_state(self) -> list:
@@ -169,14 +185,23 @@ class PolicyGradientTrainer:
     def collect(self, index: int, step: int) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
-        sync_seconds = self.sync_engine(step)
+        self.cycle.start(*self.pipeline_clocks())
+        if isinstance(self.rounds, AsynchronousRounds):
+            started = time.perf_counter()
+            self.rounds.publish(index, self.policy)  # this rollout's weights, for the rounds ahead
+            sync_seconds = time.perf_counter() - started
+        else:
+            sync_seconds = self.sync_engine(step)
         started, self.reward_seconds = time.perf_counter(), 0.0
+        max_staleness = stage.async_rollouts.max_staleness if stage.async_rollouts is not None else None
         sampled_rollout = sample_rollout(
             self.rounds, self.prompts, stage, dynamic_sampling=settings.dynamic_sampling, index=index,
-            stage_name=self.stage_name,
+            stage_name=self.stage_name, max_staleness=max_staleness,
         )  # fmt: skip
         samples = sampled_rollout.samples
         sampled = time.perf_counter()
+        if isinstance(self.rounds, SynchronousRounds):
+            self.generation_s += sampled - started - self.reward_seconds + sync_seconds
         rollout = score_across_ranks(
             samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
             shared_prefix=self.shared_prefix, batch_size=stage.train.batch_size,
@@ -192,9 +217,14 @@ class PolicyGradientTrainer:
             "sampling_rounds": float(sampled_rollout.rounds),
             "dropped_groups": float(sampled_rollout.dropped_groups),
         }  # fmt: skip
-        if self.engine is not None:
+        if max_staleness is not None and samples.versions is not None:
+            rollout.metrics |= staleness_metrics(
+                samples.versions, index, max_staleness, sampled_rollout.dropped_stale
+            )
+        if rollout.engine_logps is not None:
             rollout.metrics["time/weight_sync_s"] = sync_seconds
-            rollout.metrics |= engine_mismatch_metrics(rollout, stage.tis_cap)  # {} until the update
+            rollout.metrics |= engine_mismatch_metrics(rollout, self.tis_cap)  # {} until the update
+        if self.engine is not None:
             self.engine.release_memory()  # the device is the trainer's until the next rollout
         if "kl" in kl_metrics:
             self.controller.update(kl_metrics["kl"], len(samples.lengths))
@@ -205,6 +235,26 @@ class PolicyGradientTrainer:
             self.log({f"rollout/{k}": v for k, v in rollout.metrics.items()}, step + 1)
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
+
+    def pipeline_clocks(self) -> tuple[float, float]:
+        """(seconds the trainer has waited for completions, seconds the engine has been busy), totals."""
+        if isinstance(self.rounds, AsynchronousRounds):
+            producer = self.rounds.producer
+            return self.rounds.wait_s, producer.engine_busy_s if producer is not None else 0.0
+        return self.generation_s, self.generation_s
+
+    def end_cycle(self, index: int, step: int) -> None:
+        """After rollout ``index``'s last update: its cycle's idle shares, added to its metrics."""
+        shares = {k: v for k, v in self.cycle.shares(*self.pipeline_clocks()).items()}
+        self.buffer.rollout.metrics |= shares
+        self.last_rollout_metrics = self.buffer.rollout.metrics
+        if shares and self.logs_rollout(index):
+            self.log({f"rollout/{k}": v for k, v in shares.items()}, step + 1)
+
+    def close(self) -> None:
+        """Stop what runs in the background (the asynchronous producer); the engine is the caller's."""
+        if isinstance(self.rounds, AsynchronousRounds):
+            self.rounds.close()
 
     def sync_engine(self, step: int) -> float:
         """Hand the rollout engine the policy's weights unless it holds this step's already; seconds."""
@@ -265,6 +315,8 @@ class PolicyGradientTrainer:
             totals["time/update_s"] = time.perf_counter() - update_started
         if mismatch is not None:
             self.record_mismatch(rollout, index, step, [m for part in gather_objects(mismatch) for m in part])
+        if update == self.settings.updates_per_rollout - 1 or step == self.total_steps - 1:
+            self.end_cycle(index, step)
         return totals
 
     def record_mismatch(
@@ -314,9 +366,9 @@ class PolicyGradientTrainer:
         if rollout.engine_logps is not None:
             engine_logps = rollout.engine_logps[ids, :width].to(device)
             if mismatch is not None:
-                mismatch.append((mismatch_metrics(old, engine_logps, mask, stage.tis_cap), int(mask.sum())))
-            if stage.tis_cap is not None:  # pi_old / pi_engine, capped
-                per_token = per_token * truncated_importance_weights(old, engine_logps, mask, stage.tis_cap)
+                mismatch.append((mismatch_metrics(old, engine_logps, mask, self.tis_cap), int(mask.sum())))
+            if self.tis_cap is not None:  # pi_old / pi_engine (pi_behaviour), capped
+                per_token = per_token * truncated_importance_weights(old, engine_logps, mask, self.tis_cap)
         beta = self.controller.beta
         kl_k1 = None
         if rollout.ref_logps is not None:
@@ -433,7 +485,7 @@ def train_policy_gradient(
         monitor_reference = reference or starting_reference(policy, stage.lora is not None, reference_model)
         monitor = OverOptimizationMonitor(
             monitor_inputs, policy, tokenizer, monitor_reference, seed=seed, stage_name=stage_name, log=log,
-            engine_at=trainer.engine_at if engine is not None else None,
+            engine_at=trainer.engine_at if trainer.engine is not None else None,
         )  # fmt: skip
         step_fn, extra_state = monitor.wrap(trainer.step_fn), [*extra_state, monitor]
     try:
@@ -444,6 +496,8 @@ def train_policy_gradient(
         )  # fmt: skip
     except MonitorStop as stop:
         trained, loop, total_steps = trained_modules, stop.result, stop.step
+    finally:
+        trainer.close()
     monitor_summary = monitor.finish(total_steps) if monitor is not None else None
     if value_model is not None:
         policy, value_model = trained["policy"], trained["value"]
