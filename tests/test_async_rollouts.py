@@ -233,6 +233,11 @@ def test_one_round_ahead_overlaps_generation_with_training():
     assert sum(r.wait_s for r in taken) < 0.2 * 3  # one round ahead: the trainer hardly waits
 
 
+def test_a_negative_staleness_bound_is_a_user_error():
+    with pytest.raises(UserError, match=r"stage 'policy': max_staleness must be 0 or more .* got -1"):
+        _producer(RecordingEngine([]), -1)
+
+
 def test_staleness_helpers():
     assert staleness_counts([3, 3, 2, 5], consumer_version=5) == {0: 1, 2: 2, 3: 1}
     assert not is_stale(4, 5, max_staleness=1)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_core.errors import UserError
 from rlhf_core.rollout.engines.base import EngineError, EngineOutput, RolloutEngine, SamplingRequest
 
 
@@ -56,7 +57,7 @@ class GeneratedRound:
 
 def is_stale(version: int, consumer_version: int, max_staleness: int) -> bool:
     """True when weights of ``version`` are more than ``max_staleness`` versions older than the
-    consumer's (the gate makes this impossible when each rollout takes one round)."""
+    consumer's (the gate rules it out when rollout i takes round i after publishing version i)."""
     return consumer_version - version > max_staleness
 
 
@@ -84,7 +85,7 @@ class AsyncRolloutProducer:
         join_timeout_s: float = 10.0,
     ) -> None:
         if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+            raise UserError(f"{what}: max_staleness must be 0 or more (rounds ahead), got {max_staleness}")
         self.engine, self.plan, self.what = engine, plan, what
         self.max_staleness, self.join_timeout_s = max_staleness, join_timeout_s
         self.engine_busy_s = 0.0  # seconds in engine.generate and engine.sync_weights
