@@ -287,3 +287,37 @@ def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mis
         assert metrics["rollout/time/weight_sync_s"] > 0
     moved = max(float((trained.state_dict()[k] - v).abs().max()) for k, v in start.items())
     assert moved > 0 and result.rollouts == 3
+
+
+def test_asynchronous_grpo_with_the_engine_runs_one_version_ahead_from_weight_snapshots(engine, tiny, tmp_path):
+    """async_rollouts with the engine: the producer thread owns it, syncs it with each published snapshot
+    between rounds, and the first rollout's mismatch is float rounding (its weights sampled it) while
+    later rollouts, one version behind, show the lag."""
+    from rlhf_core.data.synthetic import synthetic_records
+    from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+    from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
+
+    model, tokenizer = tiny
+    policy = copy.deepcopy(model).train()
+    stage = PolicyGradientStage.model_validate({
+        "kind": "policy_gradient", "algorithm": "grpo", "policy": "p", "prompts": "data.prompts",
+        "rewards": [{"function": "answer_format"}], "rollouts": 4, "prompts_per_rollout": 4, "group_size": 4,
+        "truncated": "score", "train": {"lr": 1e-2, "log_every": 1}, "async_rollouts": {"max_staleness": 1},
+        "generation": {"max_new_tokens": 6, "temperature": 1.0, "engine": "vllm", "vllm": TEST_VLLM},
+    })  # fmt: skip
+    logged: dict[int, dict] = {}
+
+    def digit_share(rows):
+        rewards = [sum(ch.isdigit() for ch in r["completion"]) / max(1, len(r["completion"])) for r in rows]
+        return rewards, {"digits": rewards}
+
+    train_policy_gradient(
+        policy, tokenizer, synthetic_records("arithmetic", "prompts", n=16, seed=0), stage, digit_share,
+        seed=0, checkpoint_dir=tmp_path, log=lambda m, step: logged.setdefault(step, {}).update(m),
+        engine=engine,
+    )  # fmt: skip
+    rollouts = [m for _, m in sorted(logged.items()) if "rollout/async/staleness_max" in m]
+    assert [m["rollout/async/staleness_max"] for m in rollouts][0] == 0.0
+    assert max(m["rollout/async/staleness_max"] for m in rollouts) == 1.0
+    assert rollouts[0]["rollout/mismatch/kl_k3"] < 1e-8
+    assert all("rollout/mismatch/tis_capped_share" in m for m in rollouts)
