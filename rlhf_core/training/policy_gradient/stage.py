@@ -125,18 +125,24 @@ def rollout_engine(
 ) -> Iterator[RolloutEngine | str]:
     """The engine the stage's rollouts come from: its ``generation.engine`` (a name for an in-process
     loop, or an open vLLM engine); with asynchronous rollouts and the native loop, that loop in a
-    background process, on half this process's torch threads."""
+    background process, this process's torch threads split between it and the trainer."""
     if stage.asynchronous and stage.generation.engine == "native":
         import torch
 
         from rlhf_core.rollout.engines.native_process import NativeProcessEngine
 
-        threads = max(1, torch.get_num_threads() // 2)
+        # the CPU's torch threads split between the trainer and the background loop (at least one each)
+        threads = torch.get_num_threads()
+        background = max(1, threads // 2)
+        torch.set_num_threads(max(1, threads - background))
         what = f"stage '{env.stage}'"
-        with NativeProcessEngine(
-            policy, tokenizer, what=what, threads=threads, batch_size=stage.generation.batch_size
-        ) as engine:
-            yield engine
+        try:
+            with NativeProcessEngine(
+                policy, tokenizer, what=what, threads=background, batch_size=stage.generation.batch_size
+            ) as engine:
+                yield engine
+        finally:
+            torch.set_num_threads(threads)
         return
     with open_engine(stage.generation, policy, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
         yield engine
