@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich import box
 from rich.console import Console
@@ -38,6 +38,12 @@ STATE_STYLES = {
 }
 # Logged with every progress step; never a stage's key metric.
 BOOKKEEPING = {"train/progress", "train/lr", "train/epoch", "train/tokens_per_second", "train/grad_norm"}
+# On-policy RL's rollout pipeline (logged with each rollout): shown after the key metric, by these labels.
+PIPELINE_DETAILS = {
+    "rollout/async/staleness_mean": "stale",
+    "rollout/idle/trainer_share": "trainer idle",
+    "rollout/idle/engine_share": "engine idle",
+}
 
 
 @dataclass
@@ -48,9 +54,17 @@ class StageRow:
     step: int | None = None
     total: int | None = None
     metric: tuple[str, float] | None = None
+    details: dict[str, float] = field(default_factory=dict)  # PIPELINE_DETAILS label -> latest value
     started: float | None = None
     rate_base: tuple[float, int] | None = None  # (time, step) the step rate is measured from
     ended: float | None = None
+
+    def metric_text(self) -> str:
+        """The key metric, then the rollout pipeline's details (shares as percentages)."""
+        parts = [f"{self.metric[0]}={self.metric[1]:.4g}"] if self.metric else []
+        for label, value in self.details.items():
+            parts.append(f"{label} {value:.0%}" if "idle" in label else f"{label} {value:.2g}")
+        return " · ".join(parts)
 
     def eta_seconds(self, now: float) -> float | None:
         if self.rate_base is None or self.step is None or not self.total:
@@ -92,6 +106,11 @@ class PipelineView:
         with self._lock:
             row = self.rows.setdefault(event.stage, StageRow(event.stage, event.kind))
             now = event.time
+            row.details |= {
+                label: event.metrics[k] for k, label in PIPELINE_DETAILS.items() if k in event.metrics
+            }
+            if event.event == progress.DETAIL:
+                return
             row.state = event.status
             if event.event == progress.STARTED:
                 # a resumed stage's rate is measured from the first step it logs after its checkpoint
@@ -122,7 +141,7 @@ class PipelineView:
         longest = max((len(r.name) for r in rows), default=5)
         for column, width in (("stage", longest), ("state", 8), ("step", 16), ("time", 4), ("ETA", 4)):
             table.add_column(column, no_wrap=True, min_width=width)
-        table.add_column("key metric", no_wrap=True, overflow="ellipsis", max_width=40)
+        table.add_column("key metric", no_wrap=True, overflow="ellipsis", max_width=72)
         for row in rows:
             running = row.state in ("running", "resuming")
             elapsed = (row.ended or now) - row.started if row.started is not None else None
@@ -132,7 +151,7 @@ class PipelineView:
                 _step_cell(row.step, row.total),
                 _duration(elapsed),
                 _duration(row.eta_seconds(now)) if running else "",
-                f"{row.metric[0]}={row.metric[1]:.4g}" if row.metric else "",
+                row.metric_text(),
             )
         return table
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 STARTED, STEP, FINISHED, FAILED = "started", "step", "finished", "failed"
+DETAIL = "detail"  # metrics logged between progress steps (e.g. a rollout's), the stage still running
 
 
 @dataclass(frozen=True)

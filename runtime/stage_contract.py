@@ -161,6 +161,11 @@ class StageRun:
                         self.stage, self.kind, progress.STEP, "running", step, total, dict(metrics)
                     )
                 )
+        elif progress.has_listeners():
+            event = progress.StageEvent(
+                self.stage, self.kind, progress.DETAIL, "running", step, None, dict(metrics)
+            )
+            progress.publish(event)
 
     def _report_progress(self, percent: float, step: int) -> None:
         """A Prefect progress artifact per stage run (key ``<pipeline>-<stage>-progress``), updated in

@@ -55,6 +55,19 @@ def test_a_resumed_stage_measures_its_rate_from_its_first_step_after_the_checkpo
     assert view.rows["sft"].eta_seconds(54.0) == 4.0  # 2 steps in 4 s since step 8; 2 steps left
 
 
+def test_a_rollout_pipelines_staleness_and_idle_shares_follow_the_key_metric(tiny_spec_dict):
+    view = PipelineView(parse_spec(tiny_spec_dict))
+    view.on_event(_event("sft", progress.STARTED, "running", at=0.0))
+    view.on_event(_event("sft", progress.STEP, "running", 2, 8, {"train/loss": 0.5}, at=1.0))
+    rollout = {"rollout/reward_mean": 0.3, "rollout/async/staleness_mean": 1.0}
+    view.on_event(_event("sft", progress.DETAIL, "running", 3, None, rollout, at=2.0))
+    shares = {"rollout/idle/trainer_share": 0.05, "rollout/idle/engine_share": 0.4}
+    view.on_event(_event("sft", progress.DETAIL, "running", 3, None, shares, at=2.5))
+    row = view.rows["sft"]
+    assert (row.step, row.total, row.metric) == (2, 8, ("train/loss", 0.5))  # details move nothing else
+    assert "train/loss=0.5 · stale 1 · trainer idle 5% · engine idle 40%" in _text(view)
+
+
 def test_key_metric_skips_bookkeeping():
     assert key_metric({"train/progress": 0.5, "train/lr": 0.1, "train/kl": 0.2}) == ("train/kl", 0.2)
     assert key_metric({"train/progress": 0.5}) is None
