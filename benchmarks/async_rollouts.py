@@ -5,6 +5,9 @@ Every contender runs the real ``policy_gradient`` stage body (``optimize_on_roll
 completion, which a random policy can raise) and seed:
 
 - ``sync``: synchronous rollouts, one process, ``--threads`` torch threads (the whole machine);
+- ``sync_1t``: the same on ``threads // 2`` threads: the trainer's share in the asynchronous runs, so
+  ``async_k* / sync_1t`` is what overlapping gains when generation gets cores of its own (as a separate
+  inference GPU or server does), and ``async_k* / sync`` what it gains on the same machine;
 - ``async_k1``, ``async_k2``: ``async_rollouts: {max_staleness: K}``: the stage splits the threads
   between the trainer and the native loop in its background process (1 + 1 of 2);
 - ``sync_2p``: synchronous, ``compute.processes: 2`` (two accelerate ranks over gloo), one thread each.
@@ -36,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
-CONTENDERS = ("sync", "async_k1", "async_k2", "sync_2p")
+CONTENDERS = ("sync", "sync_1t", "async_k1", "async_k2", "sync_2p")
 
 
 def digit_share(completion: str, record: dict) -> float:
@@ -103,8 +106,11 @@ def run_contender(contender: str, model_dir: str, args: argparse.Namespace) -> d
 
     work = Path(tempfile.mkdtemp(prefix=f"async-bench-{contender}-"))
     if contender != "sync_2p":  # async: the stage splits these threads between trainer and background loop
-        torch.set_num_threads(args.threads)
-        return train(contender, model_dir, args, work)
+        torch.set_num_threads(max(1, args.threads // 2) if contender == "sync_1t" else args.threads)
+        try:
+            return train(contender, model_dir, args, work)
+        finally:
+            torch.set_num_threads(args.threads)
     from runtime.multiprocess import free_port
 
     out = work / "rank0.json"

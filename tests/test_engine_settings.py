@@ -149,3 +149,24 @@ def test_a_running_server_needs_placement_server_and_a_shared_weights_directory(
     remote = {"placement": "server", "url": "http://gpu-box:8000/v1", "weights_dir": "/shared/w"}
     parts = fingerprint_parts("policy_gradient", _stage(engine="vllm", vllm=remote), {}, 0)
     assert parts["config"] == fingerprint_parts("policy_gradient", _stage(engine="vllm"), {}, 0)["config"]
+
+
+@pytest.mark.parametrize(
+    "env, cuda, expected",
+    [
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "4,5"}, True, "5"),
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, True, "1"),
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": "4,5"}, True, None),
+        ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, False, None),
+        ({}, True, None),
+    ],
+)
+def test_a_colocated_engine_in_a_multi_process_stage_takes_its_ranks_gpu(monkeypatch, env, cuda, expected):
+    from rlhf_core.rollout.engines.opening import rank_device, server_log
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert rank_device(cuda) == expected
+    assert server_log(0, 1) == "vllm-server.log" and server_log(1, 2) == "vllm-server-rank1.log"

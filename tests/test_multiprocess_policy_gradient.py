@@ -156,17 +156,20 @@ def test_fsdp_is_refused_with_the_stage_named(policy_dir, tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ({"generation": {"engine": "vllm"}}, "engine: vllm trains in one process"),
+        ({"generation": {"engine": "vllm", "vllm": {"placement": "server"}}}, "each rank starts its own"),
         ({"monitor": {"gold": [{"function": "arithmetic_exact"}], "prompts": "d.prompts"}}, "monitor"),
     ],
 )
 def test_what_runs_in_one_process_says_so(extra, message):
+    """(A colocated vLLM engine is allowed: each rank starts its own beside it.)"""
     spec = {**COMMON, **STAGES["grpo"], **extra, "compute": {"processes": 2}}
     spec["generation"] = {**COMMON["generation"], **extra.get("generation", {})}
     stage = PolicyGradientStage.model_validate(spec)
     assert message in (stage.processes_problem() or "")
     one_process = PolicyGradientStage.model_validate({**spec, "compute": {"processes": 1}})
     assert one_process.processes_problem() is None
+    colocated = {**spec, "monitor": None, "generation": {**COMMON["generation"], "engine": "vllm"}}
+    assert PolicyGradientStage.model_validate(colocated).processes_problem() is None
 
 
 if __name__ == "__main__":

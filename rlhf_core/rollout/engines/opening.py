@@ -9,6 +9,7 @@ stays above this package.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,10 +76,25 @@ def server_settings(vllm: VLLMSettings) -> ServerSettings:
         enable_sleep_mode=cuda and vllm.placement == "colocated",
         chunked_prefill=cuda,
         cpu_threads=vllm.cpu_threads,
-        devices=vllm.devices if vllm.placement == "server" else None,
+        devices=vllm.devices if vllm.placement == "server" else rank_device(cuda),
         extra_args=tuple(vllm.extra_args),
         startup_timeout_s=vllm.startup_timeout_s,
     )
+
+
+def rank_device(cuda: bool) -> str | None:
+    """A colocated engine's GPU in a multi-process stage: the one of this rank (``LOCAL_RANK`` among the
+    visible devices), so each rank's engine decodes beside its own trainer; None (inherited) otherwise."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if not cuda or local_rank is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[int(local_rank)] if visible else local_rank
+
+
+def server_log(rank: int, world: int) -> str:
+    """The engine's log file name: one per rank in a multi-process stage."""
+    return SERVER_LOG if world == 1 else SERVER_LOG.replace(".log", f"-rank{rank}.log")
 
 
 @contextmanager
@@ -96,10 +112,11 @@ def open_engine(
         return
     vllm = choice.vllm
     settings = server_settings(vllm)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     running = vllm.url is not None  # someone else's server: no local engine environment needed
     engine = VLLMEngine(
         policy, tokenizer, Path("-") if running else require_vllm_python(stage), settings,
-        what=f"stage '{stage}', engine vllm", log_path=Path(log_dir) / SERVER_LOG,
+        what=f"stage '{stage}', engine vllm", log_path=Path(log_dir) / server_log(rank, world),
         sleeps=settings.enable_sleep_mode and not running, url=vllm.url,
         weights_root=Path(vllm.weights_dir) if running else None,
     )  # fmt: skip

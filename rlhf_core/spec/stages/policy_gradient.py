@@ -259,10 +259,11 @@ class PolicyGradientStage(StageSpec):
                     "asynchronous rollouts run with one training process for now; set it to 1, or "
                     "async_rollouts.max_staleness to 0"
                 )
-            if self.generation.engine == "vllm":
+            if self.generation.engine == "vllm" and self.generation.vllm.placement != "colocated":
                 return (
-                    "policy_gradient with generation.engine: vllm trains in one process for now (one "
-                    "engine per rank is not wired yet); set it to 1, or use engine: native"
+                    "with several processes each rank starts its own vLLM engine beside it "
+                    "(generation.vllm.placement: colocated); a server placement is one engine for one "
+                    "process: set it to 1, or use placement: colocated"
                 )
             if self.monitor is not None:
                 return "the over-optimization monitor runs in a single process; set it to 1"
