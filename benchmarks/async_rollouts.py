@@ -1,8 +1,9 @@
 """GRPO completions per second: synchronous vs asynchronous rollouts (K = 1, 2), 1 process vs 2, on CPU.
 
 Every contender runs the real ``policy_gradient`` stage body (``optimize_on_rollouts``: GRPO, beta 0,
-2 updates per rollout) on the same random-init model, prompts, reward (the share of digits in a
-completion, which a random policy can raise) and seed:
+``--minibatches`` updates per rollout, 1 by default as in ``recipes/grpo_rlvr.yaml``) on the same
+random-init model, prompts, reward (the share of digits in a completion, which a random policy can
+raise) and seed:
 
 - ``sync``: synchronous rollouts, one process, ``--threads`` torch threads (the whole machine);
 - ``sync_1t``: the same on ``threads // 2`` threads: the trainer's share in the asynchronous runs, so
@@ -54,7 +55,7 @@ def stage_spec(contender: str, args: argparse.Namespace):
         "kind": "policy_gradient", "algorithm": "grpo", "policy": "p", "prompts": "data.prompts",
         "rewards": [{"function": "benchmarks.async_rollouts:digit_share"}], "kl": {"beta": 0.0},
         "rollouts": args.rollouts, "prompts_per_rollout": args.prompts, "group_size": args.group_size,
-        "minibatches": 2, "truncated": "score",
+        "minibatches": args.minibatches, "truncated": "score",
         "generation": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "batch_size": 64},
         "train": {"lr": args.lr, "batch_size": 16, "log_every": 1, "checkpoint_every": 10_000},
     }  # fmt: skip
@@ -132,7 +133,8 @@ def run_contender(contender: str, model_dir: str, args: argparse.Namespace) -> d
 
 
 def rank_arguments(args: argparse.Namespace) -> list[str]:
-    keep = ("rollouts", "prompts", "group_size", "max_new_tokens", "lr", "warmup", "reward_window")
+    keep = ("rollouts", "prompts", "group_size", "max_new_tokens", "lr", "minibatches", "warmup")
+    keep += ("reward_window",)
     return [part for k in keep for part in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8, help="Completions per prompt (G).")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--minibatches", type=int, default=1, help="Updates per rollout.")
     p.add_argument("--warmup", type=int, default=2, help="First rollouts left out of the rate.")
     p.add_argument("--reward-window", type=int, default=4, help="Last rollouts whose mean reward is shown.")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/async_rollouts.json")

@@ -18,8 +18,14 @@ KL goes in the loss, plus PPO's value loss, aggregated as configured (:mod:`rlhf
 A rollout's metrics (``rollout/...``: reward, KL, lengths, times) are logged with the step after its
 collection when the loop logs one of its updates (every ``train.log_every`` steps, and the last).
 The rollout buffer, the KL controller and the prompt cursor are checkpointed with the weights and the
-optimizer, so a killed run resumes exactly (the samples of a rollout are drawn from a generator seeded by
-the seed and the rollout index).
+optimizer, so a killed run resumes exactly (the samples of a rollout are drawn from generators seeded by
+the seed, the sampling round and the chunk).
+
+Where the completions come from (:mod:`.rollout_sampling`): sampled when the rollout starts, by the
+policy's current weights (synchronous), or generated ahead by a background producer at most
+``async_rollouts.max_staleness`` versions behind (asynchronous; each token's loss is then weighted by
+min(pi_old / pi_behaviour, C), book ch.6). With ``compute.processes`` > 1 the ranks share each rollout's
+sampling and scoring and every rank holds the whole gathered rollout (:mod:`.rank_sharing`).
 """
 
 from __future__ import annotations
@@ -245,7 +251,7 @@ class PolicyGradientTrainer:
 
     def end_cycle(self, index: int, step: int) -> None:
         """After rollout ``index``'s last update: its cycle's idle shares, added to its metrics."""
-        shares = {k: v for k, v in self.cycle.shares(*self.pipeline_clocks()).items()}
+        shares = self.cycle.shares(*self.pipeline_clocks())
         self.buffer.rollout.metrics |= shares
         self.last_rollout_metrics = self.buffer.rollout.metrics
         if shares and self.logs_rollout(index):
