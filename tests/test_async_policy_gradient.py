@@ -26,6 +26,7 @@ import torch
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.rollout.engines.base import EngineError
+from rlhf_core.rollout.engines.native_process import NativeProcessEngine
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.stage_environment import StageEnvironment
@@ -76,6 +77,11 @@ def _run(stage, policy_dir, work, stop_at: int | None = None):
     return result.model, logged
 
 
+def _engine_workers() -> list:
+    """This process's background decoding workers (other children, e.g. a verifier's pool, are not)."""
+    return [child for child in multiprocessing.active_children() if child.name == NativeProcessEngine.name]
+
+
 def _rollout_metrics(logged, name):
     return [(step, m[name]) for step, m in logged if name in m]
 
@@ -83,11 +89,13 @@ def _rollout_metrics(logged, name):
 def test_max_staleness_0_is_the_synchronous_run(policy_dir, tmp_path):
     stage = _stage(rollouts=3)
     synchronous, _ = _run(stage, policy_dir, tmp_path / "sync")
-    lockstep, logged = _run(_stage(rollouts=3, async_rollouts={"max_staleness": 0}), policy_dir, tmp_path / "k0")
+    lockstep_stage = _stage(rollouts=3, async_rollouts={"max_staleness": 0})
+    lockstep, logged = _run(lockstep_stage, policy_dir, tmp_path / "k0")
     for (name, a), b in zip(synchronous.state_dict().items(), lockstep.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert [v for _, v in _rollout_metrics(logged, "rollout/async/staleness_max")] == [0.0] * 3
-    assert stage.effective_tis_cap is None and _stage(async_rollouts={"max_staleness": 1}).effective_tis_cap == 2.0
+    assert stage.effective_tis_cap is None
+    assert _stage(async_rollouts={"max_staleness": 1}).effective_tis_cap == 2.0
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -106,18 +114,21 @@ def test_rollouts_are_at_most_k_versions_old_and_corrected(policy_dir, tmp_path,
     assert any(v > 0 for v in mismatch.values())  # older weights: a measurable lag
     assert _rollout_metrics(logged, "rollout/mismatch/tis_capped_share")
     for name in ("rollout/idle/trainer_share", "rollout/idle/engine_share"):
-        assert all(0.0 <= v <= 1.0 for _, v in _rollout_metrics(logged, name)) and _rollout_metrics(logged, name)
+        shares = [v for _, v in _rollout_metrics(logged, name)]
+        assert shares and all(0.0 <= v <= 1.0 for v in shares)
     start = load_model(policy_dir)[0].state_dict()
     assert max(float((trained.state_dict()[n] - w).abs().max()) for n, w in start.items()) > 1e-3
-    assert not multiprocessing.active_children()  # the engine's worker is gone
+    assert not _engine_workers()  # the engine's worker is gone
 
 
 def test_a_stopped_run_resumes_and_regenerates_what_was_in_flight(policy_dir, tmp_path):
     """2 updates per rollout, a checkpoint every 3 steps: step 3 is rollout 2's first update."""
-    stage = _stage(rollouts=4, minibatches=2, async_rollouts={"max_staleness": 1}, train={"checkpoint_every": 3})
+    stage = _stage(
+        rollouts=4, minibatches=2, async_rollouts={"max_staleness": 1}, train={"checkpoint_every": 3}
+    )
     with pytest.raises(KeyboardInterrupt):
         _run(stage, policy_dir, tmp_path, stop_at=4)
-    assert not multiprocessing.active_children()
+    assert not _engine_workers()
     _, logged = _run(stage, policy_dir, tmp_path)
     assert logged[0] == (3, {"resumed_from_step": 3.0})
     staleness = _rollout_metrics(logged, "rollout/async/staleness_mean")
@@ -168,8 +179,8 @@ def test_the_engine_dying_mid_run_fails_the_stage_and_does_not_hang(policy_dir, 
     def reward_then_kill(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            for child in multiprocessing.active_children():
-                os.kill(child.pid, signal.SIGKILL)
+            for worker in _engine_workers():
+                os.kill(worker.pid, signal.SIGKILL)
         return reward_samples(*args, **kwargs)
 
     monkeypatch.setattr(sampling, "reward_samples", reward_then_kill)

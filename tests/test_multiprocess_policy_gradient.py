@@ -8,7 +8,9 @@
    unequal shares: 3 sampling chunks, micro-batches of 5 and 2 completions.
 2. Resume: a 2-process run killed right after a checkpoint written in the middle of a rollout's updates
    resumes (buffer, KL controller and prompt cursor restored) to the uninterrupted 2-process weights.
-3. Refusals: FSDP, and (for now) the vLLM engine and the monitor with several processes.
+3. Asynchronous rollouts in 2 ranks: each rank's background loop generates its chunks of a round, at
+   most one version ahead.
+4. Refusals: FSDP, a vLLM server placement and the monitor with several processes.
 
 This file is also the script the ranks run (``accelerate launch <this file> ...``).
 """
@@ -54,6 +56,10 @@ STAGES = {
     "reinforce": {"algorithm": "reinforce", "kl": {"beta": 0.05, "placement": "reward"}},
     "dapo": {"algorithm": "dapo", "rollouts": 2},
 }
+# asynchronous: each rank's background loop generates its chunks ahead; not comparable to one process
+ASYNC_STAGES = {
+    "grpo_async": {"algorithm": "grpo", "kl": {"beta": 0.1}, "async_rollouts": {"max_staleness": 1}}
+}
 
 
 def digit_share(completion: str, record: dict) -> float:
@@ -62,7 +68,7 @@ def digit_share(completion: str, record: dict) -> float:
 
 
 def _stage(name: str) -> PolicyGradientStage:
-    return PolicyGradientStage.model_validate({**COMMON, **STAGES[name]})
+    return PolicyGradientStage.model_validate({**COMMON, **(STAGES | ASYNC_STAGES)[name]})
 
 
 def _train_policy_gradient(name: str, policy_dir: str, work: Path, stop_after: int | None = None):
@@ -70,16 +76,21 @@ def _train_policy_gradient(name: str, policy_dir: str, work: Path, stop_after: i
     from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
 
     curve: list[float] = []
+    staleness: list[float] = []  # rollout/async/staleness_max, written next to the work for the test
 
     def log(metrics: dict[str, float], step: int) -> None:
         curve.extend(metrics[k] for k in ("train/loss", "rollout/reward_mean") if k in metrics)
+        staleness.extend(v for k, v in metrics.items() if k == "rollout/async/staleness_max")
         if step == stop_after:
             os._exit(17)
 
     records = synthetic_records("arithmetic", "prompts", n=20, seed=0)
     env = StageEnvironment(name, 0, work, work / "cache", work / "ckpt", log=log)
     inputs = PolicyGradientInputs(policy_dir, None, records)
-    return curve, optimize_on_rollouts(_stage(name), inputs, env).model
+    model = optimize_on_rollouts(_stage(name), inputs, env).model
+    if staleness:  # the main rank logs
+        (work / "staleness.json").write_text(json.dumps(staleness))
+    return curve, model
 
 
 def _launch(out: Path, policy_dir: str, names: str, stop_after: int = 0):
@@ -97,8 +108,9 @@ def policy_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, policy_dir) -> Path:
-    """Every algorithm above trained by 2 gloo ranks (one launch)."""
-    return launched(lambda: tmp_path_factory.mktemp("two"), _launch, policy_dir, ",".join(STAGES))
+    """Every algorithm above, and asynchronous GRPO, trained by 2 gloo ranks (one launch)."""
+    names = ",".join([*STAGES, *ASYNC_STAGES])
+    return launched(lambda: tmp_path_factory.mktemp("two"), _launch, policy_dir, names)
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -119,6 +131,20 @@ def test_two_processes_give_the_curves_and_weights_of_one(name, policy_dir, two_
     assert worst_weight <= WEIGHT_ATOL
     start = {k: v for k, v in load_model(policy_dir)[0].state_dict().items() if k in one_weights}
     assert _max_diff(one_weights, start) > 1e-3  # it trained
+
+
+def test_two_processes_with_asynchronous_rollouts_train_within_the_staleness_bound(
+    policy_dir, two_process_run
+):
+    """Each rank's producer generates its chunks of a round one version ahead at most; the gathered round
+    is the same on both ranks (their weights stay equal: one all-reduced update)."""
+    from rlhf_core.modeling.models import load_model
+
+    staleness = json.loads((two_process_run / "work" / "grpo_async" / "staleness.json").read_text())
+    assert len(staleness) == COMMON["rollouts"] and staleness[0] == 0.0 and max(staleness) == 1.0
+    _, weights = _load(two_process_run, "grpo_async")
+    start = {k: v for k, v in load_model(policy_dir)[0].state_dict().items() if k in weights}
+    assert _max_diff(weights, start) > 1e-3
 
 
 def test_two_processes_killed_mid_rollout_resume_to_the_uninterrupted_weights(

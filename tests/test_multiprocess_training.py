@@ -375,11 +375,14 @@ def test_kinds_that_train_in_one_process_refuse_several(tmp_path):
         return StageCall(name="s", kind=kind, stage=stage, seed=0, fingerprint="f")
 
     two = {"processes": 2}
+    sampling = call("sample", policy="p", prompts="d.prompts", rewards=[{"function": "arithmetic_exact"}],
+                    compute=two)  # fmt: skip
+    with pytest.raises(UserError, match=r"stage .s., compute.processes: 2: a sample stage runs in"):
+        check_multiprocess_stage(sampling)
+    check_multiprocess_stage(call("sft", model="m", data="d.sft", compute=two))
     grpo = call("policy_gradient", algorithm="grpo", policy="p", prompts="d.prompts",
                 rewards=[{"function": "arithmetic_exact"}], compute=two)  # fmt: skip
-    with pytest.raises(UserError, match=r"stage .s., compute.processes: 2: a policy_gradient stage runs in"):
-        check_multiprocess_stage(grpo)
-    check_multiprocess_stage(call("sft", model="m", data="d.sft", compute=two))
+    check_multiprocess_stage(grpo)  # on-policy RL trains data-parallel too
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
     sft = call("sft", model="m", data="d.sft", compute={**two, "accelerate_config": str(fsdp)})

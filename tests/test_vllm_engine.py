@@ -289,7 +289,7 @@ def test_grpo_rollouts_from_the_engine_sync_weights_each_rollout_and_log_the_mis
     assert moved > 0 and result.rollouts == 3
 
 
-def test_asynchronous_grpo_with_the_engine_runs_one_version_ahead_from_weight_snapshots(engine, tiny, tmp_path):
+def test_asynchronous_grpo_with_the_engine_runs_one_version_ahead(engine, tiny, tmp_path):
     """async_rollouts with the engine: the producer thread owns it, syncs it with each published snapshot
     between rounds, and the first rollout's mismatch is float rounding (its weights sampled it) while
     later rollouts, one version behind, show the lag."""

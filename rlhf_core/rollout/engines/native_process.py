@@ -136,6 +136,8 @@ class NativeProcessEngine:
     ) -> EngineOutput:
         """``n`` samples of each prompt, as ``sample_groups`` gives them for the same weights, settings,
         seed and batch size, with log pi(token) of the weights that generated them (T = 1)."""
+        if not prompt_ids:  # e.g. a rank with no chunk of a small round
+            return EngineOutput([], [])
         with self._calls:
             self._check_alive()
             try:

@@ -254,11 +254,6 @@ class PolicyGradientStage(StageSpec):
 
     def processes_problem(self) -> str | None:
         if self.compute is not None and self.compute.processes > 1:
-            if self.asynchronous:
-                return (
-                    "asynchronous rollouts run with one training process for now; set it to 1, or "
-                    "async_rollouts.max_staleness to 0"
-                )
             if self.generation.engine == "vllm" and self.generation.vllm.placement != "colocated":
                 return (
                     "with several processes each rank starts its own vLLM engine beside it "

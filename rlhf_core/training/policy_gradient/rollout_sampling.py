@@ -236,10 +236,12 @@ class AsynchronousRounds:
 
     Round j's prompts are the stream's positions ``j * P .. j * P + P - 1`` (P = prompts_per_rollout), the
     same the trainer's :func:`sample_rollout` takes for it, so the producer needs no message from the
-    trainer to plan a round. The completions come with the generating weights' log-probs
-    (``Samples.engine_logps``: pi_behaviour of the importance correction) and version. The producer starts
-    at the first :meth:`publish` (after a resume: at the round the restored cursor points to) and rounds
-    in flight are never checkpointed: a resumed run generates them again from the restored weights.
+    trainer to plan a round. With several processes each rank's producer generates the rank's chunks of
+    the round (as :class:`SynchronousRounds` samples them) and the rewarded round is gathered. The
+    completions come with the generating weights' log-probs (``Samples.engine_logps``: pi_behaviour of
+    the importance correction) and version. The producer starts at the first :meth:`publish` (after a
+    resume: at the round the restored cursor points to) and rounds in flight are never checkpointed: a
+    resumed run generates them again from the restored weights.
     """
 
     def __init__(
@@ -260,14 +262,21 @@ class AsynchronousRounds:
         self.producer: AsyncRolloutProducer | None = None
         self.wait_s = 0.0  # seconds the trainer waited for rounds (cumulative)
 
-    def plan(self, round_index: int) -> RoundRequest:
-        per_round, gen = self.stage.prompts_per_rollout, self.stage.generation
+    def chunks(self, round_index: int) -> list[SamplingChunk]:
+        """Round ``round_index``'s sampling chunks (this rank generates and rewards its share of them)."""
+        per_round, stage = self.stage.prompts_per_rollout, self.stage
         indices = self.prompts.at(round_index * per_round, per_round)
+        return round_chunks(indices, stage.effective_group_size, stage.generation.batch_size)
+
+    def plan(self, round_index: int) -> RoundRequest:
+        """This rank's part of round ``round_index``: the prompts of its chunks, seeded from the first."""
+        gen, mine = self.stage.generation, my_chunks(self.chunks(round_index))
+        indices = [i for chunk in mine for i in chunk.prompt_indices]
         encoded = encode_prompts(self.tokenizer, [self.records[i]["prompt"] for i in indices])
         request = SamplingRequest(
             gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, self.tokenizer.eos_token_id
         )
-        seed = chunk_seed(round_seed(self.seed, round_index), 0)
+        seed = chunk_seed(round_seed(self.seed, round_index), mine[0].index if mine else 0)
         return RoundRequest(encoded, self.stage.effective_group_size, request, seed)
 
     def publish(self, version: int, policy: PreTrainedModel) -> None:
@@ -282,16 +291,21 @@ class AsynchronousRounds:
         self.producer.publish(version, plain_state_dict(policy))
 
     def sample_round(self, round_index: int, prompt_indices: list[int], version: int) -> Samples:
+        """Round ``round_index`` as the producer made it (this rank's chunks), rewarded, with its version;
+        with several processes, gathered from every rank."""
         assert self.producer is not None, "publish the policy's weights before taking rounds"
         got = self.producer.take(round_index)
         self.wait_s += got.wait_s
-        encoded = encode_prompts(self.tokenizer, [self.records[i]["prompt"] for i in prompt_indices])
-        samples = reward_samples(
-            self.tokenizer, self.records, prompt_indices, encoded, got.output.token_ids,
-            got.output.logprobs, self.stage, self.reward_fn,
+        chunks = self.chunks(round_index)
+        assert [i for c in chunks for i in c.prompt_indices] == prompt_indices, "the round's prompts moved"
+        mine = [i for chunk in my_chunks(chunks) for i in chunk.prompt_indices]
+        encoded = encode_prompts(self.tokenizer, [self.records[i]["prompt"] for i in mine])
+        local = reward_samples(
+            self.tokenizer, self.records, mine, encoded, got.output.token_ids, got.output.logprobs,
+            self.stage, self.reward_fn,
         )  # fmt: skip
-        samples.versions = [got.version] * len(samples.lengths)
-        return samples
+        local.versions = [got.version] * len(local.lengths)
+        return gather_samples(local, chunks)
 
     def close(self) -> None:
         if self.producer is not None:
