@@ -10,7 +10,9 @@
    resumes (buffer, KL controller and prompt cursor restored) to the uninterrupted 2-process weights.
 3. Asynchronous rollouts in 2 ranks: each rank's background loop generates its chunks of a round, at
    most one version ahead.
-4. Refusals: FSDP, a vLLM server placement and the monitor with several processes.
+4. FSDP2 (an accelerate config with fsdp_version 2): GRPO and PPO sharded over 2 ranks give the curves
+   and weights of 1 process; a LoRA policy is refused sharded.
+5. Refusals: a vLLM server placement and the monitor with several processes.
 
 This file is also the script the ranks run (``accelerate launch <this file> ...``).
 """
@@ -168,15 +170,43 @@ def test_two_processes_killed_mid_rollout_resume_to_the_uninterrupted_weights(
     assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-5)
 
 
-def test_fsdp_is_refused_with_the_stage_named(policy_dir, tmp_path, monkeypatch):
+def _launch_sharded(out: Path, policy_dir: str, names: str):
+    from tests.test_fsdp_training import FSDP2_CONFIG
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "fsdp2.yaml"
+    config.write_text(FSDP2_CONFIG)
+    return launch_ranks(__file__, ["--config_file", str(config)], out, policy_dir, names)
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_fsdp2_gives_the_curves_and_weights_of_one_process(name, policy_dir, tmp_path):
+    """Sharded: the update's passes run inside the FSDP root (every rank as many), the rollouts decode
+    and score with a whole copy gathered from the shards before each one; PPO's value model is sharded
+    with the policy."""
+    torch.set_num_threads(1)
+    out = launched(lambda: tmp_path / "sharded", _launch_sharded, policy_dir, name)
+    one_curve, one_model = _train_policy_gradient(name, policy_dir, tmp_path / "one")
+    two_curve, two_weights = _load(out, name)
+    rewards = slice(0, None, COMMON["update_epochs"] * COMMON["minibatches"] + 1)
+    assert one_curve[rewards] == two_curve[rewards]  # the very same samples
+    worst_curve = max(abs(a - b) for a, b in zip(one_curve, two_curve, strict=True))
+    worst_weight = _max_diff({k: v.detach() for k, v in one_model.state_dict().items()}, two_weights)
+    print(f"fsdp2 {name}: curves within {worst_curve:.2e}, weights within {worst_weight:.2e}")
+    assert worst_curve <= LOSS_ATOL and worst_weight <= WEIGHT_ATOL
+
+
+def test_a_lora_policy_is_not_trained_sharded(policy_dir, tmp_path, monkeypatch):
     from rlhf_core.errors import UserError
     from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    stage = PolicyGradientStage.model_validate({**COMMON, **STAGES["grpo"], "lora": {"r": 4}})
     env = StageEnvironment("grpo", 0, tmp_path, tmp_path / "cache", tmp_path / "ckpt")
     records = synthetic_records("arithmetic", "prompts", n=4, seed=0)
-    with pytest.raises(UserError, match="stage 'grpo'.*FSDP"):
-        optimize_on_rollouts(_stage("grpo"), PolicyGradientInputs(policy_dir, None, records), env)
+    with pytest.raises(UserError, match="stage 'grpo': a LoRA policy trains data-parallel, not sharded"):
+        optimize_on_rollouts(stage, PolicyGradientInputs(policy_dir, None, records), env)
 
 
 @pytest.mark.parametrize(

@@ -325,6 +325,33 @@ def _sum_sharded_gradients(model: torch.nn.Module) -> None:
             module.set_force_sum_reduction_for_comms(True)
 
 
+def launched_sharded() -> bool:
+    """Whether this process was launched for FSDP2 training (accelerate's launch environment)."""
+    return (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and os.environ.get("FSDP_VERSION", "1") == "2"
+    )
+
+
+class UnshardedCopy:
+    """A plain copy of a model that trains sharded, refreshed from the shards on demand: what a trainer
+    runs where it calls the model outside the FSDP root's forward (on-policy RL's rollouts: decoding and
+    scoring). Made from the model before it is sharded, as an empty skeleton (no memory until the first
+    :meth:`refresh`); then it holds one whole, frozen copy of the weights on every rank."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = _skeleton(model)
+
+    def refresh(self, root: torch.nn.Module) -> torch.nn.Module:
+        """The copy with the sharded model's current weights (a collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(root.model, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            model = _fill(self.module, {k: v.detach() for k, v in state.items()})
+        return model.eval().requires_grad_(False)
+
+
 def _skeleton(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose parameters are empty (on the meta device), buffers and structure kept
     (ties too): what the trained, gathered weights are put into once sharded training is done."""

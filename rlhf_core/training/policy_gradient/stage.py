@@ -4,7 +4,6 @@ reference, PPO's value model and the reward sources, open the rollout engine the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,12 +74,6 @@ def optimize_on_rollouts(
 
     if not inputs.prompt_rows:
         raise UserError(f"stage '{env.stage}': the prompts split '{stage.split}' has no rows")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UserError(
-            f"stage '{env.stage}': policy_gradient trains data-parallel (every process holds the whole "
-            "policy); sharded (FSDP) training of it is not supported yet: drop the FSDP accelerate_config "
-            "from its compute block"
-        )
     policy, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
     reference = None
     if (stage.needs_reference or stage.monitor is not None) and inputs.reference_dir is not None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.errors import NonFiniteLossError
+from rlhf_core.errors import NonFiniteLossError, UserError
 from rlhf_core.losses.importance_correction import mismatch_metrics, truncated_importance_weights
 from rlhf_core.losses.kl import kl_per_token
 from rlhf_core.losses.masking import aggregate_loss, masked_mean
@@ -56,7 +56,14 @@ from rlhf_core.modeling.completion_scoring import (
 from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.engine.data_parallel import rank_and_world
-from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, run_optimizer_steps
+from rlhf_core.training.engine.loop import (
+    TOKENS,
+    LogFn,
+    StepContext,
+    UnshardedCopy,
+    launched_sharded,
+    run_optimizer_steps,
+)
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.engine.result import TrainingResult
 from rlhf_core.training.monitor.overoptimization import (
@@ -128,8 +135,12 @@ class PolicyGradientTrainer:
         log: LogFn | None,
         log_samples: SampleLogFn | None,
         engine: RolloutEngine | None = None,
+        unsharded: UnshardedCopy | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
+        # sharded (FSDP2) training: rollouts decode and score with a whole copy refreshed from the shards
+        self.unsharded = unsharded
+        self.rollout_policy, self.rollout_value = policy, value_model
         # None: the native loop decodes with the policy itself; asynchronous: the producer owns the engine
         self.engine = None if stage.asynchronous else engine
         self.engine_weights_step: int | None = None  # the optimizer step whose weights the engine holds
@@ -188,13 +199,15 @@ class PolicyGradientTrainer:
 
         return timed
 
-    def collect(self, index: int, step: int) -> None:
+    def collect(self, index: int, step: int, ctx: StepContext | None = None) -> None:
         """Rollout ``index``: sample (refilling dropped groups when dynamic sampling), score, advantages."""
         stage, settings = self.stage, self.settings
         self.cycle.start(*self.pipeline_clocks())
+        if self.unsharded is not None and ctx is not None and ctx.sharded_root is not None:
+            self.refresh_rollout_models(ctx.sharded_root)
         if isinstance(self.rounds, AsynchronousRounds):
             started = time.perf_counter()
-            self.rounds.publish(index, self.policy)  # this rollout's weights, for the rounds ahead
+            self.rounds.publish(index, self.rollout_policy)  # this rollout's weights, for the rounds ahead
             sync_seconds = time.perf_counter() - started
         else:
             sync_seconds = self.sync_engine(step)
@@ -209,7 +222,7 @@ class PolicyGradientTrainer:
         if isinstance(self.rounds, SynchronousRounds):
             self.generation_s += sampled - started - self.reward_seconds + sync_seconds
         rollout = score_across_ranks(
-            samples, self.policy, self.reference, self.value_model, self.tokenizer.pad_token_id,
+            samples, self.rollout_policy, self.reference, self.rollout_value, self.tokenizer.pad_token_id,
             shared_prefix=self.shared_prefix, batch_size=stage.train.batch_size,
             need_old=settings.need_old_pass,
         )  # fmt: skip
@@ -242,6 +255,17 @@ class PolicyGradientTrainer:
         if self.log_samples is not None and index % stage.sample_table_every == 0:
             self.log_samples(sample_rows(rollout, index), index)
 
+    def refresh_rollout_models(self, root: torch.nn.Module) -> None:
+        """Sharded training: the whole policy (and value model) gathered from the shards into the copy
+        the rollout decodes and scores with."""
+        models = self.unsharded.refresh(root)
+        if self.value_model is not None:
+            self.rollout_policy, self.rollout_value = models["policy"], models["value"]
+        else:
+            self.rollout_policy = models
+        if isinstance(self.rounds, SynchronousRounds):
+            self.rounds.policy = self.rollout_policy
+
     def pipeline_clocks(self) -> tuple[float, float]:
         """(seconds the trainer has waited for completions, seconds the engine has been busy), totals."""
         if isinstance(self.rounds, AsynchronousRounds):
@@ -267,7 +291,7 @@ class PolicyGradientTrainer:
         if self.engine is None or self.engine_weights_step == step:
             return 0.0
         started = time.perf_counter()
-        self.engine.sync_weights(self.policy)  # LoRA adapters merged
+        self.engine.sync_weights(self.rollout_policy)  # LoRA adapters merged
         self.engine_weights_step = step
         return time.perf_counter() - started
 
@@ -288,7 +312,7 @@ class PolicyGradientTrainer:
     def step_fn(self, step: int, ctx: StepContext) -> dict[str, float]:
         index, update = divmod(step, self.settings.updates_per_rollout)
         if self.buffer.index != index:
-            self.collect(index, step)
+            self.collect(index, step, ctx)
         update_started = time.perf_counter()
         rollout = self.buffer.rollout
         ids = self.minibatch(index, update)
@@ -478,13 +502,22 @@ def train_policy_gradient(
     if stage.lora is not None:
         policy = apply_lora(policy, stage.lora)
     reference = reference_provider(policy, stage, reference_model)
-    trainer = PolicyGradientTrainer(
-        policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
-        reference=reference, value_model=value_model, log=log, log_samples=log_samples, engine=engine,
-    )  # fmt: skip
     trained_modules: torch.nn.Module = policy
     if value_model is not None:
         trained_modules = torch.nn.ModuleDict({"policy": policy, "value": value_model})
+    unsharded = None
+    if launched_sharded():
+        if stage.lora is not None:
+            raise UserError(
+                f"stage '{stage_name}': a LoRA policy trains data-parallel, not sharded: drop the FSDP "
+                "accelerate_config from its compute block (LoRA's optimizer state is small anyway)"
+            )
+        unsharded = UnshardedCopy(trained_modules)
+    trainer = PolicyGradientTrainer(
+        policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
+        reference=reference, value_model=value_model, log=log, log_samples=log_samples, engine=engine,
+        unsharded=unsharded,
+    )  # fmt: skip
     updates, total_steps = trainer.settings.updates_per_rollout, trainer.total_steps
     monitor, step_fn, extra_state = None, trainer.step_fn, trainer.extra_state
     if monitor_inputs is not None:
