@@ -11,7 +11,8 @@
 3. Asynchronous rollouts in 2 ranks: each rank's background loop generates its chunks of a round, at
    most one version ahead.
 4. FSDP2 (an accelerate config with fsdp_version 2): GRPO and PPO sharded over 2 ranks give the curves
-   and weights of 1 process; a LoRA policy is refused sharded.
+   and weights of 1 process; killed mid-rollout, a sharded run resumes to the uninterrupted weights; a
+   LoRA policy is refused sharded.
 5. Refusals: a vLLM server placement and the monitor with several processes.
 
 This file is also the script the ranks run (``accelerate launch <this file> ...``).
@@ -170,30 +171,47 @@ def test_two_processes_killed_mid_rollout_resume_to_the_uninterrupted_weights(
     assert curve[-1] == pytest.approx(reference_curve[-1], rel=1e-5)
 
 
-def _launch_sharded(out: Path, policy_dir: str, names: str):
+def _launch_sharded(out: Path, policy_dir: str, names: str, stop_after: int = 0):
     from tests.test_fsdp_training import FSDP2_CONFIG
 
     out.mkdir(parents=True, exist_ok=True)
     config = out / "fsdp2.yaml"
     config.write_text(FSDP2_CONFIG)
-    return launch_ranks(__file__, ["--config_file", str(config)], out, policy_dir, names)
+    return launch_ranks(__file__, ["--config_file", str(config)], out, policy_dir, names, stop_after)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, policy_dir) -> Path:
+    """GRPO and PPO trained by 2 ranks under an FSDP2 config (one launch)."""
+    return launched(lambda: tmp_path_factory.mktemp("sharded"), _launch_sharded, policy_dir, "grpo,ppo")
 
 
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
-def test_fsdp2_gives_the_curves_and_weights_of_one_process(name, policy_dir, tmp_path):
+def test_fsdp2_gives_the_curves_and_weights_of_one_process(name, policy_dir, sharded_run, tmp_path):
     """Sharded: the update's passes run inside the FSDP root (every rank as many), the rollouts decode
     and score with a whole copy gathered from the shards before each one; PPO's value model is sharded
     with the policy."""
     torch.set_num_threads(1)
-    out = launched(lambda: tmp_path / "sharded", _launch_sharded, policy_dir, name)
     one_curve, one_model = _train_policy_gradient(name, policy_dir, tmp_path / "one")
-    two_curve, two_weights = _load(out, name)
+    two_curve, two_weights = _load(sharded_run, name)
     rewards = slice(0, None, COMMON["update_epochs"] * COMMON["minibatches"] + 1)
     assert one_curve[rewards] == two_curve[rewards]  # the very same samples
     worst_curve = max(abs(a - b) for a, b in zip(one_curve, two_curve, strict=True))
     worst_weight = _max_diff({k: v.detach() for k, v in one_model.state_dict().items()}, two_weights)
     print(f"fsdp2 {name}: curves within {worst_curve:.2e}, weights within {worst_weight:.2e}")
     assert worst_curve <= LOSS_ATOL and worst_weight <= WEIGHT_ATOL
+
+
+def test_fsdp2_killed_mid_rollout_resumes_to_the_uninterrupted_weights(policy_dir, sharded_run, tmp_path):
+    """The sharded checkpoint at step 2 holds rollout 1's buffer in the middle of its updates."""
+    out = tmp_path / "killed"
+    killed = _launch_sharded(out, policy_dir, "grpo", stop_after=3)
+    assert killed.returncode != 0 and not (out / "grpo.json").exists()
+    ckpt = out / "work" / "grpo" / "ckpt"
+    assert json.loads((ckpt / "step-2" / "trainer_state.json").read_text())["sharded"] is True
+    resumed = _launch_sharded(out, policy_dir, "grpo")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert _max_diff(_load(out, "grpo")[1], _load(sharded_run, "grpo")[1]) <= 1e-5
 
 
 def test_a_lora_policy_is_not_trained_sharded(policy_dir, tmp_path, monkeypatch):
