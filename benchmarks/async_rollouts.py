@@ -22,6 +22,14 @@ must agree within noise for a speed-up to count).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/async_rollouts.py --size 5m
 
 The machine must be otherwise idle: the contenders run one after another and are compared as ratios.
+
+On a GPU machine (with the vLLM engine environment: ``rlhf engine install vllm``), the issue's setting:
+
+    python benchmarks/async_rollouts.py --engine vllm --size 0.5b --contenders sync async_k1 async_k2 \
+        --prompts 64 --group-size 8 --max-new-tokens 512 --lr 1e-6 --rollouts 10
+
+synchronous with the engine colocated (asleep while the policy trains) vs asynchronous with it always up
+beside the trainer on the same GPU (``vllm_settings``).
 """
 
 from __future__ import annotations
@@ -61,7 +69,26 @@ def stage_spec(contender: str, args: argparse.Namespace):
     }  # fmt: skip
     if contender.startswith("async_k"):
         spec["async_rollouts"] = {"max_staleness": int(contender.removeprefix("async_k"))}
+    if args.engine == "vllm":
+        spec["generation"] |= {"engine": "vllm", "vllm": vllm_settings(contender)}
+    import torch
+
+    if torch.cuda.is_available():
+        spec["train"]["precision"] = "bf16"  # autocast around fp32 master weights
     return PolicyGradientStage.model_validate(spec)
+
+
+def vllm_settings(contender: str) -> dict:
+    """The engine beside the trainer. On a GPU: synchronous, colocated (asleep while the policy trains);
+    asynchronous, always up on the same GPU beside the trainer (a server placement on its device), with
+    the share of memory colocated engines get. On a CPU: fp32, eager, one thread (as the tests)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"dtype": "float32", "enforce_eager": True, "cpu_threads": 1, "max_model_len": 512}
+    if contender.startswith("async_k"):
+        return {"placement": "server", "devices": "0", "gpu_memory_utilization": 0.3}
+    return {"placement": "colocated"}
 
 
 def train(contender: str, model_dir: str, args: argparse.Namespace, work: Path) -> dict:
@@ -134,7 +161,7 @@ def run_contender(contender: str, model_dir: str, args: argparse.Namespace) -> d
 
 def rank_arguments(args: argparse.Namespace) -> list[str]:
     keep = ("rollouts", "prompts", "group_size", "max_new_tokens", "lr", "minibatches", "warmup")
-    keep += ("reward_window",)
+    keep += ("reward_window", "engine")
     return [part for k in keep for part in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -159,7 +186,13 @@ def as_rank(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="5m", help="Model size (benchmarks/rollout_engines.py SIZES).")
+    p.add_argument(
+        "--size",
+        default="5m",
+        help="Model size: benchmarks/rollout_engines.py SIZES, or 0.5b (the ~0.5B "
+        "Llama shape of gpu_rollout_engine.py, with its 32k tokenizer).",
+    )
+    p.add_argument("--engine", choices=("native", "vllm"), default="native", help="Rollout engine.")
     p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     p.add_argument("--threads", type=int, default=2, help="torch threads of the synchronous run.")
     p.add_argument("--rollouts", type=int, default=12)
@@ -180,7 +213,12 @@ def main() -> None:
 
     from rlhf_core.modeling.models import save_model
 
-    model, tokenizer = build_model(args.size, 512)
+    if args.size == "0.5b":
+        from gpu_rollout_engine import FULL_SHAPE, build_policy
+
+        model, tokenizer = build_policy(FULL_SHAPE)
+    else:
+        model, tokenizer = build_model(args.size, 512)
     model_dir = str(save_model(model, tokenizer, Path(tempfile.mkdtemp(prefix="async-bench-model-")) / "m"))
     results = []
     for contender in args.contenders:
