@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf_core.training.engine.data_parallel import rank_and_world
-from rlhf_core.training.policy_gradient.rollouts import Rollout, Samples, score_rollout
+from rlhf_core.training.policy_gradient.rollouts import Rollout, Samples, engine_logp_grid, score_rollout
 
 if TYPE_CHECKING:
     from rlhf_core.training.policy_gradient.rollout_sampling import SamplingChunk
@@ -94,7 +94,4 @@ def score_across_ranks(samples: Samples, *models: Any, **scoring: Any) -> Rollou
             if full[k] is None:
                 full[k] = torch.zeros(len(samples.lengths), width, dtype=grid.dtype)
             full[k][rows, : grid.shape[1]] = grid
-    engine_logps = None
-    if samples.engine_logps is not None:
-        engine_logps = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in samples.engine_logps])
-    return Rollout(samples, full[0], full[1], full[2], full[3], engine_logps=engine_logps)
+    return Rollout(samples, full[0], full[1], full[2], full[3], engine_logps=engine_logp_grid(samples))

@@ -14,15 +14,16 @@ and who waited for whom.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
+
+from rlhf_core.training.policy_gradient.async_rollouts import staleness_counts
 
 
 def staleness_metrics(
     versions: list[int], version: int, max_staleness: int, dropped: int
 ) -> dict[str, float]:
     """``async/...`` of a rollout at policy ``version`` whose completions were sampled by ``versions``."""
-    lags = Counter(version - v for v in versions)
+    lags = staleness_counts(versions, version)
     total = max(1, len(versions))
     metrics = {f"async/staleness_{lag}": lags.get(lag, 0) / total for lag in range(max_staleness + 1)}
     metrics["async/staleness_mean"] = sum(lag * n for lag, n in lags.items()) / total

@@ -28,7 +28,7 @@ from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest, promp
 from rlhf_core.rollout.engines.weight_export import plain_state_dict
 from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.policy_gradient.async_rollouts import AsyncRolloutProducer, RoundRequest
+from rlhf_core.training.policy_gradient.async_rollouts import AsyncRolloutProducer, RoundRequest, is_stale
 from rlhf_core.training.policy_gradient.rank_sharing import gather_samples, my_chunks
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
@@ -200,7 +200,8 @@ def sample_rollout(
     while wanted > 0 and rounds < stage.max_sampling_rounds:
         round_index = prompts.cursor // per_round
         samples = source.sample_round(round_index, prompts.take(per_round), index)
-        if max_staleness is not None and samples.versions and index - min(samples.versions) > max_staleness:
+        oldest = min(samples.versions) if samples.versions else index
+        if max_staleness is not None and is_stale(oldest, index, max_staleness):
             stale += len(samples.lengths)
             continue
         rounds += 1

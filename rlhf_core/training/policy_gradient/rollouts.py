@@ -258,8 +258,12 @@ def score_rollout(
         policy, reference, value_model, samples.prompt_ids, samples.completion_ids, samples.groups,
         pad_token_id, shared_prefix, batch_size, need_old,
     )  # fmt: skip
-    engine_logps = None
-    if samples.engine_logps is not None:
-        width = max(samples.lengths)
-        engine_logps = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in samples.engine_logps])
-    return Rollout(samples, old, entropy, ref, values, engine_logps=engine_logps)
+    return Rollout(samples, old, entropy, ref, values, engine_logps=engine_logp_grid(samples))
+
+
+def engine_logp_grid(samples: Samples) -> torch.Tensor | None:
+    """(N, T) the engine's log-probs of the sampled tokens, zero-padded; None when the native loop sampled."""
+    if samples.engine_logps is None:
+        return None
+    width = max(samples.lengths)
+    return torch.tensor([lp + [0.0] * (width - len(lp)) for lp in samples.engine_logps])
