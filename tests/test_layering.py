@@ -131,6 +131,7 @@ RLHF_CORE_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data: rows, schemas, files", ("rlhf_core.data",)),
     ("modeling: models, tokens, log-probs", ("rlhf_core.modeling",)),
     ("rewards", ("rlhf_core.rewards",)),
+    ("environments: tools, multi-turn episodes' other side", ("rlhf_core.environments",)),
     ("rollout", ("rlhf_core.rollout",)),
     ("serving", ("rlhf_core.serving",)),
     ("selection", ("rlhf_core.selection",)),

@@ -1,1 +1,1 @@
-"""Multi-turn environments: tool use and function calling, verifier feedback, users ' own (book ch.13)."""
+"""Multi-turn environments: tool use and function calling, verifier feedback, users' own (book ch.13)."""
