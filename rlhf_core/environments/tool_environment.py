@@ -93,7 +93,10 @@ def _resolve_tool(spec: str | dict[str, Any], where: str, base_dir: str | Path) 
     reference = spec["function"]
     if not isinstance(reference, str) or not is_reference(reference):
         raise UserError(f"{where}: function {reference!r}: expected 'file.py:function' or 'module:function'")
-    function = load_function(parse_reference(reference, base_dir))
+    try:
+        function = load_function(parse_reference(reference, base_dir))
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
     if "parameters" not in spec:
         raise UserError(f"{where}: tool {reference} needs 'parameters', a JSON Schema of its arguments")
     description = spec.get("description") or inspect.getdoc(function)
