@@ -10,9 +10,13 @@ Options (the spec's ``environment.options``):
 - ``call_style``: how the model writes calls, ``hermes`` (JSON in ``<tool_call>`` blocks; default) or
   ``pythonic`` (``[fn(a=1)]``, Llama 3.2), see :mod:`rlhf_core.environments.tool_calls`;
 - ``max_calls``: tool calls per episode (default 8); a turn whose calls would go past it ends the
-  episode without running them;
+  episode without running them (a finished step carries no messages, by the protocol of
+  :class:`~rlhf_core.environments.base.StepResult`: the metric ``calls_over_limit`` records it);
 - ``max_output_chars``: a tool result longer than this is truncated (default 1000);
-- ``system_prompt``: a system message put first when the row's prompt has none.
+- ``system_prompt``: a system message put first when the row's prompt has none;
+- ``prompt_column``: the row's column holding the prompt, text or a list of messages (default prompt).
+
+The constructor's ``base_dir`` is where relative ``file.py`` references are found (the spec's folder).
 
 Each step's metrics: ``tool_calls`` (calls the model attempted, malformed ones included),
 ``valid_tool_calls`` (known tool, arguments fit its schema), ``invalid_tool_calls`` (malformed, unknown
