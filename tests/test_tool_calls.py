@@ -71,7 +71,7 @@ def test_an_unclosed_hermes_block_is_an_error_and_not_content():
 
 
 def test_pythonic_list_with_text_around_it():
-    text = 'Sure: [calculator(expression="2+[3]"), lookup(city=\'Paris\', limit=-2)] ok'
+    text = "Sure: [calculator(expression=\"2+[3]\"), lookup(city='Paris', limit=-2)] ok"
     parsed = parse_tool_calls(text, "pythonic")
     assert parsed.calls == [
         ParsedCall("calculator", {"expression": "2+[3]"}),  # a ']' inside a string does not end the list
