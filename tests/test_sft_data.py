@@ -252,10 +252,11 @@ def _with(path: tuple, value) -> dict:
             "a dict or a JSON object in a string",
         ),
         (
-            _with(("messages", 1, "tool_calls"), []),
+            _with(("messages", 1, "tool_calls"), {"name": "calculator"}),
             "messages[1].tool_calls",
             "a non-empty list of tool calls",
         ),
+        (_with(("messages", 1, "tool_calls"), []), "messages[1].content", "a non-empty string"),
         (
             _with(("messages", 1, "tool_calls", 0, "function", "name"), ""),
             "messages[1].tool_calls[0].function.name",
@@ -273,7 +274,8 @@ def _with(path: tuple, value) -> dict:
         "no-call-id",
         "no-result",
         "arguments-not-json",
-        "no-calls",
+        "calls-not-a-list",
+        "no-calls-no-content",
         "no-name",
         "result-of-no-call",
         "tools-not-a-list",
@@ -286,6 +288,15 @@ def test_bad_tool_rows_name_the_row_field_and_what_was_expected(row, field, expe
     assert (error.value.row, error.value.field) == (1, field)
     assert str(error.value).startswith(f"in tools.jsonl, row 1 (0-based), field {field!r}: expected ")
     assert expected in error.value.expected
+
+
+def test_null_fields_as_parquet_files_give_them_are_accepted(tokenizer) -> None:
+    fields = {"content": None, "tool_calls": None, "tool_call_id": None, "name": None}
+    row = copy.deepcopy(TOOL_ROW)
+    row["messages"] = [{**fields, **m} for m in row["messages"]]  # every message has every field
+    row["messages"][3]["tool_calls"] = []  # a plain answer stored with an empty list of calls
+    assert validate_records([row], "sft", source="tools.parquet")[0] == [row]
+    assert tokenize_sft_row(row, tokenizer, 1024) == tokenize_sft_row(TOOL_ROW, tokenizer, 1024)
 
 
 def test_tool_messages_stay_out_of_preference_prompts() -> None:

@@ -101,7 +101,7 @@ def _check_message(
         return f"{field}.role", f"one of {roles}, got {msg.get('role')!r}"
     if msg["role"] == "tool":
         return check_tool_message(msg, field, previous)
-    if with_tools and msg["role"] == "assistant" and msg.get("tool_calls") is not None:
+    if with_tools and msg["role"] == "assistant" and msg.get("tool_calls"):  # [] or null: no calls
         return check_assistant_calls(msg, field)
     if not _is_nonempty_str(msg.get("content")):
         return f"{field}.content", f"a non-empty string, got {msg.get('content')!r}"

@@ -2,7 +2,8 @@
 
 A tool-use trajectory is an OpenAI-style conversation (the shapes of ``rlhf_core.environments.base``):
 
-- an assistant message may carry ``tool_calls``: a non-empty list of ``{"id": str, "type": "function",
+- an assistant message may carry ``tool_calls`` (an empty list or null: none, as files with one schema
+  for every message store them): a list of ``{"id": str, "type": "function",
   "function": {"name": str, "arguments": dict or a JSON string}}``; its ``content`` may then be empty
   or None (a turn that only calls tools);
 - a ``tool`` message answers a call: ``{"role": "tool", "tool_call_id": str, "content": str}`` (and
@@ -11,7 +12,8 @@ A tool-use trajectory is an OpenAI-style conversation (the shapes of ``rlhf_core
 - the row's optional ``tools`` column lists the declarations the model was shown:
   ``{"type": "function", "function": {"name": str, "description": str, "parameters": dict}}``.
 
-Each check returns ``(field, what was expected)`` for the first problem, or None (as in ``schemas``).
+Optional fields may be null (a Parquet or Hub file gives every message every field). Each check returns
+``(field, what was expected)`` for the first problem, or None (as in ``schemas``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def check_tool_call(call: Any, field: str) -> Problem | None:
         )
     if call.get("type", "function") != "function":
         return f"{field}.type", f"'function', got {call['type']!r}"
-    if "id" in call and not isinstance(call["id"], str):
+    if call.get("id") is not None and not isinstance(call["id"], str):
         return f"{field}.id", f"a string, got {call['id']!r}"
     if not _is_nonempty_str(call["function"].get("name")):
         return (
@@ -82,7 +84,7 @@ def check_tool_message(msg: dict, field: str, previous: dict | None) -> Problem 
         )
     if not isinstance(msg.get("content"), str):
         return f"{field}.content", f"the tool's result as a string, got {msg.get('content')!r:.80}"
-    if "name" in msg and not isinstance(msg["name"], str):
+    if msg.get("name") is not None and not isinstance(msg["name"], str):
         return f"{field}.name", f"the function's name as a string, got {msg['name']!r}"
     answers_calls = previous is not None and (
         previous.get("role") == "tool" or (previous.get("role") == "assistant" and previous.get("tool_calls"))
@@ -111,9 +113,9 @@ def check_tools_column(tools: Any) -> Problem | None:
         function = tool["function"]
         if not _is_nonempty_str(function.get("name")):
             return f"{field}.function.name", f"a non-empty string, got {function.get('name')!r}"
-        if "description" in function and not isinstance(function["description"], str):
+        if function.get("description") is not None and not isinstance(function["description"], str):
             return f"{field}.function.description", f"a string, got {function['description']!r:.80}"
-        if "parameters" in function and not isinstance(function["parameters"], dict):
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
             return (
                 f"{field}.function.parameters",
                 f"a JSON Schema object (dict), got {function['parameters']!r:.80}",
