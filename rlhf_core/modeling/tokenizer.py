@@ -39,13 +39,19 @@ TOOL_CALL_FORMAT = (
     '<tool_call>\n{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>\n'
     "The result comes back in a tool message."
 )
-ALTERNATION_ERROR = "Conversation roles must alternate user/assistant/user/assistant/..."
-TOOL_ORDER_ERROR = "A tool message must follow an assistant message that calls tools, or another tool message"
+_RAISE_ALTERNATION = (
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+)
+_RAISE_TOOL_ORDER = (
+    "{{ raise_exception('A tool message must follow an assistant message that calls tools, "
+    "or another tool message') }}"
+)
 
 # ChatML as in the book (ch.4 §chat templates): bos, strict user/assistant alternation after an
 # optional system turn, each message `<|im_start|>role\ncontent<|im_end|>\n`, and `<|im_start|>assistant\n`
 # as the generation prompt. The end-of-turn token `<|im_end|>` is the EOS used for generation.
-# Conversations without tools render exactly as the plain ChatML template did (PLAIN_CHATML_TEMPLATE).
+# Conversations without tools render exactly as the ChatML template before tool support did (pinned by
+# tests/test_tool_template.py).
 #
 # Tool use (ch.13):
 # - ``tools``: a system turn (after the system prompt if any) lists each declaration's JSON;
@@ -74,16 +80,13 @@ CHATML_TEMPLATE = (
     "{% set role = message['role'] %}"
     "{% if loop.index0 == 0 and role == 'system' %}"
     "{% elif role == 'user' %}"
-    "{% if ns.previous == 'user' %}{{ raise_exception('" + ALTERNATION_ERROR + "') }}{% endif %}"
+    "{% if ns.previous == 'user' %}" + _RAISE_ALTERNATION + "{% endif %}"
     "{% set ns.previous = 'user' %}"
     "{% elif role == 'tool' %}"
-    "{% if ns.previous not in ('assistant', 'tool') %}{{ raise_exception('" + TOOL_ORDER_ERROR + "') }}"
-    "{% endif %}"
+    "{% if ns.previous not in ('assistant', 'tool') %}" + _RAISE_TOOL_ORDER + "{% endif %}"
     "{% set ns.previous = 'tool' %}"
     "{% else %}"
-    "{% if ns.previous not in ('user', 'tool') %}{{ raise_exception('"
-    + ALTERNATION_ERROR
-    + "') }}{% endif %}"
+    "{% if ns.previous not in ('user', 'tool') %}" + _RAISE_ALTERNATION + "{% endif %}"
     "{% set ns.previous = 'assistant' %}"
     "{% endif %}"
     "{% set content = (message['content'] or '') | trim %}"
