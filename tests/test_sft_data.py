@@ -7,7 +7,9 @@ import copy
 import pytest
 import torch
 
+from rlhf_core.data.schemas import DataValidationError, validate_records
 from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.errors import UserError
 from rlhf_core.modeling.models import build_tiny_model
 from rlhf_core.modeling.sft_tokens import (
     IGNORE_INDEX,
@@ -169,6 +171,145 @@ def test_assistant_turns_in_a_conversational_prompt_are_never_trained(tokenizer,
         "<|im_start|>user\nWhat is 4 - 1?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert example.labels[-1] == IGNORE_INDEX  # the newline after the completion's <|im_end|>
+
+
+# --- tool-use trajectories (book ch.13) ------------------------------------------------------
+
+CALCULATOR = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluates an arithmetic expression.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+    },
+}
+CALL_TEXT = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "17 * 23"}}\n</tool_call>'
+TOOL_ROW = {
+    "tools": [CALCULATOR],
+    "messages": [
+        {"role": "user", "content": "What is 17 * 23?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": "17 * 23"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "name": "calculator", "content": "391"},
+        {"role": "assistant", "content": "17 * 23 = 391."},
+    ],
+}
+
+
+@pytest.mark.parametrize("mask", ["all_assistant", "final_turn"])
+def test_a_tool_trajectory_trains_the_calls_and_the_answer_never_the_results(tokenizer, mask: str) -> None:
+    assert validate_records([TOOL_ROW], "sft", source="tools.jsonl")[0] == [TOOL_ROW]
+    example = tokenize_sft_row(TOOL_ROW, tokenizer, 1024, mask)
+    expected = [CALL_TEXT + IM_END, "17 * 23 = 391." + IM_END]
+    assert trained_spans(example, tokenizer) == (expected if mask == "all_assistant" else expected[1:])
+    text = tokenizer.decode(example.input_ids)
+    assert '"name": "calculator", "description"' in text  # the row's tools reached the template
+    assert "<|im_start|>tool\n391<|im_end|>" in text  # rendered as context, never trained (spans above)
+
+
+def test_a_tool_row_needs_a_template_that_renders_tools(tokenizer) -> None:
+    ignores_tools = copy.deepcopy(tokenizer)
+    ignores_tools.chat_template = (
+        "{% for m in messages %}{{ m['role'] + (m['content'] or '') }}<|im_end|>{% endfor %}"
+    )
+    with pytest.raises(UserError, match="ignores the tools"):
+        tokenize_sft_row(TOOL_ROW, ignores_tools, 1024)
+    without_tools = {"messages": TOOL_ROW["messages"]}  # no tools column: nothing to check
+    assert tokenize_sft_row(without_tools, ignores_tools, 1024).n_label_tokens > 0
+
+
+def _with(path: tuple, value) -> dict:
+    """TOOL_ROW with the value at ``path`` (keys and indices) replaced; ``...`` deletes it."""
+    row = copy.deepcopy(TOOL_ROW)
+    *parents, last = path
+    target = row
+    for key in parents:
+        target = target[key]
+    if value is ...:
+        del target[last]
+    else:
+        target[last] = value
+    return row
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "expected"),
+    [
+        (_with(("messages", 2, "tool_call_id"), ...), "messages[2].tool_call_id", "the id of the call"),
+        (_with(("messages", 2, "content"), None), "messages[2].content", "the tool's result as a string"),
+        (
+            _with(("messages", 1, "tool_calls", 0, "function", "arguments"), "17 * 23"),
+            "messages[1].tool_calls[0].function.arguments",
+            "a dict or a JSON object in a string",
+        ),
+        (
+            _with(("messages", 1, "tool_calls"), {"name": "calculator"}),
+            "messages[1].tool_calls",
+            "a non-empty list of tool calls",
+        ),
+        (_with(("messages", 1, "tool_calls"), []), "messages[1].content", "a non-empty string"),
+        (
+            _with(("messages", 1, "tool_calls", 0, "function", "name"), ""),
+            "messages[1].tool_calls[0].function.name",
+            "non-empty string",
+        ),
+        (
+            _with(("messages", 1), {"role": "assistant", "content": "Let me see."}),
+            "messages[2].role",
+            "right after",
+        ),
+        (_with(("tools",), {"name": "calculator"}), "tools", "a list of function declarations"),
+        (_with(("tools", 0, "type"), "tool"), "tools[0]", "a function declaration"),
+    ],
+    ids=[
+        "no-call-id",
+        "no-result",
+        "arguments-not-json",
+        "calls-not-a-list",
+        "no-calls-no-content",
+        "no-name",
+        "result-of-no-call",
+        "tools-not-a-list",
+        "not-a-function",
+    ],
+)
+def test_bad_tool_rows_name_the_row_field_and_what_was_expected(row, field, expected) -> None:
+    with pytest.raises(DataValidationError) as error:
+        validate_records([TOOL_ROW, row], "sft", source="tools.jsonl")
+    assert (error.value.row, error.value.field) == (1, field)
+    assert str(error.value).startswith(f"in tools.jsonl, row 1 (0-based), field {field!r}: expected ")
+    assert expected in error.value.expected
+
+
+def test_null_fields_as_parquet_files_give_them_are_accepted(tokenizer) -> None:
+    fields = {"content": None, "tool_calls": None, "tool_call_id": None, "name": None}
+    row = copy.deepcopy(TOOL_ROW)
+    row["messages"] = [{**fields, **m} for m in row["messages"]]  # every message has every field
+    row["messages"][3]["tool_calls"] = []  # a plain answer stored with an empty list of calls
+    assert validate_records([row], "sft", source="tools.parquet")[0] == [row]
+    assert tokenize_sft_row(row, tokenizer, 1024) == tokenize_sft_row(TOOL_ROW, tokenizer, 1024)
+
+
+def test_tool_messages_stay_out_of_preference_prompts() -> None:
+    call = {**TOOL_ROW["messages"][1], "content": "Let me compute."}
+    prompt = [
+        TOOL_ROW["messages"][0],
+        call,
+        TOOL_ROW["messages"][2],
+        {"role": "user", "content": "And 2 + 2?"},
+    ]
+    row = {"prompt": prompt, "chosen": "4.", "rejected": "5."}
+    with pytest.raises(DataValidationError, match=r"field 'prompt\[2\]\.role'"):
+        validate_records([row], "preference", source="prefs")
 
 
 def test_truncation_cuts_tokens_and_labels_and_sets_the_flag(tokenizer) -> None:

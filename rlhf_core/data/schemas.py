@@ -8,6 +8,9 @@
     list with one assistant message. Only y is trained (see :func:`sft_messages`).
 
   A column that is present but null counts as absent, so Parquet/Hub files mixing both shapes work.
+  A ``messages`` chat may be a tool-use trajectory (book ch.13): assistant turns with ``tool_calls``,
+  ``tool`` messages with the results, and an optional ``tools`` column of function declarations
+  (shapes in :mod:`rlhf_core.data.tool_messages`).
 - ``preference``: a prompt x, a ``chosen`` y_c and a ``rejected`` y_r, in one of the shapes of public
   preference data (TRL's dataset formats):
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, NamedTuple
 
+from rlhf_core.data.tool_messages import check_assistant_calls, check_tool_message, check_tools_column
 from rlhf_core.errors import UserError
 
 DatasetFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
@@ -82,12 +86,23 @@ def _has(row: dict, column: str) -> bool:
     return row.get(column) is not None
 
 
-def _check_message(msg: Any, field: str, first: bool) -> Problem | None:
-    """Return (field, expected) for the first problem of one message, or None."""
+def _check_message(
+    msg: Any, field: str, first: bool, with_tools: bool = False, previous: dict | None = None
+) -> Problem | None:
+    """Return (field, expected) for the first problem of one message, or None.
+
+    ``with_tools``: ``tool`` messages and assistant ``tool_calls`` are allowed (``previous``: the message
+    before, which a tool message must answer).
+    """
     if not isinstance(msg, dict):
         return field, f"a dict with 'role' and 'content', got {type(msg).__name__}"
-    if msg.get("role") not in ROLES:
-        return f"{field}.role", f"one of {list(ROLES)}, got {msg.get('role')!r}"
+    roles = [*ROLES, "tool"] if with_tools else list(ROLES)
+    if msg.get("role") not in roles:
+        return f"{field}.role", f"one of {roles}, got {msg.get('role')!r}"
+    if msg["role"] == "tool":
+        return check_tool_message(msg, field, previous)
+    if with_tools and msg["role"] == "assistant" and msg.get("tool_calls"):  # [] or null: no calls
+        return check_assistant_calls(msg, field)
     if not _is_nonempty_str(msg.get("content")):
         return f"{field}.content", f"a non-empty string, got {msg.get('content')!r}"
     if msg["role"] == "system" and not first:
@@ -95,12 +110,13 @@ def _check_message(msg: Any, field: str, first: bool) -> Problem | None:
     return None
 
 
-def _check_chat(messages: Any, column: str, last_role: str) -> Problem | None:
-    """A non-empty list of messages whose last one is from ``last_role``."""
+def _check_chat(messages: Any, column: str, last_role: str, with_tools: bool = False) -> Problem | None:
+    """A non-empty list of messages whose last one is from ``last_role`` (tool use: ``with_tools``)."""
     if not isinstance(messages, list) or not messages:
         return column, f"a non-empty list of messages, got {messages!r}"
     for i, msg in enumerate(messages):
-        if (problem := _check_message(msg, f"{column}[{i}]", first=i == 0)) is not None:
+        previous = messages[i - 1] if i else None
+        if (problem := _check_message(msg, f"{column}[{i}]", i == 0, with_tools, previous)) is not None:
             return problem
     if messages[-1]["role"] != last_role:
         field = f"{column}[{len(messages) - 1}].role"
@@ -143,7 +159,9 @@ def _check_sft(row: dict) -> Problem | None:
         return _check_prompt_completion(row)
     if not _has(row, "messages"):
         return "messages", f"'messages' (a chat) or 'prompt' + 'completion', got columns {sorted(row)}"
-    return _check_chat(row["messages"], "messages", last_role="assistant")
+    if _has(row, "tools") and (problem := check_tools_column(row["tools"])) is not None:
+        return problem
+    return _check_chat(row["messages"], "messages", last_role="assistant", with_tools=True)
 
 
 def sft_messages(row: dict) -> tuple[list[dict], bool]:

@@ -6,6 +6,10 @@ Each trained span covers the assistant's content and its end-of-turn token (so t
 stop), not the role header the template writes before it. A prompt/completion row trains its completion
 only, whatever the option: assistant turns inside its prompt are context (``tokenize_sft_row``).
 
+Tool-use conversations (book ch.13) mask the same way: an assistant turn that calls tools trains its
+``<tool_call>`` text and end-of-turn token; ``tool`` messages (results the environment wrote) are never
+trained. A row's ``tools`` (function declarations) go to the chat template, which must render them.
+
 Packing concatenates examples into rows of at most ``max_length`` tokens. ``position_ids`` restart at 0
 for every example; with ``attention_mask=None`` and no KV cache, transformers then keeps packed examples
 from attending to each other (checked by ``tests/test_sft_data.py``).
@@ -21,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_core.data.schemas import sft_messages
 from rlhf_core.errors import UserError
 from rlhf_core.losses.language_model import IGNORE_INDEX
+from rlhf_core.modeling.tokenizer import require_tool_support
 
 
 @dataclass
@@ -47,18 +52,35 @@ class TemplateError(UserError):
     """The chat template renders a conversation in a way masking cannot follow."""
 
 
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The conversation as text through the chat template; ``tools`` passed only when there are some, so a
+    conversation without tools renders as it always did, whatever the template does with ``tools=``."""
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
 def assistant_spans(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, mask: str
+    messages: list[dict], tokenizer: PreTrainedTokenizerBase, mask: str, tools: list[dict] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return its text and the character spans of the trained assistant turns."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    """Render the conversation; return its text and the character spans of the trained assistant turns.
+
+    A span runs from the end of the assistant generation header to the end of the turn's end-of-turn
+    token, found by rendering prefixes: this needs a template where each message only appends text.
+    """
+    text = render_chat(tokenizer, messages, tools)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if mask == "final_turn":
         turns = turns[-1:]
     spans = []
     for i in turns:
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        start = len(render_chat(tokenizer, messages[:i], tools, add_generation_prompt=True))
+        upto = render_chat(tokenizer, messages[: i + 1], tools)
         end = len(upto.rstrip())
         if not text.startswith(upto[:end]) or start >= end:
             raise TemplateError(
@@ -70,10 +92,14 @@ def assistant_spans(
 
 
 def tokenize_conversation(
-    messages: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, mask: str = "all_assistant"
+    messages: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    mask: str = "all_assistant",
+    tools: list[dict] | None = None,
 ) -> TokenizedExample:
     """Token ids and labels of one conversation; labels are -100 outside trained assistant spans."""
-    text, spans = assistant_spans(messages, tokenizer, mask)
+    text, spans = assistant_spans(messages, tokenizer, mask, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         tok if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
@@ -90,10 +116,15 @@ def tokenize_sft_row(
     """Token ids and labels of one ``sft`` row of either shape.
 
     A ``messages`` row is masked as ``mask`` says; a ``prompt`` + ``completion`` row trains the completion
-    only (see :func:`rlhf_core.data.schemas.sft_messages`).
+    only (see :func:`rlhf_core.data.schemas.sft_messages`). A row's ``tools`` column goes to the chat
+    template, which must render it (else the model would learn calls to functions it was never shown).
     """
     messages, completion_only = sft_messages(row)
-    return tokenize_conversation(messages, tokenizer, max_length, "final_turn" if completion_only else mask)
+    tools = row.get("tools") or None
+    if tools:
+        require_tool_support(tokenizer, "SFT data with a 'tools' column")
+    mask = "final_turn" if completion_only else mask
+    return tokenize_conversation(messages, tokenizer, max_length, mask, tools)
 
 
 def pack_examples(examples: list[TokenizedExample], max_length: int) -> list[Row]:
