@@ -15,6 +15,7 @@ conversations' questions. Rows are written in the shape they came in, every sour
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rlhf_core.data.loading import directory_digest, load_records, read_rows, sp
 from rlhf_core.data.schemas import validate_records
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.data.task_presets import task_rows
+from rlhf_core.environments.tool_arithmetic import tool_arithmetic_records
 from rlhf_core.errors import UserError
 from rlhf_core.spec import DatasetStage, FileSource, HubSource
 from rlhf_core.stage_environment import NoInputs, StageEnvironment
@@ -73,10 +75,12 @@ def read_source_rows(
     if source.synthetic is not None:
         syn = source.synthetic
         kwargs = {"max_operand": syn.max_operand, "operations": tuple(syn.operations)}
-        outputs = {
-            name: (kind, synthetic_records(syn.task, kind, syn.n, seed, **kwargs))
-            for name, kind in source.outputs().items()
-        }
+        if syn.task == "tool_arithmetic":  # the tool-use task lives with the environments (book ch.13)
+            kwargs["min_operand"] = syn.min_operand
+            make = tool_arithmetic_records
+        else:
+            make = functools.partial(synthetic_records, syn.task)
+        outputs = {name: (kind, make(kind, syn.n, seed, **kwargs)) for name, kind in source.outputs().items()}
         return outputs, []
     chosen = source.file or source.hub
     assert chosen is not None

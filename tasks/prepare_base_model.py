@@ -24,7 +24,12 @@ def prepare_base_model(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     source: ModelSource = call.stage
     if source.tiny is None:
         return {"model": _external_model_ref(call.name, source, run)}
-    model, tokenizer = build_tiny_model(source.tiny, call.seed)
+    extra = None
+    if source.tiny.tokenizer_corpus == "arithmetic_tools":
+        from rlhf_core.environments.tool_arithmetic import tool_use_corpus
+
+        extra = tool_use_corpus(seed=call.seed)
+    model, tokenizer = build_tiny_model(source.tiny, call.seed, extra)
     ref = register_stage_model(
         run, model, tokenizer, registered_name=f"{run.pipeline}-{call.name}", role="policy",
         base_model=call.name, extra_tags={"rlhf.source": "tiny"},

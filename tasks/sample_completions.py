@@ -37,8 +37,18 @@ def sample_completions(call: StageCall, run: StageRun) -> dict[str, DatasetRef]:
         tracking.log_text(run.run_id, "\n".join(result.problems), "invalid_rewards.txt")
     splits = {stage.split: result.rows}
     completions = publish_dataset(run, "completions", "completions", splits, columns=result.columns)
-    preview = [{k: r[k] for k in ("prompt", "completion", "reward")} for r in result.rows[:PREVIEW_ROWS]]
+    preview = [preview_row(r) for r in result.rows[:PREVIEW_ROWS]]
     tracking.log_table(run.run_id, preview, "completions_preview.json")
     run.key_metrics = result.summary()
     tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)
     return {"completions": completions}
+
+
+def preview_row(row: dict) -> dict:
+    """A row of the preview table: prompt, completion, reward; an episode's whole conversation as text."""
+    from rlhf_core.rollout.episode_sampling import transcript
+
+    shown = {k: row[k] for k in ("prompt", "completion", "reward")}
+    if isinstance(row.get("messages"), list) and "outcome" in row:
+        shown |= {"turns": row["turns"], "outcome": row["outcome"], "transcript": transcript(row["messages"])}
+    return shown

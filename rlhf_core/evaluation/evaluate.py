@@ -27,6 +27,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
 from rlhf_core.evaluation.engine_choice import Decoder, decoder_of, open_evaluation_engine
+from rlhf_core.evaluation.episodes import (
+    episode_accuracy,
+    episode_figures,
+    pass_hat_k_metrics,
+    sample_and_verify_episodes,
+)
 from rlhf_core.evaluation.kl import kl_to_reference
 from rlhf_core.evaluation.metrics import heldout_loss, length_metrics, verifiable_accuracy
 from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
@@ -119,11 +125,9 @@ def evaluate_model(
                 result, model, tokenizer, prompt_rows, stage, verifier, scorers, seed, stage_name, engine
             )
         if stage.pass_at_k is not None and prompt_rows:
-            correct = sample_and_verify(
-                model, tokenizer, prompt_rows, stage.pass_at_k, verifier, seed,
-                engine=decoder_of(stage.pass_at_k.generation.engine, engine),
-            )  # fmt: skip
-            metrics |= pass_at_k_metrics(correct, stage.pass_at_k.k, seed)
+            metrics |= pass_at_k_figures(
+                model, tokenizer, prompt_rows, stage, verifier, seed, stage_name, engine
+            )
         if stage.best_of_n is not None:
             spec = stage.best_of_n
             metrics |= best_of_n_metrics(
@@ -155,13 +159,19 @@ def answer_prompts(
 ) -> None:
     """One answer per prompt (``stage.generation``): accuracy, lengths and reward means into
     ``result.metrics``, the answers (scored by the answer sources) into ``result.rows`` and ``samples``."""
-    gen = stage.generation
-    accuracy = verifiable_accuracy(
-        model, tokenizer, prompt_rows, verifier, max_new_tokens=gen.max_new_tokens,
-        temperature=gen.temperature, batch_size=gen.batch_size, seed=seed,
-        engine=decoder_of(gen.engine, engine),
-    )  # fmt: skip
-    metrics = result.metrics
+    gen, metrics = stage.generation, result.metrics
+    if stage.environment is not None:  # task success over episodes (book ch.13)
+        accuracy = episode_accuracy(
+            model, tokenizer, prompt_rows, stage.environment, gen, verifier, seed, stage=stage_name,
+            engine=decoder_of(gen.engine, engine),
+        )  # fmt: skip
+        metrics |= episode_figures(accuracy.rows, seed)
+    else:
+        accuracy = verifiable_accuracy(
+            model, tokenizer, prompt_rows, verifier, max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature, batch_size=gen.batch_size, seed=seed,
+            engine=decoder_of(gen.engine, engine),
+        )  # fmt: skip
     metrics["eval/accuracy"] = accuracy.accuracy
     metrics |= interval_metrics("eval/accuracy", [float(r["correct"]) for r in accuracy.rows], seed)
     metrics |= length_metrics([int(r["new_tokens"]) for r in accuracy.rows], seed)
@@ -170,6 +180,30 @@ def answer_prompts(
     if sources:
         result.rows = score_answers(accuracy.rows, prompt_rows, sources, scorers, stage_name)
         metrics |= completion_rewards(result.rows, stage, seed)
+
+
+def pass_at_k_figures(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_rows: list[dict],
+    stage: EvaluateStage,
+    verifier: RewardFunction,
+    seed: int,
+    stage_name: str,
+    engine: Decoder,
+) -> dict[str, float]:
+    """pass@k from ``pass_at_k.n`` samples per prompt; with an environment, of episodes, and pass^k too."""
+    spec = stage.pass_at_k
+    assert spec is not None
+    decoder = decoder_of(spec.generation.engine, engine)
+    if stage.environment is None:
+        correct = sample_and_verify(model, tokenizer, prompt_rows, spec, verifier, seed, engine=decoder)
+        return pass_at_k_metrics(correct, spec.k, seed)
+    correct = sample_and_verify_episodes(
+        model, tokenizer, prompt_rows, spec.n, spec.generation, stage.environment, verifier, seed,
+        stage=stage_name, engine=decoder,
+    )  # fmt: skip
+    return pass_at_k_metrics(correct, spec.k, seed) | pass_hat_k_metrics(correct, spec.k, seed)
 
 
 def answer_sources(stage: EvaluateStage) -> tuple[RewardSourceSpec, ...]:

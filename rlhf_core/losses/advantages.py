@@ -96,32 +96,38 @@ def generalized_advantages(
     Args:
         rewards: (B, T) per-token rewards (e.g. -beta * KL on every token and the score on the last).
         values: (B, T) V(s_t) of the value model at each completion token.
-        mask: (B, T) True on completion tokens, contiguous from each row's first token (right padding).
+        mask: (B, T) True on the policy's own tokens (right padding; in a multi-turn episode the
+            environment's tokens between the model's turns are False too).
     Returns:
         advantages, returns: (B, T), 0 outside the mask, detached.
 
-    lambda = 1 gives Monte-Carlo return minus V; lambda = 0 the one-step TD residual (tested).
+    lambda = 1 gives Monte-Carlo return minus V; lambda = 0 the one-step TD residual (tested). Positions
+    outside the mask are not steps: the recursion carries over them, so in a multi-turn episode (book
+    ch.13) the token before a tool's output bootstraps from the model's next token after it, and the
+    episode's final reward reaches every turn.
     """
     mask = mask.bool()
     rewards, values = zero_padding(rewards.detach(), mask), zero_padding(values.detach(), mask)
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     next_value = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        live = mask[:, t].to(rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):  # V after the last token is 0 (terminal)
+        live = mask[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = (delta + gamma * lam * running) * live
-        advantages[:, t] = running
-        next_value = values[:, t] * live  # V after the last token is 0 (terminal)
+        running = torch.where(live, delta + gamma * lam * running, running)
+        advantages[:, t] = torch.where(live, running, 0.0)
+        next_value = torch.where(live, values[:, t], next_value)
     returns = zero_padding(advantages + values, mask)
     return advantages, returns
 
 
 def sequence_rewards_to_tokens(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) per-token rewards with each sequence's score on its last completion token."""
+    """(B, T) per-token rewards with each sequence's score on its last completion token (the last True of
+    its mask: a multi-turn episode's mask has holes where the environment spoke)."""
     mask = mask.bool()
     lengths = mask.sum(dim=1)
-    last = (lengths - 1).clamp(min=0)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0)
     out = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
     rows = torch.arange(mask.shape[0], device=mask.device)
     out[rows, last] = torch.where(lengths > 0, scores, torch.zeros_like(scores))

@@ -53,9 +53,12 @@ class TinyModelShape(Protocol):
     def max_position_embeddings(self) -> int: ...
 
 
-def build_tiny_model(cfg: TinyModelShape, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A random-init Llama-style decoder and a BPE tokenizer trained on the synthetic corpus."""
-    corpus = arithmetic_corpus(n=4000, seed=seed) + _TEMPLATE_WORDS * 50
+def build_tiny_model(
+    cfg: TinyModelShape, seed: int, extra_corpus: list[str] | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A random-init Llama-style decoder and a BPE tokenizer trained on the synthetic corpus (and
+    ``extra_corpus``: e.g. tool-use text, so tool calls tokenize compactly)."""
+    corpus = arithmetic_corpus(n=4000, seed=seed) + _TEMPLATE_WORDS * 50 + list(extra_corpus or [])
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=cfg.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -193,6 +193,6 @@ def require_tool_support(tokenizer: PreTrainedTokenizerBase, where: str) -> None
     if not supports_tools(tokenizer):
         raise UserError(
             f"{where}: the tokenizer's chat template ignores the tools it is given (tools=), so the model "
-            "would never see the functions it may call; use `chat_template: chatml` on the model source "
-            "(our ChatML template renders tools) or a model whose chat template renders tools"
+            "would never see the functions it may call; use a model whose chat template renders tools "
+            "(Qwen2.5/3, Llama 3.1+, Hermes, or a tokenizer saved with this project's ChatML template)"
         )

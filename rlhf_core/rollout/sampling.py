@@ -23,6 +23,7 @@ from rlhf_core.rewards.composite import ModelScorer, RewardSource, reward_metric
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.rollout.engines.opening import VLLMSettings, open_engine
+from rlhf_core.rollout.episode_sampling import EnvironmentSettings, add_environment_rewards, sample_episodes
 from rlhf_core.rollout.generation import Engine, generate
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.stage_results import StageResult
@@ -60,6 +61,8 @@ class SampleSettings(Protocol):
     def rewards(self) -> Sequence[RewardSource]: ...
     @property
     def on_invalid_reward(self) -> str: ...  # 'fail' or 'skip'
+    @property
+    def environment(self) -> EnvironmentSettings | None: ...  # multi-turn episodes instead of completions
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,20 @@ def sample_and_score(stage: SampleSettings, inputs: SampleInputs, env: StageEnvi
     rows = inputs.prompt_rows[: stage.max_prompts] if stage.max_prompts else inputs.prompt_rows
     model, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
     with open_engine(stage.generation, model, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
-        sampled, tokens, seconds = sample_completions(
-            model, tokenizer, rows, stage.n, stage.generation, env.seed, engine=engine
-        )
+        if stage.environment is not None:
+            sampled, tokens, seconds = sample_episodes(
+                model, tokenizer, rows, stage.n, stage.generation, stage.environment, env.seed,
+                stage=env.stage, engine=engine if not isinstance(engine, str) else None,
+            )  # fmt: skip
+        else:
+            sampled, tokens, seconds = sample_completions(
+                model, tokenizer, rows, stage.n, stage.generation, env.seed, engine=engine
+            )
     scorers = load_reward_model_scorers(inputs.reward_model_dirs) | inputs.other_scorers
     kept, problems = score_completions(
         sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=env.stage
     )
-    return SampleResult(kept, tokens, seconds, problems)
+    return SampleResult(add_environment_rewards(kept), tokens, seconds, problems)
 
 
 def sample_completions(

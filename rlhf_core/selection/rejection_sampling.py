@@ -107,17 +107,18 @@ def select_completions(
 
 
 def to_sft_records(selected: list[dict]) -> list[dict]:
-    """Selected completions as SFT conversations (the prompt as user turn, the completion as reply)."""
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": r["prompt"]},
-                {"role": "assistant", "content": r["completion"]},
-            ],
-            "reward": r["reward"],
-        }
-        for r in selected
-    ]
+    """Selected completions as SFT conversations (the prompt as user turn, the completion as reply); a
+    selected episode of an environment (book ch.13) is its whole conversation, tool calls and results
+    included, with the tools it was given (only its assistant turns are trained)."""
+    return [_sft_record(r) for r in selected]
+
+
+def _sft_record(row: dict) -> dict:
+    if isinstance(row.get("messages"), list) and "outcome" in row:  # an episode's row
+        tools = {"tools": row["tools"]} if row.get("tools") else {}
+        return {"messages": row["messages"], **tools, "reward": row["reward"]}
+    reply = {"role": "assistant", "content": row["completion"]}
+    return {"messages": [{"role": "user", "content": row["prompt"]}, reply], "reward": row["reward"]}
 
 
 def select_sft_records(stage: SelectionSettings, inputs: SelectionInputs, env: StageEnvironment) -> Selection:

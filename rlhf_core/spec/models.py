@@ -24,8 +24,10 @@ class TinyModelSource(Strict):
     max_position_embeddings: int = Field(
         default=512, ge=16, description="Longest sequence the model accepts."
     )
-    tokenizer_corpus: Literal["arithmetic"] = Field(
-        default="arithmetic", description="Synthetic corpus the local tokenizer is trained on."
+    tokenizer_corpus: Literal["arithmetic", "arithmetic_tools"] = Field(
+        default="arithmetic",
+        description="Synthetic corpus the local tokenizer is trained on; arithmetic_tools adds tool "
+        "declarations, calls and results (for tool-use pipelines: they tokenize in few tokens).",
     )
 
     @model_validator(mode="after")

@@ -23,10 +23,23 @@ OUTPUT_NAME_OF_FORMAT = {
 class SyntheticSource(Strict):
     """A deterministic synthetic task with a verifiable answer; emits sft, preferences and prompts."""
 
-    task: Literal["arithmetic"] = Field(default="arithmetic", description="Name of the synthetic task.")
+    task: Literal["arithmetic", "tool_arithmetic"] = Field(
+        default="arithmetic",
+        description="Name of the synthetic task: arithmetic (solutions in words), or tool_arithmetic (large "
+        "operands; sft rows are calculator-tool trajectories, prompts carry gold_tool_calls; book ch.13).",
+    )
     n: int = Field(default=2000, ge=2, description="Number of problems generated.")
     max_operand: int = Field(default=20, ge=1, description="Largest operand of a problem.")
+    min_operand: int = Field(default=0, ge=0, description="Smallest operand of a problem.")
     operations: tuple[Literal["+", "-", "*"], ...] = Field(default=("+", "-"), description="Operators used.")
+
+    @model_validator(mode="after")
+    def _operand_range(self) -> SyntheticSource:
+        if self.min_operand > self.max_operand:
+            raise ValueError(f"min_operand {self.min_operand} is above max_operand {self.max_operand}")
+        if self.min_operand and self.task != "tool_arithmetic":
+            raise ValueError("min_operand applies to task tool_arithmetic only")
+        return self
 
 
 _TASK_DESCRIPTION = (
@@ -120,6 +133,8 @@ class DataSourceChoice(Strict):
 
     def outputs(self) -> dict[str, str]:
         """Output name -> dataset kind this source provides."""
+        if self.synthetic and self.synthetic.task == "tool_arithmetic":
+            return {"sft": "sft", "prompts": "prompts"}
         if self.synthetic:
             return {"sft": "sft", "preferences": "preference", "prompts": "prompts"}
         return (self.file or self.hub).outputs()  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import GenerationSpec, SamplingSpec
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.engines import VLLMSpec
+from rlhf_core.spec.environments import EnvironmentSpec
 from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import REPORT, PolicyModel, PromptsData, RefType, RewardModel, SFTData
 from rlhf_core.spec.reward_sources import RewardSourceSpec
@@ -241,6 +242,11 @@ class EvaluateStage(StageSpec):
         description="Pairwise win rates of each candidate against the baseline (needs baseline and "
         "prompts), one per judge.",
     )
+    environment: EnvironmentSpec | None = Field(
+        default=None,
+        description="Answer the prompts in multi-turn episodes with this environment (tools, verifier "
+        "feedback, ...): accuracy is task success, pass_at_k adds pass^k, and tool use is measured.",
+    )
     kl: KLEstimateSpec | None = Field(
         default_factory=KLEstimateSpec,
         description="Sampling for eval/kl_to_reference, reported when a reference (or baseline) and "
@@ -277,6 +283,10 @@ class EvaluateStage(StageSpec):
             figures |= {f"reward/{source.name}": True for source in self.rewards}
             if self.pass_at_k is not None:
                 figures |= {f"pass_at_{k}": True for k in self.pass_at_k.k}
+                if self.environment is not None:
+                    figures |= {f"pass_hat_{k}": True for k in self.pass_at_k.k}
+            if self.environment is not None:
+                figures |= {"episode/turns": True, "tool_call_validity": False, "tool_call_match": True}
             if self.kl is not None and self.kl_reference is not None:
                 figures["kl_to_reference"] = True
             if self.win_rate is not None and model != self.baseline:
@@ -337,6 +347,11 @@ class EvaluateStage(StageSpec):
             raise ValueError("rewards score the models' completions of the prompts: give prompts")
         if self.best_of_n is not None and self.prompts is None:
             raise ValueError("best_of_n needs `prompts` (a prompts dataset with answers to verify)")
+        if self.environment is not None and (self.prompts is None or self.best_of_n is not None):
+            raise ValueError(
+                "environment: episodes answer the prompts (give `prompts`); best_of_n over episodes is not "
+                "built yet (remove best_of_n)"
+            )
         if self.pass_at_k is not None and self.prompts is None:
             raise ValueError("pass_at_k needs `prompts` (a prompts dataset with answers to verify)")
         if self.win_rate is not None and self.baseline is None:

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from rlhf_core.spec.async_rollouts import DEFAULT_ASYNC_TIS_CAP, AsyncRolloutsSpec
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.environments import EnvironmentSpec
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, RewardModel, model_output
 from rlhf_core.spec.reward_sources import RewardSourceSpec
@@ -160,7 +161,14 @@ class PolicyGradientStage(StageSpec):
     prompts: PromptsData = Field(description="Prompts dataset reference, e.g. data.prompts.")
     split: str = Field(default="train", description="Split of the prompts dataset to train on.")
     rewards: tuple[RewardSourceSpec, ...] = Field(
-        min_length=1, description="Reward sources scored at the end of each completion; summed with weights."
+        default=(),
+        description="Reward sources scored at the end of each completion (of an episode: its final answer); "
+        "summed with weights. Needed unless an environment gives rewards.",
+    )
+    environment: EnvironmentSpec | None = Field(
+        default=None,
+        description="Train on multi-turn episodes with this environment (tools, verifier feedback, a "
+        "simulated user, your own class): only the model's own tokens carry loss, KL and advantages.",
     )
     reference: PolicyModel | None = Field(
         default=None, description="Reference for the KL term; default: the policy's starting weights."
@@ -266,6 +274,13 @@ class PolicyGradientStage(StageSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyGradientStage:
+        if not self.rewards and self.environment is None:
+            raise ValueError("give at least one reward source in rewards (or an environment that rewards)")
+        if self.environment is not None and (self.asynchronous or self.monitor is not None):
+            raise ValueError(
+                "environment: multi-turn episodes run synchronously and without the over-optimization "
+                "monitor (not built yet): remove async_rollouts / monitor"
+            )
         if self.monitor is not None and {g.name for g in self.monitor.gold} == {
             p.name for p in self.monitor_proxy
         }:

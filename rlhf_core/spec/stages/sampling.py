@@ -11,6 +11,7 @@ from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
 from rlhf_core.spec.decoding import DecodingEngine, SamplingSpec, engine_field
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.engines import VLLMSpec
+from rlhf_core.spec.environments import EnvironmentSpec
 from rlhf_core.spec.references import (
     CompletionsData,
     PolicyModel,
@@ -22,7 +23,9 @@ from rlhf_core.spec.reward_sources import RewardSourceSpec
 
 
 class SampleStage(StageSpec):
-    """N completions per prompt from a policy, each scored by the reward sources (book ch.9)."""
+    """N completions per prompt from a policy, each scored by the reward sources (book ch.9); with an
+    ``environment``, N multi-turn episodes per prompt (tool calls, feedback; book ch.13), each row the
+    whole conversation, its final answer scored."""
 
     kind: Literal["sample"]
     policy: PolicyModel = Field(description="Policy model that generates.")
@@ -32,14 +35,27 @@ class SampleStage(StageSpec):
     max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
     generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Decoding settings.")
     rewards: tuple[RewardSourceSpec, ...] = Field(
-        min_length=1, description="Reward sources; scores are summed."
+        default=(),
+        description="Reward sources; scores are summed (with an environment: of the final answer, plus the "
+        "environment's own reward). Needed unless an environment is set.",
     )
     on_invalid_reward: Literal["fail", "skip"] = Field(
         default="fail",
         description="A NaN/inf reward: stop naming the row, or drop the completion and count it.",
     )
+    environment: EnvironmentSpec | None = Field(
+        default=None,
+        description="Run multi-turn episodes with this environment (tools, verifier feedback, a simulated "
+        "user, your own class) instead of single completions.",
+    )
 
     outputs: ClassVar[dict[str, RefType]] = {"completions": dataset_output("completions")}
+
+    @model_validator(mode="after")
+    def _something_rewards(self) -> SampleStage:
+        if not self.rewards and self.environment is None:
+            raise ValueError("give at least one reward source in rewards (or an environment that rewards)")
+        return self
 
 
 class RejectionSamplingStage(StageSpec):

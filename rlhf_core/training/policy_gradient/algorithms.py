@@ -40,6 +40,7 @@ from rlhf_core.losses.kl import AdaptiveKLController, FixedKLController, kl_per_
 from rlhf_core.losses.masking import masked_mean
 from rlhf_core.losses.policy_gradient import POLICY_LOSSES, PolicyLoss
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+from rlhf_core.training.policy_gradient.episode_rollouts import episode_metrics
 from rlhf_core.training.policy_gradient.rollouts import Rollout, rollout_defaults
 
 
@@ -199,7 +200,7 @@ def rollout_metrics(rollout: Rollout, settings: Settings) -> dict[str, float]:
     if settings.group_size > 1:
         equal = all_equal_groups(rewards, settings.group_size)
         metrics["all_equal_groups_share"] = float(equal.float().mean())
-    return metrics
+    return metrics | episode_metrics(samples)
 
 
 def policy_loss(

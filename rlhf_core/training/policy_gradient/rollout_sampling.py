@@ -29,6 +29,7 @@ from rlhf_core.rollout.engines.weight_export import plain_state_dict
 from rlhf_core.rollout.token_scoring import encode_prompts, sample_groups
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.policy_gradient.async_rollouts import AsyncRolloutProducer, RoundRequest, is_stale
+from rlhf_core.training.policy_gradient.episode_rollouts import sample_and_reward_episodes
 from rlhf_core.training.policy_gradient.rank_sharing import gather_samples, my_chunks
 from rlhf_core.training.policy_gradient.rollouts import (
     PromptStream,
@@ -69,10 +70,17 @@ def sample_and_reward(
     reward_fn: RewardFn,
     seed: int,
     engine: RolloutEngine | None = None,
+    stage_name: str = "policy_gradient",
 ) -> Samples:
     """G completions of each prompt of ``chunks`` (in their order), decoded by the policy (in-process:
     chunk by chunk, each from its own seed) or by the rollout ``engine`` (one call for all of them, seeded
-    from the first chunk's seed; the engine keeps its own log-probs of the sampled tokens), and rewarded."""
+    from the first chunk's seed; the engine keeps its own log-probs of the sampled tokens), and rewarded.
+    With an environment, G episodes of each prompt (:mod:`.episode_rollouts`)."""
+    if stage.environment is not None:
+        seeds = [chunk_seed(seed, chunk.index) for chunk in chunks]
+        return sample_and_reward_episodes(
+            policy, tokenizer, records, chunks, stage, reward_fn, seeds, engine, stage_name
+        )
     prompt_indices = [i for chunk in chunks for i in chunk.prompt_indices]
     prompts = [records[i]["prompt"] for i in prompt_indices]
     encoded = encode_prompts(tokenizer, prompts)
@@ -154,13 +162,14 @@ class SynchronousRounds:
     reward_fn: RewardFn
     seed: int
     engine: RolloutEngine | None = None
+    stage_name: str = "policy_gradient"
 
     def sample_round(self, round_index: int, prompt_indices: list[int], version: int) -> Samples:
         stage = self.stage
         chunks = round_chunks(prompt_indices, stage.effective_group_size, stage.generation.batch_size)
         local = sample_and_reward(
             self.policy, self.tokenizer, self.records, my_chunks(chunks), stage, self.reward_fn,
-            seed=round_seed(self.seed, round_index), engine=self.engine,
+            seed=round_seed(self.seed, round_index), engine=self.engine, stage_name=self.stage_name,
         )  # fmt: skip
         samples = gather_samples(local, chunks)
         samples.versions = [version] * len(samples.lengths)

@@ -28,7 +28,9 @@ from transformers import PreTrainedModel
 
 from rlhf_core.errors import UserError
 from rlhf_core.losses.policy_gradient import soft_overlong_penalty
+from rlhf_core.modeling.completion_scoring import completion_mask
 from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rollout.episodes import EpisodeRecord
 from rlhf_core.rollout.token_scoring import score_tokens
 from rlhf_core.spec.reward_sources import RewardSourceSpec
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
@@ -86,10 +88,32 @@ class Samples:
     prompts: list[Any]
     engine_logps: list[list[float]] | None = None  # the rollout engine's log pi per sampled token
     versions: list[int] | None = None  # the policy version (rollout index) that sampled each completion
+    # multi-turn episodes (book ch.13): True on the model's own tokens of each completion (the environment's
+    # messages between its turns are False: never trained), and each episode's conversation and counts
+    action_masks: list[list[bool]] | None = None
+    episodes: list[EpisodeRecord] | None = None
 
     @property
     def lengths(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+    @property
+    def model_token_counts(self) -> list[int]:
+        """Tokens the policy wrote per completion (all of them, unless an environment spoke in between)."""
+        if self.action_masks is None:
+            return self.lengths
+        return [sum(m) for m in self.action_masks]
+
+    def token_mask(self, ids: list[int], width: int, device: torch.device | None = None) -> torch.Tensor:
+        """(len(ids), width) True on the policy's own tokens of completions ``ids`` (right-padded)."""
+        mask = completion_mask([self.lengths[i] for i in ids], width, device)
+        if self.action_masks is None:
+            return mask
+        grid = torch.zeros((len(ids), width), dtype=torch.bool)
+        for row, i in enumerate(ids):
+            actions = self.action_masks[i][:width]
+            grid[row, : len(actions)] = torch.tensor(actions, dtype=torch.bool)
+        return mask & grid.to(mask.device)
 
     def select_groups(self, keep: list[int]) -> Samples:
         """Only the completions of the groups ``keep``, renumbered 0, 1, ... in that order."""
@@ -106,6 +130,8 @@ class Samples:
             [self.prompts[i] for i in rows],
             None if self.engine_logps is None else [self.engine_logps[i] for i in rows],
             None if self.versions is None else [self.versions[i] for i in rows],
+            None if self.action_masks is None else [self.action_masks[i] for i in rows],
+            None if self.episodes is None else [self.episodes[i] for i in rows],
         )
 
     @staticmethod
@@ -130,6 +156,10 @@ class Samples:
             if any(p.engine_logps is None for p in parts)
             else [x for p in parts for x in p.engine_logps],
             None if any(p.versions is None for p in parts) else [x for p in parts for x in p.versions],
+            None
+            if any(p.action_masks is None for p in parts)
+            else [x for p in parts for x in p.action_masks],
+            None if any(p.episodes is None for p in parts) else [x for p in parts for x in p.episodes],
         )
 
 
@@ -148,8 +178,9 @@ class Rollout:
 
     @property
     def mask(self) -> torch.Tensor:
-        lengths = self.samples.lengths
-        return torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+        """(N, T) True on the policy's own tokens (what carries loss, KL and advantages)."""
+        samples = self.samples
+        return samples.token_mask(list(range(len(samples.lengths))), max(samples.lengths))
 
 
 class RolloutBuffer:

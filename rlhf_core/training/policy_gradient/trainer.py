@@ -47,13 +47,13 @@ from rlhf_core.losses.masking import aggregate_loss, masked_mean
 from rlhf_core.losses.policy_gradient import clipped_value_loss
 from rlhf_core.modeling.completion_scoring import (
     can_share_prefix,
-    completion_mask,
     pack_completions,
     policy_token_logprobs,
     to_grid,
     value_token_values,
 )
 from rlhf_core.rollout.engines.base import RolloutEngine
+from rlhf_core.rollout.episode_sampling import transcript
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.engine.data_parallel import rank_and_world
 from rlhf_core.training.engine.loop import (
@@ -158,7 +158,7 @@ class PolicyGradientTrainer:
         self.shared_prefix = can_share_prefix(policy, value_model)
         self.tis_cap = stage.effective_tis_cap
         self.rounds: RoundSource = SynchronousRounds(
-            policy, tokenizer, records, stage, self.reward_fn, seed, engine=engine
+            policy, tokenizer, records, stage, self.reward_fn, seed, engine=engine, stage_name=stage_name
         )
         if stage.asynchronous:
             if engine is None:
@@ -316,7 +316,7 @@ class PolicyGradientTrainer:
         update_started = time.perf_counter()
         rollout = self.buffer.rollout
         ids = self.minibatch(index, update)
-        lengths = rollout.samples.lengths
+        lengths = rollout.samples.model_token_counts
         total_tokens = sum(lengths[i] for i in ids)
         totals: dict[str, float] = {TOKENS: 0.0}
         # the engine's mismatch to pi_old, when pi_old is this update's own forward pass (one update per
@@ -382,7 +382,7 @@ class PolicyGradientTrainer:
             [samples.groups[i] for i in ids], self.tokenizer.pad_token_id, self.shared_prefix,
         ).to(device)  # fmt: skip
         width = packed.width
-        mask = completion_mask([samples.lengths[i] for i in ids], width, device)
+        mask = samples.token_mask(ids, width, device)
         need_entropy = rollout.entropy is None
         flat_logps, flat_entropy = policy_token_logprobs(self.policy, packed, with_entropy=need_entropy)
         logps = to_grid(flat_logps.float(), packed)
@@ -455,6 +455,7 @@ def sample_rows(rollout: Rollout, index: int, limit: int = 16) -> list[dict]:
             "reward": float(s.rewards[i]),
             "tokens": s.lengths[i],
             "truncated": s.truncated[i],
+            **({"transcript": transcript(s.episodes[i].messages)} if s.episodes else {}),
         }
         for i in range(min(limit, len(s.texts)))
     ]
