@@ -102,7 +102,11 @@ def test_a_turn_of_only_malformed_calls_asks_again_instead_of_ending():
     assert not step.done
     assert [m["role"] for m in step.messages] == ["user"]
     assert "not valid JSON" in step.messages[0]["content"]
-    assert step.assistant == {"role": "assistant", "content": ""}
+    # the conversation records what the model wrote, the malformed call included
+    assert step.assistant == {
+        "role": "assistant",
+        "content": '<tool_call>{"name": "calculator", "arguments": {"expression": 1+1}}</tool_call>',
+    }
     assert step.metrics["invalid_tool_calls"] == 1.0
 
 

@@ -144,6 +144,8 @@ class ToolEnvironment:
         attempted = len(parsed.calls) + len(parsed.errors)
         call_ids = [f"call_{self.turn}_{k}" for k in range(len(parsed.calls))]
         record = _assistant_record(parsed.content, parsed.calls, call_ids)
+        if parsed.errors:  # the conversation keeps what the model really wrote, malformed call and all
+            record = {"role": "assistant", "content": assistant.get("content") or ""}
         self.turn += 1
         metrics = {"tool_calls": float(attempted), "valid_tool_calls": 0.0, "tool_errors": 0.0}
         metrics |= {"invalid_tool_calls": float(len(parsed.errors)), "calls_over_limit": 0.0}
