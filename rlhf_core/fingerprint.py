@@ -238,7 +238,8 @@ def _describe_part(key: str, old: str | None, new: str | None, kind: str) -> str
     if key.startswith(LIBRARY_PREFIX):
         return f"library {key.removeprefix(LIBRARY_PREFIX)} {old} -> {new}"
     if key.startswith(FUNCTION_PREFIX):
-        what = f"reward function {key.removeprefix(FUNCTION_PREFIX)}"
+        path = key.removeprefix(FUNCTION_PREFIX)
+        what = f"{'environment code' if path.startswith('environment.') else 'reward function'} {path}"
     elif key.startswith(LOCAL_PREFIX):
         local = "local model directory" if kind == "base_model" else "local file"
         what = f"{local} {key.removeprefix(LOCAL_PREFIX)}"

@@ -111,6 +111,7 @@ def pytest_collection_modifyitems(config, items):
     (``--dist loadfile``), handing out modules in collection order. The e2e modules take 20-190 s
     each and the unit modules a few seconds, so starting with the long ones lets the short ones fill
     the end and both workers finish close together (the longest-first rule of list scheduling)."""
+
     def module(item) -> str:
         return item.nodeid.split("::")[0]
 

@@ -27,7 +27,9 @@ def tiny(tmp_path_factory):
     batch = collate(unpacked_rows([tokenize_sft_row(r, tokenizer, 64) for r in rows]), tokenizer.pad_token_id)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(40):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         optimizer.zero_grad()
         loss.loss.backward()
         optimizer.step()
@@ -67,19 +69,25 @@ def test_gae_over_a_masked_hole_equals_gae_on_the_model_tokens_alone():
     """The environment's tokens are not steps: GAE with holes in the mask equals GAE on the sequence with
     the holes cut out (the reward at the last model token, gamma and lambda below 1)."""
     torch.manual_seed(0)
-    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool
+    )
     values = torch.randn(mask.shape)
-    rewards = sequence_rewards_to_tokens(torch.tensor([1.0, -0.5]), mask) + 0.1 * torch.randn(mask.shape) * mask
+    rewards = (
+        sequence_rewards_to_tokens(torch.tensor([1.0, -0.5]), mask) + 0.1 * torch.randn(mask.shape) * mask
+    )
     advantages, returns = generalized_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
     for row in range(2):
         keep = mask[row]
         compact, _ = generalized_advantages(
-            rewards[row, keep][None], values[row, keep][None], torch.ones(1, int(keep.sum()), dtype=torch.bool),
+            rewards[row, keep][None], values[row, keep][None], keep[keep][None],
             gamma=0.9, lam=0.8,
         )  # fmt: skip
         torch.testing.assert_close(advantages[row, keep], compact[0])
         assert torch.all(advantages[row, ~keep] == 0) and torch.all(returns[row, ~keep] == 0)
-    assert sequence_rewards_to_tokens(torch.tensor([1.0, 2.0]), mask)[0, 8] == 1.0  # the last True, not sum - 1
+    assert (
+        sequence_rewards_to_tokens(torch.tensor([1.0, 2.0]), mask)[0, 8] == 1.0
+    )  # the last True, not sum - 1
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
@@ -103,7 +111,9 @@ def test_environment_tokens_carry_no_loss_kl_or_advantage(tiny, tmp_path, algori
         assert torch.all(advantages[:, :width][~mask] == 0)
         first_turn_end = [m.index(False) - 1 for m in samples.action_masks if not all(m)]
         assert any(advantages[i, t] != 0 for i, t in enumerate(first_turn_end))
-    episode = {k: v for step, metrics in logged for k, v in metrics.items() if k.startswith("rollout/episode/")}
+    episode = {
+        k: v for step, metrics in logged for k, v in metrics.items() if k.startswith("rollout/episode/")
+    }
     assert episode["rollout/episode/turns"] > 1 and "rollout/episode/attempts" in episode
     assert summary  # the run finished
 

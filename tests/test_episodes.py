@@ -70,7 +70,8 @@ def test_a_tool_episode_tokens_equal_the_written_trajectory_and_only_the_model_t
     assert [False] * len(episode.prompt_ids) + episode.action_mask == [bool(m) for m in mask[: len(tokens)]]
     own = [t for t, m in zip(episode.response_ids, episode.action_mask, strict=True) if m]
     assert tokenizer.decode(own) == f"{CALL}<|im_end|>The answer is 5535.<|im_end|>"
-    assert "5535" in tokenizer.decode([t for t, m in zip(episode.response_ids, episode.action_mask) if not m])
+    theirs = [t for t, m in zip(episode.response_ids, episode.action_mask, strict=True) if not m]
+    assert "5535" in tokenizer.decode(theirs)
 
 
 def test_turn_limit_length_and_context_limit_end_episodes_and_are_counted(tiny):
@@ -92,7 +93,8 @@ def test_turn_limit_length_and_context_limit_end_episodes_and_are_counted(tiny):
     tight = scripted(tokenizer, [[CALL, CALL]])
     (episode,) = run_episodes(
         tight, tokenizer, [ToolEnvironment(tools=["calculator"])], rows, [0],
-        EpisodeLimits(3, max_context_tokens=len(episode.prompt_ids) + 70), seed=0, where="s", max_new_tokens=64,
+        EpisodeLimits(3, max_context_tokens=len(episode.prompt_ids) + 70), seed=0, where="s",
+        max_new_tokens=64,
     )  # fmt: skip
     assert episode.outcome == "context_limit" and episode.turns == 1
 
@@ -122,7 +124,9 @@ def test_an_environment_that_raises_or_misbehaves_fails_naming_stage_environment
                        r"row 0, turn 1: RuntimeError: the simulator lost its connection"):  # fmt: skip
         run_episodes(decode, tokenizer, [Raising(), Raising()], rows, [0, 1], EpisodeLimits(2), seed=0,
                      where=where, max_new_tokens=8)  # fmt: skip
-    with pytest.raises(UserError, match=r"messages\[0\] must be a dict with a role in \['user', 'tool', 'system'\]"):
+    with pytest.raises(
+        UserError, match=r"messages\[0\] must be a dict with a role in \['user', 'tool', 'system'\]"
+    ):
         run_episodes(scripted(tokenizer, [["hi"]]), tokenizer, [AnswersAsAssistant()], rows, [0],
                      EpisodeLimits(2), seed=0, where="s", max_new_tokens=8)  # fmt: skip
 
@@ -132,7 +136,9 @@ def test_verifier_feedback_says_try_again_until_right_and_penalises_extra_attemp
     start = env.reset({"prompt": "What is 2 + 3?", "answer": "5"})
     assert start.messages == [{"role": "user", "content": "What is 2 + 3?"}]
     wrong = env.step({"role": "assistant", "content": "The answer is 6."})
-    assert not wrong.done and wrong.messages[0]["role"] == "user" and "try again" in wrong.messages[0]["content"]
+    assert (
+        not wrong.done and wrong.messages[0]["role"] == "user" and "try again" in wrong.messages[0]["content"]
+    )
     right = env.step({"role": "assistant", "content": "The answer is 5."})
     assert right.done and right.reward == pytest.approx(0.9)
     env.reset({"prompt": "What is 2 + 3?", "answer": "5"})
@@ -144,7 +150,9 @@ def test_verifier_feedback_says_try_again_until_right_and_penalises_extra_attemp
 
 def test_user_simulator_asks_the_rows_followups_then_ends():
     env = UserSimulator()
-    env.reset({"prompt": "Name a prime.", "followups": ["Another one?", {"role": "user", "content": "Bigger?"}]})
+    env.reset(
+        {"prompt": "Name a prime.", "followups": ["Another one?", {"role": "user", "content": "Bigger?"}]}
+    )
     first = env.step({"role": "assistant", "content": "2"})
     second = env.step({"role": "assistant", "content": "3"})
     assert [first.messages[0]["content"], second.messages[0]["content"]] == ["Another one?", "Bigger?"]
@@ -154,10 +162,21 @@ def test_user_simulator_asks_the_rows_followups_then_ends():
 def test_native_turns_run_many_episodes_with_consistent_tokens(tiny):
     model, tokenizer = tiny
     rows = [{"prompt": f"What is {a} * 7?", "answer": str(7 * a)} for a in (11, 12, 13)]
-    decode = native_turns(model, tokenizer, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, batch_size=8)
+    decode = native_turns(
+        model, tokenizer, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, batch_size=8
+    )
     envs = [VerifierFeedback(verifier="arithmetic_exact", max_attempts=2) for _ in range(6)]
-    first = run_episodes(decode, tokenizer, envs, rows, [0, 0, 1, 1, 2, 2], EpisodeLimits(2), seed=3, where="s",
-                         max_new_tokens=12)  # fmt: skip
+    first = run_episodes(
+        decode,
+        tokenizer,
+        envs,
+        rows,
+        [0, 0, 1, 1, 2, 2],
+        EpisodeLimits(2),
+        seed=3,
+        where="s",
+        max_new_tokens=12,
+    )
     again = run_episodes(
         decode, tokenizer, [VerifierFeedback(verifier="arithmetic_exact", max_attempts=2) for _ in range(6)],
         rows, [0, 0, 1, 1, 2, 2], EpisodeLimits(2), seed=3, where="s", max_new_tokens=12,
