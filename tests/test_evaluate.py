@@ -153,3 +153,34 @@ def test_the_figures_a_gate_may_name_are_those_the_stage_reports(model_dir, tmp_
         expected = {f"eval/{name}" for name in declared}
         expected |= {f"eval/{name}{part}" for name, has in declared.items() if has for part in interval}
         assert set(report[model]) == expected, (model, set(report[model]) ^ expected)
+
+
+def test_with_an_environment_accuracy_is_task_success_over_episodes_and_tool_use_is_measured(tmp_path):
+    """One episode per prompt in the tools environment, its final answer verified; pass@k with pass^k;
+    tool-use figures; transcripts in the samples (book ch.13)."""
+    from rlhf_core.environments.tool_arithmetic import tool_arithmetic_records, tool_use_corpus
+
+    shape = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=600)
+    model, tokenizer = build_tiny_model(shape, 0, tool_use_corpus())  # the tools fit in its context
+    model_dir = str(save_model(model, tokenizer, tmp_path / "model"))
+
+    prompts = tool_arithmetic_records("prompts", 5, 0, min_operand=10, max_operand=99)
+    environment = {"name": "tools", "tools": ["calculator"], "max_turns": 2}
+    stage = _stage(
+        max_prompts=5, samples_in_table=2, environment=environment, data=None,
+        pass_at_k={"n": 3, "k": [1, 3], "generation": {"temperature": 1.0, "max_new_tokens": 6}},
+        generation={"max_new_tokens": 6}, kl=None,
+    )  # fmt: skip
+    result = evaluate_model(model_dir, None, [], prompts, stage, {}, seed=0, stage_name="eval")
+    metrics = result.metrics
+    assert metrics["eval/accuracy_n"] == 5 and 0 <= metrics["eval/accuracy"] <= 1
+    for name in ("eval/episode/turns", "eval/tool_call_match", "eval/pass_hat_3"):
+        assert name in metrics, name
+    assert metrics["eval/tool_call_match"] == 0.0  # a right call takes ~25 tokens: 6 cannot hold one
+    assert metrics["eval/pass_hat_3"] <= metrics["eval/pass_at_1"] <= metrics["eval/pass_at_3"]
+    assert (
+        sum(metrics[f"eval/episode/{o}_share"] for o in ("done", "turn_limit", "length", "context_limit"))
+        == 1
+    )
+    assert len(result.samples) == 2 and result.samples[0]["transcript"].startswith("[user] What is")
+    assert set(stage.measured_figures("base")) >= {"pass_hat_3", "episode/turns", "tool_call_match"}

@@ -321,3 +321,56 @@ def test_asynchronous_grpo_with_the_engine_runs_one_version_ahead(engine, tiny, 
     assert max(m["rollout/async/staleness_max"] for m in rollouts) == 1.0
     assert rollouts[0]["rollout/mismatch/kl_k3"] < 1e-8
     assert all("rollout/mismatch/tis_capped_share" in m for m in rollouts)
+
+
+def test_episodes_through_the_engine_equal_the_native_loop_and_keep_the_environment_out_of_the_mismatch(
+    engine, tiny, tmp_path
+):
+    """Multi-turn episodes (book ch.13) decoded by the engine: a policy that always ends its turn at once
+    is told "try again" twice, so every episode interleaves its turns with the environment's messages.
+    The engine's episodes equal the native loop's token for token; its log-probs cover every token, 0.0
+    on the environment's; and GRPO over them measures the engine/trainer mismatch on the model's own
+    tokens only (the environment's tokens, where the engine reports 0.0 and the trainer a real log-prob,
+    would otherwise dominate it)."""
+    from rlhf_core.data.synthetic import synthetic_records
+    from rlhf_core.environments.conversation import VerifierFeedback
+    from rlhf_core.rollout.episodes import EpisodeLimits, engine_turns, native_turns, run_episodes
+    from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+    from rlhf_core.training.policy_gradient.trainer import train_policy_gradient
+
+    model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    ends_at_once = _always(model, eos)
+    engine.sync_weights(ends_at_once)
+    rows = synthetic_records("arithmetic", "prompts", n=4, seed=0)
+
+    def episodes(decode):
+        environments = [VerifierFeedback(verifier="arithmetic_exact", max_attempts=3) for _ in rows]
+        return run_episodes(decode, tokenizer, environments, rows, list(range(len(rows))), EpisodeLimits(4),
+                            seed=0, where="stage 't'", max_new_tokens=8)  # fmt: skip
+
+    from_engine = episodes(engine_turns(engine, _greedy(8, eos)))
+    native = episodes(native_turns(ends_at_once, tokenizer, max_new_tokens=8, temperature=0.0, top_p=1.0,
+                                   top_k=0, batch_size=8))  # fmt: skip
+    assert [e.response_ids for e in from_engine] == [e.response_ids for e in native]
+    for episode in from_engine:
+        assert episode.turns == 3 and episode.outcome == "done" and not all(episode.action_mask)
+        assert len(episode.logps) == len(episode.response_ids)
+        assert all(lp == 0.0 for lp, own in zip(episode.logps, episode.action_mask, strict=True) if not own)
+    stage = PolicyGradientStage.model_validate({
+        "kind": "policy_gradient", "algorithm": "grpo", "policy": "p", "prompts": "data.prompts",
+        "rollouts": 2, "prompts_per_rollout": 2, "group_size": 2, "train": {"lr": 1e-3, "log_every": 1},
+        "environment": {"name": "verifier_feedback", "verifier": "arithmetic_exact", "max_turns": 3},
+        "generation": {"max_new_tokens": 4, "temperature": 1.0, "engine": "vllm", "vllm": TEST_VLLM},
+    })  # fmt: skip
+    logged: dict[int, dict] = {}
+    train_policy_gradient(
+        copy.deepcopy(ends_at_once).train(), tokenizer, rows * 2,
+        stage, lambda rows: ([0.0] * len(rows), {}), seed=0, checkpoint_dir=tmp_path,
+        log=lambda m, step: logged.setdefault(step, {}).update(m), engine=engine,
+    )  # fmt: skip
+    rollouts = [m for m in logged.values() if "rollout/mismatch/kl_k3" in m]
+    assert len(rollouts) == 2
+    for metrics in rollouts:
+        assert metrics["rollout/episode/environment_tokens"] > 0
+        assert metrics["rollout/mismatch/kl_k3"] < 1e-6
