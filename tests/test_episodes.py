@@ -186,3 +186,23 @@ def test_native_turns_run_many_episodes_with_consistent_tokens(tiny):
         assert len(episode.response_ids) == len(episode.action_mask)
         assert sum(episode.turn_tokens) == episode.model_tokens
         assert episode.outcome in ("done", "turn_limit", "length")
+
+
+def test_a_first_context_without_room_for_a_turn_is_an_error_naming_the_row(tiny):
+    _, tokenizer = tiny
+    rows = [{"prompt": "What is 2 + 2?"}, {"prompt": "What is " + "1 + " * 400 + "1?"}]
+    with pytest.raises(UserError, match=r"stage 's': prompt row 1: the first context .* is \d+ tokens"):
+        environments = [ToolEnvironment(tools=["calculator"]) for _ in rows]
+        limits = EpisodeLimits(2, max_context_tokens=900)
+        decode = scripted(tokenizer, [["4"], ["201"]])
+        run_episodes(
+            decode,
+            tokenizer,
+            environments,
+            rows,
+            [0, 1],
+            limits,
+            seed=0,
+            where="stage 's'",
+            max_new_tokens=32,
+        )

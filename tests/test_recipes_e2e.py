@@ -21,10 +21,14 @@ NEEDS_A_SERVER = {"endpoint_judge_labeling"}
 # the vLLM engine needs an attention head size >= 32, which the shrunk model has not:
 # tests/test_engine_pipeline_e2e.py runs it (and kills and resumes it)
 NEEDS_THE_ENGINE = {"grpo_vllm"}
+# its system turn (the tools' declarations) needs the recipe's vocabulary and lengths:
+# tests/test_tool_use_e2e.py runs it shrunk with those kept (and samples, selects and trains on episodes)
+NEEDS_ITS_LENGTHS = {"tool_use"}
 RECIPES = sorted(
     p
     for p in (REPO_ROOT / "recipes").glob("*.yaml")
-    if p.stem not in NEEDS_A_TRAINED_POLICY | NEEDS_A_SERVER | NEEDS_THE_ENGINE and p.name != PROFILE_FILE
+    if p.stem not in NEEDS_A_TRAINED_POLICY | NEEDS_A_SERVER | NEEDS_THE_ENGINE | NEEDS_ITS_LENGTHS
+    and p.name != PROFILE_FILE
 )
 
 # Field name -> small value, applied wherever the field appears in a recipe (no per-kind knowledge).

@@ -13,7 +13,8 @@ token and the next assistant header (``action_mask`` 0: context, never trained)
 An episode ends when the environment is done, when the model has had ``max_turns`` turns (``turn_limit``:
 counted, never an error), when a turn reaches ``max_new_tokens`` without its end-of-turn token
 (``length``: the episode cannot go on from half a message) or when the next turn would not fit in
-``max_context_tokens`` (``context_limit``). An environment that raises, or answers with something that
+``max_context_tokens`` (``context_limit``; a first context that leaves no room for a turn is an
+error naming the row). An environment that raises, or answers with something that
 is not a list of messages, fails the stage with a message naming the stage, the environment, the prompt
 row and the turn.
 """
@@ -172,6 +173,15 @@ def run_episodes(
             require_tool_support(tokenizer, where)  # once (the tools usually are the same every episode)
         ids = prompt_ids(tokenizer, start.messages, start.tools)
         episodes.append(Trajectory(index, ids, messages=list(start.messages), tools=list(start.tools)))
+    for episode in episodes:
+        if not _fits(episode, max_new_tokens, limits):
+            raise UserError(
+                f"{where}: prompt row {episode.row_index}: the first context (system turn, tools and "
+                f"prompt) is {len(episode.prompt_ids)} tokens, so a turn of max_new_tokens {max_new_tokens} "
+                f"would pass the context limit of {limits.max_context_tokens} tokens "
+                "(environment.max_context_tokens, else the model's maximum sequence length); shorten the "
+                "prompt or the tool declarations, or lower max_new_tokens"
+            )
     running = list(range(len(episodes)))
     for turn in range(limits.max_turns):
         fits = [k for k in running if _fits(episodes[k], max_new_tokens, limits)]
