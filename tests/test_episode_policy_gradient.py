@@ -151,3 +151,19 @@ def test_a_killed_episode_run_resumes_exactly(tiny, tmp_path):
     assert summary.resumed_from_step == 6
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+def test_per_turn_rewards_sit_on_the_last_token_of_their_turn_for_ppo():
+    """An environment's per-turn rewards (book ch.13) are placed where the turn they reward ends; the rest
+    of the episode's reward (the reward sources on the final answer) on its last own token."""
+    from rlhf_core.rollout.episodes import EpisodeRecord
+    from rlhf_core.training.policy_gradient.rollouts import Samples
+
+    actions = [True, True, False, False, True, True]
+    episode = EpisodeRecord([], 2, "done", {}, 0.35, ((1, 0.25), (5, 0.1)))
+    samples = Samples(
+        [[1]], [[5] * 6], [0], [False], torch.tensor([0.85], dtype=torch.float64), {}, [""], [""],
+        action_masks=[actions], episodes=[episode],
+    )  # fmt: skip
+    mask = samples.token_mask([0], 6)
+    assert samples.token_rewards(mask)[0].tolist() == pytest.approx([0, 0.25, 0, 0, 0, 0.5 + 0.1])

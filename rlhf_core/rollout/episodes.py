@@ -59,6 +59,7 @@ class Trajectory:
     messages: list[Message] = field(default_factory=list)
     tools: list[dict] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
+    reward_positions: list[int] = field(default_factory=list)  # each turn reward's token: its turn's last
     turns: int = 0  # assistant turns the model wrote
     turn_tokens: list[int] = field(default_factory=list)  # tokens of each of them
     outcome: Outcome = "done"
@@ -94,11 +95,13 @@ class EpisodeRecord:
     outcome: Outcome
     metrics: dict[str, float]
     environment_reward: float | None
+    turn_rewards: tuple[tuple[int, float], ...] = ()  # (response position, reward) of each turn reward
 
     @staticmethod
     def of(trajectory: Trajectory) -> EpisodeRecord:
         t = trajectory
-        return EpisodeRecord(t.messages, t.turns, t.outcome, dict(t.metrics), t.environment_reward)
+        placed = tuple(zip(t.reward_positions, t.turn_rewards, strict=True))
+        return EpisodeRecord(t.messages, t.turns, t.outcome, dict(t.metrics), t.environment_reward, placed)
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def run_episodes(
             episode.messages.append(result.assistant or {"role": "assistant", "content": text})
             if result.reward is not None:
                 episode.turn_rewards.append(float(result.reward))
+                episode.reward_positions.append(len(episode.response_ids) - 1)
             for name, value in result.metrics.items():
                 episode.metrics[name] = episode.metrics.get(name, 0.0) + float(value)
             if result.done:

@@ -33,7 +33,6 @@ from rlhf_core.losses.advantages import (
     generalized_advantages,
     group_advantages,
     sequence_kl,
-    sequence_rewards_to_tokens,
     whiten,
 )
 from rlhf_core.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token
@@ -98,10 +97,11 @@ KLPenalty = tuple[float, torch.Tensor]  # (beta, (N, T) per-token KL) when the K
 def gae_advantages(
     rollout: Rollout, settings: Settings, stage: PolicyGradientStage, kl_penalty: KLPenalty | None
 ) -> AdvantageResult:
-    """PPO: per-token rewards (the score on the last token, minus beta x KL_t on every token when the KL
-    goes in the reward), GAE on the value model's values, whitened when configured."""
+    """PPO: per-token rewards (the score on the last token, an environment's per-turn rewards on their
+    turns' last tokens, minus beta x KL_t on every token when the KL goes in the reward), GAE on the value
+    model's values, whitened when configured."""
     mask = rollout.mask
-    token_rewards = sequence_rewards_to_tokens(rollout.samples.rewards.float(), mask)
+    token_rewards = rollout.samples.token_rewards(mask)
     if kl_penalty is not None:
         beta, kl_tokens = kl_penalty
         token_rewards = token_rewards - beta * kl_tokens

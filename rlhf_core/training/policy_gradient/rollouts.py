@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from rlhf_core.errors import UserError
+from rlhf_core.losses.advantages import sequence_rewards_to_tokens
 from rlhf_core.losses.policy_gradient import soft_overlong_penalty
 from rlhf_core.modeling.completion_scoring import completion_mask
 from rlhf_core.rewards.composite import ModelScorer, score_completions
@@ -103,6 +104,18 @@ class Samples:
         if self.action_masks is None:
             return self.lengths
         return [sum(m) for m in self.action_masks]
+
+    def token_rewards(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) per-token rewards for PPO: each completion's reward on its last own token, except that an
+        environment's per-turn rewards (book ch.13) sit on the last token of the turn they reward."""
+        out = sequence_rewards_to_tokens(self.rewards.float(), mask)
+        for i, episode in enumerate(self.episodes or []):
+            if episode.turn_rewards:
+                last = int(torch.nonzero(mask[i]).max())
+                for position, reward in episode.turn_rewards:
+                    out[i, last] -= reward
+                    out[i, position] += reward
+        return out
 
     def token_mask(self, ids: list[int], width: int, device: torch.device | None = None) -> torch.Tensor:
         """(len(ids), width) True on the policy's own tokens of completions ``ids`` (right-padded)."""
