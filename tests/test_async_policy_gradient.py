@@ -31,7 +31,8 @@ from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.policy_gradient.rollout_sampling import sample_rollout
-from rlhf_core.training.policy_gradient.rollouts import PromptStream, Samples
+from rlhf_core.training.policy_gradient.rollouts import PromptStream
+from rlhf_core.training.policy_gradient.samples import Samples
 from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -157,7 +157,7 @@ def test_per_turn_rewards_sit_on_the_last_token_of_their_turn_for_ppo():
     """An environment's per-turn rewards (book ch.13) are placed where the turn they reward ends; the rest
     of the episode's reward (the reward sources on the final answer) on its last own token."""
     from rlhf_core.rollout.episodes import EpisodeRecord
-    from rlhf_core.training.policy_gradient.rollouts import Samples
+    from rlhf_core.training.policy_gradient.samples import Samples
 
     actions = [True, True, False, False, True, True]
     episode = EpisodeRecord([], 2, "done", {}, 0.35, ((1, 0.25), (5, 0.1)))

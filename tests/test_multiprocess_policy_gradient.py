@@ -59,8 +59,11 @@ STAGES = {
     "reinforce": {"algorithm": "reinforce", "kl": {"beta": 0.05, "placement": "reward"}},
     "dapo": {"algorithm": "dapo", "rollouts": 2},
     # multi-turn episodes (book ch.13): each rank runs its chunks' episodes, gathered with their masks
-    "grpo_episodes": {"algorithm": "grpo", "kl": {"beta": 0.1}, "environment": {
-        "name": "verifier_feedback", "verifier": "arithmetic_exact", "max_turns": 2}},
+    "grpo_episodes": {
+        "algorithm": "grpo",
+        "kl": {"beta": 0.1},
+        "environment": {"name": "verifier_feedback", "verifier": "arithmetic_exact", "max_turns": 2},
+    },
 }
 # asynchronous: each rank's background loop generates its chunks ahead; not comparable to one process
 ASYNC_STAGES = {

@@ -4,7 +4,7 @@ stage's environment.
 Each of a round's prompts gets G episodes (one environment each); a completion's tokens are everything
 after the first context (the model's turns and the environment's messages between them) and its
 ``action_mask`` marks the model's own tokens, so log-probs, KL, advantages and the loss count only those
-(:class:`~.rollouts.Samples`). The reward is the stage's reward sources on the final answer (the rows
+(:class:`~.samples.Samples`). The reward is the stage's reward sources on the final answer (the rows
 carry the whole conversation in ``messages`` for a user's function that wants it) plus the environment's
 own per-turn rewards, summed; it sits on the episode's last token (the model's). An episode cut at
 ``max_new_tokens`` inside a turn is *truncated* (the stage's ``truncated`` rule applies); one that reached
@@ -33,7 +33,8 @@ from rlhf_core.rollout.episode_sampling import (
 )
 from rlhf_core.rollout.episodes import EpisodeRecord, Trajectory, run_episodes
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
-from rlhf_core.training.policy_gradient.rollouts import RewardFn, Samples, reward_completions
+from rlhf_core.training.policy_gradient.rollouts import RewardFn, reward_completions
+from rlhf_core.training.policy_gradient.samples import Samples
 
 
 def sample_and_reward_episodes(

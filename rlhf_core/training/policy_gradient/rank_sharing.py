@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf_core.training.engine.data_parallel import rank_and_world
-from rlhf_core.training.policy_gradient.rollouts import Rollout, Samples, engine_logp_grid, score_rollout
+from rlhf_core.training.policy_gradient.rollouts import Rollout, engine_logp_grid, score_rollout
+from rlhf_core.training.policy_gradient.samples import Samples
 
 if TYPE_CHECKING:
     from rlhf_core.training.policy_gradient.rollout_sampling import SamplingChunk

@@ -31,12 +31,8 @@ from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.policy_gradient.async_rollouts import AsyncRolloutProducer, RoundRequest, is_stale
 from rlhf_core.training.policy_gradient.episode_rollouts import sample_and_reward_episodes
 from rlhf_core.training.policy_gradient.rank_sharing import gather_samples, my_chunks
-from rlhf_core.training.policy_gradient.rollouts import (
-    PromptStream,
-    RewardFn,
-    Samples,
-    reward_completions,
-)
+from rlhf_core.training.policy_gradient.rollouts import PromptStream, RewardFn, reward_completions
+from rlhf_core.training.policy_gradient.samples import Samples
 
 
 @dataclass(frozen=True)
