@@ -16,8 +16,13 @@ from rlhf_core.environments.tool_arithmetic import tool_arithmetic_records, tool
 from rlhf_core.errors import UserError
 from rlhf_core.losses.direct_alignment import DIRECT_ALIGNMENT_LOSSES
 from rlhf_core.modeling.models import build_tiny_model, save_model
-from rlhf_core.modeling.preference_tokens import PairTokens, group_pairs, tokenize_preference_rows
-from rlhf_core.modeling.tokenizer import IM_END, tool_call_text
+from rlhf_core.modeling.preference_tokens import (
+    ChatTemplateError,
+    PairTokens,
+    group_pairs,
+    tokenize_preference_rows,
+)
+from rlhf_core.modeling.tokenizer import CHATML_TEMPLATE, IM_END, tool_call_text
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 from rlhf_core.stage_environment import StageEnvironment
@@ -331,3 +336,16 @@ def test_evaluation_reads_trajectory_pairs(tiny) -> None:
     stage = DirectAlignmentStage(kind="direct_alignment", policy="p", data="d.preferences", loss="dpo")
     metrics = evaluate_direct_alignment(policy, tokenizer, pairs, reference, stage)
     assert metrics["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tiny) -> None:
+    # a generation header the rendered turn lacks: the model's tokens would not follow the prompt's ids
+    _, tokenizer = tiny
+    thinking = copy.deepcopy(tokenizer)
+    header = "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    assert header in CHATML_TEMPLATE
+    thinking.chat_template = CHATML_TEMPLATE.replace(
+        header, "{{ '<|im_start|>assistant\n<think>' }}{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match=r"^in prefs, row 0 \(0-based\): the chat template does not"):
+        tokenize_preference_rows([_pair()], thinking, max_length=1024, source="prefs")

@@ -282,9 +282,9 @@ def tokenize_preference_rows(
         where = f"in {source}, row {i} (0-based)"
         prompt, sides = _encode_pair(tokenizer, row, where)
         (chosen, chosen_mask), (rejected, rejected_mask) = sides["chosen"], sides["rejected"]
-        lengths = {"chosen": chosen, "rejected": rejected}
+        completions = {"chosen": chosen, "rejected": rejected}
         kept = _fit(
-            prompt, lengths, max_length=max_length, on_overlong=on_overlong, where=where, report=report
+            prompt, completions, max_length=max_length, on_overlong=on_overlong, where=where, report=report
         )
         if kept is not None:
             pairs.append(PairTokens(kept, chosen, rejected, i, chosen_mask, rejected_mask))

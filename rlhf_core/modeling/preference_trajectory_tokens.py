@@ -47,16 +47,17 @@ def trajectory_pieces(
         turn = render_chat(tokenizer, messages[: i + 1], tools).rstrip()
         if not (full.startswith(header) and full.startswith(turn) and cursor <= len(header) < len(turn)):
             raise TemplateError(
-                "the chat template does not render the conversation prefix by prefix; DPO over "
-                "trajectories needs a template where each message only appends text, so that the "
-                "model's turns can be told apart from the tool results"
+                "the chat template does not render the conversation prefix by prefix (the prompt with its "
+                "generation header, then each turn appended); direct alignment needs the completion's "
+                "tokens to follow the ids a generation starts from, and the model's turns told apart from "
+                "tool results"
             )
         if cursor < len(header):
             pieces.append((full[cursor : len(header)], False))
         pieces.append((full[len(header) : len(turn)], True))
         cursor = len(turn)
     if not full.startswith(x_text) or cursor != len(full):
-        raise TemplateError("the chat template does not render the trajectory as x followed by y")
+        raise TemplateError("the chat template does not render the conversation as the prompt followed by y")
     return x_text, pieces
 
 
