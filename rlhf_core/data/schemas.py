@@ -21,7 +21,13 @@
     conversations that differ only in their final assistant turn; x is the turns they share. A
     ``prompt`` column next to them (HuggingFaceH4/ultrafeedback_binarized) must agree with those turns.
 
-  :func:`preference_parts` turns any of them into (x as messages, y_c text, y_r text).
+  - trajectories (book ch.13, DPO on when to call a tool): whole conversations with tool use, sharing
+    their turns up to a user turn (x), then each continuing with assistant turns (possibly calling
+    tools) and tool results, ending in an assistant turn; an optional ``tools`` column.
+
+  :func:`preference_parts` turns any shape but trajectories into (x as messages, y_c text, y_r text);
+  :func:`rlhf_core.data.preference_trajectories.preference_trajectories` turns every shape into
+  (x, y_c messages, y_r messages, tools).
 - ``unpaired_preference`` (KTO, book ch.8): ``prompt`` x as above, one ``completion`` y (a string or
   one assistant message) and a ``label``: True/1 if y is desirable, False/0 if not (thumbs up/down).
   :func:`unpaired_parts` normalises a row.
@@ -35,7 +41,14 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, NamedTuple
 
-from rlhf_core.data.tool_messages import check_assistant_calls, check_tool_message, check_tools_column
+from rlhf_core.data.tool_messages import (
+    check_assistant_calls,
+    check_tool_message,
+    check_tools_column,
+    check_trajectory_pair,
+    is_trajectory_pair,
+    trajectory_prompt_length,
+)
 from rlhf_core.errors import UserError
 
 DatasetFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
@@ -232,12 +245,8 @@ def _first_difference(a: list[dict], b: list[dict]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _check_implicit_prompt(row: dict) -> Problem | None:
-    """``chosen`` and ``rejected`` are whole conversations identical except for their final turn."""
-    chosen, rejected = row.get("chosen"), row.get("rejected")
-    if not _has(row, "prompt") and not isinstance(chosen, list):
-        expected = "a non-empty string or a list of messages ending in a 'user' turn"
-        return "prompt", f"{expected} (or whole conversations in 'chosen' and 'rejected'), got None"
+def _check_final_turns(chosen: Any, rejected: Any) -> Problem | None:
+    """Conversations without tool use: identical except for their final (assistant) turn."""
     problem = _check_conversation(chosen, "chosen") or _check_conversation(rejected, "rejected")
     if problem is not None:
         return problem
@@ -245,18 +254,46 @@ def _check_implicit_prompt(row: dict) -> Problem | None:
     if shared != other:
         i = _first_difference(shared, other)
         return f"rejected[{i}]", f"the turn chosen[{i}]: only the final turns may differ {_SHARED}"
-    if _has(row, "prompt"):
-        if (problem := _check_prompt(row["prompt"])) is not None:
-            return problem
-        if prompt_messages(row["prompt"]) != shared:
-            return (
-                "prompt",
-                f"the same turns as 'chosen' before its final one {_SHARED}, got {row['prompt']!r}",
-            )
     return None
 
 
+def _check_implicit_prompt(row: dict) -> Problem | None:
+    """``chosen`` and ``rejected`` are whole conversations identical except for their final turn, or
+    trajectories identical up to a user turn; a ``prompt`` column next to them must be those turns."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not _has(row, "prompt") and not isinstance(chosen, list):
+        expected = "a non-empty string or a list of messages ending in a 'user' turn"
+        return "prompt", f"{expected} (or whole conversations in 'chosen' and 'rejected'), got None"
+    trajectories = is_trajectory_pair(chosen, rejected)
+    check = _check_trajectories if trajectories else _check_final_turns
+    if (problem := check(chosen, rejected)) is not None:
+        return problem
+    if _has(row, "prompt"):
+        if (problem := _check_prompt(row["prompt"])) is not None:
+            return problem
+        x = chosen[: trajectory_prompt_length(chosen, rejected)] if trajectories else chosen[:-1]
+        if prompt_messages(row["prompt"]) != prompt_messages(x):
+            before = (
+                "up to its last 'user' turn shared with 'rejected'"
+                if trajectories
+                else "before its final one"
+            )
+            return "prompt", f"the same turns as 'chosen' {before} {_SHARED}, got {row['prompt']!r}"
+    return None
+
+
+def _check_trajectories(chosen: list, rejected: list) -> Problem | None:
+    """Whole conversations with tool use: each valid, then x and the continuations (``tool_messages``)."""
+    return (
+        _check_chat(chosen, "chosen", last_role="assistant", with_tools=True)
+        or _check_chat(rejected, "rejected", last_role="assistant", with_tools=True)
+        or check_trajectory_pair(chosen, rejected)
+    )
+
+
 def _check_preference(row: dict) -> Problem | None:
+    if _has(row, "tools") and (problem := check_tools_column(row["tools"])) is not None:
+        return problem
     if _is_conversation(row.get("chosen")) or not _has(row, "prompt"):
         problem = _check_implicit_prompt(row)
     else:
@@ -265,9 +302,11 @@ def _check_preference(row: dict) -> Problem | None:
             or _check_reply(row.get("chosen"), "chosen")
             or _check_reply(row.get("rejected"), "rejected")
         )
-    if problem is None and (parts := preference_parts(row)).chosen.strip() == parts.rejected.strip():
+    if problem is not None or is_trajectory_pair(row["chosen"], row["rejected"]):
+        return problem  # identical trajectories are found by check_trajectory_pair
+    if (parts := preference_parts(row)).chosen.strip() == parts.rejected.strip():
         return "rejected", "a response different from 'chosen' (they are identical)"
-    return problem
+    return None
 
 
 def preference_parts(row: dict) -> PreferenceParts:
@@ -275,8 +314,15 @@ def preference_parts(row: dict) -> PreferenceParts:
 
     A plain prompt becomes one user turn and a reply given as one assistant message its text; whole
     conversations (implicit prompt) give their shared turns as x and their final turns as y_c and y_r.
+    A pair of tool-use trajectories has no such text form: it raises :class:`UserError` (read it with
+    ``preference_trajectories``).
     """
     chosen, rejected = row["chosen"], row["rejected"]
+    if is_trajectory_pair(chosen, rejected):
+        raise UserError(
+            "this preference row is a pair of tool-use trajectories, which has no (prompt, chosen text, "
+            "rejected text) form; read it with rlhf_core.data.preference_trajectories"
+        )
     if _is_conversation(chosen):
         return PreferenceParts(prompt_messages(chosen[:-1]), chosen[-1]["content"], rejected[-1]["content"])
     return PreferenceParts(prompt_messages(row["prompt"]), reply_text(chosen), reply_text(rejected))

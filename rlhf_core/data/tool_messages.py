@@ -1,4 +1,4 @@
-"""Shapes of tool-use data in ``sft`` rows (book ch.13, tool use and function calling).
+"""Shapes of tool-use data in ``sft`` and ``preference`` rows (book ch.13, tool use and function calling).
 
 A tool-use trajectory is an OpenAI-style conversation (the shapes of ``rlhf_core.environments.base``):
 
@@ -14,6 +14,12 @@ A tool-use trajectory is an OpenAI-style conversation (the shapes of ``rlhf_core
 
 Optional fields may be null (a Parquet or Hub file gives every message every field). Each check returns
 ``(field, what was expected)`` for the first problem, or None (as in ``schemas``).
+
+A ``preference`` row of trajectories (DPO over trajectories, ch.13 with ch.8) has ``chosen`` and
+``rejected`` as whole conversations: they share their first messages up to a user turn (the prompt x)
+and then each continues with the model's turns and the tool results they got, ending in an assistant
+turn. :func:`trajectory_prompt_length` finds where x ends; :func:`check_trajectory_pair` checks the
+continuations.
 """
 
 from __future__ import annotations
@@ -121,3 +127,82 @@ def check_tools_column(tools: Any) -> Problem | None:
                 f"a JSON Schema object (dict), got {function['parameters']!r:.80}",
             )
     return None
+
+
+# --- preference pairs of trajectories --------------------------------------------------------------
+
+
+def has_tool_use(messages: Any) -> bool:
+    """True when a list of messages holds a ``tool`` message or an assistant turn with ``tool_calls``."""
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or bool(m.get("tool_calls"))) for m in messages
+    )
+
+
+def is_trajectory_pair(chosen: Any, rejected: Any) -> bool:
+    """Whether ``chosen`` and ``rejected`` are conversations and at least one of them uses tools."""
+    both_lists = isinstance(chosen, list) and isinstance(rejected, list)
+    return both_lists and (has_tool_use(chosen) or has_tool_use(rejected))
+
+
+def trajectory_message(msg: dict) -> dict:
+    """A valid message with the keys the chat template reads: role and content (None as ''), an assistant
+    turn's ``tool_calls`` when it makes some, a tool message's ``tool_call_id`` (and ``name``)."""
+    out = {"role": msg["role"], "content": msg.get("content") or ""}
+    if msg.get("tool_calls"):
+        out["tool_calls"] = msg["tool_calls"]
+    if msg["role"] == "tool":
+        out["tool_call_id"] = msg["tool_call_id"]
+        if msg.get("name") is not None:
+            out["name"] = msg["name"]
+    return out
+
+
+def _shared_length(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages the two conversations have in common."""
+    pairs = zip(chosen, rejected, strict=False)
+    differs = (i for i, (a, b) in enumerate(pairs) if trajectory_message(a) != trajectory_message(b))
+    return next(differs, min(len(chosen), len(rejected)))
+
+
+def trajectory_prompt_length(chosen: list[dict], rejected: list[dict]) -> int:
+    """The number of messages of x: the shared messages up to and including the last shared user turn
+    (0 when they share none). Turns both sides share after it (the same first tool call) stay in y."""
+    shared = _shared_length(chosen, rejected)
+    users = [i for i in range(shared) if chosen[i]["role"] == "user"]
+    return users[-1] + 1 if users else 0
+
+
+_PROMPT = "the prompt x is the turns 'chosen' and 'rejected' share up to their last shared 'user' turn"
+
+
+def _check_continuation(chat: list[dict], start: int, column: str) -> Problem | None:
+    """y = chat[start:]: an assistant turn first, then tool results and assistant turns only, each later
+    assistant turn right after tool results (a model turn without calls ends the trajectory)."""
+    for j in range(start, len(chat)):
+        role, field = chat[j]["role"], f"{column}[{j}].role"
+        if j == start and role != "assistant":
+            return field, f"an 'assistant' turn first after the prompt ({_PROMPT}), got {role!r}"
+        if role not in ("assistant", "tool"):
+            return field, f"only 'assistant' and 'tool' messages after the prompt ({_PROMPT}), got {role!r}"
+        if role == "assistant" and j > start and chat[j - 1]["role"] != "tool":
+            return field, (
+                "tool results ('tool' messages) before another assistant turn: a turn without tool calls "
+                "ends the trajectory"
+            )
+    return None
+
+
+def check_trajectory_pair(chosen: list[dict], rejected: list[dict]) -> Problem | None:
+    """A pair of trajectories whose conversations are each valid (tool use allowed, ending in an
+    assistant turn): they share x, ending in a user turn, and differ in their continuations y_c, y_r."""
+    start = trajectory_prompt_length(chosen, rejected)
+    if start == 0:
+        i = _shared_length(chosen, rejected)
+        return f"rejected[{i}]", (
+            f"the turn chosen[{i}]: the two conversations must start with the same turns up to a 'user' "
+            f"turn ({_PROMPT})"
+        )
+    if [trajectory_message(m) for m in chosen] == [trajectory_message(m) for m in rejected]:
+        return "rejected", "a trajectory different from 'chosen' (they are identical)"
+    return _check_continuation(chosen, start, "chosen") or _check_continuation(rejected, start, "rejected")

@@ -10,7 +10,10 @@ Two ways to tokenize a prompt x and a completion y:
   token, as a sampled completion follows those ids. log pi(y|x) sums over y's tokens only.
 
 Prompts are plain strings or conversations; rows of every shape go through
-:func:`rlhf_core.data.schemas.preference_parts` (or ``unpaired_parts``) first.
+:func:`rlhf_core.data.schemas.preference_parts` (or ``unpaired_parts``) first. For direct alignment, a
+preference row may be a pair of tool-use trajectories (book ch.13): y is then several turns, and a mask
+on y marks the model's own tokens (:mod:`rlhf_core.modeling.preference_trajectory_tokens`); reward models
+(:func:`group_pairs`) do not read trajectories yet.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_core.data.preference_trajectories import preference_trajectories, uses_tools
 from rlhf_core.data.schemas import preference_parts, prompt_key, prompt_messages, unpaired_parts
 from rlhf_core.errors import UserError
+from rlhf_core.modeling.preference_trajectory_tokens import encode_pieces, trajectory_pieces
+from rlhf_core.modeling.sft_tokens import TemplateError
+from rlhf_core.modeling.tokenizer import require_tool_support
 
 OnOverlong = Literal["truncate_prompt", "skip", "fail"]
 
@@ -76,6 +83,12 @@ def group_pairs(
     groups: dict[str, PromptPairs] = {}
     skipped = 0
     for i, row in enumerate(records):
+        if uses_tools(row):
+            raise UserError(
+                f"in {source}, row {i} (0-based): a preference pair of tool-use trajectories (or with a "
+                "'tools' column); reward models on trajectories are not supported yet (direct alignment "
+                "trains on them)"
+            )
         prompt, chosen_text, rejected_text = preference_parts(row)
         chosen = encode_completion(tokenizer, prompt, chosen_text)
         rejected = encode_completion(tokenizer, prompt, rejected_text)
@@ -97,12 +110,18 @@ def group_pairs(
 
 @dataclass(frozen=True)
 class PairTokens:
-    """One preference pair: x with the generation header, then y_c or y_r (each ending at end-of-turn)."""
+    """One preference pair: x with the generation header, then y_c or y_r (each ending at end-of-turn).
+
+    A mask over y_c or y_r (1: the model's own token, 0: a tool result or a template header between
+    turns) is set for trajectories; None means all ones (a single assistant turn).
+    """
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
     row: int  # index of the row it came from
+    chosen_mask: list[int] | None = None
+    rejected_mask: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,7 @@ class CompletionTokens:
     completion: list[int]
     label: bool
     row: int  # index of the row it came from
+    mask: list[int] | None = None  # over the completion, as PairTokens' masks (None: all ones)
 
 
 @dataclass
@@ -220,6 +240,27 @@ def _overlong_message(
     )
 
 
+def _encode_pair(
+    tokenizer: PreTrainedTokenizerBase, row: dict, where: str
+) -> tuple[list[int], dict[str, tuple[list[int], list[int] | None]]]:
+    """(x ids with the generation header, {"chosen"/"rejected": (y ids, mask over y or None)}) of a
+    preference row of any shape, single-turn or trajectories; the row's tools go to the template."""
+    parts = preference_trajectories(row)
+    if parts.tools:
+        require_tool_support(tokenizer, f"{where}: preference data with a 'tools' column")
+    sides = {}
+    try:
+        for side, continuation in (("chosen", parts.chosen), ("rejected", parts.rejected)):
+            x_text, pieces = trajectory_pieces(tokenizer, parts.prompt, continuation, parts.tools)
+            ids, mask = encode_pieces(tokenizer, pieces)
+            sides[side] = ids, (mask if 0 in mask else None)
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"{where}: the chat template cannot render this conversation: {e}") from e
+    except TemplateError as e:
+        raise ChatTemplateError(f"{where}: {e}") from e
+    return _ids(tokenizer, x_text), sides
+
+
 def tokenize_preference_rows(
     rows: list[dict],
     tokenizer: PreTrainedTokenizerBase,
@@ -232,18 +273,21 @@ def tokenize_preference_rows(
 
     prompt + the longer completion fits ``max_length``: an overlong pair fails naming its row in
     ``source`` (``fail``), is dropped (``skip``), or has its prompt cut from the left (``truncate_prompt``;
-    dropped if even the completion does not fit). Returns the pairs in row order and the counts.
+    dropped if even the completion does not fit). Trajectories carry masks on y_c and y_r (the model's
+    own tokens). Returns the pairs in row order and the counts.
     """
     _check_options(max_length, on_overlong)
     pairs, report = [], LengthReport(rows=len(rows))
     for i, row in enumerate(rows):
         where = f"in {source}, row {i} (0-based)"
-        x, y_c, y_r = preference_parts(row)
-        prompt, (chosen, rejected) = _encode_apart(tokenizer, x, [y_c, y_r], where)
-        sides = {"chosen": chosen, "rejected": rejected}
-        kept = _fit(prompt, sides, max_length=max_length, on_overlong=on_overlong, where=where, report=report)
+        prompt, sides = _encode_pair(tokenizer, row, where)
+        (chosen, chosen_mask), (rejected, rejected_mask) = sides["chosen"], sides["rejected"]
+        completions = {"chosen": chosen, "rejected": rejected}
+        kept = _fit(
+            prompt, completions, max_length=max_length, on_overlong=on_overlong, where=where, report=report
+        )
         if kept is not None:
-            pairs.append(PairTokens(kept, chosen, rejected, i))
+            pairs.append(PairTokens(kept, chosen, rejected, i, chosen_mask, rejected_mask))
     return pairs, report
 
 

@@ -5,12 +5,17 @@ the data's digest and the tokenization settings (:func:`reference_logprobs_key`)
 
 KTO's KL reference point z_0 comes from mismatched pairs (x_i, y_{i+1}): the next example's completion
 in data order, whose reference log-probs are cached with the rest.
+
+A completion that is a tool-use trajectory carries a mask over its tokens (``PairTokens.chosen_mask``...):
+its log-prob, for the policy and the reference alike, sums over the model's own tokens only, and its
+length (for length-normalised losses) counts those tokens; tool results are context (book ch.13).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -30,6 +35,7 @@ from rlhf_core.modeling.preference_tokens import (
     tokenize_preference_rows,
     tokenize_unpaired_rows,
 )
+from rlhf_core.modeling.shared_prefix import CompletionTokenIndex
 from rlhf_core.spec.stages.direct_alignment import DirectAlignmentStage
 
 REFERENCE_BATCH = 32  # pairs per forward pass of the reference (no gradients)
@@ -65,9 +71,9 @@ Example = PairTokens | CompletionTokens
 def as_unpaired(pairs: list[PairTokens]) -> list[CompletionTokens]:
     """KTO from preference pairs: the chosen completion is desirable, the rejected one is not."""
     return [
-        CompletionTokens(p.prompt, completion, label, p.row)
+        CompletionTokens(p.prompt, completion, label, p.row, mask)
         for p in pairs
-        for completion, label in ((p.chosen, True), (p.rejected, False))
+        for completion, label, mask in ((p.chosen, True, p.chosen_mask), (p.rejected, False, p.rejected_mask))
     ]
 
 
@@ -84,10 +90,20 @@ def example_sequences(examples: list, ids: list[int]) -> list[tuple[list[int], l
     ]
 
 
+def example_masks(examples: list, ids: list[int]) -> list[list[int] | None]:
+    """The masks over the completions of :func:`example_sequences`, in the same order (None: all ones)."""
+    if isinstance(examples[0], PairTokens):
+        return [examples[i].chosen_mask for i in ids] + [examples[i].rejected_mask for i in ids]
+    n = len(examples)
+    return [examples[i].mask for i in ids] + [examples[(i + 1) % n].mask for i in ids]
+
+
 def completion_batch(
-    sequences: list[tuple[list[int], list[int]]], pad_token_id: int
+    sequences: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    masks: list[list[int] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-padded (prompt + completion) rows with labels on the completion only."""
+    """Right-padded (prompt + completion) rows with labels on the completion's tokens whose mask is 1."""
     width = max(len(prompt) + len(completion) for prompt, completion in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -95,29 +111,50 @@ def completion_batch(
     for row, (prompt, completion) in enumerate(sequences):
         n = len(prompt) + len(completion)
         ids[row, :n] = torch.tensor(prompt + completion)
-        labels[row, len(prompt) : n] = torch.tensor(completion)
+        target = torch.tensor(completion)
+        if masks is not None and masks[row] is not None:
+            target[torch.tensor(masks[row]) == 0] = IGNORE_INDEX
+        labels[row, len(prompt) : n] = target
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def model_tokens_only(
+    index: CompletionTokenIndex, masks: list[list[int] | None], width: int
+) -> CompletionTokenIndex:
+    """The completion tokens of ``index`` whose mask is 1 (``masks[k]`` over sequence k's completion,
+    ``width`` the longest completion): tool results never reach the LM head."""
+    if all(m is None for m in masks):
+        return index
+    grid = torch.ones(len(masks), width, dtype=torch.bool)  # (sequences, longest completion)
+    for k, m in enumerate(masks):
+        if m is not None:
+            grid[k, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    keep = grid[index.owner, index.position]  # (N,)
+    return CompletionTokenIndex(*(getattr(index, f.name)[keep] for f in fields(index)))
 
 
 def example_logprobs(
     model: PreTrainedModel, examples: list, ids: list[int], pad_token_id: int, shared_prefix: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, n) summed completion log-probs and (2, n) lengths of examples ``ids``, in one forward pass:
-    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion).
+    row 0 chosen (or the completion), row 1 rejected (or the mismatched completion). Sums and lengths
+    cover the tokens a completion's mask keeps (all of them without a mask).
 
     With ``shared_prefix`` (and a model that supports it) each example is one row holding its prompt
     once, followed by both completions; otherwise each sequence is its own right-padded row.
     """
     device = next(model.parameters()).device
-    sequences = example_sequences(examples, ids)
+    sequences, masks = example_sequences(examples, ids), example_masks(examples, ids)
     n = len(ids)
     if shared_prefix and can_share_prefix(model):
         # sequence k is chosen (k < n) or rejected (k >= n) of pair k % n: a pair shares one row
         packed = pack_completions(
             [x for x, _ in sequences], [y for _, y in sequences], [k % n for k in range(2 * n)],
             pad_token_id, shared_prefix=True,
-        ).to(device)  # fmt: skip
+        )  # fmt: skip
+        packed.index = model_tokens_only(packed.index, masks, packed.width)
+        packed = packed.to(device)
         token_logps, _ = policy_token_logprobs(model, packed)
         owner = packed.index.owner
         sums = token_logps.new_zeros(2 * n).index_add(0, owner, token_logps)
@@ -125,7 +162,7 @@ def example_logprobs(
             0, owner, torch.ones_like(owner)
         )
         return sums.view(2, n), lengths.view(2, n)
-    batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id).items()}
+    batch = {k: v.to(device) for k, v in completion_batch(sequences, pad_token_id, masks).items()}
     sums, lengths = sequence_logprobs(
         model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
     )

@@ -9,7 +9,8 @@
 3. Each optimizer step takes the step's pairs (a pure function of seed and step, so resume is exact),
    regroups them by length into micro-batches, and sends the chosen and the rejected sequences of a
    micro-batch through the policy in one forward pass; log-probs are summed over completion tokens
-   only, the LM head never building the full (B, T, V) log-softmax (``sequence_logprobs``).
+   only (of a tool-use trajectory, the model's own tokens: tool results are masked, book ch.13), the LM
+   head never building the full (B, T, V) log-softmax (``sequence_logprobs``).
 4. The loss is the stage's entry of ``DIRECT_ALIGNMENT_LOSSES``; logged per step: loss, implicit reward
    accuracy and margin, chosen/rejected rewards and policy log-probs. The book's displacement (both
    log-probs fall, the rejected more, while the margin widens) shows in those curves.
