@@ -26,7 +26,8 @@ class SyntheticSource(Strict):
     task: Literal["arithmetic", "tool_arithmetic"] = Field(
         default="arithmetic",
         description="Name of the synthetic task: arithmetic (solutions in words), or tool_arithmetic (large "
-        "operands; sft rows are calculator-tool trajectories, prompts carry gold_tool_calls; book ch.13).",
+        "operands; sft rows are calculator-tool trajectories, preferences trajectory pairs (calling the "
+        "tool vs answering at once, wrong), prompts carry gold_tool_calls; book ch.13).",
     )
     n: int = Field(default=2000, ge=2, description="Number of problems generated.")
     max_operand: int = Field(default=20, ge=1, description="Largest operand of a problem.")
@@ -133,8 +134,6 @@ class DataSourceChoice(Strict):
 
     def outputs(self) -> dict[str, str]:
         """Output name -> dataset kind this source provides."""
-        if self.synthetic and self.synthetic.task == "tool_arithmetic":
-            return {"sft": "sft", "prompts": "prompts"}
         if self.synthetic:
             return {"sft": "sft", "preferences": "preference", "prompts": "prompts"}
         return (self.file or self.hub).outputs()  # type: ignore[union-attr]
