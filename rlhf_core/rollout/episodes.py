@@ -255,8 +255,8 @@ def _add_tokens(episode: Trajectory, tokens: list[int], logps: list[float] | Non
 def _call(where: str, row: int, turn: int, what: str, fn: Callable[[], object]) -> object:
     try:
         return fn()
-    except UserError:
-        raise
+    except UserError as exc:  # e.g. a verifier that finds no reference answer in the row
+        raise UserError(f"{where}: {what} at prompt row {row}, turn {turn + 1}: {exc}") from exc
     except Exception as exc:
         raise EnvironmentFailure(
             f"{where}: {what} raised at prompt row {row}, turn {turn + 1}: {type(exc).__name__}: {exc}"
