@@ -22,7 +22,7 @@ def _shrunk_recipe() -> dict:
     raw = shrink(read_yaml(RECIPE))
     raw["models"]["base"]["tiny"]["vocab_size"] = 1024
     stages = raw["stages"]
-    for name in ("sft", "sft_direct"):
+    for name in ("sft", "sft_direct", "dpo"):
         stages[name]["train"]["max_length"] = 384
     stages["grpo"] |= {"rollouts": 2, "prompts_per_rollout": 2, "group_size": 2}
     stages["samples"] = {
