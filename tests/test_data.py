@@ -446,3 +446,14 @@ def test_digests_change_with_content(tmp_path: Path) -> None:
     assert two != one
     f.rename(f.parent / "b.txt")  # same contents, different name
     assert directory_digest(f.parent) not in (one, two)
+
+
+def test_jsonl_keeps_the_key_order_of_values_a_chat_template_renders(tmp_path) -> None:
+    """A tool declaration's keys reach the model in the order they have: the file must not reorder them,
+    or a model fine-tuned on the file sees another system turn than the environment gives it."""
+    tools = [{"type": "function", "function": {"name": "calculator", "description": "d", "parameters": {}}}]
+    row = {"tools": tools, "messages": [{"role": "user", "content": "hi"}]}
+    write_jsonl([row], tmp_path / "rows.jsonl")
+    (back,) = read_jsonl(tmp_path / "rows.jsonl")
+    assert json.dumps(back["tools"]) == json.dumps(tools)
+    assert list(back) == ["messages", "tools"]  # columns sorted

@@ -39,14 +39,19 @@ def read_jsonl(path: Path | str) -> list[dict]:
 
 
 def write_jsonl(records: list[dict], path: Path | str) -> None:
-    """Write rows as JSONL atomically (temp file, then ``os.replace``), keys sorted."""
+    """Write rows as JSONL atomically (temp file, then ``os.replace``), columns sorted.
+
+    Values keep their own key order: chat templates render nested objects as text (a tool's declaration,
+    a call's arguments), so a reordered object would show the model other text than at sampling time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in records:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                f.write(
+                    json.dumps({column: row[column] for column in sorted(row)}, ensure_ascii=False) + "\n"
+                )
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
