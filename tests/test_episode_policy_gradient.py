@@ -167,3 +167,51 @@ def test_per_turn_rewards_sit_on_the_last_token_of_their_turn_for_ppo():
     )  # fmt: skip
     mask = samples.token_mask([0], 6)
     assert samples.token_rewards(mask)[0].tolist() == pytest.approx([0, 0.25, 0, 0, 0, 0.5 + 0.1])
+
+
+def test_the_policy_loss_and_its_gradient_count_only_the_model_tokens(tiny):
+    """GRPO's loss over episodes, through the trainer's micro-batch loss, equals a plain computation from
+    one forward pass: per sequence, -A_i times the mean ratio over the model's own tokens (ratio 1 at the
+    first update), averaged over sequences; and so does its gradient. The environment's tokens are in
+    the context but nowhere in the sum."""
+    from rlhf_core.rollout.episodes import EpisodeRecord
+    from rlhf_core.training.policy_gradient.rollouts import score_rollout
+    from rlhf_core.training.policy_gradient.samples import Samples
+    from rlhf_core.training.policy_gradient.trainer import PolicyGradientTrainer
+
+    policy, tokenizer = load_model(tiny)
+    stage = _stage("grpo", group_size=2, prompts_per_rollout=1, kl={"beta": 0.0})
+    assert stage.resolved().aggregation == "sequence"
+    prompt = [5, 6, 7, 8]
+    completions = [[20, 21, 30, 31, 32, 22, 23], [24, 25, 26, 33, 34, 27]]
+    actions = [[True, True, False, False, False, True, True], [True, True, True, False, False, True]]
+    samples = Samples(
+        [prompt, prompt], completions, [0, 0], [False, False], torch.tensor([1.0, 0.0], dtype=torch.float64),
+        {}, ["", ""], ["", ""], action_masks=actions,
+        episodes=[EpisodeRecord([], 2, "done", {}, None), EpisodeRecord([], 2, "done", {}, None)],
+    )  # fmt: skip
+    trainer = PolicyGradientTrainer(
+        policy, tokenizer, [{"prompt": "x"}], stage.resolved(), lambda rows: ([0.0] * len(rows), {}), seed=0,
+        stage_name="t", reference=None, value_model=None, log=None, log_samples=None,
+    )  # fmt: skip
+    rollout = score_rollout(samples, policy, None, None, tokenizer.pad_token_id, shared_prefix=False,
+                            batch_size=8, need_old=False)  # fmt: skip
+    advantages = torch.tensor([0.7, -0.7])
+    trainer.buffer.rollout, trainer.buffer.advantages = rollout, advantages
+    loss, _, _ = trainer.micro_batch_loss(rollout, [0, 1], torch.device("cpu"))
+    policy.zero_grad()
+    loss.backward()
+    trainer_grads = [p.grad.clone() for p in policy.parameters()]
+
+    policy.zero_grad()
+    manual = 0.0
+    for i, (completion, own) in enumerate(zip(completions, actions, strict=True)):
+        ids = torch.tensor([prompt + completion])
+        logits = policy(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        logps = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+        ratio = torch.exp(logps - logps.detach())[torch.tensor(own)]
+        manual = manual + (-advantages[i] * ratio).mean() / len(completions)
+    manual.backward()
+    torch.testing.assert_close(loss, manual, atol=1e-6, rtol=0)
+    for (name, p), got in zip(policy.named_parameters(), trainer_grads, strict=True):
+        torch.testing.assert_close(got, p.grad, atol=1e-6, rtol=1e-4, msg=name)
