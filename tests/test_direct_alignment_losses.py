@@ -72,7 +72,8 @@ def test_registry_names_references_and_defaults():
         assert takes_reference == spec.needs_reference, name
         assert spec.paired == (name != "kto"), name
     hyper = {name: spec.hyperparameters for name, spec in DIRECT_ALIGNMENT_LOSSES.items()}
-    assert hyper["dpo"] == hyper["ipo"] == hyper["apo_zero"] == hyper["apo_down"] == {"beta": 0.1}
+    assert hyper["dpo"] == hyper["apo_zero"] == hyper["apo_down"] == {"beta": 0.1}
+    assert hyper["ipo"] == {"beta": 0.1, "average_log_probs": False}
     assert hyper["cdpo"] == {"beta": 0.1, "label_smoothing": 0.1}
     assert hyper["dpo_norm"] == {"beta": 2.0}
     assert hyper["simpo"] == {"beta": 2.0, "gamma_beta_ratio": 0.5}

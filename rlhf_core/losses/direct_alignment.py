@@ -129,18 +129,31 @@ def ipo_loss(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
     *,
     beta: float = 0.1,
+    average_log_probs: bool = False,
 ) -> PreferenceLoss:
     """IPO (Azar et al. 2023, arXiv:2310.12036): L = (h - 1/(2 beta))^2, regressing h onto a target margin.
 
-    h is built from SUMMED completion log-probs, as in the paper (TRL averages per token instead; at
-    initialisation both give (1/(2 beta))^2 = 25 at beta = 0.1, elsewhere they differ).
+    Default (``average_log_probs=False``): h from SUMMED completion log-probs, the paper's form: its
+    derivation regresses the log-likelihood ratio of whole completions, log pi(y|x) = sum of the tokens'.
+    With ``average_log_probs=True`` (TRL's ``ipo``), each log-ratio is divided by its completion's length:
+    h = Delta(y_c) / |y_c| - Delta(y_r) / |y_r|. Both give (1/(2 beta))^2 at initialisation (25 at
+    beta = 0.1, the value the book's companion reports), but elsewhere the summed h is ~|y| times larger,
+    so the same beta regresses onto a far smaller per-token margin; summed stays the default so beta
+    means what the paper and the companion configs mean (reference/rlhf-methods.md §25).
 
-    Args: as ``dpo_loss``. Returns: losses (B,); rewards beta * Delta(y) (B,).
+    Args: as ``dpo_loss``, plus the (B,) completion token counts |y_c|, |y_r| (needed only to average).
+    Returns: losses (B,); rewards beta * Delta(y) (B,), per token when averaged.
     """
     delta_c = policy_chosen_logps - reference_chosen_logps
     delta_r = policy_rejected_logps - reference_rejected_logps
+    if average_log_probs:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo_loss with average_log_probs=True needs chosen_lengths and rejected_lengths")
+        delta_c, delta_r = delta_c / chosen_lengths, delta_r / rejected_lengths
     losses = (delta_c - delta_r - 1 / (2 * beta)) ** 2
     return _rewarded(losses, beta * delta_c, beta * delta_r)
 

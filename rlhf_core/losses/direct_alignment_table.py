@@ -13,15 +13,26 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class LossOption:
-    """One keyword hyperparameter of a loss besides beta: its default and the values it accepts."""
+    """One keyword hyperparameter of a loss besides beta: its default and the values it accepts.
 
-    default: float
+    A bool default makes a switch, which takes true or false (1 or 0, as a number-typed field gives them).
+    """
+
+    default: float | bool
     ge: float | None = None  # lower bound, included
     gt: float | None = None  # lower bound, excluded
     lt: float | None = None  # upper bound, excluded
 
-    def problem(self, value: float) -> str | None:
-        """Why ``value`` is out of range (None: it is fine)."""
+    @property
+    def is_switch(self) -> bool:
+        return isinstance(self.default, bool)
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` is not accepted (None: it is fine)."""
+        if self.is_switch:
+            return None if value in (True, False) else "must be true or false"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
         if self.ge is not None and value < self.ge:
             return f"must be >= {self.ge:g}"
         if self.gt is not None and value <= self.gt:
@@ -30,7 +41,13 @@ class LossOption:
             return f"must be < {self.lt:g}"
         return None
 
+    def accepted(self, value: float | bool) -> float | bool:
+        """``value`` as the loss takes it: a switch's 1 / 0 become true / false."""
+        return bool(value) if self.is_switch else value
+
     def describe(self) -> str:
+        if self.is_switch:
+            return f"default {str(self.default).lower()}, true or false"
         bounds = [(">=", self.ge), (">", self.gt), ("<", self.lt)]
         shown = ", ".join(f"{sign} {bound:g}" for sign, bound in bounds if bound is not None)
         return f"default {self.default:g}" + (f", {shown}" if shown else "")
@@ -46,7 +63,7 @@ class DirectAlignmentLoss:
     beta: float | None = 0.1  # default beta; None: the loss takes no beta
     options: dict[str, LossOption] = field(default_factory=dict)
 
-    def defaults(self) -> dict[str, float]:
+    def defaults(self) -> dict[str, float | bool]:
         """Every keyword hyperparameter (beta included, when taken) and its default."""
         betas = {"beta": self.beta} if self.beta is not None else {}
         return betas | {name: option.default for name, option in self.options.items()}
@@ -60,7 +77,10 @@ DIRECT_ALIGNMENT_TABLE: dict[str, DirectAlignmentLoss] = {
     "cdpo": DirectAlignmentLoss(
         "cdpo_loss", needs_reference=True, options={"label_smoothing": LossOption(0.1, ge=0, lt=0.5)}
     ),
-    "ipo": DirectAlignmentLoss("ipo_loss", needs_reference=True),
+    # false: h from summed log-ratios (the paper's); true: from per-token averages (TRL's)
+    "ipo": DirectAlignmentLoss(
+        "ipo_loss", needs_reference=True, options={"average_log_probs": LossOption(False)}
+    ),
     "dpo_norm": DirectAlignmentLoss("dpo_norm_loss", needs_reference=True, beta=2.0),
     "simpo": DirectAlignmentLoss(
         "simpo_loss", needs_reference=False, beta=2.0, options={"gamma_beta_ratio": LossOption(0.5, ge=0)}

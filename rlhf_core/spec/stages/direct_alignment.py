@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from rlhf_core.losses.direct_alignment_table import DIRECT_ALIGNMENT_TABLE
 from rlhf_core.spec.base import StageSpec, Strict
@@ -32,7 +32,7 @@ def beta_problem(loss: str, beta: float | None) -> str | None:
     return f"loss '{loss}' takes no beta (its weight is {options}); remove beta"
 
 
-def loss_option_problems(loss: str, options: dict[str, float]) -> list[str]:
+def loss_option_problems(loss: str, options: dict[str, float | bool]) -> list[str]:
     """Unknown names and out-of-range values in ``loss_options`` for ``loss`` (unknown loss: none)."""
     declared = PREFERENCE_LOSSES.get(loss)
     if declared is None:
@@ -48,8 +48,17 @@ def loss_option_problems(loss: str, options: dict[str, float]) -> list[str]:
             hint = f"did you mean {close[0]}? " if close else ""
             problems.append(f"{name}: loss '{loss}' has no such option ({hint}it takes: {takes})")
         elif problem := option.problem(value):
-            problems.append(f"{name}: {value:g} is out of range for loss '{loss}': {problem}")
+            out_of_range = problem.startswith(("must be <", "must be >"))
+            wrong = "is out of range" if out_of_range else "is refused"
+            problems.append(f"{name}: {_shown(value)} {wrong} for loss '{loss}': {problem}")
     return problems
+
+
+def _shown(value: object) -> str:
+    """A value as the spec file writes it (true / false, 0.5)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, int | float) else repr(value)
 
 
 def check_beta_of_loss(cls: type, beta: float | None, info: ValidationInfo) -> float | None:
@@ -59,14 +68,23 @@ def check_beta_of_loss(cls: type, beta: float | None, info: ValidationInfo) -> f
     return beta
 
 
-def check_options_of_loss(cls: type, options: dict[str, float], info: ValidationInfo) -> dict[str, float]:
-    """Field validator of ``loss_options`` for a class with a ``loss`` field declared before it."""
-    if problems := loss_option_problems(info.data.get("loss", ""), options):
+def check_options_of_loss(
+    cls: type, options: dict[str, float | bool], info: ValidationInfo
+) -> dict[str, float | bool]:
+    """Field validator of ``loss_options`` for a class with a ``loss`` field declared before it; a
+    switch given as 1 / 0 (a number-typed field turns true into 1.0) comes back as true / false."""
+    loss = info.data.get("loss", "")
+    if problems := loss_option_problems(loss, options):
         raise ValueError("\n".join(problems))
-    return options
+    declared = PREFERENCE_LOSSES.get(loss)
+    if declared is None:
+        return options
+    return {name: declared.options[name].accepted(value) for name, value in options.items()}
 
 
-def resolved_loss_settings(loss: str, beta: float | None, options: dict[str, float]) -> dict[str, object]:
+def resolved_loss_settings(
+    loss: str, beta: float | None, options: dict[str, float | bool]
+) -> dict[str, object]:
     """``beta`` and ``loss_options`` with the loss's defaults filled in (beta stays None where not taken)."""
     declared = PREFERENCE_LOSSES[loss]
     filled = {name: option.default for name, option in declared.options.items()} | dict(options)
@@ -149,11 +167,12 @@ class DirectAlignmentStage(StageSpec):
             "beta of the loss; default: the loss's own (0.1; 2.0 for dpo_norm, simpo); orpo takes none."
         ),
     )
-    loss_options: dict[str, float] = Field(
+    loss_options: dict[str, float | StrictBool] = Field(
         default_factory=dict,
         description=(
             "Other hyperparameters of the loss by name, e.g. {label_smoothing: 0.1} (cdpo), "
-            "{alpha: 1.0} (dpo_nll), {gamma_ratio: 0.5} (simpo), {odds_ratio_weight: 0.1} (orpo), "
+            "{alpha: 1.0} (dpo_nll), {gamma_beta_ratio: 0.5} (simpo), {odds_ratio_weight: 0.1} (orpo), "
+            "{average_log_probs: true} (ipo on per-token averaged log-ratios; default false, summed), "
             "{desirable_weight: 1.0, undesirable_weight: 1.33} (kto); names and ranges are checked when the "
             "spec is read, and the loss's defaults fill the options not given."
         ),

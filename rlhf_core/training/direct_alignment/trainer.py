@@ -99,7 +99,7 @@ class DirectAlignmentResult(TrainingResult):
 HELDOUT_SHOWN = ("eval/loss", "eval/accuracy", "eval/margin", "eval/kl_to_reference")
 
 
-def loss_options(stage: DirectAlignmentStage, spec: LossSpec) -> dict[str, float]:
+def loss_options(stage: DirectAlignmentStage, spec: LossSpec) -> dict[str, float | bool]:
     """The loss's keyword hyperparameters from the stage (beta and ``loss_options``), checked by name."""
     known = spec.hyperparameters
     unknown = sorted(set(stage.loss_options) - set(known))
@@ -118,7 +118,7 @@ def loss_options(stage: DirectAlignmentStage, spec: LossSpec) -> dict[str, float
 
 def step_losses(
     spec: LossSpec,
-    options: dict[str, float],
+    options: dict[str, float | bool],
     logps: torch.Tensor,
     lengths: torch.Tensor,
     reference: torch.Tensor | None,
