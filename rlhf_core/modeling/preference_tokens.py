@@ -51,6 +51,7 @@ class PromptPairs:
     chosen: list[list[int]] = field(default_factory=list)
     rejected: list[list[int]] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # index of the row each pair came from
 
 
 def encode_completion(
@@ -105,6 +106,7 @@ def group_pairs(
         group.chosen.append(chosen)
         group.rejected.append(rejected)
         group.margins.append(float(row.get(margin_column, 0.0)) if margin_column else 0.0)
+        group.rows.append(i)
     return list(groups.values()), skipped
 
 

@@ -1,10 +1,10 @@
-"""The ``reward_model`` stage: a Bradley-Terry reward model on a policy's backbone (book ch.5)."""
+"""The ``reward_model`` stage: a Bradley-Terry or Plackett-Luce reward model on a policy's backbone (ch.5)."""
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_core.spec.base import StageSpec
 from rlhf_core.spec.references import PolicyModel, PreferenceData, RefType, model_output
@@ -41,14 +41,26 @@ class RewardTrainSpec(OptimSpec):
     )
 
 
+RewardLoss = Literal["bradley_terry", "plackett_luce"]
+
+
 class RewardModelStage(StageSpec):
-    """A Bradley-Terry reward model: scalar head on the backbone of a policy model (book ch.5)."""
+    """A reward model: scalar head on the backbone of a policy model, trained on preferences (book ch.5)."""
 
     kind: Literal["reward_model"]
     model: PolicyModel = Field(
         description="Policy whose backbone initialises the reward model (usually the SFT model)."
     )
     data: PreferenceData = Field(description="Preference dataset reference, e.g. data.preferences.")
+    loss: RewardLoss = Field(
+        default="bradley_terry",
+        description=(
+            "bradley_terry: each pair on its own (a prompt's C(K, 2) pairs weighed 1 / C(K, 2), "
+            "InstructGPT). "
+            "plackett_luce: each prompt's completions as one ranking, the total order its pairs imply "
+            "(listwise; a prompt whose pairs do not give one order is refused, naming its rows)."
+        ),
+    )
     train: RewardTrainSpec = Field(default_factory=RewardTrainSpec, description="Training hyperparameters.")
     register_as: str | None = Field(
         default=None, description="Registered model name; default '<pipeline>-<stage>'."
@@ -56,3 +68,13 @@ class RewardModelStage(StageSpec):
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("reward")}
     trains_in_processes: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _margin_is_pairwise(self) -> RewardModelStage:
+        if self.loss == "plackett_luce" and self.train.margin_column is not None:
+            raise ValueError(
+                "train.margin_column is a margin between the two completions of a pair; loss "
+                "plackett_luce ranks all of a prompt's completions at once and takes none: remove "
+                "margin_column or use loss: bradley_terry"
+            )
+        return self

@@ -1,4 +1,5 @@
-"""Reward-model training (book ch.5): Bradley-Terry loss on a scalar head over the policy's backbone.
+"""Reward-model training (book ch.5): Bradley-Terry (or Plackett-Luce) loss on a scalar head over the
+policy's backbone.
 
 The model comes from :func:`rlhf_core.modeling.reward_model.build_reward_model` (zero score head, so
 the loss is ln 2 at initialisation); held-out evaluation is
@@ -10,6 +11,9 @@ optimizer step, prompts are split into micro-batches by length (the step's loss 
 the split). By default the distinct completions of a prompt are scored in one row that holds the
 prompt once (:mod:`rlhf_core.modeling.shared_prefix`): the same rewards and gradients as one row per
 sequence, with each prompt processed once instead of twice per pair.
+
+With ``loss="plackett_luce"`` a prompt's pairs become one ranking of its distinct completions
+(:mod:`rlhf_core.training.reward_model.listwise`), checked before training starts.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.evaluation.reward_model import evaluate_reward_model
-from rlhf_core.losses.reward_model import bradley_terry_loss, pairwise_accuracy
+from rlhf_core.losses.reward_model import bradley_terry_loss, pairwise_accuracy, plackett_luce_loss
 from rlhf_core.modeling.models import load_tokenizer
 from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs, group_pairs
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
+from rlhf_core.spec.stages.reward_model import RewardLoss
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import (
     TOKENS,
@@ -39,6 +44,7 @@ from rlhf_core.training.engine.loop import (
     run_optimizer_steps,
 )
 from rlhf_core.training.engine.result import TrainingResult
+from rlhf_core.training.reward_model.listwise import prompt_ranking, ranked_rewards
 
 HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
 
@@ -67,6 +73,9 @@ class RewardModelSettings(Protocol):
     @property
     def train(self) -> RewardTrainSpec: ...
 
+    @property
+    def loss(self) -> RewardLoss: ...
+
 
 @dataclass(frozen=True)
 class RewardModelInputs:
@@ -93,7 +102,7 @@ def fit_reward_model(
     model = build_reward_model(inputs.policy_dir, tokenizer, revision=inputs.revision)
     trained, result = train_reward_model(
         model, tokenizer, inputs.train_rows, stage.train, seed=env.seed, checkpoint_dir=env.checkpoint_dir,
-        source=f"stage '{env.stage}' ({inputs.data_name} train split)", log=env.log,
+        source=f"stage '{env.stage}' ({inputs.data_name} train split)", log=env.log, loss_name=stage.loss,
     )  # fmt: skip
     if inputs.eval_rows is not None:
         result.heldout = evaluate_reward_model(trained, tokenizer, inputs.eval_rows, stage.train)
@@ -107,12 +116,17 @@ def pairs_loss(
     pad_token_id: int,
     device: torch.device,
     shared_prefix: bool = True,
+    loss_name: RewardLoss = "bradley_terry",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """BT loss over the prompts in ``groups`` (all their completions scored in one forward pass)."""
+    """The loss over the prompts in ``groups`` (all their completions scored in one forward pass): BT
+    over their pairs, or Plackett-Luce over each prompt's ranking."""
     r_c, r_r, processed = pair_rewards(model, groups, pad_token_id, device, shared_prefix)
-    prompt_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.chosen], device=device)
-    margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=r_c.dtype)
-    loss = bradley_terry_loss(r_c, r_r, margin=margin, prompt_ids=prompt_ids)
+    if loss_name == "plackett_luce":
+        loss = plackett_luce_loss(*ranked_rewards(r_c, r_r, [prompt_ranking(g) for g in groups]))
+    else:
+        prompt_ids = torch.tensor([i for i, g in enumerate(groups) for _ in g.chosen], device=device)
+        margin = torch.tensor([m for g in groups for m in g.margins], device=device, dtype=r_c.dtype)
+        loss = bradley_terry_loss(r_c, r_r, margin=margin, prompt_ids=prompt_ids)
     return loss, {
         "accuracy": float(pairwise_accuracy(r_c, r_r)),
         "margin": float((r_c - r_r).detach().mean()),
@@ -132,8 +146,10 @@ def train_reward_model(
     checkpoint_dir: Path,
     source: str = "preferences",
     log: LogFn | None = None,
+    loss_name: RewardLoss = "bradley_terry",
 ) -> tuple[PreTrainedModel, RewardModelResult]:
-    """Train ``model`` (from ``build_reward_model``) on preference rows (prompt, chosen, rejected)."""
+    """Train ``model`` (from ``build_reward_model``) on preference rows (prompt, chosen, rejected) with
+    the Bradley-Terry or the Plackett-Luce loss."""
     torch.manual_seed(seed)
     groups, skipped = group_pairs(
         records, tokenizer, max_length=cfg.max_length, on_overlong=cfg.on_overlong,
@@ -141,6 +157,9 @@ def train_reward_model(
     )  # fmt: skip
     if not groups:
         raise OverlongPairError(f"{source}: no preference pair fits in max_length {cfg.max_length}")
+    if loss_name == "plackett_luce":
+        for group in groups:  # every prompt's pairs give one order, or training does not start
+            prompt_ranking(group, source)
     random.Random(seed).shuffle(groups)
     steps_per_epoch, total_steps = plan_steps(len(groups), cfg)
 
@@ -158,7 +177,7 @@ def train_reward_model(
         # all of them, or this rank's share (weights use the whole step); sharded: plus zero-weighted repeats
         for part, counts in ctx.share(micro):
             loss, stats = ctx.forward(
-                pairs_loss, model, part, tokenizer.pad_token_id, ctx.device, cfg.shared_prefix
+                pairs_loss, model, part, tokenizer.pad_token_id, ctx.device, cfg.shared_prefix, loss_name
             )
             weight = len(part) / n_step  # each prompt weighs the same across micro-batches
             if not counts:
