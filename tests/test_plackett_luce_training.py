@@ -36,8 +36,8 @@ def policy_dir(tmp_path_factory):
 
 
 def _kwise_rows(row: dict, texts: list[str]) -> list[dict]:
-    """All C(K, 2) pairs of ``texts`` (best first), the later-listed pairs first and some sides swapped
-    in the row order, so the ranking has to come from the pairs rather than from row positions."""
+    """All C(K, 2) pairs of ``texts`` (best first), in reverse order, so that the first row's chosen is
+    not the best completion: the ranking has to come from the pairs, not from row positions."""
     pairs = [{"prompt": row["prompt"], "chosen": c, "rejected": r} for c, r in combinations(texts, 2)]
     return pairs[::-1]
 
