@@ -139,9 +139,9 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_does(policy_dir, p
 
 def test_unknown_loss_option_fails_when_the_stage_is_declared():
     """Checked by the spec against the losses' table, before any data or model is loaded."""
-    with pytest.raises(ValidationError, match=r"alpha: loss 'ipo' has no such option \(it takes: none\)"):
+    with pytest.raises(ValidationError, match=r"alpha: loss 'dpo' has no such option \(it takes: none\)"):
         DirectAlignmentStage(
-            kind="direct_alignment", policy="p", data="d.preferences", loss="ipo", loss_options={"alpha": 1.0}
+            kind="direct_alignment", policy="p", data="d.preferences", loss="dpo", loss_options={"alpha": 1.0}
         )
 
 
