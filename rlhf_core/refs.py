@@ -12,8 +12,13 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetKind = Literal["sft", "preference", "prompts", "completions", "unpaired_preference"]
-ModelRole = Literal["policy", "reward", "value"]
+# outcome: (prompt, completion, correct) rows for outcome reward models; step_labels: solutions split
+# into steps with a label per step, for process reward models (book ch.5).
+DatasetKind = Literal[
+    "sft", "preference", "prompts", "completions", "unpaired_preference", "outcome", "step_labels"
+]
+# judge: a causal LM fine-tuned to give verdicts (a generative reward model, book ch.5)
+ModelRole = Literal["policy", "reward", "value", "judge"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 MODEL_ROLES: tuple[str, ...] = get_args(ModelRole)
 

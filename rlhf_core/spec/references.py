@@ -91,6 +91,8 @@ PreferenceData = Annotated[str, dataset_output("preference")]
 PromptsData = Annotated[str, dataset_output("prompts")]
 CompletionsData = Annotated[str, dataset_output("completions")]
 UnpairedPreferenceData = Annotated[str, dataset_output("unpaired_preference")]
+OutcomeData = Annotated[str, dataset_output("outcome")]
+StepLabelData = Annotated[str, dataset_output("step_labels")]
 EvalReport = Annotated[str, REPORT]
 
 
