@@ -100,7 +100,7 @@ def test_an_importable_module_is_named_by_module_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("function", "options", "message"),
     [
-        ("missing.py:score", {}, r"reward file .*missing.py does not exist"),
+        ("missing.py:score", {}, r"Python file .*missing.py \(of a function reference\) does not exist"),
         ("rewards.py:nothing", {}, r"has no function 'nothing' \(functions there: explode, gsm8k_correct"),
         ("rewards.py:LIMIT", {}, r"rewards.py:LIMIT is a int, not a function"),
         ("rewards.py:no_row", {}, r"takes \(completion\); expected \(completion, row, \*\*options\)"),
@@ -130,7 +130,7 @@ def test_a_file_that_fails_to_import_is_reported_in_one_line(task_dir, tiny_spec
     with pytest.raises(SpecError) as info:
         parse_spec(tiny_spec_dict, base_dir=task_dir)
     text = str(info.value)
-    assert "stage 'eval': verifier: reward file" in text
+    assert "stage 'eval': verifier: Python file" in text
     assert "broken.py failed to import: JSONDecodeError: Expecting property name" in text
 
 

@@ -132,7 +132,7 @@ def _load_file_module(path: Path) -> ModuleType:
     again too); the helpers are imported afresh from its folder (another folder's module of the same
     name is not reused)."""
     if not path.is_file():
-        raise UserError(f"reward file {path} does not exist")
+        raise UserError(f"Python file {path} (of a function reference) does not exist")
     digest = _files_digest([path, *local_helpers(path)], path.parent)
     with _modules_lock:
         if (path, digest) in _loaded_files:
@@ -151,7 +151,7 @@ def _load_file_module(path: Path) -> ModuleType:
             spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise UserError(f"reward file {path} failed to import: {_one_line(exc)}") from None
+            raise UserError(f"Python file {path} failed to import: {_one_line(exc)}") from None
         finally:
             sys.path.remove(str(path.parent))
         _loaded_files[(path, digest)] = module
