@@ -220,3 +220,37 @@ def test_resume_after_an_interruption_is_exact(models, tmp_path) -> None:
         (resumed.state_dict()[n] - v).abs().max().item() for n, v in reference.state_dict().items()
     )
     assert difference < 1e-5
+
+
+# --- through the flow -----------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_pipeline_distils_its_sft_model_into_the_base_model(
+    tmp_path, tiny_spec_dict, prefect_api_url
+) -> None:
+    from mlflow import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    tiny_spec_dict["name"] = "kd"
+    stages = tiny_spec_dict["stages"]
+    del stages["rm"], stages["eval"]
+    stages["distill"] = {
+        "kind": "distill", "student": "base", "teacher": "sft", "data": "data.sft",
+        "loss": "jsd", "top_k": 20,
+        "train": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_rows": 16},
+    }  # fmt: skip
+    home = tmp_path / "home"
+    outcomes = {o.stage: o for o in run_pipeline(parse_spec(tiny_spec_dict), home=str(home))}
+
+    distilled = outcomes["distill"]
+    assert distilled.status == "ran" and distilled.registered == "kd-distill v1"
+    assert distilled.outputs["model"].role == "policy"
+    assert distilled.metrics["eval_divergence_after"] < distilled.metrics["eval_divergence_before"]
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("kd-distill", "1")
+    assert version.tags["rlhf.role"] == "policy"
+    assert version.tags["rlhf.upstream_models"] == "kd-base:1"  # the student it was trained from
+    assert version.tags["rlhf.teacher_model"] == "kd-sft:1"
+    assert version.tags["rlhf.dataset_digests"] == f"data.sft={outcomes['data'].outputs['sft'].digest}"
