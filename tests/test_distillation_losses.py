@@ -16,6 +16,7 @@ from rlhf_core.losses.distillation import (
     token_divergence,
     top_k_token_divergence,
 )
+from rlhf_core.losses.distillation_table import DIVERGENCE_NAMES
 
 Q = [0.5, 0.3, 0.2]  # teacher next-token distribution on a 3-token vocabulary
 P = [0.2, 0.2, 0.6]  # student
@@ -206,3 +207,7 @@ def test_gradients_reach_the_student_only(divergence) -> None:
     student.grad = None
     distillation_loss(top_k_token_divergence(student, top, mask, divergence=divergence), mask).backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
+
+
+def test_the_spec_names_exactly_the_implemented_divergences() -> None:
+    assert tuple(DIVERGENCES) == DIVERGENCE_NAMES == ("forward_kl", "reverse_kl", "jsd")

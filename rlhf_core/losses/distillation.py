@@ -46,15 +46,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
+from rlhf_core.losses.distillation_table import DEFAULT_JSD_BETA, DEFAULT_TOP_K, Divergence
 from rlhf_core.losses.masking import masked_mean
-
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
-DEFAULT_TOP_K = 20  # the book's companion code keeps the teacher's top 20 tokens plus a tail bucket
-DEFAULT_JSD_BETA = 0.5  # GKD's symmetric middle
 
 
 def kl_divergence(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:

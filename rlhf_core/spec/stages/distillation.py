@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf_core.losses.distillation import DEFAULT_JSD_BETA
+from rlhf_core.losses.distillation_table import DEFAULT_JSD_BETA, DEFAULT_TOP_K, Divergence
 from rlhf_core.spec.base import StageSpec
 from rlhf_core.spec.references import PolicyModel, RefType, SFTData, model_output
 from rlhf_core.spec.stages.supervised import SFTTrainSpec
@@ -53,7 +53,7 @@ class DistillStage(StageSpec):
             "sft output of a rejection_sampling stage over teacher samples."
         )
     )
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+    loss: Divergence = Field(
         default="forward_kl",
         description=(
             "Divergence per completion token: forward_kl = KL(teacher || student) (word-level KD up to the "
@@ -77,7 +77,7 @@ class DistillStage(StageSpec):
         ge=1,
         description=(
             "Keep only the teacher's k likeliest tokens plus one tail bucket (the book's companion uses "
-            "20); null: the full vocabulary."
+            f"{DEFAULT_TOP_K}); null: the full vocabulary."
         ),
     )
     sft_weight: float = Field(
