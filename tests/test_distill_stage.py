@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.errors import UserError
@@ -23,8 +29,10 @@ from rlhf_core.training.distillation.trainer import (
     mean_token_divergence,
     train_distill,
 )
+from rlhf_core.training.engine.checkpoint import STATE_FILE
 from rlhf_core.training.sft.trainer import train_sft
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDENT = TinyModelSource(hidden_size=32, layers=1, heads=2, vocab_size=320)
 TEACHER = TinyModelSource(hidden_size=64, layers=2, heads=2, vocab_size=320)
 RECORDS = synthetic_records("arithmetic", "sft", n=48, seed=0)
@@ -220,6 +228,93 @@ def test_resume_after_an_interruption_is_exact(models, tmp_path) -> None:
         (resumed.state_dict()[n] - v).abs().max().item() for n, v in reference.state_dict().items()
     )
     assert difference < 1e-5
+
+
+RESUME_SCRIPT = """
+import sys, time
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from rlhf_core.data.synthetic import synthetic_records
+from rlhf_core.spec.stages.distillation import DistillStage
+from rlhf_core.stage_environment import StageEnvironment
+from rlhf_core.training.distillation.trainer import DistillInputs, distill_student
+
+mode, student_dir, teacher_dir, work, out = sys.argv[1:6]
+settings = DistillStage.model_validate_json(sys.argv[6])
+
+
+def block_after_first_checkpoint(metrics, step):
+    if step > settings.train.checkpoint_every:  # checkpoint k is on disk once step k+1 is logged
+        Path(out).write_text(str(step))
+        time.sleep(600)  # wait here to be killed
+
+
+if mode == "resume":
+    print("ready", flush=True)
+    sys.stdin.readline()  # train only once the interrupted run is dead
+log = block_after_first_checkpoint if mode == "interrupt" else (lambda metrics, step: None)
+env = StageEnvironment("distill", 0, Path(work), Path(work) / "cache", Path(work) / "checkpoints", log=log)
+rows = synthetic_records("arithmetic", "sft", n=48, seed=0)[:32]
+result = distill_student(settings, DistillInputs(student_dir, None, teacher_dir, None, rows), env)
+save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, out)
+print("resumed_from_step", result.resumed_from_step, flush=True)
+"""
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"training subprocess exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for the training subprocess:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_the_stage_resumes_exactly_after_a_sigkill(models, tmp_path) -> None:
+    student, teacher, tokenizer = models
+    student_dir, teacher_dir = (
+        save_model(student, tokenizer, tmp_path / "s"),
+        save_model(teacher, tokenizer, tmp_path / "t"),
+    )
+    settings = stage(loss="jsd", top_k=20, sft_weight=0.5)
+    inputs = DistillInputs(str(student_dir), None, str(teacher_dir), None, TRAIN)
+    reference = distill_student(
+        settings, inputs, StageEnvironment.local("distill", 0, tmp_path / "ref")
+    ).model
+
+    script = tmp_path / "distil.py"
+    script.write_text(RESUME_SCRIPT)
+    work, marker, final = tmp_path / "work", tmp_path / "blocked", tmp_path / "final.safetensors"
+    checkpoint = work / "checkpoints" / f"step-{CFG.checkpoint_every}" / STATE_FILE
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    args = [str(student_dir), str(teacher_dir), str(work)]
+    logs = [tmp_path / "interrupted.log", tmp_path / "resumed.log"]
+    with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
+        victim = subprocess.Popen(
+            [sys.executable, str(script), "interrupt", *args, str(marker), settings.model_dump_json()],
+            cwd=REPO_ROOT, env=env, stdout=err0, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        resumer = subprocess.Popen(  # imports torch while the first one trains
+            [sys.executable, str(script), "resume", *args, str(final), settings.model_dump_json()],
+            cwd=REPO_ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err1,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: marker.exists() and checkpoint.exists(), victim, logs[0])
+            victim.send_signal(signal.SIGKILL)
+            assert victim.wait(timeout=30) == -signal.SIGKILL
+            out, _ = resumer.communicate("go\n", timeout=120)
+        finally:
+            for process in (victim, resumer):
+                if process.poll() is None:
+                    process.kill()
+    assert resumer.returncode == 0, logs[1].read_text()[-3000:]
+    assert out.splitlines()[-1] == f"resumed_from_step {CFG.checkpoint_every}"
+    resumed = load_file(final)
+    assert max((resumed[k] - v).abs().max().item() for k, v in reference.state_dict().items()) < 1e-5
 
 
 # --- through the flow -----------------------------------------------------------------------------
