@@ -25,7 +25,8 @@ do not).
 Top-k plus tail (``top_k_token_divergence``): only the teacher's k most likely tokens' log-probs and
 ids (k = 20 in the book's companion code), plus one tail bucket log(1 - sum of those k probabilities);
 the student's distribution is read at the same k ids plus its own tail bucket. Both are then
-distributions over k + 1 outcomes and the divergence is taken between those. The teacher's full
+distributions over k + 1 outcomes and the divergence is taken between those (the companion's SDPO
+loss is ``reverse_kl`` in this form). The teacher's full
 vocabulary is never needed in the student's pass (its top-k can be precomputed: ``teacher_top_k``).
 Tails below the float type's epsilon count as epsilon, so k = vocabulary size (tail mass 0 up to
 rounding) gives the full-vocabulary value without a log(0).
