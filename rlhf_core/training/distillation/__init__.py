@@ -1,0 +1,1 @@
+"""Offline token-level knowledge distillation (book ch.12)."""
