@@ -55,6 +55,7 @@ RELATION_TAGS = {
     "rlhf.reference_model": "reference",
     "rlhf.reward_models": "reward model",
     "rlhf.value_model_init": "value model init",
+    "rlhf.teacher_model": "teacher",
 }
 REF_FORMS = (
     "models:/<name>@<alias>, models:/<name>/<version>, <name>:<version> or <name> (its champion, else its "
