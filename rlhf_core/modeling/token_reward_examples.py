@@ -69,7 +69,7 @@ OBJECTIVES: dict[str, Callable[[torch.Tensor, TokenBatch], torch.Tensor]] = {
     "token": lambda logits, b: orm_token_loss(logits[..., 0], b.outcome, b.mask),
     "sequence": lambda logits, b: orm_sequence_loss(logits[..., 0], b.outcome, b.mask),
     "binary": lambda logits, b: prm_binary_loss(logits[..., 0], (b.labels == 1).float(), b.mask),
-    "three_class": prm_three_class_loss,
+    "three_class": lambda logits, b: prm_three_class_loss(logits, b.labels, b.mask),
 }
 PER_STEP = {"binary", "three_class"}  # PRM objectives: a step's loss averages labelled steps
 
