@@ -172,6 +172,7 @@ def test_heldout_figures_at_initialisation(policy):
 
 def test_stage_spec_defaults_and_refusals():
     stage = _stage()
+    assert stage.separator == DEFAULT_SEPARATOR  # the spec (torch-free) and the model module agree
     assert (stage.labels, stage.separator, stage.train.lr) == ("binary", "\n<step>\n", 5e-5)
     assert stage.train.batch_size * stage.train.grad_accum == 16 and stage.train.schedule == "constant"
     assert stage.train.max_solution_steps == 12
