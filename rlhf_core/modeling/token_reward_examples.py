@@ -54,6 +54,7 @@ class TokenBatch:
 
 
 def collate(examples: list[LabelledTokens], pad_token_id: int) -> TokenBatch:
+    """Right-pad ``examples`` into one batch; labels sit at their positions (the ORM's r also per row)."""
     ids, real = pad_rows([e.ids for e in examples], pad_token_id)
     mask = torch.zeros_like(real)
     labels = torch.zeros(real.shape, dtype=torch.float32)
