@@ -135,6 +135,19 @@ def test_options_a_model_does_not_take_fail_naming_the_source(policy, tmp_path):
         load_reward_model_scorer(orm, {"aggregation": "weighted"}, source="rm:orm")
 
 
+def test_last_m_alone_is_an_orms_default_aggregation(policy, tmp_path):
+    source = RewardSourceSpec(model="orm", options={"last_m": 2})
+    orm = _saved(policy, tmp_path, kind="outcome")
+    by_default = load_reward_model_scorer(orm, source.options, source=source.name)(PAIRS)
+    explicit = load_reward_model_scorer(orm, {"aggregation": "last_m", "last_m": 2})(PAIRS)
+    assert by_default == explicit
+    prm = _saved(policy, tmp_path / "p", kind="process")
+    with pytest.raises(
+        UserError, match="reward source 'rm:prm': last_m goes with aggregation last_m, not 'min'"
+    ):
+        load_reward_model_scorer(prm, {"last_m": 2}, source="rm:prm")
+
+
 def test_the_spec_checks_a_model_sources_options():
     source = RewardSourceSpec(model="prm", options={"aggregation": "weighted"})
     assert model_source_options([source, RewardSourceSpec(function="arithmetic_exact")]) == {

@@ -103,5 +103,5 @@ def _check_model_options(options: dict[str, Any]) -> None:
         last_m = options["last_m"]
         if type(last_m) is not int or last_m < 1:
             raise ValueError(f"options.last_m: a whole number of tokens >= 1, got {last_m!r}")
-        if aggregation != "last_m":
+        if aggregation not in (None, "last_m"):  # left out: an ORM's default, last_m
             raise ValueError("options.last_m goes with aggregation: last_m")
