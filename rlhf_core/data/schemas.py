@@ -31,6 +31,11 @@
 - ``unpaired_preference`` (KTO, book ch.8): ``prompt`` x as above, one ``completion`` y (a string or
   one assistant message) and a ``label``: True/1 if y is desirable, False/0 if not (thumbs up/down).
   :func:`unpaired_parts` normalises a row.
+- ``outcome`` (outcome reward models, book ch.5): ``prompt`` x as above, one ``completion`` y and
+  ``correct``: True/1 if y's final answer is right, False/0 if not. :func:`outcome_parts` normalises it.
+- ``step_labels`` (process reward models, book ch.5): ``prompt`` x, ``steps`` (a list of non-empty
+  strings, the solution one step each) and ``labels`` (as many as steps): 0/1 (bad/good) or the PRM800K
+  ratings -1/0/+1 (bad/neutral/good).
 - ``prompts``: ``prompt`` x, optionally a reference ``answer`` (text, or a list of accepted answers)
   for verifiable rewards. Every other column (test cases, a schema, a rubric) is kept: reward
   functions and verifiers receive the whole row.
@@ -51,7 +56,7 @@ from rlhf_core.data.tool_messages import (
 )
 from rlhf_core.errors import UserError
 
-DatasetFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
+DatasetFormat = Literal["sft", "preference", "prompts", "unpaired_preference", "outcome", "step_labels"]
 
 # The column sets a file of each format may have: all columns of at least one set.
 REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -60,6 +65,8 @@ REQUIRED_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "prompts": (("prompt",),),
     "unpaired_preference": (("prompt", "completion", "label"),),
+    "outcome": (("prompt", "completion", "correct"),),
+    "step_labels": (("prompt", "steps", "labels"),),
 }
 
 ROLES = ("system", "user", "assistant")
@@ -355,6 +362,55 @@ def unpaired_parts(row: dict) -> UnpairedParts:
     return UnpairedParts(prompt_messages(row["prompt"]), reply_text(row["completion"]), bool(row["label"]))
 
 
+class OutcomeParts(NamedTuple):
+    """An outcome row whatever its shape."""
+
+    prompt: list[dict]  # x as chat messages
+    completion: str  # y
+    correct: bool  # r: is y's final answer right
+
+
+def _check_correct(value: Any) -> Problem | None:
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return None
+    return "correct", f"true or false (is the completion's answer right?), or 1 or 0, got {value!r}"
+
+
+def _check_outcome(row: dict) -> Problem | None:
+    return (
+        _check_prompt(row.get("prompt"))
+        or _check_reply(row.get("completion"), "completion")
+        or _check_correct(row.get("correct"))
+    )
+
+
+def outcome_parts(row: dict) -> OutcomeParts:
+    """(x as messages, y, correct) of a valid ``outcome`` row; a 0/1 label becomes a bool."""
+    return OutcomeParts(prompt_messages(row["prompt"]), reply_text(row["completion"]), bool(row["correct"]))
+
+
+STEP_LABEL_VALUES = (-1, 0, 1)
+
+
+def _check_step_labels(row: dict) -> Problem | None:
+    if (problem := _check_prompt(row.get("prompt"))) is not None:
+        return problem
+    steps, labels = row.get("steps"), row.get("labels")
+    if not isinstance(steps, list) or not steps:
+        return "steps", f"a non-empty list of strings (one per solution step), got {steps!r:.80}"
+    for i, step in enumerate(steps):
+        if not _is_nonempty_str(step):
+            return f"steps[{i}]", f"a non-empty string, got {step!r:.80}"
+    if not isinstance(labels, list):
+        return "labels", f"a list with one label per step, got {labels!r:.80}"
+    if len(labels) != len(steps):
+        return "labels", f"one label per step: {len(steps)} steps but {len(labels)} labels"
+    for i, label in enumerate(labels):
+        if type(label) is not int or label not in STEP_LABEL_VALUES:
+            return f"labels[{i}]", f"0 or 1 (bad/good), or -1, 0, +1 (bad/neutral/good), got {label!r}"
+    return None
+
+
 def _check_prompts(row: dict) -> Problem | None:
     if not _is_nonempty_str(row.get("prompt")):
         return "prompt", f"a non-empty string, got {row.get('prompt')!r}"
@@ -375,6 +431,8 @@ _CHECKS = {
     "preference": _check_preference,
     "prompts": _check_prompts,
     "unpaired_preference": _check_unpaired,
+    "outcome": _check_outcome,
+    "step_labels": _check_step_labels,
 }
 
 

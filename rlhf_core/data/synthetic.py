@@ -1,7 +1,9 @@
 """A deterministic synthetic arithmetic task with a verifiable answer.
 
 Offline pipelines and tests need data that needs no download and whose rewards can be
-checked exactly: "What is 7 + 12?" -> "7 + 12 = 19. The answer is 19."
+checked exactly: "What is 7 + 12?" -> "7 + 12 = 19. The answer is 19." For outcome and process reward
+models (book ch.5) the same problems are also solved step by step (``solution_steps``), right or with a
+wrong step, and labelled.
 """
 
 from __future__ import annotations
@@ -114,6 +116,61 @@ def to_unpaired_record(p: ArithmeticProblem, rng: random.Random) -> dict[str, An
     return {"prompt": p.question, "completion": pair["chosen"] if label else pair["rejected"], "label": label}
 
 
+def solution_steps(p: ArithmeticProblem, error_at: int | None = None, offset: int = 0) -> list[str]:
+    """A worked solution one step per item: the second operand split into tens and units, then the
+    answer. ``error_at`` (0-based, a computing step) gets a result off by ``offset``; later steps compute
+    correctly from the wrong value, so the final answer is wrong too.
+
+    ``7 + 12`` -> ``["7 + 10 = 17", "17 + 2 = 19", "The answer is 19."]``; ``7 * 12`` -> ``["7 * 10 = 70",
+    "7 * 2 = 14", "70 + 14 = 84", "The answer is 84."]``.
+    """
+    left, op, right = p.expression.split(" ")
+    a, b = int(left), int(right)
+    tens, units = b - b % 10, b % 10
+    results: list[int] = []
+
+    def step(x: int, symbol: str, y: int) -> str:
+        value = _OPERATIONS[symbol](x, y) + (offset if len(results) == error_at else 0)
+        results.append(value)
+        return f"{x} {symbol} {y} = {value}"
+
+    if op == "*":
+        steps = [step(a, "*", tens), step(a, "*", units)]
+        steps.append(step(results[0], "+", results[1]))
+    else:
+        steps = [step(a, op, tens)]
+        steps.append(step(results[0], op, units))
+    return [*steps, f"The answer is {results[-1]}."]
+
+
+def _wrong_step(p: ArithmeticProblem, rng: random.Random) -> tuple[int, int]:
+    """(index of a computing step to get wrong, offset of its result)."""
+    computing = 3 if p.expression.split(" ")[1] == "*" else 2
+    return rng.randrange(computing), rng.choice([-3, -2, -1, 1, 2, 3])
+
+
+def to_outcome_records(p: ArithmeticProblem, rng: random.Random) -> list[dict[str, Any]]:
+    """Two outcome rows of a problem: its worked solution (correct) and one with a wrong step (not)."""
+    wrong = "\n".join(solution_steps(p, *_wrong_step(p, rng)))
+    assert not is_correct(wrong, p.answer)
+    return [
+        {"prompt": p.question, "completion": "\n".join(solution_steps(p)), "correct": True},
+        {"prompt": p.question, "completion": wrong, "correct": False},
+    ]
+
+
+def to_step_label_record(p: ArithmeticProblem, rng: random.Random) -> dict[str, Any]:
+    """A worked solution with step labels: all good (+1), or, half the time, a wrong step from which on
+    every step is bad (-1; the PRM800K ratings, so both binary and three-class heads can train on it)."""
+    if rng.random() < 0.5:
+        steps = solution_steps(p)
+        return {"prompt": p.question, "steps": steps, "labels": [1] * len(steps)}
+    error_at, offset = _wrong_step(p, rng)
+    steps = solution_steps(p, error_at, offset)
+    labels = [1 if i < error_at else -1 for i in range(len(steps))]
+    return {"prompt": p.question, "steps": steps, "labels": labels}
+
+
 def arithmetic_corpus(n: int, seed: int) -> list[str]:
     """Plain text lines (each question, then its solution) for training a tokenizer."""
     lines = []
@@ -135,8 +192,15 @@ def arithmetic_records(fmt: DatasetFormat, n: int, seed: int, **kwargs: Any) -> 
     if fmt == "unpaired_preference":
         rng = random.Random(f"{seed}-unpaired")
         return [to_unpaired_record(p, rng) for p in problems]
+    if fmt == "outcome":
+        rng = random.Random(f"{seed}-outcome")
+        return [row for p in problems for row in to_outcome_records(p, rng)]
+    if fmt == "step_labels":
+        rng = random.Random(f"{seed}-step-labels")
+        return [to_step_label_record(p, rng) for p in problems]
     raise ValueError(
-        f"unknown dataset format {fmt!r}; expected 'sft', 'preference', 'prompts' or 'unpaired_preference'"
+        f"unknown dataset format {fmt!r}; expected 'sft', 'preference', 'prompts', 'unpaired_preference', "
+        "'outcome' or 'step_labels'"
     )
 
 

@@ -39,7 +39,12 @@ from rlhf_core.evaluation.pass_at_k import pass_at_k_metrics, sample_and_verify
 from rlhf_core.evaluation.statistics import interval_metrics
 from rlhf_core.judging.endpoint_stage_judges import reward_scorers
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import ModelScorer, reward_metric_means, score_completions
+from rlhf_core.rewards.composite import (
+    ModelScorer,
+    model_source_options,
+    reward_metric_means,
+    score_completions,
+)
 from rlhf_core.rewards.functions import RewardFunction
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rewards.scorers import reads_columns, verifier_function
@@ -112,9 +117,13 @@ def evaluate_model(
     metrics = result.metrics
     if eval_rows:  # the model's own forward: never through an engine
         metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length, seed=seed))
-    scorers = load_reward_model_scorers(reward_model_dirs) if reward_model_dirs else {}
+    sources = (*answer_sources(stage), *(stage.best_of_n.rewards if stage.best_of_n else ()))
+    scorers = (
+        load_reward_model_scorers(reward_model_dirs, model_source_options(sources))
+        if reward_model_dirs
+        else {}
+    )
     if cache_dir is not None:  # judges behind endpoints among the reward sources (verdicts cached there)
-        sources = (*answer_sources(stage), *(stage.best_of_n.rewards if stage.best_of_n else ()))
         scorers |= reward_scorers(sources, cache_dir, stage_name)
     with open_evaluation_engine(
         stage, model, tokenizer, generates=bool(prompt_rows), stage_name=stage_name,

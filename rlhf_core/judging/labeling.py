@@ -24,7 +24,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_stage_judges import judge_cache, label_with_endpoint, reward_scorers
 from rlhf_core.judging.policy_judge import judge_pairs, open_policy_judge
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
-from rlhf_core.rewards.composite import score_completions
+from rlhf_core.rewards.composite import model_source_options, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.spec import LabelPreferencesStage
 from rlhf_core.stage_environment import StageEnvironment
@@ -88,7 +88,8 @@ def judge_with_rewards(
     stage_name: str,
 ) -> tuple[PairingReport, list[str]]:
     """Score every completion with the stage's reward sources, then pair by score."""
-    scorers = load_reward_model_scorers(judge_dirs) | reward_scorers(stage.judge, cache_dir, stage_name)
+    scorers = load_reward_model_scorers(judge_dirs, model_source_options(stage.judge))
+    scorers |= reward_scorers(stage.judge, cache_dir, stage_name)
     judged, problems = score_completions(rows, stage.judge, scorers, on_invalid="skip", stage=stage_name)
     scored = [{**r, "judge_score": r["reward"]} for r in judged]
     report = label_pairs(

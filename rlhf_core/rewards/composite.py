@@ -34,7 +34,7 @@ class RewardSource(Protocol):
     @property
     def function(self) -> str | None: ...  # a registered name or a reference; None: a reward model
     @property
-    def options(self) -> dict: ...  # keyword options of the function
+    def options(self) -> dict: ...  # keyword options of the function; a reward model's scoring options
     @property
     def on_error(self) -> str: ...  # 'fail' or 'zero': what a raising function does to its row
     @property
@@ -47,6 +47,12 @@ class RewardValueError(UserError):
 
 class RewardSourceError(UserError):
     """A reward source raised instead of returning a score."""
+
+
+def model_source_options(sources: Sequence[RewardSource]) -> dict[str, dict]:
+    """Scoring options (``aggregation``, ``last_m``) of the reward-model sources among ``sources``, by
+    source name, for :func:`rlhf_core.rewards.reward_model_scoring.load_reward_model_scorers`."""
+    return {s.name: dict(s.options) for s in sources if s.function is None and s.options}
 
 
 def check_finite(value: float, source: str, row: int) -> float:

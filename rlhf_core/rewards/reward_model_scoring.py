@@ -2,7 +2,8 @@
 
 Used for training the reward model (pairs of a prompt scored in one forward pass), for held-out
 evaluation, and as a reward source of the sample, label_preferences and evaluate stages and of
-on-policy loops (``load_reward_model_scorer``). By default the sequences of a prompt are scored in one
+on-policy loops (``load_reward_model_scorer``, which also scores outcome and process reward models,
+:mod:`rlhf_core.rewards.token_reward_scoring`). By default the sequences of a prompt are scored in one
 row that holds the prompt once (:mod:`rlhf_core.modeling.shared_prefix`); that gives the same rewards
 as one right-padded row per sequence.
 """
@@ -125,17 +126,41 @@ def _batches_of_groups(groups: list[list[int]], batch_size: int) -> list[list[li
     return batches
 
 
-def load_reward_model_scorer(directory: str | Path) -> ModelScorer:
+def load_reward_model_scorer(
+    directory: str | Path, options: dict | None = None, source: str = "reward model"
+) -> ModelScorer:
     """A scorer of (prompt, completion) batches with the reward model saved in ``directory``.
 
-    Loaded with plain ``from_pretrained`` (what ``save_model`` wrote: the classifier and its tokenizer,
-    with the pad token the reward was trained with).
+    The saved config says which kind it is: a Bradley-Terry model (a sequence classifier, loaded with
+    plain ``from_pretrained``, with the pad token the reward was trained with) or an outcome/process
+    reward model (a token classifier whose per-token or per-step probabilities are aggregated as the
+    source's ``options`` say, :mod:`rlhf_core.rewards.token_aggregation`). Options a model kind does not
+    take fail naming ``source``.
     """
-    model = AutoModelForSequenceClassification.from_pretrained(directory)
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from rlhf_core.modeling.token_reward_model import reward_kind
+    from rlhf_core.rewards.token_aggregation import check_scoring_options
+    from rlhf_core.rewards.token_reward_scoring import token_reward_scorer
+
+    kind = reward_kind(AutoConfig.from_pretrained(directory))
+    checked = check_scoring_options(kind, dict(options or {}), source)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return lambda pairs: score_pairs(model, tokenizer, pairs)
+    if kind == "bradley_terry":
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        return lambda pairs: score_pairs(model, tokenizer, pairs)
+    return token_reward_scorer(
+        AutoModelForTokenClassification.from_pretrained(directory), tokenizer, kind, checked
+    )
 
 
-def load_reward_model_scorers(directories: dict[str, str]) -> dict[str, ModelScorer]:
-    """Reward source name -> scorer, for the reward models saved in ``directories``."""
-    return {name: load_reward_model_scorer(directory) for name, directory in directories.items()}
+def load_reward_model_scorers(
+    directories: dict[str, str], options: dict[str, dict] | None = None
+) -> dict[str, ModelScorer]:
+    """Reward source name -> scorer, for the reward models saved in ``directories``; ``options`` holds
+    each source's scoring options by name (:func:`rlhf_core.rewards.composite.model_source_options`)."""
+    options = options or {}
+    return {
+        name: load_reward_model_scorer(directory, options.get(name), source=name)
+        for name, directory in directories.items()
+    }

@@ -19,7 +19,13 @@ from typing import Protocol
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.modeling.models import load_model
-from rlhf_core.rewards.composite import ModelScorer, RewardSource, reward_metric_means, score_completions
+from rlhf_core.rewards.composite import (
+    ModelScorer,
+    RewardSource,
+    model_source_options,
+    reward_metric_means,
+    score_completions,
+)
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
 from rlhf_core.rollout.engines.base import RolloutEngine
 from rlhf_core.rollout.engines.opening import VLLMSettings, open_engine
@@ -121,7 +127,8 @@ def sample_and_score(stage: SampleSettings, inputs: SampleInputs, env: StageEnvi
             sampled, tokens, seconds = sample_completions(
                 model, tokenizer, rows, stage.n, stage.generation, env.seed, engine=engine
             )
-    scorers = load_reward_model_scorers(inputs.reward_model_dirs) | inputs.other_scorers
+    options = model_source_options(stage.rewards)
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs, options) | inputs.other_scorers
     kept, problems = score_completions(
         sampled, stage.rewards, scorers, on_invalid=stage.on_invalid_reward, stage=env.stage
     )

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from rlhf_core.errors import UserError
 from rlhf_core.rewards.scorers import check_scorer
+from rlhf_core.rewards.token_aggregation import OUTCOME_AGGREGATIONS, PROCESS_AGGREGATIONS, SCORING_OPTIONS
 from rlhf_core.rewards.user_functions import is_reference, parse_reference
 from rlhf_core.spec.base import Strict
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
@@ -37,7 +38,10 @@ class RewardSourceSpec(Strict):
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Options of the function: a built-in's documented options (defaults filled in), or "
-        "keyword arguments of your function.",
+        "keyword arguments of your function. For an outcome or process reward model: how its per-token "
+        "or per-step probabilities become one score, {aggregation: ..., last_m: m}; ORM: last_m (mean of "
+        "the last m tokens, m = 1 by default), mean, min, product; PRM: min (default), mean, product, "
+        "weighted (step i of K weighs i), last.",
     )
     on_error: Literal["fail", "zero"] = Field(
         default="fail",
@@ -59,9 +63,12 @@ class RewardSourceSpec(Strict):
                 "endpoint: a reward scores each completion alone; give a rubric (mode pointwise), "
                 "not principles"
             )
+        if self.model is not None:
+            _check_model_options(self.options)
+            return self
         if self.function is None:
             if self.options:
-                raise ValueError("options are for a function; a reward model or endpoint takes none")
+                raise ValueError("options are for a function or a reward model; an endpoint takes none")
             return self
         try:
             filled = check_scorer(self.function, self.options)
@@ -80,3 +87,21 @@ class RewardSourceSpec(Strict):
         if self.function is None:
             return f"rm:{self.model}"
         return parse_reference(self.function).short if is_reference(self.function) else self.function
+
+
+def _check_model_options(options: dict[str, Any]) -> None:
+    """A reward model's scoring options: known keys and values. Whether the model's kind takes them is
+    known once it is trained: a Bradley-Terry model given any fails at load time, naming the source."""
+    unknown = sorted(set(options) - set(SCORING_OPTIONS))
+    if unknown:
+        raise ValueError(f"options {unknown} are not a reward model's; it takes {list(SCORING_OPTIONS)}")
+    known = list(dict.fromkeys(OUTCOME_AGGREGATIONS + PROCESS_AGGREGATIONS))
+    aggregation = options.get("aggregation")
+    if aggregation is not None and aggregation not in known:
+        raise ValueError(f"options.aggregation {aggregation!r} is not one of {known}")
+    if "last_m" in options:
+        last_m = options["last_m"]
+        if type(last_m) is not int or last_m < 1:
+            raise ValueError(f"options.last_m: a whole number of tokens >= 1, got {last_m!r}")
+        if aggregation not in (None, "last_m"):  # left out: an ORM's default, last_m
+            raise ValueError("options.last_m goes with aggregation: last_m")

@@ -11,17 +11,20 @@ from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
 from rlhf_core.spec.local_paths import LocalDataPath
 from rlhf_core.spec.references import RefType, dataset_output
 
-RecordFormat = Literal["sft", "preference", "prompts", "unpaired_preference"]
+RecordFormat = Literal["sft", "preference", "prompts", "unpaired_preference", "outcome", "step_labels"]
 OUTPUT_NAME_OF_FORMAT = {
     "sft": "sft",
     "preference": "preferences",
     "prompts": "prompts",
     "unpaired_preference": "unpaired_preferences",
+    "outcome": "outcomes",
+    "step_labels": "step_labels",
 }
 
 
 class SyntheticSource(Strict):
-    """A deterministic synthetic task with a verifiable answer; emits sft, preferences and prompts."""
+    """A deterministic synthetic task with a verifiable answer; emits sft, preferences and prompts (task
+    arithmetic also outcomes and step_labels: worked solutions, right or with a wrong step, labelled)."""
 
     task: Literal["arithmetic", "tool_arithmetic"] = Field(
         default="arithmetic",
@@ -135,7 +138,10 @@ class DataSourceChoice(Strict):
     def outputs(self) -> dict[str, str]:
         """Output name -> dataset kind this source provides."""
         if self.synthetic:
-            return {"sft": "sft", "preferences": "preference", "prompts": "prompts"}
+            base = {"sft": "sft", "preferences": "preference", "prompts": "prompts"}
+            if self.synthetic.task == "arithmetic":  # worked solutions for outcome/process reward models
+                return base | {"outcomes": "outcome", "step_labels": "step_labels"}
+            return base
         return (self.file or self.hub).outputs()  # type: ignore[union-attr]
 
 

@@ -58,7 +58,7 @@ from rlhf_core.errors import UserError
 from rlhf_core.losses.kl import sampled_kl
 from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.modeling.modes import eval_mode
-from rlhf_core.rewards.composite import ModelScorer, score_completions
+from rlhf_core.rewards.composite import ModelScorer, model_source_options, score_completions
 from rlhf_core.rollout.engines.base import RolloutEngine, SamplingRequest
 from rlhf_core.rollout.generation import decode_batch
 from rlhf_core.rollout.token_scoring import encode_prompts, score_tokens
@@ -106,9 +106,10 @@ def load_monitor_inputs(
     for row in records:
         first.setdefault(prompt_key(row["prompt"]), row)
     scorers = dict(loaded or {})
+    options = model_source_options((*proxy, *spec.gold))
     for name, directory in model_dirs.items():
         if name not in scorers:
-            scorers[name] = load_reward_model_scorer(directory)
+            scorers[name] = load_reward_model_scorer(directory, options.get(name), source=name)
     return MonitorInputs(spec, proxy, list(first.values())[: spec.max_prompts], scorers, weights_dir)
 
 

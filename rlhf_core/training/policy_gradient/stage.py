@@ -69,6 +69,7 @@ def optimize_on_rollouts(
 
     from rlhf_core.modeling.models import load_model
     from rlhf_core.modeling.reward_model import build_reward_model
+    from rlhf_core.rewards.composite import model_source_options
     from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
     from rlhf_core.training.policy_gradient.rollouts import reward_function
 
@@ -88,9 +89,9 @@ def optimize_on_rollouts(
         else:  # the policy's backbone, zero head
             value_model = build_reward_model(inputs.policy_dir, revision=inputs.policy_revision)
     monitored = (*stage.monitor_proxy, *stage.monitor.gold) if stage.monitor is not None else ()
-    scorers = load_reward_model_scorers(inputs.reward_model_dirs) | reward_scorers(
-        (*stage.rewards, *monitored), env.cache_dir, env.stage
-    )  # reward models and judges behind endpoints, by source name
+    sources = (*stage.rewards, *monitored)
+    scorers = load_reward_model_scorers(inputs.reward_model_dirs, model_source_options(sources))
+    scorers |= reward_scorers(sources, env.cache_dir, env.stage)  # judges behind endpoints, by source name
     reward_fn = reward_function(stage.rewards, scorers, env.stage)
     monitor_inputs = None
     if stage.monitor is not None:
