@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_core.data.loading import directory_digest, load_records, read_rows, split_records, write_jsonl
-from rlhf_core.data.schemas import validate_records
+from rlhf_core.data.schemas import prompt_key, validate_records
 from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.data.task_presets import task_rows
 from rlhf_core.environments.tool_arithmetic import tool_arithmetic_records
@@ -96,6 +96,27 @@ def read_source_rows(
     return {output: (kind, by_kind[kind]) for output, kind in source.outputs().items()}, problems
 
 
+# Kinds whose rows of one prompt stay in one split: an outcome model's held-out top-1 and pairwise
+# accuracy compare the completions of a prompt, and a prompt seen in training must not be held out.
+PROMPT_GROUPED_KINDS = ("outcome",)
+
+
+def _split_by_prompt(rows: list[dict], fractions: dict[str, float], seed: int) -> dict[str, list[dict]]:
+    """Split the distinct prompts (as :func:`split_records` splits rows) and send every row to its prompt's
+    split, in the rows' order; split sizes count prompts, not rows."""
+    keys = [prompt_key(row["prompt"]) for row in rows]
+    distinct = list(dict.fromkeys(keys))
+    split_of = {
+        key["key"]: name
+        for name, part in split_records([{"key": k} for k in distinct], fractions, seed).items()
+        for key in part
+    }
+    splits: dict[str, list[dict]] = {name: [] for name in fractions}
+    for row, key in zip(rows, keys, strict=True):
+        splits[split_of[key]].append(row)
+    return splits
+
+
 def prepare_dataset(stage: DatasetStage, inputs: NoInputs, env: StageEnvironment) -> PreparedData:
     """Validate and split every output of the stage's source into ``<env.work_dir>/data``; returns
     digests and counts."""
@@ -110,7 +131,11 @@ def prepare_dataset(stage: DatasetStage, inputs: NoInputs, env: StageEnvironment
         if not valid:
             rejected_rows = len(result.problems)
             raise UserError(f"stage '{stage_name}': no valid {kind} rows left ({rejected_rows} rejected)")
-        splits = split_records(valid, dict(stage.splits), seed)
+        splits = (
+            _split_by_prompt(valid, dict(stage.splits), seed)
+            if kind in PROMPT_GROUPED_KINDS
+            else split_records(valid, dict(stage.splits), seed)
+        )
         directory = out_dir / name
         for split, split_rows in splits.items():
             write_jsonl(split_rows, directory / f"{split}.jsonl")

@@ -102,3 +102,30 @@ def test_synthetic_rows_are_valid_deterministic_and_labelled_by_the_verifier(ope
         assert labels == sorted(labels, reverse=True) and set(labels) <= {1, -1}
         assert is_correct(row["steps"][-1], problem["answer"]) == all(v == 1 for v in labels)
     assert {tuple(r["labels"]) == (1,) * len(r["labels"]) for r in steps} == {True, False}
+
+
+def test_a_prompts_outcome_rows_land_in_one_split(tmp_path):
+    """Held-out top-1 and pairwise accuracy compare a prompt's completions: the dataset stage splits the
+    distinct prompts of outcome rows, so no prompt is both trained on and held out."""
+    import json
+
+    from rlhf_core.data.loading import read_jsonl
+    from rlhf_core.dataset_preparation import prepare_dataset
+    from rlhf_core.stage_environment import NoInputs, StageEnvironment
+
+    rows = [
+        {"prompt": f"What is {i} + 1?", "completion": f"The answer is {i + 1 + wrong}.", "correct": not wrong}
+        for i in range(20)
+        for wrong in (0, 1, 2)[: 1 + i % 3]  # one to three completions per prompt
+    ]
+    path = tmp_path / "outcomes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = DatasetStage.model_validate(
+        {"kind": "dataset", "source": {"file": {"path": str(path), "format": "outcome"}},
+         "splits": {"train": 0.7, "eval": 0.3}}
+    )  # fmt: skip
+    out = prepare_dataset(stage, NoInputs(), StageEnvironment.local("data", 0, tmp_path)).outputs["outcomes"]
+    train, held = (read_jsonl(out.directory / f"{s}.jsonl") for s in ("train", "eval"))
+    assert len(train) + len(held) == len(rows)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
+    assert len({r["prompt"] for r in held}) == 6  # 30% of the 20 prompts
