@@ -3,12 +3,10 @@ its refusals, a real tiny policy revising its own answers, and an endpoint criti
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from scripted_chat_server import ScriptedChatServer, scripted_chat_server
 
 from rlhf_core.judging.constitutional import (
     ConstitutionalInputs,
@@ -186,42 +184,10 @@ def test_a_tiny_policy_revises_its_own_answers_and_the_rows_carry_the_chain(poli
 # --- an endpoint critic on a real HTTP server ------------------------------------------------------------
 
 
-class RevisingServer:
-    """A stdlib OpenAI-compatible server that answers chat completions with :func:`reviser`."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                (content,) = reviser([body["messages"][-1]["content"]])
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data.encode())
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
-
-
 @pytest.fixture
-def revising_server() -> Iterator[RevisingServer]:
-    server = RevisingServer()
-    threading.Thread(target=server.httpd.serve_forever, args=(0.05,), daemon=True).start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+def revising_server() -> Iterator[ScriptedChatServer]:
+    with scripted_chat_server(lambda turn: reviser([turn])[0]) as server:
+        yield server
 
 
 @pytest.mark.usefixtures("one_torch_thread")
