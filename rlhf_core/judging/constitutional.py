@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
-from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
-from rlhf_core.judging.endpoint_judge import cached_generate
+from rlhf_core.judging.endpoint_judge import chat_endpoint_generate
 from rlhf_core.judging.endpoint_stage_judges import judge_cache
+from rlhf_core.judging.policy_judge import GenerateFn  # prompts -> answers, in order
 from rlhf_core.spec.stages.constitutional import ConstitutionalRevisionStage, ConstitutionPrinciple
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.stage_results import StageResult
 
-GenerateFn = Callable[[list[str]], list[str]]  # prompts -> answers, in order
 REVISION_LABEL = re.compile(r"^\s*revision\s*:\s*", re.IGNORECASE)
 SFT_COLUMNS = ("completion", "critiques", "initial_completion", "principles", "prompt", "revisions")
 PAIR_COLUMNS = ("chosen", "margin", "principles", "prompt", "rejected")
@@ -228,7 +227,7 @@ def open_policy_and_critic(
     with open_engine(stage.generation, model, tokenizer, stage=env.stage, log_dir=env.work_dir) as engine:
         answer = sampling_generate(model, tokenizer, engine, stage, env.seed)
         if stage.critic_endpoint is not None:
-            yield answer, endpoint_critic(stage, env)
+            yield answer, chat_endpoint_generate(stage.critic_endpoint, judge_cache(env.cache_dir))
         elif inputs.critic_dir is None:
             yield answer, answer
         else:
@@ -254,14 +253,3 @@ def sampling_generate(model, tokenizer, engine, stage: ConstitutionalRevisionSta
         )  # fmt: skip
 
     return generate
-
-
-def endpoint_critic(stage: ConstitutionalRevisionStage, env: StageEnvironment) -> GenerateFn:
-    """The endpoint critic, greedy, asking only what the home's verdict cache lacks."""
-    spec = stage.critic_endpoint
-    assert spec is not None
-    settings = EndpointSettings(
-        base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, timeout_s=spec.timeout_s,
-        max_concurrency=spec.max_concurrency, max_retries=spec.max_retries, max_tokens=spec.max_tokens,
-    )  # fmt: skip
-    return cached_generate(EndpointClient(settings), judge_cache(env.cache_dir))

@@ -29,6 +29,7 @@ from rlhf_core.judging.endpoint_judge import (
 )
 from rlhf_core.judging.policy_judge import judge_pairs, principle_subsets
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
+from rlhf_core.judging.rubric_judges import rubric_scorers
 from rlhf_core.judging.verdict_cache import VerdictCache
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.stages.sampling import LabelPreferencesStage
@@ -104,16 +105,19 @@ def endpoint_scorer(spec: EndpointJudgeSpec, cache: VerdictCache, what: str) -> 
 
 
 def reward_scorers(sources: Sequence, cache_dir: Path, stage_name: str) -> dict[str, ScoreFn]:
-    """A scorer per endpoint among the reward ``sources`` (by source name), for ``score_completions``'
-    ``model_scorers`` beside the reward models; verdicts cached under ``cache_dir/judge``."""
+    """A scorer per endpoint judge and per rubric among the reward ``sources`` (by source name), for
+    ``score_completions``' ``model_scorers`` beside the reward models; verdicts cached under
+    ``cache_dir/judge``. A rubric scorer also takes the rows (its items are in a prompt column)."""
     endpoints = [s for s in sources if getattr(s, "endpoint", None) is not None]
-    if not endpoints:
+    rubrics = [s for s in sources if getattr(s, "rubric", None) is not None]
+    if not endpoints and not rubrics:
         return {}
     cache = judge_cache(cache_dir)
-    return {
+    scorers: dict = {
         s.name: endpoint_scorer(s.endpoint, cache, f"stage '{stage_name}', reward source '{s.name}'")
         for s in endpoints
     }
+    return scorers | rubric_scorers(rubrics, cache, stage_name)
 
 
 def endpoint_win_verdicts(

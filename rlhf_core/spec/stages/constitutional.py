@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
+from rlhf_core.spec.chat_endpoints import ChatEndpointSpec
 from rlhf_core.spec.decoding import SamplingSpec
-from rlhf_core.spec.endpoints import NOT_FINGERPRINTED_FIELD
 from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, dataset_output
 
 # The requests a principle given as plain text gets (our wording, after the critique/revision request
@@ -54,43 +54,6 @@ class ConstitutionPrinciple(Strict):
         return value
 
 
-class CriticEndpointSpec(Strict):
-    """A critic/reviser model behind an OpenAI-compatible ``/chat/completions`` endpoint. Where it is
-    served and how it is reached are not fingerprinted (as for endpoint judges)."""
-
-    base_url: str = Field(
-        description="API root, e.g. http://localhost:8000/v1.", json_schema_extra=NOT_FINGERPRINTED_FIELD
-    )
-    model: str = Field(min_length=1, description="Model name the endpoint serves (fingerprinted).")
-    api_key_env: str | None = Field(
-        default=None,
-        description="Environment variable holding the API key; null: no key.",
-        json_schema_extra=NOT_FINGERPRINTED_FIELD,
-    )
-    max_tokens: int = Field(default=512, ge=1, description="Longest critique or revision, in tokens.")
-    max_concurrency: int = Field(
-        default=8, ge=1, description="Requests in flight at once.", json_schema_extra=NOT_FINGERPRINTED_FIELD
-    )
-    timeout_s: float = Field(
-        default=120.0, gt=0, description="Seconds per request.", json_schema_extra=NOT_FINGERPRINTED_FIELD
-    )
-    max_retries: int = Field(
-        default=5,
-        ge=0,
-        description="Retries of a transient failure.",
-        json_schema_extra=NOT_FINGERPRINTED_FIELD,
-    )
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(
-                f"base_url {url!r} is not an http(s) URL; expected e.g. http://localhost:8000/v1"
-            )
-        return url
-
-
 class ConstitutionalRevisionStage(StageSpec):
     """Critique-and-revise data from a constitution (Constitutional AI's supervised part, book ch.12):
     SFT rows (x, y^n) with their chain, and preference rows (x, y^n over y^0)."""
@@ -108,7 +71,7 @@ class ConstitutionalRevisionStage(StageSpec):
     critic: PolicyModel | None = Field(
         default=None, description="Policy model that critiques and revises; default: the policy itself."
     )
-    critic_endpoint: CriticEndpointSpec | None = Field(
+    critic_endpoint: ChatEndpointSpec | None = Field(
         default=None, description="Or: a critic model behind an OpenAI-compatible endpoint (greedy)."
     )
     generation: SamplingSpec = Field(
