@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from scripted_chat_server import ScriptedChatServer, scripted_chat_server
 
+from rlhf_core.errors import UserError
 from rlhf_core.judging.constitutional import (
     ConstitutionalInputs,
     RevisionError,
@@ -209,3 +210,16 @@ def test_an_endpoint_critic_revises_and_a_rerun_asks_it_nothing(
     assert len(result.preferences["train"]) == 3
     run_constitutional_revision(stage, inputs, env)
     assert len(revising_server.requests) == 12  # every answer came from the verdict cache
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_another_policy_can_critique_and_a_conversation_prompt_is_refused(policy_dir, tmp_path) -> None:
+    stage = _stage(revisions=1, generation={"max_new_tokens": 4}, splits={"train": 1.0}, critic="critic")
+    inputs = ConstitutionalInputs(policy_dir, None, [{"prompt": p} for p in PROMPTS[:2]], policy_dir, None)
+    result = run_constitutional_revision(stage, inputs, StageEnvironment.local("cai", 0, tmp_path))
+    assert all(len(r["revisions"]) == 1 for r in result.sft["train"])
+    chat = [{"prompt": "hi"}, {"prompt": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(UserError, match=r"stage 'cai': prompt row 1 \(0-based\), column 'prompt': expected"):
+        run_constitutional_revision(
+            stage, ConstitutionalInputs(policy_dir, None, chat), StageEnvironment.local("cai", 0, tmp_path)
+        )

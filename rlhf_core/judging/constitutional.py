@@ -19,11 +19,13 @@ Entry points: :func:`revise_with_constitution` (any critic, a ``prompts -> answe
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
@@ -34,7 +36,13 @@ from rlhf_core.spec.stages.constitutional import ConstitutionalRevisionStage, Co
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.stage_results import StageResult
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rlhf_core.rollout.engines.base import RolloutEngine
+
 REVISION_LABEL = re.compile(r"^\s*revision\s*:\s*", re.IGNORECASE)
+CRITIC_SEEDS = 100_003  # a critic policy's calls draw from seed + this, apart from the policy's calls
 SFT_COLUMNS = ("completion", "critiques", "initial_completion", "principles", "prompt", "revisions")
 PAIR_COLUMNS = ("chosen", "margin", "principles", "prompt", "rejected")
 
@@ -198,6 +206,12 @@ def run_constitutional_revision(
     if not rows:
         raise UserError(f"stage '{env.stage}': split '{stage.split}' of the prompts has no rows")
     prompts = [row["prompt"] for row in rows]
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(
+                f"stage '{env.stage}': prompt row {i} (0-based), column 'prompt': expected non-empty text "
+                f"(critique and revision quote it), got {prompt!r:.80}"
+            )
     with open_policy_and_critic(stage, inputs, env) as (answer, critic):
         first = answer(prompts)
         chains, problems = revise_with_constitution(
@@ -232,19 +246,24 @@ def open_policy_and_critic(
             yield answer, answer
         else:
             critic_model, critic_tokenizer = load_model(inputs.critic_dir, revision=inputs.critic_revision)
-            loop = (
-                "native" if stage.generation.engine == "vllm" else stage.generation.engine
-            )  # one vLLM per GPU
-            yield answer, sampling_generate(critic_model, critic_tokenizer, loop, stage, env.seed + 1)
+            # a second vLLM engine would not fit beside the first: the critic policy decodes natively then
+            loop = "native" if stage.generation.engine == "vllm" else stage.generation.engine
+            critic = sampling_generate(critic_model, critic_tokenizer, loop, stage, env.seed + CRITIC_SEEDS)
+            yield answer, critic
 
 
-def sampling_generate(model, tokenizer, engine, stage: ConstitutionalRevisionStage, seed: int) -> GenerateFn:  # noqa: ANN001
+def sampling_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    engine: str | RolloutEngine,
+    stage: ConstitutionalRevisionStage,
+    seed: int,
+) -> GenerateFn:
     """A ``prompts -> answers`` function decoding with ``stage.generation``; each call draws from its own
-    seed (``seed``, ``seed + 1``, ...), so a rerun repeats every call."""
+    seed (``seed``, ``seed + 1``, ...), so a re-run repeats every call."""
     from rlhf_core.rollout.generation import generate_completions
 
-    calls = iter(range(seed, seed + 1_000_000))
-    cfg = stage.generation
+    calls, cfg = itertools.count(seed), stage.generation
 
     def generate(prompts: list[str]) -> list[str]:
         return generate_completions(

@@ -10,6 +10,10 @@ Three kinds of judge (the stage has exactly one):
 - a judge model behind an OpenAI-compatible endpoint, pairwise or pointwise
   (:mod:`~rlhf_core.judging.endpoint_stage_judges`), its answers cached in ``<home>/cache/judge``.
 
+A pairwise judge (policy or endpoint) sees every principle, or with ``principles_per_comparison: k`` a
+subset of k drawn per pair (seeded by the stage seed and the pair's texts; Constitutional AI's feedback
+model, book ch.12), recorded in each pair's ``principles`` column.
+
 Entry point: :func:`label_preferences` (``run(stage, inputs, env)``): the pairs, split by the stage's
 ``splits``.
 """
