@@ -28,7 +28,7 @@ def label_preferences(call: StageCall, run: StageRun) -> dict[str, DatasetRef]:
     result = labeling.label_preferences(stage, inputs, run.environment(call.seed))
     if result.problems:
         tracking.log_text(run.run_id, "\n".join(result.problems), "invalid_judge_scores.txt")
-    columns = labeling.PAIR_COLUMNS
+    columns = labeling.pair_columns(stage)
     preferences = publish_dataset(run, "preferences", "preference", result.splits, columns=columns)
     run.key_metrics = result.summary()
     tracking.log_metrics(run.run_id, dict(run.key_metrics), step=0)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlhf_core.errors import UserError
-from rlhf_core.judging.endpoint_client import EndpointClient
+from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
 from rlhf_core.judging.policy_judge import GenerateFn, JudgeParseError, judge_pairs
 from rlhf_core.judging.verdict_cache import VerdictCache
+from rlhf_core.spec.chat_endpoints import ChatEndpointSpec
 
 # The prompt versions live with the spec, whose stage configs record the version that ran: bump one when
 # policy_judge.judge_prompt (pairwise) or score_prompt below (pointwise) is reworded.
@@ -66,6 +67,16 @@ def cached_generate(client: EndpointClient, cache: VerdictCache, system: str | N
         return [answers[p] if out is None else out for p, out in zip(prompts, outputs, strict=True)]
 
     return generate
+
+
+def chat_endpoint_generate(spec: ChatEndpointSpec, cache: VerdictCache) -> GenerateFn:
+    """A greedy ``prompts -> answers`` function over a declared chat endpoint (a critic, a rubric judge)
+    that asks only what ``cache`` lacks."""
+    settings = EndpointSettings(
+        base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env, timeout_s=spec.timeout_s,
+        max_concurrency=spec.max_concurrency, max_retries=spec.max_retries, max_tokens=spec.max_tokens,
+    )  # fmt: skip
+    return cached_generate(EndpointClient(settings), cache)
 
 
 def judge_identity(client: EndpointClient) -> str:

@@ -24,12 +24,12 @@ from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
 from rlhf_core.judging.endpoint_judge import (
     ScoreScale,
     cached_generate,
-    judge_pairs_on_endpoint,
     score_on_endpoint,
     split_unparseable,
 )
-from rlhf_core.judging.policy_judge import judge_pairs
+from rlhf_core.judging.policy_judge import judge_pairs, principle_subsets
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
+from rlhf_core.judging.rubric_judges import rubric_scorers
 from rlhf_core.judging.verdict_cache import VerdictCache
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.stages.sampling import LabelPreferencesStage
@@ -62,19 +62,23 @@ def scale_of(spec: EndpointJudgeSpec) -> ScoreScale:
 
 
 def label_with_endpoint(
-    rows: list[dict], stage: LabelPreferencesStage, cache: VerdictCache, stage_name: str
+    rows: list[dict], stage: LabelPreferencesStage, cache: VerdictCache, stage_name: str, seed: int = 0
 ) -> PairingReport:
     """Preference pairs from completion rows (``prompt``, ``completion``), judged by the stage's
-    ``judge_endpoint``: pairwise verdicts, or pointwise scores ranked by ``pairing``."""
+    ``judge_endpoint``: pairwise verdicts (under every principle, or a subset drawn per pair from
+    ``seed``: ``principles_per_comparison``), or pointwise scores ranked by ``pairing``."""
     spec = stage.judge_endpoint
     assert spec is not None
     client, what = endpoint_client(spec), f"stage '{stage_name}', judge '{spec.judge_name}'"
     if spec.mode == "pairwise":
         pairs = candidate_pairs(rows, stage.pairing)
-        verdicts = judge_pairs_on_endpoint(client, cache, spec.principles or (), pairs)
+        principles = spec.principles or ()
+        subsets = principle_subsets(principles, stage.principles_per_comparison, pairs, seed)
+        verdicts = judge_pairs(cached_generate(client, cache), principles, pairs, subsets)
         return pairs_from_verdicts(
-            pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name
-        )
+            pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name,
+            principles=subsets,
+        )  # fmt: skip
     items = [(row["prompt"], row["completion"]) for row in rows]
     scores = score_on_endpoint(client, cache, spec.rubric or "", items, scale_of(spec))
     parsed, unparseable = split_unparseable(scores, on_unparseable=spec.on_unparseable, what=what)
@@ -101,16 +105,19 @@ def endpoint_scorer(spec: EndpointJudgeSpec, cache: VerdictCache, what: str) -> 
 
 
 def reward_scorers(sources: Sequence, cache_dir: Path, stage_name: str) -> dict[str, ScoreFn]:
-    """A scorer per endpoint among the reward ``sources`` (by source name), for ``score_completions``'
-    ``model_scorers`` beside the reward models; verdicts cached under ``cache_dir/judge``."""
+    """A scorer per endpoint judge and per rubric among the reward ``sources`` (by source name), for
+    ``score_completions``' ``model_scorers`` beside the reward models; verdicts cached under
+    ``cache_dir/judge``. A rubric scorer also takes the rows (its items are in a prompt column)."""
     endpoints = [s for s in sources if getattr(s, "endpoint", None) is not None]
-    if not endpoints:
+    rubrics = [s for s in sources if getattr(s, "rubric", None) is not None]
+    if not endpoints and not rubrics:
         return {}
     cache = judge_cache(cache_dir)
-    return {
+    scorers: dict = {
         s.name: endpoint_scorer(s.endpoint, cache, f"stage '{stage_name}', reward source '{s.name}'")
         for s in endpoints
     }
+    return scorers | rubric_scorers(rubrics, cache, stage_name)
 
 
 def endpoint_win_verdicts(

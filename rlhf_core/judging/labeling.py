@@ -10,6 +10,10 @@ Three kinds of judge (the stage has exactly one):
 - a judge model behind an OpenAI-compatible endpoint, pairwise or pointwise
   (:mod:`~rlhf_core.judging.endpoint_stage_judges`), its answers cached in ``<home>/cache/judge``.
 
+A pairwise judge (policy or endpoint) sees every principle, or with ``principles_per_comparison: k`` a
+subset of k drawn per pair (seeded by the stage seed and the pair's texts; Constitutional AI's feedback
+model, book ch.12), recorded in each pair's ``principles`` column.
+
 Entry point: :func:`label_preferences` (``run(stage, inputs, env)``): the pairs, split by the stage's
 ``splits``.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 from rlhf_core.data.loading import split_records
 from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_stage_judges import judge_cache, label_with_endpoint, reward_scorers
-from rlhf_core.judging.policy_judge import judge_pairs, open_policy_judge
+from rlhf_core.judging.policy_judge import judge_pairs, open_policy_judge, principle_subsets
 from rlhf_core.judging.preferences import PairingReport, candidate_pairs, label_pairs, pairs_from_verdicts
 from rlhf_core.rewards.composite import model_source_options, score_completions
 from rlhf_core.rewards.reward_model_scoring import load_reward_model_scorers
@@ -32,6 +36,13 @@ from rlhf_core.stage_results import StageResult
 
 POLICY_JUDGE = "policy"  # key of the judging policy among the judge models
 PAIR_COLUMNS = ("chosen", "margin", "prompt", "rejected")
+SUBSET_COLUMN = "principles"  # the principles that judged a pair, with principles_per_comparison
+
+
+def pair_columns(stage: LabelPreferencesStage) -> tuple[str, ...]:
+    """The columns of the stage's preference rows."""
+    extra = (SUBSET_COLUMN,) if stage.principles_per_comparison is not None else ()
+    return tuple(sorted(PAIR_COLUMNS + extra))
 
 
 @dataclass(frozen=True)
@@ -70,9 +81,9 @@ def label_preferences(
     problems: list[str] = []
     if stage.judge_policy is not None:
         judge = judge_dirs[POLICY_JUDGE], inputs.revisions.get(POLICY_JUDGE)
-        report = judge_with_policy(rows, stage, *judge, stage_name, env.work_dir)
+        report = judge_with_policy(rows, stage, *judge, env)
     elif stage.judge_endpoint is not None:
-        report = label_with_endpoint(rows, stage, judge_cache(env.cache_dir), stage_name)
+        report = label_with_endpoint(rows, stage, judge_cache(env.cache_dir), stage_name, seed=env.seed)
     else:
         report, problems = judge_with_rewards(rows, stage, judge_dirs, env.cache_dir, stage_name)
     if not report.pairs:
@@ -103,15 +114,16 @@ def judge_with_policy(
     stage: LabelPreferencesStage,
     model_dir: str,
     revision: str | None,
-    stage_name: str,
-    log_dir: Path,
+    env: StageEnvironment,
 ) -> PairingReport:
     """Ask the judging policy (greedy, with the engine ``judge_policy.engine`` names) about each candidate
-    pair, in both orders."""
+    pair, in both orders, under every principle or a seeded subset (``principles_per_comparison``)."""
     spec = stage.judge_policy
     pairs = candidate_pairs(rows, stage.pairing)
-    with open_policy_judge(spec, model_dir, revision, stage=stage_name, log_dir=log_dir) as generate:
-        verdicts = judge_pairs(generate, spec.principles, pairs)
+    subsets = principle_subsets(spec.principles, stage.principles_per_comparison, pairs, env.seed)
+    with open_policy_judge(spec, model_dir, revision, stage=env.stage, log_dir=env.work_dir) as generate:
+        verdicts = judge_pairs(generate, spec.principles, pairs, subsets)
     return pairs_from_verdicts(
-        pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=stage_name
-    )
+        pairs, verdicts, on_tie=stage.on_tie, on_judge_error=spec.on_unparseable, stage=env.stage,
+        principles=subsets,
+    )  # fmt: skip

@@ -11,6 +11,8 @@ native loop, ``model.generate``, or a vLLM engine started from the judge model (
 
 from __future__ import annotations
 
+import json
+import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,18 +51,41 @@ def parse_verdict(output: str) -> str:
     return found[-1]
 
 
+def principle_subsets(
+    principles: Sequence[str], per_comparison: int | None, pairs: list[tuple[str, str, str]], seed: int
+) -> list[tuple[str, ...]] | None:
+    """The principles each pair is judged by: None (every principle, for every pair) when
+    ``per_comparison`` is None, else ``per_comparison`` principles per pair, drawn without replacement
+    and kept in constitution order, as Constitutional AI's feedback model sees a subset of the
+    constitution per comparison (book ch.12). The draw is seeded by ``seed`` and the pair's own texts,
+    so a pair gets the same subset whatever the other rows are."""
+    if per_comparison is None:
+        return None
+    subsets = []
+    for pair in pairs:
+        rng = random.Random(json.dumps([seed, *pair]))
+        chosen = sorted(rng.sample(range(len(principles)), per_comparison))
+        subsets.append(tuple(principles[i] for i in chosen))
+    return subsets
+
+
 def judge_pairs(
-    generate: GenerateFn, principles: Sequence[str], pairs: list[tuple[str, str, str]]
+    generate: GenerateFn,
+    principles: Sequence[str],
+    pairs: list[tuple[str, str, str]],
+    subsets: Sequence[Sequence[str]] | None = None,
 ) -> list[str | Exception]:
     """Verdict per (question, first, second): 'first', 'second', 'tie', or the parse error.
 
-    Each pair is judged in both orders; disagreement between the two orders counts as a tie.
+    Each pair is judged in both orders, under the same principles (``subsets[i]`` for pair i when given,
+    else ``principles``); disagreement between the two orders counts as a tie.
     """
     prompts = []
-    for question, first, second in pairs:
+    for i, (question, first, second) in enumerate(pairs):
+        rules = principles if subsets is None else subsets[i]
         prompts += [
-            judge_prompt(principles, question, first, second),
-            judge_prompt(principles, question, second, first),
+            judge_prompt(rules, question, first, second),
+            judge_prompt(rules, question, second, first),
         ]
     outputs = generate(prompts)
     verdicts: list[str | Exception] = []

@@ -14,6 +14,7 @@ counted (``on_tie='fail'`` stops at the first tie instead). Identical completion
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
@@ -87,11 +88,18 @@ def candidate_pairs(rows: list[dict], pairing: str) -> list[tuple[str, str, str]
 
 
 def pairs_from_verdicts(
-    pairs: list[tuple[str, str, str]], verdicts: list, *, on_tie: str, on_judge_error: str, stage: str
+    pairs: list[tuple[str, str, str]],
+    verdicts: list,
+    *,
+    on_tie: str,
+    on_judge_error: str,
+    stage: str,
+    principles: Sequence[Sequence[str]] | None = None,
 ) -> PairingReport:
-    """Preference rows from pairwise verdicts ('first', 'second', 'tie' or an exception)."""
+    """Preference rows from pairwise verdicts ('first', 'second', 'tie' or an exception); with
+    ``principles`` (the subset that judged each pair), each row records its subset in ``principles``."""
     report = PairingReport()
-    for (prompt, first, second), verdict in zip(pairs, verdicts, strict=True):
+    for i, ((prompt, first, second), verdict) in enumerate(zip(pairs, verdicts, strict=True)):
         if isinstance(verdict, Exception):
             if on_judge_error == "fail":
                 raise JudgeParseError(f"stage '{stage}': prompt {prompt!r}: {verdict}") from verdict
@@ -102,5 +110,6 @@ def pairs_from_verdicts(
             report.dropped["tie"] += 1
         else:
             chosen, rejected = (first, second) if verdict == "first" else (second, first)
-            report.pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 1.0})
+            row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": 1.0}
+            report.pairs.append(row if principles is None else {**row, "principles": list(principles[i])})
     return report

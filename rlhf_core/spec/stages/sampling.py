@@ -121,6 +121,14 @@ class LabelPreferencesStage(StageSpec):
         default="best_vs_worst",
         description="One pair per prompt, or every ordered pair of distinct completions.",
     )
+    principles_per_comparison: int | None = Field(
+        default=None,
+        ge=1,
+        description="A pairwise judge (judge_policy, or judge_endpoint with principles) sees this many "
+        "principles per comparison, drawn without replacement (seeded by the stage seed and the pair) "
+        "as in Constitutional AI's feedback step (book ch.12); recorded per pair in column `principles`. "
+        "null: every principle, every time.",
+    )
     min_margin: float = Field(
         default=0.0, ge=0, description="Drop pairs whose judge-score margin is smaller."
     )
@@ -139,4 +147,23 @@ class LabelPreferencesStage(StageSpec):
         if sum(given) != 1:
             raise ValueError("give exactly one of judge (reward sources), judge_policy or judge_endpoint")
         check_split_fractions(self.splits)
+        self._check_principles_per_comparison()
         return self
+
+    def _check_principles_per_comparison(self) -> None:
+        k = self.principles_per_comparison
+        if k is None:
+            return
+        if self.judge_policy is not None:
+            principles, where = self.judge_policy.principles, "judge_policy.principles"
+        elif self.judge_endpoint is not None and self.judge_endpoint.mode == "pairwise":
+            principles, where = self.judge_endpoint.principles or (), "judge_endpoint.principles"
+        else:
+            raise ValueError(
+                "principles_per_comparison needs a pairwise judge with principles (judge_policy, or "
+                "judge_endpoint with principles)"
+            )
+        if k > len(principles):
+            raise ValueError(
+                f"principles_per_comparison is {k} but {where} has {len(principles)} principle(s)"
+            )
