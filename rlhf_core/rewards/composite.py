@@ -89,9 +89,11 @@ def score_completions(
                 per_source[source.name] = batch.scores
                 extra |= {f"{source.name}/{name}": values for name, values in batch.metrics.items()}
             else:
-                per_source[source.name] = _model_scorer(source, model_scorers, stage)(
-                    [(r["prompt"], r["completion"]) for r in rows]
-                )
+                scorer = _model_scorer(source, model_scorers, stage)
+                pairs = [(r["prompt"], r["completion"]) for r in rows]
+                # a rubric reads its items from each row; reward models and endpoints score the pair alone
+                reads_rows = getattr(source, "rubric", None) is not None
+                per_source[source.name] = scorer(pairs, rows) if reads_rows else scorer(pairs)  # type: ignore[call-arg]
         except UserError:
             raise
         except Exception as exc:  # a reward model's own failure: name the stage and the source

@@ -15,6 +15,7 @@ from rlhf_core.spec.base import Strict
 from rlhf_core.spec.endpoints import EndpointJudgeSpec
 from rlhf_core.spec.function_references import RewardFunctionName
 from rlhf_core.spec.references import RewardModel
+from rlhf_core.spec.rubrics import RubricSpec
 
 
 class RewardSourceSpec(Strict):
@@ -35,6 +36,11 @@ class RewardSourceSpec(Strict):
         description="A judge model behind an OpenAI-compatible endpoint scoring each completion by a "
         "rubric (pointwise); its score on `scale` is mapped to [0, 1].",
     )
+    rubric: RubricSpec | None = Field(
+        default=None,
+        description="Per-prompt rubric items (a prompt column) checked one by one by a judge endpoint; "
+        "the reward is the weighted share of items satisfied (book ch.12).",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict,
         description="Options of the function: a built-in's documented options (defaults filled in), or "
@@ -52,10 +58,10 @@ class RewardSourceSpec(Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RewardSourceSpec:
-        given = [f for f in ("function", "model", "endpoint") if getattr(self, f) is not None]
+        given = [f for f in ("function", "model", "endpoint", "rubric") if getattr(self, f) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of function, model or endpoint"
+                "give exactly one of function, model, endpoint or rubric"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         if self.endpoint is not None and self.endpoint.mode != "pointwise":
@@ -68,7 +74,9 @@ class RewardSourceSpec(Strict):
             return self
         if self.function is None:
             if self.options:
-                raise ValueError("options are for a function or a reward model; an endpoint takes none")
+                raise ValueError(
+                    "options are for a function or a reward model; an endpoint or a rubric takes none"
+                )
             return self
         try:
             filled = check_scorer(self.function, self.options)
@@ -81,7 +89,10 @@ class RewardSourceSpec(Strict):
     def name(self) -> str:
         """The source's key in scores and metric names: the built-in's name, ``rewards.py:fn`` for a
         user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model, ``endpoint:<name>`` for
-        an endpoint judge (its ``name``, else its model)."""
+        an endpoint judge (its ``name``, else its model), ``rubric:<name>`` for a rubric (its ``name``, else
+        its judge's model)."""
+        if self.rubric is not None:
+            return self.rubric.source_name
         if self.endpoint is not None:
             return self.endpoint.judge_name
         if self.function is None:
