@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from registry import tracking
 from rlhf_core.refs import ModelRef
 from rlhf_core.spec import RewardModelStage
@@ -12,7 +15,8 @@ from tasks.model_outputs import register_stage_model
 
 @stage_task(RewardModelStage)
 def train_reward_model(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
-    """Train on the train split of ``data``, report held-out pairwise accuracy on its eval split."""
+    """Train on the train split of ``data``, report held-out pairwise accuracy on its eval split (with
+    the stage's breakdowns, and the reliability plot under ``plots/`` of the run)."""
     # torch and transformers load only when the stage really runs: cached re-runs skip them.
     from rlhf_core.training.reward_model.trainer import RewardModelInputs, fit_reward_model
 
@@ -25,6 +29,7 @@ def train_reward_model(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     result = fit_reward_model(stage, inputs, run.environment(call.seed))
     if result.heldout:
         tracking.log_metrics(run.run_id, result.heldout, step=result.steps)
+        _log_heldout_figures(run, result.heldout, result.reliability, call.name)
     run.key_metrics = result.summary()
     ref = register_stage_model(
         run, result.model, result.tokenizer,
@@ -32,3 +37,12 @@ def train_reward_model(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
         role="reward", base_model=model.base_model, upstream=model, data=data,
     )  # fmt: skip
     return {"model": ref}
+
+
+def _log_heldout_figures(run: StageRun, metrics: dict[str, float], bins: list, stage: str) -> None:
+    """The reliability plot and the breakdown file, as artifacts under ``plots/`` of the stage's run."""
+    from rlhf_core.evaluation.reward_model_figures import write_reward_model_figures
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-rm-plots-") as tmp:
+        write_reward_model_figures(metrics, bins, Path(tmp), title=f"reward model '{stage}'")
+        tracking.log_artifacts(run.run_id, Path(tmp), "plots")

@@ -52,7 +52,7 @@ def _errors(metrics: dict[str, float], name: str) -> tuple[float, float]:
     return max(0.0, value - low), max(0.0, high - value)
 
 
-def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib types stay inside this module
+def new_figure(width: float, height: float):  # noqa: ANN202 - matplotlib types stay inside rlhf_core.evaluation
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,7 +65,7 @@ def _bar_chart(report: dict, name: str, path: Path, baseline: str | None) -> Pat
     models = [m for m, metrics in report.items() if name in metrics]
     values = [report[m][name] for m in models]
     errors = [_errors(report[m], name) for m in models]
-    figure = _figure(max(4.0, 1.2 * len(models) + 1.5), 3.4)
+    figure = new_figure(max(4.0, 1.2 * len(models) + 1.5), 3.4)
     axes = figure.add_subplot()
     colors = ["tab:gray" if m == baseline else "tab:blue" for m in models]
     labels = [_bar_label(model, report[model], name) for model in models]
@@ -89,7 +89,7 @@ def _bar_label(model: str, metrics: dict[str, float], name: str) -> str:
 
 
 def _reward_vs_kl(report: dict, rewards: list[str], path: Path, baseline: str | None) -> Path:
-    figure = _figure(4.6 * len(rewards), 3.8)
+    figure = new_figure(4.6 * len(rewards), 3.8)
     for i, reward in enumerate(rewards):
         axes = figure.add_subplot(1, len(rewards), i + 1)
         for model, metrics in report.items():
