@@ -98,3 +98,32 @@ def test_a_judge_field_checked_against_a_pipeline_reads_well():
     actual, _ = ref_type(spec, "rm")
     message = f"'rm' is {actual.describe()}, expected {expected.describe()}"
     assert message == "'rm' is a reward model, expected a policy or judge model"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs PolicyJudgeSpec.model typed PolicyOrJudgeModel (rlhf_core/spec/stages/sampling.py) and the "
+    "pipeline's reference check using expected.covers(actual) (rlhf_core/spec/pipeline.py)",
+)
+def test_a_judge_model_judges_where_a_policy_judge_is_asked(tiny_spec_dict):
+    """A judge (an sft stage on verdicts) labels preferences and judges win rates; a policy still does; a
+    reward model is refused, naming the field and what it takes."""
+    from rlhf_core.spec import SpecError, parse_spec
+
+    stages = tiny_spec_dict["stages"]
+    stages["judge"] = {"kind": "sft", "model": "sft", "judge": {"preferences": "data.preferences",
+                                                                "principles": list(PRINCIPLES)}}  # fmt: skip
+    stages["sample"] = {"kind": "sample", "policy": "sft", "prompts": "data.prompts",
+                        "rewards": [{"function": "arithmetic_exact"}]}  # fmt: skip
+    stages["label"] = {"kind": "label_preferences", "completions": "sample.completions",
+                       "judge_policy": {"model": "judge", "principles": list(PRINCIPLES)}}  # fmt: skip
+    judges = [{"policy": {"model": m, "principles": list(PRINCIPLES)}} for m in ("judge", "sft")]
+    stages["eval"] |= {"baseline": "base", "win_rate": {"judges": judges}}
+    spec = parse_spec(tiny_spec_dict)
+    assert "judge" in spec.dependencies("label") and "judge" in spec.dependencies("eval")
+    stages["label"]["judge_policy"]["model"] = "rm"
+    with pytest.raises(SpecError) as info:
+        parse_spec(tiny_spec_dict)
+    assert info.value.problems == [
+        "stage 'label', field judge_policy.model: 'rm' is a reward model, expected a policy or judge model"
+    ]
