@@ -102,3 +102,15 @@ def test_an_sft_stage_on_verdicts_registers_a_judge(pipeline, prefect_api_url):
     assert ref.role == "judge"
     version = MlflowClient().get_model_version(ref.registered_name, ref.registered_version)
     assert version.tags["rlhf.role"] == "judge"
+
+
+def test_the_registered_versions_card_lists_the_heldout_figures(outcomes):
+    from mlflow import MlflowClient
+
+    from registry.model_metrics import version_metrics
+
+    ref = outcomes["rm"].outputs["model"]
+    figures = version_metrics(ref.registered_name, ref.registered_version)
+    assert {"eval/accuracy", "eval/calibration_ece", "eval/verifier_agreement"} <= set(figures)
+    card = MlflowClient().get_model_version(ref.registered_name, ref.registered_version).description
+    assert "`eval/calibration_ece` = " in card
