@@ -6,16 +6,17 @@ rows; a pair is ordered correctly when d > 0.
 
 - accuracy by category (``eval/accuracy/<category>``, with ``eval/pairs/<category>``), when the rows
   carry a category column;
-- accuracy by margin bucket: by the model's own |d| and, when the rows carry a labelled margin (a
-  Likert difference, say), by that label. Buckets come from increasing edges e_1 < ... < e_k:
-  [0, e_1), [e_1, e_2), ..., [e_k, inf), named ``0-e1``, ..., ``ek-inf``;
+- accuracy by margin bucket: by the model's own |d| (``eval/by_margin/accuracy/<bucket>``, with
+  ``eval/by_margin/pairs/<bucket>``) and, when the rows carry a labelled margin (a Likert difference,
+  say), by that label (``eval/by_label_margin/...``). Buckets come from increasing edges
+  e_1 < ... < e_k: [0, e_1), [e_1, e_2), ..., [e_k, inf), named ``0-e1``, ..., ``ek-inf``;
 - calibration of the implied probability P(y_c > y_r) = sigma(d) (the Bradley-Terry model's own
   claim): each pair's confidence is max(sigma(d), 1 - sigma(d)) in [0.5, 1], bins split [0.5, 1] into
   equal widths, and the expected calibration error is
-  ECE = sum_b (n_b / n) * |accuracy_b - mean confidence_b| (Guo et al. 2017);
+  ECE = sum_b (n_b / n) * |accuracy_b - mean confidence_b| (Guo et al. 2017; ``eval/calibration_ece``);
 - agreement with a verifier: over the pairs where the verifier scores y_c and y_r differently, the
-  share where the model orders them as the verifier does (pairs the verifier ties are excluded and
-  counted).
+  share where the model orders them as the verifier does (``eval/verifier_agreement``; pairs the
+  verifier ties are excluded and counted in ``eval/verifier_ties``).
 """
 
 from __future__ import annotations

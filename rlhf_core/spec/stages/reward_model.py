@@ -57,12 +57,12 @@ class RewardEvalSpec(Strict):
     )
     margin_edges: tuple[float, ...] = Field(
         default=(0.5, 1.0, 2.0),
-        description="Bucket edges of the model's margin |r_c - r_r|: eval/accuracy_by_margin/<bucket>.",
+        description="Bucket edges of the model's margin |r_c - r_r|: eval/by_margin/accuracy/<bucket>.",
     )
     label_margin_column: str | None = Field(
         default=None,
         description="Column with a labelled margin (e.g. a Likert difference) to bucket accuracy by "
-        "(eval/accuracy_by_label_margin/<bucket>); left out: train.margin_column, when given.",
+        "(eval/by_label_margin/accuracy/<bucket>); left out: train.margin_column, when given.",
     )
     label_margin_edges: tuple[float, ...] = Field(
         default=(1.0, 2.0, 3.0), description="Bucket edges of the labelled margin's absolute value."
