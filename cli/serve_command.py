@@ -136,8 +136,10 @@ def download_registered_model(uri: str, home: Path | None) -> str:
 
     version = resolve_version(uri)
     role = model_version_tags(version.name, version.version).get("rlhf.role", "policy")
-    if role != "policy":
-        raise UserError(f"argument MODEL: {uri} is a {role} model; only policies (causal LMs) can be served")
+    if role not in ("policy", "judge"):
+        raise UserError(
+            f"argument MODEL: {uri} is a {role} model; only policies and judges (causal LMs) can be served"
+        )
     pinned = hashlib.sha256(version.uri.encode()).hexdigest()
     ref = ModelRef(
         uri=version.uri, digest=pinned, tokenizer_digest=pinned, stage="serve", base_model=version.uri

@@ -44,7 +44,11 @@ PIP_REQUIREMENTS = [
 ]
 
 
-PIPELINE_TASK_OF_ROLE = {"policy": "text-generation", "reward": "text-classification"}
+PIPELINE_TASK_OF_ROLE = {
+    "policy": "text-generation",
+    "reward": "text-classification",
+    "judge": "text-generation",  # a causal LM answering with verdicts
+}
 
 
 def log_and_register_model(

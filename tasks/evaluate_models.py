@@ -67,9 +67,11 @@ def _location(run: StageRun, call: StageCall, name: str | None) -> tuple[str, st
 
 
 def _reward_model_dirs(run: StageRun, call: StageCall) -> dict[str, str]:
-    """Reward models of the rewards, best-of-N and win-rate judges, by source name (``rm:<stage>``)."""
+    """Reward models of the rewards, best-of-N (proxy and gold) and win-rate judges, by source name
+    (``rm:<stage>``)."""
     stage: EvaluateStage = call.stage
-    sources = [*stage.rewards, *(stage.best_of_n.rewards if stage.best_of_n else ())]
+    best = (*stage.best_of_n.rewards, *stage.best_of_n.gold) if stage.best_of_n else ()
+    sources = [*stage.rewards, *best]
     sources += [j.reward_source() for j in (stage.win_rate.judges if stage.win_rate else ())]
     return {s.name: run.model_dir(call.resolve(s.model)) for s in sources if s is not None and s.model}
 

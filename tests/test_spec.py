@@ -262,7 +262,9 @@ def test_local_model_path_must_be_a_saved_model(tmp_path, tiny_spec_dict):
 def test_a_stage_without_kind_lists_the_kinds(tiny_spec_dict):
     del tiny_spec_dict["stages"]["eval"]["kind"]
     (problem,) = _problems(tiny_spec_dict)
-    assert problem.startswith("stage 'eval': field kind is missing; give one of: constitutional_revision, dataset, ")
+    assert problem.startswith(
+        "stage 'eval': field kind is missing; give one of: constitutional_revision, dataset, "
+    )
     assert ", evaluate, " in problem and ", sft" in problem
     tiny_spec_dict["name"] = "bad name"
     assert "field name: 'bad name' is not a valid name; use 1-64 letters" in "\n".join(

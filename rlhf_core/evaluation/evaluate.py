@@ -26,6 +26,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_core.errors import UserError
+from rlhf_core.evaluation.best_of_n_curve import best_of_n_curve, curve_metrics
 from rlhf_core.evaluation.engine_choice import Decoder, decoder_of, open_evaluation_engine
 from rlhf_core.evaluation.episodes import (
     episode_accuracy,
@@ -117,7 +118,8 @@ def evaluate_model(
     metrics = result.metrics
     if eval_rows:  # the model's own forward: never through an engine
         metrics.update(heldout_loss(model, tokenizer, eval_rows, max_length=stage.max_length, seed=seed))
-    sources = (*answer_sources(stage), *(stage.best_of_n.rewards if stage.best_of_n else ()))
+    best = (*stage.best_of_n.rewards, *stage.best_of_n.gold) if stage.best_of_n else ()
+    sources = (*answer_sources(stage), *best)
     scorers = (
         load_reward_model_scorers(reward_model_dirs, model_source_options(sources))
         if reward_model_dirs
@@ -284,10 +286,19 @@ def best_of_n_metrics(
     stage_name: str,
     engine: Decoder | None = None,
 ) -> dict[str, float]:
-    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it.
+    """Sample N per prompt, score with the best_of_n reward sources, pick the top one, verify it; with
+    ``spec.curve``, the best-of-N curve of proxy and gold reward too (:mod:`.best_of_n_curve`).
     ``engine``: an open rollout engine holding the model's weights (default: ``spec.generation``'s loop)."""
     rows, _, _ = sample_completions(
         model, tokenizer, prompt_rows, spec.n, spec.generation, seed, engine=engine
     )
     scored, _ = score_completions(rows, spec.rewards, scorers, on_invalid="fail", stage=stage_name)
-    return best_of_n(scored, lambda row: verifier(row["completion"], row) == 1.0).metrics()
+    metrics = best_of_n(scored, lambda row: verifier(row["completion"], row) == 1.0).metrics()
+    if spec.curve:
+        if spec.gold:
+            judged, _ = score_completions(scored, spec.gold, scorers, on_invalid="fail", stage=stage_name)
+            gold = [row["reward"] for row in judged]
+        else:
+            gold = [verifier(row["completion"], row) for row in scored]
+        metrics |= curve_metrics(best_of_n_curve(scored, gold, spec.curve_sizes()))
+    return metrics

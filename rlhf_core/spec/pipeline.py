@@ -202,7 +202,7 @@ def _reference_problems(spec: PipelineSpec) -> Iterator[str]:
                 yield f"{where}: {error}"
             elif parse_ref(ref)[0] == stage_name:
                 yield f"{where}: a stage cannot refer to itself"
-            elif actual != expected:
+            elif not expected.covers(actual):
                 yield f"{where}: '{ref}' is {actual.describe()}, expected {expected.describe()}"
 
 

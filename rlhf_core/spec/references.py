@@ -38,36 +38,50 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class RefType:
-    """What a reference points at: a model of a role, a dataset of a kind, or an evaluation report."""
+    """What a reference points at: a model of a role, a dataset of a kind, or an evaluation report.
+
+    ``kind`` may name several roles or kinds, ``("policy", "judge")``: a reference to any of them is
+    accepted (a generative judge is a causal LM, so a field that prompts a model may take either)."""
 
     output: OutputClass
-    kind: str | None = None  # model role or dataset kind
+    kind: str | tuple[str, ...] | None = None  # model role(s) or dataset kind(s)
 
     def __post_init__(self) -> None:
         allowed = {"model": MODEL_ROLES, "dataset": DATASET_KINDS, "report": (None,), "promotion": (None,)}[
             self.output
         ]
-        if self.kind not in allowed:
-            raise ValueError(f"{self.output} references take one of {allowed}, got {self.kind!r}")
+        unknown = [k for k in self.kinds if k not in allowed]
+        if unknown or (isinstance(self.kind, tuple) and len(self.kind) < 2):
+            raise ValueError(f"{self.output} references take one or more of {allowed}, got {self.kind!r}")
+
+    @property
+    def kinds(self) -> tuple[str | None, ...]:
+        """The roles or kinds accepted, as a tuple (``(None,)`` for reports and promotions)."""
+        return self.kind if isinstance(self.kind, tuple) else (self.kind,)
 
     def __str__(self) -> str:
-        return self.output if self.kind is None else f"{self.output}:{self.kind}"
+        return self.output if self.kind is None else f"{self.output}:{'|'.join(self.kinds)}"
 
     def describe(self) -> str:
-        """Words for error messages: 'a policy model', 'an sft dataset', 'an evaluation report'."""
+        """Words for error messages: 'a policy model', 'an sft dataset', 'a policy or judge model'."""
         if self.output == "report":
             return "an evaluation report"
         if self.output == "promotion":
             return "a promotion decision"
-        article = "an" if self.kind == "sft" or str(self.kind)[0] in "aeiou" else "a"  # "an sft dataset"
-        return f"{article} {self.kind} {self.output}"
+        first = str(self.kinds[0])
+        article = "an" if first == "sft" or first[0] in "aeiou" else "a"  # "an sft dataset"
+        return f"{article} {' or '.join(str(k) for k in self.kinds)} {self.output}"
+
+    def covers(self, other: RefType) -> bool:
+        """Whether an output of type ``other`` (one role or kind) may be given where this type is asked."""
+        return other.output == self.output and set(other.kinds) <= set(self.kinds)
 
     def accepts(self, ref: StageOutput) -> bool:
         """Whether a resolved output is of this type (checked again when the stage runs)."""
         if self.output == "model":
-            return isinstance(ref, ModelRef) and ref.role == self.kind
+            return isinstance(ref, ModelRef) and ref.role in self.kinds
         if self.output == "dataset":
-            return isinstance(ref, DatasetRef) and ref.kind == self.kind
+            return isinstance(ref, DatasetRef) and ref.kind in self.kinds
         if self.output == "report":
             return isinstance(ref, EvalReportRef)
         return isinstance(ref, PromotionRef)
@@ -86,6 +100,8 @@ PROMOTION = RefType("promotion")
 
 PolicyModel = Annotated[str, model_output("policy")]
 RewardModel = Annotated[str, model_output("reward")]
+# a model that can be prompted for a verdict: a policy, or a judge fine-tuned for it (book ch.5)
+PolicyOrJudgeModel = Annotated[str, RefType("model", ("policy", "judge"))]
 SFTData = Annotated[str, dataset_output("sft")]
 PreferenceData = Annotated[str, dataset_output("preference")]
 PromptsData = Annotated[str, dataset_output("prompts")]

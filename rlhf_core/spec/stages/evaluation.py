@@ -29,6 +29,27 @@ class BestOfNSpec(Strict):
         min_length=1, description="Reward sources that rank the N samples (weighted sum)."
     )
     generation: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings.")
+    curve: bool = Field(
+        default=False,
+        description="Also report the best-of-N curve: proxy (the rewards) and gold reward of the pick for "
+        "N = 1, 2, 4, ..., n, each estimated without bias from the same n samples "
+        "(eval/best_of_n/proxy_at_<N>, gold_at_<N>), and plot it (best_of_n_curve.png).",
+    )
+    gold: tuple[RewardSourceSpec, ...] = Field(
+        default=(),
+        description="The curve's gold reward sources (weighted sum), e.g. a held-out reward model or a "
+        "reward function; left out: the stage's verifier (1 for a correct answer).",
+    )
+
+    @model_validator(mode="after")
+    def _gold_for_the_curve(self) -> BestOfNSpec:
+        if self.gold and not self.curve:
+            raise ValueError("best_of_n.gold is the curve's gold reward: set curve: true, or remove gold")
+        return self
+
+    def curve_sizes(self) -> tuple[int, ...]:
+        """The N of the curve: the powers of two below n, then n."""
+        return (*(2**i for i in range(self.n.bit_length()) if 2**i < self.n), self.n)
 
 
 class PassAtKSpec(Strict):
@@ -297,6 +318,8 @@ class EvaluateStage(StageSpec):
         if self.best_of_n is not None:
             names = ("accuracy", "pass_at_1", "pass_at_n", "selected_reward_mean", "prompts")
             figures |= {f"best_of_n/{name}": False for name in names}
+            for size in self.best_of_n.curve_sizes() if self.best_of_n.curve else ():
+                figures |= {f"best_of_n/proxy_at_{size}": False, f"best_of_n/gold_at_{size}": False}
         return figures
 
     def generating_parts(self) -> dict[str, GenerationSpec | SamplingSpec]:

@@ -15,6 +15,7 @@ from rlhf_core.spec.environments import EnvironmentSpec
 from rlhf_core.spec.references import (
     CompletionsData,
     PolicyModel,
+    PolicyOrJudgeModel,
     PromptsData,
     RefType,
     dataset_output,
@@ -87,7 +88,9 @@ class PolicyJudgeSpec(Strict):
     ``engine: vllm`` one vLLM engine is started from the judge model for the stage (for ``evaluate``, per
     judge) and answers every judge prompt."""
 
-    model: PolicyModel = Field(description="Policy model that judges (a stage or a `models:` entry).")
+    model: PolicyOrJudgeModel = Field(
+        description="Policy or judge model that judges (a stage or a `models:` entry)."
+    )
     principles: tuple[str, ...] = Field(
         min_length=1, description="The rubric or constitution, one principle each."
     )

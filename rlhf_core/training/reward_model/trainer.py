@@ -26,14 +26,15 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_core.evaluation.reward_model import evaluate_reward_model
+from rlhf_core.evaluation.reward_model import heldout_evaluation
+from rlhf_core.evaluation.reward_model_breakdown import ReliabilityBin
 from rlhf_core.losses.reward_model import bradley_terry_loss, pairwise_accuracy, plackett_luce_loss
 from rlhf_core.modeling.models import load_tokenizer
 from rlhf_core.modeling.preference_tokens import OverlongPairError, PromptPairs, group_pairs
 from rlhf_core.modeling.reward_model import build_reward_model
 from rlhf_core.rewards.reward_model_scoring import pair_rewards
 from rlhf_core.spec import RewardTrainSpec
-from rlhf_core.spec.stages.reward_model import RewardLoss
+from rlhf_core.spec.stages.reward_model import RewardEvalSpec, RewardLoss
 from rlhf_core.stage_environment import StageEnvironment
 from rlhf_core.training.engine.loop import (
     TOKENS,
@@ -46,7 +47,7 @@ from rlhf_core.training.engine.loop import (
 from rlhf_core.training.engine.result import TrainingResult
 from rlhf_core.training.reward_model.listwise import prompt_ranking, ranked_rewards
 
-HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss")
+HEADLINE_HELDOUT = ("eval/accuracy", "eval/margin_mean", "eval/loss", "eval/calibration_ece")
 
 
 @dataclass(kw_only=True)
@@ -54,7 +55,8 @@ class RewardModelResult(TrainingResult):
     prompts: int
     pairs: int
     skipped_pairs: int
-    heldout: dict[str, float] = field(default_factory=dict)  # evaluate_reward_model on held-out rows
+    heldout: dict[str, float] = field(default_factory=dict)  # heldout_evaluation on held-out rows
+    reliability: list[ReliabilityBin] = field(default_factory=list)  # its calibration bins
 
     def summary(self) -> dict[str, float]:
         """Headline numbers: final train loss, steps, skipped pairs, held-out loss/accuracy/margin."""
@@ -76,6 +78,9 @@ class RewardModelSettings(Protocol):
     @property
     def loss(self) -> RewardLoss: ...
 
+    @property
+    def evaluation(self) -> RewardEvalSpec: ...
+
 
 @dataclass(frozen=True)
 class RewardModelInputs:
@@ -93,7 +98,8 @@ def fit_reward_model(
     stage: RewardModelSettings, inputs: RewardModelInputs, env: StageEnvironment
 ) -> RewardModelResult:
     """The ``reward_model`` stage's work: a reward model on the policy at ``inputs.policy_dir``, trained
-    on the train rows and, when given, evaluated on the eval rows (``result.heldout``).
+    on the train rows and, when given, evaluated on the eval rows (``result.heldout``, with the
+    breakdowns of ``stage.evaluation`` and the calibration bins in ``result.reliability``).
 
     The policy's weights load once (into the classifier); its tokenizer may gain a pad token
     (``build_reward_model``) and comes back in the result, to be saved with the model.
@@ -105,7 +111,11 @@ def fit_reward_model(
         source=f"stage '{env.stage}' ({inputs.data_name} train split)", log=env.log, loss_name=stage.loss,
     )  # fmt: skip
     if inputs.eval_rows is not None:
-        result.heldout = evaluate_reward_model(trained, tokenizer, inputs.eval_rows, stage.train)
+        heldout = heldout_evaluation(
+            trained, tokenizer, inputs.eval_rows, stage.train, evaluation=stage.evaluation,
+            source=f"{inputs.data_name} eval split",
+        )  # fmt: skip
+        result.heldout, result.reliability = heldout.metrics, heldout.reliability
     result.model, result.tokenizer = trained, tokenizer
     return result
 
