@@ -55,6 +55,8 @@ class PolicyGradientInputs:
     reward_model_dirs: dict[str, str] = field(default_factory=dict)  # by reward source name
     monitor_rows: list[dict] | None = None  # the over-optimization monitor's prompt rows
     monitor_model_dirs: dict[str, str] = field(default_factory=dict)  # its reward models by source name
+    teacher_dir: str | None = None  # distillation's teacher
+    teacher_revision: str | None = None
 
 
 def optimize_on_rollouts(
@@ -92,6 +94,7 @@ def optimize_on_rollouts(
         (*stage.rewards, *monitored), env.cache_dir, env.stage
     )  # reward models and judges behind endpoints, by source name
     reward_fn = reward_function(stage.rewards, scorers, env.stage)
+    teacher = load_teacher(stage, inputs, tokenizer, env.stage) if stage.distillation is not None else None
     monitor_inputs = None
     if stage.monitor is not None:
         monitor_inputs = load_monitor_inputs(
@@ -104,9 +107,30 @@ def optimize_on_rollouts(
             checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
             value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
             monitor_inputs=monitor_inputs, engine=None if isinstance(engine, str) else engine,
+            teacher_model=teacher,
         )  # fmt: skip
     result.model, result.tokenizer = trained, tokenizer
     return result
+
+
+def load_teacher(
+    stage: PolicyGradientStage,
+    inputs: PolicyGradientInputs,
+    tokenizer: PreTrainedTokenizerBase,
+    stage_name: str,
+) -> PreTrainedModel:
+    """Distillation's teacher, frozen, once its tokenizer is checked to be the policy's."""
+    from rlhf_core.modeling.models import load_model
+    from rlhf_core.training.policy_gradient.distillation import check_teacher_tokenizer
+
+    if inputs.teacher_dir is None:
+        raise ValueError("distillation: the stage's inputs carry no teacher_dir")
+    teacher, teacher_tokenizer = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)
+    check_teacher_tokenizer(
+        tokenizer, teacher_tokenizer, student_name=stage.policy, teacher_name=stage.distillation.teacher,
+        stage_name=stage_name,
+    )  # fmt: skip
+    return teacher.eval().requires_grad_(False)
 
 
 @contextmanager
