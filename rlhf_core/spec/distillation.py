@@ -15,6 +15,7 @@ token ids.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -23,7 +24,7 @@ from rlhf_core.spec.base import Strict
 from rlhf_core.spec.references import PolicyModel
 
 if TYPE_CHECKING:
-    from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
+    from rlhf_core.spec.stages.policy_gradient import AlgorithmDefaults, PolicyGradientStage
 
 # ``AlgorithmDefaults.loss`` values that take an advantage per token (gspo weighs a whole sequence by one)
 PER_TOKEN_LOSSES = ("reinforce", "clipped", "cispo")
@@ -52,15 +53,16 @@ class DistillationSpec(Strict):
     )
 
 
-def distillation_problem(stage: PolicyGradientStage) -> str | None:
-    """Why ``stage.distillation`` cannot run with the rest of the stage (None when it can)."""
-    from rlhf_core.spec.stages.policy_gradient import ALGORITHMS
-
+def distillation_problem(
+    stage: PolicyGradientStage, algorithms: Mapping[str, AlgorithmDefaults]
+) -> str | None:
+    """Why ``stage.distillation`` cannot run with the rest of the stage (None when it can); ``algorithms``
+    is the stage's table of algorithm defaults (to name the algorithms that fit)."""
     defaults = stage.defaults
     if defaults.estimator not in ADDITIVE_ESTIMATORS or defaults.loss not in PER_TOKEN_LOSSES:
         fitting = [
             name
-            for name, d in ALGORITHMS.items()
+            for name, d in algorithms.items()
             if d.estimator in ADDITIVE_ESTIMATORS and d.loss in PER_TOKEN_LOSSES
         ]
         why = (

@@ -288,7 +288,7 @@ class PolicyGradientStage(StageSpec):
             raise ValueError(
                 "give at least one reward source in rewards (or an environment that rewards, or distillation)"
             )
-        if self.distillation is not None and (problem := distillation_problem(self)):
+        if self.distillation is not None and (problem := distillation_problem(self, ALGORITHMS)):
             raise ValueError(problem)
         if self.environment is not None and (self.asynchronous or self.monitor is not None):
             raise ValueError(
