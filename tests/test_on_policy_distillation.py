@@ -290,3 +290,31 @@ def test_the_teacher_is_a_reference_of_the_stage():
     assert reference_fields(stage)["distillation.teacher"][0] == "sft"
     stage = _stage(rewards=[])
     assert PolicyGradientStage.model_validate(stage.model_dump(mode="json")) == stage
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"lora": {"r": 4}}, {"async_rollouts": {"max_staleness": 1}}],
+    ids=["lora", "async"],
+)
+def test_the_stage_distils_a_lora_policy_and_with_asynchronous_rollouts(tiny, tmp_path, extra):
+    """The stage's entry point with the teacher's directory: a LoRA policy (the teacher a whole model of
+    its own) and asynchronous rollouts (pi_old and the teacher score each rollout when training reaches
+    it) train, and every rollout logs its distillation metrics."""
+    from rlhf_core.stage_environment import StageEnvironment
+    from rlhf_core.training.policy_gradient.stage import PolicyGradientInputs, optimize_on_rollouts
+
+    logged: list[dict] = []
+    env = StageEnvironment("opd", 0, tmp_path, tmp_path / "cache", tmp_path / "ckpt",
+                           log=lambda metrics, step: logged.append(metrics))  # fmt: skip
+    records = synthetic_records("arithmetic", "prompts", n=16, seed=0)
+    inputs = PolicyGradientInputs(tiny[0], None, records, teacher_dir=tiny[1])
+    stage = _stage(rewards=[], **{"train": {"lr": 1e-2, "batch_size": 16, "log_every": 1}, **extra})
+    result = optimize_on_rollouts(stage, inputs, env)
+    kls = [m["rollout/distill/reverse_kl"] for m in logged if "rollout/distill/reverse_kl" in m]
+    assert len(kls) == stage.rollouts and all(k > 0.1 for k in kls)
+    start = load_model(tiny[0])[0].state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in result.model.state_dict().items())
+    if "async_rollouts" in extra:
+        staleness = [m["rollout/async/staleness_max"] for m in logged if "rollout/async/staleness_max" in m]
+        assert staleness[0] == 0.0 and max(staleness) <= 1.0
