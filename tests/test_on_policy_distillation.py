@@ -22,7 +22,7 @@ from rlhf_core.spec.references import reference_fields
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.policy_gradient.algorithms import Settings, compute_advantages
 from rlhf_core.training.policy_gradient.distillation import Distiller, check_teacher_tokenizer
-from rlhf_core.training.policy_gradient.rollouts import score_rollout
+from rlhf_core.training.policy_gradient.rollouts import reward_completions, reward_function, score_rollout
 from rlhf_core.training.policy_gradient.samples import Samples
 from rlhf_core.training.policy_gradient.trainer import PolicyGradientTrainer, train_policy_gradient
 
@@ -122,7 +122,10 @@ def test_a_teacher_equal_to_the_student_gives_no_distillation_advantage(tiny):
     identical to the student adds log pi - log pi = 0 on every token."""
     student, tokenizer = load_model(tiny[0])
     stage = _stage(rewards=[], group_size=2)
-    assert stage.rewardless
+    assert stage.rewardless and stage.truncated == "penalty"
+    rows = [{"prompt": "1+1", "completion": c, "completion_tokens": 6} for c in ("2", "22222")]
+    rewards, _ = reward_completions(rows, [False, True], stage, reward_function((), {}, "opd"))
+    assert rewards.tolist() == [0.0, 0.0]  # no reward for the truncation rule to replace
     samples = _episode_samples([0.0, 0.0])
     rollout = score_rollout(samples, student, None, None, tokenizer.pad_token_id, shared_prefix=False,
                             batch_size=8, need_old=True)  # fmt: skip
@@ -200,6 +203,7 @@ def test_distilling_on_policy_lowers_the_reverse_kl_to_the_teacher(tiny, tmp_pat
     )
     assert statistics.fmean(kls[-3:]) < 0.6 * statistics.fmean(kls[:3]), kls
     assert result.last_rollout_metrics["distill/reverse_kl"] == kls[-1]
+    assert result.summary()["distill/reverse_kl"] == kls[-1]  # a headline number of the stage
 
 
 def test_a_killed_distillation_run_resumes_exactly(tiny, tmp_path):

@@ -181,7 +181,8 @@ class PolicyGradientStage(StageSpec):
         default=None,
         description="On-policy distillation (book ch.12), e.g. {teacher: big_sft}: each of the policy's "
         "tokens gets coef * (log pi_teacher - log pi_old) added to its advantage (a teacher model in memory "
-        "beside the policy). Without rewards the advantage is this term alone.",
+        "beside the policy). Without rewards the advantage is this term alone (and a truncated completion "
+        "is not penalised: there is no reward for `truncated` to replace).",
     )
     rollouts: int = Field(default=50, ge=1, description="Rollouts (sample -> score -> update) to run.")
     prompts_per_rollout: int = Field(default=4, ge=1, description="Prompts sampled per rollout.")

@@ -97,7 +97,7 @@ from rlhf_core.training.policy_gradient.rollouts import (
 )
 
 SampleLogFn = Callable[[list[dict], int], None]
-HEADLINE_ROLLOUT = ("reward_mean", "kl", "completion_length", "truncated_share")
+HEADLINE_ROLLOUT = ("reward_mean", "kl", "distill/reverse_kl", "completion_length", "truncated_share")
 
 
 @dataclass(kw_only=True)
