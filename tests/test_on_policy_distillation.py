@@ -322,3 +322,36 @@ def test_the_stage_distils_a_lora_policy_and_with_asynchronous_rollouts(tiny, tm
     if "async_rollouts" in extra:
         staleness = [m["rollout/async/staleness_max"] for m in logged if "rollout/async/staleness_max" in m]
         assert staleness[0] == 0.0 and max(staleness) <= 1.0
+
+
+def test_multi_turn_episodes_get_the_term_on_the_models_turns_only(tiny):
+    """A real rollout of episodes with a verifier that answers back (book ch.13), rewarded by the
+    environment alone: the advantage is 0 on the environment's tokens and on padding, the estimator's
+    plus the teacher's term on the model's own. (Roles swapped: the 40-step model ends its turns, so its
+    episodes have several.)"""
+    student, _ = load_model(tiny[1])
+    teacher, tokenizer = load_model(tiny[0])
+    stage = _stage(
+        rewards=[], group_size=2, prompts_per_rollout=4,
+        generation={"max_new_tokens": 16, "temperature": 1.0},
+        environment={"name": "verifier_feedback", "verifier": "arithmetic_exact",
+                     "options": {"max_attempts": 2}, "max_turns": 2},
+    )  # fmt: skip
+    records = synthetic_records("arithmetic", "prompts", n=8, seed=0)
+    trainer = PolicyGradientTrainer(
+        student, tokenizer, records, stage, lambda rows: ([0.0] * len(rows), {}), seed=0, stage_name="t",
+        reference=None, value_model=None, log=None, log_samples=None, teacher=teacher,
+    )  # fmt: skip
+    trainer.collect(0, 0)
+    rollout, advantages = trainer.buffer.rollout, trainer.buffer.advantages
+    mask = rollout.mask
+    environment_tokens = sum(
+        length - own
+        for length, own in zip(rollout.samples.lengths, rollout.samples.model_token_counts, strict=True)
+    )
+    assert environment_tokens > 0  # the verifier spoke between turns
+    assert (advantages[~mask] == 0).all()
+    estimator, _, _ = compute_advantages(rollout, trainer.settings, stage, 0.0)
+    term = (advantages - estimator[:, None])[mask]
+    assert rollout.metrics["distill/advantage_mean"] == pytest.approx(float(term.mean()), abs=1e-5)
+    assert term.abs().max() > 0.1  # the teacher is another model: the term is there to see
