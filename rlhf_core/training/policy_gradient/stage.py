@@ -1,6 +1,6 @@
 """The ``policy_gradient`` stage's entry point (``run(stage, inputs, env)``): load the policy, the
-reference, PPO's value model and the reward sources, open the rollout engine the stage names, and train
-(:func:`rlhf_core.training.policy_gradient.trainer.train_policy_gradient`)."""
+reference, PPO's value model, distillation's teacher and the reward sources, open the rollout engine the
+stage names, and train (:func:`rlhf_core.training.policy_gradient.trainer.train_policy_gradient`)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def optimize_on_rollouts(
     if not inputs.prompt_rows:
         raise UserError(f"stage '{env.stage}': the prompts split '{stage.split}' has no rows")
     policy, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
+    teacher = load_teacher(stage, inputs, tokenizer, env.stage) if stage.distillation is not None else None
     reference = None
     if (stage.needs_reference or stage.monitor is not None) and inputs.reference_dir is not None:
         reference = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
@@ -94,7 +95,6 @@ def optimize_on_rollouts(
         (*stage.rewards, *monitored), env.cache_dir, env.stage
     )  # reward models and judges behind endpoints, by source name
     reward_fn = reward_function(stage.rewards, scorers, env.stage)
-    teacher = load_teacher(stage, inputs, tokenizer, env.stage) if stage.distillation is not None else None
     monitor_inputs = None
     if stage.monitor is not None:
         monitor_inputs = load_monitor_inputs(
@@ -119,17 +119,17 @@ def load_teacher(
     tokenizer: PreTrainedTokenizerBase,
     stage_name: str,
 ) -> PreTrainedModel:
-    """Distillation's teacher, frozen, once its tokenizer is checked to be the policy's."""
-    from rlhf_core.modeling.models import load_model
+    """Distillation's teacher, frozen; its tokenizer is checked to be the policy's before its weights load."""
+    from rlhf_core.modeling.models import load_model, load_tokenizer
     from rlhf_core.training.policy_gradient.distillation import check_teacher_tokenizer
 
     if inputs.teacher_dir is None:
         raise ValueError("distillation: the stage's inputs carry no teacher_dir")
-    teacher, teacher_tokenizer = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)
     check_teacher_tokenizer(
-        tokenizer, teacher_tokenizer, student_name=stage.policy, teacher_name=stage.distillation.teacher,
-        stage_name=stage_name,
+        tokenizer, load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision),
+        student_name=stage.policy, teacher_name=stage.distillation.teacher, stage_name=stage_name,
     )  # fmt: skip
+    teacher, _ = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)
     return teacher.eval().requires_grad_(False)
 
 

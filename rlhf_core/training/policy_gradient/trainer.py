@@ -10,7 +10,9 @@ token, then compute advantages:
   the KL goes in the reward), turned into advantages by the batch-mean baseline, leave-one-out, or the
   group normalization (:mod:`rlhf_core.losses.advantages`), broadcast to every token;
 - ppo: per-token rewards (-beta x KL_t on every token, the score on the last), GAE on the value model,
-  whitened.
+  whitened;
+- with ``distillation`` (book ch.12), a teacher scores the rollout's tokens too and coef x (log pi_T -
+  log pi_old) is added per token to the estimator's advantages (:mod:`.distillation`).
 
 Each update takes a shuffled mini-batch of the rollout's completions, recomputes log pi with gradient
 and applies the algorithm's loss (:mod:`rlhf_core.losses.policy_gradient`), plus beta x KL (k3) when the
