@@ -42,6 +42,7 @@ def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
     )
     reward_models = {s.name: call.resolve(s.model) for s in stage.rewards if s.model}
     monitor_prompts, monitor_models = monitor_inputs(call, stage.monitor, prompts, stage.monitor_proxy)
+    teacher = call.resolve(stage.distillation.teacher) if stage.distillation is not None else None
     inputs = PolicyGradientInputs(
         run.model_dir(policy), policy.revision, run.read_split(prompts, stage.split),
         reference_dir=run.model_dir(reference) if reference else None,
@@ -50,6 +51,8 @@ def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
         reward_model_dirs={name: run.model_dir(ref) for name, ref in reward_models.items()},
         monitor_rows=run.read_split(monitor_prompts, stage.monitor.split) if stage.monitor else None,
         monitor_model_dirs={name: run.model_dir(ref) for name, ref in monitor_models.items()},
+        teacher_dir=run.model_dir(teacher) if teacher else None,
+        teacher_revision=teacher.revision if teacher else None,
     )  # fmt: skip
     result = optimize_on_rollouts(stage, inputs, run.environment(call.seed))
     run.key_metrics = result.summary()
@@ -60,6 +63,8 @@ def optimize_policy(call: StageCall, run: StageRun) -> dict[str, ModelRef]:
         tags["rlhf.reward_models"] = ",".join(describe_model(r) for r in reward_models.values())
     if value_init is not None:
         tags["rlhf.value_model_init"] = describe_model(value_init)
+    if teacher is not None:
+        tags["rlhf.teacher_model"] = describe_model(teacher)
     ref = register_stage_model(
         run, result.model, result.tokenizer,
         registered_name=stage.register_as or f"{run.pipeline}-{call.name}",

@@ -17,6 +17,9 @@ book's comparison table):
 dapo also applies the soft overlong penalty. Defaults follow the book's companion code where the
 reference gives them (eps 0.2, DAPO clip-higher 0.28, CISPO 0.4, PPO gamma 1, lambda 0.95, vf_coef 0.5,
 value clip 0.2).
+
+``distillation:`` adds on-policy distillation from a teacher (book ch.12, :mod:`rlhf_core.spec.distillation`):
+a per-token advantage on top of the algorithm's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pydantic import Field, model_validator
 from rlhf_core.spec.async_rollouts import DEFAULT_ASYNC_TIS_CAP, AsyncRolloutsSpec
 from rlhf_core.spec.base import StageSpec, Strict
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.distillation import DistillationSpec, distillation_problem
 from rlhf_core.spec.environments import EnvironmentSpec
 from rlhf_core.spec.monitor import MonitorSpec
 from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, RewardModel, model_output
@@ -163,7 +167,7 @@ class PolicyGradientStage(StageSpec):
     rewards: tuple[RewardSourceSpec, ...] = Field(
         default=(),
         description="Reward sources scored at the end of each completion (of an episode: its final answer); "
-        "summed with weights. Needed unless an environment gives rewards.",
+        "summed with weights. Needed unless an environment gives rewards or distillation is given.",
     )
     environment: EnvironmentSpec | None = Field(
         default=None,
@@ -172,6 +176,13 @@ class PolicyGradientStage(StageSpec):
     )
     reference: PolicyModel | None = Field(
         default=None, description="Reference for the KL term; default: the policy's starting weights."
+    )
+    distillation: DistillationSpec | None = Field(
+        default=None,
+        description="On-policy distillation (book ch.12), e.g. {teacher: big_sft}: each of the policy's "
+        "tokens gets coef * (log pi_teacher - log pi_old) added to its advantage (a teacher model in memory "
+        "beside the policy). Without rewards the advantage is this term alone (and a truncated completion "
+        "is not penalised: there is no reward for `truncated` to replace).",
     )
     rollouts: int = Field(default=50, ge=1, description="Rollouts (sample -> score -> update) to run.")
     prompts_per_rollout: int = Field(default=4, ge=1, description="Prompts sampled per rollout.")
@@ -274,8 +285,12 @@ class PolicyGradientStage(StageSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyGradientStage:
-        if not self.rewards and self.environment is None:
-            raise ValueError("give at least one reward source in rewards (or an environment that rewards)")
+        if self.rewardless and self.distillation is None:
+            raise ValueError(
+                "give at least one reward source in rewards (or an environment that rewards, or distillation)"
+            )
+        if self.distillation is not None and (problem := distillation_problem(self, ALGORITHMS)):
+            raise ValueError(problem)
         if self.environment is not None and (self.asynchronous or self.monitor is not None):
             raise ValueError(
                 "environment: multi-turn episodes run synchronously and without the over-optimization "
@@ -330,6 +345,11 @@ class PolicyGradientStage(StageSpec):
     @property
     def beta(self) -> float:
         return self.kl.beta if self.kl.beta is not None else self.defaults.beta
+
+    @property
+    def rewardless(self) -> bool:
+        """No reward sources and no environment: the advantage comes from distillation alone."""
+        return not self.rewards and self.environment is None
 
     @property
     def needs_reference(self) -> bool:

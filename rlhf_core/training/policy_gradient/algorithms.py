@@ -80,7 +80,8 @@ class Settings:
                 else rollout_defaults(stage).dynamic_sampling
             ),
             updates_per_rollout=updates,
-            need_old_pass=updates > 1 or kl_at_rollout,
+            # distillation's advantage reads pi_old at the rollout, before the first update
+            need_old_pass=updates > 1 or kl_at_rollout or stage.distillation is not None,
         )
 
 

@@ -226,7 +226,8 @@ def sample_rollout(
             "raise max_sampling_rounds or check the reward sources"
         )
     samples = Samples.concat(kept)
-    if all(samples.truncated) and stage.truncated != "score":  # every reward would be the same
+    # every reward would be the same (distillation's per-token term still teaches)
+    if all(samples.truncated) and stage.truncated != "score" and stage.distillation is None:
         raise UserError(
             f"stage '{stage_name}': rollout {index + 1}: no completion ended with EOS within "
             f"generation.max_new_tokens = {stage.generation.max_new_tokens}; raise max_new_tokens, or "

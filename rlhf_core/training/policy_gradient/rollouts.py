@@ -140,7 +140,8 @@ def reward_completions(
     """(N,) rewards: the reward sources on finished completions; the stage's rule on truncated ones; DAPO's
     soft overlong penalty added when configured. Sources' per-row scores are NaN where not scored."""
     scored = [i for i, cut in enumerate(truncated) if not cut or stage.truncated == "score"]
-    fill = 0.0 if stage.truncated == "zero" else stage.truncated_reward
+    # without reward sources (distillation alone) there is no reward for the truncation rule to replace
+    fill = 0.0 if stage.truncated == "zero" or stage.rewardless else stage.truncated_reward
     rewards = torch.full((len(rows),), fill, dtype=torch.float64)
     per_source: dict[str, list[float]] = {s.name: [math.nan] * len(rows) for s in stage.rewards}
     if scored:

@@ -1,6 +1,6 @@
 """The ``policy_gradient`` stage's entry point (``run(stage, inputs, env)``): load the policy, the
-reference, PPO's value model and the reward sources, open the rollout engine the stage names, and train
-(:func:`rlhf_core.training.policy_gradient.trainer.train_policy_gradient`)."""
+reference, PPO's value model, distillation's teacher and the reward sources, open the rollout engine the
+stage names, and train (:func:`rlhf_core.training.policy_gradient.trainer.train_policy_gradient`)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ class PolicyGradientInputs:
     reward_model_dirs: dict[str, str] = field(default_factory=dict)  # by reward source name
     monitor_rows: list[dict] | None = None  # the over-optimization monitor's prompt rows
     monitor_model_dirs: dict[str, str] = field(default_factory=dict)  # its reward models by source name
+    teacher_dir: str | None = None  # distillation's teacher
+    teacher_revision: str | None = None
 
 
 def optimize_on_rollouts(
@@ -76,6 +78,7 @@ def optimize_on_rollouts(
     if not inputs.prompt_rows:
         raise UserError(f"stage '{env.stage}': the prompts split '{stage.split}' has no rows")
     policy, tokenizer = load_model(inputs.policy_dir, revision=inputs.policy_revision)
+    teacher = load_teacher(stage, inputs, tokenizer, env.stage) if stage.distillation is not None else None
     reference = None
     if (stage.needs_reference or stage.monitor is not None) and inputs.reference_dir is not None:
         reference = load_model(inputs.reference_dir, revision=inputs.reference_revision)[0]
@@ -105,9 +108,30 @@ def optimize_on_rollouts(
             checkpoint_dir=env.checkpoint_dir, stage_name=env.stage, reference_model=reference,
             value_model=value_model, log=env.log, log_samples=sample_table_logger(env),
             monitor_inputs=monitor_inputs, engine=None if isinstance(engine, str) else engine,
+            teacher_model=teacher,
         )  # fmt: skip
     result.model, result.tokenizer = trained, tokenizer
     return result
+
+
+def load_teacher(
+    stage: PolicyGradientStage,
+    inputs: PolicyGradientInputs,
+    tokenizer: PreTrainedTokenizerBase,
+    stage_name: str,
+) -> PreTrainedModel:
+    """Distillation's teacher, frozen; its tokenizer is checked to be the policy's before its weights load."""
+    from rlhf_core.modeling.models import load_model, load_tokenizer
+    from rlhf_core.training.policy_gradient.distillation import check_teacher_tokenizer
+
+    if inputs.teacher_dir is None:
+        raise ValueError("distillation: the stage's inputs carry no teacher_dir")
+    check_teacher_tokenizer(
+        tokenizer, load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision),
+        student_name=stage.policy, teacher_name=stage.distillation.teacher, stage_name=stage_name,
+    )  # fmt: skip
+    teacher, _ = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)
+    return teacher.eval().requires_grad_(False)
 
 
 @contextmanager

@@ -10,7 +10,9 @@ token, then compute advantages:
   the KL goes in the reward), turned into advantages by the batch-mean baseline, leave-one-out, or the
   group normalization (:mod:`rlhf_core.losses.advantages`), broadcast to every token;
 - ppo: per-token rewards (-beta x KL_t on every token, the score on the last), GAE on the value model,
-  whitened.
+  whitened;
+- with ``distillation`` (book ch.12), a teacher scores the rollout's tokens too and coef x (log pi_T -
+  log pi_old) is added per token to the estimator's advantages (:mod:`.distillation`).
 
 Each update takes a shuffled mini-batch of the rollout's completions, recomputes log pi with gradient
 and applies the algorithm's loss (:mod:`rlhf_core.losses.policy_gradient`), plus beta x KL (k3) when the
@@ -80,6 +82,7 @@ from rlhf_core.training.policy_gradient.algorithms import (
     policy_loss,
     rollout_metrics,
 )
+from rlhf_core.training.policy_gradient.distillation import Distiller
 from rlhf_core.training.policy_gradient.rank_sharing import gather_objects, score_across_ranks
 from rlhf_core.training.policy_gradient.rollout_pipeline_metrics import IdleClock, staleness_metrics
 from rlhf_core.training.policy_gradient.rollout_sampling import (
@@ -96,7 +99,7 @@ from rlhf_core.training.policy_gradient.rollouts import (
 )
 
 SampleLogFn = Callable[[list[dict], int], None]
-HEADLINE_ROLLOUT = ("reward_mean", "kl", "completion_length", "truncated_share")
+HEADLINE_ROLLOUT = ("reward_mean", "kl", "distill/reverse_kl", "completion_length", "truncated_share")
 
 
 @dataclass(kw_only=True)
@@ -136,6 +139,7 @@ class PolicyGradientTrainer:
         log_samples: SampleLogFn | None,
         engine: RolloutEngine | None = None,
         unsharded: UnshardedCopy | None = None,
+        teacher: PreTrainedModel | None = None,
     ) -> None:
         self.policy, self.tokenizer, self.records, self.stage = policy, tokenizer, records, stage
         # sharded (FSDP2) training: rollouts decode and score with a whole copy refreshed from the shards
@@ -147,6 +151,12 @@ class PolicyGradientTrainer:
         self.reward_fn, self.seed, self.stage_name = self._timed(reward_fn), seed, stage_name
         self.reward_seconds = 0.0  # of the rollout being collected
         self.reference, self.value_model = reference, value_model
+        self.distiller = None  # on-policy distillation (book ch.12): the teacher and its weight
+        if stage.distillation is not None:
+            if teacher is None:
+                raise ValueError("distillation: give the teacher model")
+            coef, batch_size = stage.distillation.coef, stage.train.batch_size
+            self.distiller = Distiller(teacher, coef, tokenizer.pad_token_id, batch_size)
         self.main_process = rank_and_world()[0] == 0  # with several processes, the main one logs
         self.log_samples = log_samples if self.main_process else None
         self.log = log if log is not None and self.main_process else (lambda metrics, step: None)
@@ -229,8 +239,11 @@ class PolicyGradientTrainer:
         scored = time.perf_counter()
         beta = self.controller.beta
         advantages, returns, kl_metrics = compute_advantages(rollout, settings, stage, beta)
+        distill_metrics: dict[str, float] = {}
+        if self.distiller is not None:  # a per-token term after the estimator's advantages
+            advantages, distill_metrics = self.distiller.add_to(advantages, rollout, self.rollout_policy)
         rollout.metrics = {
-            **rollout_metrics(rollout, settings), **kl_metrics, "beta": beta,
+            **rollout_metrics(rollout, settings), **kl_metrics, **distill_metrics, "beta": beta,
             "time/sample_and_reward_s": sampled - started, "time/reward_s": self.reward_seconds,
             "time/scoring_s": scored - sampled,
             "sampling_rounds": float(sampled_rollout.rounds),
@@ -487,6 +500,7 @@ def train_policy_gradient(
     log_samples: SampleLogFn | None = None,
     monitor_inputs: MonitorInputs | None = None,
     engine: RolloutEngine | None = None,
+    teacher_model: PreTrainedModel | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel | None, PolicyGradientResult]:
     """Run ``stage.rollouts`` rollouts of on-policy RL on ``policy``; returns (policy, value model, result).
 
@@ -495,7 +509,7 @@ def train_policy_gradient(
     open rollout engine that samples the rollouts (given the policy's weights before each one). With
     ``monitor_inputs`` the over-optimization monitor evaluates the policy every ``monitor.every`` steps
     and may stop training (:mod:`rlhf_core.training.monitor.overoptimization`); ``result.monitor``
-    says so.
+    says so. ``teacher_model`` is the teacher of ``stage.distillation`` (:mod:`.distillation`).
     """
     torch.manual_seed(seed)
     if needs_value_model(stage) and value_model is None:
@@ -517,7 +531,7 @@ def train_policy_gradient(
     trainer = PolicyGradientTrainer(
         policy, tokenizer, records, stage, reward_fn, seed=seed, stage_name=stage_name,
         reference=reference, value_model=value_model, log=log, log_samples=log_samples, engine=engine,
-        unsharded=unsharded,
+        unsharded=unsharded, teacher=teacher_model,
     )  # fmt: skip
     updates, total_steps = trainer.settings.updates_per_rollout, trainer.total_steps
     monitor, step_fn, extra_state = None, trainer.step_fn, trainer.extra_state
