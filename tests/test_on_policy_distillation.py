@@ -298,8 +298,8 @@ def test_the_teacher_is_a_reference_of_the_stage():
 
 @pytest.mark.parametrize(
     "extra",
-    [{"lora": {"r": 4}}, {"async_rollouts": {"max_staleness": 1}}],
-    ids=["lora", "async"],
+    [{"lora": {"r": 4}}, {"lora": {"r": 4}, "kl": {"beta": 0.1}}, {"async_rollouts": {"max_staleness": 1}}],
+    ids=["lora", "lora_with_kl", "async"],
 )
 def test_the_stage_distils_a_lora_policy_and_with_asynchronous_rollouts(tiny, tmp_path, extra):
     """The stage's entry point with the teacher's directory: a LoRA policy (the teacher a whole model of
@@ -319,6 +319,9 @@ def test_the_stage_distils_a_lora_policy_and_with_asynchronous_rollouts(tiny, tm
     assert len(kls) == stage.rollouts and all(k > 0.1 for k in kls)
     start = load_model(tiny[0])[0].state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in result.model.state_dict().items())
+    if "kl" in extra:  # the reference is the LoRA policy with its adapters off: the starting weights
+        kl = [m["rollout/kl"] for m in logged if "rollout/kl" in m]
+        assert len(kl) == stage.rollouts and abs(kl[0]) < 1e-5 and max(kl) > 1e-4
     if "async_rollouts" in extra:
         staleness = [m["rollout/async/staleness_max"] for m in logged if "rollout/async/staleness_max" in m]
         assert staleness[0] == 0.0 and max(staleness) <= 1.0

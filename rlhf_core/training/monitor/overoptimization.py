@@ -120,10 +120,18 @@ def starting_reference(
     frozen copy of the policy's starting weights (one more copy of the policy in memory). A reference
     model follows the policy to its device when it is used."""
     if lora and loaded is None:
-        return policy.disable_adapter
+        return lambda: _adapters_off(policy)
     frozen = loaded if loaded is not None else copy.deepcopy(policy)
     frozen.eval().requires_grad_(False)
     return lambda: contextlib.nullcontext(frozen.to(next(policy.parameters()).device))
+
+
+@contextlib.contextmanager
+def _adapters_off(policy: PreTrainedModel):
+    """The LoRA policy itself with its adapters off: the starting weights (peft's ``disable_adapter``
+    yields nothing, and a reference provider must yield the model)."""
+    with policy.disable_adapter():
+        yield policy
 
 
 class MonitorStop(Exception):
