@@ -16,12 +16,13 @@ from rlhf_core.data.synthetic import synthetic_records
 from rlhf_core.errors import UserError
 from rlhf_core.modeling.models import build_tiny_model, load_model, save_model
 from rlhf_core.modeling.sft_tokens import collate, tokenize_sft_row, unpacked_rows
+from rlhf_core.modeling.shared_tokenizer import check_shared_tokenizer
 from rlhf_core.rollout.episodes import EpisodeRecord
 from rlhf_core.spec import TinyModelSource
 from rlhf_core.spec.references import reference_fields
 from rlhf_core.spec.stages.policy_gradient import PolicyGradientStage
 from rlhf_core.training.policy_gradient.algorithms import Settings, compute_advantages
-from rlhf_core.training.policy_gradient.distillation import Distiller, check_teacher_tokenizer
+from rlhf_core.training.policy_gradient.distillation import Distiller
 from rlhf_core.training.policy_gradient.rollouts import reward_completions, reward_function, score_rollout
 from rlhf_core.training.policy_gradient.samples import Samples
 from rlhf_core.training.policy_gradient.trainer import PolicyGradientTrainer, train_policy_gradient
@@ -235,18 +236,16 @@ def test_a_stage_with_distillation_needs_its_teacher(tiny, tmp_path):
 
 def test_a_teacher_with_another_tokenizer_is_refused_naming_both_models(tiny):
     _, tokenizer = load_model(tiny[0])
-    check_teacher_tokenizer(tokenizer, load_model(tiny[1])[1], student_name="sft", teacher_name="big",
-                            stage_name="opd")  # fmt: skip
+    names = {"stage": "opd", "field": "distillation.teacher", "student_name": "sft", "teacher_name": "big"}
+    check_shared_tokenizer(tokenizer, load_model(tiny[1])[1], **names)
     _, other = build_tiny_model(SHAPE, seed=1)  # BPE merges learnt from another corpus
     with pytest.raises(UserError, match=r"stage 'opd', field distillation.teacher: the teacher 'big' .* "
-                       r"policy 'sft' \(vocabulary: token id \d+ is"):  # fmt: skip
-        check_teacher_tokenizer(tokenizer, other, student_name="sft", teacher_name="big", stage_name="opd")
+                       r"student 'sft' \(vocabulary: token id \d+ is"):  # fmt: skip
+        check_shared_tokenizer(tokenizer, other, **names)
     other_eos = type(tokenizer).from_pretrained(tiny[1])
     other_eos.eos_token = other_eos.pad_token
     with pytest.raises(UserError, match="special tokens: the student's eos_token is"):
-        check_teacher_tokenizer(
-            tokenizer, other_eos, student_name="sft", teacher_name="big", stage_name="opd"
-        )
+        check_shared_tokenizer(tokenizer, other_eos, **names)
 
 
 def test_the_stage_loads_and_checks_the_teacher(tiny, tmp_path):
@@ -262,7 +261,7 @@ def test_the_stage_loads_and_checks_the_teacher(tiny, tmp_path):
     model, other = build_tiny_model(SHAPE, seed=1)
     elsewhere = str(save_model(model, other, tmp_path / "other"))
     with pytest.raises(
-        UserError, match="the teacher 'teacher_sft' does not share the tokenizer of the policy 'sft'"
+        UserError, match="the teacher 'teacher_sft' does not share the tokenizer of the student 'sft'"
     ):
         load_teacher(stage, PolicyGradientInputs(tiny[0], None, [], teacher_dir=elsewhere), tokenizer, "opd")
 

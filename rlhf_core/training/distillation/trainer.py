@@ -38,10 +38,10 @@ from rlhf_core.losses.distillation import (
 from rlhf_core.losses.masking import masked_sum
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.sft_tokens import IGNORE_INDEX, Row, collate, tokenize_sft_row, unpacked_rows
+from rlhf_core.modeling.shared_tokenizer import check_shared_tokenizer
 from rlhf_core.spec import LoraSpec
 from rlhf_core.spec.stages.distillation import DistillTrainSpec
 from rlhf_core.stage_environment import StageEnvironment
-from rlhf_core.training.distillation.shared_tokenizer import check_shared_tokenizer
 from rlhf_core.training.engine.loop import TOKENS, LogFn, StepContext, plan_steps, run_optimizer_steps
 from rlhf_core.training.engine.lora import apply_lora
 from rlhf_core.training.engine.result import TrainingResult
@@ -251,9 +251,9 @@ def distill_student(settings: DistillSettings, inputs: DistillInputs, env: Stage
     from rlhf_core.modeling.models import load_model, load_tokenizer
 
     check_shared_tokenizer(
-        load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision),
         load_tokenizer(inputs.student_dir, revision=inputs.student_revision),
-        stage=env.stage, teacher_name=inputs.teacher_name, student_name=inputs.student_name,
+        load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision),
+        stage=env.stage, field="teacher", student_name=inputs.student_name, teacher_name=inputs.teacher_name,
     )  # fmt: skip
     student, tokenizer = load_model(inputs.student_dir, revision=inputs.student_revision)
     teacher, _ = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)

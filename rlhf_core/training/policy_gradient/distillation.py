@@ -26,9 +26,8 @@ import contextlib
 import time
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from rlhf_core.errors import UserError
 from rlhf_core.losses.masking import masked_mean
 from rlhf_core.modeling.completion_scoring import can_share_prefix
 from rlhf_core.rollout.token_scoring import score_tokens
@@ -36,46 +35,6 @@ from rlhf_core.training.engine.data_parallel import rank_and_world
 from rlhf_core.training.policy_gradient.rank_sharing import gather_objects
 from rlhf_core.training.policy_gradient.rollouts import Rollout
 from rlhf_core.training.policy_gradient.samples import Samples
-
-SPECIAL_TOKENS = ("eos_token", "bos_token", "unk_token")
-
-
-def tokenizer_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> str | None:
-    """The first reason the teacher would read the student's token ids as other tokens, or None.
-
-    Every student token must have the same id in the teacher (the teacher may add tokens after them), and
-    the special tokens must be the same: a teacher ending its answers with another EOS would teach the
-    student never to stop."""
-    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
-    teacher_by_id = {i: token for token, i in teacher_vocab.items()}
-    for token, i in sorted(student_vocab.items(), key=lambda item: item[1]):
-        if teacher_vocab.get(token) != i:
-            theirs = teacher_by_id.get(i)
-            seen = f"{theirs!r}" if theirs is not None else "no token"
-            return f"vocabulary: token id {i} is {token!r} for the student and {seen} for the teacher"
-    for name in SPECIAL_TOKENS:
-        mine, theirs = getattr(student, name), getattr(teacher, name)
-        if mine != theirs:
-            return f"special tokens: the student's {name} is {mine!r}, the teacher's {theirs!r}"
-    return None
-
-
-def check_teacher_tokenizer(
-    student: PreTrainedTokenizerBase,
-    teacher: PreTrainedTokenizerBase,
-    *,
-    student_name: str,
-    teacher_name: str,
-    stage_name: str,
-) -> None:
-    """UserError naming both models and the first difference when their tokenizers differ."""
-    difference = tokenizer_difference(student, teacher)
-    if difference is not None:
-        raise UserError(
-            f"stage '{stage_name}', field distillation.teacher: the teacher '{teacher_name}' does not share "
-            f"the tokenizer of the policy '{student_name}' ({difference}); on-policy distillation scores the "
-            "student's token ids with the teacher: pick a teacher of the same tokenizer"
-        )
 
 
 def teacher_token_logprobs(

@@ -122,13 +122,13 @@ def load_teacher(
 ) -> PreTrainedModel:
     """Distillation's teacher, frozen; its tokenizer is checked to be the policy's before its weights load."""
     from rlhf_core.modeling.models import load_model, load_tokenizer
-    from rlhf_core.training.policy_gradient.distillation import check_teacher_tokenizer
+    from rlhf_core.modeling.shared_tokenizer import check_shared_tokenizer
 
     if inputs.teacher_dir is None:
         raise ValueError("distillation: the stage's inputs carry no teacher_dir")
-    check_teacher_tokenizer(
-        tokenizer, load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision),
-        student_name=stage.policy, teacher_name=stage.distillation.teacher, stage_name=stage_name,
+    check_shared_tokenizer(
+        tokenizer, load_tokenizer(inputs.teacher_dir, revision=inputs.teacher_revision), stage=stage_name,
+        field="distillation.teacher", student_name=stage.policy, teacher_name=stage.distillation.teacher,
     )  # fmt: skip
     teacher, _ = load_model(inputs.teacher_dir, revision=inputs.teacher_revision)
     return teacher.eval().requires_grad_(False)
