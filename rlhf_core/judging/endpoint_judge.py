@@ -26,11 +26,10 @@ from rlhf_core.errors import UserError
 from rlhf_core.judging.endpoint_client import EndpointClient, EndpointSettings
 from rlhf_core.judging.policy_judge import GenerateFn, JudgeParseError, judge_pairs
 from rlhf_core.judging.verdict_cache import VerdictCache
-from rlhf_core.spec.chat_endpoints import ChatEndpointSpec
 
 # The prompt versions live with the spec, whose stage configs record the version that ran: bump one when
 # policy_judge.judge_prompt (pairwise) or score_prompt below (pointwise) is reworded.
-from rlhf_core.spec.endpoints import PAIRWISE_TEMPLATE_VERSION, POINTWISE_TEMPLATE_VERSION
+from rlhf_core.spec.endpoints import PAIRWISE_TEMPLATE_VERSION, POINTWISE_TEMPLATE_VERSION, ChatEndpointSpec
 
 STORE_EVERY = 256  # prompts sent between two writes to the verdict cache
 SCORE = re.compile(r"\[\[\s*score\s*:\s*(-?\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)

@@ -47,55 +47,25 @@ class ScoreScaleSpec(Strict):
         return self
 
 
-class EndpointJudgeSpec(Strict):
-    """A judge model behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI,
-    ``transformers serve``, a hosted API). Give ``principles`` for a pairwise judge or a ``rubric``
-    for a pointwise one; ``mode`` may be left out and follows from which you gave."""
+class ChatEndpointSpec(Strict):
+    """A model behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI, ``transformers
+    serve``, a hosted API): where it is served and how it is asked. The API key is never a field: only
+    the name of the environment variable holding it. Judges (:class:`EndpointJudgeSpec`), a
+    constitutional critic and a rubric's judge are such models; their answers are greedy."""
 
     base_url: str = Field(
         description="API root, e.g. http://localhost:8000/v1 (not fingerprinted: the same model on another "
-        "host gives the same verdicts).",
+        "host gives the same answers).",
         json_schema_extra=NOT_FINGERPRINTED_FIELD,
     )
     model: str = Field(min_length=1, description="Model name the endpoint serves (fingerprinted).")
-    name: str | None = Field(
-        default=None,
-        description="Short name in metric names (eval/win_rate/endpoint:<name>, reward endpoint:<name>); "
-        "default: the model name.",
-    )
     api_key_env: str | None = Field(
         default=None,
         description="Name of the environment variable holding the API key (sent as a Bearer token); "
         "null: no key. The key itself never appears in a spec, a log or a fingerprint.",
         json_schema_extra=NOT_FINGERPRINTED_FIELD,
     )
-    mode: JudgeMode | None = Field(
-        default=None,
-        description="pairwise: compare two answers in both orders ([[A]]/[[B]]/[[C]]); pointwise: score "
-        "one answer on `scale` ([[score: N]]). Default: pairwise with principles, pointwise with a rubric.",
-    )
-    principles: tuple[str, ...] | None = Field(
-        default=None, min_length=1, description="Pairwise: the rubric or constitution, one principle each."
-    )
-    rubric: str | None = Field(
-        default=None,
-        min_length=1,
-        description="Pointwise: what a good answer is, as the judge's system turn.",
-    )
-    scale: ScoreScaleSpec = Field(
-        default_factory=ScoreScaleSpec, description="Pointwise: the score range, e.g. {low: 1, high: 10}."
-    )
-    prompt_template: Literal["pairwise-v1", "pointwise-v1"] | None = Field(
-        default=None,
-        description="Version of the judge prompt, filled in from the mode (recorded and fingerprinted, so "
-        "a reworded prompt re-runs the stage).",
-    )
-    max_tokens: int = Field(default=512, ge=1, description="Longest judge answer, in tokens.")
-    on_unparseable: Literal["skip", "fail"] = Field(
-        default="skip",
-        description="An answer without a verdict or score: leave it out and count it, or stop the stage "
-        "naming the row.",
-    )
+    max_tokens: int = Field(default=512, ge=1, description="Longest answer, in tokens.")
     max_concurrency: int = Field(
         default=8, ge=1, description="Requests in flight at once.", json_schema_extra=NOT_FINGERPRINTED_FIELD
     )
@@ -118,6 +88,44 @@ class EndpointJudgeSpec(Strict):
                 f"base_url {url!r} is not an http(s) URL; expected e.g. http://localhost:8000/v1"
             )
         return url
+
+
+class EndpointJudgeSpec(ChatEndpointSpec):
+    """A judge model behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, TGI,
+    ``transformers serve``, a hosted API). Give ``principles`` for a pairwise judge or a ``rubric``
+    for a pointwise one; ``mode`` may be left out and follows from which you gave."""
+
+    name: str | None = Field(
+        default=None,
+        description="Short name in metric names (eval/win_rate/endpoint:<name>, reward endpoint:<name>); "
+        "default: the model name.",
+    )
+    mode: JudgeMode | None = Field(
+        default=None,
+        description="pairwise: compare two answers in both orders ([[A]]/[[B]]/[[C]]); pointwise: score "
+        "one answer on `scale` ([[score: N]]). Default: pairwise with principles, pointwise with a rubric.",
+    )
+    principles: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="Pairwise: the rubric or constitution, one principle each."
+    )
+    rubric: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Pointwise: what a good answer is, as the judge's system turn.",
+    )
+    scale: ScoreScaleSpec = Field(
+        default_factory=ScoreScaleSpec, description="Pointwise: the score range, e.g. {low: 1, high: 10}."
+    )
+    prompt_template: Literal["pairwise-v1", "pointwise-v1"] | None = Field(
+        default=None,
+        description="Version of the judge prompt, filled in from the mode (recorded and fingerprinted, so "
+        "a reworded prompt re-runs the stage).",
+    )
+    on_unparseable: Literal["skip", "fail"] = Field(
+        default="skip",
+        description="An answer without a verdict or score: leave it out and count it, or stop the stage "
+        "naming the row.",
+    )
 
     @model_validator(mode="after")
     def _mode_matches_prompt(self) -> EndpointJudgeSpec:

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from rlhf_core.rewards.rubrics import DEFAULT_CATEGORY_WEIGHTS
 from rlhf_core.spec.base import Strict
-from rlhf_core.spec.chat_endpoints import ChatEndpointSpec
+from rlhf_core.spec.endpoints import ChatEndpointSpec
 
 RUBRIC_TEMPLATE_VERSION = "rubric-item-v1"  # bump with rlhf_core.rewards.rubrics.rubric_item_prompt
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rlhf_core.spec.base import StageSpec, Strict, check_split_fractions
-from rlhf_core.spec.chat_endpoints import ChatEndpointSpec
 from rlhf_core.spec.decoding import SamplingSpec
+from rlhf_core.spec.endpoints import ChatEndpointSpec
 from rlhf_core.spec.references import PolicyModel, PromptsData, RefType, dataset_output
 
 # The requests a principle given as plain text gets (our wording, after the critique/revision request
