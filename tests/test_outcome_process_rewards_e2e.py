@@ -38,6 +38,7 @@ def test_orm_and_prm_stages_register_reward_models_that_score_samples(
             "rewards": [
                 {"model": "orm", "options": {"aggregation": "last_m", "last_m": 2}},
                 {"model": "prm", "options": {"aggregation": "weighted"}},
+                {"model": "prm"},  # the same model with its default aggregation (min): another source
             ],
         },
     }  # fmt: skip
@@ -55,5 +56,6 @@ def test_orm_and_prm_stages_register_reward_models_that_score_samples(
 
     completions = outcomes["sample"].outputs["completions"]
     rows = read_jsonl(materialize_dataset(completions, tmp_path / "dl") / "eval.jsonl")
-    assert rows and all(set(r["scores"]) == {"rm:orm", "rm:prm"} for r in rows)
+    assert rows and all(set(r["scores"]) == {"rm:orm:last_2", "rm:prm:weighted", "rm:prm"} for r in rows)
+    assert all(r["scores"]["rm:prm"] <= r["scores"]["rm:prm:weighted"] + 1e-9 for r in rows)  # min <= mean
     assert all(0.0 < v < 1.0 for r in rows for v in r["scores"].values())  # probabilities

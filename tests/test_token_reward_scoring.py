@@ -131,7 +131,7 @@ def test_options_a_model_does_not_take_fail_naming_the_source(policy, tmp_path):
         load_reward_model_scorers({"rm:rm": bt}, {"rm:rm": {"aggregation": "min"}})
     assert len(load_reward_model_scorers({"rm:rm": bt})["rm:rm"]([PAIRS[1]])) == 1  # no options: fine
     orm = _saved(policy, tmp_path / "o", kind="outcome")
-    with pytest.raises(UserError, match=r"'rm:orm': aggregation 'weighted' is not one of a outcome"):
+    with pytest.raises(UserError, match=r"'rm:orm': aggregation 'weighted' is not one of an outcome"):
         load_reward_model_scorer(orm, {"aggregation": "weighted"}, source="rm:orm")
 
 
@@ -151,7 +151,7 @@ def test_last_m_alone_is_an_orms_default_aggregation(policy, tmp_path):
 def test_the_spec_checks_a_model_sources_options():
     source = RewardSourceSpec(model="prm", options={"aggregation": "weighted"})
     assert model_source_options([source, RewardSourceSpec(function="arithmetic_exact")]) == {
-        "rm:prm": {"aggregation": "weighted"}
+        "rm:prm:weighted": {"aggregation": "weighted"}
     }
     for options, message in [
         ({"aggregate": "min"}, r"options \['aggregate'\] are not a reward model's"),
@@ -175,14 +175,27 @@ def test_a_prm_selects_best_of_n(policy, tmp_path):
     spec = BestOfNSpec(
         n=3, rewards=[{"model": "prm", "options": {"aggregation": "min"}}], generation={"max_new_tokens": 8}
     )
-    scorers = load_reward_model_scorers({"rm:prm": directory}, model_source_options(spec.rewards))
+    scorers = load_reward_model_scorers({"rm:prm:min": directory}, model_source_options(spec.rewards))
     model, tokenizer = load_model(policy[0])
     prompts = [{"prompt": f"What is {a} + 3?", "answer": str(a + 3)} for a in range(4)]
     metrics = best_of_n_metrics(
         model, tokenizer, prompts, spec, verifier_function("arithmetic_exact", {}), scorers, 0, "eval"
     )
     rows, _, _ = sample_completions(model, tokenizer, prompts, 3, spec.generation, 0)
-    scores = scorers["rm:prm"]([(r["prompt"], r["completion"]) for r in rows])
+    scores = scorers["rm:prm:min"]([(r["prompt"], r["completion"]) for r in rows])
     best = [max(scores[i : i + 3]) for i in range(0, len(scores), 3)]
     assert metrics["eval/best_of_n/prompts"] == 4.0
     assert metrics["eval/best_of_n/selected_reward_mean"] == pytest.approx(sum(best) / 4, rel=1e-5)
+
+
+def test_one_model_under_two_aggregations_is_two_sources():
+    """Scorers are found by source name: the same model with other options is named apart, so neither
+    is scored with the other's options."""
+    names = [
+        RewardSourceSpec(model=model, options=options).name
+        for model, options in [
+            ("prm", {}), ("prm", {"aggregation": "mean"}), ("orm", {"last_m": 4}),
+            ("orm", {"aggregation": "last_m"}), ("orm", {"aggregation": "min"}),
+        ]
+    ]  # fmt: skip
+    assert names == ["rm:prm", "rm:prm:mean", "rm:orm:last_4", "rm:orm:last_1", "rm:orm:min"]

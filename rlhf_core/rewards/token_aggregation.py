@@ -74,9 +74,10 @@ def check_scoring_options(kind: str, options: dict, source: str) -> dict:
     allowed = OUTCOME_AGGREGATIONS if kind == "outcome" else PROCESS_AGGREGATIONS
     aggregation = options.get("aggregation", allowed[0])
     if aggregation not in allowed:
+        article = "an" if kind == "outcome" else "a"
         raise UserError(
-            f"reward source '{source}': aggregation {aggregation!r} is not one of a {kind} reward model's "
-            f"{list(allowed)}"
+            f"reward source '{source}': aggregation {aggregation!r} is not one of {article} {kind} reward "
+            f"model's {list(allowed)}"
         )
     if "last_m" in options and aggregation != "last_m":
         raise UserError(f"reward source '{source}': last_m goes with aggregation last_m, not {aggregation!r}")

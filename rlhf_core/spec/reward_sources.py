@@ -88,16 +88,26 @@ class RewardSourceSpec(Strict):
     @property
     def name(self) -> str:
         """The source's key in scores and metric names: the built-in's name, ``rewards.py:fn`` for a
-        user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model, ``endpoint:<name>`` for
-        an endpoint judge (its ``name``, else its model), ``rubric:<name>`` for a rubric (its ``name``, else
-        its judge's model)."""
+        user's file, ``module:fn`` for a module, ``rm:<stage>`` for a reward model (``rm:<stage>:<how>``
+        with scoring options, e.g. ``rm:prm:mean``), ``endpoint:<name>`` for an endpoint judge (its
+        ``name``, else its model), ``rubric:<name>`` for a rubric (its ``name``, else its judge's model)."""
         if self.rubric is not None:
             return self.rubric.source_name
         if self.endpoint is not None:
             return self.endpoint.judge_name
         if self.function is None:
-            return f"rm:{self.model}"
+            return f"rm:{self.model}{_aggregation_suffix(self.options)}"
         return parse_reference(self.function).short if is_reference(self.function) else self.function
+
+
+def _aggregation_suffix(options: dict[str, Any]) -> str:
+    """How a reward model's source name tells its scoring options apart: ``rm:prm:mean``,
+    ``rm:orm:last_4``; none: ``rm:prm`` (the model's default). Two sources on one model with other options
+    are two sources (two scores, two metric names), never one silently scored with the other's options."""
+    if not options:
+        return ""
+    aggregation = options.get("aggregation", "last_m")  # last_m alone: an ORM's default aggregation
+    return f":last_{options.get('last_m', 1)}" if aggregation == "last_m" else f":{aggregation}"
 
 
 def _check_model_options(options: dict[str, Any]) -> None:
