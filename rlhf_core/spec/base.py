@@ -76,6 +76,12 @@ class StageSpec(Strict):
     trains_in_processes: ClassVar[bool] = False
     """Whether the kind's training can run in several processes (``compute.processes`` > 1)."""
 
+    def shared_tokenizer_refs(self) -> dict[str, tuple[str, str]]:
+        """Field path -> (student, teacher) references of models that must share a tokenizer (a teacher
+        scoring a student's token ids: distillation); checked when the spec is read where the base models
+        tell (:func:`rlhf_core.spec.pipeline.tokenizer_problems`), and on the tokenizers before training."""
+        return {}
+
     def processes_problem(self) -> str | None:
         """Why this stage cannot train in ``compute.processes`` processes (None: it can)."""
         if self.compute is None or self.compute.processes == 1 or self.trains_in_processes:

@@ -43,6 +43,8 @@ class PipelineSpec(Strict):
         if not problems:
             problems = list(gate_problems(self))
         problems += processes_problems(self)
+        if not problems:
+            problems = list(tokenizer_problems(self))
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -174,6 +176,36 @@ def processes_problems(spec: PipelineSpec) -> list[str]:
         for name, stage in spec.stages.items()
         if (problem := stage.processes_problem())
     ]
+
+
+def tokenizer_problems(spec: PipelineSpec) -> Iterator[str]:
+    """Models that must share a tokenizer (a teacher and its student) and cannot: descending from tiny
+    models whose tokenizers are trained on other corpora or to other sizes, or from a tiny model (its
+    tokenizer trained here) and a hub or local model. Other pairs are checked on their tokenizers when the
+    stage starts."""
+    for stage_name, stage in spec.stages.items():
+        for field_path, (student_ref, teacher_ref) in stage.shared_tokenizer_refs().items():
+            roots = [lineage_root(spec, ref) for ref in (student_ref, teacher_ref)]
+            if None in roots:
+                continue
+            tiny = [spec.models[root].tiny for root in roots]  # type: ignore[index]
+            if tiny == [None, None]:
+                continue
+            if None in tiny:
+                why = "one descends from a tiny model (its tokenizer trained here), the other does not"
+            else:
+                recipe = [(t.vocab_size, t.tokenizer_corpus) for t in tiny]  # type: ignore[union-attr]
+                if recipe[0] == recipe[1]:
+                    continue
+                why = (
+                    f"their tiny base models train their tokenizers differently (student {roots[0]}: "
+                    f"vocab_size {recipe[0][0]}, corpus {recipe[0][1]}; teacher {roots[1]}: vocab_size "
+                    f"{recipe[1][0]}, corpus {recipe[1][1]})"
+                )
+            yield (
+                f"stage '{stage_name}', field {field_path}: the teacher '{teacher_ref}' and the student "
+                f"'{student_ref}' cannot share a tokenizer: {why}"
+            )
 
 
 def _name_problems(spec: PipelineSpec) -> Iterator[str]:

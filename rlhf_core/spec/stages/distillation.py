@@ -38,8 +38,9 @@ class DistillTrainSpec(SFTTrainSpec):
 class DistillStage(StageSpec):
     """Token-level knowledge distillation of ``teacher`` into ``student`` on the completions of ``data``.
 
-    Teacher and student must share a tokenizer (same vocabulary, special tokens and chat template):
-    checked when the stage starts, before any training.
+    Teacher and student must share a tokenizer (the student's token ids read as the same tokens by the
+    teacher, the same special tokens): checked when the spec is read where the base models tell, and on
+    the tokenizers when the stage starts, before any training.
     """
 
     kind: Literal["distill"]
@@ -92,6 +93,9 @@ class DistillStage(StageSpec):
     )
 
     outputs: ClassVar[dict[str, RefType]] = {"model": model_output("policy")}
+
+    def shared_tokenizer_refs(self) -> dict[str, tuple[str, str]]:
+        return {"teacher": (self.student, self.teacher)}
 
     @model_validator(mode="after")
     def _consistent_options(self) -> DistillStage:

@@ -271,6 +271,13 @@ class PolicyGradientStage(StageSpec):
             return DEFAULT_ASYNC_TIS_CAP
         return self.tis_cap
 
+    def shared_tokenizer_refs(self) -> dict[str, tuple[str, str]]:
+        return (
+            {}
+            if self.distillation is None
+            else {"distillation.teacher": (self.policy, self.distillation.teacher)}
+        )
+
     def processes_problem(self) -> str | None:
         if self.compute is not None and self.compute.processes > 1:
             if self.generation.engine == "vllm" and self.generation.vllm.placement != "colocated":
