@@ -3,7 +3,8 @@
 The card is the version's description (the registry's version page shows it) and ``model_card.md`` in
 the version's run. It says what produced the version (stage, kind, pipeline, spec digest, commit,
 package version, fingerprint, seed, a link to its run), its lineage as links to the upstream versions,
-its evaluation figures with their confidence intervals, the promotion gate's decision, its aliases and
+its evaluation figures with their confidence intervals, the plots drawn about it (its own run's and
+the evaluations'), the promotion gate's decision, its aliases and
 the resolved config of its stage. ``refresh_model_card`` rebuilds it whenever one of those changes
 (after registration, evaluation and promotion); it never raises, so a card can never fail a stage.
 """
@@ -26,7 +27,7 @@ from registry.lineage import (
     dataset_digests,
     related_models,
 )
-from registry.model_metrics import version_metrics
+from registry.model_metrics import measuring_runs, version_metrics
 from registry.tracking import PACKAGE_VERSION_TAG, client
 
 CARD_ARTIFACT = "model_card.md"
@@ -74,6 +75,9 @@ def model_card(name: str, version: str) -> str:
         _provenance(tags, run),
         _lineage(name, version, tags),
         _evaluation(version_metrics(name, version)),
+        _plots(
+            [info.run_id, *measuring_runs(name, version)] if info.run_id else measuring_runs(name, version)
+        ),
         _gate(tags),
         _config(run, tags.get("rlhf.stage", "")),
     ]
@@ -215,6 +219,19 @@ def _evaluation(metrics: dict[str, float]) -> str:
     return "## Evaluation\n\nFigures with their 95% bootstrap interval and sample count:\n\n" + "\n".join(
         lines
     )
+
+
+def _plots(run_ids: list[str]) -> str:
+    """The figures drawn about the version: ``plots/*.png`` of its own run (a reward model's reliability
+    plot) and of the runs that measured it (an evaluation's best-of-N curve, its comparison plots)."""
+    c, lines = client(), []
+    for run_id in dict.fromkeys(run_ids):
+        pngs = [f.path for f in c.list_artifacts(run_id, "plots") if f.path.endswith(".png")]
+        if pngs:
+            run = c.get_run(run_id)
+            where = _run_link(run.info.experiment_id, run_id, run.info.run_name or run_id)
+            lines.append(f"- {where}: " + ", ".join(f"`{path}`" for path in sorted(pngs)))
+    return "## Plots\n\n" + "\n".join(lines) if lines else ""
 
 
 def _gate(tags: dict[str, str]) -> str:

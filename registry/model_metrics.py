@@ -66,3 +66,14 @@ def version_metrics(name: str, version: str) -> dict[str, float]:
     version_info = client().get_model_version(name, version)
     model_id = getattr(version_info, "model_id", None)
     return model_metrics(f"models:/{model_id}" if model_id else version_info.source or "")
+
+
+def measuring_runs(name: str, version: str) -> list[str]:
+    """The runs that logged figures against a registered version's logged model (its own run and each
+    evaluation that measured it), oldest figure first."""
+    version_info = client().get_model_version(name, version)
+    model_id = getattr(version_info, "model_id", None) or logged_model_id(version_info.source or "")
+    if model_id is None:
+        return []
+    metrics = sorted(client().get_logged_model(model_id).metrics or [], key=lambda m: m.timestamp)
+    return list(dict.fromkeys(m.run_id for m in metrics if m.run_id))

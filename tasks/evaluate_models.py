@@ -41,12 +41,13 @@ def evaluate_models(call: StageCall, run: StageRun) -> dict[str, EvalReportRef]:
     )
     result = compare_models(stage, inputs, run.environment(call.seed))
     report = result.report
+    measured = []  # registered versions whose logged model holds the figures
     for name, metrics in report.items():
         keyed = {f"{name}/{k}": v for k, v in metrics.items()}
         if not model_metrics.log_model_metrics(run.run_id, refs[name].uri, keyed):  # not registered
             tracking.log_metrics(run.run_id, keyed, step=0)
-        elif refs[name].registered_name:  # the version's card shows its evaluation figures
-            refresh_model_card(refs[name].registered_name, refs[name].registered_version)
+        elif refs[name].registered_name:
+            measured.append(refs[name])
     run.key_metrics = result.summary()
     table = report_markdown(
         report, baseline=stage.baseline, reference=stage.kl_reference, title=f"Evaluation: {call.name}"
@@ -55,6 +56,8 @@ def evaluate_models(call: StageCall, run: StageRun) -> dict[str, EvalReportRef]:
     tracking.log_dict(run.run_id, report, "report.json")
     tracking.log_text(run.run_id, table, "report.md")
     _log_plots(run, report, stage.baseline)
+    for ref in measured:  # each version's card shows its evaluation figures and the plots drawn
+        refresh_model_card(ref.registered_name, ref.registered_version)
     _publish_table(run, table)
     return {"report": EvalReportRef(stage=call.name, metrics=report, run_id=run.run_id)}
 

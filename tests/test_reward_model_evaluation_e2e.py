@@ -53,6 +53,15 @@ def pipeline(tmp_path_factory):
                 "judge": {"preferences": "data.preferences", "principles": ["Prefer the correct sum."]},
                 "train": {"max_steps": 2, "batch_size": 4, "max_length": 1024},
             },
+            "tasks": {"kind": "dataset", "source": {"synthetic": {"n": 20, "max_operand": 9}}},
+            "policy": {"kind": "sft", "model": "base", "data": "tasks.sft",
+                       "train": {"max_steps": 2, "batch_size": 4, "max_length": 64}},
+            "bon": {
+                "kind": "evaluate", "models": ["policy"], "prompts": "tasks.prompts", "max_prompts": 4,
+                "generation": {"max_new_tokens": 4},
+                "best_of_n": {"n": 4, "rewards": [{"model": "rm"}], "curve": True,
+                              "generation": {"max_new_tokens": 4}},
+            },
         },
     }  # fmt: skip
     return spec, tmp / "home"
@@ -110,3 +119,15 @@ def test_the_registered_versions_card_lists_the_heldout_figures(outcomes):
     assert {"eval/accuracy", "eval/calibration_ece", "eval/verifier_agreement"} <= set(figures)
     card = MlflowClient().get_model_version(ref.registered_name, ref.registered_version).description
     assert "`eval/calibration_ece` = " in card
+    assert "## Plots" in card and "`plots/reliability.png`" in card  # the reliability plot of its run
+
+
+def test_an_evaluations_best_of_n_curve_is_on_the_evaluated_versions_card(pipeline, outcomes):
+    """Book ch.5 / ch.14: the curve of proxy and gold reward against N is drawn by the evaluation and
+    listed on the card of the version it measured."""
+    from mlflow import MlflowClient
+
+    ref = _run(pipeline, ("data", "rm", "tasks", "policy", "bon"))["policy"].outputs["model"]
+    card = MlflowClient().get_model_version(ref.registered_name, ref.registered_version).description
+    assert "## Plots" in card and "`plots/best_of_n_curve.png`" in card
+    assert "`eval/best_of_n/gold_at_4` = " in card  # the curve's figures, measured against the verifier
