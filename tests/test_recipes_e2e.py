@@ -40,7 +40,7 @@ SMALL = {
     "max_new_tokens": 4,
     "max_prompts": 6,
 }
-TINY_MODEL = {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 320}
+TINY_MODEL = {"layers": 1, "heads": 2, "vocab_size": 320}
 
 
 def shrink(node, key: str | None = None):
@@ -59,8 +59,8 @@ def shrink(node, key: str | None = None):
             out[k] = 60 if key == "synthetic" else 2
         elif k == "k" and key == "pass_at_k":
             out[k] = [1, 2]  # pass@k needs k <= n (n shrinks to 2)
-        elif k == "tiny":
-            out[k] = {**value, **TINY_MODEL}
+        elif k == "tiny":  # a quarter of the width keeps two models of other widths apart (a teacher)
+            out[k] = {**value, **TINY_MODEL, "hidden_size": max(16, value.get("hidden_size", 128) // 4)}
         else:
             out[k] = shrink(value, k)
     if isinstance(out.get("train"), dict) and "max_steps" not in out["train"]:
