@@ -300,6 +300,26 @@ def test_iterative_dpo_expands_into_rounds_of_ordinary_stages(tiny_spec_dict):
     assert initial.stages["online-r2"].reference == "sft"
 
 
+def test_iterative_dpo_judges_each_pair_by_a_subset_of_the_principles(tiny_spec_dict):
+    judge = {"model": "sft", "principles": ["Be right.", "Be brief.", "Be kind."]}
+    spec = parse_spec(_online(tiny_spec_dict, judge_policy=judge, principles_per_comparison=2))
+    assert [spec.stages[f"online-r{r}-pairs"].principles_per_comparison for r in (1, 2)] == [2, 2]
+    assert (
+        parse_spec(_online(tiny_spec_dict, judge_policy=judge))
+        .stages["online-r1-pairs"]
+        .principles_per_comparison
+        is None
+    )
+    for fields, message in [
+        ({"principles_per_comparison": 2}, "principles_per_comparison needs judge_policy"),
+        ({"judge_policy": judge, "principles_per_comparison": 4}, "is 4 but judge_policy.principles has 3"),
+    ]:
+        assert any(
+            p.startswith("stage 'online'") and message in p
+            for p in _problems(_online(copy.deepcopy(tiny_spec_dict), **fields))
+        ), fields
+
+
 def test_iterative_dpo_errors_name_the_template(tiny_spec_dict):
     problems = _problems(_online(tiny_spec_dict, rounds=0, bogus=1))
     assert "stage 'online', field rounds: Input should be greater than or equal to 1" in problems

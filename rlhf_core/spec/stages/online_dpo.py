@@ -64,6 +64,12 @@ class IterativeDPOTemplate(StageTemplate):
     judge_policy: PolicyJudgeSpec | None = Field(
         default=None, description="Or label pairs with a policy judging against written principles."
     )
+    principles_per_comparison: int | None = Field(
+        default=None,
+        ge=1,
+        description="With judge_policy: the judge sees this many of its principles per comparison, a seeded "
+        "subset per pair (Constitutional AI's feedback step, book ch.12); null: every principle.",
+    )
     pairing: Literal["best_vs_worst", "all_pairs"] = Field(
         default="best_vs_worst", description="One pair per prompt, or every pair of distinct completions."
     )
@@ -92,6 +98,14 @@ class IterativeDPOTemplate(StageTemplate):
     @model_validator(mode="after")
     def _paired_loss(self) -> IterativeDPOTemplate:
         check_monitor_proxy(self.monitor, "iterative_dpo")
+        k = self.principles_per_comparison
+        if k is not None and self.judge_policy is None:
+            raise ValueError("principles_per_comparison needs judge_policy (a judge with principles)")
+        if k is not None and k > len(self.judge_policy.principles):  # type: ignore[union-attr]
+            raise ValueError(
+                f"principles_per_comparison is {k} but judge_policy.principles has "
+                f"{len(self.judge_policy.principles)} principle(s)"  # type: ignore[union-attr]
+            )
         if self.loss not in PREFERENCE_LOSSES or not PREFERENCE_LOSSES[self.loss].paired:
             paired = [name for name, loss in PREFERENCE_LOSSES.items() if loss.paired]
             raise ValueError(f"loss '{self.loss}' is not a pairwise loss (one of: {', '.join(paired)})")
@@ -114,7 +128,8 @@ class IterativeDPOTemplate(StageTemplate):
             stages[pairs] = {
                 "kind": "label_preferences", "completions": samples, "pairing": self.pairing,
                 "min_margin": self.min_margin, "seed": seed,
-                **({"judge_policy": self.judge_policy.model_dump()} if self.judge_policy
+                **({"judge_policy": self.judge_policy.model_dump(),
+                    "principles_per_comparison": self.principles_per_comparison} if self.judge_policy
                    else {"judge": _dump(self.judge)}),
             }  # fmt: skip
             stages[model] = {
