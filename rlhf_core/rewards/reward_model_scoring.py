@@ -10,11 +10,14 @@ as one right-padded row per sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -24,7 +27,10 @@ from rlhf_core.data.schemas import prompt_key
 from rlhf_core.modeling.modes import eval_mode
 from rlhf_core.modeling.preference_tokens import PromptPairs, encode_completion, pad_batch
 from rlhf_core.modeling.shared_prefix import pack_shared_prefix, score_shared_prefix, supports_shared_prefix
+from rlhf_core.modeling.token_reward_model import reward_kind
 from rlhf_core.rewards.composite import ModelScorer
+from rlhf_core.rewards.token_aggregation import check_scoring_options
+from rlhf_core.rewards.token_reward_scoring import token_reward_scorer
 
 
 def score_sequences(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,41 +132,57 @@ def _batches_of_groups(groups: list[list[int]], batch_size: int) -> list[list[li
     return batches
 
 
+@dataclass(frozen=True)
+class SavedRewardModel:
+    """A saved reward model, loaded once: its kind (from its config), the model and its tokenizer."""
+
+    kind: str  # bradley_terry | outcome | process
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_saved_reward_model(directory: str | Path) -> SavedRewardModel:
+    """The reward model in ``directory``: a Bradley-Terry model (a sequence classifier, loaded with plain
+    ``from_pretrained``, with the pad token the reward was trained with) or an outcome/process reward
+    model (a token classifier), as its saved config says."""
+    kind = reward_kind(AutoConfig.from_pretrained(directory))
+    classifier = (
+        AutoModelForSequenceClassification if kind == "bradley_terry" else AutoModelForTokenClassification
+    )
+    return SavedRewardModel(
+        kind, classifier.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    )
+
+
+def reward_model_scorer(saved: SavedRewardModel, options: dict | None, source: str) -> ModelScorer:
+    """A scorer of (prompt, completion) batches with ``saved``; an outcome/process reward model's
+    per-token or per-step probabilities are aggregated as the source's ``options`` say
+    (:mod:`rlhf_core.rewards.token_aggregation`). Options the model's kind does not take fail naming
+    ``source``."""
+    checked = check_scoring_options(saved.kind, dict(options or {}), source)
+    if saved.kind == "bradley_terry":
+        return lambda pairs: score_pairs(saved.model, saved.tokenizer, pairs)
+    return token_reward_scorer(saved.model, saved.tokenizer, saved.kind, checked)
+
+
 def load_reward_model_scorer(
     directory: str | Path, options: dict | None = None, source: str = "reward model"
 ) -> ModelScorer:
-    """A scorer of (prompt, completion) batches with the reward model saved in ``directory``.
-
-    The saved config says which kind it is: a Bradley-Terry model (a sequence classifier, loaded with
-    plain ``from_pretrained``, with the pad token the reward was trained with) or an outcome/process
-    reward model (a token classifier whose per-token or per-step probabilities are aggregated as the
-    source's ``options`` say, :mod:`rlhf_core.rewards.token_aggregation`). Options a model kind does not
-    take fail naming ``source``.
-    """
-    from transformers import AutoConfig, AutoModelForTokenClassification
-
-    from rlhf_core.modeling.token_reward_model import reward_kind
-    from rlhf_core.rewards.token_aggregation import check_scoring_options
-    from rlhf_core.rewards.token_reward_scoring import token_reward_scorer
-
-    kind = reward_kind(AutoConfig.from_pretrained(directory))
-    checked = check_scoring_options(kind, dict(options or {}), source)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if kind == "bradley_terry":
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
-        return lambda pairs: score_pairs(model, tokenizer, pairs)
-    return token_reward_scorer(
-        AutoModelForTokenClassification.from_pretrained(directory), tokenizer, kind, checked
-    )
+    """A scorer of (prompt, completion) batches with the reward model saved in ``directory``."""
+    return reward_model_scorer(load_saved_reward_model(directory), options, source)
 
 
 def load_reward_model_scorers(
     directories: dict[str, str], options: dict[str, dict] | None = None
 ) -> dict[str, ModelScorer]:
     """Reward source name -> scorer, for the reward models saved in ``directories``; ``options`` holds
-    each source's scoring options by name (:func:`rlhf_core.rewards.composite.model_source_options`)."""
+    each source's scoring options by name (:func:`rlhf_core.rewards.composite.model_source_options`).
+    A model named by several sources (other aggregations of one PRM) is loaded once."""
     options = options or {}
+    loaded = {
+        directory: load_saved_reward_model(directory) for directory in dict.fromkeys(directories.values())
+    }
     return {
-        name: load_reward_model_scorer(directory, options.get(name), source=name)
+        name: reward_model_scorer(loaded[directory], options.get(name), source=name)
         for name, directory in directories.items()
     }
