@@ -75,9 +75,7 @@ def model_card(name: str, version: str) -> str:
         _provenance(tags, run),
         _lineage(name, version, tags),
         _evaluation(version_metrics(name, version)),
-        _plots(
-            [info.run_id, *measuring_runs(name, version)] if info.run_id else measuring_runs(name, version)
-        ),
+        _plots([info.run_id, *measuring_runs(name, version)]),
         _gate(tags),
         _config(run, tags.get("rlhf.stage", "")),
     ]
@@ -221,11 +219,11 @@ def _evaluation(metrics: dict[str, float]) -> str:
     )
 
 
-def _plots(run_ids: list[str]) -> str:
+def _plots(run_ids: list[str | None]) -> str:
     """The figures drawn about the version: ``plots/*.png`` of its own run (a reward model's reliability
     plot) and of the runs that measured it (an evaluation's best-of-N curve, its comparison plots)."""
     c, lines = client(), []
-    for run_id in dict.fromkeys(run_ids):
+    for run_id in dict.fromkeys(r for r in run_ids if r):  # a version may have no run of its own
         pngs = [f.path for f in c.list_artifacts(run_id, "plots") if f.path.endswith(".png")]
         if pngs:
             run = c.get_run(run_id)
